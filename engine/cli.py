@@ -1,0 +1,334 @@
+"""The `medrelay` command: run, check, test, messages, replay, keys, components."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import structlog
+
+from engine import logging as mlog
+from engine.config import ConfigError, Settings, load_settings
+
+CONFIG_HELP = "channels.yaml to use (or $MEDRELAY_CONFIG)"
+
+
+def _load(config: str) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as e:
+        for p in e.problems:
+            click.echo(str(p), err=True)
+        sys.exit(e.exit_code)
+
+
+def _config_option(f: Any) -> Any:
+    return click.option("-c", "--config", "config", default=lambda: os.environ.get("MEDRELAY_CONFIG",
+                        "channels.yaml"), show_default="channels.yaml", help=CONFIG_HELP)(f)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="medrelay")
+def main() -> None:
+    """medrelay: a DICOM / HL7v2 / FHIR interface engine.
+
+    Receives over DICOM, MLLP and FHIR REST, stores every message durably and
+    encrypted, then routes, transforms and delivers it with retries.
+    """
+
+
+# -- run ----------------------------------------------------------------
+@main.command()
+@click.argument("config", default=lambda: os.environ.get("MEDRELAY_CONFIG", "channels.yaml"))
+def run(config: str) -> None:
+    """Run the engine on CONFIG until SIGTERM/SIGINT (drains), reloading on SIGHUP.
+
+    A reload whose new config is invalid is refused and the old one keeps running.
+    """
+    settings = _load(config)
+    mlog.configure(settings.log.level, settings.log.format)
+    asyncio.run(_serve(config, settings))
+
+
+async def _serve(path: str, settings: Settings) -> None:
+    from engine.runtime import Runtime
+
+    log = structlog.get_logger()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reload_req = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_req.set)
+    runtime = Runtime(settings)
+    await runtime.start()
+    while not stop.is_set():
+        waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(reload_req.wait())]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for w in waiters:
+            w.cancel()
+        if reload_req.is_set() and not stop.is_set():
+            reload_req.clear()
+            try:
+                new = load_settings(path)
+            except ConfigError as e:
+                log.error("config.reload_refused", problems=[str(p) for p in e.problems])
+                continue
+            log.info("config.reloading", config_hash=new.config_hash[:12])
+            await runtime.stop()
+            runtime = Runtime(new)
+            await runtime.start()
+            runtime.audit.record("config.change", actor="medrelay", detail=new.config_hash)
+    log.info("engine.draining")
+    await runtime.stop()
+
+
+# -- check --------------------------------------------------------------
+@main.command()
+@click.argument("config", default=lambda: os.environ.get("MEDRELAY_CONFIG", "channels.yaml"))
+def check(config: str) -> None:
+    """Validate CONFIG: schema, then topology, then environment.
+
+    Exit codes: 0 valid, 2 YAML/schema error, 3 topology error (duplicate names,
+    a transform given the wrong kind of message, a port used twice), 4 environment
+    (a ${VAR} not set, a file missing).
+    """
+    settings = _load(config)
+    problems = []
+    for cname, ch in settings.channels.items():
+        tls = getattr(ch.source, "tls", None)
+        for attr in ("cert", "key", "ca"):
+            f = getattr(tls, attr, None) if tls else None
+            if f and not settings.resolve(f).exists():
+                problems.append(f"{config}: channels.{cname}.source.tls.{attr}: file not found: {f}")
+    for p in problems:
+        click.echo(p, err=True)
+    if problems:
+        sys.exit(4)
+    n_routes = sum(len(c.routes) for c in settings.channels.values())
+    click.echo(f"{config}: ok ({len(settings.channels)} channels, {n_routes} routes, "
+               f"config hash {settings.config_hash[:12]})")
+
+
+# -- messages -------------------------------------------------------------
+def _parse_time(s: str | None) -> float | None:
+    if not s:
+        return None
+    if s.endswith(("s", "m", "h", "d")) and s[:-1].isdigit():
+        mult = {"s": 1, "m": 60, "h": 3600, "d": 86400}[s[-1]]
+        return time.time() - int(s[:-1]) * mult
+    dt = datetime.fromisoformat(s)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+@main.group()
+def messages() -> None:
+    """List and inspect stored messages and their deliveries."""
+
+
+@messages.command("list")
+@_config_option
+@click.option("--channel", help="only this channel")
+@click.option("--route", help="only messages with a delivery on this route")
+@click.option("--state", type=click.Choice(["pending", "done", "dead", "filtered"]),
+              help="only messages with a delivery in this state")
+@click.option("--since", help="ISO time or age like 15m, 2h, 7d")
+@click.option("--until", help="ISO time or age")
+@click.option("--limit", default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+def messages_list(config: str, channel: str | None, route: str | None, state: str | None,
+                  since: str | None, until: str | None, limit: int, as_json: bool) -> None:
+    """List messages, newest first (headers only: no PHI)."""
+    from engine.messages import list_messages
+    from engine.runtime import open_store
+
+    store = open_store(_load(config))
+    rows = list_messages(store, channel=channel, route=route, state=state, since=_parse_time(since),
+                         until=_parse_time(until), limit=limit)
+    for r in rows:
+        if as_json:
+            click.echo(json.dumps(r, default=str))
+        else:
+            at = datetime.fromtimestamp(r["received_at"], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            dl = " ".join(f"{d['route']}={d['state']}" for d in r["deliveries"])
+            click.echo(f"{r['id']}  {at}  {r['channel']:<14} {r['kind']:<6} {r['summary']:<28} {dl}")
+
+
+@messages.command("show")
+@_config_option
+@click.argument("message_id")
+@click.option("--phi", is_flag=True, help="also print the payload (contains PHI; audited)")
+def messages_show(config: str, message_id: str, phi: bool) -> None:
+    """Show one message: headers, deliveries with attempts and errors; payload with --phi."""
+    from engine.audit import Audit
+    from engine.messages import show_message
+    from engine.runtime import open_store
+
+    store = open_store(_load(config))
+    info = show_message(store, message_id, with_payload=phi)
+    if info is None:
+        click.echo(f"no message {message_id}", err=True)
+        sys.exit(1)
+    payload = info.pop("payload", None)
+    click.echo(json.dumps(info, indent=2, default=str))
+    if phi and payload is not None:
+        Audit(store).record("message.export", actor=os.environ.get("USER", "cli"), message_id=message_id,
+                            channel=info["channel"], detail="payload shown with --phi")
+        click.echo("--- payload ---")
+        text = payload.decode("latin-1") if info["kind"] != "dicom" else f"<{len(payload)} bytes DICOM>"
+        click.echo(text.replace("\r", "\n"))
+
+
+# -- replay -------------------------------------------------------------------
+@main.command()
+@_config_option
+@click.argument("message_ids", nargs=-1)
+@click.option("--channel")
+@click.option("--route")
+@click.option("--state", "states", multiple=True, default=("dead",), show_default=True,
+              type=click.Choice(["dead", "done", "filtered", "pending"]), help="which deliveries to send again")
+@click.option("--since")
+@click.option("--until")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="wait for the running engine to deliver them, with a progress bar")
+@click.option("--timeout", default=300.0, show_default=True, help="seconds to wait with --wait")
+def replay(config: str, message_ids: tuple[str, ...], channel: str | None, route: str | None,
+           states: tuple[str, ...], since: str | None, until: str | None, wait: bool, timeout: float) -> None:
+    """Send messages again: dead letters by default, or any state by filter.
+
+    The deliveries are put back in the queue with attempts reset; the running engine
+    (`medrelay run`) sends them. Exit 0 when all were delivered (with --wait), 1 otherwise.
+    """
+    from tqdm import tqdm
+
+    from engine import queue
+    from engine.audit import Audit
+    from engine.runtime import open_store
+
+    if not (message_ids or channel or route or since or until):
+        click.echo("say what to replay: message ids, or --channel/--route/--since/--until", err=True)
+        sys.exit(2)
+    store = open_store(_load(config))
+    ids = queue.requeue(store, message_ids=list(message_ids) or None, channel=channel, route=route,
+                        states=states, since=_parse_time(since), until=_parse_time(until))
+    Audit(store).record("message.replay", actor=os.environ.get("USER", "cli"), channel=channel,
+                        detail=f"{len(ids)} deliveries requeued")
+    click.echo(f"requeued {len(ids)} deliveries")
+    if not wait or not ids:
+        return
+    deadline = time.monotonic() + timeout
+    with tqdm(total=len(ids), unit="msg", desc="replay", file=sys.stderr) as bar:
+        while time.monotonic() < deadline:
+            counts = queue.states_of(store, ids)
+            finished = len(ids) - counts.get("pending", 0)
+            bar.update(finished - bar.n)
+            if finished >= len(ids):
+                break
+            time.sleep(0.2)
+    counts = queue.states_of(store, ids)
+    click.echo("result: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    sys.exit(0 if counts.get("done", 0) + counts.get("filtered", 0) == len(ids) else 1)
+
+
+# -- keys -------------------------------------------------------------------
+@main.group()
+def keys() -> None:
+    """Key-encryption keys: create, list, rotate."""
+
+
+@keys.command("list")
+@_config_option
+def keys_list(config: str) -> None:
+    """List KEKs, which is active, and how many data keys each wraps."""
+    from engine.keys import key_usage
+    from engine.runtime import open_store
+
+    store = open_store(_load(config))
+    usage = key_usage(store)
+    for kid in store.keyring.kek_ids():
+        mark = "*" if kid == store.keyring.active_id else " "
+        click.echo(f"{mark} {kid}  blobs={usage.get(kid, 0)}")
+
+
+@keys.command("create")
+@_config_option
+def keys_create(config: str) -> None:
+    """Create the key file if it does not exist yet (mode 0600)."""
+    from engine.crypto import KeyRing
+
+    settings = _load(config)
+    path = settings.resolve(settings.keys.kek_file)
+    existed = path.exists()
+    ring = KeyRing(path)
+    click.echo(f"{path}: {'exists' if existed else 'created'}, active key {ring.active_id}")
+
+
+@keys.command("rotate")
+@_config_option
+@click.option("--retire/--keep-old", default=True, show_default=True,
+              help="remove old KEKs once nothing uses them")
+def keys_rotate(config: str, retire: bool) -> None:
+    """Add a new KEK and re-wrap every data key under it, in batches, while the engine runs.
+
+    Ciphertexts are not touched; a crash mid-way leaves each blob wrapped by either
+    the old or the new key, both still in the key file, so nothing is lost; run again.
+    """
+    from tqdm import tqdm
+
+    from engine.audit import Audit
+    from engine.keys import rotate
+    from engine.runtime import open_store
+
+    store = open_store(_load(config))
+    with tqdm(unit="key", desc="re-wrap", file=sys.stderr) as bar:
+        new, n, retired = rotate(store, retire=retire, progress=bar.update)
+    Audit(store).record("keys.rotate", actor=os.environ.get("USER", "cli"),
+                        detail=f"new {new}, rewrapped {n}, retired {','.join(retired) or '-'}")
+    click.echo(f"active key {new}; re-wrapped {n} data keys; retired {', '.join(retired) or 'none'}")
+
+
+# -- components -------------------------------------------------------------
+@main.command()
+@click.option("--markdown", is_flag=True, help="print as Markdown (docs/components.md)")
+def components(markdown: bool) -> None:
+    """Document every source, transform and destination from its config model."""
+    from engine.docs import components_markdown
+
+    click.echo(components_markdown() if markdown else components_markdown(plain=True))
+
+
+# -- test -------------------------------------------------------------------
+@main.command("test")
+@click.argument("config", default=lambda: os.environ.get("MEDRELAY_CONFIG", "channels.yaml"))
+@click.option("--cases", "cases_dir", default=None, help="folder of cases (default: tests/ beside CONFIG)")
+def test_cmd(config: str, cases_dir: str | None) -> None:
+    """Run the route cases kept beside the YAML: input -> expected output, no network.
+
+    A case is a folder with `case.yaml` ({channel, route, input, expect}) naming files
+    in the same folder. Exit 0 when all pass.
+    """
+    from engine.casetest import run_cases
+
+    settings = _load(config)
+    folder = Path(cases_dir) if cases_dir else settings.base_dir / "channel-tests"
+    results = run_cases(settings, folder)
+    failed = 0
+    for name, ok, detail in results:
+        click.echo(f"{'PASS' if ok else 'FAIL'} {name}" + ("" if ok else f": {detail}"))
+        failed += not ok
+    click.echo(f"{len(results) - failed} passed, {failed} failed")
+    sys.exit(1 if failed or not results else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""What the engine expects of a source, a transform and a destination.
+
+These protocols are the whole contract between `engine` and the component packages.
+A component module registers a factory with `engine.registry.component`; the engine
+calls the factory with the validated config model and a context, and gets back one
+of the objects below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
+
+from engine.envelope import Envelope
+
+
+class ComponentConfig(BaseModel):
+    """Base for every component's config: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeliveryError(Exception):
+    """A destination could not deliver. ``permanent`` skips the remaining retries."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+# A transform: pure function of one envelope. Returns the new envelope (or several,
+# e.g. a study split per series), or raises engine.envelope.Drop to filter.
+Transform = Callable[[Envelope], "Envelope | list[Envelope]"]
+
+
+@runtime_checkable
+class Destination(Protocol):
+    async def send(self, envelope: Envelope) -> str | None:
+        """Deliver; return a short non-PHI detail (peer's ACK code, HTTP status) or raise DeliveryError."""
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Listener(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The (host, port) actually bound: tests configure port 0 and read it here."""
+
+
+def secret_field(**kwargs: Any) -> Any:
+    """A config field that must come from `${ENV}` or `file:` in YAML, never a literal."""
+    from pydantic import Field
+
+    extra = dict(kwargs.pop("json_schema_extra", None) or {})
+    extra["secret"] = True
+    return Field(json_schema_extra=extra, **kwargs)

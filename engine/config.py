@@ -1,0 +1,387 @@
+"""channels.yaml -> validated Settings, with errors that name file, line and field path.
+
+The schema is assembled from the registry: each source, transform and destination
+contributes its own pydantic model, and ``type:`` picks one (a discriminated union).
+So a new component needs no change here, and `medrelay components` documents exactly
+what validation accepts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError
+
+from engine import registry
+
+_VAR = re.compile(r"\$\$|\$\{([^}:]+)(?::-([^}]*))?\}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StoreConfig(_Strict):
+    url: str = Field("sqlite:///data/medrelay.db", description="SQLAlchemy URL: sqlite:///path or "
+                     "postgresql+psycopg://user@host/db; relative sqlite paths are relative to the YAML file")
+    blobs: str = Field("data/blobs", description="folder for large encrypted payloads")
+    inline_max_bytes: int = Field(256 * 1024, ge=0, description="payloads up to this size live in the database")
+
+
+class KeysConfig(_Strict):
+    kek_file: str = Field("data/keys.json", description="key-encryption key file, created 0600 when absent")
+
+
+class MetricsConfig(_Strict):
+    host: str = Field("127.0.0.1", description="address of the Prometheus /metrics endpoint")
+    port: int | None = Field(None, ge=0, le=65535, description="port of /metrics; unset = off")
+
+
+class LogConfig(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto: console renderer on a TTY, JSON lines otherwise")
+
+
+class RetryConfig(_Strict):
+    max_attempts: int = Field(10, ge=1, description="attempts before the delivery is dead-lettered")
+    initial_delay: float = Field(1.0, gt=0, description="seconds before the first retry")
+    max_delay: float = Field(300.0, gt=0, description="upper bound of the backoff")
+    multiplier: float = Field(2.0, ge=1.0)
+
+
+WhenValue = str | int | float | list[str | int | float]
+
+
+@dataclass
+class Settings:
+    """The validated configuration plus where it came from."""
+
+    path: Path
+    base_dir: Path
+    config_hash: str
+    model: Any  # the dynamic root model instance
+    raw: Any = None
+    line_of: dict[tuple[Any, ...], int] = field(default_factory=dict)
+
+    @property
+    def store(self) -> StoreConfig:
+        return self.model.store
+
+    @property
+    def keys(self) -> KeysConfig:
+        return self.model.keys
+
+    @property
+    def metrics(self) -> MetricsConfig:
+        return self.model.metrics
+
+    @property
+    def log(self) -> LogConfig:
+        return self.model.log
+
+    @property
+    def channels(self) -> dict[str, Any]:
+        return self.model.channels
+
+    def resolve(self, p: str) -> Path:
+        path = Path(p)
+        return path if path.is_absolute() else self.base_dir / path
+
+    def store_url(self) -> str:
+        url = self.store.url
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+            rel = url[len("sqlite:///"):]
+            if rel and rel != ":memory:":
+                return "sqlite:///" + str(self.resolve(rel))
+        return url
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int | None
+    path: str
+    message: str
+    phase: Literal["yaml", "schema", "topology", "environment"]
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+    @property
+    def exit_code(self) -> int:
+        phases = {p.phase for p in self.problems}
+        for code, phase in ((2, "yaml"), (2, "schema"), (3, "topology"), (4, "environment")):
+            if phase in phases:
+                return code
+        return 1
+
+
+# -- dynamic schema ---------------------------------------------------
+def _union(role: registry.Role) -> Any:
+    models = [c.config for c in registry.components(role)]
+    if not models:
+        raise RuntimeError(f"no {role} components registered")
+    if len(models) == 1:
+        return models[0]
+    return Annotated[Union[tuple(models)], Field(discriminator="type")]  # noqa: UP007
+
+
+def build_root_model() -> type[BaseModel]:
+    source, transform, destination = (_union(r) for r in registry.ROLES)
+    cfg = ConfigDict(extra="forbid", frozen=True)
+    route = create_model(
+        "Route", __config__=cfg,
+        name=(str, Field(..., pattern=r"^[A-Za-z0-9_.-]{1,64}$")),
+        when=(dict[str, WhenValue], Field(default_factory=dict)),
+        transforms=(list[transform], Field(default_factory=list)),  # type: ignore[valid-type]
+        to=(destination, ...),
+        retry=(RetryConfig, Field(default_factory=RetryConfig)),
+        ordered=(bool, True),
+    )
+    channel = create_model(
+        "Channel", __config__=cfg,
+        source=(source, ...),
+        routes=(list[route], Field(default_factory=list)),  # type: ignore[valid-type]
+        dedupe_window=(float, Field(86400.0, ge=0)),
+        enabled=(bool, True),
+    )
+    return create_model(
+        "Settings", __config__=cfg,
+        store=(StoreConfig, Field(default_factory=StoreConfig)),
+        keys=(KeysConfig, Field(default_factory=KeysConfig)),
+        metrics=(MetricsConfig, Field(default_factory=MetricsConfig)),
+        log=(LogConfig, Field(default_factory=LogConfig)),
+        channels=(dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], channel], ...),  # type: ignore[valid-type]
+    )
+
+
+# -- YAML with positions ----------------------------------------------
+def _lines(node: Any, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
+    if isinstance(node, CommentedMap):
+        for k in node:
+            try:
+                out[(*path, k)] = node.lc.key(k)[0] + 1
+            except (KeyError, TypeError):
+                pass
+            _lines(node[k], (*path, k), out)
+    elif isinstance(node, CommentedSeq):
+        for i, v in enumerate(node):
+            try:
+                out[(*path, i)] = node.lc.item(i)[0] + 1
+            except (KeyError, TypeError):
+                pass
+            _lines(v, (*path, i), out)
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {str(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    return node
+
+
+def dotted(path: tuple[Any, ...]) -> str:
+    out = ""
+    for p in path:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            out += ("." if out else "") + str(p)
+    return out
+
+
+def _interpolate(data: Any, path: tuple[Any, ...], env: dict[str, str], base: Path,
+                 refs: dict[tuple[Any, ...], str], errors: list[tuple[tuple[Any, ...], str]]) -> Any:
+    """Replace ${VAR}, ${VAR:-default} and ${file:PATH}; remember which values were references."""
+    if isinstance(data, dict):
+        return {k: _interpolate(v, (*path, k), env, base, refs, errors) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_interpolate(v, (*path, i), env, base, refs, errors) for i, v in enumerate(data)]
+    if not isinstance(data, str) or "$" not in data:
+        return data
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, default = m.group(1), m.group(2)
+        if name.startswith("file:"):
+            fp = Path(name[5:])
+            fp = fp if fp.is_absolute() else base / fp
+            try:
+                return fp.read_text().strip()
+            except OSError as e:
+                errors.append((path, f"cannot read secret file {fp}: {e.strerror}"))
+                return ""
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        errors.append((path, f"environment variable {name} is not set"))
+        return ""
+
+    refs[path] = data
+    return _VAR.sub(sub, data)
+
+
+def _loc_to_path(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
+    """Drop the union tags pydantic inserts into error locations, keeping real keys."""
+    path: list[Any] = []
+    node = data
+    for el in loc:
+        if isinstance(node, dict) and el in node:
+            path.append(el)
+            node = node[el]
+        elif isinstance(node, list) and isinstance(el, int) and el < len(node):
+            path.append(el)
+            node = node[el]
+        elif isinstance(node, dict) and isinstance(el, str) and node.get("type") == el:
+            continue  # discriminator tag
+        elif isinstance(el, str) and "[" in el:
+            continue  # function-after / union member names
+        else:
+            path.append(el)
+            node = None
+    return tuple(path)
+
+
+def _line_for(path: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int | None:
+    for n in range(len(path), 0, -1):
+        if path[:n] in lines:
+            return lines[path[:n]]
+    return None
+
+
+def _walk_secrets(model: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    if not isinstance(model, BaseModel):
+        return
+    for name, info in type(model).model_fields.items():
+        key = info.alias or name
+        value = getattr(model, name)
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if extra.get("secret"):
+            if isinstance(value, list | tuple):
+                for i, _ in enumerate(value):
+                    yield (*path, key, i), value
+            elif value is not None:
+                yield (*path, key), value
+        if isinstance(value, BaseModel):
+            yield from _walk_secrets(value, (*path, key))
+        elif isinstance(value, list | tuple):
+            for i, v in enumerate(value):
+                yield from _walk_secrets(v, (*path, key, i))
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                yield from _walk_secrets(v, (*path, key, k))
+
+
+def parse_settings(text: str, path: Path, env: dict[str, str] | None = None) -> Settings:
+    """Parse and validate; raises ConfigError listing every problem found."""
+    env = dict(os.environ) if env is None else env
+    fname = str(path)
+    yaml = YAML(typ="rt")
+    try:
+        doc = yaml.load(text)
+    except MarkedYAMLError as e:
+        line = e.problem_mark.line + 1 if e.problem_mark else None
+        raise ConfigError([Problem(fname, line, "", f"YAML: {e.problem}", "yaml")]) from None
+    if not isinstance(doc, dict):
+        raise ConfigError([Problem(fname, 1, "", "expected a mapping with `channels:`", "schema")])
+    lines: dict[tuple[Any, ...], int] = {}
+    _lines(doc, (), lines)
+    plain = _plain(doc)
+    refs: dict[tuple[Any, ...], str] = {}
+    env_errors: list[tuple[tuple[Any, ...], str]] = []
+    data = _interpolate(plain, (), env, path.parent, refs, env_errors)
+    problems = [Problem(fname, _line_for(p, lines), dotted(p), msg, "environment") for p, msg in env_errors]
+    root = build_root_model()
+    model = None
+    try:
+        model = root.model_validate(data)
+    except ValidationError as e:
+        for err in e.errors():
+            p = _loc_to_path(tuple(err["loc"]), data)
+            problems.append(Problem(fname, _line_for(p, lines), dotted(p), err["msg"], "schema"))
+    if model is not None:
+        for spath, _ in _walk_secrets(model, ()):
+            if spath not in refs:
+                problems.append(Problem(fname, _line_for(spath, lines), dotted(spath),
+                                        "secrets must be references (${ENV_VAR} or ${file:path}), "
+                                        "not literals in the YAML", "schema"))
+        problems.extend(_topology(model, fname, lines))
+    if problems:
+        raise ConfigError(problems)
+    return Settings(path=path, base_dir=path.parent.resolve(),
+                    config_hash=hashlib.sha256(text.encode()).hexdigest(), model=model, raw=data,
+                    line_of=lines)
+
+
+def _topology(model: Any, fname: str, lines: dict[tuple[Any, ...], int]) -> list[Problem]:
+    out: list[Problem] = []
+    ports: dict[tuple[str, int], str] = {}
+    for cname, ch in model.channels.items():
+        seen: set[str] = set()
+        for i, route in enumerate(ch.routes):
+            rp = ("channels", cname, "routes", i, "name")
+            if route.name in seen:
+                out.append(Problem(fname, _line_for(rp, lines), dotted(rp),
+                                   f"route name {route.name!r} used twice in this channel", "topology"))
+            seen.add(route.name)
+            kind = source_kind(ch.source)
+            for j, t in enumerate(route.transforms):
+                comp = registry.get("transform", t.type)
+                tp = ("channels", cname, "routes", i, "transforms", j, "type")
+                if kind and comp.kinds and kind not in comp.kinds:
+                    out.append(Problem(fname, _line_for(tp, lines), dotted(tp),
+                                       f"transform {t.type!r} takes {'/'.join(comp.kinds)} messages but "
+                                       f"this step gets {kind}", "topology"))
+                kind = getattr(t, "output_kind", None) or _output_kind(t.type, kind)
+        port = getattr(ch.source, "port", None)
+        host = getattr(ch.source, "host", "127.0.0.1")
+        if port:
+            other = ports.get((host, port))
+            sp = ("channels", cname, "source", "port")
+            if other:
+                out.append(Problem(fname, _line_for(sp, lines), dotted(sp),
+                                   f"port {port} is also used by channel {other!r}", "topology"))
+            ports[(host, port)] = cname
+    return out
+
+
+_SOURCE_KIND = {"mllp": "hl7v2", "dicom": "dicom", "fhir": "fhir"}
+_OUTPUT_KIND = {"dicom_to_hl7": "hl7v2", "dicom_to_fhir": "fhir", "hl7_to_fhir": "fhir",
+                "hl7_to_worklist": "dicom"}
+
+
+def source_kind(source: Any) -> str | None:
+    return _SOURCE_KIND.get(getattr(source, "type", ""))
+
+
+def _output_kind(transform_type: str, kind: str | None) -> str | None:
+    return _OUTPUT_KIND.get(transform_type, kind)
+
+
+def load_settings(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Settings:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([Problem(str(p), None, "", f"cannot read: {e.strerror}", "environment")]) from None
+    return parse_settings(text, p, env)

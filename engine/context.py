@@ -1,0 +1,35 @@
+"""What a component gets from the engine when it is built.
+
+A transform or destination never reaches for globals: the store, the key ring, the
+audit trail and its own names come in here, so tests can build one in isolation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+if TYPE_CHECKING:
+    from engine.audit import Audit
+    from engine.config import Settings
+    from engine.crypto import KeyRing
+    from engine.intake import Intake
+    from engine.store.db import Store
+
+
+@dataclass
+class ComponentContext:
+    settings: Settings
+    store: Store
+    keyring: KeyRing
+    audit: Audit
+    channel: str = ""
+    route: str = ""
+    intake: Intake | None = None  # sources only
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def log(self) -> Any:
+        return structlog.get_logger().bind(channel=self.channel, route=self.route or None)

@@ -1,0 +1,178 @@
+"""Envelope encryption for everything medrelay stores.
+
+Every blob gets its own random 256-bit data key (AES-256-GCM, 96-bit random nonce);
+the data key is wrapped with AES key wrap (RFC 3394) under a key-encryption key
+(KEK) held in the key file. The GCM additional data binds a ciphertext to the id of
+the message it belongs to, so a blob swapped between messages fails to decrypt.
+Rotation adds a new KEK and re-wraps data keys only: the ciphertexts never move.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
+
+log = structlog.get_logger()
+
+NONCE_BYTES = 12
+
+
+class IntegrityError(Exception):
+    """Ciphertext, wrapped key or binding is wrong: tampering, a swapped blob or the wrong key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    kek_id: str
+    wrapped_key: bytes
+    nonce: bytes
+    ciphertext: bytes
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode("ascii")
+
+
+def _unb64(s: str) -> bytes:
+    return base64.b64decode(s.encode("ascii"))
+
+
+class KeyRing:
+    """The key file: KEKs by id (one active) and named HMAC secrets (e.g. for pseudonyms).
+
+    Stored as JSON, mode 0600. Created on first use when absent, with a warning in the
+    log: losing this file makes every stored message unreadable, so it is said loudly.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._keks: dict[str, bytes] = {}
+        self._active = ""
+        self._secrets: dict[str, bytes] = {}
+        if self.path.exists():
+            self._load()
+        else:
+            self._create()
+
+    # -- file handling -------------------------------------------------
+    def _load(self) -> None:
+        mode = self.path.stat().st_mode & 0o777
+        if mode & 0o077:
+            log.warning("keys.file_permissions", path=str(self.path), mode=oct(mode), want="0o600")
+        data = json.loads(self.path.read_text())
+        self._keks = {k: _unb64(v) for k, v in data["keks"].items()}
+        self._active = data["active"]
+        self._secrets = {k: _unb64(v) for k, v in data.get("secrets", {}).items()}
+        if self._active not in self._keks:
+            raise IntegrityError(f"key file {self.path}: active key {self._active!r} missing")
+
+    def _write(self) -> None:
+        data = {
+            "active": self._active,
+            "keks": {k: _b64(v) for k, v in self._keks.items()},
+            "secrets": {k: _b64(v) for k, v in self._secrets.items()},
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        dfd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def _create(self) -> None:
+        kid = self._new_kid()
+        self._keks = {kid: AESGCM.generate_key(bit_length=256)}
+        self._active = kid
+        self._write()
+        log.warning("keys.created", path=str(self.path), kek_id=kid,
+                    note="new key-encryption key file; back it up, stored data is unreadable without it")
+
+    @staticmethod
+    def _new_kid() -> str:
+        return "kek-" + secrets.token_hex(4)
+
+    # -- keys ----------------------------------------------------------
+    @property
+    def active_id(self) -> str:
+        return self._active
+
+    def kek_ids(self) -> list[str]:
+        return list(self._keks)
+
+    def add_kek(self) -> str:
+        """Add a new KEK and make it active; old ones stay until every blob is re-wrapped."""
+        with self._lock:
+            kid = self._new_kid()
+            self._keks[kid] = AESGCM.generate_key(bit_length=256)
+            self._active = kid
+            self._write()
+        return kid
+
+    def retire_kek(self, kid: str) -> None:
+        with self._lock:
+            if kid == self._active:
+                raise ValueError("cannot retire the active key")
+            self._keks.pop(kid, None)
+            self._write()
+
+    def reload(self) -> None:
+        with self._lock:
+            self._load()
+
+    def hmac_key(self, name: str) -> bytes:
+        """A stable 32-byte secret for keyed hashing (pseudonyms); created on first use."""
+        with self._lock:
+            key = self._secrets.get(name)
+            if key is None:
+                key = secrets.token_bytes(32)
+                self._secrets[name] = key
+                self._write()
+                log.info("keys.secret_created", name=name)
+            return key
+
+    # -- sealing -------------------------------------------------------
+    def seal(self, plaintext: bytes, aad: str) -> Sealed:
+        dek = AESGCM.generate_key(bit_length=256)
+        nonce = os.urandom(NONCE_BYTES)
+        ct = AESGCM(dek).encrypt(nonce, plaintext, aad.encode())
+        kid = self._active
+        return Sealed(kid, aes_key_wrap(self._keks[kid], dek), nonce, ct)
+
+    def unwrap(self, kek_id: str, wrapped_key: bytes) -> bytes:
+        kek = self._keks.get(kek_id)
+        if kek is None:
+            raise IntegrityError(f"key {kek_id!r} is not in the key file")
+        try:
+            return aes_key_unwrap(kek, wrapped_key)
+        except InvalidUnwrap as e:
+            raise IntegrityError("wrapped data key does not unwrap: wrong or tampered key") from e
+
+    def open(self, sealed: Sealed, aad: str) -> bytes:
+        dek = self.unwrap(sealed.kek_id, sealed.wrapped_key)
+        try:
+            return AESGCM(dek).decrypt(sealed.nonce, sealed.ciphertext, aad.encode())
+        except InvalidTag as e:
+            raise IntegrityError("ciphertext failed authentication: tampered or swapped blob") from e
+
+    def rewrap(self, kek_id: str, wrapped_key: bytes) -> tuple[str, bytes]:
+        """Re-wrap one data key under the active KEK (rotation); the ciphertext stays as it is."""
+        dek = self.unwrap(kek_id, wrapped_key)
+        return self._active, aes_key_wrap(self._keks[self._active], dek)

@@ -1,0 +1,220 @@
+"""Intake: persist, de-duplicate and enqueue, then tell the listener what to answer.
+
+Listeners await ``submit``; a single committer task gathers every submission that
+arrives while the previous transaction is being written and commits them together
+(group commit). So eight MLLP connections share one fsync instead of paying eight,
+and no listener answers success before its message and its deliveries are durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future as ConcurrentFuture
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import structlog
+from sqlalchemy import Connection, and_, insert, select
+
+from engine.envelope import Envelope
+from engine.store import schema
+
+log = structlog.get_logger()
+
+Status = Literal["accepted", "duplicate", "rejected", "error"]
+TxHook = Callable[[Connection, Envelope], Any]
+MAX_BATCH = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to one submission; listeners map it to AA/AE, 0x0000/0xA700, 201/503."""
+
+    status: Status
+    message_id: str
+    response: bytes | None = None  # the original answer, for duplicates
+    result: Any = None  # what the tx_hook returned
+    error: str | None = None
+    routes: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("accepted", "duplicate")
+
+
+@dataclass
+class _Item:
+    envelope: Envelope
+    dedupe_key: str | None
+    response: bytes | None
+    tx_hook: TxHook | None
+    future: asyncio.Future[Outcome] | ConcurrentFuture[Outcome]
+    routes: tuple[str, ...] = field(default=())
+
+
+class Intake:
+    """Group-committing intake shared by every listener of one engine process.
+
+    ``router(envelope) -> routes`` picks the routes whose ``when:`` matches; one
+    pending delivery row per route is written in the same transaction as the message.
+    ``on_commit`` is called (in the loop) with the (channel, route) pairs that got work.
+    """
+
+    def __init__(self, store: Any, *, config_hash: str,
+                 router: Callable[[Envelope], Sequence[str]],
+                 dedupe_window: Callable[[str], float],
+                 on_commit: Callable[[set[tuple[str, str]]], None] | None = None,
+                 metrics: Any = None) -> None:
+        self.store = store
+        self.config_hash = config_hash
+        self.router = router
+        self.dedupe_window = dedupe_window
+        self.on_commit = on_commit
+        self.metrics = metrics
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+
+    # -- lifecycle -----------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._run(), name="intake-committer")
+
+    async def stop(self) -> None:
+        """Commit what is queued, then stop; later submissions are refused."""
+        self._closing = True
+        if self._queue is not None and self._task is not None:
+            await self._queue.join()
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    # -- submission ----------------------------------------------------
+    async def submit(self, envelope: Envelope, *, dedupe_key: str | None = None,
+                     response: bytes | None = None, tx_hook: TxHook | None = None) -> Outcome:
+        if self._queue is None or self._closing:
+            return Outcome("error", envelope.id, error="engine is shutting down")
+        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Item(envelope, dedupe_key, response, tx_hook, fut))
+        return await fut
+
+    def submit_blocking(self, envelope: Envelope, *, dedupe_key: str | None = None,
+                        response: bytes | None = None, tx_hook: TxHook | None = None,
+                        timeout: float = 60.0) -> Outcome:
+        """For listeners that run in their own threads (pynetdicom)."""
+        if self._loop is None or self._closing:
+            return Outcome("error", envelope.id, error="engine is shutting down")
+        cf = asyncio.run_coroutine_threadsafe(
+            self.submit(envelope, dedupe_key=dedupe_key, response=response, tx_hook=tx_hook), self._loop)
+        try:
+            return cf.result(timeout)
+        except Exception as e:  # timeout or loop gone: the peer must get a failure, not success
+            return Outcome("error", envelope.id, error=f"intake did not answer: {type(e).__name__}")
+
+    # -- committer -----------------------------------------------------
+    async def _run(self) -> None:
+        assert self._queue is not None
+        q = self._queue
+        while True:
+            first = await q.get()
+            batch = [first]
+            while len(batch) < MAX_BATCH and not q.empty():
+                batch.append(q.get_nowait())
+            try:
+                outcomes = await asyncio.to_thread(self._commit_batch, batch)
+            except Exception as e:
+                log.error("intake.batch_failed", size=len(batch), error=type(e).__name__)
+                outcomes = await asyncio.to_thread(self._commit_singly, batch)
+            woken: set[tuple[str, str]] = set()
+            for item, outcome in zip(batch, outcomes, strict=True):
+                if outcome.status == "accepted":
+                    woken.update((item.envelope.channel, r) for r in outcome.routes)
+                if self.metrics is not None:
+                    self.metrics.intake(item.envelope.channel, outcome.status)
+                if not item.future.done():
+                    item.future.set_result(outcome)
+                q.task_done()
+            if woken and self.on_commit is not None:
+                self.on_commit(woken)
+
+    def _commit_singly(self, batch: list[_Item]) -> list[Outcome]:
+        """After a failed group commit, find the one bad item and fail only it."""
+        out = []
+        for item in batch:
+            try:
+                out.extend(self._commit_batch([item]))
+            except Exception as e:
+                log.error("intake.commit_failed", channel=item.envelope.channel,
+                          message_id=item.envelope.id, error=type(e).__name__, detail=str(e)[:200])
+                out.append(Outcome("error", item.envelope.id, error=type(e).__name__))
+        return out
+
+    def _existing(self, conn: Connection, batch: list[_Item]) -> dict[tuple[str, str], tuple[str, bytes | None]]:
+        keyed = [(i.envelope.channel, i.dedupe_key) for i in batch if i.dedupe_key]
+        if not keyed:
+            return {}
+        m = schema.messages
+        found: dict[tuple[str, str], tuple[str, bytes | None]] = {}
+        now = time.time()
+        by_channel: dict[str, list[str]] = {}
+        for ch, k in keyed:
+            by_channel.setdefault(ch, []).append(k)  # type: ignore[arg-type]
+        for ch, keys in by_channel.items():
+            since = now - self.dedupe_window(ch)
+            rows = conn.execute(
+                select(m.c.dedupe_key, m.c.id, m.c.response)
+                .where(and_(m.c.channel == ch, m.c.dedupe_key.in_(keys), m.c.received_at >= since))
+                .order_by(m.c.received_at)
+            ).all()
+            for key, mid, resp in rows:
+                found.setdefault((ch, key), (mid, resp))
+        return found
+
+    def _commit_batch(self, batch: list[_Item]) -> list[Outcome]:
+        now = time.time()
+        outcomes: list[Outcome] = []
+        with self.store.engine.begin() as conn:
+            existing = self._existing(conn, batch)
+            msg_rows: list[dict[str, Any]] = []
+            dlv_rows: list[dict[str, Any]] = []
+            blob_items: list[tuple[bytes, str]] = []
+            for item in batch:
+                env = item.envelope
+                key = (env.channel, item.dedupe_key) if item.dedupe_key else None
+                if key is not None and key in existing:
+                    mid, resp = existing[key]
+                    outcomes.append(Outcome("duplicate", mid, response=resp))
+                    continue
+                routes = tuple(self.router(env))
+                result = item.tx_hook(conn, env) if item.tx_hook is not None else None
+                blob_items.append((env.payload, env.id))
+                msg_rows.append({
+                    "id": env.id, "channel": env.channel, "kind": env.kind,
+                    "received_at": env.received_at.timestamp(), "peer": env.peer,
+                    "headers": dict(env.headers), "blob_id": "", "size": len(env.payload),
+                    "config_hash": self.config_hash, "dedupe_key": item.dedupe_key,
+                    "response": item.response, "parent_id": env.lineage[-1] if env.lineage else None,
+                })
+                dlv_rows.extend({
+                    "message_id": env.id, "channel": env.channel, "route": r, "state": "pending",
+                    "attempts": 0, "next_attempt_at": now, "lease_until": 0.0, "last_error": None,
+                    "detail": None, "updated_at": now,
+                } for r in routes)
+                if key is not None:
+                    existing[key] = (env.id, item.response)
+                outcomes.append(Outcome("accepted", env.id, response=item.response, result=result,
+                                        routes=routes))
+            if msg_rows:
+                blob_ids = self.store.put_blobs(conn, blob_items)
+                for row, bid in zip(msg_rows, blob_ids, strict=True):
+                    row["blob_id"] = bid
+                conn.execute(insert(schema.messages), msg_rows)
+            if dlv_rows:
+                conn.execute(insert(schema.deliveries), dlv_rows)
+        return outcomes

@@ -1,0 +1,149 @@
+"""The delivery queue in the store: claim, complete, retry with backoff, dead letter.
+
+A claim takes a lease (``lease_until``) rather than a lock held across the send, so
+a worker that dies mid-send leaves the row to be claimed again once the lease ends:
+at-least-once. On PostgreSQL the claim uses ``FOR UPDATE SKIP LOCKED`` so several
+engine processes can share one queue.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, select, update
+
+from engine.store import schema
+
+LEASE_SECONDS = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    delivery_id: int
+    message_id: str
+    attempts: int
+    channel: str
+    kind: str
+    headers: dict[str, Any]
+    peer: str
+    received_at: float
+    parent_id: str | None
+    payload: bytes
+
+
+def claim(store: Any, channel: str, route: str, limit: int, *, ordered: bool = True) -> list[Claimed]:
+    """Lease up to ``limit`` due deliveries of one route, oldest first, with payloads.
+
+    ``ordered``: while the oldest pending delivery waits for its retry, nothing behind
+    it is sent (head-of-line blocking, as an HL7 feed expects); dead letters do not block.
+    """
+    d, m = schema.deliveries, schema.messages
+    now = time.time()
+    if ordered:
+        with store.engine.connect() as conn:
+            head = conn.execute(select(d.c.next_attempt_at, d.c.lease_until).where(and_(
+                d.c.channel == channel, d.c.route == route, d.c.state == "pending"))
+                .order_by(d.c.id).limit(1)).first()
+        if head is None or head[0] > now or head[1] > now:
+            return []
+    q = (select(d.c.id).where(and_(d.c.channel == channel, d.c.route == route, d.c.state == "pending",
+                                   d.c.next_attempt_at <= now, d.c.lease_until <= now))
+         .order_by(d.c.id).limit(limit))
+    if not store.is_sqlite:
+        q = q.with_for_update(skip_locked=True)
+    with store.engine.begin() as conn:
+        ids = conn.execute(q).scalars().all()
+        if not ids:
+            return []
+        conn.execute(update(d).where(d.c.id.in_(ids)).values(lease_until=now + LEASE_SECONDS))
+        rows = conn.execute(
+            select(d.c.id, d.c.attempts, m.c.id.label("mid"), m.c.channel, m.c.kind, m.c.headers, m.c.peer,
+                   m.c.received_at, m.c.parent_id, m.c.blob_id)
+            .join(m, m.c.id == d.c.message_id).where(d.c.id.in_(ids)).order_by(d.c.id)).all()
+        out = []
+        for r in rows:
+            payload = store.get_blob(conn, r.blob_id, aad=r.mid)
+            out.append(Claimed(r.id, r.mid, r.attempts, r.channel, r.kind, dict(r.headers or {}), r.peer,
+                               r.received_at, r.parent_id, payload))
+    return out
+
+
+def complete(store: Any, done: Sequence[tuple[int, str, str | None]]) -> None:
+    """Mark deliveries finished in one transaction: (id, state, detail)."""
+    if not done:
+        return
+    d = schema.deliveries
+    now = time.time()
+    with store.engine.begin() as conn:
+        for did, state, detail in done:
+            conn.execute(update(d).where(d.c.id == did).values(
+                state=state, detail=(detail or "")[:256] or None, lease_until=0.0, updated_at=now))
+
+
+def backoff(attempts: int, initial: float, multiplier: float, maximum: float) -> float:
+    """Exponential backoff with +-20 % jitter so retries of many routes do not align."""
+    base = min(initial * (multiplier ** max(attempts - 1, 0)), maximum)
+    return base * random.uniform(0.8, 1.2)
+
+
+def fail(store: Any, delivery_id: int, attempts: int, error: str, *, dead: bool, delay: float) -> None:
+    d = schema.deliveries
+    now = time.time()
+    with store.engine.begin() as conn:
+        conn.execute(update(d).where(d.c.id == delivery_id).values(
+            state="dead" if dead else "pending", attempts=attempts, last_error=error[:2000],
+            next_attempt_at=now + delay, lease_until=0.0, updated_at=now))
+
+
+def requeue(store: Any, *, message_ids: Sequence[str] | None = None, channel: str | None = None,
+            route: str | None = None, states: Sequence[str] = ("dead",), since: float | None = None,
+            until: float | None = None) -> list[int]:
+    """Put matching deliveries back to pending, attempts reset; returns their ids."""
+    d, m = schema.deliveries, schema.messages
+    conds = [d.c.state.in_(list(states))]
+    if message_ids:
+        conds.append(d.c.message_id.in_(list(message_ids)))
+    if channel:
+        conds.append(d.c.channel == channel)
+    if route:
+        conds.append(d.c.route == route)
+    q = select(d.c.id).join(m, m.c.id == d.c.message_id).where(and_(*conds))
+    if since is not None:
+        q = q.where(m.c.received_at >= since)
+    if until is not None:
+        q = q.where(m.c.received_at < until)
+    now = time.time()
+    with store.engine.begin() as conn:
+        ids = list(conn.execute(q.order_by(d.c.id)).scalars().all())
+        for i in range(0, len(ids), 500):
+            conn.execute(update(d).where(d.c.id.in_(ids[i:i + 500])).values(
+                state="pending", attempts=0, next_attempt_at=now, lease_until=0.0, updated_at=now))
+    return ids
+
+
+def next_due(store: Any, channel: str, route: str) -> float | None:
+    d = schema.deliveries
+    with store.engine.connect() as conn:
+        v = conn.execute(select(d.c.next_attempt_at, d.c.lease_until).where(and_(
+            d.c.channel == channel, d.c.route == route, d.c.state == "pending"))
+            .order_by(d.c.next_attempt_at).limit(1)).first()
+    if v is None:
+        return None
+    return max(v[0], v[1])
+
+
+def states_of(store: Any, ids: Sequence[int]) -> dict[str, int]:
+    d = schema.deliveries
+    counts: dict[str, int] = {}
+    with store.engine.connect() as conn:
+        for i in range(0, len(ids), 500):
+            for (state,) in conn.execute(select(d.c.state).where(d.c.id.in_(list(ids[i:i + 500])))):
+                counts[state] = counts.get(state, 0) + 1
+    return counts
+
+
+__all__ = ["Claimed", "backoff", "claim", "complete", "fail", "next_due", "requeue", "states_of"]

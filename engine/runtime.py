@@ -1,0 +1,135 @@
+"""Starting and stopping an engine: store, intake, route workers, listeners, metrics.
+
+Order matters for the durability contract: workers and intake start before
+listeners accept anything; on stop, listeners close first (no new work), intake
+commits what it has, then workers finish the delivery in hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+
+from engine import registry
+from engine.audit import Audit
+from engine.config import Settings
+from engine.context import ComponentContext
+from engine.crypto import KeyRing
+from engine.envelope import Envelope
+from engine.intake import Intake
+from engine.match import matches
+from engine.metrics import Metrics
+from engine.pipeline import Route, RouteWorker
+from engine.store.db import Store
+
+log = structlog.get_logger()
+
+
+def open_store(settings: Settings) -> Store:
+    keyring = KeyRing(settings.resolve(settings.keys.kek_file))
+    store = Store(settings.store_url(), settings.resolve(settings.store.blobs), keyring,
+                  inline_max=settings.store.inline_max_bytes)
+    store.migrate()
+    return store
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store: Store | None = None
+        self.intake: Intake | None = None
+        self.metrics: Metrics | None = None
+        self.audit: Audit | None = None
+        self.routes: dict[tuple[str, str], Route] = {}
+        self.workers: list[RouteWorker] = []
+        self.listeners: dict[str, Any] = {}
+        self._by_channel: dict[str, list[Route]] = {}
+
+    # -- helpers -------------------------------------------------------
+    def _ctx(self, channel: str = "", route: str = "") -> ComponentContext:
+        assert self.store is not None and self.audit is not None
+        return ComponentContext(settings=self.settings, store=self.store, keyring=self.store.keyring,
+                                audit=self.audit, channel=channel, route=route, intake=self.intake,
+                                extra={"runtime": self})
+
+    def _router(self, env: Envelope) -> list[str]:
+        return [r.name for r in self._by_channel.get(env.channel, ()) if matches(r.when, env)]
+
+    def _wake(self, pairs: set[tuple[str, str]]) -> None:
+        for key in pairs:
+            route = self.routes.get(key)
+            if route is not None:
+                route.wake.set()
+
+    def listener(self, channel: str) -> Any:
+        return self.listeners[channel]
+
+    # -- lifecycle -----------------------------------------------------
+    async def start(self) -> None:
+        s = self.settings
+        registry.load_builtins()
+        self.store = await asyncio.to_thread(open_store, s)
+        self.audit = Audit(self.store)
+        self.metrics = Metrics(self.store)
+        if s.metrics.port is not None:
+            port = self.metrics.serve(s.metrics.host, s.metrics.port)
+            log.info("metrics.listening", host=s.metrics.host, port=port)
+        windows = {name: ch.dedupe_window for name, ch in s.channels.items()}
+        self.intake = Intake(self.store, config_hash=s.config_hash, router=self._router,
+                             dedupe_window=lambda ch: windows.get(ch, 0.0), on_commit=self._wake,
+                             metrics=self.metrics)
+        await self.intake.start()
+        for cname, ch in s.channels.items():
+            if not ch.enabled:
+                continue
+            for rc in ch.routes:
+                ctx = self._ctx(cname, rc.name)
+                transforms = [registry.get("transform", t.type).factory(t, ctx) for t in rc.transforms]
+                dest = registry.get("destination", rc.to.type).factory(rc.to, ctx)
+                route = Route(channel=cname, name=rc.name, when=dict(rc.when), transforms=transforms,
+                              destination=dest, retry=rc.retry, ordered=rc.ordered)
+                self.routes[(cname, rc.name)] = route
+                self._by_channel.setdefault(cname, []).append(route)
+        for route in self.routes.values():
+            w = RouteWorker(route, self.store, self.metrics, self.audit)
+            w.start()
+            self.workers.append(w)
+        for cname, ch in s.channels.items():
+            if not ch.enabled:
+                continue
+            lst = registry.get("source", ch.source.type).factory(ch.source, self._ctx(cname))
+            await lst.start()
+            self.listeners[cname] = lst
+            host, port = lst.address
+            log.info("channel.listening", channel=cname, type=ch.source.type, host=host, port=port)
+        self.audit.record("engine.start", actor="medrelay", detail=f"config {s.config_hash[:12]}")
+        log.info("engine.started", channels=len(self.listeners), routes=len(self.routes),
+                 config_hash=s.config_hash[:12])
+
+    async def stop(self) -> None:
+        for cname, lst in list(self.listeners.items()):
+            try:
+                await lst.stop()
+            except Exception as e:
+                log.error("channel.stop_failed", channel=cname, error=str(e)[:200])
+        self.listeners.clear()
+        if self.intake is not None:
+            await self.intake.stop()
+        await asyncio.gather(*(w.stop() for w in self.workers), return_exceptions=True)
+        self.workers.clear()
+        for route in self.routes.values():
+            try:
+                await route.destination.close()
+            except Exception as e:
+                log.error("route.close_failed", route=route.name, error=str(e)[:200])
+        self.routes.clear()
+        self._by_channel.clear()
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.audit is not None:
+            self.audit.record("engine.stop", actor="medrelay")
+        if self.store is not None:
+            self.store.dispose()
+        log.info("engine.stopped")

@@ -1,0 +1,170 @@
+"""Opening the store: SQLite (WAL, synchronous=FULL) or PostgreSQL, plus encrypted blobs.
+
+The durability contract rests on this module: a commit returns only once the rows
+and every blob they point at are on stable storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+from sqlalchemy import Connection, Engine, create_engine, event, insert, select
+from sqlalchemy.engine import make_url
+
+from engine.crypto import IntegrityError, KeyRing, Sealed
+from engine.store import schema
+
+log = structlog.get_logger()
+
+SCHEMA_VERSION = 1
+INLINE_MAX = 256 * 1024  # payloads above this go to files beside the database
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def _import_feature_tables() -> None:
+    """Feature modules put their tables on the shared metadata; import the ones present."""
+    import importlib
+
+    for name in ("dicom_index", "fhir_store", "worklist"):
+        try:
+            importlib.import_module(f"engine.store.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"engine.store.{name}":
+                raise
+
+
+class Store:
+    """The database engine, the blob folder and the key ring that seals what goes in."""
+
+    def __init__(self, url: str, blob_dir: str | os.PathLike[str], keyring: KeyRing,
+                 inline_max: int = INLINE_MAX) -> None:
+        self.url = make_url(url)
+        self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        if self.is_sqlite and self.url.database and self.url.database != ":memory:":
+            Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
+        kwargs: dict[str, Any] = {}
+        if self.is_sqlite:
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        else:
+            kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
+        self.engine: Engine = create_engine(self.url, **kwargs)
+        if self.is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.blob_dir = Path(blob_dir)
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        self.keyring = keyring
+        self.inline_max = inline_max
+        self.metadata = schema.metadata
+
+    # -- schema --------------------------------------------------------
+    def migrate(self) -> int:
+        """Create missing tables and record the schema version.
+
+        Versioned steps go in ``_STEPS``; create_all covers new tables, which is all
+        the schema has needed so far. Alembic was weighed and left out: the engine is
+        embedded and every install must migrate itself at start without a CLI step.
+        """
+        _import_feature_tables()
+        schema.metadata.create_all(self.engine)
+        with self.engine.begin() as conn:
+            current = conn.execute(select(schema.schema_version.c.version)).scalars().all()
+            have = max(current, default=0)
+            for version in range(have + 1, SCHEMA_VERSION + 1):
+                step = _STEPS.get(version)
+                if step is not None:
+                    step(conn)
+                conn.execute(insert(schema.schema_version).values(version=version, applied_at=time.time()))
+        return SCHEMA_VERSION
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- blobs ---------------------------------------------------------
+    def blob_path(self, blob_id: str) -> Path:
+        return self.blob_dir / blob_id[:2] / blob_id[2:4] / blob_id
+
+    def seal_blob(self, data: bytes, aad: str) -> tuple[dict[str, Any], Path | None, bytes]:
+        """Encrypt; returns the blobs row, the file it must go to (or None) and the ciphertext."""
+        sealed = self.keyring.seal(data, aad)
+        blob_id = hashlib.sha256(sealed.ciphertext).hexdigest()
+        in_file = len(sealed.ciphertext) > self.inline_max
+        row = {
+            "id": blob_id, "aad": aad, "kek_id": sealed.kek_id, "wrapped_key": sealed.wrapped_key,
+            "nonce": sealed.nonce, "size": len(data),
+            "data": None if in_file else sealed.ciphertext, "in_file": int(in_file),
+        }
+        return row, (self.blob_path(blob_id) if in_file else None), sealed.ciphertext
+
+    def write_blob_files(self, files: Sequence[tuple[Path, bytes]]) -> None:
+        """Write ciphertext files durably: data fsync per file, then one fsync per folder."""
+        dirs: set[Path] = set()
+        for path, ct in files:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, ct)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            dirs.add(path.parent)
+        for d in dirs:
+            dfd = os.open(d, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+    def put_blobs(self, conn: Connection, items: Iterable[tuple[bytes, str]]) -> list[str]:
+        """Seal and store payloads inside the caller's transaction; returns blob ids."""
+        rows, files, ids = [], [], []
+        for data, aad in items:
+            row, path, ct = self.seal_blob(data, aad)
+            rows.append(row)
+            ids.append(row["id"])
+            if path is not None:
+                files.append((path, ct))
+        if files:
+            self.write_blob_files(files)
+        if rows:
+            conn.execute(insert(schema.blobs), rows)
+        return ids
+
+    def put_blob(self, conn: Connection, data: bytes, aad: str) -> str:
+        return self.put_blobs(conn, [(data, aad)])[0]
+
+    def get_blob(self, conn: Connection, blob_id: str, aad: str | None = None) -> bytes:
+        row = conn.execute(select(schema.blobs).where(schema.blobs.c.id == blob_id)).mappings().first()
+        if row is None:
+            raise IntegrityError(f"blob {blob_id} missing")
+        if aad is not None and row["aad"] != aad:
+            raise IntegrityError(f"blob {blob_id} does not belong to {aad}")
+        ct = row["data"] if not row["in_file"] else self.blob_path(blob_id).read_bytes()
+        if hashlib.sha256(ct).hexdigest() != blob_id:
+            raise IntegrityError(f"blob {blob_id}: content does not match its address")
+        return self.keyring.open(Sealed(row["kek_id"], row["wrapped_key"], row["nonce"], ct),
+                                 aad if aad is not None else row["aad"])
+
+    def message_payload(self, conn: Connection, message_id: str) -> bytes:
+        row = conn.execute(select(schema.messages.c.blob_id).where(schema.messages.c.id == message_id)).first()
+        if row is None:
+            raise KeyError(message_id)
+        return self.get_blob(conn, row[0], aad=message_id)
+
+
+_STEPS: dict[int, Any] = {}
