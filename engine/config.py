@@ -137,7 +137,8 @@ class ConfigError(Exception):
 def _union(role: registry.Role) -> Any:
     models = [c.config for c in registry.components(role)]
     if not models:
-        raise RuntimeError(f"no {role} components registered")
+        return create_model(f"No{role.title()}", __config__=ConfigDict(extra="forbid"),
+                            type=(Literal["<none registered>"], ...))
     if len(models) == 1:
         return models[0]
     return Annotated[Union[tuple(models)], Field(discriminator="type")]  # noqa: UP007

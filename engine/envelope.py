@@ -67,7 +67,7 @@ class Envelope:
         )
 
 
-class Drop(Exception):  # noqa: N818 - control flow, like structlog's DropEvent
+class Drop(Exception):
     """Raised by a transform to stop a message on this route without it being an error."""
 
     def __init__(self, reason: str = "") -> None:

@@ -1,0 +1,410 @@
+"""Cheap HL7 v2 header reading, charset decoding and field access for the whole engine.
+
+Every HL7 message that enters medrelay passes through ``read_header``: the MLLP
+listener needs MSH-10 and the ACK fields before it may answer, the router needs
+MSH-9 to pick routes, and both must stay fast. So this module reads the MSH
+segment only, straight from the bytes, and leaves full parsing (python-hl7 for
+``field()``, hl7apy for validation) to the callers that really need it.
+
+It lives in ``engine`` because the router uses it; it imports nothing from
+listeners or routes. Error codes follow HL7 table 0357 so that a listener can
+turn an ``HL7Error`` into an ERR segment without a lookup table of its own.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import hl7 as _hl7
+
+# -- HL7 table 0357: message error condition codes -------------------------------
+SEGMENT_SEQUENCE_ERROR = 100
+REQUIRED_FIELD_MISSING = 101
+DATA_TYPE_ERROR = 102
+TABLE_VALUE_NOT_FOUND = 103
+UNSUPPORTED_MESSAGE_TYPE = 200
+UNSUPPORTED_EVENT_CODE = 201
+UNSUPPORTED_PROCESSING_ID = 202
+UNSUPPORTED_VERSION_ID = 203
+UNKNOWN_KEY_IDENTIFIER = 204
+DUPLICATE_KEY_IDENTIFIER = 205
+APPLICATION_RECORD_LOCKED = 206
+APPLICATION_INTERNAL_ERROR = 207
+
+TABLE_0357: dict[int, str] = {
+    0: "Message accepted",
+    100: "Segment sequence error",
+    101: "Required field missing",
+    102: "Data type error",
+    103: "Table value not found",
+    200: "Unsupported message type",
+    201: "Unsupported event code",
+    202: "Unsupported processing id",
+    203: "Unsupported version id",
+    204: "Unknown key identifier",
+    205: "Duplicate key identifier",
+    206: "Application record locked",
+    207: "Application internal error",
+}
+
+# Codes that mean "this receiver will not take this kind of message" (answer AR/CR)
+# rather than "the content of this message is wrong" (AE/CE); after HL7 v2.5 2.9.2.
+REJECT_CODES = frozenset({100, 200, 201, 202, 203, 206, 207})
+
+
+class HL7Error(Exception):
+    """A problem with an HL7 message, carrying its HL7 table 0357 code.
+
+    ``location`` is an ERR-2 style position (``"MSH^1^12"``: segment, sequence,
+    field) when known. ``header`` is whatever of the MSH could be read, so a
+    listener can still build an ACK that swaps sender and receiver and echoes
+    MSH-10 even when the message is rejected.
+    """
+
+    def __init__(self, code: int, text: str, *, location: str | None = None,
+                 header: Header | None = None) -> None:
+        super().__init__(f"{code} {TABLE_0357.get(code, 'Error')}: {text}")
+        self.code = code
+        self.text = text
+        self.location = location
+        self.header = header
+
+    @property
+    def code_text(self) -> str:
+        """The table 0357 description of ``code`` (what goes in ERR-3.2)."""
+        return TABLE_0357.get(self.code, "Error")
+
+
+# -- character sets (HL7 table 0211, MSH-18) ---------------------------------------
+# Only charsets in which the MSH delimiters are single ASCII bytes: the header is
+# read from the raw bytes before anything is decoded. UTF-16/32 would break that
+# and are refused as "table value not found".
+CHARSETS: dict[str, str] = {
+    "ASCII": "ascii",
+    "UNICODE UTF-8": "utf-8",
+    "UTF-8": "utf-8",  # not in table 0211 but sent by many systems
+    "8859/1": "iso8859-1",
+    "8859/2": "iso8859-2",
+    "8859/3": "iso8859-3",
+    "8859/4": "iso8859-4",
+    "8859/5": "iso8859-5",
+    "8859/6": "iso8859-6",
+    "8859/7": "iso8859-7",
+    "8859/8": "iso8859-8",
+    "8859/9": "iso8859-9",
+    "8859/15": "iso8859-15",
+}
+
+
+def codec_for(charset: str) -> str:
+    """Python codec for an MSH-18 value; ``HL7Error(103)`` when we do not support it."""
+    try:
+        return CHARSETS[charset.strip().upper()]
+    except KeyError:
+        raise HL7Error(TABLE_VALUE_NOT_FOUND, f"MSH-18 character set {charset[:40]!r} is not supported",
+                       location="MSH^1^18") from None
+
+
+# -- encoding characters and escapes --------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Delimiters:
+    """MSH-1 and MSH-2: field, component, repetition, escape and subcomponent separators."""
+
+    field: str = "|"
+    component: str = "^"
+    repetition: str = "~"
+    escape: str = "\\"
+    subcomponent: str = "&"
+
+    @property
+    def encoding_characters(self) -> str:
+        return self.component + self.repetition + self.escape + self.subcomponent
+
+
+DEFAULT_DELIMITERS = Delimiters()
+
+
+def escape(text: str, d: Delimiters = DEFAULT_DELIMITERS) -> str:
+    """Escape delimiter characters so ``text`` can be put into one HL7 field/component.
+
+    The escape character is replaced first, otherwise the escapes we add would be
+    escaped again. Segment terminators in the text become spaces: an escape for a
+    carriage return (``\\.br\\``) is formatted-text only and not valid in every type.
+    """
+    e = d.escape
+    out = text.replace(e, f"{e}E{e}")
+    out = out.replace(d.field, f"{e}F{e}").replace(d.component, f"{e}S{e}")
+    out = out.replace(d.subcomponent, f"{e}T{e}").replace(d.repetition, f"{e}R{e}")
+    return out.replace("\r", " ").replace("\n", " ")
+
+
+def unescape(text: str, d: Delimiters = DEFAULT_DELIMITERS) -> str:
+    """Undo ``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\``; other escapes (``\\X..\\``, ``\\H\\``) are left as they are.
+
+    Left alone on purpose: hex data and highlighting need the charset and a
+    formatted-text type to mean anything, and the routing values we unescape never
+    carry them.
+    """
+    e = d.escape
+    if e not in text:
+        return text
+    table = {"F": d.field, "S": d.component, "T": d.subcomponent, "R": d.repetition, "E": e}
+    pattern = re.compile(re.escape(e) + "([FSTRE])" + re.escape(e))
+    return pattern.sub(lambda m: table[m.group(1)], text)
+
+
+# -- the header -----------------------------------------------------------------------
+_SEGMENT_END = re.compile(rb"\r\n|\r|\n")
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """The MSH of one message, read without parsing the rest.
+
+    ``fields[n]`` is MSH-n as decoded text, exactly as sent (still escaped, all
+    components), so an ACK can copy MSH-3..6 back verbatim. The convenience
+    attributes hold the first component (HD namespace id) and are unescaped.
+    """
+
+    delimiters: Delimiters
+    fields: tuple[str, ...]
+    charset: str  # MSH-18 as sent (first repetition), "" when absent
+    codec: str  # the Python codec the payload decodes with
+    sending_application: str = ""
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    timestamp: str = ""
+    message_type: str = ""  # MSH-9.1
+    trigger_event: str = ""  # MSH-9.2
+    message_structure: str = ""  # MSH-9.3
+    control_id: str = ""  # MSH-10
+    processing_id: str = ""  # MSH-11.1
+    version: str = ""  # MSH-12.1
+    accept_ack_type: str = ""  # MSH-15
+    application_ack_type: str = ""  # MSH-16
+
+    def get(self, n: int) -> str:
+        """MSH-n as sent ("" when the message has fewer fields)."""
+        return self.fields[n] if 0 < n < len(self.fields) else ""
+
+    @property
+    def enhanced_mode(self) -> bool:
+        """HL7 v2.5 2.9.3: enhanced acknowledgment mode when MSH-15 or MSH-16 is valued."""
+        return bool(self.accept_ack_type or self.application_ack_type)
+
+    @property
+    def message_code(self) -> str:
+        """``ADT^A01`` style: MSH-9.1 and MSH-9.2, for logs and metrics."""
+        return f"{self.message_type}^{self.trigger_event}" if self.trigger_event else self.message_type
+
+    def decode(self, payload: bytes) -> str:
+        """The whole message as text in its MSH-18 charset.
+
+        Raises ``HL7Error(102)`` when the bytes are not valid in that charset: a
+        UTF-8 message with Latin-1 bytes in it is a sender bug we must not pass on.
+        """
+        try:
+            return payload.decode(self.codec)
+        except UnicodeDecodeError as e:
+            raise HL7Error(DATA_TYPE_ERROR,
+                           f"message bytes are not valid {self.charset or self.codec} (offset {e.start})",
+                           location="MSH^1^18", header=self) from None
+
+    def encode(self, text: str) -> bytes:
+        """Encode text (an ACK) in this message's charset; unencodable characters become '?'."""
+        return text.encode(self.codec, errors="replace")
+
+    def as_headers(self) -> dict[str, str]:
+        """Envelope headers: routing and identity fields from the MSH only, never PHI.
+
+        MSH-7 is left out on purpose: for an ADT it is close to an admission time,
+        and dates tied to a patient count as PHI. ``received_at`` carries the time.
+        """
+        return {
+            "MSH-3": self.sending_application,
+            "MSH-4": self.sending_facility,
+            "MSH-5": self.receiving_application,
+            "MSH-6": self.receiving_facility,
+            "MSH-9": self.message_code + (f"^{self.message_structure}" if self.message_structure else ""),
+            "MSH-9.1": self.message_type,
+            "MSH-9.2": self.trigger_event,
+            "MSH-9.3": self.message_structure,
+            "MSH-10": self.control_id,
+            "MSH-11": self.processing_id,
+            "MSH-12": self.version,
+            "MSH-15": self.accept_ack_type,
+            "MSH-16": self.application_ack_type,
+            "MSH-18": self.charset,
+        }
+
+
+def _first(value: str, d: Delimiters) -> str:
+    """First repetition, first component, unescaped."""
+    v = value.split(d.repetition, 1)[0].split(d.component, 1)[0]
+    return unescape(v, d).strip()
+
+
+def _component(value: str, n: int, d: Delimiters) -> str:
+    comps = value.split(d.repetition, 1)[0].split(d.component)
+    return unescape(comps[n - 1], d).strip() if len(comps) >= n else ""
+
+
+def _sniff_codec(data: bytes) -> str:
+    """No MSH-18: HL7 says ASCII, real senders send UTF-8 or Latin-1. Take the one that fits.
+
+    Latin-1 decodes any byte string and re-encodes to the same bytes, so an ACK
+    built from the decoded fields round-trips exactly.
+    """
+    if data.isascii():
+        return "ascii"
+    try:
+        data.decode("utf-8")
+        return "utf-8"
+    except UnicodeDecodeError:
+        return "iso8859-1"
+
+
+def read_header(payload: bytes, *, require: bool = True) -> Header:
+    """Read the MSH segment of ``payload`` (raw bytes as received).
+
+    Cost is proportional to the MSH, not the message. With ``require`` the fields a
+    receiver cannot work without (MSH-9.1 message type, MSH-10 control id) must be
+    present, else ``HL7Error(101)`` carrying the partial header.
+    """
+    start = 0
+    while start < len(payload) and payload[start] in b" \t\r\n\x00\xef\xbb\xbf":
+        start += 1  # tolerate leading blank lines and a UTF-8 BOM
+    if payload[start:start + 3] != b"MSH" or len(payload) < start + 8:
+        raise HL7Error(SEGMENT_SEQUENCE_ERROR, "message does not start with an MSH segment",
+                       location="MSH^1")
+    fs = payload[start + 3:start + 4]
+    if fs.isalnum() or fs in b" \r\n":
+        raise HL7Error(DATA_TYPE_ERROR, "MSH-1 field separator is not a delimiter character",
+                       location="MSH^1^1")
+    m = _SEGMENT_END.search(payload, start)
+    msh_bytes = payload[start:m.start() if m else len(payload)]
+    raw = msh_bytes.split(fs)
+    enc = raw[1].decode("latin-1") if len(raw) > 1 else ""
+    if len(enc) < 4 or len(set(enc[:4])) != 4 or fs.decode("latin-1") in enc[:4]:
+        raise HL7Error(DATA_TYPE_ERROR, "MSH-2 encoding characters are invalid", location="MSH^1^2")
+    d = Delimiters(fs.decode("latin-1"), enc[0], enc[1], enc[2], enc[3])
+
+    # MSH-18 first, in ASCII: the charset names are ASCII in every charset we accept.
+    charset = ""
+    if len(raw) > 17:
+        charset = raw[17].decode("latin-1").split(d.repetition, 1)[0].strip()
+    codec = codec_for(charset) if charset else _sniff_codec(msh_bytes)
+    try:
+        text = msh_bytes.decode(codec)
+    except UnicodeDecodeError:
+        raise HL7Error(DATA_TYPE_ERROR, f"MSH is not valid {charset or codec}", location="MSH^1") from None
+    parts = text.split(d.field)
+    # fields[n] == MSH-n: parts[0] is "MSH", MSH-1 is the separator itself.
+    fields = ("MSH", d.field, *parts[1:])
+
+    def f(n: int) -> str:
+        return fields[n] if n < len(fields) else ""
+
+    msh9 = f(9)
+    header = Header(
+        delimiters=d,
+        fields=fields,
+        charset=charset,
+        codec=codec,
+        sending_application=_first(f(3), d),
+        sending_facility=_first(f(4), d),
+        receiving_application=_first(f(5), d),
+        receiving_facility=_first(f(6), d),
+        timestamp=_first(f(7), d),
+        message_type=_component(msh9, 1, d),
+        trigger_event=_component(msh9, 2, d),
+        message_structure=_component(msh9, 3, d),
+        control_id=unescape(f(10), d).strip(),
+        processing_id=_first(f(11), d),
+        version=_first(f(12), d),
+        accept_ack_type=_first(f(15), d).upper(),
+        application_ack_type=_first(f(16), d).upper(),
+    )
+    if require:
+        if not header.message_type:
+            raise HL7Error(REQUIRED_FIELD_MISSING, "MSH-9 message type is empty", location="MSH^1^9",
+                           header=header)
+        if not header.control_id:
+            raise HL7Error(REQUIRED_FIELD_MISSING, "MSH-10 message control id is empty",
+                           location="MSH^1^10", header=header)
+    return header
+
+
+def decode(payload: bytes) -> str:
+    """The message as text, decoded per its MSH-18 (see ``Header.decode``)."""
+    return read_header(payload, require=False).decode(payload)
+
+
+# -- any field, lazily ----------------------------------------------------------------
+_PATH = re.compile(r"^([A-Z][A-Z0-9]{2})(?:\[(\d+)\])?-(\d+)(?:\[(\d+)\])?(?:\.(\d+))?(?:\.(\d+))?$")
+
+
+def parse_path(path: str) -> tuple[str, int, int, int, int, int]:
+    """``PID-3[2].1.2`` -> (segment, segment occurrence, field, repetition, component, subcomponent).
+
+    Occurrences and repetitions are 1-based and default to 1; component and
+    subcomponent 0 mean "the whole field / component".
+    """
+    m = _PATH.match(path.strip())
+    if not m:
+        raise ValueError(f"not an HL7 field path: {path!r} (expected e.g. PID-8, PID-3.1, OBX[2]-5)")
+    seg, occ, fld, rep, comp, sub = m.groups()
+    return seg, int(occ or 1), int(fld), int(rep or 1), int(comp or 0), int(sub or 0)
+
+
+def parse(text: str) -> _hl7.Message:
+    """Full python-hl7 parse; for callers that read several non-MSH fields of one message."""
+    import hl7
+
+    return hl7.parse(text.replace("\r\n", "\r").replace("\n", "\r"))
+
+
+def field(message: str | bytes | _hl7.Message, path: str) -> str:
+    """The value at ``path`` (``PID-8``, ``PID-3.1``, ``OBR-4.2``, ``OBX[2]-5``), "" when absent.
+
+    Without a component the first component of the repetition is returned, which
+    is what a routing rule on ``PID-8`` or ``PV1-2`` means. MSH paths are answered
+    from ``read_header`` without a full parse. Others parse with python-hl7, so
+    only routes that ask for them pay for it.
+    """
+    seg, occ, fld, rep, comp, sub = parse_path(path)
+    if seg == "MSH" and occ == 1 and isinstance(message, str | bytes):
+        raw = message if isinstance(message, bytes) else message.encode("utf-8")
+        h = read_header(raw, require=False)
+        value = h.get(fld)
+        if fld <= 2:
+            return value
+        d = h.delimiters
+        reps = value.split(d.repetition)
+        if rep > len(reps):
+            return ""
+        comps = reps[rep - 1].split(d.component)
+        c = comps[(comp or 1) - 1] if len(comps) >= (comp or 1) else ""
+        subs = c.split(d.subcomponent)
+        s = subs[(sub or 1) - 1] if len(subs) >= (sub or 1) else ""
+        return unescape(s, d)
+    import hl7
+
+    if isinstance(message, bytes):
+        message = decode(message)
+    msg = parse(message) if isinstance(message, str) else message
+    key = seg + (str(occ) if occ != 1 else "") + f".F{fld}.R{rep}"
+    if comp:
+        key += f".C{comp}"
+        if sub:
+            key += f".S{sub}"
+    try:
+        value = msg[key]
+    except (KeyError, IndexError, hl7.exceptions.HL7Exception):
+        return ""
+    # python-hl7 returns values still escaped; unescape with the message's own delimiters.
+    return msg.unescape(str(value)) if value else ""

@@ -1,0 +1,305 @@
+"""What the FHIR store indexes and how a resource is validated before it is stored.
+
+One table (``SEARCH_PARAMS``) drives three things: the index rows written with each
+version, the search parser, and the CapabilityStatement. So the statement cannot
+claim a parameter the store does not index, and the index never grows a key that
+nothing can search. Parameter names follow the FHIR R4 SearchParameter registry.
+
+The index holds only non-PHI keys in clear (status, codes, dates, references).
+Identifier values are kept as keyed HMACs: equality search works, but the table
+alone does not reveal a medical record number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any, Literal
+
+FHIR_VERSION = "4.0.1"
+ParamType = Literal["token", "reference", "date"]
+UNBOUNDED_LOW = -1.0e15
+UNBOUNDED_HIGH = 1.0e15
+ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+
+
+class FhirError(Exception):
+    """A FHIR-level failure that becomes an OperationOutcome with an HTTP status.
+
+    ``str()`` deliberately omits the diagnostics: the intake logs the exception text
+    of a failed tx_hook, and diagnostics may quote client data.
+    """
+
+    def __init__(self, status: int, code: str, diagnostics: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(f"{status} {code}")
+        self.status = status
+        self.code = code
+        self.diagnostics = diagnostics
+        self.headers = headers or {}
+
+    def outcome(self) -> dict[str, Any]:
+        severity = "error" if self.status < 500 else "fatal"
+        return operation_outcome(severity, self.code, self.diagnostics)
+
+
+def operation_outcome(severity: str, code: str, diagnostics: str) -> dict[str, Any]:
+    return {"resourceType": "OperationOutcome",
+            "issue": [{"severity": severity, "code": code, "diagnostics": diagnostics}]}
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    name: str
+    type: ParamType
+    paths: tuple[str, ...]
+    doc: str
+    target: str | None = None  # reference params: only references to this type
+    hashed: bool = False  # token values stored as HMAC (identifiers)
+
+
+def _common(*extra: SearchParam) -> dict[str, SearchParam]:
+    base = [SearchParam("identifier", "token", ("identifier",), "system|value (stored as a keyed hash)",
+                        hashed=True)]
+    return {p.name: p for p in (*base, *extra)}
+
+
+_STATUS = SearchParam("status", "token", ("status",), "status code")
+_CODE = SearchParam("code", "token", ("code",), "system|code of the resource code")
+_SUBJECT = SearchParam("subject", "reference", ("subject",), "subject reference (Type/id)")
+_PATIENT = SearchParam("patient", "reference", ("subject",), "subject when it is a Patient", target="Patient")
+
+SEARCH_PARAMS: dict[str, dict[str, SearchParam]] = {
+    "Patient": _common(),
+    "Encounter": _common(_STATUS, _SUBJECT, _PATIENT,
+                         SearchParam("date", "date", ("period",), "date within the encounter period")),
+    "Observation": _common(_STATUS, _CODE, _SUBJECT, _PATIENT,
+                           SearchParam("date", "date", ("effective",), "effective[x]")),
+    "DiagnosticReport": _common(_STATUS, _CODE, _SUBJECT, _PATIENT,
+                                SearchParam("date", "date", ("effective",), "effective[x]")),
+    "ServiceRequest": _common(_STATUS, _CODE, _SUBJECT, _PATIENT,
+                              SearchParam("authored", "date", ("authoredOn",), "authoredOn")),
+    "ImagingStudy": _common(_STATUS, _SUBJECT, _PATIENT,
+                            SearchParam("modality", "token", ("modality", "series.modality"),
+                                        "modality of the study or a series (DICOM DCM code)"),
+                            SearchParam("started", "date", ("started",), "when the study started")),
+    "Endpoint": _common(_STATUS),
+}
+# Resource types the REST API serves. AuditEvent is read/search only, from the audit trail.
+STORED_TYPES: tuple[str, ...] = tuple(SEARCH_PARAMS)
+READ_ONLY_TYPES: tuple[str, ...] = ("AuditEvent",)
+DATE_PREFIXES = ("eq", "ne", "lt", "gt", "le", "ge", "sa", "eb")
+
+
+# -- validation ----------------------------------------------------------
+def _model_class(resource_type: str) -> Any:
+    try:
+        from fhir.resources.R4B import get_fhir_model_class
+    except ImportError:  # fhir.resources without the R4B package: default (R5) models
+        from fhir.resources import get_fhir_model_class  # type: ignore[no-redef]
+    return get_fhir_model_class(resource_type)
+
+
+def validate_resource(resource: Any, expected_type: str | None = None) -> str:
+    """Check a resource against the fhir.resources R4B model; returns its type.
+
+    R4B is wire-compatible with R4 for the resources served here. Diagnostics name
+    the element path and the rule, never the offending value (it may be PHI).
+    """
+    if not isinstance(resource, dict):
+        raise FhirError(400, "invalid", "the body is not a JSON object")
+    rtype = resource.get("resourceType")
+    if not isinstance(rtype, str) or not rtype:
+        raise FhirError(400, "invalid", "resourceType is missing")
+    if expected_type is not None and rtype != expected_type:
+        raise FhirError(400, "invalid", f"resourceType {rtype} does not match the URL type {expected_type}")
+    if rtype not in STORED_TYPES:
+        raise FhirError(404 if expected_type is None else 400, "not-supported",
+                        f"resource type {rtype} is not supported for writes")
+    rid = resource.get("id")
+    if rid is not None and (not isinstance(rid, str) or not ID_RE.match(rid)):
+        raise FhirError(400, "invalid", "id must match [A-Za-z0-9-.]{1,64}")
+    try:
+        _model_class(rtype).model_validate(resource)
+    except Exception as e:
+        raise FhirError(400, "invalid", f"{rtype} is not valid FHIR: {_describe(e)}") from None
+    return rtype
+
+
+def _describe(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return type(exc).__name__
+    parts = []
+    for err in errors(include_input=False, include_url=False)[:5]:
+        loc = ".".join(str(x) for x in err.get("loc", ()))
+        parts.append(f"{loc or '(root)'}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+# -- value extraction ----------------------------------------------------
+def _walk(node: Any, path: list[str]) -> Iterator[tuple[str, Any]]:
+    """Yield (element name, value) at ``path``; a final name matches choice types (effective[x])."""
+    if isinstance(node, list):
+        for item in node:
+            yield from _walk(item, path)
+        return
+    if not isinstance(node, dict) or not path:
+        return
+    head, rest = path[0], path[1:]
+    if rest:
+        yield from _walk(node.get(head), rest)
+        return
+    for key, value in node.items():
+        if key == head or (key.startswith(head) and key[len(head):len(head) + 1].isupper()):
+            for v in value if isinstance(value, list) else [value]:
+                yield key, v
+
+
+def _codings(value: Any) -> Iterator[tuple[str, str]]:
+    if isinstance(value, str):
+        yield "", value
+    elif isinstance(value, dict):
+        if "coding" in value:
+            for c in value.get("coding") or []:
+                yield from _codings(c)
+        elif "code" in value and isinstance(value["code"], str):
+            yield str(value.get("system") or ""), value["code"]
+        elif "value" in value and isinstance(value["value"], str):  # Identifier
+            yield str(value.get("system") or ""), value["value"]
+
+
+def token_keys(system: str | None, code: str | None, hash_key: bytes | None) -> list[str]:
+    """Index keys of one coded value: exact ``system|code``, any-system ``*|code``, ``system|*``.
+
+    Searches map ``s|c``, ``c``, ``|c`` and ``s|`` onto exactly one of these keys. With a
+    ``hash_key`` (identifiers) the value part is replaced by a keyed HMAC.
+    """
+    keys = []
+    if code:
+        keys.append(_token(system or "", code, hash_key))
+        keys.append(_token("*", code, hash_key))
+    if system:
+        keys.append(f"{system}|*")
+    return keys
+
+
+def _token(system: str, code: str, hash_key: bytes | None) -> str:
+    if hash_key is None:
+        return f"{system}|{code}"
+    digest = hmac.new(hash_key, f"{system}|{code}".encode(), hashlib.sha256).hexdigest()
+    return f"{'*' if system == '*' else 'h'}|{digest}"
+
+
+def query_token_key(value: str, hash_key: bytes | None) -> str:
+    """The one index key a token search value selects (see token_keys)."""
+    if "|" not in value:
+        return _token("*", value, hash_key)
+    system, _, code = value.partition("|")
+    if not code:
+        return f"{system}|*"
+    return _token(system, code, hash_key)
+
+
+def reference_keys(ref: str, target: str | None) -> list[str]:
+    """``Type/id`` and ``*/id`` for a relative or absolute reference; nothing for urn:/contained."""
+    parts = ref.split("?")[0].rstrip("/").split("/")
+    if ref.startswith(("urn:", "#")) or len(parts) < 2:
+        return []
+    if len(parts) >= 4 and parts[-2] == "_history":
+        parts = parts[:-2]
+    rtype, rid = parts[-2], parts[-1]
+    if target is not None and rtype != target:
+        return []
+    return [f"{rtype}/{rid}", f"*/{rid}"]
+
+
+def query_reference_key(value: str, target: str | None) -> str:
+    parts = value.rstrip("/").split("/")
+    if len(parts) >= 2:
+        return f"{parts[-2]}/{parts[-1]}"
+    return f"{target}/{value}" if target else f"*/{value}"
+
+
+# -- dates ---------------------------------------------------------------
+_DATE_RE = re.compile(
+    r"^(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$")
+
+
+def date_range(value: str) -> tuple[float, float]:
+    """The half-open interval [low, high) of epoch seconds a FHIR date/dateTime/instant covers.
+
+    ``2024`` is the whole year, ``2024-03-01`` the whole day, an instant its second
+    (or millisecond). Values without a zone are read as UTC.
+    """
+    m = _DATE_RE.match(value.strip())
+    if m is None:
+        raise ValueError("not a FHIR date")
+    y, mo, d, hh, mi, ss, frac, tz = m.groups()
+    tzinfo: timezone = UTC
+    if tz and tz != "Z":
+        sign = 1 if tz[0] == "+" else -1
+        tzinfo = timezone(sign * timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6])))
+    start = datetime(int(y), int(mo or 1), int(d or 1), int(hh or 0), int(mi or 0), int(ss or 0),
+                     tzinfo=tzinfo)
+    if frac:
+        start = start + timedelta(seconds=float(frac))
+    if mo is None:
+        end = start.replace(year=start.year + 1)
+    elif d is None:
+        end = start.replace(year=start.year + (start.month == 12), month=start.month % 12 + 1)
+    elif hh is None:
+        end = start + timedelta(days=1)
+    elif ss is None:
+        end = start + timedelta(minutes=1)
+    elif frac:
+        end = start + timedelta(milliseconds=1)
+    else:
+        end = start + timedelta(seconds=1)
+    return start.timestamp(), end.timestamp()
+
+
+def _value_range(key: str, value: Any) -> tuple[float, float] | None:
+    try:
+        if isinstance(value, str):
+            return date_range(value)
+        if isinstance(value, dict) and ("start" in value or "end" in value):  # Period
+            low = date_range(value["start"])[0] if value.get("start") else UNBOUNDED_LOW
+            high = date_range(value["end"])[1] if value.get("end") else UNBOUNDED_HIGH
+            return low, high
+    except ValueError:
+        return None
+    return None
+
+
+# -- index rows ------------------------------------------------------------
+def index_entries(resource: dict[str, Any], hash_key: bytes) -> list[dict[str, Any]]:
+    """The search-index rows (param, token, low, high) of one resource version."""
+    rows: list[dict[str, Any]] = []
+    seen: set[tuple[str, str | None, float | None, float | None]] = set()
+
+    def add(param: str, token: str | None, low: float | None = None, high: float | None = None) -> None:
+        key = (param, token, low, high)
+        if key not in seen:
+            seen.add(key)
+            rows.append({"param": param, "token": token[:320] if token else token, "low": low, "high": high})
+
+    for p in SEARCH_PARAMS.get(resource.get("resourceType", ""), {}).values():
+        for path in p.paths:
+            for key, value in _walk(resource, path.split(".")):
+                if p.type == "token":
+                    for system, code in _codings(value):
+                        for tk in token_keys(system, code, hash_key if p.hashed else None):
+                            add(p.name, tk)
+                elif p.type == "reference":
+                    ref = value.get("reference") if isinstance(value, dict) else None
+                    for rk in reference_keys(ref, p.target) if isinstance(ref, str) else []:
+                        add(p.name, rk)
+                else:
+                    rng = _value_range(key, value)
+                    if rng is not None:
+                        add(p.name, None, *rng)
+    return rows

@@ -1,0 +1,279 @@
+"""The FHIR resource store: versions, encrypted bodies and the search index.
+
+Every write runs inside a caller's transaction: the FHIR listener's intake tx_hook
+(so a client's create is durable together with its message and deliveries) or the
+`store` destination's. Resource JSON is PHI and is kept only as an encrypted blob
+(AAD ``fhir:{type}/{id}/{version}``); the tables hold what search needs in clear.
+
+Tables:
+  fhir_resources  one row per logical resource (current version; ``rid`` orders search pages)
+  fhir_versions   one row per version (history, vread), DELETE versions without a body
+  fhir_index      search keys of the current version (see engine.store.fhir_params)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from sqlalchemy import (
+    Column,
+    Connection,
+    Float,
+    Index,
+    Integer,
+    String,
+    Table,
+    UniqueConstraint,
+    delete,
+    insert,
+    select,
+    update,
+)
+
+from engine.store.fhir_params import FhirError, index_entries
+from engine.store.handlers import store_handler
+from engine.store.schema import metadata
+
+if TYPE_CHECKING:
+    from engine.context import ComponentContext
+    from engine.envelope import Envelope
+
+log = structlog.get_logger()
+
+fhir_resources = Table(
+    "fhir_resources",
+    metadata,
+    Column("rid", Integer, primary_key=True, autoincrement=True),
+    Column("type", String(64), nullable=False),
+    Column("id", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("last_updated", Float, nullable=False),
+    Column("deleted", Integer, nullable=False, default=0),
+    Column("blob_id", String(64), nullable=True),
+    UniqueConstraint("type", "id", name="uq_fhir_resources_type_id"),
+    Index("ix_fhir_resources_type_rid", "type", "deleted", "rid"),
+)
+
+fhir_versions = Table(
+    "fhir_versions",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("rid", Integer, nullable=False),
+    Column("type", String(64), nullable=False),
+    Column("id", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("last_updated", Float, nullable=False),
+    Column("method", String(8), nullable=False),
+    Column("blob_id", String(64), nullable=True),
+    Column("message_id", String(32), nullable=True),
+    UniqueConstraint("type", "id", "version", name="uq_fhir_versions_type_id_version"),
+    Index("ix_fhir_versions_type_seq", "type", "seq"),
+    Index("ix_fhir_versions_rid", "rid", "version"),
+)
+
+fhir_index = Table(
+    "fhir_index",
+    metadata,
+    Column("rid", Integer, nullable=False, index=True),
+    Column("type", String(64), nullable=False),
+    Column("param", String(64), nullable=False),
+    Column("token", String(320), nullable=True),
+    Column("low", Float, nullable=True),
+    Column("high", Float, nullable=True),
+    Index("ix_fhir_index_token", "type", "param", "token"),
+    Index("ix_fhir_index_date", "type", "param", "low", "high"),
+)
+
+HMAC_KEY_NAME = "fhir-index"
+
+
+def iso_instant(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def blob_aad(rtype: str, rid: str, version: int) -> str:
+    """AAD binding a body to its version; hashed when it would not fit the 64-char column."""
+    aad = f"fhir:{rtype}/{rid}/{version}"
+    return aad if len(aad) <= 64 else "fhir:" + hashlib.sha256(aad.encode()).hexdigest()[:59]
+
+
+def etag(version: int | str) -> str:
+    return f'W/"{version}"'
+
+
+def parse_etag(value: str) -> str:
+    v = value.strip()
+    if v.startswith("W/"):
+        v = v[2:]
+    return v.strip('"')
+
+
+@dataclass(frozen=True)
+class Written:
+    """What one write did; the listener builds Location/ETag/status from it."""
+
+    type: str
+    id: str
+    version: int
+    last_updated: float
+    created: bool
+    resource: dict[str, Any] | None  # None for DELETE
+    changed: bool = True  # False: conditional create matched, or delete of a deleted resource
+
+    @property
+    def etag(self) -> str:
+        return etag(self.version)
+
+    @property
+    def last_modified(self) -> str:
+        return iso_instant(self.last_updated)
+
+    def summary(self) -> dict[str, Any]:
+        return {"type": self.type, "id": self.id, "versionId": str(self.version),
+                "lastUpdated": self.last_modified, "created": self.created}
+
+
+@dataclass(frozen=True)
+class Row:
+    rid: int
+    type: str
+    id: str
+    version: int
+    last_updated: float
+    deleted: bool
+    blob_id: str | None
+
+
+class FhirStore:
+    """Reads and writes FHIR resources through a caller-provided connection."""
+
+    def __init__(self, store: Any, keyring: Any) -> None:
+        self.store = store
+        self.hash_key: bytes = keyring.hmac_key(HMAC_KEY_NAME)
+
+    # -- reads -----------------------------------------------------------
+    def current(self, conn: Connection, rtype: str, rid: str) -> Row | None:
+        r = fhir_resources
+        row = conn.execute(select(r).where(r.c.type == rtype, r.c.id == rid)).mappings().first()
+        if row is None:
+            return None
+        return Row(row["rid"], row["type"], row["id"], row["version"], row["last_updated"],
+                   bool(row["deleted"]), row["blob_id"])
+
+    def body(self, conn: Connection, rtype: str, rid: str, version: int, blob_id: str) -> dict[str, Any]:
+        data = self.store.get_blob(conn, blob_id, aad=blob_aad(rtype, rid, version))
+        return json.loads(data)
+
+    def read(self, conn: Connection, rtype: str, rid: str) -> tuple[Row, dict[str, Any]]:
+        row = self.current(conn, rtype, rid)
+        if row is None:
+            raise FhirError(404, "not-found", f"{rtype}/{rid} is not known")
+        if row.deleted or row.blob_id is None:
+            raise FhirError(410, "deleted", f"{rtype}/{rid} was deleted",
+                            headers={"ETag": etag(row.version)})
+        return row, self.body(conn, rtype, rid, row.version, row.blob_id)
+
+    def vread(self, conn: Connection, rtype: str, rid: str, version: int) -> tuple[dict[str, Any], float]:
+        v = fhir_versions
+        row = conn.execute(select(v).where(v.c.type == rtype, v.c.id == rid, v.c.version == version)
+                           ).mappings().first()
+        if row is None:
+            raise FhirError(404, "not-found", f"{rtype}/{rid} has no version {version}")
+        if row["blob_id"] is None:
+            raise FhirError(410, "deleted", f"version {version} of {rtype}/{rid} is a deletion")
+        return self.body(conn, rtype, rid, version, row["blob_id"]), row["last_updated"]
+
+    # -- writes ----------------------------------------------------------
+    def new_id(self) -> str:
+        return uuid.uuid4().hex
+
+    def write(self, conn: Connection, rtype: str, rid: str | None, resource: dict[str, Any], *,
+              if_match: str | None = None, message_id: str | None = None, method: str = "PUT") -> Written:
+        """Create (``rid`` None or unknown) or update; checks If-Match before writing anything."""
+        if rid is None:
+            rid, method = self.new_id(), "POST"
+        row = self.current(conn, rtype, rid)
+        if if_match is not None:
+            want = parse_etag(if_match)
+            if row is None or row.deleted or str(row.version) != want:
+                have = "none" if row is None or row.deleted else row.version
+                raise FhirError(412, "conflict", f"If-Match {want} does not match current version {have}")
+        version = 1 if row is None else row.version + 1
+        now = round(time.time(), 3)
+        body = dict(resource)
+        body["id"] = rid
+        meta = dict(body.get("meta") or {})
+        meta["versionId"] = str(version)
+        meta["lastUpdated"] = iso_instant(now)
+        body["meta"] = meta
+        body = {"resourceType": rtype, **{k: v for k, v in body.items() if k != "resourceType"}}
+        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        blob_id = self.store.put_blob(conn, data, aad=blob_aad(rtype, rid, version))
+        created = row is None or row.deleted
+        pk = self._set_current(conn, row, rtype, rid, version, now, blob_id)
+        self._add_version(conn, pk, rtype, rid, version, now, method, blob_id, message_id)
+        conn.execute(delete(fhir_index).where(fhir_index.c.rid == pk))
+        entries = index_entries(body, self.hash_key)
+        if entries:
+            conn.execute(insert(fhir_index), [{"rid": pk, "type": rtype, **e} for e in entries])
+        log.debug("fhir.stored", type=rtype, version=version)
+        return Written(rtype, rid, version, now, created, body)
+
+    def delete(self, conn: Connection, rtype: str, rid: str, *, message_id: str | None = None) -> Written:
+        row = self.current(conn, rtype, rid)
+        if row is None:
+            raise FhirError(404, "not-found", f"{rtype}/{rid} is not known")
+        if row.deleted:
+            return Written(rtype, rid, row.version, row.last_updated, False, None, changed=False)
+        now = round(time.time(), 3)
+        version = row.version + 1
+        self._set_current(conn, row, rtype, rid, version, now, None)
+        self._add_version(conn, row.rid, rtype, rid, version, now, "DELETE", None, message_id)
+        conn.execute(delete(fhir_index).where(fhir_index.c.rid == row.rid))
+        return Written(rtype, rid, version, now, False, None)
+
+    def _set_current(self, conn: Connection, row: Row | None, rtype: str, rid: str, version: int,
+                     now: float, blob_id: str | None) -> int:
+        r = fhir_resources
+        values = {"version": version, "last_updated": now, "deleted": int(blob_id is None), "blob_id": blob_id}
+        if row is None:
+            res = conn.execute(insert(r).values(type=rtype, id=rid, **values))
+            return int(res.inserted_primary_key[0])
+        # Optimistic: a concurrent writer (another transaction) makes this match nothing.
+        res = conn.execute(update(r).where(r.c.rid == row.rid, r.c.version == row.version).values(**values))
+        if res.rowcount != 1:
+            raise FhirError(409, "conflict", f"{rtype}/{rid} was changed concurrently; retry")
+        return row.rid
+
+    @staticmethod
+    def _add_version(conn: Connection, pk: int, rtype: str, rid: str, version: int, now: float,
+                     method: str, blob_id: str | None, message_id: str | None) -> None:
+        conn.execute(insert(fhir_versions).values(
+            rid=pk, type=rtype, id=rid, version=version, last_updated=now, method=method,
+            blob_id=blob_id, message_id=message_id))
+
+
+# -- the `store` destination's handler -----------------------------------------
+@store_handler("fhir")
+def store_fhir(ctx: ComponentContext, conn: Connection, envelope: Envelope) -> str:
+    """File a FHIR resource or a transaction/batch Bundle (e.g. hl7_to_fhir output).
+
+    Any entry failing makes the whole delivery fail permanently (and roll back), so a
+    replay after fixing the cause applies the bundle again from a clean state;
+    conditional creates/updates make that idempotent.
+    """
+    from engine.components import DeliveryError
+    from engine.store.fhir_bundle import apply_payload
+
+    fs = FhirStore(ctx.store, ctx.keyring)
+    try:
+        return apply_payload(fs, conn, envelope.payload, message_id=envelope.id)
+    except FhirError as e:
+        raise DeliveryError(f"FHIR {e.status} {e.code}", permanent=e.status < 500) from None

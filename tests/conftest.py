@@ -1,0 +1,185 @@
+"""Shared fixtures: a real engine in a background thread, or `medrelay run` as a process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.config import parse_settings
+from engine.runtime import Runtime
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def need_tool(path: str) -> str:
+    """A peer tool the test needs: fail under CI when missing, skip only on a dev box."""
+    if Path(path).exists() or shutil.which(path):
+        return path
+    if IN_CI:
+        pytest.fail(f"{path} is required (CI installs it): missing peer")
+    pytest.skip(f"{path} not installed")
+
+
+class EngineThread:
+    """A Runtime on its own event loop in a thread, so tests can drive it with blocking peers."""
+
+    def __init__(self, yaml_text: str, data_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.config_path = data_dir / "channels.yaml"
+        self.config_path.write_text(textwrap.dedent(yaml_text))
+        full_env = {**os.environ, **(env or {})}
+        self.settings = parse_settings(self.config_path.read_text(), self.config_path, env=full_env)
+        self.runtime = Runtime(self.settings)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.call(self.runtime.start())
+
+    def call(self, coro, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def address(self, channel: str) -> tuple[str, int]:
+        return self.runtime.listener(channel).address
+
+    @property
+    def store(self):
+        return self.runtime.store
+
+    def stop(self) -> None:
+        if self.loop.is_running():
+            try:
+                self.call(self.runtime.stop())
+            finally:
+                self.loop.call_soon_threadsafe(self.loop.stop)
+                self._thread.join(10)
+
+    def wait_for(self, predicate, timeout: float = 20.0, interval: float = 0.05):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(interval)
+        raise AssertionError(f"condition not met within {timeout}s")
+
+
+@pytest.fixture
+def engine_factory(tmp_path):
+    started: list[EngineThread] = []
+
+    def make(yaml_text: str, env: dict[str, str] | None = None, subdir: str = "e") -> EngineThread:
+        d = tmp_path / f"{subdir}{len(started)}"
+        d.mkdir()
+        e = EngineThread(yaml_text, d, env)
+        started.append(e)
+        return e
+
+    yield make
+    for e in started:
+        e.stop()
+
+
+class MedrelayProc:
+    """`medrelay run` in a subprocess: for kill -9 and signal tests."""
+
+    def __init__(self, yaml_text: str, data_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.config_path = data_dir / "channels.yaml"
+        self.config_path.write_text(textwrap.dedent(yaml_text))
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = data_dir / "medrelay.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(self.config_path)],
+                                     cwd=self.data_dir, env=self.env, stdout=self._log, stderr=self._log)
+
+    def wait_port(self, port: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"medrelay exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"port {port} not listening; log: {self.log_path.read_text()[-3000:]}")
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=self.data_dir, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def medrelay_proc(tmp_path):
+    procs: list[MedrelayProc] = []
+
+    def make(yaml_text: str, env: dict[str, str] | None = None) -> MedrelayProc:
+        d = tmp_path / f"proc{len(procs)}"
+        d.mkdir()
+        p = MedrelayProc(yaml_text, d, env)
+        procs.append(p)
+        return p
+
+    yield make
+    for p in procs:
+        try:
+            p.terminate(10)
+        except Exception:
+            p.kill9()
+
+
+def _reset_pg(url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    eng = create_engine(url)
+    with eng.begin() as c:
+        c.execute(text("DROP SCHEMA public CASCADE"))
+        c.execute(text("CREATE SCHEMA public"))
+    eng.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request, tmp_path):
+    """Each store test runs on SQLite and on PostgreSQL (MEDRELAY_TEST_PG_URL, set by scripts/test.sh)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/store.db"
+    url = os.environ.get("MEDRELAY_TEST_PG_URL")
+    if not url:
+        if IN_CI:
+            pytest.fail("MEDRELAY_TEST_PG_URL not set: PostgreSQL is required under CI")
+        pytest.skip("PostgreSQL not available (run scripts/test.sh)")
+    _reset_pg(url)
+    return url
