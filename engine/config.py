@@ -22,6 +22,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
 
 from engine import registry
+from engine.audit_syslog import SyslogConfig
 
 _VAR = re.compile(r"\$\$|\$\{([^}:]+)(?::-([^}]*))?\}")
 
@@ -44,6 +45,15 @@ class KeysConfig(_Strict):
 class MetricsConfig(_Strict):
     host: str = Field("127.0.0.1", description="address of the Prometheus /metrics endpoint")
     port: int | None = Field(None, ge=0, le=65535, description="port of /metrics; unset = off")
+
+
+class AuditConfig(_Strict):
+    """`audit:` where the audit trail is exported (it is always kept in the store)."""
+
+    syslog: SyslogConfig | None = Field(None, description="send every audit event as a DICOM PS3.15 A.5 "
+                                        "message over syslog/TLS (RFC 5424 + RFC 5425) to an audit repository")
+    source_id: str | None = Field(None, description="AuditSourceID in the messages (default: host name)")
+    site_id: str | None = Field(None, description="AuditEnterpriseSiteID in the messages")
 
 
 class LogConfig(_Strict):
@@ -88,6 +98,10 @@ class Settings:
     @property
     def log(self) -> LogConfig:
         return self.model.log
+
+    @property
+    def audit(self) -> AuditConfig:
+        return self.model.audit
 
     @property
     def channels(self) -> dict[str, Any]:
@@ -169,6 +183,7 @@ def build_root_model() -> type[BaseModel]:
         keys=(KeysConfig, Field(default_factory=KeysConfig)),
         metrics=(MetricsConfig, Field(default_factory=MetricsConfig)),
         log=(LogConfig, Field(default_factory=LogConfig)),
+        audit=(AuditConfig, Field(default_factory=AuditConfig)),
         channels=(dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], channel], ...),  # type: ignore[valid-type]
     )
 

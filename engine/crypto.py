@@ -5,15 +5,24 @@ the data key is wrapped with AES key wrap (RFC 3394) under a key-encryption key
 (KEK) held in the key file. The GCM additional data binds a ciphertext to the id of
 the message it belongs to, so a blob swapped between messages fails to decrypt.
 Rotation adds a new KEK and re-wraps data keys only: the ciphertexts never move.
+
+The key file is shared by the running engine and `medrelay keys rotate` in another
+process. Every change is a locked read-modify-write (flock on ``<file>.lock``), and a
+running engine notices a changed file by its stat (``refresh``): it then seals under
+the new active key, and keeps KEKs removed from the file in memory, unwrap-only, so
+nothing it holds in flight becomes unreadable.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import json
 import os
 import secrets
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,22 +69,63 @@ class KeyRing:
         self._keks: dict[str, bytes] = {}
         self._active = ""
         self._secrets: dict[str, bytes] = {}
+        self._retired: dict[str, bytes] = {}  # removed from the file by another process: unwrap only
+        self._stat: tuple[int, int, int, int] | None = None
         if self.path.exists():
             self._load()
         else:
-            self._create()
+            with self._file_lock():
+                if self.path.exists():  # another process created it while we waited
+                    self._load()
+                else:
+                    self._create()
 
     # -- file handling -------------------------------------------------
     def _load(self) -> None:
         mode = self.path.stat().st_mode & 0o777
         if mode & 0o077:
             log.warning("keys.file_permissions", path=str(self.path), mode=oct(mode), want="0o600")
-        data = json.loads(self.path.read_text())
-        self._keks = {k: _unb64(v) for k, v in data["keks"].items()}
+        with open(self.path, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = json.loads(f.read())
+        keks = {k: _unb64(v) for k, v in data["keks"].items()}
+        if data["active"] not in keks:
+            raise IntegrityError(f"key file {self.path}: active key {data['active']!r} missing")
+        for kid, kek in self._keks.items():  # retired elsewhere: keep for what is in flight here
+            if kid not in keks:
+                self._retired[kid] = kek
+        self._keks = keks
         self._active = data["active"]
-        self._secrets = {k: _unb64(v) for k, v in data.get("secrets", {}).items()}
-        if self._active not in self._keks:
-            raise IntegrityError(f"key file {self.path}: active key {self._active!r} missing")
+        self._secrets = {**self._secrets, **{k: _unb64(v) for k, v in data.get("secrets", {}).items()}}
+        self._stat = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+
+    @contextlib.contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """Serialise read-modify-write of the key file between processes (engine and CLI)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def refresh(self) -> bool:
+        """Re-read the key file if another process changed it; cheap (one stat) when not.
+
+        Returns True when it was re-read. Called by the store after every blob insert
+        and when a data key names a KEK this process does not know yet.
+        """
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        if (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size) == self._stat:
+            return False
+        with self._lock:
+            self._load()
+        log.info("keys.reloaded", active=self._active, keks=len(self._keks))
+        return True
 
     def _write(self) -> None:
         data = {
@@ -96,6 +146,8 @@ class KeyRing:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+        st = os.stat(self.path)
+        self._stat = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
     def _create(self) -> None:
         kid = self._new_kid()
@@ -115,11 +167,16 @@ class KeyRing:
         return self._active
 
     def kek_ids(self) -> list[str]:
+        """KEKs in the key file (not the unwrap-only ones another process retired)."""
         return list(self._keks)
+
+    def in_file(self, kid: str) -> bool:
+        return kid in self._keks
 
     def add_kek(self) -> str:
         """Add a new KEK and make it active; old ones stay until every blob is re-wrapped."""
-        with self._lock:
+        with self._lock, self._file_lock():
+            self._load()  # never overwrite what another process wrote since we read
             kid = self._new_kid()
             self._keks[kid] = AESGCM.generate_key(bit_length=256)
             self._active = kid
@@ -127,11 +184,14 @@ class KeyRing:
         return kid
 
     def retire_kek(self, kid: str) -> None:
-        with self._lock:
+        with self._lock, self._file_lock():
+            self._load()
             if kid == self._active:
                 raise ValueError("cannot retire the active key")
-            self._keks.pop(kid, None)
+            kek = self._keks.pop(kid, None)
             self._write()
+            if kek is not None:
+                self._retired[kid] = kek
 
     def reload(self) -> None:
         with self._lock:
@@ -139,7 +199,11 @@ class KeyRing:
 
     def hmac_key(self, name: str) -> bytes:
         """A stable 32-byte secret for keyed hashing (pseudonyms); created on first use."""
-        with self._lock:
+        key = self._secrets.get(name)
+        if key is not None:
+            return key
+        with self._lock, self._file_lock():
+            self._load()  # another process may have created it meanwhile: use theirs
             key = self._secrets.get(name)
             if key is None:
                 key = secrets.token_bytes(32)
@@ -154,10 +218,13 @@ class KeyRing:
         nonce = os.urandom(NONCE_BYTES)
         ct = AESGCM(dek).encrypt(nonce, plaintext, aad.encode())
         kid = self._active
-        return Sealed(kid, aes_key_wrap(self._keks[kid], dek), nonce, ct)
+        kek = self._keks.get(kid) or self._retired[kid]  # a concurrent refresh may swap the dict
+        return Sealed(kid, aes_key_wrap(kek, dek), nonce, ct)
 
     def unwrap(self, kek_id: str, wrapped_key: bytes) -> bytes:
-        kek = self._keks.get(kek_id)
+        kek = self._keks.get(kek_id) or self._retired.get(kek_id)
+        if kek is None and self.refresh():  # rotated by another process since we read the file
+            kek = self._keks.get(kek_id) or self._retired.get(kek_id)
         if kek is None:
             raise IntegrityError(f"key {kek_id!r} is not in the key file")
         try:
@@ -175,4 +242,5 @@ class KeyRing:
     def rewrap(self, kek_id: str, wrapped_key: bytes) -> tuple[str, bytes]:
         """Re-wrap one data key under the active KEK (rotation); the ciphertext stays as it is."""
         dek = self.unwrap(kek_id, wrapped_key)
-        return self._active, aes_key_wrap(self._keks[self._active], dek)
+        kid = self._active
+        return kid, aes_key_wrap(self._keks.get(kid) or self._retired[kid], dek)

@@ -52,7 +52,7 @@ TABLE_0357: dict[int, str] = {
 
 # Codes that mean "this receiver will not take this kind of message" (answer AR/CR)
 # rather than "the content of this message is wrong" (AE/CE); after HL7 v2.5 2.9.2.
-REJECT_CODES = frozenset({100, 200, 201, 202, 203, 206, 207})
+REJECT_CODES = frozenset({200, 201, 202, 203, 206, 207})
 
 
 class HL7Error(Exception):
@@ -297,7 +297,12 @@ def read_header(payload: bytes, *, require: bool = True) -> Header:
     charset = ""
     if len(raw) > 17:
         charset = raw[17].decode("latin-1").split(d.repetition, 1)[0].strip()
-    codec = codec_for(charset) if charset else _sniff_codec(msh_bytes)
+    charset_error: HL7Error | None = None
+    try:
+        codec = codec_for(charset) if charset else _sniff_codec(msh_bytes)
+    except HL7Error as e:
+        # Read the rest anyway (Latin-1 takes any byte) so the rejection can be addressed.
+        charset_error, codec = e, "iso8859-1"
     try:
         text = msh_bytes.decode(codec)
     except UnicodeDecodeError:
@@ -329,6 +334,9 @@ def read_header(payload: bytes, *, require: bool = True) -> Header:
         accept_ack_type=_first(f(15), d).upper(),
         application_ack_type=_first(f(16), d).upper(),
     )
+    if charset_error is not None:
+        charset_error.header = header
+        raise charset_error
     if require:
         if not header.message_type:
             raise HL7Error(REQUIRED_FIELD_MISSING, "MSH-9 message type is empty", location="MSH^1^9",

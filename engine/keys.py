@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Connection, func, select, update
 
 from engine.store import schema
 
 BATCH = 500
+RETIRE_ROUNDS = 20
 
 
 def key_usage(store: Any) -> dict[str, int]:
@@ -42,15 +43,52 @@ def rewrap_all(store: Any, progress: Callable[[int], Any] | None = None) -> int:
             progress(len(rows))
 
 
+def _lock_blobs(store: Any, conn: Connection) -> None:
+    """Block blob inserts until this transaction ends (see ``Store._fence_rotation``)."""
+    b = schema.blobs
+    if store.is_sqlite:
+        # any write statement takes SQLite's single write lock, even one that matches nothing
+        conn.execute(update(b).where(b.c.id == "").values(kek_id=b.c.kek_id))
+    else:
+        conn.exec_driver_sql("LOCK TABLE blobs IN SHARE ROW EXCLUSIVE MODE")
+
+
+def retire_unused(store: Any) -> tuple[list[str], list[str]]:
+    """Retire every non-active KEK no blob uses; returns (retired, still used).
+
+    Counting and removing happen while blob inserts are blocked, so a running engine
+    cannot commit a blob under a key between our count and its removal; a blob it
+    sealed before and commits after is re-wrapped by the engine itself.
+    """
+    ring = store.keyring
+    retired: list[str] = []
+    with store.engine.begin() as conn:
+        _lock_blobs(store, conn)
+        b = schema.blobs
+        used = {k: n for k, n in conn.execute(select(b.c.kek_id, func.count()).group_by(b.c.kek_id))}
+        busy = [k for k in ring.kek_ids() if k != ring.active_id and used.get(k)]
+        for kid in ring.kek_ids():
+            if kid != ring.active_id and not used.get(kid):
+                ring.retire_kek(kid)  # the file is written (fsync, rename) before we unlock
+                retired.append(kid)
+    return retired, busy
+
+
 def rotate(store: Any, *, retire: bool = True,
            progress: Callable[[int], Any] | None = None) -> tuple[str, int, list[str]]:
+    """Add a KEK, re-wrap every data key under it, then retire the old KEKs.
+
+    A running engine may still seal a few blobs under the old key until it notices
+    the new file, so re-wrap and retire repeat until nothing uses an old key.
+    """
     new = store.keyring.add_kek()
     n = rewrap_all(store, progress)
     retired: list[str] = []
     if retire:
-        used = key_usage(store)
-        for kid in store.keyring.kek_ids():
-            if kid != new and not used.get(kid):
-                store.keyring.retire_kek(kid)
-                retired.append(kid)
+        for _ in range(RETIRE_ROUNDS):
+            done, busy = retire_unused(store)
+            retired.extend(done)
+            if not busy:
+                break
+            n += rewrap_all(store, progress)
     return new, n, retired

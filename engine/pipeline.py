@@ -36,6 +36,7 @@ class Route:
     retry: Any
     ordered: bool = True
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    to_type: str = ""  # the destination's `type:`, for the audit trail
 
 
 def apply_transforms(transforms: Sequence[Callable[[Envelope], Any]], env: Envelope) -> list[Envelope]:
@@ -109,7 +110,9 @@ class RouteWorker:
             ok = await self._deliver_one(c, done)
             if not ok and r.ordered:
                 blocked = True
-        await asyncio.to_thread(queue.complete, self.store, done)
+        by_id = {c.delivery_id: c for c in claimed}
+        sent = [_send_audit(r, by_id[did], detail) for did, state, detail in done if state == "done"]
+        await asyncio.to_thread(queue.complete, self.store, done, sent)
         if release:
             await asyncio.to_thread(_release, self.store, release)
 
@@ -168,6 +171,20 @@ class RouteWorker:
         if dead and self.audit is not None:
             self.audit.record("delivery.dead_letter", outcome="failure", channel=r.channel,
                               message_id=c.message_id, detail=error[:500])
+
+
+def _send_audit(route: Route, c: queue.Claimed, detail: str | None) -> dict[str, Any]:
+    """The audit row of one delivered message; written with the completion, same transaction."""
+    dest = route.destination
+    peer = getattr(dest, "peer", None) or ""
+    if not peer:
+        cfg = getattr(dest, "config", None)
+        host, port = getattr(cfg, "host", None), getattr(cfg, "port", None)
+        peer = f"{host}:{port}" if host else str(getattr(cfg, "base_url", "") or "")
+    return {"at": time.time(), "action": "message.send", "outcome": "success", "actor": "medrelay",
+            "peer": peer, "channel": c.channel, "message_id": c.message_id,
+            "entity": {"kind": c.kind, "route": route.name, "to": route.to_type or type(dest).__name__},
+            "detail": (detail or "")[:500] or None, "exported": 0}
 
 
 def _release(store: Any, ids: list[int]) -> None:

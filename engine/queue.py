@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, insert, select, update
 
 from engine.store import schema
 
@@ -72,8 +72,13 @@ def claim(store: Any, channel: str, route: str, limit: int, *, ordered: bool = T
     return out
 
 
-def complete(store: Any, done: Sequence[tuple[int, str, str | None]]) -> None:
-    """Mark deliveries finished in one transaction: (id, state, detail)."""
+def complete(store: Any, done: Sequence[tuple[int, str, str | None]],
+             audit_rows: Sequence[dict[str, Any]] = ()) -> None:
+    """Mark deliveries finished in one transaction: (id, state, detail).
+
+    ``audit_rows`` (the ``message.send`` events) go in the same transaction, so a
+    delivery is marked done if and only if its audit event exists.
+    """
     if not done:
         return
     d = schema.deliveries
@@ -82,6 +87,8 @@ def complete(store: Any, done: Sequence[tuple[int, str, str | None]]) -> None:
         for did, state, detail in done:
             conn.execute(update(d).where(d.c.id == did).values(
                 state=state, detail=(detail or "")[:256] or None, lease_until=0.0, updated_at=now))
+        if audit_rows:
+            conn.execute(insert(schema.audit_events), list(audit_rows))
 
 
 def backoff(attempts: int, initial: float, multiplier: float, maximum: float) -> float:

@@ -10,6 +10,7 @@ The engine never imports listeners/routes/transforms: they are found through the
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -65,12 +66,19 @@ def component(
 
 
 def load_builtins() -> None:
-    """Import every module named in the ``medrelay.components`` entry point group."""
+    """Import every module named in the ``medrelay.components`` entry point group.
+
+    ``MEDRELAY_PLUGINS`` (comma-separated module names) adds site-specific components
+    without packaging them; the test suite uses it to load its scripted fakes into
+    a `medrelay run` subprocess.
+    """
     global _loaded
     if _loaded:
         return
     for ep in entry_points(group="medrelay.components"):
         importlib.import_module(ep.value)
+    for name in filter(None, (m.strip() for m in os.environ.get("MEDRELAY_PLUGINS", "").split(","))):
+        importlib.import_module(name)
     _loaded = True
 
 

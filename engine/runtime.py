@@ -42,6 +42,7 @@ class Runtime:
         self.intake: Intake | None = None
         self.metrics: Metrics | None = None
         self.audit: Audit | None = None
+        self.audit_exporter: Any = None
         self.routes: dict[tuple[str, str], Route] = {}
         self.workers: list[RouteWorker] = []
         self.listeners: dict[str, Any] = {}
@@ -72,6 +73,12 @@ class Runtime:
         registry.load_builtins()
         self.store = await asyncio.to_thread(open_store, s)
         self.audit = Audit(self.store)
+        if s.audit.syslog is not None:
+            from engine.audit_syslog import SyslogExporter
+
+            self.audit_exporter = SyslogExporter(self.store, s.audit.syslog, source_id=s.audit.source_id,
+                                                 site_id=s.audit.site_id)
+            await self.audit_exporter.start()
         self.metrics = Metrics(self.store)
         if s.metrics.port is not None:
             port = self.metrics.serve(s.metrics.host, s.metrics.port)
@@ -89,7 +96,7 @@ class Runtime:
                 transforms = [registry.get("transform", t.type).factory(t, ctx) for t in rc.transforms]
                 dest = registry.get("destination", rc.to.type).factory(rc.to, ctx)
                 route = Route(channel=cname, name=rc.name, when=dict(rc.when), transforms=transforms,
-                              destination=dest, retry=rc.retry, ordered=rc.ordered)
+                              destination=dest, retry=rc.retry, ordered=rc.ordered, to_type=rc.to.type)
                 self.routes[(cname, rc.name)] = route
                 self._by_channel.setdefault(cname, []).append(route)
         for route in self.routes.values():
@@ -130,6 +137,9 @@ class Runtime:
             self.metrics.close()
         if self.audit is not None:
             self.audit.record("engine.stop", actor="medrelay")
+        if self.audit_exporter is not None:
+            await self.audit_exporter.stop()  # flushes briefly; the rest stays queued in the store
+            self.audit_exporter = None
         if self.store is not None:
             self.store.dispose()
         log.info("engine.stopped")

@@ -1,6 +1,7 @@
 """Intake (group commit, dedupe, tx hooks) and route workers (retry, dead letter, replay, order)."""
 
 import asyncio
+import os
 import subprocess
 import sys
 
@@ -160,6 +161,8 @@ def test_cli_messages_list_and_check(engine_factory, store_url):
     eng.wait_for(lambda: states(eng) == {"done": 1})
     cfg = str(eng.config_path)
     out = subprocess.run([sys.executable, "-m", "engine.cli", "messages", "list", "-c", cfg, "--json"],
-                         capture_output=True, text=True, cwd=eng.data_dir)
+                         capture_output=True, text=True, cwd=eng.data_dir,
+                         env={**os.environ, "MEDRELAY_PLUGINS": "engine_fakes",
+                              "PYTHONPATH": os.path.dirname(__file__)})
     assert out.returncode == 0, out.stderr
     assert '"route": "a", "state": "done"' in out.stdout

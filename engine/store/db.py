@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import Connection, Engine, create_engine, event, insert, select
+from sqlalchemy import Connection, Engine, create_engine, event, insert, select, update
 from sqlalchemy.engine import make_url
 
 from engine.crypto import IntegrityError, KeyRing, Sealed
@@ -39,7 +39,7 @@ def _import_feature_tables() -> None:
     """Feature modules put their tables on the shared metadata; import the ones present."""
     import importlib
 
-    for name in ("dicom_index", "fhir_store", "worklist"):
+    for name in ("dicom_index", "fhir_store", "worklist", "study_aggregate"):
         try:
             importlib.import_module(f"engine.store.{name}")
         except ModuleNotFoundError as e:
@@ -143,7 +143,24 @@ class Store:
             self.write_blob_files(files)
         if rows:
             conn.execute(insert(schema.blobs), rows)
+            self._fence_rotation(conn, rows)
         return ids
+
+    def _fence_rotation(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        """Re-wrap rows sealed under a KEK that `medrelay keys rotate` retired meanwhile.
+
+        The rotation retires a KEK while holding the blobs table's write lock, and our
+        insert above waited for that lock; so after it, one stat of the key file tells
+        whether a key we sealed with is gone. Without this a blob sealed just before a
+        retirement and committed just after would be unreadable after a restart.
+        """
+        self.keyring.refresh()
+        for row in rows:
+            if not self.keyring.in_file(row["kek_id"]):
+                kid, wrapped = self.keyring.rewrap(row["kek_id"], row["wrapped_key"])
+                conn.execute(update(schema.blobs).where(schema.blobs.c.id == row["id"])
+                             .values(kek_id=kid, wrapped_key=wrapped))
+                row["kek_id"], row["wrapped_key"] = kid, wrapped
 
     def put_blob(self, conn: Connection, data: bytes, aad: str) -> str:
         return self.put_blobs(conn, [(data, aad)])[0]

@@ -126,6 +126,13 @@ DERIVED = {
     "SOPClassesInStudy": "STUDY", "NumberOfStudyRelatedSeries": "STUDY",
     "NumberOfStudyRelatedInstances": "STUDY", "NumberOfSeriesRelatedInstances": "SERIES",
 }
+# Attributes whose copy in a clear column answers without decrypting (keyword, column label).
+CLEAR_COLUMNS = (("StudyInstanceUID", "study_uid"), ("StudyDate", "study_date"), ("StudyTime", "study_time"),
+                 ("SeriesInstanceUID", "series_uid"), ("Modality", "modality"),
+                 ("SeriesNumber", "series_number"), ("SOPInstanceUID", "sop_uid"),
+                 ("SOPClassUID", "sop_class_uid"), ("InstanceNumber", "instance_number"))
+CLEAR_BY_DEPTH = (0, 3, 6, 9)
+CLEAR_KEYWORDS = frozenset(kw for kw, _ in CLEAR_COLUMNS)
 INDEX_TAGS = sorted({kw for attrs in LEVEL_ATTRS.values() for kw in attrs})
 
 
@@ -313,6 +320,10 @@ class Candidates:
         tabs = self.tables()
         cols = [t.c.pk.label(f"pk{i}") for i, t in enumerate(tabs)]
         cols += [t.c.attrs_blob.label(f"blob{i}") for i, t in enumerate(tabs[:3])]
+        if self.depth >= 1:
+            cols += [studies.c.study_uid, studies.c.study_date, studies.c.study_time]
+        if self.depth >= 2:
+            cols += [series.c.series_uid, series.c.modality, series.c.series_number]
         if self.depth >= 3:
             cols += [instances.c.sop_uid, instances.c.sop_class_uid, instances.c.instance_number,
                      instances.c.transfer_syntax]
@@ -327,11 +338,9 @@ class Candidates:
             if decrypt:
                 for i in range(min(self.depth + 1, 3)):
                     attrs.update(self._attrs(r[f"blob{i}"]))
-            if self.depth >= 3:
-                attrs.update({"SOPInstanceUID": r["sop_uid"], "SOPClassUID": r["sop_class_uid"]})
-                if r["instance_number"] is not None:
-                    attrs.setdefault("InstanceNumber", r["instance_number"])
-                attrs["_transfer_syntax"] = r["transfer_syntax"]
+            for kw, col in CLEAR_COLUMNS[: CLEAR_BY_DEPTH[self.depth]]:
+                if r[col] not in (None, ""):
+                    attrs.setdefault(kw, r[col])
             yield int(r[f"pk{self.depth}"]), attrs
 
     def derived(self, pk: int, keyword: str) -> Any:

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, and_, false, func, not_, or_, select
+from sqlalchemy import ColumnElement, Connection, and_, func, not_, or_, select
 
 from engine.store.fhir_params import (
     DATE_PREFIXES,
@@ -24,11 +24,12 @@ from engine.store.fhir_params import (
     query_reference_key,
     query_token_key,
 )
-from engine.store.fhir_store import FhirStore, Row, fhir_index, fhir_resources
+from engine.store.fhir_store import FhirStore, Row, fhir_index, fhir_resources, fhir_versions
 
 DEFAULT_COUNT = 20
 MAX_COUNT = 500
-CONTROL_PARAMS = {"_count", "_include", "_cursor", "_format", "_pretty", "_summary", "_elements", "_total"}
+CONTROL_PARAMS = {"_count", "_include", "_cursor", "_format", "_pretty", "_summary", "_elements", "_total",
+                  "_since"}
 
 
 @dataclass
@@ -205,4 +206,48 @@ def _includes(fs: FhirStore, conn: Connection, rtype: str, params: list[tuple[st
     return out
 
 
-__all__ = ["SearchResult", "date_clause", "false", "find", "search"]
+@dataclass
+class HistoryEntry:
+    type: str
+    id: str
+    version: int
+    last_updated: float
+    method: str
+    resource: dict[str, Any] | None
+
+
+def history(fs: FhirStore, conn: Connection, rtype: str, rid: str | None, params: list[tuple[str, str]]
+            ) -> tuple[list[HistoryEntry], int, str | None]:
+    """Instance or type history, newest first; paged by an opaque cursor on the version sequence."""
+    v = fhir_versions
+    cond = [v.c.type == rtype] + ([v.c.id == rid] if rid is not None else [])
+    for name, value in params:
+        if name == "_since":
+            try:
+                cond.append(v.c.last_updated >= date_range(value)[0])
+            except ValueError:
+                raise FhirError(400, "invalid", "_since is not a FHIR instant") from None
+    count = _count(params)
+    cursors = [val for k, val in params if k == "_cursor"]
+    if cursors:
+        before, snapshot = decode_cursor(cursors[-1])
+    else:
+        snapshot = conn.execute(select(func.coalesce(func.max(v.c.seq), 0))).scalar_one()
+        before = snapshot + 1
+    base = and_(*cond, v.c.seq <= snapshot)
+    total = conn.execute(select(func.count()).select_from(v).where(base)).scalar_one()
+    if rid is not None and total == 0 and not cursors:
+        raise FhirError(404, "not-found", f"{rtype}/{rid} is not known")
+    rows = conn.execute(select(v).where(base, v.c.seq < before).order_by(v.c.seq.desc()).limit(count + 1)
+                        ).mappings().all()
+    next_cursor = None
+    if len(rows) > count:
+        rows = rows[:count]
+        next_cursor = encode_cursor(rows[-1]["seq"], snapshot) if rows else None
+    out = [HistoryEntry(x["type"], x["id"], x["version"], x["last_updated"], x["method"],
+                        fs.body(conn, x["type"], x["id"], x["version"], x["blob_id"]) if x["blob_id"] else None)
+           for x in rows]
+    return out, total, next_cursor
+
+
+__all__ = ["HistoryEntry", "SearchResult", "date_clause", "find", "history", "search"]

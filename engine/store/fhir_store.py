@@ -205,10 +205,14 @@ class FhirStore:
             if row is None or row.deleted or str(row.version) != want:
                 have = "none" if row is None or row.deleted else row.version
                 raise FhirError(412, "conflict", f"If-Match {want} does not match current version {have}")
-        version = 1 if row is None else row.version + 1
-        now = round(time.time(), 3)
         body = dict(resource)
         body["id"] = rid
+        if row is not None and not row.deleted and row.blob_id is not None:
+            current = self.body(conn, rtype, rid, row.version, row.blob_id)
+            if _without_meta(current) == _without_meta(body):  # no-op update: no new version
+                return Written(rtype, rid, row.version, row.last_updated, False, current, changed=False)
+        version = 1 if row is None else row.version + 1
+        now = round(time.time(), 3)
         meta = dict(body.get("meta") or {})
         meta["versionId"] = str(version)
         meta["lastUpdated"] = iso_instant(now)
@@ -258,6 +262,15 @@ class FhirStore:
         conn.execute(insert(fhir_versions).values(
             rid=pk, type=rtype, id=rid, version=version, last_updated=now, method=method,
             blob_id=blob_id, message_id=message_id))
+
+
+def _without_meta(resource: dict[str, Any]) -> dict[str, Any]:
+    """The resource without what the server sets (versionId, lastUpdated), for no-op detection."""
+    out = {k: v for k, v in resource.items() if k not in ("meta", "resourceType")}
+    meta = {k: v for k, v in (resource.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")}
+    if meta:
+        out["meta"] = meta
+    return out
 
 
 # -- the `store` destination's handler -----------------------------------------

@@ -1,0 +1,357 @@
+"""Writes as operations: single REST writes, transaction and batch Bundles.
+
+A REST create/update/delete is a transaction of one operation, so conditional
+create, conditional update, If-Match and reference checks have a single
+implementation. Everything here runs inside the caller's database transaction;
+a FhirError aborts it (transaction) or becomes that entry's answer (batch).
+Each operation checks all its preconditions before it writes, so a batch entry
+that fails leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+from sqlalchemy import Connection
+
+from engine.store.fhir_params import ID_RE, STORED_TYPES, FhirError, operation_outcome, validate_resource
+from engine.store.fhir_search import find
+from engine.store.fhir_store import FhirStore, Written
+
+# FHIR R4 3.1.0.11.2: DELETE, then POST, then PUT/PATCH, then GET.
+PROCESSING_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "GET": 3}
+REASONS = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 404: "Not Found",
+           405: "Method Not Allowed", 409: "Conflict", 410: "Gone", 412: "Precondition Failed",
+           422: "Unprocessable Entity"}
+
+
+@dataclass
+class Op:
+    """One interaction: from a REST request or a Bundle entry's ``request``."""
+
+    method: str
+    type: str
+    id: str | None = None
+    query: list[tuple[str, str]] | None = None  # conditional PUT/DELETE
+    resource: dict[str, Any] | None = None
+    if_match: str | None = None
+    if_none_exist: str | None = None
+    full_url: str | None = None
+    version: int | None = None  # GET .../_history/{vid}
+    assigned_id: str | None = None  # POST: the id the server chose before submitting
+
+
+@dataclass
+class EntryResult:
+    status: int
+    written: Written | None = None
+    resource: dict[str, Any] | None = None
+    outcome: dict[str, Any] | None = None
+
+    @property
+    def status_line(self) -> str:
+        return f"{self.status} {REASONS.get(self.status, '')}".strip()
+
+    @property
+    def location(self) -> str | None:
+        w = self.written
+        return None if w is None or w.resource is None else f"{w.type}/{w.id}/_history/{w.version}"
+
+
+@dataclass
+class _Plan:
+    op: Op
+    id: str | None = None
+    matched: Written | None = None  # conditional create found it: no write
+    skip: bool = False  # conditional delete with no match
+    resource: dict[str, Any] | None = None  # the body with references resolved
+
+
+def parse_url(url: str) -> tuple[str, str | None, int | None, list[tuple[str, str]] | None]:
+    """``Type``, ``Type/id``, ``Type/id/_history/vid`` or ``Type?query`` (relative to the base)."""
+    path, sep, query = url.partition("?")
+    parts = [p for p in path.strip("/").split("/") if p]
+    q = parse_qsl(query, keep_blank_values=True) if sep else None
+    if not parts or (len(parts) not in (1, 2, 4)) or (len(parts) == 4 and parts[2] != "_history"):
+        raise FhirError(400, "invalid", "request.url must be Type, Type/id, Type/id/_history/vid or Type?query")
+    if parts[0] not in STORED_TYPES:
+        raise FhirError(404, "not-supported", f"resource type {parts[0]} is not supported")
+    rid = parts[1] if len(parts) >= 2 else None
+    if rid is not None and not ID_RE.match(rid):
+        raise FhirError(400, "invalid", "id must match [A-Za-z0-9-.]{1,64}")
+    version = None
+    if len(parts) == 4:
+        if not parts[3].isdigit():
+            raise FhirError(400, "invalid", "version id must be a number")
+        version = int(parts[3])
+    return parts[0], rid, version, q
+
+
+def op_from_entry(entry: Any) -> Op:
+    if not isinstance(entry, dict) or not isinstance(entry.get("request"), dict):
+        raise FhirError(400, "invalid", "every entry needs a request")
+    req = entry["request"]
+    method = str(req.get("method") or "").upper()
+    if method not in PROCESSING_ORDER:
+        raise FhirError(405 if method in ("PATCH", "HEAD") else 400, "not-supported",
+                        f"request.method {method or '(missing)'} is not supported")
+    rtype, rid, version, query = parse_url(str(req.get("url") or ""))
+    op = Op(method, rtype, rid, query, entry.get("resource"), req.get("ifMatch"), req.get("ifNoneExist"),
+            entry.get("fullUrl"), version)
+    check_op(op)
+    return op
+
+
+def check_op(op: Op) -> None:
+    """Shape checks that need no database: body present and valid, URL fits the method."""
+    if op.method in ("POST", "PUT"):
+        if op.resource is None:
+            raise FhirError(400, "required", f"{op.method} needs a resource")
+        validate_resource(op.resource, op.type)
+        if op.method == "POST" and (op.id is not None or op.query is not None):
+            raise FhirError(400, "invalid", "POST goes to the type (Type), not an instance or a query")
+        if op.method == "PUT" and op.id is None and op.query is None:
+            raise FhirError(405, "not-supported", "PUT needs Type/id or Type?query")
+        if op.method == "PUT" and op.id is not None and op.resource.get("id") not in (None, op.id):
+            raise FhirError(400, "invalid", "the resource id does not match the id in the URL")
+    elif op.method == "DELETE" and op.id is None and op.query is None:
+        raise FhirError(405, "not-supported", "DELETE needs Type/id or Type?query")
+    elif op.method == "GET" and (op.id is None or op.query is not None):
+        raise FhirError(400, "not-supported", "GET entries may only read (Type/id[/_history/vid])")
+
+
+# -- planning (reads only) -----------------------------------------------------
+def precheck(fs: FhirStore, conn: Connection, op: Op) -> EntryResult | None:
+    """Run a single write's preconditions read-only, before it is submitted.
+
+    Returns the answer when nothing needs writing (conditional create matched), raises
+    FhirError when the write would fail; None when it should be submitted.
+    """
+    plan = _plan(fs, conn, op)
+    if plan.matched is not None:
+        return EntryResult(200, plan.matched, plan.matched.resource)
+    return None
+
+
+def _plan(fs: FhirStore, conn: Connection, op: Op) -> _Plan:
+    plan = _Plan(op)
+    if op.method == "POST":
+        if op.if_none_exist:
+            rows = find(fs, conn, op.type, parse_qsl(op.if_none_exist.lstrip("?"), keep_blank_values=True))
+            if len(rows) > 1:
+                raise FhirError(412, "duplicate", "ifNoneExist matched more than one resource")
+            if rows:
+                row, body = fs.read(conn, op.type, rows[0].id)
+                plan.matched = Written(op.type, row.id, row.version, row.last_updated, False, body,
+                                       changed=False)
+                plan.id = row.id
+                return plan
+        plan.id = op.assigned_id or fs.new_id()
+    elif op.query is not None:  # conditional PUT / DELETE
+        rows = find(fs, conn, op.type, op.query)
+        if len(rows) > 1:
+            raise FhirError(412, "multiple-matches", f"conditional {op.method} matched more than one resource")
+        if op.method == "DELETE":
+            plan.skip = not rows
+            plan.id = rows[0].id if rows else None
+        else:
+            rid = op.resource.get("id") if op.resource else None
+            if rows and rid not in (None, rows[0].id):
+                raise FhirError(400, "invalid", "the resource id differs from the resource the query matched")
+            plan.id = rows[0].id if rows else (rid or fs.new_id())
+    else:
+        plan.id = op.id
+        if op.method == "DELETE":
+            row = fs.current(conn, op.type, op.id or "")
+            if row is None:
+                raise FhirError(404, "not-found", f"{op.type}/{op.id} is not known")
+        elif op.method == "PUT" and op.if_match is not None:
+            row = fs.current(conn, op.type, op.id or "")
+            have = None if row is None or row.deleted else str(row.version)
+            if have != op.if_match.strip().removeprefix("W/").strip('"'):
+                raise FhirError(412, "conflict", f"If-Match does not match the current version ({have})")
+    return plan
+
+
+def _rewrite(node: Any, resolve: Any) -> Any:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out[k] = resolve(v) if k == "reference" and isinstance(v, str) else _rewrite(v, resolve)
+        return out
+    if isinstance(node, list):
+        return [_rewrite(v, resolve) for v in node]
+    return node
+
+
+def _resolver(fs: FhirStore, conn: Connection, mapping: dict[str, str]) -> Any:
+    def resolve(ref: str) -> str:
+        if ref in mapping:
+            return mapping[ref]
+        if ref.startswith(("urn:uuid:", "urn:oid:")):
+            raise FhirError(400, "not-found", "a reference points to an entry that is not in the bundle")
+        if "?" in ref and not ref.startswith("#"):
+            rtype, _, query = ref.partition("?")
+            if rtype not in STORED_TYPES:
+                raise FhirError(400, "not-supported", f"conditional reference to {rtype} is not supported")
+            rows = find(fs, conn, rtype, parse_qsl(query, keep_blank_values=True))
+            if len(rows) != 1:
+                raise FhirError(412, "not-found", f"a conditional reference matched {len(rows)} resources")
+            return f"{rtype}/{rows[0].id}"
+        return ref
+
+    return resolve
+
+
+# -- execution -----------------------------------------------------------------
+def _execute(fs: FhirStore, conn: Connection, plan: _Plan, message_id: str | None) -> EntryResult:
+    op = plan.op
+    if plan.matched is not None:
+        return EntryResult(200, plan.matched, plan.matched.resource)
+    if op.method == "DELETE":
+        if plan.skip or plan.id is None:
+            return EntryResult(204)
+        return EntryResult(204, fs.delete(conn, op.type, plan.id, message_id=message_id))
+    if op.method == "GET":
+        if op.version is not None:
+            body, _ = fs.vread(conn, op.type, op.id or "", op.version)
+        else:
+            _, body = fs.read(conn, op.type, op.id or "")
+        return EntryResult(200, resource=body)
+    body = plan.resource if plan.resource is not None else op.resource
+    assert body is not None
+    w = fs.write(conn, op.type, plan.id, body, if_match=op.if_match, message_id=message_id,
+                 method=op.method)
+    return EntryResult(201 if w.created else 200, w, w.resource)
+
+
+def prepare(fs: FhirStore, conn: Connection, ops: list[Op]) -> tuple[list[int], dict[int, _Plan]]:
+    """Resolve every target and reference without writing: all of a transaction's 4xx come from here.
+
+    Also run read-only before submitting, so a bad transaction is refused without
+    touching the intake.
+    """
+    order = sorted(range(len(ops)), key=lambda i: PROCESSING_ORDER[ops[i].method])
+    plans: dict[int, _Plan] = {}
+    mapping: dict[str, str] = {}
+    targets: set[tuple[str, str]] = set()
+    conditions: set[tuple[str, str, str]] = set()
+    for i in order:
+        op = ops[i]
+        if op.method == "GET":
+            continue
+        condition = op.if_none_exist if op.method == "POST" else (
+            "&".join(f"{k}={v}" for k, v in sorted(op.query)) if op.query is not None else None)
+        if condition:  # two conditional writes with one condition would both create when nothing matches
+            key = (op.method, op.type, condition.lstrip("?"))
+            if key in conditions:
+                raise FhirError(400, "duplicate", f"two {op.method} entries for {op.type} share one condition")
+            conditions.add(key)
+        plan = plans[i] = _plan(fs, conn, op)
+        if plan.id is not None and plan.matched is None:
+            if (op.type, plan.id) in targets:
+                raise FhirError(400, "duplicate", f"{op.type}/{plan.id} is changed twice in one transaction")
+            targets.add((op.type, plan.id))
+        if op.full_url and plan.id is not None:
+            mapping[op.full_url] = f"{op.type}/{plan.id}"
+    resolve = _resolver(fs, conn, mapping)
+    for plan in plans.values():
+        if plan.op.resource is not None and plan.matched is None:
+            plan.resource = _rewrite(plan.op.resource, resolve)
+    return order, plans
+
+
+def run_transaction(fs: FhirStore, conn: Connection, ops: list[Op], *, message_id: str | None = None
+                    ) -> list[EntryResult]:
+    """All or nothing: any FhirError propagates and the caller's transaction rolls back."""
+    order, plans = prepare(fs, conn, ops)
+    results: dict[int, EntryResult] = {}
+    for i in order:
+        plan = plans.get(i) or _Plan(ops[i])
+        results[i] = _execute(fs, conn, plan, message_id)
+    return [results[i] for i in range(len(ops))]
+
+
+def parse_batch(entries: list[Any]) -> list[Op | FhirError]:
+    """Parse and validate batch entries up front; a bad entry becomes its own error."""
+    out: list[Op | FhirError] = []
+    for entry in entries:
+        try:
+            out.append(op_from_entry(entry))
+        except FhirError as e:
+            out.append(e)
+    return out
+
+
+def run_batch(fs: FhirStore, conn: Connection, entries: list[Any], *, message_id: str | None = None
+              ) -> list[EntryResult]:
+    """Each entry on its own: a failure answers that entry and leaves the others alone.
+
+    ``entries`` are raw Bundle entries or what parse_batch made of them.
+    """
+    results = []
+    no_refs = _resolver(fs, conn, {})
+    for entry in entries:
+        try:
+            if isinstance(entry, FhirError):
+                raise entry
+            op = entry if isinstance(entry, Op) else op_from_entry(entry)
+            plan = _plan(fs, conn, op)
+            if op.resource is not None and plan.matched is None:
+                plan.resource = _rewrite(op.resource, no_refs)
+            results.append(_execute(fs, conn, plan, message_id))
+        except FhirError as e:
+            results.append(EntryResult(e.status, outcome=e.outcome()))
+    return results
+
+
+def parse_bundle(bundle: Any) -> tuple[str, list[Any]]:
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+        raise FhirError(400, "invalid", "POST to the base needs a Bundle")
+    btype = bundle.get("type")
+    if btype not in ("transaction", "batch"):
+        raise FhirError(422, "not-supported", "only transaction and batch Bundles can be posted to the base")
+    entries = bundle.get("entry") or []
+    if not isinstance(entries, list):
+        raise FhirError(400, "invalid", "Bundle.entry must be a list")
+    return btype, entries
+
+
+def apply_bundle(fs: FhirStore, conn: Connection, bundle: Any, *, message_id: str | None = None
+                 ) -> tuple[str, list[EntryResult]]:
+    btype, entries = parse_bundle(bundle)
+    if btype == "batch":
+        return btype, run_batch(fs, conn, entries, message_id=message_id)
+    ops = [op_from_entry(e) for e in entries]
+    return btype, run_transaction(fs, conn, ops, message_id=message_id)
+
+
+def apply_payload(fs: FhirStore, conn: Connection, payload: bytes, *, message_id: str | None = None) -> str:
+    """The `store` destination: a transaction/batch Bundle, or one resource (PUT if it has an id)."""
+    try:
+        doc = json.loads(payload)
+    except ValueError:
+        raise FhirError(400, "invalid", "payload is not JSON") from None
+    if isinstance(doc, dict) and doc.get("resourceType") == "Bundle" and doc.get("type") in ("transaction",
+                                                                                            "batch"):
+        btype, results = apply_bundle(fs, conn, doc, message_id=message_id)
+        failed = [r.status for r in results if r.status >= 400]
+        if failed:
+            raise FhirError(max(failed), "processing", f"{len(failed)} batch entries failed")
+        return f"fhir {btype} entries={len(results)}"
+    rtype = validate_resource(doc)
+    rid = doc.get("id")
+    op = Op("PUT" if rid else "POST", rtype, rid, None, doc)
+    (res,) = run_transaction(fs, conn, [op], message_id=message_id)
+    return f"fhir {rtype} {res.status}"
+
+
+def error_entry(e: FhirError) -> dict[str, Any]:
+    return {"response": {"status": f"{e.status} {REASONS.get(e.status, '')}".strip(), "outcome": e.outcome()}}
+
+
+__all__ = ["EntryResult", "Op", "apply_bundle", "apply_payload", "check_op", "error_entry",
+           "operation_outcome", "parse_batch", "parse_url", "precheck", "prepare", "run_batch", "run_transaction"]

@@ -1,0 +1,132 @@
+"""`source: {type: fhir}`: the FHIR R4 REST server (uvicorn inside the engine's loop).
+
+The HTTP handlers live in listeners/fhir_app.py; this module owns the config and
+the server's lifecycle. uvicorn runs as a task in the engine's event loop (no
+extra process, no second loop) with its signal handling switched off: SIGTERM
+belongs to the runtime, which stops listeners in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import structlog
+import uvicorn
+from pydantic import Field, model_validator
+
+from engine.components import ComponentConfig, secret_field
+from engine.context import ComponentContext
+from engine.registry import component
+from engine.tls import TLSConfig, server_context
+from listeners.fhir_app import FhirApi
+
+log = structlog.get_logger()
+
+
+class FhirAuth(ComponentConfig):
+    """Either bearer tokens or an explicit `open: true`; there is no silent default."""
+
+    bearer_tokens: list[str] = secret_field(
+        default_factory=list, description="accepted `Authorization: Bearer` tokens, e.g. [\"${API_TOKEN}\"]")
+    open: bool = Field(False, description="serve without authentication (only for closed test networks)")
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> FhirAuth:
+        if self.open and self.bearer_tokens:
+            raise ValueError("auth: choose bearer_tokens or open: true, not both")
+        if not self.open and not self.bearer_tokens:
+            raise ValueError("auth needs bearer_tokens (or open: true to serve without authentication)")
+        if any(not t for t in self.bearer_tokens):
+            raise ValueError("auth.bearer_tokens: empty token")
+        return self
+
+
+class FhirSourceConfig(ComponentConfig):
+    """FHIR R4 REST server: clients create, update, delete, read and search resources."""
+
+    type: Literal["fhir"]
+    host: str = Field("127.0.0.1", description="address to bind; loopback unless told otherwise")
+    port: int = Field(8080, ge=0, le=65535, description="TCP port (0: pick a free one, for tests)")
+    base_path: str = Field("/fhir", pattern=r"^(/[A-Za-z0-9._~-]+)*$",
+                           description="path prefix of the FHIR base URL, e.g. /fhir")
+    auth: FhirAuth = Field(description="`{bearer_tokens: [\"${API_TOKEN}\"]}` or `{open: true}`; required")
+    tls: TLSConfig | None = Field(None, description="serve HTTPS with these cert/key (BCP 195 settings)")
+    max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description="larger request bodies get 413")
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # the engine's runtime owns SIGINT/SIGTERM
+
+
+class FhirListener:
+    """Serves the FHIR API until stopped; ``address`` is the bound (host, port)."""
+
+    def __init__(self, config: FhirSourceConfig, ctx: ComponentContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.api = FhirApi(config, ctx)
+        self._server: _Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def _uvicorn_config(self) -> uvicorn.Config:
+        tls = self.config.tls
+        factory: Any = None
+        if tls is not None:
+            context = server_context(tls)  # fail at start, not on the first handshake
+
+            def factory(_cfg: uvicorn.Config, _default: Any) -> ssl.SSLContext:
+                return context
+
+        return uvicorn.Config(
+            self.api.app(), host=self.config.host, port=self.config.port, log_config=None,
+            access_log=False,  # request lines carry search values (identifiers): never logged
+            lifespan="off", server_header=False, proxy_headers=False, timeout_graceful_shutdown=5,
+            ssl_context_factory=factory,
+        )
+
+    async def _serve(self) -> None:
+        assert self._server is not None
+        try:
+            await self._server.serve()
+        except SystemExit:  # uvicorn exits the process on bind errors; turn that into an error
+            raise RuntimeError("FHIR listener could not start") from None
+
+    async def start(self) -> None:
+        self._server = _Server(self._uvicorn_config())
+        self._task = asyncio.create_task(self._serve(), name=f"fhir-{self.ctx.channel}")
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+                raise RuntimeError("FHIR listener stopped during startup")
+            await asyncio.sleep(0.01)
+        host, port = self.address
+        log.info("fhir.listening", channel=self.ctx.channel, host=host, port=port,
+                 base_path=self.config.base_path, tls=self.config.tls is not None,
+                 auth="open" if self.config.auth.open else "bearer")
+
+    async def stop(self) -> None:
+        if self._server is None or self._task is None:
+            return
+        self._server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._task, timeout=10)
+        self._task = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._server is None or not self._server.servers:
+            return self.config.host, self.config.port
+        name = self._server.servers[0].sockets[0].getsockname()
+        return str(name[0]), int(name[1])
+
+
+@component("source", "fhir", config=FhirSourceConfig, kinds=("fhir",))
+def build(config: FhirSourceConfig, ctx: ComponentContext) -> FhirListener:
+    """FHIR R4 REST server (CRUD, history, search, transaction/batch) over medrelay's store."""
+    return FhirListener(config, ctx)

@@ -1,0 +1,428 @@
+"""The FHIR R4 REST API as a Starlette app: auth, error boundary, reads and writes.
+
+Writes never touch the store directly: each is an envelope submitted to the intake
+with a tx_hook that applies it to the FHIR store, so the resource, the message and
+its deliveries commit together, and the client hears 201/200 only after that commit.
+Reads run in a worker thread on their own connection and are audited.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+import structlog
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from engine.envelope import Envelope
+from engine.store.fhir_bundle import (
+    Op,
+    check_op,
+    op_from_entry,
+    parse_batch,
+    parse_bundle,
+    precheck,
+    prepare,
+    run_batch,
+    run_transaction,
+)
+from engine.store.fhir_params import ID_RE, READ_ONLY_TYPES, STORED_TYPES, FhirError
+from engine.store.fhir_search import history, search
+from engine.store.fhir_store import FhirStore
+from listeners import fhir_audit
+from listeners.fhir_bundles import (
+    FHIR_JSON,
+    error_response,
+    fhir_response,
+    history_bundle,
+    plain_searchset,
+    response_bundle,
+    searchset,
+    version_headers,
+)
+from listeners.fhir_capability import capability_statement
+
+if TYPE_CHECKING:
+    from engine.context import ComponentContext
+    from listeners.fhir import FhirSourceConfig
+
+log = structlog.get_logger()
+Handler = Callable[[Request, str], Awaitable[Response]]
+JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir", "text/json")
+
+
+def _fingerprint(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class FhirApi:
+    """Request handlers bound to one listener's config and engine context."""
+
+    def __init__(self, config: FhirSourceConfig, ctx: ComponentContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.fs = FhirStore(ctx.store, ctx.keyring)
+        self.prefix = config.base_path.rstrip("/")
+        self._tokens = [_fingerprint(t) for t in config.auth.bearer_tokens]
+        self.capability = capability_statement(auth_open=config.auth.open)
+
+    # -- plumbing ----------------------------------------------------------
+    def app(self) -> Starlette:
+        p = self.prefix
+        routes = [
+            Route(p + "/metadata", self._wrap(self.metadata, public=True), methods=["GET"]),
+            Route(p + "/", self._wrap(self.system), methods=["POST"]),
+            Route(p + "/{type}/_search", self._wrap(self.search_post), methods=["POST"]),
+            Route(p + "/{type}/_history", self._wrap(self.type_history), methods=["GET"]),
+            Route(p + "/{type}/{id}/_history/{vid}", self._wrap(self.vread), methods=["GET"]),
+            Route(p + "/{type}/{id}/_history", self._wrap(self.instance_history), methods=["GET"]),
+            Route(p + "/{type}/{id}", self._wrap(self.instance), methods=["GET", "PUT", "DELETE"]),
+            Route(p + "/{type}", self._wrap(self.type_level), methods=["GET", "POST", "PUT", "DELETE"]),
+        ]
+        if p:
+            routes.insert(1, Route(p, self._wrap(self.system), methods=["POST"]))
+        return Starlette(routes=routes, exception_handlers={HTTPException: self._http_error})
+
+    async def _http_error(self, request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 500)
+        code = {404: "not-found", 405: "not-supported"}.get(status, "processing")
+        text = {404: "no such endpoint", 405: "method not allowed here"}.get(status, "request failed")
+        headers = dict(getattr(exc, "headers", None) or {})
+        return error_response(FhirError(status, code, text, headers=headers))
+
+    def _wrap(self, fn: Handler, *, public: bool = False) -> Callable[[Request], Awaitable[Response]]:
+        """The one error boundary: FhirError -> OperationOutcome, anything else -> 500, no traceback."""
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                actor = "anonymous" if public else await self._authenticate(request)
+                self._check_accept(request)
+                return await fn(request, actor)
+            except FhirError as e:
+                return error_response(e)
+            except Exception as e:
+                log.error("fhir.internal_error", channel=self.ctx.channel, error=type(e).__name__)
+                log.debug("fhir.internal_error_detail", exc_info=True)
+                return error_response(FhirError(500, "exception", "internal error; see the server log"))
+
+        return endpoint
+
+    async def _authenticate(self, request: Request) -> str:
+        if self.config.auth.open:
+            return "anonymous"
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        fp = _fingerprint(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+        if fp is not None and any(hmac.compare_digest(fp, t) for t in self._tokens):
+            return f"bearer:{fp[:12]}"
+        reason = "bearer token missing" if fp is None else "bearer token not accepted"
+        await run_in_threadpool(self.ctx.audit.record, "login.failure", outcome="failure",
+                                peer=self._peer(request), channel=self.ctx.channel, detail=reason)
+        log.info("fhir.auth_failed", channel=self.ctx.channel, reason=reason)
+        challenge = 'Bearer realm="medrelay"' + ('' if fp is None else ', error="invalid_token"')
+        raise FhirError(401, "login", reason, headers={"WWW-Authenticate": challenge})
+
+    @staticmethod
+    def _check_accept(request: Request) -> None:
+        fmt = request.query_params.get("_format")
+        accept = request.headers.get("accept", "")
+        if fmt and "json" not in fmt:
+            raise FhirError(406, "not-supported", "only JSON is supported")
+        if accept and "json" not in accept and "*/*" not in accept:
+            raise FhirError(406, "not-supported", "only application/fhir+json is supported")
+
+    @staticmethod
+    def _peer(request: Request) -> str:
+        return f"{request.client.host}:{request.client.port}" if request.client else ""
+
+    def _base(self, request: Request) -> str:
+        return str(request.base_url).rstrip("/") + self.prefix
+
+    @staticmethod
+    def _type(request: Request, *, write: bool = False) -> str:
+        rtype = request.path_params["type"]
+        if rtype in READ_ONLY_TYPES and write:
+            raise FhirError(405, "not-supported", f"{rtype} is read-only")
+        if rtype not in STORED_TYPES and rtype not in READ_ONLY_TYPES:
+            raise FhirError(404, "not-supported", f"resource type {rtype} is not supported")
+        return rtype
+
+    @staticmethod
+    def _id(request: Request) -> str:
+        rid = request.path_params["id"]
+        if not ID_RE.match(rid):
+            raise FhirError(400, "invalid", "id must match [A-Za-z0-9-.]{1,64}")
+        return rid
+
+    async def _json(self, request: Request) -> tuple[bytes, Any]:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype and ctype not in JSON_TYPES:
+            raise FhirError(415, "not-supported", "send application/fhir+json")
+        body = await self._body(request)
+        try:
+            return body, json.loads(body)
+        except ValueError:
+            raise FhirError(400, "invalid", "the body is not valid JSON") from None
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.config.max_body_bytes
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise FhirError(413, "too-costly", f"body larger than {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise FhirError(413, "too-costly", f"body larger than {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @staticmethod
+    def _prefer(request: Request, key: str) -> str | None:
+        for part in request.headers.get("prefer", "").split(";"):
+            for item in part.split(","):
+                k, _, v = item.strip().partition("=")
+                if k.strip().lower() == key:
+                    return v.strip().strip('"').lower()
+        return None
+
+    def _audit(self, action: str, request: Request, actor: str, entity: dict[str, Any],
+               outcome: str = "success") -> None:
+        self.ctx.audit.record(action, outcome=outcome, actor=actor, peer=self._peer(request),
+                              channel=self.ctx.channel, entity=entity)
+
+    # -- reads -------------------------------------------------------------
+    async def metadata(self, request: Request, actor: str) -> Response:
+        return fhir_response(self.capability)
+
+    async def instance(self, request: Request, actor: str) -> Response:
+        if request.method == "GET":
+            return await self.read(request, actor)
+        if request.method == "PUT":
+            return await self.update(request, actor)
+        return await self.delete(request, actor)
+
+    async def read(self, request: Request, actor: str) -> Response:
+        rtype, rid = self._type(request), self._id(request)
+
+        def work() -> Response:
+            what = {"what": f"{rtype}/{rid}"}
+            try:
+                with self.ctx.store.engine.connect() as conn:
+                    if rtype == "AuditEvent":
+                        body, headers = fhir_audit.read(conn, rid), {}
+                    else:
+                        row, body = self.fs.read(conn, rtype, rid)
+                        headers = version_headers(row.version, row.last_updated)
+            except FhirError:
+                self._audit("fhir.read", request, actor, what, outcome="failure")
+                raise
+            self._audit("fhir.read", request, actor, what)
+            if headers and request.headers.get("if-none-match") == headers["ETag"]:
+                return Response(status_code=304, headers=headers)
+            return fhir_response(body, 200, headers)
+
+        return await run_in_threadpool(work)
+
+    async def vread(self, request: Request, actor: str) -> Response:
+        rtype, rid, vid = self._type(request), self._id(request), request.path_params["vid"]
+        if rtype == "AuditEvent":
+            raise FhirError(405, "not-supported", "AuditEvent has no versions")
+        if not vid.isdigit():
+            raise FhirError(404, "not-found", "version ids are numbers")
+
+        def work() -> Response:
+            with self.ctx.store.engine.connect() as conn:
+                body, last_updated = self.fs.vread(conn, rtype, rid, int(vid))
+            self._audit("fhir.read", request, actor, {"what": f"{rtype}/{rid}/_history/{vid}"})
+            return fhir_response(body, 200, version_headers(int(vid), last_updated))
+
+        return await run_in_threadpool(work)
+
+    async def search_post(self, request: Request, actor: str) -> Response:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in ("", "application/x-www-form-urlencoded"):
+            raise FhirError(415, "not-supported", "POST _search takes application/x-www-form-urlencoded")
+        form = parse_qsl((await self._body(request)).decode("utf-8", "replace"), keep_blank_values=True)
+        params = [*request.query_params.multi_items(), *form]
+        return await self._search(request, actor, params)
+
+    async def _search(self, request: Request, actor: str, params: list[tuple[str, str]]) -> Response:
+        rtype = self._type(request)
+        strict = self._prefer(request, "handling") == "strict"
+        base = self._base(request)
+
+        def work() -> Response:
+            with self.ctx.store.engine.connect() as conn:
+                if rtype == "AuditEvent":
+                    resources, total, used, before, count = fhir_audit.search(conn, params, strict=strict)
+                    link = [*used, ("_count", str(count))]
+                    nxt = [*link, ("_cursor", str(before))] if before is not None else None
+                    bundle = plain_searchset(base, rtype, resources, total, link, nxt)
+                else:
+                    result = search(self.fs, conn, rtype, params, strict=strict)
+                    total = result.total
+                    bundle = searchset(base, rtype, result, [v for k, v in params if k == "_include"])
+            names = sorted({k for k, _ in params})  # names only: values may be identifiers
+            self._audit("fhir.search", request, actor, {"type": rtype, "params": ",".join(names),
+                                                        "total": total})
+            return fhir_response(bundle)
+
+        return await run_in_threadpool(work)
+
+    async def _history(self, request: Request, actor: str, rid: str | None) -> Response:
+        rtype = self._type(request)
+        if rtype == "AuditEvent":
+            raise FhirError(405, "not-supported", "AuditEvent has no history")
+        params = list(request.query_params.multi_items())
+        base = self._base(request)
+        path = f"{rtype}/{rid}/_history" if rid else f"{rtype}/_history"
+
+        def work() -> Response:
+            with self.ctx.store.engine.connect() as conn:
+                entries, total, cursor = history(self.fs, conn, rtype, rid, params)
+            self._audit("fhir.read", request, actor, {"what": path, "total": total})
+            return fhir_response(history_bundle(base, path, entries, total, cursor, params))
+
+        return await run_in_threadpool(work)
+
+    async def type_history(self, request: Request, actor: str) -> Response:
+        return await self._history(request, actor, None)
+
+    async def instance_history(self, request: Request, actor: str) -> Response:
+        return await self._history(request, actor, self._id(request))
+
+    # -- writes --------------------------------------------------------------
+    async def type_level(self, request: Request, actor: str) -> Response:
+        if request.method == "GET":
+            return await self._search(request, actor, list(request.query_params.multi_items()))
+        rtype = self._type(request, write=True)
+        query = list(request.query_params.multi_items())
+        query = [(k, v) for k, v in query if k not in ("_format", "_pretty")]
+        if request.method == "POST":
+            raw, resource = await self._json(request)
+            op = Op("POST", rtype, resource=resource, if_none_exist=request.headers.get("if-none-exist"))
+            op.assigned_id = self.fs.new_id()
+            return await self._write(request, actor, op, raw)
+        if not query:
+            raise FhirError(405, "not-supported", f"{request.method} on a type needs search parameters")
+        if request.method == "PUT":
+            raw, resource = await self._json(request)
+            op = Op("PUT", rtype, query=query, resource=resource, if_match=request.headers.get("if-match"))
+            return await self._write(request, actor, op, raw)
+        return await self._write(request, actor, Op("DELETE", rtype, query=query), b"")
+
+    async def update(self, request: Request, actor: str) -> Response:
+        rtype, rid = self._type(request, write=True), self._id(request)
+        raw, resource = await self._json(request)
+        op = Op("PUT", rtype, rid, resource=resource, if_match=request.headers.get("if-match"))
+        return await self._write(request, actor, op, raw)
+
+    async def delete(self, request: Request, actor: str) -> Response:
+        rtype, rid = self._type(request, write=True), self._id(request)
+        return await self._write(request, actor, Op("DELETE", rtype, rid), b"")
+
+    async def _write(self, request: Request, actor: str, op: Op, raw: bytes) -> Response:
+        check_op(op)
+
+        def pre() -> Any:
+            with self.ctx.store.engine.connect() as conn:
+                return precheck(self.fs, conn, op)
+
+        done = await run_in_threadpool(pre)
+        if done is None:
+            interaction = {"POST": "create", "PUT": "update", "DELETE": "delete"}[op.method]
+            headers = {"resourceType": op.type, "interaction": interaction}
+            if op.id or op.assigned_id:
+                headers["id"] = op.id or op.assigned_id
+            results = await self._submit(request, actor, raw, headers,
+                                         lambda conn, mid: run_transaction(self.fs, conn, [op], message_id=mid))
+            done = results[0]
+        w = done.written
+        headers = {}
+        if w is not None and w.resource is not None:
+            headers = version_headers(w.version, w.last_updated)
+            if done.status == 201:
+                headers["Location"] = f"{self._base(request)}/{done.location}"
+        if op.method == "DELETE":
+            return Response(status_code=204)
+        prefer = self._prefer(request, "return")
+        if prefer == "minimal":
+            return Response(status_code=done.status, headers=headers)
+        if prefer == "operationoutcome":
+            return fhir_response({"resourceType": "OperationOutcome", "issue": [
+                {"severity": "information", "code": "informational", "diagnostics": done.status_line}]},
+                done.status, headers)
+        return fhir_response(done.resource, done.status, headers)
+
+    async def system(self, request: Request, actor: str) -> Response:
+        raw, bundle = await self._json(request)
+        btype, entries = parse_bundle(bundle)
+        if btype == "transaction":
+            ops = [op_from_entry(e) for e in entries]
+
+            def dry_run() -> None:
+                with self.ctx.store.engine.connect() as conn:
+                    prepare(self.fs, conn, ops)
+
+            await run_in_threadpool(dry_run)
+
+            def apply(conn: Any, mid: str) -> Any:
+                return run_transaction(self.fs, conn, ops, message_id=mid)
+        else:
+            parsed = parse_batch(entries)
+
+            def apply(conn: Any, mid: str) -> Any:
+                return run_batch(self.fs, conn, parsed, message_id=mid)
+
+        results = await self._submit(request, actor, raw, {"resourceType": "Bundle", "interaction": btype},
+                                     apply)
+        representation = self._prefer(request, "return") == "representation"
+        return fhir_response(response_bundle(btype, self._base(request), results,
+                                             representation=representation))
+
+    async def _submit(self, request: Request, actor: str, raw: bytes, headers: dict[str, str],
+                      apply: Callable[[Any, str], Any]) -> Any:
+        """Hand the write to the intake; the store change commits with the message or not at all."""
+        intake = self.ctx.intake
+        if intake is None:
+            raise FhirError(503, "transient", "this listener has no intake")
+        failure: dict[str, FhirError] = {}
+        peer = self._peer(request)
+        action = f"fhir.{headers['interaction']}"
+
+        def tx_hook(conn: Any, env: Envelope) -> Any:
+            failure.clear()
+            try:
+                result = apply(conn, env.id)
+            except FhirError as e:
+                failure["error"] = e
+                raise
+            self.ctx.audit.record(action, actor=actor, peer=peer, channel=self.ctx.channel, message_id=env.id,
+                                  entity={"type": headers["resourceType"], "id": headers.get("id", "")},
+                                  conn=conn)
+            return result
+
+        env = Envelope(channel=self.ctx.channel, kind="fhir", payload=raw, headers=headers, peer=peer)
+        outcome = await intake.submit(env, tx_hook=tx_hook)
+        if outcome.ok:
+            log.info("fhir.accepted", channel=self.ctx.channel, message_id=outcome.message_id,
+                     resource_type=headers["resourceType"], interaction=headers["interaction"])
+            return outcome.result
+        if "error" in failure:
+            raise failure["error"]
+        log.error("fhir.not_stored", channel=self.ctx.channel, message_id=env.id, status=outcome.status,
+                  error=outcome.error)
+        raise FhirError(503, "transient", "the request could not be stored; retry later")
+
+
+__all__ = ["FHIR_JSON", "FhirApi"]

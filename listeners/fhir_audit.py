@@ -1,0 +1,116 @@
+"""The audit trail (engine.audit rows) served as read-only FHIR AuditEvent resources.
+
+The rows stay the source of truth; this module only maps them (after DICOM PS3.15
+A.5 / FHIR AuditEvent), so the audit log cannot be written or altered through the
+REST API. Search: ``_id``, ``date`` (recorded), ``subtype`` (the medrelay action).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, and_, func, or_, select
+
+from engine.store import schema
+from engine.store.fhir_params import FhirError
+from engine.store.fhir_search import DEFAULT_COUNT, MAX_COUNT, date_clause
+from engine.store.fhir_store import iso_instant
+
+ACTION_SYSTEM = "https://medrelay.dev/fhir/CodeSystem/audit-action"
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
+AUDIT_PARAMS = {"_id": "token", "date": "date", "subtype": "token"}
+
+
+def _type_coding(action: str) -> dict[str, str]:
+    family = action.split(".", 1)[0]
+    if family == "login":
+        return {"system": DCM, "code": "110114", "display": "User Authentication"}
+    if family == "fhir":
+        return {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest",
+                "display": "RESTful Operation"}
+    if family == "dicom":
+        return {"system": DCM, "code": "110104", "display": "DICOM Instances Transferred"}
+    return {"system": DCM, "code": "110100", "display": "Application Activity"}
+
+
+def _crud(action: str) -> str:
+    verb = action.rsplit(".", 1)[-1]
+    return {"read": "R", "search": "E", "create": "C", "update": "U", "delete": "D",
+            "transaction": "E", "batch": "E"}.get(verb, "E")
+
+
+def to_resource(row: Any) -> dict[str, Any]:
+    outcome = "0" if row["outcome"] == "success" else "4"
+    agent: dict[str, Any] = {"requestor": True, "who": {"display": row["actor"] or "unknown"}}
+    if row["peer"]:
+        agent["network"] = {"address": row["peer"], "type": "2"}
+    res: dict[str, Any] = {
+        "resourceType": "AuditEvent",
+        "id": str(row["id"]),
+        "type": _type_coding(row["action"]),
+        "subtype": [{"system": ACTION_SYSTEM, "code": row["action"]}],
+        "action": _crud(row["action"]),
+        "recorded": iso_instant(row["at"]),
+        "outcome": outcome,
+        "agent": [agent],
+        "source": {"site": row["channel"] or "medrelay", "observer": {"display": "medrelay"}},
+    }
+    if row["detail"]:
+        res["outcomeDesc"] = str(row["detail"])[:1000]
+    entity = row["entity"] or {}
+    ent: dict[str, Any] = {}
+    what = entity.get("what") if isinstance(entity, dict) else None
+    if isinstance(what, str):
+        ent["what"] = {"reference": what}
+    details = [{"type": str(k), "valueString": str(v)} for k, v in (entity.items() if isinstance(entity, dict)
+                                                                    else []) if k != "what"]
+    if row["message_id"]:
+        details.append({"type": "message_id", "valueString": row["message_id"]})
+    if details:
+        ent["detail"] = details
+    if ent:
+        res["entity"] = [ent]
+    return res
+
+
+def read(conn: Connection, rid: str) -> dict[str, Any]:
+    a = schema.audit_events
+    row = conn.execute(select(a).where(a.c.id == int(rid))).mappings().first() if rid.isdigit() else None
+    if row is None:
+        raise FhirError(404, "not-found", f"AuditEvent/{rid} is not known")
+    return to_resource(row)
+
+
+def search(conn: Connection, params: list[tuple[str, str]], *, strict: bool = False
+           ) -> tuple[list[dict[str, Any]], int, list[tuple[str, str]], int | None, int]:
+    """Newest first; returns (resources, total, used params, next 'before' id, count)."""
+    a = schema.audit_events
+    cond = []
+    used = []
+    count, before = DEFAULT_COUNT, None
+    for name, value in params:
+        if name == "_count":
+            count = min(max(int(value), 0), MAX_COUNT) if value.isdigit() else DEFAULT_COUNT
+        elif name == "_cursor":
+            before = int(value) if value.isdigit() else None
+        elif name == "_id":
+            cond.append(a.c.id.in_([int(v) for v in value.split(",") if v.isdigit()]))
+        elif name == "date":
+            cond.append(or_(*(date_clause(a.c.at, a.c.at + 0.001, v) for v in value.split(",") if v)))
+        elif name == "subtype":
+            cond.append(a.c.action.in_([v.rpartition("|")[2] for v in value.split(",") if v]))
+        elif strict and not name.startswith("_"):
+            raise FhirError(400, "not-supported", f"search parameter {name} is not supported on AuditEvent")
+        else:
+            continue
+        if name not in ("_count", "_cursor"):
+            used.append((name, value))
+    base = and_(*cond) if cond else a.c.id.isnot(None)
+    total = conn.execute(select(func.count()).select_from(a).where(base)).scalar_one()
+    q = select(a).where(base, *([a.c.id < before] if before is not None else []))
+    rows = conn.execute(q.order_by(a.c.id.desc()).limit(count + 1)).mappings().all()
+    next_before = None
+    if len(rows) > count:
+        rows = rows[:count]
+        next_before = rows[-1]["id"] if rows else None
+    return [to_resource(r) for r in rows], total, used, next_before, count
