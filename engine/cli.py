@@ -21,9 +21,9 @@ from engine.config import ConfigError, Settings, load_settings
 CONFIG_HELP = "channels.yaml to use (or $MEDRELAY_CONFIG)"
 
 
-def _load(config: str) -> Settings:
+def _load(config: str, need_env: bool = True) -> Settings:
     try:
-        return load_settings(config)
+        return load_settings(config, need_env=need_env)
     except ConfigError as e:
         for p in e.problems:
             click.echo(str(p), err=True)
@@ -152,7 +152,7 @@ def messages_list(config: str, channel: str | None, route: str | None, state: st
     from engine.messages import list_messages
     from engine.runtime import open_store
 
-    store = open_store(_load(config))
+    store = open_store(_load(config, need_env=False))
     rows = list_messages(store, channel=channel, route=route, state=state, since=_parse_time(since),
                          until=_parse_time(until), limit=limit)
     for r in rows:
@@ -174,7 +174,7 @@ def messages_show(config: str, message_id: str, phi: bool) -> None:
     from engine.messages import show_message
     from engine.runtime import open_store
 
-    store = open_store(_load(config))
+    store = open_store(_load(config, need_env=False))
     info = show_message(store, message_id, with_payload=phi)
     if info is None:
         click.echo(f"no message {message_id}", err=True)
@@ -218,7 +218,7 @@ def replay(config: str, message_ids: tuple[str, ...], channel: str | None, route
     if not (message_ids or channel or route or since or until):
         click.echo("say what to replay: message ids, or --channel/--route/--since/--until", err=True)
         sys.exit(2)
-    store = open_store(_load(config))
+    store = open_store(_load(config, need_env=False))
     ids = queue.requeue(store, message_ids=list(message_ids) or None, channel=channel, route=route,
                         states=states, since=_parse_time(since), until=_parse_time(until))
     Audit(store).record("message.replay", actor=os.environ.get("USER", "cli"), channel=channel,
@@ -253,7 +253,7 @@ def keys_list(config: str) -> None:
     from engine.keys import key_usage
     from engine.runtime import open_store
 
-    store = open_store(_load(config))
+    store = open_store(_load(config, need_env=False))
     usage = key_usage(store)
     for kid in store.keyring.kek_ids():
         mark = "*" if kid == store.keyring.active_id else " "
@@ -289,7 +289,7 @@ def keys_rotate(config: str, retire: bool) -> None:
     from engine.keys import rotate
     from engine.runtime import open_store
 
-    store = open_store(_load(config))
+    store = open_store(_load(config, need_env=False))
     with tqdm(unit="key", desc="re-wrap", file=sys.stderr) as bar:
         new, n, retired = rotate(store, retire=retire, progress=bar.update)
     Audit(store).record("keys.rotate", actor=os.environ.get("USER", "cli"),

@@ -225,7 +225,7 @@ def dotted(path: tuple[Any, ...]) -> str:
 
 
 def _interpolate(data: Any, path: tuple[Any, ...], env: dict[str, str], base: Path,
-                 refs: dict[tuple[Any, ...], str], errors: list[tuple[tuple[Any, ...], str]]) -> Any:
+                 refs: dict[tuple[Any, ...], str], errors: list[tuple[tuple[Any, ...], str]] | None) -> Any:
     """Replace ${VAR}, ${VAR:-default} and ${file:PATH}; remember which values were references."""
     if isinstance(data, dict):
         return {k: _interpolate(v, (*path, k), env, base, refs, errors) for k, v in data.items()}
@@ -244,12 +244,16 @@ def _interpolate(data: Any, path: tuple[Any, ...], env: dict[str, str], base: Pa
             try:
                 return fp.read_text().strip()
             except OSError as e:
+                if errors is None:
+                    return f"<unreadable:{fp}>"
                 errors.append((path, f"cannot read secret file {fp}: {e.strerror}"))
                 return ""
         if name in env:
             return env[name]
         if default is not None:
             return default
+        if errors is None:  # offline tools (messages, replay, keys) do not need the secrets
+            return f"<unset:{name}>"
         errors.append((path, f"environment variable {name} is not set"))
         return ""
 
@@ -308,8 +312,13 @@ def _walk_secrets(model: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any
                 yield from _walk_secrets(v, (*path, key, k))
 
 
-def parse_settings(text: str, path: Path, env: dict[str, str] | None = None) -> Settings:
-    """Parse and validate; raises ConfigError listing every problem found."""
+def parse_settings(text: str, path: Path, env: dict[str, str] | None = None, *,
+                   need_env: bool = True) -> Settings:
+    """Parse and validate; raises ConfigError listing every problem found.
+
+    ``need_env=False`` is for commands that only read the store (messages, replay,
+    keys): an unset ${VAR} becomes a placeholder instead of an error.
+    """
     env = dict(os.environ) if env is None else env
     fname = str(path)
     yaml = YAML(typ="rt")
@@ -325,7 +334,7 @@ def parse_settings(text: str, path: Path, env: dict[str, str] | None = None) -> 
     plain = _plain(doc)
     refs: dict[tuple[Any, ...], str] = {}
     env_errors: list[tuple[tuple[Any, ...], str]] = []
-    data = _interpolate(plain, (), env, path.parent, refs, env_errors)
+    data = _interpolate(plain, (), env, path.parent, refs, env_errors if need_env else None)
     problems = [Problem(fname, _line_for(p, lines), dotted(p), msg, "environment") for p, msg in env_errors]
     root = build_root_model()
     model = None
@@ -394,10 +403,11 @@ def _output_kind(transform_type: str, kind: str | None) -> str | None:
     return _OUTPUT_KIND.get(transform_type, kind)
 
 
-def load_settings(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Settings:
+def load_settings(path: str | os.PathLike[str], env: dict[str, str] | None = None, *,
+                  need_env: bool = True) -> Settings:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError([Problem(str(p), None, "", f"cannot read: {e.strerror}", "environment")]) from None
-    return parse_settings(text, p, env)
+    return parse_settings(text, p, env, need_env=need_env)
