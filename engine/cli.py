@@ -43,6 +43,7 @@ def main() -> None:
     Receives over DICOM, MLLP and FHIR REST, stores every message durably and
     encrypted, then routes, transforms and delivers it with retries.
     """
+    mlog.configure("warning", "auto")  # `run` reconfigures from the YAML's log section
 
 
 # -- run ----------------------------------------------------------------
