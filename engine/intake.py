@@ -169,11 +169,11 @@ class Intake:
             since = now - self.dedupe_window(ch)
             rows = conn.execute(
                 select(m.c.dedupe_key, m.c.id, m.c.response)
-                .where(and_(m.c.channel == ch, m.c.dedupe_key.in_(keys), m.c.received_at >= since))
-                .order_by(m.c.received_at)
-                # SQLite's planner otherwise picks (channel, received_at) and scans every message in
-                # the dedupe window for each batch: O(messages per day) per commit.
-                .with_hint(m, "INDEXED BY ix_messages_dedupe", dialect_name="sqlite")
+                # `received_at + 0` (here and in ORDER BY) keeps SQLite's planner off the
+                # (channel, received_at) index, which scans every message of the dedupe window
+                # per batch; ix_messages_dedupe finds the keys directly.
+                .where(and_(m.c.channel == ch, m.c.dedupe_key.in_(keys), (m.c.received_at + 0) >= since))
+                .order_by(m.c.received_at + 0)
             ).all()
             for key, mid, resp in rows:
                 found.setdefault((ch, key), (mid, resp))

@@ -1,0 +1,195 @@
+"""Building HL7 v2 acknowledgments (ACK) and reading the ones peers send back.
+
+Rules applied (HL7 v2.5 chapter 2, 2.9 and 2.15 MSA/ERR):
+- the ACK's MSH swaps sender and receiver: MSH-3/4 of the ACK are MSH-5/6 of the
+  message and the other way round, copied verbatim (all HD components);
+- MSH-9 is ``ACK^<trigger>^ACK`` (``ACK^<trigger>`` before v2.3.1, which has no
+  MSH-9.3), MSH-10 a new control id, MSH-11 and MSH-12 echo the message's, MSH-18
+  echoes its charset and the ACK is encoded in that charset;
+- MSA-1 is the table 0008 code, MSA-2 the message's MSH-10;
+- on AE/AR/CE/CR an ERR segment carries the table 0357 code: ERR-3 as CWE
+  ``code^text^HL70357`` with ERR-4 severity in v2.5 and later, ERR-1 (ELD, the
+  code as a CE in its 4th component) before v2.5, where MSA-3 also gets the text.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+from engine.hl7 import (
+    DEFAULT_DELIMITERS,
+    REJECT_CODES,
+    Header,
+    HL7Error,
+    escape,
+    read_header,
+)
+
+ORIGINAL_CODES = ("AA", "AE", "AR")
+ENHANCED_CODES = ("CA", "CE", "CR")
+DEFAULT_VERSION = "2.5"
+
+
+def new_control_id() -> str:
+    """20 characters: the MSH-10 length limit of v2.5 (ST, 20); random, so never reused."""
+    return secrets.token_hex(10)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    out = []
+    for part in version.split("."):
+        if not part.isdigit():
+            break
+        out.append(int(part))
+    return tuple(out) or (2, 5)
+
+
+def ack_code(*, enhanced: bool, ok: bool, error: HL7Error | None = None) -> str:
+    """Table 0008 code for an outcome.
+
+    Reject (AR/CR) when the receiver will not take this kind of message at all or
+    failed for reasons unrelated to content (unsupported type/version/processing
+    id, framing, internal error: the sender may try again later); error (AE/CE)
+    when the content is wrong (missing or badly typed fields, failed validation).
+    In enhanced mode an internal failure is CE: CR is reserved for interaction,
+    version or processing id mismatches.
+    """
+    if ok:
+        return "CA" if enhanced else "AA"
+    code = error.code if error is not None else 207
+    if enhanced:
+        return "CR" if code in (200, 201, 202, 203) else "CE"
+    return "AR" if code in REJECT_CODES else "AE"
+
+
+def should_send(header: Header | None, code: str) -> bool:
+    """Whether MSH-15 asks for this accept acknowledgment (table 0155: AL, NE, ER, SU).
+
+    Original mode always answers. In enhanced mode an empty MSH-15 (only MSH-16
+    valued) is treated as AL: a sender on a synchronous MLLP connection waits for
+    an answer, and an unexpected ACK is cheaper than a sender stuck until timeout.
+    """
+    if header is None or not header.enhanced_mode:
+        return True
+    cond = header.accept_ack_type or "AL"
+    if cond == "NE":
+        return False
+    if cond == "ER":
+        return code != "CA"
+    if cond == "SU":
+        return code == "CA"
+    return True
+
+
+def build_ack(header: Header | None, code: str, *, error: HL7Error | None = None,
+              detail: str | None = None, control_id: str | None = None,
+              now: datetime | None = None) -> bytes:
+    """The ACK for ``header``'s message, as bytes in the message's charset.
+
+    ``header`` None (no readable MSH) gives an ACK with default delimiters,
+    version 2.5, no addressees and an empty MSA-2: the best answer possible to
+    bytes that are not HL7. ``detail`` (never PHI) goes in ERR-8 / MSA-3.
+    """
+    d = header.delimiters if header is not None else DEFAULT_DELIMITERS
+    fs, cs = d.field, d.component
+    version = (header.version if header is not None else "") or DEFAULT_VERSION
+    vt = _version_tuple(version)
+    trigger = header.trigger_event if header is not None else ""
+    msh9 = "ACK"
+    if trigger:
+        msh9 = f"ACK{cs}{escape(trigger, d)}" + (f"{cs}ACK" if vt >= (2, 3, 1) else "")
+    ts = (now or datetime.now().astimezone()).strftime("%Y%m%d%H%M%S%z")
+
+    def g(n: int) -> str:
+        return header.get(n) if header is not None else ""
+
+    msh = [
+        "MSH", d.encoding_characters,
+        g(5), g(6), g(3), g(4),  # MSH-3..6: receiver becomes sender
+        ts, "", msh9, control_id or new_control_id(),
+        g(11) or "P", g(12) or version,
+        "", "", "", "", "",  # MSH-13..17: an ACK is never acknowledged itself
+        g(18),
+    ]
+    while msh and msh[-1] == "":
+        msh.pop()
+    segments = [fs.join(msh)]
+
+    orig_id = header.get(10) if header is not None else ""
+    text = None
+    if error is not None or detail:
+        text = detail or (error.text if error is not None else "")
+    msa = ["MSA", code, orig_id]
+    if text and vt < (2, 5):
+        msa.append(escape(text, d)[:80])
+    segments.append(fs.join(msa))
+
+    if error is not None and code not in ("AA", "CA"):
+        sc = d.subcomponent
+        if vt >= (2, 5):
+            err = ["ERR", "", _erl(error.location, d), cs.join((str(error.code), error.code_text, "HL70357")),
+                   "E", "", "", "", escape(text or "", d)[:250]]
+            while err[-1] == "":
+                err.pop()
+        else:
+            loc = (error.location or "").split("^")
+            loc = (loc + ["", "", ""])[:3]
+            ce = sc.join((str(error.code), error.code_text, "HL70357"))
+            err = ["ERR", cs.join([*loc, ce])]
+        segments.append(fs.join(err))
+    body = "\r".join(segments) + "\r"
+    return header.encode(body) if header is not None else body.encode("ascii", errors="replace")
+
+
+def _erl(location: str | None, d: object) -> str:
+    """ERR-2 (ERL): ``MSH^1^12`` written with the message's component separator."""
+    if not location:
+        return ""
+    return location.replace("^", d.component)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """An acknowledgment a peer sent us (what the MLLP destination checks)."""
+
+    code: str  # MSA-1
+    control_id: str  # MSA-2: the MSH-10 it acknowledges
+    error_code: str  # ERR-3.1 (or ERR-1.4.1), "" when absent
+    header: Header
+
+    @property
+    def ok(self) -> bool:
+        return self.code in ("AA", "CA")
+
+
+def parse_ack(payload: bytes) -> Ack:
+    """Read MSA (and ERR) from an ACK; ``HL7Error`` when it is not a usable ACK.
+
+    Segments are located by splitting the decoded text; no full parse, the
+    sender does this for every message it delivers.
+    """
+    header = read_header(payload, require=False)
+    text = header.decode(payload)
+    d = header.delimiters
+    msa: list[str] | None = None
+    err_code = ""
+    for seg in text.replace("\r\n", "\r").replace("\n", "\r").split("\r"):
+        if seg.startswith("MSA" + d.field) and msa is None:
+            msa = seg.split(d.field)
+        elif seg.startswith("ERR" + d.field) and not err_code:
+            f = seg.split(d.field)
+            if len(f) > 3 and f[3]:
+                err_code = f[3].split(d.component)[0]
+            elif len(f) > 1 and f[1]:
+                comps = f[1].split(d.component)
+                if len(comps) > 3:
+                    err_code = comps[3].split(d.subcomponent)[0]
+    if msa is None or len(msa) < 2 or not msa[1]:
+        raise HL7Error(100, "ACK has no MSA segment with an acknowledgment code", header=header)
+    code = msa[1].strip().upper()
+    if code not in ORIGINAL_CODES + ENHANCED_CODES:
+        raise HL7Error(103, f"MSA-1 {code[:8]!r} is not a table 0008 code", header=header)
+    return Ack(code=code, control_id=msa[2].strip() if len(msa) > 2 else "", error_code=err_code.strip(),
+               header=header)

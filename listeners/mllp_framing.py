@@ -1,0 +1,178 @@
+"""MLLP (HL7 v2 Minimal Lower Layer Protocol) framing, without I/O.
+
+A frame is ``<VT 0x0B> payload <FS 0x1C> <CR 0x0D>``. TCP gives us arbitrary
+chunks, so one read may hold half a frame or three frames; ``FrameParser.feed``
+takes whatever arrived and returns complete events in order. Keeping it free of
+sockets lets the tricky cases (split end markers, oversized frames, junk between
+frames) be unit-tested byte by byte, and lets the listener and the sender share it.
+
+Tolerances, chosen after what deployed senders do:
+- whitespace and NUL between frames are ignored (some senders add LF after CR);
+- ``FS`` not followed by ``CR`` still ends the frame (the next byte is treated as
+  outside a frame), so a sender that omits the CR is not left waiting for an ACK;
+- a ``VT`` inside a frame restarts the frame: the sender gave up on the previous
+  one mid-way (reconnect logic in some engines) and will resend it.
+Other bytes outside a frame mean the peer is not speaking MLLP: ``Unframed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+START_BLOCK = 0x0B
+END_BLOCK = 0x1C
+CARRIAGE_RETURN = 0x0D
+SB = b"\x0b"
+EB = b"\x1c"
+CR = b"\x0d"
+_BLANK = frozenset(b" \t\r\n\x00")
+
+
+def frame(payload: bytes) -> bytes:
+    """Wrap one message in MLLP start and end blocks."""
+    return SB + payload + EB + CR
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One complete message as received, without the MLLP envelope."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Oversized:
+    """A frame longer than the limit. ``prefix`` holds its first bytes (enough for the MSH)
+    so the receiver can still address its rejection to the right control id."""
+
+    prefix: bytes
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unframed:
+    """Bytes outside any frame that are not blank: the peer does not speak MLLP."""
+
+    sample_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Restarted:
+    """A start block arrived inside a frame; the unfinished frame was dropped."""
+
+    dropped: int
+
+
+Event = Frame | Oversized | Unframed | Restarted
+
+
+class FrameParser:
+    """Incremental MLLP de-framer with a size limit.
+
+    ``max_frame_bytes`` bounds memory per connection: past it the parser keeps
+    only ``prefix_bytes`` and discards the rest of the frame until its end block,
+    then reports ``Oversized`` so the receiver can answer and carry on in sync.
+    ``max_discard_bytes`` bounds how long it keeps discarding: a peer streaming
+    without ever ending a frame gets ``Unframed`` and should be disconnected.
+    """
+
+    def __init__(self, max_frame_bytes: int = 10 * 1024 * 1024, *, prefix_bytes: int = 4096,
+                 max_discard_bytes: int | None = None) -> None:
+        if max_frame_bytes < 16:
+            raise ValueError("max_frame_bytes must be at least 16")
+        self.max_frame_bytes = max_frame_bytes
+        self.prefix_bytes = prefix_bytes
+        self.max_discard_bytes = max_discard_bytes if max_discard_bytes is not None \
+            else max(4 * max_frame_bytes, 64 * 1024 * 1024)
+        self._buf = bytearray()
+        self._in_frame = False
+        self._discarding = False
+        self._discarded = 0
+        self._prefix = b""
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an unfinished frame (0 between frames)."""
+        return len(self._buf)
+
+    @property
+    def in_frame(self) -> bool:
+        return self._in_frame
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Consume one chunk from the socket; returns the events it completes, in order."""
+        events: list[Event] = []
+        pos = 0
+        n = len(data)
+        while pos < n:
+            if not self._in_frame:
+                # Outside a frame: skip blanks, expect a start block.
+                while pos < n and data[pos] in _BLANK:
+                    pos += 1
+                if pos >= n:
+                    break
+                if data[pos] != START_BLOCK:
+                    sb = data.find(SB, pos)
+                    junk = (n if sb < 0 else sb) - pos
+                    events.append(Unframed(junk))
+                    if sb < 0:
+                        break
+                    pos = sb
+                self._start_frame()
+                pos += 1
+                continue
+            if self._discarding:
+                end = data.find(EB, pos)
+                sb = data.find(SB, pos)
+                if sb >= 0 and (end < 0 or sb < end):
+                    events.append(Oversized(self._prefix, self._discarded + (sb - pos)))
+                    self._in_frame = False
+                    self._discarding = False
+                    pos = sb
+                    continue
+                if end < 0:
+                    self._discarded += n - pos
+                    if self._discarded > self.max_discard_bytes:
+                        events.append(Unframed(self._discarded))
+                        self._discarding = False
+                        self._in_frame = False
+                    break
+                self._discarded += end - pos
+                events.append(Oversized(self._prefix, self._discarded))
+                self._in_frame = False
+                self._discarding = False
+                pos = end + 1
+                continue
+            # Inside a frame: look for the end block (or a restart) in the new bytes only.
+            end = data.find(EB, pos)
+            sb = data.find(SB, pos)
+            if sb >= 0 and (end < 0 or sb < end):
+                events.append(Restarted(len(self._buf) + sb - pos))
+                self._buf.clear()
+                pos = sb + 1
+                continue
+            stop = n if end < 0 else end
+            room = self.max_frame_bytes - len(self._buf)
+            if stop - pos > room:
+                self._buf += data[pos:pos + room]
+                self._prefix = bytes(self._buf[:self.prefix_bytes])
+                self._discarded = len(self._buf)
+                self._buf.clear()
+                self._discarding = True
+                pos += room
+                continue
+            self._buf += data[pos:stop]
+            if end < 0:
+                break
+            events.append(Frame(bytes(self._buf)))
+            self._buf.clear()
+            self._in_frame = False
+            pos = end + 1
+        return events
+
+    def _start_frame(self) -> None:
+        self._in_frame = True
+        self._buf.clear()
+        self._discarding = False
+        self._discarded = 0
+        self._prefix = b""

@@ -1,0 +1,186 @@
+"""The ``type: mllp`` destination: send HL7 v2 over MLLP and insist on a positive ACK.
+
+One persistent connection per route (MLLP peers expect long-lived connections
+and a handshake per message would cost a TLS setup each time), one message in
+flight at a time on it, reconnect on any failure. A delivery counts as done only
+on AA or CA whose MSA-2 equals the MSH-10 we sent; everything else raises
+``DeliveryError`` so the queue retries with backoff and dead-letters at the limit.
+
+Every failure is retryable unless listed in ``permanent_codes``: an AR means
+"rejected for reasons unrelated to content" (HL7 v2.5 2.9.2.3), often a peer
+that is down or overloaded, exactly what retries are for; an AE usually needs
+a fix upstream, but an operator decides that per peer, not the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import Any, Literal
+
+import structlog
+from pydantic import Field
+
+from engine.components import ComponentConfig, DeliveryError
+from engine.context import ComponentContext
+from engine.envelope import Envelope
+from engine.hl7 import HL7Error, read_header
+from engine.registry import component
+from engine.tls import TLSConfig, client_context
+from listeners.hl7_ack import parse_ack
+from listeners.mllp_framing import Frame, FrameParser, Oversized, Unframed, frame
+
+log = structlog.get_logger()
+
+MAX_ACK_BYTES = 1024 * 1024
+
+
+class MLLPDestinationConfig(ComponentConfig):
+    """Send HL7 v2 messages to an MLLP receiver and wait for its ACK."""
+
+    type: Literal["mllp"]
+    host: str = Field(..., description="receiver host name or address")
+    port: int = Field(..., ge=1, le=65535, description="receiver TCP port")
+    tls: TLSConfig | None = Field(None, description="TLS to the receiver (ca to verify it; cert/key for mTLS)")
+    timeout: float = Field(30.0, gt=0, description="seconds to wait for the ACK of one message")
+    connect_timeout: float = Field(10.0, gt=0, description="seconds to wait for the TCP/TLS connection")
+    permanent_codes: list[Literal["AE", "AR", "CE", "CR"]] = Field(
+        default_factory=list,
+        description="ACK codes that dead-letter at once instead of being retried (default: retry all)")
+
+
+class MLLPSender:
+    """A persistent MLLP client with ACK checking; reconnects on the next send after a failure."""
+
+    def __init__(self, config: MLLPDestinationConfig, ctx: ComponentContext | None = None) -> None:
+        self.config = config
+        self.ctx = ctx
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._parser: FrameParser | None = None
+        self._lock = asyncio.Lock()
+        self._ssl = client_context(config.tls) if config.tls is not None else None
+        self._permanent = frozenset(config.permanent_codes)
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None and not self._writer.is_closing()
+
+    async def _connect(self) -> None:
+        cfg = self.config
+        server_hostname = None
+        if self._ssl is not None:
+            server_hostname = (cfg.tls.server_name if cfg.tls is not None and cfg.tls.server_name else cfg.host)
+        try:
+            self._reader, self._writer = await asyncio.wait_for(
+                asyncio.open_connection(cfg.host, cfg.port, ssl=self._ssl, server_hostname=server_hostname,
+                                        limit=MAX_ACK_BYTES),
+                cfg.connect_timeout)
+        except TimeoutError:
+            raise DeliveryError(f"connect to {cfg.host}:{cfg.port} timed out") from None
+        except OSError as e:
+            raise DeliveryError(f"connect to {cfg.host}:{cfg.port} failed: {type(e).__name__}") from None
+        sock = self._writer.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        self._parser = FrameParser(MAX_ACK_BYTES)
+        log.info("mllp.sender_connected", host=cfg.host, port=cfg.port)
+
+    async def _drop(self) -> None:
+        w, self._writer, self._reader, self._parser = self._writer, None, None, None
+        if w is not None:
+            w.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(w.wait_closed(), 2)
+
+    async def send(self, envelope: Envelope) -> str | None:
+        """Deliver one message; returns the peer's ACK code (AA/CA) or raises ``DeliveryError``."""
+        if envelope.kind != "hl7v2":
+            raise DeliveryError(f"mllp destination cannot send {envelope.kind}", permanent=True)
+        try:
+            control_id = read_header(envelope.payload, require=False).control_id
+        except HL7Error as e:
+            raise DeliveryError(f"payload is not HL7 v2: {e.code}", permanent=True) from None
+        async with self._lock:
+            reused = self.connected
+            for attempt in (1, 2):
+                if not self.connected:
+                    await self._connect()
+                try:
+                    return await self._exchange(envelope.payload, control_id)
+                except _StaleConnection:
+                    await self._drop()
+                    # A reused connection the peer had closed: nothing was answered, send once more
+                    # on a fresh one. At-least-once is the contract; the peer dedupes on MSH-10.
+                    if not reused or attempt == 2:
+                        raise DeliveryError("connection closed by the receiver before an ACK") from None
+                    reused = False
+                except BaseException:  # DeliveryError, timeout, cancellation: never reuse this connection
+                    await self._drop()
+                    raise
+        raise DeliveryError("not delivered")  # unreachable; keeps type checkers honest
+
+    async def _exchange(self, payload: bytes, control_id: str) -> str:
+        assert self._writer is not None and self._reader is not None and self._parser is not None
+        cfg = self.config
+        try:
+            self._writer.write(frame(payload))
+            await self._writer.drain()
+        except (ConnectionError, OSError):
+            raise _StaleConnection() from None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + cfg.timeout
+        got_bytes = False
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise DeliveryError(f"no ACK within {cfg.timeout:g}s")
+            try:
+                data = await asyncio.wait_for(self._reader.read(65536), remaining)
+            except TimeoutError:
+                raise DeliveryError(f"no ACK within {cfg.timeout:g}s") from None
+            except (ConnectionError, OSError):
+                if got_bytes:
+                    raise DeliveryError("connection lost while reading the ACK") from None
+                raise _StaleConnection() from None
+            if not data:
+                if got_bytes:
+                    raise DeliveryError("connection closed in the middle of the ACK")
+                raise _StaleConnection()
+            got_bytes = True
+            for ev in self._parser.feed(data):
+                if isinstance(ev, Frame):
+                    return self._check_ack(ev.payload, control_id)
+                if isinstance(ev, Oversized | Unframed):
+                    raise DeliveryError("receiver answered with something that is not an MLLP ACK")
+
+    def _check_ack(self, payload: bytes, control_id: str) -> str:
+        try:
+            ack = parse_ack(payload)
+        except HL7Error as e:
+            raise DeliveryError(f"malformed ACK ({e.code} {e.code_text})") from None
+        if ack.control_id != control_id:
+            raise DeliveryError("ACK MSA-2 does not match the MSH-10 sent")
+        if ack.ok:
+            return ack.code
+        # Only the code and the 0357 number: the peer's text may quote patient data.
+        detail = f"receiver answered {ack.code}" + (f" (ERR {ack.error_code})" if ack.error_code else "")
+        raise DeliveryError(detail, permanent=ack.code in self._permanent)
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._drop()
+
+
+class _StaleConnection(Exception):
+    """The connection was closed before any byte of an answer came back."""
+
+
+@component("destination", "mllp", config=MLLPDestinationConfig, kinds=("hl7v2",))
+def build(config: MLLPDestinationConfig, ctx: ComponentContext) -> Any:
+    """Deliver HL7 v2 over MLLP; success only on AA/CA acknowledging the same MSH-10."""
+    return MLLPSender(config, ctx)
