@@ -109,8 +109,9 @@ class SyslogExporter:
         """Send what is pending for up to ``flush_timeout`` seconds, then stop; the rest waits in the store."""
         if self._task is None:
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._drained(), flush_timeout)
+        if self._writer is not None:  # connected: worth waiting for the last events (engine.stop)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained(), flush_timeout)
         self._stopping = True
         self._wake.set()
         self._task.cancel()

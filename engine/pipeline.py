@@ -86,7 +86,11 @@ class RouteWorker:
                 log.error("route.claim_failed", channel=r.channel, route=r.name, error=str(e)[:200])
                 claimed = []
             if claimed:
-                await self._process(claimed)
+                try:
+                    await self._process(claimed)
+                except Exception as e:  # the worker must outlive a store hiccup
+                    log.error("route.process_failed", channel=r.channel, route=r.name, error=str(e)[:300])
+                    await asyncio.sleep(IDLE_POLL)
                 continue
             try:
                 due = await asyncio.to_thread(queue.next_due, self.store, r.channel, r.name)

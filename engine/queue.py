@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, insert, select, update
+from sqlalchemy import and_, bindparam, insert, select, update
 
 from engine.store import schema
 
@@ -44,7 +44,7 @@ def claim(store: Any, channel: str, route: str, limit: int, *, ordered: bool = T
     d, m = schema.deliveries, schema.messages
     now = time.time()
     if ordered:
-        with store.engine.connect() as conn:
+        with store.queue_engine.connect() as conn:
             head = conn.execute(select(d.c.next_attempt_at, d.c.lease_until).where(and_(
                 d.c.channel == channel, d.c.route == route, d.c.state == "pending"))
                 .order_by(d.c.id).limit(1)).first()
@@ -55,11 +55,14 @@ def claim(store: Any, channel: str, route: str, limit: int, *, ordered: bool = T
          .order_by(d.c.id).limit(limit))
     if not store.is_sqlite:
         q = q.with_for_update(skip_locked=True)
-    with store.engine.begin() as conn:
+    with store.queue_tx() as conn:
         ids = conn.execute(q).scalars().all()
         if not ids:
             return []
-        conn.execute(update(d).where(d.c.id.in_(ids)).values(lease_until=now + LEASE_SECONDS))
+        if not store.is_sqlite:
+            # Shared queue: lease the rows so other engine processes skip them. SQLite has a
+            # single owner (the runtime holds a lock file), so no lease write is needed.
+            conn.execute(update(d).where(d.c.id.in_(ids)).values(lease_until=now + LEASE_SECONDS))
         rows = conn.execute(
             select(d.c.id, d.c.attempts, m.c.id.label("mid"), m.c.channel, m.c.kind, m.c.headers, m.c.peer,
                    m.c.received_at, m.c.parent_id, m.c.blob_id)
@@ -83,10 +86,11 @@ def complete(store: Any, done: Sequence[tuple[int, str, str | None]],
         return
     d = schema.deliveries
     now = time.time()
-    with store.engine.begin() as conn:
-        for did, state, detail in done:
-            conn.execute(update(d).where(d.c.id == did).values(
-                state=state, detail=(detail or "")[:256] or None, lease_until=0.0, updated_at=now))
+    with store.queue_tx() as conn:
+        conn.execute(
+            update(d).where(d.c.id == bindparam("did")).values(
+                state=bindparam("st"), detail=bindparam("dt"), lease_until=0.0, updated_at=now),
+            [{"did": did, "st": state, "dt": (detail or "")[:256] or None} for did, state, detail in done])
         if audit_rows:
             conn.execute(insert(schema.audit_events), list(audit_rows))
 
@@ -100,7 +104,7 @@ def backoff(attempts: int, initial: float, multiplier: float, maximum: float) ->
 def fail(store: Any, delivery_id: int, attempts: int, error: str, *, dead: bool, delay: float) -> None:
     d = schema.deliveries
     now = time.time()
-    with store.engine.begin() as conn:
+    with store.queue_tx() as conn:
         conn.execute(update(d).where(d.c.id == delivery_id).values(
             state="dead" if dead else "pending", attempts=attempts, last_error=error[:2000],
             next_attempt_at=now + delay, lease_until=0.0, updated_at=now))
@@ -132,9 +136,16 @@ def requeue(store: Any, *, message_ids: Sequence[str] | None = None, channel: st
     return ids
 
 
+def release_leases(store: Any) -> int:
+    """At start on SQLite: leases of a killed process are void (one owner, lock held)."""
+    d = schema.deliveries
+    with store.engine.begin() as conn:
+        return conn.execute(update(d).where(d.c.lease_until > 0).values(lease_until=0.0)).rowcount or 0
+
+
 def next_due(store: Any, channel: str, route: str) -> float | None:
     d = schema.deliveries
-    with store.engine.connect() as conn:
+    with store.queue_engine.connect() as conn:
         v = conn.execute(select(d.c.next_attempt_at, d.c.lease_until).where(and_(
             d.c.channel == channel, d.c.route == route, d.c.state == "pending"))
             .order_by(d.c.next_attempt_at).limit(1)).first()

@@ -12,7 +12,7 @@ from typing import Any
 
 import structlog
 
-from engine import registry
+from engine import queue, registry
 from engine.audit import Audit
 from engine.config import Settings
 from engine.context import ComponentContext
@@ -35,6 +35,22 @@ def open_store(settings: Settings) -> Store:
     return store
 
 
+def _single_owner_lock(store: Store) -> Any:
+    """One engine per SQLite store: its queue has no leases, so a second owner would double-send."""
+    import fcntl
+
+    db = store.url.database or ""
+    if not db or db == ":memory:":
+        return None
+    f = open(db + ".lock", "a")  # noqa: SIM115 - held for the runtime's life
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise RuntimeError(f"another medrelay engine is running on {db}") from None
+    return f
+
+
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -47,6 +63,7 @@ class Runtime:
         self.workers: list[RouteWorker] = []
         self.listeners: dict[str, Any] = {}
         self._by_channel: dict[str, list[Route]] = {}
+        self._lock: Any = None
 
     # -- helpers -------------------------------------------------------
     def _ctx(self, channel: str = "", route: str = "") -> ComponentContext:
@@ -72,6 +89,11 @@ class Runtime:
         s = self.settings
         registry.load_builtins()
         self.store = await asyncio.to_thread(open_store, s)
+        if self.store.is_sqlite:
+            self._lock = _single_owner_lock(self.store)
+            released = await asyncio.to_thread(queue.release_leases, self.store)
+            if released:
+                log.info("queue.leases_released", count=released)
         self.audit = Audit(self.store)
         if s.audit.syslog is not None:
             from engine.audit_syslog import SyslogExporter
@@ -142,4 +164,7 @@ class Runtime:
             self.audit_exporter = None
         if self.store is not None:
             self.store.dispose()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
         log.info("engine.stopped")

@@ -4,7 +4,7 @@ import subprocess
 import sys
 import textwrap
 
-import engine_fakes  # noqa: F401
+import engine_fakes
 import httpx
 from test_engine_pipeline import submit
 

@@ -26,10 +26,10 @@ SCHEMA_VERSION = 1
 INLINE_MAX = 256 * 1024  # payloads above this go to files beside the database
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any, synchronous: str = "FULL") -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute(f"PRAGMA synchronous={synchronous}")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
@@ -62,8 +62,17 @@ class Store:
         else:
             kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
         self.engine: Engine = create_engine(self.url, **kwargs)
+        # Queue bookkeeping (claims, done, retry counts) does not need its own fsync: losing
+        # the last few such commits in a power cut only means a message is sent again, which
+        # at-least-once allows. So it writes through a second engine with synchronous=NORMAL
+        # (SQLite WAL: durable with the next FULL commit of intake) or, on PostgreSQL,
+        # synchronous_commit=off per transaction. Intake's commits stay fully synchronous.
+        self.queue_engine: Engine = self.engine
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            self.queue_engine = create_engine(self.url, **kwargs)
+            event.listen(self.queue_engine, "connect",
+                         lambda c, r: _sqlite_pragmas(c, r, synchronous="NORMAL"))
         self.blob_dir = Path(blob_dir)
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.keyring = keyring
@@ -92,6 +101,12 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self.queue_engine is not self.engine:
+            self.queue_engine.dispose()
+
+    def queue_tx(self) -> Any:
+        """A transaction for queue bookkeeping (see ``queue_engine``)."""
+        return _QueueTx(self)
 
     # -- blobs ---------------------------------------------------------
     def blob_path(self, blob_id: str) -> Path:
@@ -182,6 +197,22 @@ class Store:
         if row is None:
             raise KeyError(message_id)
         return self.get_blob(conn, row[0], aad=message_id)
+
+
+class _QueueTx:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._cm: Any = None
+
+    def __enter__(self) -> Connection:
+        self._cm = self.store.queue_engine.begin()
+        conn = self._cm.__enter__()
+        if not self.store.is_sqlite:
+            conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+        return conn
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._cm.__exit__(*exc)
 
 
 _STEPS: dict[int, Any] = {}

@@ -1,0 +1,172 @@
+"""DICOM C-STORE throughput: medrelay's full path against DCMTK storescp and a bare pynetdicom SCP.
+
+DCMTK storescu sends N CT instances of ~0.5 MB (copies of pydicom-data 693_UNCI.dcm
+with new SOP Instance UIDs) over one association, then over 4 associations in
+parallel, to:
+  (a) DCMTK storescp writing files to disk,
+  (b) a bare pynetdicom SCP writing event.encoded_dataset() to disk,
+  (c) `medrelay run` with a DICOM listener: commit (WAL, synchronous=FULL), index, encryption.
+All three in the same run, so the ratios compare like with like on this machine.
+
+    .venv/bin/python bench/dicom.py [--count 500] [--parallel 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+ENV = {**os.environ, "TCP_NODELAY": "1"}
+STORESCU, STORESCP = "/usr/bin/storescu", "/usr/bin/storescp"
+
+BARE_SCP = textwrap.dedent("""
+    import sys, os
+    from pynetdicom import AE, evt, AllStoragePresentationContexts
+    out = sys.argv[2]
+    def handle(event):
+        with open(os.path.join(out, event.request.AffectedSOPInstanceUID), "wb") as f:
+            f.write(event.encoded_dataset())
+        return 0x0000
+    ae = AE(ae_title="BARE")
+    ae.maximum_pdu_size = int(sys.argv[3])
+    ae.maximum_associations = 16
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    ae.start_server(("127.0.0.1", int(sys.argv[1])), evt_handlers=[(evt.EVT_C_STORE, handle)])
+""")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), 0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listening on {port}")
+
+
+def make_files(n: int, out: Path) -> list[Path]:
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+
+    src = Path(__import__("data_store").__file__).parent / "data" / "693_UNCI.dcm"
+    ds = dcmread(src)
+    files = []
+    for i in range(n):
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        p = out / f"ct{i:04}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        files.append(p)
+    return files
+
+
+def send(port: int, aec: str, files: list[Path], parallel: int) -> float:
+    chunks = [files[i::parallel] for i in range(parallel)]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([STORESCU, "-aet", "BENCH", "-aec", aec, "127.0.0.1", str(port),
+                               *map(str, c)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for c in chunks]
+    for p in procs:
+        out, _ = p.communicate()
+        if p.returncode != 0:
+            raise SystemExit(f"storescu failed: {out.decode()[-2000:]}")
+    return time.perf_counter() - t0
+
+
+class Target:
+    def __init__(self, name: str, aec: str, cmd: list[str], port: int, cwd: Path) -> None:
+        self.name, self.aec, self.port = name, aec, port
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(port)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def medrelay_yaml(port: int, data: Path, max_pdu: int) -> str:
+    return textwrap.dedent(f"""
+        store: {{url: "sqlite:///{data}/medrelay.db", blobs: "{data}/blobs"}}
+        keys: {{kek_file: "{data}/keys.json"}}
+        log: {{level: warning}}
+        channels:
+          bench:
+            source: {{type: dicom, port: {port}, ae_title: MEDRELAY, calling_aets: [BENCH], max_pdu: {max_pdu}}}
+        """)
+
+
+def start(kind: str, work: Path, max_pdu: int) -> Target:
+    port = free_port()
+    d = work / f"{kind}-{port}"
+    d.mkdir()
+    if kind == "dcmtk":
+        pdu = str(min(max_pdu, 131072))  # storescp's upper limit
+        return Target("DCMTK storescp", "STORESCP",
+                      [STORESCP, "-aet", "STORESCP", "-od", str(d), "--max-pdu", pdu, str(port)], port, d)
+    if kind == "pynetdicom":
+        script = d / "bare.py"
+        script.write_text(BARE_SCP)
+        return Target("bare pynetdicom", "BARE", [sys.executable, str(script), str(port), str(d), str(max_pdu)],
+                      port, d)
+    cfg = d / "channels.yaml"
+    cfg.write_text(medrelay_yaml(port, d / "data", max_pdu))
+    return Target("medrelay", "MEDRELAY", [sys.executable, "-m", "engine.cli", "run", str(cfg)], port, d)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--count", type=int, default=500)
+    ap.add_argument("--parallel", type=int, default=4)
+    ap.add_argument("--max-pdu", type=int, default=262144, help="max PDU every receiver announces")
+    args = ap.parse_args()
+    for tool in (STORESCU, STORESCP):
+        if not Path(tool).exists():
+            raise SystemExit(f"{tool} missing: install DCMTK")
+    work = Path(tempfile.mkdtemp(prefix="medrelay-bench-"))
+    try:
+        files = make_files(args.count, work)
+        mb = sum(f.stat().st_size for f in files) / 1e6
+        print(f"{args.count} instances, {mb:.0f} MB, max PDU {args.max_pdu}, {os.cpu_count()} CPUs")
+        results: dict[tuple[str, int], float] = {}
+        for kind in ("dcmtk", "pynetdicom", "medrelay"):
+            for par in (1, args.parallel):
+                t = start(kind, work, args.max_pdu)
+                try:
+                    secs = send(t.port, t.aec, files, par)
+                finally:
+                    t.stop()
+                results[(kind, par)] = secs
+                print(f"{t.name:16} {par} assoc: {args.count / secs:7.1f} instances/s  {mb / secs:7.1f} MB/s")
+        for par in (1, args.parallel):
+            mr = results[("medrelay", par)]
+            print(f"medrelay / DCMTK ({par} assoc): {results[('dcmtk', par)] / mr:.2f}   "
+                  f"medrelay / pynetdicom ({par} assoc): {results[('pynetdicom', par)] / mr:.2f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

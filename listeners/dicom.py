@@ -1,0 +1,203 @@
+"""`source: {type: dicom}`: a DICOM AE (pynetdicom) for Verification, Storage,
+Query/Retrieve (Patient and Study Root: C-FIND, C-MOVE, C-GET) and Modality Worklist.
+
+Peers must be named: the calling AE title has to be in ``calling_aets`` (or
+``allow_any_calling_aet: true`` said explicitly) and the called AE title has to be
+ours, otherwise A-ASSOCIATE-RJ. Handlers are bound as data (pynetdicom
+``evt_handlers``); each has one error boundary that answers with a failure status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any, Literal
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pynetdicom import AE, evt
+
+from engine.components import ComponentConfig
+from engine.context import ComponentContext
+from engine.registry import component
+from engine.tls import TLSConfig, server_context
+from listeners.dicom_contexts import add_contexts
+from listeners.dicom_qr import QueryRetrieve
+from listeners.dicom_store import StoreSCP
+from routes.dicom_scu import check_ae_title, make_raw_aware
+
+log = structlog.get_logger()
+
+
+class DicomPeer(BaseModel):
+    """A remote AE we open associations to (a C-MOVE destination); its AE title is the key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field(description="host name or address of the peer")
+    port: int = Field(ge=1, le=65535, description="TCP port of the peer")
+    tls: TLSConfig | None = Field(None, description="TLS to the peer (PS3.15 B.1 / BCP 195)")
+    max_pdu: int = Field(0, ge=0, description="largest PDU we accept from the peer (0 = unlimited)")
+
+
+class DicomSourceConfig(ComponentConfig):
+    """A DICOM listener: C-ECHO, C-STORE, C-FIND/C-MOVE/C-GET and Modality Worklist C-FIND."""
+
+    type: Literal["dicom"]
+    ae_title: str = Field("MEDRELAY", description="our AE title; associations calling another title are rejected")
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 to listen on every interface")
+    port: int = Field(11112, ge=0, le=65535, description="TCP port (0 = any free port, for tests)")
+    calling_aets: list[str] = Field(default_factory=list,
+                                    description="calling AE titles allowed to associate (A-ASSOCIATE-RJ otherwise)")
+    allow_any_calling_aet: bool = Field(False, description="accept any calling AE title (must be said explicitly)")
+    tls: TLSConfig | None = Field(None, description="TLS for the listener (cert and key; ca + "
+                                                    "require_client_cert for mutual TLS)")
+    max_pdu: int = Field(262144, ge=0, description="Maximum Length we announce for PDUs we receive (0 = unlimited)")
+    max_associations: int = Field(16, ge=1, description="concurrent associations")
+    acse_timeout: float = Field(30.0, gt=0, description="seconds to wait for association messages")
+    dimse_timeout: float = Field(60.0, gt=0, description="seconds to wait for DIMSE messages")
+    network_timeout: float = Field(120.0, gt=0, description="idle seconds before an association is aborted")
+    duplicates: Literal["keep_first", "replace"] = Field(
+        "keep_first", description="a re-sent SOP Instance UID: keep_first answers success and keeps the "
+        "first copy; replace files the new data set (an identical re-send is still recognised)")
+    query_retrieve: bool = Field(True, description="serve C-FIND / C-MOVE / C-GET from the archive index")
+    worklist: bool = Field(True, description="serve Modality Worklist C-FIND (engine.store.worklist)")
+    case_insensitive_pn: bool = Field(True, description="match Person Names case-insensitively (PS3.4 C.2.2.2.1)")
+    move_destinations: dict[str, DicomPeer] = Field(
+        default_factory=dict, description="C-MOVE destinations by AE title; others get 0xA801",
+        json_schema_extra={"example": {"PACS": {"host": "pacs.example", "port": 104}}})
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return check_ae_title(v)
+
+    @field_validator("calling_aets")
+    @classmethod
+    def _calling(cls, v: list[str]) -> list[str]:
+        return [check_ae_title(x) for x in v]
+
+    @field_validator("move_destinations")
+    @classmethod
+    def _dests(cls, v: dict[str, DicomPeer]) -> dict[str, DicomPeer]:
+        return {check_ae_title(k): p for k, p in v.items()}
+
+    @model_validator(mode="after")
+    def _allow_list(self) -> DicomSourceConfig:
+        if not self.calling_aets and not self.allow_any_calling_aet:
+            raise ValueError("list the peers in calling_aets, or set allow_any_calling_aet: true")
+        return self
+
+
+def _nodelay(event: Any) -> None:
+    """Small DIMSE responses must not wait for Nagle: one C-STORE-RSP per instance."""
+    try:
+        sock = event.assoc.dul.socket.socket
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):
+        pass
+
+
+class DicomListener:
+    def __init__(self, config: DicomSourceConfig, ctx: ComponentContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.server: Any = None
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        c = self.config
+        ae = AE(ae_title=c.ae_title)
+        ae.maximum_pdu_size = c.max_pdu
+        ae.maximum_associations = c.max_associations
+        ae.acse_timeout = c.acse_timeout
+        ae.dimse_timeout = c.dimse_timeout
+        ae.network_timeout = c.network_timeout
+        ae.require_called_aet = True
+        ae.require_calling_aet = [] if c.allow_any_calling_aet else list(c.calling_aets)
+        add_contexts(ae, query_retrieve=c.query_retrieve, worklist=c.worklist)
+        original = ae.associate
+
+        def associate(*args: Any, **kwargs: Any) -> Any:  # C-MOVE sub-operation associations send raw
+            return make_raw_aware(original(*args, **kwargs))
+
+        ae.associate = associate  # type: ignore[method-assign]
+        return ae
+
+    def handlers(self) -> list[tuple[Any, Any]]:
+        c = self.config
+        store = StoreSCP(self.ctx, ae_title=c.ae_title, replace=c.duplicates == "replace")
+        out: list[tuple[Any, Any]] = [
+            (evt.EVT_C_ECHO, lambda event: 0x0000),
+            (evt.EVT_C_STORE, store),
+            (evt.EVT_CONN_OPEN, _nodelay),
+            (evt.EVT_ACCEPTED, self._accepted),
+            (evt.EVT_REJECTED, self._rejected),
+            (evt.EVT_ABORTED, self._aborted),
+        ]
+        qr = QueryRetrieve(self.ctx, ae_title=c.ae_title, fold_pn=c.case_insensitive_pn,
+                           move_destinations=c.move_destinations)
+        if c.query_retrieve or c.worklist:
+            out.append((evt.EVT_C_FIND, self._find(qr)))
+        if c.query_retrieve:
+            out += [(evt.EVT_C_MOVE, qr.on_move), (evt.EVT_C_GET, qr.on_get)]
+        return out
+
+    @staticmethod
+    def _find(qr: QueryRetrieve) -> Any:
+        from listeners.dicom_contexts import WORKLIST_FIND
+
+        def on_find(event: Any) -> Any:
+            if str(event.request.AffectedSOPClassUID) in WORKLIST_FIND:
+                return qr.on_worklist(event)
+            return qr.on_find(event)
+
+        def gen(event: Any) -> Any:
+            yield from on_find(event)
+
+        return gen
+
+    def _peer(self, event: Any) -> tuple[str, str]:
+        r = event.assoc.requestor
+        return str(r.ae_title).strip(), f"{r.address}:{r.port}"
+
+    def _accepted(self, event: Any) -> None:
+        aet, peer = self._peer(event)
+        log.info("dicom.association_accepted", channel=self.ctx.channel, calling_aet=aet, peer=peer)
+
+    def _rejected(self, event: Any) -> None:
+        aet, peer = self._peer(event)
+        log.warning("dicom.association_rejected", channel=self.ctx.channel, calling_aet=aet, peer=peer)
+        self.ctx.audit.record("dicom.association", outcome="failure", actor=aet, peer=peer,
+                              channel=self.ctx.channel, detail="A-ASSOCIATE-RJ")
+
+    def _aborted(self, event: Any) -> None:
+        aet, peer = self._peer(event)
+        log.info("dicom.association_aborted", channel=self.ctx.channel, calling_aet=aet, peer=peer)
+
+    # -- Listener protocol ------------------------------------------------
+    async def start(self) -> None:
+        c = self.config
+        ssl_ctx = server_context(c.tls) if c.tls is not None else None
+        self.server = await asyncio.to_thread(
+            self.ae.start_server, (c.host, c.port), block=False, evt_handlers=self.handlers(),
+            ssl_context=ssl_ctx)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            server, self.server = self.server, None
+            await asyncio.to_thread(server.shutdown)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self.server is None:
+            return self.config.host, self.config.port
+        host, port = self.server.server_address[:2]
+        return str(host), int(port)
+
+
+@component("source", "dicom", config=DicomSourceConfig, kinds=("dicom",))
+def build(config: DicomSourceConfig, ctx: ComponentContext) -> DicomListener:
+    """DICOM listener: Verification, Storage, Query/Retrieve and Modality Worklist SCP."""
+    return DicomListener(config, ctx)

@@ -1,0 +1,77 @@
+"""What the DICOM listener accepts: SOP classes, transfer syntaxes and roles.
+
+One list each, read by the AE setup and by conformance/gen_dicom_statement.py, so
+the conformance statement is always the accepted set.
+"""
+
+from __future__ import annotations
+
+from pydicom import uid
+from pynetdicom import AE, AllStoragePresentationContexts
+from pynetdicom import sop_class as sc
+
+# Storage: kept as received, never transcoded (PS3.5 Section 10 / Annex A).
+STORAGE_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    uid.ExplicitVRLittleEndian,
+    uid.ImplicitVRLittleEndian,
+    uid.DeflatedExplicitVRLittleEndian,
+    uid.ExplicitVRBigEndian,
+    uid.JPEGBaseline8Bit,
+    uid.JPEGExtended12Bit,
+    uid.JPEGLossless,
+    uid.JPEGLosslessSV1,
+    uid.JPEGLSLossless,
+    uid.JPEGLSNearLossless,
+    uid.JPEG2000Lossless,
+    uid.JPEG2000,
+    uid.HTJ2KLossless,
+    uid.HTJ2KLosslessRPCL,
+    uid.HTJ2K,
+    uid.RLELossless,
+)
+
+# Query/retrieve and worklist identifiers are small: the uncompressed syntaxes only.
+QUERY_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    uid.ExplicitVRLittleEndian,
+    uid.ImplicitVRLittleEndian,
+)
+
+STORAGE_SOP_CLASSES: tuple[str, ...] = tuple(cx.abstract_syntax for cx in AllStoragePresentationContexts)
+
+QR_FIND: tuple[str, ...] = (sc.PatientRootQueryRetrieveInformationModelFind,
+                            sc.StudyRootQueryRetrieveInformationModelFind)
+QR_MOVE: tuple[str, ...] = (sc.PatientRootQueryRetrieveInformationModelMove,
+                            sc.StudyRootQueryRetrieveInformationModelMove)
+QR_GET: tuple[str, ...] = (sc.PatientRootQueryRetrieveInformationModelGet,
+                           sc.StudyRootQueryRetrieveInformationModelGet)
+WORKLIST_FIND: tuple[str, ...] = (sc.ModalityWorklistInformationFind,)
+VERIFICATION: tuple[str, ...] = (sc.Verification,)
+
+PATIENT_ROOT = {QR_FIND[0], QR_MOVE[0], QR_GET[0]}
+LEVELS_BY_MODEL = {
+    "patient": ("PATIENT", "STUDY", "SERIES", "IMAGE"),
+    "study": ("STUDY", "SERIES", "IMAGE"),
+}
+
+
+def model_of(abstract_syntax: str) -> str:
+    return "patient" if abstract_syntax in PATIENT_ROOT else "study"
+
+
+def add_contexts(ae: AE, *, query_retrieve: bool, worklist: bool) -> None:
+    """Supported contexts of the listener AE.
+
+    Storage contexts accept both roles, so a C-GET SCU that proposes the SCP role
+    (SCP/SCU Role Selection, PS3.7 D.3.3.4) receives its sub-operations on the same
+    association, and an ordinary C-STORE SCU keeps the default roles.
+    """
+    for a in VERIFICATION:
+        ae.add_supported_context(a, QUERY_TRANSFER_SYNTAXES)
+    for a in STORAGE_SOP_CLASSES:
+        ae.add_supported_context(a, list(STORAGE_TRANSFER_SYNTAXES), scu_role=True, scp_role=True)
+    if query_retrieve:
+        for a in (*QR_FIND, *QR_MOVE, *QR_GET):
+            ae.add_supported_context(a, QUERY_TRANSFER_SYNTAXES)
+    if worklist:
+        for a in WORKLIST_FIND:
+            ae.add_supported_context(a, QUERY_TRANSFER_SYNTAXES)

@@ -1,0 +1,231 @@
+"""Query/Retrieve SCP (C-FIND, C-MOVE, C-GET; Patient and Study Root) and Modality Worklist C-FIND.
+
+Answers come from the archive index, never from opening files; retrieval reads the
+encrypted stored instance and sends its data set byte-identical. Each handler has
+one error boundary that turns an exception into the failure status of PS3.4 C.4.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from pydicom.dataset import Dataset
+from pynetdicom.presentation import build_context
+
+from engine.store import dicom_index as idx
+from listeners import dicom_match as m
+from listeners.dicom_contexts import LEVELS_BY_MODEL, QUERY_TRANSFER_SYNTAXES, model_of
+from listeners.dicom_status import FIND, GET, MOVE
+from routes.dicom_scu import RawInstance, instance_from_part10, make_raw_aware
+
+if TYPE_CHECKING:
+    from engine.context import ComponentContext
+
+log = structlog.get_logger()
+
+MAX_MATCHES = 65535  # Number of Remaining Sub-operations is US (PS3.7 C.4.2)
+
+
+class BadIdentifier(Exception):
+    """The identifier has no valid Query/Retrieve Level for the model: 0xA900."""
+
+
+def _level(identifier: Dataset, model: str) -> str:
+    level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    if level not in LEVELS_BY_MODEL[model]:
+        raise BadIdentifier(level)
+    return level
+
+
+def _level_allows(keyword: str, level: str) -> bool:
+    if keyword in idx.DERIVED:
+        return idx.LEVELS.index(idx.DERIVED[keyword]) <= idx.LEVELS.index(level)
+    for lv, attrs in idx.LEVEL_ATTRS.items():
+        if keyword in attrs:
+            return idx.LEVELS.index(lv) <= idx.LEVELS.index(level)
+    return True
+
+
+class QueryRetrieve:
+    """EVT_C_FIND / EVT_C_MOVE / EVT_C_GET handlers of one listener."""
+
+    def __init__(self, ctx: ComponentContext, *, ae_title: str, fold_pn: bool,
+                 move_destinations: Mapping[str, Any]) -> None:
+        self.ctx = ctx
+        self.ae_title = ae_title
+        self.fold_pn = fold_pn
+        self.move_destinations = move_destinations
+        self._hkey = ctx.keyring.hmac_key(idx.HMAC_KEY_NAME)
+
+    # -- matching --------------------------------------------------------
+    def _select(self, conn: Any, level: str, keys: list[m.Key], *, decrypt: bool = True
+                ) -> tuple[idx.Candidates, list[tuple[int, dict[str, Any]]]]:
+        usable = [k for k in keys if _level_allows(k.keyword, level)]
+        cands = idx.Candidates(conn, self.ctx.store, level)
+        m.narrow(cands, usable, self._hkey)
+        out = []
+        for pk, attrs in cands.rows(decrypt=decrypt):
+            def derived(kw: str, pk: int = pk) -> Any:
+                return cands.derived(pk, kw)
+
+            if m.identifier_matches(attrs, usable, fold_pn=self.fold_pn, derived=derived):
+                out.append((pk, attrs))
+                if len(out) > MAX_MATCHES:
+                    break
+        return cands, out
+
+    def find_responses(self, identifier: Dataset, model: str) -> list[Dataset]:
+        level = _level(identifier, model)
+        keys = m.keys_of(identifier)
+        extra = {"RetrieveAETitle": self.ae_title, "InstanceAvailability": "ONLINE"}
+        out = []
+        with self.ctx.store.engine.connect() as conn:
+            cands, matches = self._select(conn, level, keys)
+            for pk, attrs in matches:
+
+                def derived(kw: str, pk: int = pk) -> Any:
+                    return cands.derived(pk, kw)
+
+                out.append(m.response(attrs, keys, level, derived, extra))
+        return out
+
+    def instances(self, identifier: Dataset, model: str) -> list[idx.InstanceRef]:
+        level = _level(identifier, model)
+        keys = m.keys_of(identifier)
+        needs_phi = any(not k.universal and k.keyword not in idx.CLEAR_KEYWORDS
+                        and k.keyword not in m.NOT_MATCHING for k in keys)
+        with self.ctx.store.engine.connect() as conn:
+            _cands, matches = self._select(conn, level, keys, decrypt=needs_phi)
+            return idx.instances_below(conn, level, [pk for pk, _a in matches])
+
+    def _load(self, ref: idx.InstanceRef) -> RawInstance:
+        with self.ctx.store.engine.connect() as conn:
+            data = idx.load_instance(conn, self.ctx.store, ref)
+        return instance_from_part10(data, ref.sop_class_uid, ref.sop_uid)
+
+    # -- C-FIND ------------------------------------------------------------
+    def on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        model = model_of(str(event.request.AffectedSOPClassUID))
+        try:
+            responses = self.find_responses(event.identifier, model)
+        except BadIdentifier:
+            yield FIND["mismatch"].code, None
+            return
+        except Exception as e:
+            log.error("dicom.find_failed", channel=self.ctx.channel, error=type(e).__name__, detail=str(e)[:200])
+            yield FIND["unable"].code, None
+            return
+        log.info("dicom.find", channel=self.ctx.channel, model=model, matches=len(responses),
+                 calling_aet=event.assoc.requestor.ae_title)
+        for ds in responses:
+            if event.is_cancelled:
+                yield FIND["cancel"].code, None
+                return
+            yield FIND["pending"].code, ds
+        yield FIND["success"].code, None
+
+    # -- Modality Worklist C-FIND -----------------------------------------
+    def on_worklist(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        try:
+            mod = importlib.import_module("engine.store.worklist")
+            matches = mod.find_worklist(self.ctx.store, event.identifier, case_insensitive_names=self.fold_pn)
+        except ModuleNotFoundError:
+            log.error("dicom.worklist_unavailable", channel=self.ctx.channel)
+            yield FIND["unable"].code, None
+            return
+        except Exception as e:
+            log.error("dicom.worklist_failed", channel=self.ctx.channel, error=type(e).__name__)
+            yield FIND["unable"].code, None
+            return
+        for ds in matches:
+            if event.is_cancelled:
+                yield FIND["cancel"].code, None
+                return
+            yield FIND["pending"].code, ds
+        yield FIND["success"].code, None
+
+    # -- C-MOVE ------------------------------------------------------------
+    def on_move(self, event: Any) -> Iterator[Any]:
+        dest_aet = event.move_destination
+        dest_aet = (dest_aet.decode("ascii", "replace") if isinstance(dest_aet, bytes) else str(dest_aet)).strip()
+        peer = self.move_destinations.get(dest_aet)
+        if peer is None:
+            log.warning("dicom.move_unknown_destination", channel=self.ctx.channel)
+            yield None, None
+            return
+        model = model_of(str(event.request.AffectedSOPClassUID))
+        try:
+            refs = self.instances(event.identifier, model)
+        except BadIdentifier:
+            refs, failed_status = [], MOVE["mismatch"].code
+        except Exception as e:
+            log.error("dicom.move_failed", channel=self.ctx.channel, error=type(e).__name__, detail=str(e)[:200])
+            refs, failed_status = [], MOVE["out_of_resources_count"].code
+        else:
+            failed_status = 0
+        kwargs: dict[str, Any] = {"contexts": _store_contexts(refs), "max_pdu": peer.max_pdu}
+        if peer.tls is not None:
+            from engine.tls import client_context
+
+            kwargs["tls_args"] = (client_context(peer.tls), peer.tls.server_name or peer.host)
+        yield peer.host, peer.port, kwargs
+        if failed_status:
+            yield 1
+            yield failed_status, None
+            return
+        yield len(refs)
+        log.info("dicom.move", channel=self.ctx.channel, destination=dest_aet, instances=len(refs))
+        yield from self._suboperations(event, refs, MOVE)
+
+    # -- C-GET -------------------------------------------------------------
+    def on_get(self, event: Any) -> Iterator[Any]:
+        model = model_of(str(event.request.AffectedSOPClassUID))
+        try:
+            refs = self.instances(event.identifier, model)
+        except BadIdentifier:
+            yield 1
+            yield GET["mismatch"].code, None
+            return
+        except Exception as e:
+            log.error("dicom.get_failed", channel=self.ctx.channel, error=type(e).__name__, detail=str(e)[:200])
+            yield 1
+            yield GET["out_of_resources_count"].code, None
+            return
+        make_raw_aware(event.assoc)
+        yield len(refs)
+        log.info("dicom.get", channel=self.ctx.channel, instances=len(refs))
+        yield from self._suboperations(event, refs, GET)
+
+    def _suboperations(self, event: Any, refs: list[idx.InstanceRef],
+                       table: Mapping[str, Any]) -> Iterator[tuple[int, Dataset | None]]:
+        for ref in refs:
+            if event.is_cancelled:
+                yield table["cancel"].code, None
+                return
+            try:
+                inst: Dataset = self._load(ref)
+            except Exception as e:
+                log.error("dicom.retrieve_load_failed", channel=self.ctx.channel, error=type(e).__name__)
+                inst = Dataset()  # counted as a failed sub-operation by pynetdicom
+                inst.SOPInstanceUID = ref.sop_uid
+                inst.SOPClassUID = ref.sop_class_uid
+            yield table["pending"].code, inst
+
+
+def _store_contexts(refs: list[idx.InstanceRef]) -> list[Any]:
+    """One context per (SOP class, stored transfer syntax), plus an uncompressed fallback per class.
+
+    Each stored syntax gets its own context so the peer cannot pick another one for
+    it; the fallback lets a peer that refuses the stored syntax still receive
+    uncompressed data sets (converted between little/big endian, explicit/implicit).
+    """
+    pairs = sorted({(r.sop_class_uid, r.transfer_syntax) for r in refs})
+    contexts = []
+    for sop, ts in pairs:
+        contexts.append(build_context(sop, [ts]))
+    for sop in sorted({s for s, _ in pairs}):
+        contexts.append(build_context(sop, list(QUERY_TRANSFER_SYNTAXES)))
+    return contexts[:128]

@@ -1,0 +1,148 @@
+"""`to: {type: dicom}`: C-STORE SCU to a PACS or any Storage SCP.
+
+The instance goes out as it was received: its stored transfer syntax is proposed in
+a presentation context of its own and the encoded data set is sent without decoding
+(routes/dicom_scu.py). A peer that refuses that syntax gets an uncompressed
+conversion when the data set is uncompressed. One association is kept open across
+sends and re-opened when an instance needs a context it lacks or the peer dropped it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any, Literal
+
+import structlog
+from pydantic import Field, field_validator
+from pynetdicom import AE
+from pynetdicom.presentation import build_context
+
+from engine.components import ComponentConfig, DeliveryError
+from engine.context import ComponentContext
+from engine.envelope import Envelope
+from engine.registry import component
+from engine.tls import TLSConfig, client_context
+from routes.dicom_scu import RawInstance, check_ae_title, instance_from_part10, send_raw
+
+log = structlog.get_logger()
+
+UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
+MAX_CONTEXTS = 128  # PS3.8 9.3.2: presentation context ids are odd numbers 1-255
+PERMANENT_RANGES = ((0xA900, 0xA9FF), (0xC000, 0xCFFF), (0x0122, 0x0122), (0x0124, 0x0124))
+
+
+def permanent(code: int) -> bool:
+    """A data set the peer cannot understand or does not accept will not improve by resending."""
+    return any(lo <= code <= hi for lo, hi in PERMANENT_RANGES)
+
+
+class DicomDestinationConfig(ComponentConfig):
+    """Send DICOM instances with C-STORE (kept in their received transfer syntax)."""
+
+    type: Literal["dicom"]
+    host: str = Field(description="host name or address of the Storage SCP")
+    port: int = Field(ge=1, le=65535, description="its TCP port")
+    called_ae_title: str = Field(description="the peer's AE title")
+    ae_title: str = Field("MEDRELAY", description="our (calling) AE title")
+    tls: TLSConfig | None = Field(None, description="TLS to the peer")
+    max_pdu: int = Field(262144, ge=0, description="Maximum Length we announce for PDUs we receive")
+    acse_timeout: float = Field(30.0, gt=0, description="seconds to wait for association answers")
+    dimse_timeout: float = Field(60.0, gt=0, description="seconds to wait for the C-STORE response")
+    network_timeout: float = Field(60.0, gt=0, description="seconds of silence before aborting")
+    idle_release: float = Field(30.0, ge=0, description="release the association after this many idle seconds")
+
+    @field_validator("called_ae_title", "ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return check_ae_title(v)
+
+
+class DicomDestination:
+    def __init__(self, config: DicomDestinationConfig, ctx: ComponentContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.ae = AE(ae_title=config.ae_title)
+        self.ae.acse_timeout = config.acse_timeout
+        self.ae.dimse_timeout = config.dimse_timeout
+        self.ae.network_timeout = config.network_timeout
+        self.assoc: Any = None
+        self.pairs: list[tuple[str, str]] = []  # (SOP class, transfer syntax) proposed
+        self.last_used = 0.0
+        self.lock = threading.Lock()
+
+    def _contexts(self) -> list[Any]:
+        exact = [build_context(sop, [ts]) for sop, ts in self.pairs]
+        fallback = [build_context(sop, list(UNCOMPRESSED)) for sop in dict.fromkeys(s for s, _ in self.pairs)]
+        return (exact + fallback)[:MAX_CONTEXTS]
+
+    def _close(self, abort: bool = False) -> None:
+        if self.assoc is not None and self.assoc.is_established:
+            (self.assoc.abort if abort else self.assoc.release)()
+        self.assoc = None
+
+    def _associate(self) -> None:
+        c = self.config
+        kwargs: dict[str, Any] = {"ae_title": c.called_ae_title, "max_pdu": c.max_pdu}
+        if c.tls is not None:
+            kwargs["tls_args"] = (client_context(c.tls), c.tls.server_name or c.host)
+        assoc = self.ae.associate(c.host, c.port, self._contexts(), **kwargs)
+        if not assoc.is_established:
+            raise DeliveryError(f"association to {c.called_ae_title}@{c.host}:{c.port} "
+                                f"{'rejected' if assoc.is_rejected else 'failed'}")
+        self.assoc = assoc
+
+    def _ensure(self, inst: RawInstance) -> None:
+        pair = (str(inst.SOPClassUID), str(inst.raw_transfer_syntax))
+        idle = self.config.idle_release and time.monotonic() - self.last_used > self.config.idle_release
+        if pair not in self.pairs:
+            self.pairs.append(pair)
+            if len(self.pairs) > MAX_CONTEXTS // 2:
+                self.pairs.pop(0)
+            self._close()
+        elif idle or self.assoc is None or not self.assoc.is_established:
+            self._close()
+        if self.assoc is None:
+            self._associate()
+
+    def _send(self, envelope: Envelope) -> str:
+        sop_class = envelope.headers.get("SOPClassUID")
+        sop_uid = envelope.headers.get("SOPInstanceUID")
+        inst = instance_from_part10(envelope.payload, sop_class and str(sop_class), sop_uid and str(sop_uid))
+        with self.lock:
+            for attempt in (1, 2):  # a peer may have dropped an idle association: re-open once
+                self._ensure(inst)
+                try:
+                    status = send_raw(self.assoc, inst)
+                except ValueError as e:  # no usable context: the peer refused this SOP class / syntax
+                    self._close()
+                    raise DeliveryError(f"peer accepts no context for the instance: {e}", permanent=True) from e
+                self.last_used = time.monotonic()
+                if "Status" in status:
+                    break
+                self._close(abort=True)
+                if attempt == 2:
+                    raise DeliveryError("no C-STORE response (timeout or association dropped)")
+        code = int(status.Status)
+        if code == 0x0000 or 0xB000 <= code <= 0xBFFF:
+            return f"0x{code:04X}"
+        raise DeliveryError(f"C-STORE failed with status 0x{code:04X}", permanent=permanent(code))
+
+    async def send(self, envelope: Envelope) -> str | None:
+        if envelope.kind != "dicom":
+            raise DeliveryError(f"dicom destination cannot send {envelope.kind}", permanent=True)
+        return await asyncio.to_thread(self._send, envelope)
+
+    async def close(self) -> None:
+        def _close() -> None:
+            with self.lock:
+                self._close()
+
+        await asyncio.to_thread(_close)
+
+
+@component("destination", "dicom", config=DicomDestinationConfig, kinds=("dicom",))
+def build(config: DicomDestinationConfig, ctx: ComponentContext) -> DicomDestination:
+    """C-STORE SCU: forward DICOM instances to a PACS, keeping their transfer syntax."""
+    return DicomDestination(config, ctx)

@@ -1,0 +1,149 @@
+"""Sending a stored instance with C-STORE exactly as it was received.
+
+pynetdicom's ``send_c_store`` re-encodes a pydicom Dataset, which is not
+byte-identical (group lengths dropped, deflate redone, odd VRs rewritten) and costs
+a decode. Here the encoded data set goes out as the bytes we hold, in the transfer
+syntax it was received in. When the peer did not accept that transfer syntax, an
+uncompressed data set falls back to pynetdicom's own conversion.
+
+This uses pynetdicom 3.0 internals (the same sequence ``send_c_store`` runs); the
+tests in tests/test_dicom_*.py pin the behaviour, so an upgrade that breaks it fails
+loudly rather than sending something else. Shared by routes/dicom.py and the
+listener's C-MOVE / C-GET sub-operations.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+
+
+def check_ae_title(value: str) -> str:
+    """PS3.5 AE VR: 1-16 characters, no backslash or control characters, not only spaces."""
+    v = value.strip()
+    if not v or len(v) > 16 or "\\" in v or any(ord(c) < 32 or ord(c) > 126 for c in v):
+        raise ValueError(f"invalid AE title {value!r}: 1-16 printable ASCII characters, no backslash")
+    return v
+
+
+class RawInstance(Dataset):
+    """A data set that carries its encoded bytes; pynetdicom's retrieve loop sees a Dataset.
+
+    Only the SOP Class / Instance UIDs are real elements (pynetdicom reads them to
+    report failed sub-operations); ``raw`` is what goes on the wire.
+    """
+
+    def __init__(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, raw: bytes) -> None:
+        super().__init__()
+        self.SOPClassUID = sop_class_uid
+        self.SOPInstanceUID = sop_instance_uid
+        self._raw_ts = UID(transfer_syntax)
+        self._raw = raw
+
+    @property
+    def raw(self) -> bytes:
+        return self._raw
+
+    @property
+    def raw_transfer_syntax(self) -> UID:
+        return self._raw_ts
+
+
+def _decoded(inst: RawInstance) -> Dataset:
+    from pydicom.filereader import read_dataset
+
+    ts = inst.raw_transfer_syntax
+    fp = io.BytesIO(inst.raw)
+    if ts.is_deflated:
+        import zlib
+
+        fp = io.BytesIO(zlib.decompress(inst.raw, -zlib.MAX_WBITS))
+    ds = read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian)
+    from pydicom.dataset import FileMetaDataset
+
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+    return ds
+
+
+def send_raw(assoc: Association, inst: RawInstance, *, msg_id: int = 1, priority: int = 2,
+             originator_aet: str | None = None, originator_id: int | None = None) -> Dataset:
+    """C-STORE ``inst`` on an established association; returns the response status Dataset.
+
+    An empty Dataset means no valid response (timeout, abort), as with pynetdicom.
+    """
+    if not assoc.is_established:
+        raise RuntimeError("association is not established")
+    try:
+        context = assoc._get_valid_context(inst.SOPClassUID, inst.raw_transfer_syntax, "scu",
+                                           allow_conversion=False)
+    except ValueError:
+        if inst.raw_transfer_syntax.is_compressed:
+            raise
+        ds = _decoded(inst)  # an uncompressed syntax the peer did not take: let pynetdicom convert
+        return _original(assoc)(ds, msg_id=msg_id, priority=priority, originator_aet=originator_aet,
+                                originator_id=originator_id)
+    req = C_STORE()
+    req.MessageID = msg_id
+    req.Priority = priority
+    req.MoveOriginatorApplicationEntityTitle = originator_aet
+    req.MoveOriginatorMessageID = originator_id
+    req.AffectedSOPClassUID = inst.SOPClassUID
+    req.AffectedSOPInstanceUID = inst.SOPInstanceUID
+    req.DataSet = io.BytesIO(inst.raw)
+    assoc._reactor_checkpoint.clear()
+    try:
+        while not assoc._is_paused:
+            time.sleep(0.0001)
+        assoc.dimse.send_msg(req, context.context_id)
+        _cx, rsp = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    if rsp is None:
+        assoc._handle_no_response()
+        return Dataset()
+    return assoc._check_received_status(rsp)
+
+
+def _original(assoc: Association) -> Any:
+    return getattr(assoc, "_medrelay_send_c_store", assoc.send_c_store)
+
+
+def make_raw_aware(assoc: Association) -> Association:
+    """Let ``assoc.send_c_store`` (called by pynetdicom's C-GET/C-MOVE loops) send RawInstances raw."""
+    if getattr(assoc, "_medrelay_send_c_store", None) is not None:
+        return assoc
+    original = assoc.send_c_store
+    assoc._medrelay_send_c_store = original  # type: ignore[attr-defined]
+
+    def send_c_store(dataset: Any, msg_id: int = 1, priority: int = 2, originator_aet: str | None = None,
+                     originator_id: int | None = None) -> Dataset:
+        if isinstance(dataset, RawInstance):
+            return send_raw(assoc, dataset, msg_id=msg_id, priority=priority, originator_aet=originator_aet,
+                            originator_id=originator_id)
+        return original(dataset, msg_id=msg_id, priority=priority, originator_aet=originator_aet,
+                        originator_id=originator_id)
+
+    assoc.send_c_store = send_c_store  # type: ignore[method-assign]
+    return assoc
+
+
+def instance_from_part10(data: bytes, sop_class_uid: str | None = None,
+                         sop_instance_uid: str | None = None) -> RawInstance:
+    """A RawInstance from stored Part-10 bytes (UIDs read from the file meta when not given)."""
+    from engine.store.dicom_index import split_part10
+
+    ts, raw = split_part10(data)
+    if sop_class_uid is None or sop_instance_uid is None:
+        end = len(data) - len(raw)
+        meta = dcmread(io.BytesIO(data[:end]), stop_before_pixels=True).file_meta
+        sop_class_uid = str(meta.MediaStorageSOPClassUID)
+        sop_instance_uid = str(meta.MediaStorageSOPInstanceUID)
+    return RawInstance(sop_class_uid, sop_instance_uid, ts, raw)

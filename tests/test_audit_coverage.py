@@ -1,0 +1,182 @@
+"""Every kind of event the audit trail must hold, produced by real peers and commands:
+receive, send, query, retrieve, export, FHIR read/search, de-identification, key
+operations, login failure, config change.
+
+Where a component does not record its event yet the test is marked xfail with the
+component named, so the gap shows in every run and turns into XPASS once fixed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from engine.audit_dicom import QUERY, classify
+from engine.store import schema
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "audit-coverage-token-9f1"
+
+
+def actions(store) -> list[tuple[str, str, str | None]]:
+    a = schema.audit_events
+    with store.engine.connect() as c:
+        return [(r.action, r.outcome, r.message_id) for r in c.execute(select(a).order_by(a.c.id))]
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MEDRELAY_PLUGINS": "engine_fakes", "FHIR_TOKEN": TOKEN,
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+MLLP_YAML = """
+store: {url: "sqlite:///data/medrelay.db", blobs: data/blobs}
+keys: {kek_file: data/keys.json}
+channels:
+  adt:
+    source: {type: mllp, port: 0}
+    routes:
+      - name: out
+        to: {type: test_collect, name: coverage}
+"""
+
+
+def test_receive_send_export_and_keys(engine_factory):
+    import engine_fakes
+    from mllp_peers import RawClient, adt, msa
+
+    engine_fakes.OUTBOX.pop("coverage", None)
+    e = engine_factory(MLLP_YAML)
+    with RawClient("127.0.0.1", e.address("adt")[1]) as c:
+        assert msa(c.request(adt("COV0001")))[1] == "AA"
+    e.wait_for(lambda: any(a == "message.send" for a, _, _ in actions(e.store)))
+    got = actions(e.store)
+    mid = next(m for a, _, m in got if a == "message.receive")
+    assert ("message.send", "success", mid) in got
+    r = cli("messages", "show", "-c", str(e.config_path), mid, "--phi", cwd=e.data_dir)
+    assert r.returncode == 0, r.stderr
+    r = cli("keys", "rotate", "-c", str(e.config_path), cwd=e.data_dir)
+    assert r.returncode == 0, r.stderr
+    got = actions(e.store)
+    assert ("message.export", "success", mid) in got
+    assert any(a == "keys.rotate" for a, _, _ in got)
+
+
+def test_config_change_on_reload(medrelay_proc):
+    import time
+
+    from conftest import free_port
+
+    port = free_port()
+    p = medrelay_proc(MLLP_YAML.replace("port: 0", f"port: {port}"),
+                      env={"MEDRELAY_PLUGINS": "engine_fakes",
+                           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])})
+    p.start()
+    p.wait_port(port)
+    p.config_path.write_text(p.config_path.read_text().replace("name: coverage", "name: coverage2"))
+    p.proc.send_signal(signal.SIGHUP)
+    from engine.config import load_settings
+    from engine.runtime import open_store
+
+    deadline = time.monotonic() + 30
+    store = open_store(load_settings(p.config_path, env=p.env))
+    try:
+        while time.monotonic() < deadline:
+            if any(a == "config.change" for a, _, _ in actions(store)):
+                break
+            time.sleep(0.1)
+        assert any(a == "config.change" for a, _, _ in actions(store))
+    finally:
+        store.dispose()
+    assert p.terminate() == 0
+
+
+FHIR_YAML = """
+store: {url: "sqlite:///data/medrelay.db", blobs: data/blobs}
+keys: {kek_file: data/keys.json}
+channels:
+  api:
+    source: {type: fhir, port: 0, auth: {bearer_tokens: ["${FHIR_TOKEN}"]}}
+"""
+
+
+def test_fhir_read_search_and_login_failure(engine_factory):
+    pytest.importorskip("listeners.fhir")
+    e = engine_factory(FHIR_YAML, env={"FHIR_TOKEN": TOKEN})
+    base = f"http://127.0.0.1:{e.address('api')[1]}/fhir"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    r = httpx.post(f"{base}/Patient", json={"resourceType": "Patient", "gender": "other"}, headers=auth)
+    assert r.status_code == 201
+    pid = r.json()["id"] if r.content else r.headers["location"].split("/Patient/")[1].split("/")[0]
+    assert httpx.get(f"{base}/Patient/{pid}", headers=auth).status_code == 200
+    assert httpx.get(f"{base}/Patient?gender=other", headers=auth).status_code == 200
+    assert httpx.get(f"{base}/Patient", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    got = {(a, o) for a, o, _ in actions(e.store)}
+    assert {("message.receive", "success"), ("fhir.read", "success"), ("fhir.search", "success"),
+            ("login.failure", "failure")} <= got
+    assert classify("fhir.search").event_id == QUERY
+    # the trail is readable as FHIR AuditEvent (the FHIR helper's read-only view)
+    ae = httpx.get(f"{base}/AuditEvent?subtype=login.failure", headers=auth)
+    assert ae.status_code == 200 and ae.json().get("entry"), ae.text
+
+
+DICOM_YAML = """
+store: {url: "sqlite:///data/medrelay.db", blobs: data/blobs}
+keys: {kek_file: data/keys.json}
+channels:
+  dcm:
+    source: {type: dicom, port: 0, ae_title: MEDRELAY, calling_aets: [TESTSCU]}
+"""
+
+
+@pytest.mark.xfail(reason="gap: listeners/dicom_qr.py records no audit event for C-FIND / C-MOVE / C-GET "
+                   "(query 110112, retrieve 110104); receive is audited by the engine", strict=False)
+def test_dicom_query_and_retrieve_are_audited(engine_factory, tmp_path):
+    pytest.importorskip("listeners.dicom")
+    from tests.dicom_peers import data_file, findscu, store_statuses, storescu
+
+    e = engine_factory(DICOM_YAML)
+    port = e.address("dcm")[1]
+    r = storescu(port, [data_file("CT_small.dcm")])
+    assert store_statuses((r.stdout or "") + (r.stderr or "")) == ["Success"]
+    assert any(a == "message.receive" for a, _, _ in actions(e.store))
+    findscu(port, "STUDY", {"StudyInstanceUID": ""}, out_dir=tmp_path / "rsp")
+    got = [a for a, _, _ in actions(e.store)]
+    assert any(classify(a).event_id == QUERY for a in got), got
+
+
+DEID_YAML = """
+store: {url: "sqlite:///data/medrelay.db", blobs: data/blobs}
+keys: {kek_file: data/keys.json}
+channels:
+  adt:
+    source: {type: mllp, port: 0}
+    routes:
+      - name: research
+        transforms: [{type: deidentify}]
+        to: {type: test_collect, name: deidcov}
+"""
+
+
+@pytest.mark.xfail(reason="gap: transforms/deidentify.py records no audit event per de-identified message",
+                   strict=False)
+def test_deidentification_is_audited(engine_factory):
+    import engine_fakes
+    from mllp_peers import RawClient, adt, msa
+
+    pytest.importorskip("transforms.deidentify")
+    engine_fakes.OUTBOX.pop("deidcov", None)
+    e = engine_factory(DEID_YAML)
+    with RawClient("127.0.0.1", e.address("adt")[1]) as c:
+        assert msa(c.request(adt("DEID001")))[1] == "AA"
+    e.wait_for(lambda: engine_fakes.OUTBOX.get("deidcov"))
+    assert any("deid" in a for a, _, _ in actions(e.store)), actions(e.store)

@@ -1,0 +1,270 @@
+"""Key management: atomic key file, rotation under load, kill -9 mid-rotation.
+
+Tampering and swapped blobs are covered in test_engine_store.py; here we prove the
+operational promises of `medrelay keys rotate`: no downtime, nothing lost on a crash,
+old KEKs gone once nothing needs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import engine_fakes
+import pytest
+from sqlalchemy import func, select
+
+from engine import keys as keymod
+from engine.crypto import KeyRing
+from engine.envelope import Envelope
+from engine.store import schema
+from engine.store.db import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+
+def cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=cwd, env=cli_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def cli_env() -> dict[str, str]:
+    return {**os.environ, "MEDRELAY_PLUGINS": "engine_fakes",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")])}
+
+
+def all_blobs_decrypt(store: Store) -> int:
+    """Open every blob with a fresh key ring (as a restarted engine would); returns the count."""
+    fresh = Store(str(store.url.render_as_string(hide_password=False)), store.blob_dir,
+                  KeyRing(store.keyring.path), inline_max=store.inline_max)
+    n = 0
+    try:
+        with fresh.engine.connect() as c:
+            for bid, aad in c.execute(select(schema.blobs.c.id, schema.blobs.c.aad)).all():
+                fresh.get_blob(c, bid, aad=aad)
+                n += 1
+    finally:
+        fresh.dispose()
+    return n
+
+
+def key_file(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+# -- the key file ------------------------------------------------------------------
+def test_key_file_write_is_atomic_and_durable(tmp_path, monkeypatch):
+    path = tmp_path / "keys.json"
+    ring = KeyRing(path)
+    before = path.read_bytes()
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+
+    def crash(*_a, **_k):
+        raise OSError("power cut before rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        ring.add_kek()
+    assert path.read_bytes() == before  # the old file is whole; the new one never half-written
+    assert len(KeyRing(path).kek_ids()) == 1
+    monkeypatch.undo()
+    synced.clear()
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    ring2 = KeyRing(path)
+    ring2.add_kek()
+    assert len(synced) >= 2  # the temporary file's data, then the folder entry after the rename
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert not path.with_name("keys.json.tmp").exists()
+
+
+def test_two_processes_never_lose_each_others_changes(tmp_path):
+    """The engine creating a pseudonym secret while the CLI rotates: both changes survive."""
+    path = tmp_path / "keys.json"
+    engine_ring, cli_ring = KeyRing(path), KeyRing(path)
+    new = cli_ring.add_kek()
+    secret = engine_ring.hmac_key("pseudonyms")  # written by a ring that has not seen `new`
+    on_disk = KeyRing(path)
+    assert new in on_disk.kek_ids() and on_disk.active_id == new
+    assert on_disk.hmac_key("pseudonyms") == secret
+    assert cli_ring.hmac_key("pseudonyms") == secret  # the CLI picks up the engine's secret
+
+
+@pytest.fixture
+def store(tmp_path, store_url):
+    s = Store(store_url, tmp_path / "blobs", KeyRing(tmp_path / "keys.json"), inline_max=1024)
+    s.migrate()
+    yield s
+    s.dispose()
+
+
+def test_running_engine_follows_rotation_by_another_process(store, tmp_path):
+    """The engine's ring reads data keys re-wrapped under a KEK it has never seen,
+    then seals new blobs under it; retired KEKs stay usable in its memory for what is in flight."""
+    with store.engine.begin() as c:
+        ids = store.put_blobs(c, [(f"before {i}".encode(), f"m{i}") for i in range(20)])
+    old = store.keyring.active_id
+    other = Store(str(store.url.render_as_string(hide_password=False)), store.blob_dir,
+                  KeyRing(store.keyring.path), inline_max=1024)
+    try:
+        new, n, retired = keymod.rotate(other)
+    finally:
+        other.dispose()
+    assert n == 20 and retired == [old]
+    with store.engine.connect() as c:  # the engine's ring still has only `old` loaded
+        assert store.get_blob(c, ids[3], aad="m3") == b"before 3"
+    assert store.keyring.active_id == new
+    with store.engine.begin() as c:
+        store.put_blob(c, b"after", "m-after")
+    assert keymod.key_usage(store) == {new: 21}
+    assert all_blobs_decrypt(store) == 21
+
+
+def test_blob_sealed_before_retirement_is_rewrapped_by_the_engine(store):
+    """The race the fence closes: sealed under the old KEK, committed after it was retired."""
+    old = store.keyring.active_id
+    other = Store(str(store.url.render_as_string(hide_password=False)), store.blob_dir,
+                  KeyRing(store.keyring.path), inline_max=1024)
+    try:
+        new = other.keyring.add_kek()
+        retired, busy = keymod.retire_unused(other)
+    finally:
+        other.dispose()
+    assert retired == [old] and not busy and old not in KeyRing(store.keyring.path).kek_ids()
+    sealed = store.keyring.seal(b"in flight", "m-x")  # what a stale engine would do...
+    assert sealed.kek_id == old
+    with store.engine.begin() as c:  # ...and put_blobs seals the same way, then fences
+        bid = store.put_blob(c, b"in flight", "m-x")
+    with store.engine.connect() as c:
+        kid = c.execute(select(schema.blobs.c.kek_id).where(schema.blobs.c.id == bid)).scalar_one()
+    assert kid == new
+    assert all_blobs_decrypt(store) == 1
+
+
+# -- rotation while the engine accepts and delivers ------------------------------------
+ENGINE_YAML = """
+store: {{url: "{url}", blobs: data/blobs}}
+keys: {{kek_file: data/keys.json}}
+channels:
+  in:
+    source: {{type: test_null}}
+    routes:
+      - name: a
+        to: {{type: test_collect, name: {name}}}
+        retry: {{max_attempts: 50, initial_delay: 0.05, max_delay: 0.2}}
+"""
+
+
+def test_rotate_without_downtime(engine_factory, store_url):
+    name = f"rot-{random.randrange(1 << 30)}"
+    engine_fakes.OUTBOX.pop(name, None)
+    eng = engine_factory(ENGINE_YAML.format(url=store_url, name=name))
+    store = eng.store
+    with store.engine.begin() as c:  # enough data keys that the re-wrap takes a while
+        store.put_blobs(c, [(f"old payload {i}".encode(), f"seed{i}") for i in range(6000)])
+    first = store.keyring.active_id
+    outcomes: list[str] = []
+    stop = threading.Event()
+
+    def feed() -> None:
+        i = 0
+        while not stop.is_set():
+            env = Envelope(channel="in", kind="hl7v2", payload=f"MSG {i}".encode(), headers={})
+            outcomes.append(eng.call(eng.runtime.intake.submit(env)).status)
+            i += 1
+            time.sleep(0.002)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    try:
+        time.sleep(0.3)
+        r = cli("keys", "rotate", "-c", str(eng.config_path), cwd=eng.data_dir)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        feeder.join(30)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "retired " + first in r.stdout, r.stdout
+    assert outcomes and set(outcomes) == {"accepted"}, set(outcomes)
+    sent = len(outcomes)
+    eng.wait_for(lambda: len(engine_fakes.OUTBOX.get(name, [])) == sent, timeout=60)
+    d = schema.deliveries
+    with store.engine.connect() as c:
+        states = dict(c.execute(select(d.c.state, func.count()).group_by(d.c.state)).all())
+    assert states == {"done": sent}
+    ring_ids = KeyRing(store.keyring.path).kek_ids()
+    assert first not in ring_ids and len(ring_ids) == 1
+    eng.stop()
+    assert all_blobs_decrypt(store) == 6000 + sent
+    assert set(keymod.key_usage(store)) == set(ring_ids)
+    with store.engine.connect() as c:
+        rows = c.execute(select(schema.audit_events.c.detail)
+                         .where(schema.audit_events.c.action == "keys.rotate")).scalars().all()
+    assert rows and first in rows[-1]
+
+
+# -- kill -9 in the middle of a rotation ---------------------------------------------
+N_BLOBS = 20_000
+
+
+def test_kill9_mid_rotation_loses_nothing(tmp_path, store_url):
+    data = tmp_path / "d"
+    cfg = data / "channels.yaml"
+    data.mkdir()
+    cfg.write_text(textwrap.dedent(f"""
+        store: {{url: "{store_url}", blobs: blobs}}
+        keys: {{kek_file: keys.json}}
+        channels: {{}}
+    """))
+    store = Store(store_url, data / "blobs", KeyRing(data / "keys.json"), inline_max=1024)
+    store.migrate()
+    try:
+        with store.engine.begin() as c:
+            for start in range(0, N_BLOBS, 2000):
+                store.put_blobs(c, [(f"blob {i}".encode(), f"m{i}") for i in range(start, start + 2000)])
+        original = store.keyring.active_id
+        seed = random.randrange(1 << 30)
+        rnd = random.Random(seed)
+        target = rnd.uniform(0.05, 0.9)  # fraction re-wrapped when the kill lands
+        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "keys", "rotate", "-c", str(cfg)],
+                                cwd=data, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        b = schema.blobs
+        deadline = time.monotonic() + 120
+        killed_at = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            with store.engine.connect() as c:
+                left = c.execute(select(func.count()).select_from(b).where(b.c.kek_id == original)).scalar_one()
+            if left < N_BLOBS * (1 - target):
+                proc.send_signal(signal.SIGKILL)
+                killed_at = N_BLOBS - left
+                break
+            time.sleep(0.005)
+        proc.wait(30)
+        assert killed_at is not None, f"rotation finished before the kill (seed {seed}): {proc.stderr.read()!r}"
+        assert proc.returncode == -signal.SIGKILL
+        on_disk = KeyRing(data / "keys.json")
+        assert original in on_disk.kek_ids() and len(on_disk.kek_ids()) == 2, f"seed {seed}"
+        usage = keymod.key_usage(store)
+        assert sum(usage.values()) == N_BLOBS and 0 < usage[original] < N_BLOBS, (seed, usage)
+        assert all_blobs_decrypt(store) == N_BLOBS, f"seed {seed}"
+
+        r = cli("keys", "rotate", "-c", str(cfg), cwd=data)  # run again to completion
+        assert r.returncode == 0, r.stderr[-2000:]
+        final = KeyRing(data / "keys.json")
+        assert len(final.kek_ids()) == 1 and original not in final.kek_ids()
+        assert keymod.key_usage(store) == {final.active_id: N_BLOBS}
+        assert all_blobs_decrypt(store) == N_BLOBS
+        listing = cli("keys", "list", "-c", str(cfg), cwd=data)
+        assert listing.stdout.strip() == f"* {final.active_id}  blobs={N_BLOBS}"
+    finally:
+        store.dispose()
