@@ -102,14 +102,17 @@ def check(config: str) -> None:
     a transform given the wrong kind of message, a port used twice), 4 environment
     (a ${VAR} not set, a file missing).
     """
+    from engine.config import TLS_FILES, dotted, tls_blocks
+
     settings = _load(config)
     problems = []
-    for cname, ch in settings.channels.items():
-        tls = getattr(ch.source, "tls", None)
-        for attr in ("cert", "key", "ca"):
-            f = getattr(tls, attr, None) if tls else None
+    for path, block in tls_blocks(settings.raw):  # every tls: (sources, routes, peers, audit.syslog)
+        for attr in TLS_FILES:
+            f = block.get(attr)
             if f and not settings.resolve(f).exists():
-                problems.append(f"{config}: channels.{cname}.source.tls.{attr}: file not found: {f}")
+                line = settings.line_of.get((*path, attr)) or settings.line_of.get(path)
+                where = f"{config}:{line}" if line else config
+                problems.append(f"{where}: {dotted((*path, attr))}: file not found: {f}")
     for p in problems:
         click.echo(p, err=True)
     if problems:

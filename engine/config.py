@@ -261,6 +261,35 @@ def _interpolate(data: Any, path: tuple[Any, ...], env: dict[str, str], base: Pa
     return _VAR.sub(sub, data)
 
 
+TLS_FILES = ("cert", "key", "ca")
+
+
+def tls_blocks(data: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """Every `tls:` mapping in the raw config (sources, routes, peers, audit.syslog) with its path."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            if k == "tls" and isinstance(v, dict):
+                yield (*path, k), v
+            else:
+                yield from tls_blocks(v, (*path, k))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            yield from tls_blocks(v, (*path, i))
+
+
+def _resolve_tls_paths(data: Any, base: Path) -> None:
+    """Relative cert/key/ca paths are relative to the YAML file, like the store paths.
+
+    Without this they would be opened relative to the working directory of whoever
+    started the engine, while `medrelay check` looked beside the YAML.
+    """
+    for _, block in tls_blocks(data):
+        for attr in TLS_FILES:
+            v = block.get(attr)
+            if isinstance(v, str) and v and not Path(v).is_absolute():
+                block[attr] = str(base / v)
+
+
 def _loc_to_path(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
     """Drop the union tags pydantic inserts into error locations, keeping real keys."""
     path: list[Any] = []
@@ -335,6 +364,7 @@ def parse_settings(text: str, path: Path, env: dict[str, str] | None = None, *,
     refs: dict[tuple[Any, ...], str] = {}
     env_errors: list[tuple[tuple[Any, ...], str]] = []
     data = _interpolate(plain, (), env, path.parent, refs, env_errors if need_env else None)
+    _resolve_tls_paths(data, path.parent.resolve())
     problems = [Problem(fname, _line_for(p, lines), dotted(p), msg, "environment") for p, msg in env_errors]
     root = build_root_model()
     model = None

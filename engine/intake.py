@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import structlog
-from sqlalchemy import Connection, and_, insert, select
+from sqlalchemy import Connection, and_, bindparam, insert, select
 
 from engine.envelope import Envelope
 from engine.store import schema
@@ -26,6 +26,17 @@ log = structlog.get_logger()
 Status = Literal["accepted", "duplicate", "rejected", "error"]
 TxHook = Callable[[Connection, Envelope], Any]
 MAX_BATCH = 512
+
+# Built once: the statement runs on every group commit. `received_at + 0` (in WHERE and
+# ORDER BY) keeps SQLite's planner off the (channel, received_at) index, which would scan
+# every message of the dedupe window per batch; ix_messages_dedupe finds the keys directly.
+_m = schema.messages
+_DEDUPE_LOOKUP = (
+    select(_m.c.dedupe_key, _m.c.id, _m.c.response)
+    .where(and_(_m.c.channel == bindparam("ch"), _m.c.dedupe_key.in_(bindparam("keys", expanding=True)),
+                (_m.c.received_at + 0) >= bindparam("since")))
+    .order_by(_m.c.received_at + 0)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +63,7 @@ class _Item:
     tx_hook: TxHook | None
     future: asyncio.Future[Outcome] | ConcurrentFuture[Outcome]
     routes: tuple[str, ...] = field(default=())
+    blob_row: dict[str, Any] | None = None  # sealed and written before queueing (large payloads)
 
 
 class Intake:
@@ -97,12 +109,27 @@ class Intake:
 
     # -- submission ----------------------------------------------------
     async def submit(self, envelope: Envelope, *, dedupe_key: str | None = None,
-                     response: bytes | None = None, tx_hook: TxHook | None = None) -> Outcome:
+                     response: bytes | None = None, tx_hook: TxHook | None = None,
+                     _blob_row: dict[str, Any] | None = None) -> Outcome:
         if self._queue is None or self._closing:
             return Outcome("error", envelope.id, error="engine is shutting down")
+        if _blob_row is None and len(envelope.payload) > self.store.inline_max:
+            try:
+                _blob_row = await asyncio.to_thread(self._prepare, envelope)
+            except OSError as e:
+                return Outcome("error", envelope.id, error=f"blob write failed: {e.strerror}")
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Item(envelope, dedupe_key, response, tx_hook, fut))
+        self._queue.put_nowait(_Item(envelope, dedupe_key, response, tx_hook, fut, blob_row=_blob_row))
         return await fut
+
+    def _prepare(self, envelope: Envelope) -> dict[str, Any]:
+        """Seal a large payload and write its file (fsynced) before it joins a group commit.
+
+        Done by the submitter, so files of parallel associations are written in parallel
+        and the committer's transaction holds only row inserts. The file is referenced
+        only once the commit succeeds.
+        """
+        return self.store.prepare_blobs([(envelope.payload, envelope.id)])[0]
 
     def submit_blocking(self, envelope: Envelope, *, dedupe_key: str | None = None,
                         response: bytes | None = None, tx_hook: TxHook | None = None,
@@ -110,8 +137,15 @@ class Intake:
         """For listeners that run in their own threads (pynetdicom)."""
         if self._loop is None or self._closing:
             return Outcome("error", envelope.id, error="engine is shutting down")
+        blob_row = None
+        if len(envelope.payload) > self.store.inline_max:
+            try:
+                blob_row = self._prepare(envelope)
+            except OSError as e:
+                return Outcome("error", envelope.id, error=f"blob write failed: {e.strerror}")
         cf = asyncio.run_coroutine_threadsafe(
-            self.submit(envelope, dedupe_key=dedupe_key, response=response, tx_hook=tx_hook), self._loop)
+            self.submit(envelope, dedupe_key=dedupe_key, response=response, tx_hook=tx_hook,
+                        _blob_row=blob_row), self._loop)
         try:
             return cf.result(timeout)
         except Exception as e:  # timeout or loop gone: the peer must get a failure, not success
@@ -159,7 +193,6 @@ class Intake:
         keyed = [(i.envelope.channel, i.dedupe_key) for i in batch if i.dedupe_key]
         if not keyed:
             return {}
-        m = schema.messages
         found: dict[tuple[str, str], tuple[str, bytes | None]] = {}
         now = time.time()
         by_channel: dict[str, list[str]] = {}
@@ -167,14 +200,7 @@ class Intake:
             by_channel.setdefault(ch, []).append(k)  # type: ignore[arg-type]
         for ch, keys in by_channel.items():
             since = now - self.dedupe_window(ch)
-            rows = conn.execute(
-                select(m.c.dedupe_key, m.c.id, m.c.response)
-                # `received_at + 0` (here and in ORDER BY) keeps SQLite's planner off the
-                # (channel, received_at) index, which scans every message of the dedupe window
-                # per batch; ix_messages_dedupe finds the keys directly.
-                .where(and_(m.c.channel == ch, m.c.dedupe_key.in_(keys), (m.c.received_at + 0) >= since))
-                .order_by(m.c.received_at + 0)
-            ).all()
+            rows = conn.execute(_DEDUPE_LOOKUP, {"ch": ch, "keys": keys, "since": since}).all()
             for key, mid, resp in rows:
                 found.setdefault((ch, key), (mid, resp))
         return found
@@ -187,7 +213,8 @@ class Intake:
             msg_rows: list[dict[str, Any]] = []
             dlv_rows: list[dict[str, Any]] = []
             audit_rows: list[dict[str, Any]] = []
-            blob_items: list[tuple[bytes, str]] = []
+            blob_rows: list[dict[str, Any]] = []
+            to_seal: list[tuple[int, bytes, str]] = []
             for item in batch:
                 env = item.envelope
                 key = (env.channel, item.dedupe_key) if item.dedupe_key else None
@@ -198,7 +225,11 @@ class Intake:
                     continue
                 routes = tuple(self.router(env))
                 result = item.tx_hook(conn, env) if item.tx_hook is not None else None
-                blob_items.append((env.payload, env.id))
+                if item.blob_row is not None:
+                    blob_rows.append(item.blob_row)
+                else:
+                    to_seal.append((len(blob_rows), env.payload, env.id))
+                    blob_rows.append({})
                 msg_rows.append({
                     "id": env.id, "channel": env.channel, "kind": env.kind,
                     "received_at": env.received_at.timestamp(), "peer": env.peer,
@@ -217,9 +248,12 @@ class Intake:
                                         routes=routes))
                 audit_rows.append(_receive_audit(env, now, env.id, None))
             if msg_rows:
-                blob_ids = self.store.put_blobs(conn, blob_items)
-                for row, bid in zip(msg_rows, blob_ids, strict=True):
-                    row["blob_id"] = bid
+                sealed = self.store.prepare_blobs([(data, aad) for _, data, aad in to_seal])
+                for (i, _, _), row in zip(to_seal, sealed, strict=True):
+                    blob_rows[i] = row
+                self.store.insert_blob_rows(conn, blob_rows)
+                for row, blob in zip(msg_rows, blob_rows, strict=True):
+                    row["blob_id"] = blob["id"]
                 conn.execute(insert(schema.messages), msg_rows)
             if dlv_rows:
                 conn.execute(insert(schema.deliveries), dlv_rows)

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import and_, bindparam, insert, select, update
 
 from engine.store import schema
+from engine.store.db import open_blob
 
 LEASE_SECONDS = 120.0
 
@@ -38,40 +39,43 @@ class Claimed:
 def claim(store: Any, channel: str, route: str, limit: int, *, ordered: bool = True) -> list[Claimed]:
     """Lease up to ``limit`` due deliveries of one route, oldest first, with payloads.
 
+    One query reads the oldest pending deliveries with their message and blob rows.
     ``ordered``: while the oldest pending delivery waits for its retry, nothing behind
     it is sent (head-of-line blocking, as an HL7 feed expects); dead letters do not block.
     """
-    d, m = schema.deliveries, schema.messages
+    d, m, b = schema.deliveries, schema.messages, schema.blobs
     now = time.time()
-    if ordered:
-        with store.queue_engine.connect() as conn:
-            head = conn.execute(select(d.c.next_attempt_at, d.c.lease_until).where(and_(
-                d.c.channel == channel, d.c.route == route, d.c.state == "pending"))
-                .order_by(d.c.id).limit(1)).first()
-        if head is None or head[0] > now or head[1] > now:
-            return []
-    q = (select(d.c.id).where(and_(d.c.channel == channel, d.c.route == route, d.c.state == "pending",
-                                   d.c.next_attempt_at <= now, d.c.lease_until <= now))
+    q = (select(d.c.id, d.c.attempts, d.c.next_attempt_at, d.c.lease_until, m.c.id.label("mid"), m.c.channel,
+                m.c.kind, m.c.headers, m.c.peer, m.c.received_at, m.c.parent_id, m.c.blob_id,
+                b.c.aad, b.c.kek_id, b.c.wrapped_key, b.c.nonce, b.c.data, b.c.in_file)
+         .join(m, m.c.id == d.c.message_id).join(b, b.c.id == m.c.blob_id)
+         .where(and_(d.c.channel == channel, d.c.route == route, d.c.state == "pending"))
          .order_by(d.c.id).limit(limit))
+    if not ordered:
+        q = q.where(and_(d.c.next_attempt_at <= now, d.c.lease_until <= now))
     if not store.is_sqlite:
-        q = q.with_for_update(skip_locked=True)
+        q = q.with_for_update(skip_locked=True, of=d)
     with store.queue_tx() as conn:
-        ids = conn.execute(q).scalars().all()
-        if not ids:
+        rows = conn.execute(q).mappings().all()
+        due = []
+        for r in rows:
+            if r["next_attempt_at"] > now or r["lease_until"] > now:
+                if ordered:
+                    break
+                continue
+            due.append(r)
+        if not due:
             return []
         if not store.is_sqlite:
             # Shared queue: lease the rows so other engine processes skip them. SQLite has a
             # single owner (the runtime holds a lock file), so no lease write is needed.
-            conn.execute(update(d).where(d.c.id.in_(ids)).values(lease_until=now + LEASE_SECONDS))
-        rows = conn.execute(
-            select(d.c.id, d.c.attempts, m.c.id.label("mid"), m.c.channel, m.c.kind, m.c.headers, m.c.peer,
-                   m.c.received_at, m.c.parent_id, m.c.blob_id)
-            .join(m, m.c.id == d.c.message_id).where(d.c.id.in_(ids)).order_by(d.c.id)).all()
+            conn.execute(update(d).where(d.c.id.in_([r["id"] for r in due]))
+                         .values(lease_until=now + LEASE_SECONDS))
         out = []
-        for r in rows:
-            payload = store.get_blob(conn, r.blob_id, aad=r.mid)
-            out.append(Claimed(r.id, r.mid, r.attempts, r.channel, r.kind, dict(r.headers or {}), r.peer,
-                               r.received_at, r.parent_id, payload))
+        for r in due:
+            payload = open_blob(store.keyring, r["blob_id"], r, r["mid"], store.blob_path(r["blob_id"]))
+            out.append(Claimed(r["id"], r["mid"], r["attempts"], r["channel"], r["kind"], dict(r["headers"] or {}),
+                               r["peer"], r["received_at"], r["parent_id"], payload))
     return out
 
 

@@ -42,7 +42,7 @@ def _single_owner_lock(store: Store) -> Any:
     db = store.url.database or ""
     if not db or db == ":memory:":
         return None
-    f = open(db + ".lock", "a")  # noqa: SIM115 - held for the runtime's life
+    f = open(db + ".lock", "a")  # held for the runtime's life
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -75,6 +75,7 @@ class Store:
                          lambda c, r: _sqlite_pragmas(c, r, synchronous="NORMAL"))
         self.blob_dir = Path(blob_dir)
         self.blob_dir.mkdir(parents=True, exist_ok=True)
+        self._make_fanout()
         self.keyring = keyring
         self.inline_max = inline_max
         self.metadata = schema.metadata
@@ -110,7 +111,18 @@ class Store:
 
     # -- blobs ---------------------------------------------------------
     def blob_path(self, blob_id: str) -> Path:
-        return self.blob_dir / blob_id[:2] / blob_id[2:4] / blob_id
+        return self.blob_dir / blob_id[:2] / blob_id
+
+    def _make_fanout(self) -> None:
+        """Create the 256 blob folders once, durably, so writing a blob never creates a folder."""
+        made = False
+        for i in range(256):
+            d = self.blob_dir / f"{i:02x}"
+            if not d.is_dir():
+                d.mkdir(mode=0o700, exist_ok=True)
+                made = True
+        if made:
+            _fsync_dir(self.blob_dir)
 
     def seal_blob(self, data: bytes, aad: str) -> tuple[dict[str, Any], Path | None, bytes]:
         """Encrypt; returns the blobs row, the file it must go to (or None) and the ciphertext."""
@@ -125,41 +137,59 @@ class Store:
         return row, (self.blob_path(blob_id) if in_file else None), sealed.ciphertext
 
     def write_blob_files(self, files: Sequence[tuple[Path, bytes]]) -> None:
-        """Write ciphertext files durably: data fsync per file, then one fsync per folder."""
+        """Write ciphertext files durably before the row that names them commits.
+
+        Written under their final name with O_EXCL, no temporary and rename: the name is
+        the SHA-256 of the content, nothing refers to the file until the commit, and a
+        torn file left by a crash fails the hash check on read and is never referenced.
+        Then one fsync per folder for the new directory entries.
+        """
         dirs: set[Path] = set()
         for path, ct in files:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                os.write(fd, ct)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                if hashlib.sha256(path.read_bytes()).hexdigest() == path.name:
+                    continue
+                os.unlink(path)  # torn by an earlier crash, never referenced
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(ct)
+                while view:
+                    view = view[os.write(fd, view):]
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, path)
             dirs.add(path.parent)
         for d in dirs:
-            dfd = os.open(d, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            _fsync_dir(d)
 
-    def put_blobs(self, conn: Connection, items: Iterable[tuple[bytes, str]]) -> list[str]:
-        """Seal and store payloads inside the caller's transaction; returns blob ids."""
-        rows, files, ids = [], [], []
+    def prepare_blobs(self, items: Iterable[tuple[bytes, str]]) -> list[dict[str, Any]]:
+        """Seal and write the file-backed ones now, outside any transaction.
+
+        Intake calls this in the submitting thread, so parallel DICOM associations
+        overlap their file fsyncs instead of queueing behind one committer.
+        """
+        rows, files = [], []
         for data, aad in items:
             row, path, ct = self.seal_blob(data, aad)
             rows.append(row)
-            ids.append(row["id"])
             if path is not None:
                 files.append((path, ct))
         if files:
             self.write_blob_files(files)
+        return rows
+
+    def insert_blob_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
         if rows:
             conn.execute(insert(schema.blobs), rows)
             self._fence_rotation(conn, rows)
-        return ids
+
+    def put_blobs(self, conn: Connection, items: Iterable[tuple[bytes, str]]) -> list[str]:
+        """Seal and store payloads inside the caller's transaction; returns blob ids."""
+        rows = self.prepare_blobs(items)
+        self.insert_blob_rows(conn, rows)
+        return [r["id"] for r in rows]
 
     def _fence_rotation(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
         """Re-wrap rows sealed under a KEK that `medrelay keys rotate` retired meanwhile.
@@ -184,19 +214,31 @@ class Store:
         row = conn.execute(select(schema.blobs).where(schema.blobs.c.id == blob_id)).mappings().first()
         if row is None:
             raise IntegrityError(f"blob {blob_id} missing")
-        if aad is not None and row["aad"] != aad:
-            raise IntegrityError(f"blob {blob_id} does not belong to {aad}")
-        ct = row["data"] if not row["in_file"] else self.blob_path(blob_id).read_bytes()
-        if hashlib.sha256(ct).hexdigest() != blob_id:
-            raise IntegrityError(f"blob {blob_id}: content does not match its address")
-        return self.keyring.open(Sealed(row["kek_id"], row["wrapped_key"], row["nonce"], ct),
-                                 aad if aad is not None else row["aad"])
+        return open_blob(self.keyring, blob_id, row, row["aad"] if aad is None else aad, self.blob_path(blob_id))
 
     def message_payload(self, conn: Connection, message_id: str) -> bytes:
         row = conn.execute(select(schema.messages.c.blob_id).where(schema.messages.c.id == message_id)).first()
         if row is None:
             raise KeyError(message_id)
         return self.get_blob(conn, row[0], aad=message_id)
+
+
+def _fsync_dir(d: Path) -> None:
+    dfd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def open_blob(keyring: KeyRing, blob_id: str, row: Any, aad: str, path: Path) -> bytes:
+    """Check and decrypt one blob given its row (``id``, ``aad``, ``kek_id``, ...)."""
+    if row["aad"] != aad:
+        raise IntegrityError(f"blob {blob_id} does not belong to {aad}")
+    ct = row["data"] if not row["in_file"] else path.read_bytes()
+    if hashlib.sha256(ct).hexdigest() != blob_id:
+        raise IntegrityError(f"blob {blob_id}: content does not match its address")
+    return keyring.open(Sealed(row["kek_id"], row["wrapped_key"], row["nonce"], ct), aad)
 
 
 class _QueueTx:
