@@ -120,6 +120,8 @@ class QueryRetrieve:
             return
         log.info("dicom.find", channel=self.ctx.channel, model=model, matches=len(responses),
                  calling_aet=event.assoc.requestor.ae_title)
+        self._audit(event, "dicom.find", {"model": model, "matches": len(responses),
+                                          "level": str(event.identifier.get("QueryRetrieveLevel", ""))})
         for ds in responses:
             if event.is_cancelled:
                 yield FIND["cancel"].code, None
@@ -140,12 +142,20 @@ class QueryRetrieve:
             log.error("dicom.worklist_failed", channel=self.ctx.channel, error=type(e).__name__)
             yield FIND["unable"].code, None
             return
+        self._audit(event, "dicom.worklist_find", {"matches": len(matches)})
         for ds in matches:
             if event.is_cancelled:
                 yield FIND["cancel"].code, None
                 return
             yield FIND["pending"].code, ds
         yield FIND["success"].code, None
+
+    def _audit(self, event: Any, action: str, entity: dict[str, Any], outcome: str = "success") -> None:
+        """Query and retrieve events for the audit trail (DICOM PS3.15 A.5: Query 110112,
+        DICOM Instances Transferred 110104); who asked, from where, how much; no PHI."""
+        r = event.assoc.requestor
+        self.ctx.audit.record(action, outcome=outcome, actor=str(r.ae_title).strip(),
+                              peer=f"{r.address}:{r.port}", channel=self.ctx.channel, entity=entity)
 
     # -- C-MOVE ------------------------------------------------------------
     def on_move(self, event: Any) -> Iterator[Any]:
@@ -154,6 +164,7 @@ class QueryRetrieve:
         peer = self.move_destinations.get(dest_aet)
         if peer is None:
             log.warning("dicom.move_unknown_destination", channel=self.ctx.channel)
+            self._audit(event, "dicom.move", {"destination": dest_aet[:16]}, outcome="failure")
             yield None, None
             return
         model = model_of(str(event.request.AffectedSOPClassUID))
@@ -178,6 +189,7 @@ class QueryRetrieve:
             return
         yield len(refs)
         log.info("dicom.move", channel=self.ctx.channel, destination=dest_aet, instances=len(refs))
+        self._audit(event, "dicom.move", {"destination": dest_aet, "instances": len(refs)})
         yield from self._suboperations(event, refs, MOVE)
 
     # -- C-GET -------------------------------------------------------------
@@ -197,6 +209,7 @@ class QueryRetrieve:
         make_raw_aware(event.assoc)
         yield len(refs)
         log.info("dicom.get", channel=self.ctx.channel, instances=len(refs))
+        self._audit(event, "dicom.get", {"instances": len(refs)})
         yield from self._suboperations(event, refs, GET)
 
     def _suboperations(self, event: Any, refs: list[idx.InstanceRef],

@@ -66,3 +66,13 @@ def test_components_lists_every_builtin(tmp_path):
     for name in ("mllp", "dicom", "fhir", "file", "store", "hl7_to_fhir", "dicom_to_fhir", "dicom_to_hl7",
                  "hl7_to_worklist", "deidentify"):
         assert f"type: {name}" in r.stdout, name
+
+
+def test_components_doc_is_generated_from_the_code():
+    from conftest import ROOT
+
+    from engine.docs import components_markdown
+
+    committed = (ROOT / "docs" / "components.md").read_text()
+    assert committed.strip() == components_markdown().strip(), \
+        "docs/components.md is stale: run `medrelay components --markdown > docs/components.md`"

@@ -52,6 +52,16 @@ def _headers(headers: Mapping[str, Any], config: DeidentifyConfig, pseudo: Pseud
     return out
 
 
+def _audit(ctx: ComponentContext | None, src: Envelope, out: Envelope | None, outcome: str,
+           detail: str | None) -> None:
+    """Every de-identification is on record: which message, into which derived id, with what profile."""
+    if ctx is None:
+        return
+    ctx.audit.record("deid.apply", outcome=outcome, actor="medrelay", channel=src.channel, message_id=src.id,
+                     entity={"kind": src.kind, "derived_id": out.id if out else None, "route": ctx.route},
+                     detail=detail)
+
+
 @component("transform", "deidentify", config=DeidentifyConfig, kinds=("dicom", "hl7v2", "fhir"))
 def build(
     config: DeidentifyConfig, ctx: ComponentContext | None = None, *, secret: bytes | None = None
@@ -77,9 +87,11 @@ def build(
                 raise ValueError(f"deidentify cannot handle kind {envelope.kind!r}")
         except Quarantine as q:
             logger.info("deid.quarantined", message_id=envelope.id, kind=envelope.kind, reason=q.reason)
+            _audit(ctx, envelope, None, "failure", q.reason)
             raise
         out = envelope.derive(payload=payload, headers=_headers(envelope.headers, config, pseudo))
         logger.info("deid.done", message_id=envelope.id, derived_id=out.id, kind=envelope.kind)
+        _audit(ctx, envelope, out, "success", None)
         return out
 
     return transform
