@@ -86,6 +86,8 @@ def classify(action: str, kind: str | None = None) -> Event:
         return Event(APPLICATION_ACTIVITY, "E", (APPLICATION_STOP,), "local")
     if a.startswith("keys.") or a.startswith("tls."):
         return Event(SECURITY_ALERT, "E", (SECURITY_CONFIGURATION,), "local")
+    if a.startswith("security.") or "integrity" in a:
+        return Event(SECURITY_ALERT, "E", (), "local")
     if a.startswith("config."):
         return Event(SECURITY_ALERT, "E", (SOFTWARE_CONFIGURATION,), "local")
     if "login" in a or "auth" in a:

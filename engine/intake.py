@@ -143,13 +143,22 @@ class Intake:
                 blob_row = self._prepare(envelope)
             except OSError as e:
                 return Outcome("error", envelope.id, error=f"blob write failed: {e.strerror}")
-        cf = asyncio.run_coroutine_threadsafe(
-            self.submit(envelope, dedupe_key=dedupe_key, response=response, tx_hook=tx_hook,
-                        _blob_row=blob_row), self._loop)
+        # No coroutine or Task per submission: the item goes straight onto the committer's
+        # queue (in the loop thread) and the committer resolves this thread's future.
+        cf: ConcurrentFuture[Outcome] = ConcurrentFuture()
+        item = _Item(envelope, dedupe_key, response, tx_hook, cf, blob_row=blob_row)
         try:
+            self._loop.call_soon_threadsafe(self._enqueue, item)
             return cf.result(timeout)
         except Exception as e:  # timeout or loop gone: the peer must get a failure, not success
             return Outcome("error", envelope.id, error=f"intake did not answer: {type(e).__name__}")
+
+    def _enqueue(self, item: _Item) -> None:
+        """In the loop thread: queue a blocking submitter's item, or refuse it when closing."""
+        if self._queue is None or self._closing:
+            item.future.set_result(Outcome("error", item.envelope.id, error="engine is shutting down"))
+            return
+        self._queue.put_nowait(item)
 
     # -- committer -----------------------------------------------------
     async def _run(self) -> None:

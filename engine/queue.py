@@ -14,10 +14,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from sqlalchemy import and_, bindparam, insert, select, update
 
+from engine.crypto import IntegrityError
 from engine.store import schema
 from engine.store.db import open_blob
+
+log = structlog.get_logger()
 
 LEASE_SECONDS = 120.0
 
@@ -72,11 +76,36 @@ def claim(store: Any, channel: str, route: str, limit: int, *, ordered: bool = T
             conn.execute(update(d).where(d.c.id.in_([r["id"] for r in due]))
                          .values(lease_until=now + LEASE_SECONDS))
         out = []
-        for r in due:
-            payload = open_blob(store.keyring, r["blob_id"], r, r["mid"], store.blob_path(r["blob_id"]))
+        for i, r in enumerate(due):
+            try:
+                payload = open_blob(store.keyring, r["blob_id"], r, r["mid"], store.blob_path(r["blob_id"]))
+            except IntegrityError as e:
+                _quarantine(conn, r, str(e), now)  # one bad blob must not stop the route
+                if ordered:  # keep the order: what follows goes in the next claim, unleased
+                    rest = [x["id"] for x in due[i + 1:]]
+                    if rest and not store.is_sqlite:
+                        conn.execute(update(d).where(d.c.id.in_(rest)).values(lease_until=0.0))
+                    break
+                continue
             out.append(Claimed(r["id"], r["mid"], r["attempts"], r["channel"], r["kind"], dict(r["headers"] or {}),
                                r["peer"], r["received_at"], r["parent_id"], payload))
     return out
+
+
+def _quarantine(conn: Any, r: Any, error: str, now: float) -> None:
+    """Dead-letter a delivery whose payload fails authentication, with a security audit event.
+
+    Tampering, a swapped or torn blob, or a missing key: retrying cannot help, and
+    failing the whole claim would block every message behind it and spin. The row
+    stays replayable once the blob or key file is restored from backup.
+    """
+    conn.execute(update(schema.deliveries).where(schema.deliveries.c.id == r["id"]).values(
+        state="dead", last_error=f"integrity: {error}"[:2000], lease_until=0.0, updated_at=now))
+    conn.execute(insert(schema.audit_events), [{
+        "at": now, "action": "security.integrity_failure", "outcome": "error", "actor": "medrelay", "peer": "",
+        "channel": r["channel"], "message_id": r["mid"], "entity": {"blob_id": r["blob_id"]},
+        "detail": error[:500], "exported": 0}])
+    log.error("queue.integrity_failure", channel=r["channel"], message_id=r["mid"], error=error[:200])
 
 
 def complete(store: Any, done: Sequence[tuple[int, str, str | None]],

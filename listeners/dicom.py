@@ -89,12 +89,35 @@ class DicomSourceConfig(ComponentConfig):
         return self
 
 
-def _nodelay(event: Any) -> None:
-    """Small DIMSE responses must not wait for Nagle: one C-STORE-RSP per instance."""
+def _recv_exact(sock: socket.socket, nr_bytes: int) -> bytearray:
+    """``AssociationSocket.recv`` without its 4 KiB steps: read into one buffer in place.
+
+    Same contract: returns ``nr_bytes`` bytes, or fewer when the peer closed; socket
+    errors and timeouts propagate as before. A 512 KiB instance is otherwise ~130
+    recv calls and bytearray extends in the DUL thread.
+    """
+    buf = bytearray(nr_bytes)
+    got = 0
+    with memoryview(buf) as view:
+        while got < nr_bytes:
+            n = sock.recv_into(view[got:], nr_bytes - got)
+            if not n:
+                break
+            got += n
+    if got < nr_bytes:
+        del buf[got:]
+    return buf
+
+
+def _tune_socket(event: Any) -> None:
+    """On every new connection: TCP_NODELAY (small DIMSE responses must not wait for Nagle:
+    one C-STORE-RSP per instance) and the in-place ``recv`` above."""
     try:
-        sock = event.assoc.dul.socket.socket
+        assoc_sock = event.assoc.dul.socket
+        sock = assoc_sock.socket
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            assoc_sock.recv = lambda nr_bytes: _recv_exact(assoc_sock.socket, nr_bytes)
     except (AttributeError, OSError):
         pass
 
@@ -131,7 +154,7 @@ class DicomListener:
         out: list[tuple[Any, Any]] = [
             (evt.EVT_C_ECHO, lambda event: 0x0000),
             (evt.EVT_C_STORE, store),
-            (evt.EVT_CONN_OPEN, _nodelay),
+            (evt.EVT_CONN_OPEN, _tune_socket),
             (evt.EVT_ACCEPTED, self._accepted),
             (evt.EVT_REJECTED, self._rejected),
             (evt.EVT_ABORTED, self._aborted),

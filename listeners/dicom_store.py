@@ -71,8 +71,12 @@ class StoreSCP:
             return failure("mismatch", "invalid Affected SOP Class/Instance UID")
         part10 = event.encoded_dataset(include_meta=True)
         meta_end = 144 + int.from_bytes(part10[140:144], "little")
+        dataset = memoryview(part10)[meta_end:]
         try:
-            ds = idx.read_index_dataset(part10)
+            try:  # the data set alone, in the negotiated transfer syntax (no second file-meta parse)
+                ds = idx.read_index_data_set(dataset, str(event.context.transfer_syntax))
+            except ValueError:  # deflated or unknown transfer syntax: the Part-10 reader inflates
+                ds = idx.read_index_dataset(part10)
             attrs = idx.extract(ds)
         except Exception as e:
             log.info("dicom.store_undecodable", channel=self.ctx.channel, error=type(e).__name__)
@@ -82,7 +86,7 @@ class StoreSCP:
             return failure("mismatch", "SOP Class/Instance UID differ from the command")
         if not valid_uid(st.get("StudyInstanceUID")) or not valid_uid(se.get("SeriesInstanceUID")):
             return failure("mismatch", "Study/Series Instance UID missing or invalid")
-        return part10, memoryview(part10)[meta_end:], attrs
+        return part10, dataset, attrs
 
     def store(self, event: Any) -> int | Dataset:
         checked = self._check(event)

@@ -2,8 +2,8 @@
 receive, send, query, retrieve, export, FHIR read/search, de-identification, key
 operations, login failure, config change.
 
-Where a component does not record its event yet the test is marked xfail with the
-component named, so the gap shows in every run and turns into XPASS once fixed.
+Each event is produced the way production produces it (MLLP, DCMTK, HTTP, the CLI,
+SIGHUP), so a component that stops recording its event fails here by name.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import ssl
 import time
+from pathlib import Path
 
 import pytest
 from conftest import need_tool
@@ -210,3 +211,41 @@ def _last_error(eng) -> str | None:
     d = schema.deliveries
     with eng.store.engine.connect() as c:
         return c.execute(select(d.c.last_error)).scalar_one_or_none()
+
+
+def test_relative_tls_paths_are_relative_to_the_yaml(pki, rx, tmp_path, monkeypatch):
+    """`tls: {cert: certs/server.pem}` means beside channels.yaml, whatever the working directory."""
+    import shutil
+
+    from conftest import EngineThread
+
+    folder = tmp_path / "eng"
+    (folder / "certs").mkdir(parents=True)
+    for src in (pki.server.cert, pki.server.key, pki.ca):
+        shutil.copy(src, folder / "certs" / Path(src).name)
+    yaml = (YAML.format(pki=pki, mutual="false", rx=rx.port, ca=pki.ca)
+            .replace(f'"{pki.server.cert}"', '"certs/server.pem"')
+            .replace(f'"{pki.server.key}"', '"certs/server-key.pem"')
+            .replace(f'ca: "{pki.ca}", require', 'ca: "certs/ca.pem", require'))
+    assert "certs/server.pem" in yaml and "certs/ca.pem" in yaml
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # not the YAML's folder
+    e = EngineThread(yaml, folder)
+    try:
+        ack = tls_request(e.address("adt")[1], client_ctx(pki), adt("REL0001"))
+        assert msa(ack)[1] == "AA"
+    finally:
+        e.stop()
+
+
+def test_check_reports_missing_tls_files_everywhere(tmp_path):
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "channels.yaml"
+    cfg.write_text("channels: {}\naudit:\n  syslog:\n    host: arr.example\n    tls: {ca: missing-ca.pem}\n")
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "check", str(cfg)], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert f"{cfg}:5: audit.syslog.tls.ca: file not found: {tmp_path / 'missing-ca.pem'}" in r.stderr

@@ -30,7 +30,11 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import Tag
+from pydicom.uid import UID
 from sqlalchemy import (
     Column,
     Connection,
@@ -40,6 +44,7 @@ from sqlalchemy import (
     String,
     Table,
     and_,
+    bindparam,
     func,
     insert,
     select,
@@ -194,6 +199,27 @@ def read_index_dataset(part10: bytes) -> Dataset:
     return dcmread(io.BytesIO(part10), stop_before_pixels=True, specific_tags=INDEX_TAGS)
 
 
+_INDEX_TAG_LIST = [Tag(tag_for_keyword(kw)) for kw in INDEX_TAGS]
+_PIXEL_DATA = Tag(0x7FE00010)
+
+
+def _before_pixels(tag: Any, _vr: Any, _length: Any) -> bool:
+    return bool(tag >= _PIXEL_DATA)
+
+
+def read_index_data_set(data_set: bytes | memoryview, transfer_syntax: str) -> Dataset:
+    """Like ``read_index_dataset`` for the bare encoded data set of a known transfer syntax.
+
+    Skips re-reading the file meta the listener has just written; a deflated (or
+    unknown) transfer syntax goes through ``dcmread`` as a Part-10 stream instead.
+    """
+    ts = UID(transfer_syntax)
+    if not ts.is_transfer_syntax or ts.is_deflated:
+        raise ValueError(f"no fast path for transfer syntax {transfer_syntax}")
+    return read_dataset(io.BytesIO(data_set), ts.is_implicit_VR, ts.is_little_endian,
+                        stop_when=_before_pixels, specific_tags=_INDEX_TAG_LIST)
+
+
 def _int(v: Any) -> int | None:
     try:
         return int(v) if v not in (None, "") else None
@@ -217,15 +243,26 @@ def _seal(store: Any, conn: Connection, level: str, unique: str, attrs: Mapping[
     return store.put_blob(conn, json.dumps(attrs, separators=(",", ":")).encode(), _aad(level, unique))
 
 
-def _get_or_create(conn: Connection, table: Table, where: Any, make: Any) -> int:
-    row = conn.execute(select(table.c.pk).where(where)).first()
-    if row is not None:
-        return int(row[0])
-    return int(conn.execute(insert(table).values(**make())).inserted_primary_key[0])
+def _get_or_create(conn: Connection, table: Table, pk: int | None, make: Any) -> int:
+    if pk is not None:
+        return int(pk)
+    return int(conn.execute(insert(table), make()).inserted_primary_key[0])  # type: ignore[index]
+
+
+# Built once: these run for every stored instance, and building a statement (operators,
+# coercions, cache key) costs more than SQLite running it.
+_EXISTING = select(instances).where(instances.c.sop_uid == bindparam("sop"))
+_LOOKUP = select(  # the pks of the four levels in one round trip (None where missing)
+    select(patients.c.pk).where(patients.c.pid_hmac == bindparam("pid")).scalar_subquery(),
+    select(studies.c.pk).where(studies.c.study_uid == bindparam("study")).scalar_subquery(),
+    select(series.c.pk).where(series.c.series_uid == bindparam("series")).scalar_subquery(),
+    select(instances.c.pk).where(instances.c.sop_uid == bindparam("sop")).scalar_subquery(),
+)
+_UPDATE_INSTANCE = update(instances).where(instances.c.pk == bindparam("old_pk"))
 
 
 def existing_instance(conn: Connection, sop_uid: str) -> Mapping[str, Any] | None:
-    return conn.execute(select(instances).where(instances.c.sop_uid == sop_uid)).mappings().first()
+    return conn.execute(_EXISTING, {"sop": sop_uid}).mappings().first()
 
 
 def index_instance(conn: Connection, store: Any, hkey: bytes, attrs: Mapping[str, Mapping[str, Any]], *,
@@ -244,15 +281,16 @@ def index_instance(conn: Connection, store: Any, hkey: bytes, attrs: Mapping[str
     now = time.time()
     pid = str(p.get("PatientID", ""))
     pid_h = keyed(hkey, "PatientID", pid + "\x00" + str(p.get("IssuerOfPatientID", "")))
-    patient_pk = _get_or_create(conn, patients, patients.c.pid_hmac == pid_h, lambda: {
+    pks = conn.execute(_LOOKUP, {"pid": pid_h, "study": study_uid, "series": series_uid, "sop": sop_uid}).one()
+    patient_pk = _get_or_create(conn, patients, pks[0], lambda: {
         "pid_hmac": pid_h, "name_hmac": keyed(hkey, "PatientName", norm_pn(p.get("PatientName", ""))),
         "attrs_blob": _seal(store, conn, "PATIENT", pid_h, p), "created_at": now})
-    study_pk = _get_or_create(conn, studies, studies.c.study_uid == study_uid, lambda: {
+    study_pk = _get_or_create(conn, studies, pks[1], lambda: {
         "patient_pk": patient_pk, "study_uid": study_uid, "study_date": str(st.get("StudyDate", ""))[:8],
         "study_time": str(st.get("StudyTime", ""))[:16],
         "accession_hmac": keyed(hkey, "AccessionNumber", str(st.get("AccessionNumber", "")).strip()),
         "attrs_blob": _seal(store, conn, "STUDY", study_uid, st), "created_at": now})
-    series_pk = _get_or_create(conn, series, series.c.series_uid == series_uid, lambda: {
+    series_pk = _get_or_create(conn, series, pks[2], lambda: {
         "study_pk": study_pk, "series_uid": series_uid, "modality": str(se.get("Modality", ""))[:16],
         "series_number": _int(se.get("SeriesNumber")),
         "attrs_blob": _seal(store, conn, "SERIES", series_uid, se), "created_at": now})
@@ -262,13 +300,12 @@ def index_instance(conn: Connection, store: Any, hkey: bytes, attrs: Mapping[str
         "message_id": message_id, "blob_id": blob_id, "digest": digest, "size": size,
         "channel": channel, "archived": int(archived), "received_at": now,
     }
-    old = conn.execute(select(instances.c.pk).where(instances.c.sop_uid == sop_uid)).first()
-    if old is None:
-        conn.execute(insert(instances).values(**row))
+    if pks[3] is None:
+        conn.execute(insert(instances), row)
         return "indexed"
     if not replace:
         return "exists"
-    conn.execute(update(instances).where(instances.c.pk == old[0]).values(**row))
+    conn.execute(_UPDATE_INSTANCE, {**row, "old_pk": pks[3]})
     return "replaced"
 
 
