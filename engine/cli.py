@@ -144,7 +144,7 @@ def messages() -> None:
 @_config_option
 @click.option("--channel", help="only this channel")
 @click.option("--route", help="only messages with a delivery on this route")
-@click.option("--state", type=click.Choice(["pending", "done", "dead", "filtered"]),
+@click.option("--state", type=click.Choice(["pending", "done", "dead", "filtered", "superseded"]),
               help="only messages with a delivery in this state")
 @click.option("--since", help="ISO time or age like 15m, 2h, 7d")
 @click.option("--until", help="ISO time or age")

@@ -69,6 +69,14 @@ class RetryConfig(_Strict):
     multiplier: float = Field(2.0, ge=1.0)
 
 
+class DebounceConfig(_Strict):
+    """Wait until a key (e.g. StudyInstanceUID) has been quiet, then deliver its last message once."""
+
+    key: str = Field(..., description="header whose value groups messages, e.g. StudyInstanceUID")
+    seconds: float = Field(..., gt=0, description="quiet period: a newer message with the same key "
+                           "supersedes the pending one and restarts the wait")
+
+
 WhenValue = str | int | float | list[str | int | float]
 
 
@@ -169,6 +177,7 @@ def build_root_model() -> type[BaseModel]:
         to=(destination, ...),
         retry=(RetryConfig, Field(default_factory=RetryConfig)),
         ordered=(bool, True),
+        debounce=(DebounceConfig | None, None),
     )
     channel = create_model(
         "Channel", __config__=cfg,

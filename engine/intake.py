@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import structlog
-from sqlalchemy import Connection, and_, bindparam, insert, select
+from sqlalchemy import Connection, and_, bindparam, insert, select, update
 
 from engine.envelope import Envelope
 from engine.store import schema
@@ -78,8 +78,10 @@ class Intake:
                  router: Callable[[Envelope], Sequence[str]],
                  dedupe_window: Callable[[str], float],
                  on_commit: Callable[[set[tuple[str, str]]], None] | None = None,
-                 metrics: Any = None) -> None:
+                 metrics: Any = None,
+                 debounce: Callable[[str, str], tuple[str, float] | None] | None = None) -> None:
         self.store = store
+        self.debounce = debounce or (lambda channel, route: None)
         self.config_hash = config_hash
         self.router = router
         self.dedupe_window = dedupe_window
@@ -224,6 +226,7 @@ class Intake:
             audit_rows: list[dict[str, Any]] = []
             blob_rows: list[dict[str, Any]] = []
             to_seal: list[tuple[int, bytes, str]] = []
+            supersede: dict[tuple[str, str, str], str] = {}
             for item in batch:
                 env = item.envelope
                 key = (env.channel, item.dedupe_key) if item.dedupe_key else None
@@ -246,11 +249,19 @@ class Intake:
                     "config_hash": self.config_hash, "dedupe_key": item.dedupe_key,
                     "response": item.response, "parent_id": env.lineage[-1] if env.lineage else None,
                 })
-                dlv_rows.extend({
-                    "message_id": env.id, "channel": env.channel, "route": r, "state": "pending",
-                    "attempts": 0, "next_attempt_at": now, "lease_until": 0.0, "last_error": None,
-                    "detail": None, "updated_at": now,
-                } for r in routes)
+                for r in routes:
+                    due, ck = now, None
+                    quiet = self.debounce(env.channel, r)
+                    if quiet is not None:
+                        ck = _header_value(env, quiet[0])
+                        if ck is not None:
+                            due = now + quiet[1]
+                            supersede[(env.channel, r, ck)] = env.id
+                    dlv_rows.append({
+                        "message_id": env.id, "channel": env.channel, "route": r, "state": "pending",
+                        "attempts": 0, "next_attempt_at": due, "lease_until": 0.0, "last_error": None,
+                        "detail": None, "updated_at": now, "coalesce_key": ck,
+                    })
                 if key is not None:
                     existing[key] = (env.id, item.response)
                 outcomes.append(Outcome("accepted", env.id, response=item.response, result=result,
@@ -264,11 +275,45 @@ class Intake:
                 for row, blob in zip(msg_rows, blob_rows, strict=True):
                     row["blob_id"] = blob["id"]
                 conn.execute(insert(schema.messages), msg_rows)
+            if supersede:
+                _supersede(conn, supersede, dlv_rows, now)
             if dlv_rows:
                 conn.execute(insert(schema.deliveries), dlv_rows)
             if audit_rows:  # one executemany per group commit: the trail costs no extra fsync
                 conn.execute(insert(schema.audit_events), audit_rows)
         return outcomes
+
+
+def _header_value(env: Envelope, key: str) -> str | None:
+    v = env.headers.get(key)
+    if v is None:
+        from engine.match import _MISSING, _from_payload
+
+        try:
+            v = _from_payload(env, key)
+        except Exception:
+            return None
+        if v is _MISSING:
+            return None
+    return str(v)[:256] or None
+
+
+def _supersede(conn: Connection, latest: dict[tuple[str, str, str], str], rows: list[dict[str, Any]],
+               now: float) -> None:
+    """Debounce: a newer message with the same key replaces the pending delivery of an older one.
+
+    Older pending rows already in the store and older rows of this same batch become
+    `superseded`; only the newest stays pending, due when the key has been quiet long enough.
+    """
+    d = schema.deliveries
+    for (channel, route, ck), newest in latest.items():
+        conn.execute(update(d).where(and_(d.c.channel == channel, d.c.route == route, d.c.coalesce_key == ck,
+                                          d.c.state == "pending"))
+                     .values(state="superseded", detail=f"superseded by {newest}", updated_at=now))
+    for row in rows:
+        ck = row["coalesce_key"]
+        if ck is not None and latest.get((row["channel"], row["route"], ck)) != row["message_id"]:
+            row["state"], row["detail"] = "superseded", f"superseded by {latest[(row['channel'], row['route'], ck)]}"
 
 
 def _receive_audit(env: Envelope, now: float, message_id: str, detail: str | None) -> dict[str, Any]:

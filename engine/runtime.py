@@ -106,9 +106,11 @@ class Runtime:
             port = self.metrics.serve(s.metrics.host, s.metrics.port)
             log.info("metrics.listening", host=s.metrics.host, port=port)
         windows = {name: ch.dedupe_window for name, ch in s.channels.items()}
+        quiet = {(name, r.name): (r.debounce.key, r.debounce.seconds)
+                 for name, ch in s.channels.items() for r in ch.routes if r.debounce is not None}
         self.intake = Intake(self.store, config_hash=s.config_hash, router=self._router,
                              dedupe_window=lambda ch: windows.get(ch, 0.0), on_commit=self._wake,
-                             metrics=self.metrics)
+                             metrics=self.metrics, debounce=lambda ch, r: quiet.get((ch, r)))
         await self.intake.start()
         for cname, ch in s.channels.items():
             if not ch.enabled:
@@ -118,7 +120,8 @@ class Runtime:
                 transforms = [registry.get("transform", t.type).factory(t, ctx) for t in rc.transforms]
                 dest = registry.get("destination", rc.to.type).factory(rc.to, ctx)
                 route = Route(channel=cname, name=rc.name, when=dict(rc.when), transforms=transforms,
-                              destination=dest, retry=rc.retry, ordered=rc.ordered, to_type=rc.to.type)
+                              destination=dest, retry=rc.retry, ordered=rc.ordered and rc.debounce is None,
+                              to_type=rc.to.type)
                 self.routes[(cname, rc.name)] = route
                 self._by_channel.setdefault(cname, []).append(route)
         for route in self.routes.values():

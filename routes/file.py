@@ -30,7 +30,7 @@ class FileDestinationConfig(ComponentConfig):
 
     type: Literal["file"]
     path: str = Field(..., description="folder to write to; created (0700) when missing; relative paths are "
-                      "relative to the process working directory")
+                      "relative to the YAML file, like the store's")
     fsync: bool = Field(True, description="fsync file and folder before reporting success (keep on)")
     mode: int = Field(0o600, description="file permission bits; messages carry PHI, so owner-only by default")
 
@@ -61,9 +61,10 @@ def write_atomic(folder: Path, name: str, data: bytes, *, fsync: bool = True, mo
 
 
 class FileDestination:
-    def __init__(self, config: FileDestinationConfig) -> None:
+    def __init__(self, config: FileDestinationConfig, base_dir: Path | None = None) -> None:
         self.config = config
-        self.folder = Path(config.path)
+        folder = Path(config.path)
+        self.folder = folder if folder.is_absolute() or base_dir is None else base_dir / folder
 
     async def send(self, envelope: Envelope) -> str | None:
         """Write the payload; returns the file name (an id, not PHI)."""
@@ -82,4 +83,4 @@ class FileDestination:
 @component("destination", "file", config=FileDestinationConfig)
 def build(config: FileDestinationConfig, ctx: ComponentContext) -> Any:
     """Write messages to a folder as <message id>.hl7/.dcm/.json (atomic, fsynced)."""
-    return FileDestination(config)
+    return FileDestination(config, ctx.settings.base_dir if ctx is not None and ctx.settings is not None else None)

@@ -4,6 +4,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 
 import engine_fakes
 import pytest
@@ -166,3 +167,35 @@ def test_cli_messages_list_and_check(engine_factory, store_url):
                               "PYTHONPATH": os.path.dirname(__file__)})
     assert out.returncode == 0, out.stderr
     assert '"route": "a", "state": "done"' in out.stdout
+
+
+DEBOUNCE_YAML = """
+store: {{url: "{url}", blobs: data/blobs}}
+keys: {{kek_file: data/keys.json}}
+channels:
+  in:
+    source: {{type: test_null}}
+    routes:
+      - name: per-study
+        debounce: {{key: StudyInstanceUID, seconds: 0.6}}
+        to: {{type: test_collect, name: deb}}
+"""
+
+
+def test_debounce_delivers_last_message_per_key_after_quiet(engine_factory, store_url):
+    eng = engine_factory(DEBOUNCE_YAML.format(url=store_url))
+
+    def send(payload: bytes, study: str):
+        env = Envelope(channel="in", kind="dicom", payload=payload, headers={"StudyInstanceUID": study})
+        return eng.call(eng.runtime.intake.submit(env))
+
+    for i in range(5):  # one study arriving instance by instance
+        send(b"A%d" % i, "1.2.3")
+        time.sleep(0.1)
+    send(b"B0", "1.2.4")
+    time.sleep(0.3)
+    assert engine_fakes.OUTBOX.get("deb", []) == []  # still inside the quiet period
+    eng.wait_for(lambda: sorted(engine_fakes.OUTBOX.get("deb", [])) == [b"A4", b"B0"], timeout=10)
+    eng.wait_for(lambda: states(eng) == {"done": 2, "superseded": 4})
+    time.sleep(0.8)
+    assert sorted(engine_fakes.OUTBOX["deb"]) == [b"A4", b"B0"]  # nothing else comes later

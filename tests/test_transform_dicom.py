@@ -107,11 +107,6 @@ def test_patient_accession_endpoint_and_issuer():
     assert study["resource"]["referrer"] == {"display": "Marcus Welby"}
 
 
-def test_quiet_period_other_than_zero_is_refused():
-    with pytest.raises(ValidationError, match="only 0"):
-        DicomToFhirConfig(type="dicom_to_fhir", quiet_period_seconds=30)
-
-
 def test_missing_uids_fail_clearly():
     ds = ct()
     del ds.SOPInstanceUID

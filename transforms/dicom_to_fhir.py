@@ -20,7 +20,9 @@ Series description and series dates are left out on purpose: the aggregate keeps
 free text or dates (PHI), and emitting them only for the current series would make
 the resource flap as instances of other series arrive.
 
-``quiet_period_seconds``: only 0 (emit on every instance) is accepted today.
+The quiet period before a study counts as complete is the route's ``debounce: {key:
+StudyInstanceUID, seconds: N}``: the engine then converts only the study's last instance, and
+the ImagingStudy lists every instance the archive index holds.
 Holding back emission until a study has been quiet needs a delayed job in the
 engine; a transform cannot schedule one, and a throttle without it would lose the
 last instances of a study. The key is there so configs can state intent and fail
@@ -33,14 +35,14 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import structlog
-from pydantic import Field, field_validator
+from pydantic import Field
 from pydicom import Dataset
 
 from engine.components import ComponentConfig
 from engine.context import ComponentContext
 from engine.envelope import Envelope
 from engine.registry import component
-from engine.store.study_aggregate import InstanceRow, record
+from engine.store.study_aggregate import InstanceRow, record, with_archived
 from transforms.dicom_common import first_code, instance_row, read_dataset, text
 from transforms.fhir_bundle import TransactionBuilder, dumps, prune, validate_bundle
 from transforms.fhir_time import dicom_datetime
@@ -77,17 +79,7 @@ class DicomToFhirConfig(ComponentConfig):
         examples=["https://pacs.example/dicom-web"])
     status: Literal["registered", "available"] = Field("available", description="ImagingStudy.status.")
     timezone: str = Field("UTC", description="IANA zone for StudyTime when TimezoneOffsetFromUTC is absent.")
-    quiet_period_seconds: float = Field(
-        0, description="0 = emit an updated ImagingStudy on every instance (the only value accepted "
-        "until the engine has delayed jobs).")
     validate_output: bool = Field(True, description="Validate the Bundle with fhir.resources (R4B).")
-
-    @field_validator("quiet_period_seconds")
-    @classmethod
-    def _quiet_zero(cls, v: float) -> float:
-        if v != 0:
-            raise ValueError("only 0 is supported: emitting after a quiet period needs engine delayed jobs")
-        return v
 
 
 def _series(rows: list[InstanceRow]) -> list[dict[str, Any]]:
@@ -182,7 +174,7 @@ def build(config: DicomToFhirConfig, ctx: ComponentContext | None = None) -> Cal
     def transform(env: Envelope) -> Envelope:
         ds = read_dataset(env.payload)
         row = instance_row(ds)
-        rows = record(engine, row) if engine is not None else [row]
+        rows = with_archived(engine, record(engine, row)) if engine is not None else [row]
         bundle = convert(ds, config, rows)
         log.debug("dicom_to_fhir.converted", message_id=env.id, instances=len(rows))
         return env.derive(kind="fhir", payload=dumps(bundle), headers={

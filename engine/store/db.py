@@ -22,7 +22,7 @@ from engine.store import schema
 
 log = structlog.get_logger()
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 INLINE_MAX = 256 * 1024  # payloads above this go to files beside the database
 
 
@@ -257,4 +257,15 @@ class _QueueTx:
         return self._cm.__exit__(*exc)
 
 
-_STEPS: dict[int, Any] = {}
+def _step2_coalesce_key(conn: Connection) -> None:
+    """v2: deliveries.coalesce_key for debounced routes (stores made by v1 lack it)."""
+    from sqlalchemy import inspect, text
+
+    cols = {c["name"] for c in inspect(conn).get_columns("deliveries")}
+    if "coalesce_key" not in cols:
+        conn.execute(text("ALTER TABLE deliveries ADD COLUMN coalesce_key VARCHAR(256)"))
+        conn.execute(text("CREATE INDEX IF NOT EXISTS ix_deliveries_coalesce "
+                          "ON deliveries (channel, route, coalesce_key, state)"))
+
+
+_STEPS: dict[int, Any] = {2: _step2_coalesce_key}

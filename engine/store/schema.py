@@ -64,7 +64,7 @@ messages = Table(
     Index("ix_messages_dedupe", "channel", "dedupe_key"),
 )
 
-# One row per (message, route). States: pending -> done | dead | filtered.
+# One row per (message, route). States: pending -> done | dead | filtered | superseded.
 # A failed attempt keeps state pending, bumps attempts and moves next_attempt_at.
 deliveries = Table(
     "deliveries",
@@ -80,7 +80,10 @@ deliveries = Table(
     Column("last_error", Text, nullable=True),
     Column("detail", String(256), nullable=True),
     Column("updated_at", Float, nullable=False),
+    # debounced routes: the value of the route's `debounce.key` header (e.g. a StudyInstanceUID)
+    Column("coalesce_key", String(256), nullable=True),
     Index("ix_deliveries_queue", "channel", "route", "state", "id"),
+    Index("ix_deliveries_coalesce", "channel", "route", "coalesce_key", "state"),
 )
 
 audit_events = Table(

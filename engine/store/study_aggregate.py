@@ -78,3 +78,33 @@ def forget(engine: Engine, study_uid: str) -> int:
     """Drop a study's rows (e.g. after the study is deleted downstream); returns rows removed."""
     with engine.begin() as conn:
         return conn.execute(study_instances.delete().where(study_instances.c.study_uid == study_uid)).rowcount
+
+
+def with_archived(engine: Engine, rows: list[InstanceRow]) -> list[InstanceRow]:
+    """Add the study's instances that the DICOM archive index holds but this table has not seen.
+
+    A debounced route (quiet period) converts only a study's last instance, so the
+    earlier ones never pass through the transform; the archive indexed every one of
+    them at intake. Rows seen here win (they carry body part and laterality).
+    """
+    if not rows:
+        return rows
+    try:
+        from engine.store import dicom_index as di
+    except ImportError:  # pragma: no cover - the index module ships with the engine
+        return rows
+    st, se, im = di.studies, di.series, di.instances
+    with engine.connect() as conn:
+        found = conn.execute(
+            select(se.c.series_uid, im.c.sop_uid, im.c.sop_class_uid, se.c.series_number, im.c.instance_number,
+                   se.c.modality)
+            .select_from(im.join(se, se.c.pk == im.c.series_pk).join(st, st.c.pk == se.c.study_pk))
+            .where(st.c.study_uid == rows[0].study_uid)).all()
+    seen = {r.sop_instance_uid for r in rows}
+    extra = [InstanceRow(rows[0].study_uid, series_uid, sop, sop_class or "", snum, inum, modality or "")
+             for series_uid, sop, sop_class, snum, inum, modality in found if sop not in seen]
+    if not extra:
+        return rows
+    return sorted([*rows, *extra], key=lambda r: (r.series_number if r.series_number is not None else 1 << 30,
+                                                  r.series_uid, r.instance_number if r.instance_number is not None
+                                                  else 1 << 30, r.sop_instance_uid))
