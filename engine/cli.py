@@ -144,7 +144,7 @@ def messages() -> None:
 @_config_option
 @click.option("--channel", help="only this channel")
 @click.option("--route", help="only messages with a delivery on this route")
-@click.option("--state", type=click.Choice(["pending", "done", "dead", "filtered", "superseded"]),
+@click.option("--state", type=click.Choice(["pending", "done", "dead", "filtered", "superseded", "quarantined"]),
               help="only messages with a delivery in this state")
 @click.option("--since", help="ISO time or age like 15m, 2h, 7d")
 @click.option("--until", help="ISO time or age")
@@ -200,7 +200,8 @@ def messages_show(config: str, message_id: str, phi: bool) -> None:
 @click.option("--channel")
 @click.option("--route")
 @click.option("--state", "states", multiple=True, default=("dead",), show_default=True,
-              type=click.Choice(["dead", "done", "filtered", "pending"]), help="which deliveries to send again")
+              type=click.Choice(["dead", "done", "filtered", "pending", "quarantined", "superseded"]),
+              help="which deliveries to send again")
 @click.option("--since")
 @click.option("--until")
 @click.option("--wait/--no-wait", default=True, show_default=True,

@@ -68,7 +68,14 @@ class Envelope:
 
 
 class Drop(Exception):
-    """Raised by a transform to stop a message on this route without it being an error."""
+    """Raised by a transform to stop a message on this route without it being an error.
+
+    ``state`` is what the delivery becomes: ``filtered`` by default; a subclass may name
+    another (de-identification's Quarantine uses ``quarantined``) so operators can list
+    held-back messages apart from the ones dropped on purpose.
+    """
+
+    state = "filtered"
 
     def __init__(self, reason: str = "") -> None:
         super().__init__(reason)

@@ -129,10 +129,10 @@ class RouteWorker:
         try:
             outs = await asyncio.to_thread(apply_transforms, r.transforms, env) if r.transforms else [env]
         except Drop as d:
-            done.append((c.delivery_id, "filtered", d.reason or "dropped"))
+            done.append((c.delivery_id, d.state, d.reason or "dropped"))
             if self.metrics:
                 self.metrics.filtered.labels(r.channel, r.name).inc()
-            log.info("route.filtered", channel=r.channel, route=r.name, message_id=c.message_id,
+            log.info(f"route.{d.state}", channel=r.channel, route=r.name, message_id=c.message_id,
                      reason=d.reason)
             return True
         except Exception as e:

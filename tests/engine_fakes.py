@@ -73,6 +73,7 @@ class UpperConfig(ComponentConfig):
     type: Literal["test_upper"]
     drop_if: str | None = None
     explode_if: str | None = None
+    quarantine_if: str | None = None
 
 
 @component("transform", "test_upper", config=UpperConfig)
@@ -82,6 +83,10 @@ def build_upper(config, ctx):
     def upper(env):
         if config.drop_if and config.drop_if.encode() in env.payload:
             raise Drop("matched drop_if")
+        if config.quarantine_if and config.quarantine_if.encode() in env.payload:
+            from transforms.deid_pixels import Quarantine
+
+            raise Quarantine("quarantined: test")
         if config.explode_if and config.explode_if.encode() in env.payload:
             raise ValueError("boom")
         return env.derive(payload=env.payload.upper())

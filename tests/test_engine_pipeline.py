@@ -23,7 +23,7 @@ channels:
     routes:
       - name: a
         when: {{"MSH-9.1": ADT}}
-        transforms: [{{type: test_upper, drop_if: "DROPME", explode_if: "EXPLODE"}}]
+        transforms: [{{type: test_upper, drop_if: "DROPME", explode_if: "EXPLODE", quarantine_if: "BURNED"}}]
         to: {{type: test_collect, name: {name}}}
         retry: {{max_attempts: 3, initial_delay: 0.05, max_delay: 0.1}}
 """
@@ -138,7 +138,8 @@ def test_drop_and_transform_error(engine_factory, store_url):
     eng = engine_factory(YAML.format(name="t7", url=store_url))
     submit(eng, b"DROPME please")
     o = submit(eng, b"EXPLODE")
-    eng.wait_for(lambda: states(eng) == {"filtered": 1, "dead": 1})
+    submit(eng, b"BURNED in text")
+    eng.wait_for(lambda: states(eng) == {"filtered": 1, "dead": 1, "quarantined": 1})
     d = schema.deliveries
     with eng.store.engine.connect() as c:
         err = c.execute(select(d.c.last_error).where(d.c.message_id == o.message_id)).scalar()

@@ -20,7 +20,9 @@ from transforms.deid_config import DeidentifyConfig, PixelRule
 
 
 class Quarantine(Drop):
-    """A message stopped because it may hold PHI we cannot remove (recorded as filtered)."""
+    """A message stopped because it may hold PHI we cannot remove; its delivery becomes `quarantined`."""
+
+    state = "quarantined"
 
 
 def _risk(ds: Dataset, config: DeidentifyConfig) -> str | None:

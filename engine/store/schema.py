@@ -64,7 +64,7 @@ messages = Table(
     Index("ix_messages_dedupe", "channel", "dedupe_key"),
 )
 
-# One row per (message, route). States: pending -> done | dead | filtered | superseded.
+# One row per (message, route). States: pending -> done | dead | filtered | quarantined | superseded.
 # A failed attempt keeps state pending, bumps attempts and moves next_attempt_at.
 deliveries = Table(
     "deliveries",
