@@ -77,25 +77,16 @@ def shift_compact(value: str, days: int) -> str:
 
     Unparseable input comes back empty: a value we cannot shift is not kept.
     """
-    value = value.strip()
-    m = _COMPACT.match(value)
-    if not m:
-        return ""
-    y, mo, d, rest = m.groups()
-    shifted = _shift(y, mo, d, days)
-    if shifted is None:
-        return ""
-    out = f"{shifted[0]:04d}"
-    if mo:
-        out += f"{shifted[1]:02d}"
-    if d:
-        out += f"{shifted[2]:02d}"
-    return out + rest
+    return _shift_match(_COMPACT.match(value.strip()), days, "")
 
 
 def shift_iso(value: str, days: int) -> str:
     """Shift a FHIR date/dateTime/instant (``YYYY[-MM[-DD]][Thh:mm...]``) keeping its precision."""
-    m = _ISO.match(value.strip())
+    return _shift_match(_ISO.match(value.strip()), days, "-")
+
+
+def _shift_match(m: re.Match[str] | None, days: int, sep: str) -> str:
+    """Shift a matched (year, month, day, rest) date, keeping its precision and separator."""
     if not m:
         return ""
     y, mo, d, rest = m.groups()
@@ -104,7 +95,7 @@ def shift_iso(value: str, days: int) -> str:
         return ""
     out = f"{shifted[0]:04d}"
     if mo:
-        out += f"-{shifted[1]:02d}"
+        out += f"{sep}{shifted[1]:02d}"
     if d:
-        out += f"-{shifted[2]:02d}"
+        out += f"{sep}{shifted[2]:02d}"
     return out + rest

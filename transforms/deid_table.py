@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Literal
+from typing import Literal, get_args
 
 Option = Literal[
     "retain_safe_private",
@@ -34,18 +34,7 @@ Option = Literal[
     "clean_structured_content",
     "clean_graphics",
 ]
-OPTIONS: tuple[Option, ...] = (
-    "retain_safe_private",
-    "retain_uids",
-    "retain_device_identity",
-    "retain_institution_identity",
-    "retain_patient_characteristics",
-    "retain_long_full_dates",
-    "retain_long_modified_dates",
-    "clean_descriptors",
-    "clean_structured_content",
-    "clean_graphics",
-)
+OPTIONS: tuple[Option, ...] = get_args(Option)
 
 # PS3.16 CID 7050 De-identification Method (checked against pydicom's PS3.16 concept table).
 CID_7050: dict[str, tuple[str, str]] = {
