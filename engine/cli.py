@@ -268,14 +268,17 @@ def keys_list(config: str) -> None:
 @keys.command("create")
 @_config_option
 def keys_create(config: str) -> None:
-    """Create the key file if it does not exist yet (mode 0600)."""
-    from engine.crypto import KeyRing
+    """Create the key file if it does not exist yet (mode 0600), and the store with it."""
+    from engine.audit import Audit
+    from engine.runtime import open_store
 
-    settings = _load(config)
+    settings = _load(config, need_env=False)
     path = settings.resolve(settings.keys.kek_file)
     existed = path.exists()
-    ring = KeyRing(path)
-    click.echo(f"{path}: {'exists' if existed else 'created'}, active key {ring.active_id}")
+    store = open_store(settings)
+    Audit(store).record("keys.create", actor=os.environ.get("USER", "cli"),
+                        detail=f"{'existing' if existed else 'new'} key file, active {store.keyring.active_id}")
+    click.echo(f"{path}: {'exists' if existed else 'created'}, active key {store.keyring.active_id}")
 
 
 @keys.command("rotate")

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, func, or_, select
 
+from engine.audit_dicom import Code, classify
 from engine.store import schema
 from engine.store.fhir_params import FhirError
 from engine.store.fhir_search import DEFAULT_COUNT, MAX_COUNT, date_clause
@@ -21,22 +22,23 @@ DCM = "http://dicom.nema.org/resources/ontology/DCM"
 AUDIT_PARAMS = {"_id": "token", "date": "date", "subtype": "token"}
 
 
-def _type_coding(action: str) -> dict[str, str]:
-    family = action.split(".", 1)[0]
-    if family == "login":
-        return {"system": DCM, "code": "110114", "display": "User Authentication"}
-    if family == "fhir":
-        return {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest",
-                "display": "RESTful Operation"}
-    if family == "dicom":
-        return {"system": DCM, "code": "110104", "display": "DICOM Instances Transferred"}
-    return {"system": DCM, "code": "110100", "display": "Application Activity"}
+def _coding(code: Code) -> dict[str, str]:
+    return {"system": DCM, "code": code.code, "display": code.text}
 
 
-def _crud(action: str) -> str:
-    verb = action.rsplit(".", 1)[-1]
-    return {"read": "R", "search": "E", "create": "C", "update": "U", "delete": "D",
-            "transaction": "E", "batch": "E"}.get(verb, "E")
+def _classified(row: Any) -> tuple[dict[str, str], list[dict[str, str]], str]:
+    """type, subtypes and action, coded like the DICOM PS3.15 export (engine.audit_dicom.classify),
+    so the syslog view and the FHIR view of one event agree; FHIR REST calls keep the FHIR
+    `rest` type, as the AuditEvent guidance asks."""
+    action = row["action"]
+    entity = row["entity"] if isinstance(row["entity"], dict) else {}
+    event = classify(action, entity.get("kind"))
+    if action.startswith("fhir."):
+        type_ = {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest",
+                 "display": "RESTful Operation"}
+    else:
+        type_ = _coding(event.event_id)
+    return type_, [_coding(t) for t in event.types], event.action_code
 
 
 def to_resource(row: Any) -> dict[str, Any]:
@@ -44,12 +46,13 @@ def to_resource(row: Any) -> dict[str, Any]:
     agent: dict[str, Any] = {"requestor": True, "who": {"display": row["actor"] or "unknown"}}
     if row["peer"]:
         agent["network"] = {"address": row["peer"], "type": "2"}
+    type_, subtypes, action_code = _classified(row)
     res: dict[str, Any] = {
         "resourceType": "AuditEvent",
         "id": str(row["id"]),
-        "type": _type_coding(row["action"]),
-        "subtype": [{"system": ACTION_SYSTEM, "code": row["action"]}],
-        "action": _crud(row["action"]),
+        "type": type_,
+        "subtype": [{"system": ACTION_SYSTEM, "code": row["action"]}, *subtypes],
+        "action": action_code,
         "recorded": iso_instant(row["at"]),
         "outcome": outcome,
         "agent": [agent],

@@ -227,6 +227,12 @@ def test_reads_are_audited(client, server):
     get_fhir_model_class("AuditEvent").model_validate(ev)
     assert client.get(f"/AuditEvent/{ev['id']}").json()["id"] == ev["id"]
     assert client.get("/AuditEvent/999999").status_code == 404
+    assert ev["action"] == "R" and ev["type"]["code"] == "rest"
+    # the write went through intake: its receive row is coded like the DICOM export (Import, 110107)
+    recv = client.get("/AuditEvent", params={"subtype": "message.receive"}).json()["entry"][0]["resource"]
+    assert recv["type"] == {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110107",
+                            "display": "Import"}
+    assert recv["action"] == "C"
     searches = client.get("/AuditEvent", params={"subtype": "fhir.search"}).json()
     assert all("MRN" not in json.dumps(e) for e in searches.get("entry", []))  # search values never audited
 
