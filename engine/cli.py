@@ -305,6 +305,30 @@ def keys_rotate(config: str, retire: bool) -> None:
     click.echo(f"active key {new}; re-wrapped {n} data keys; retired {', '.join(retired) or 'none'}")
 
 
+# -- store ----------------------------------------------------------------
+@main.group()
+def store() -> None:
+    """Maintenance of the message store."""
+
+
+@store.command("gc")
+@_config_option
+@click.option("--older-than", default=3600.0, show_default=True,
+              help="seconds; younger files may belong to a commit still in flight")
+@click.option("--dry-run", is_flag=True, help="only count what would be removed")
+def store_gc(config: str, older_than: float, dry_run: bool) -> None:
+    """Remove encrypted blob files that no stored message refers to (left by a crash mid-commit)."""
+    from engine.audit import Audit
+    from engine.runtime import open_store
+    from engine.store.gc import collect
+
+    st = open_store(_load(config, need_env=False))
+    n, size = collect(st, older_than=older_than, dry_run=dry_run)
+    if not dry_run:
+        Audit(st).record("store.gc", actor=os.environ.get("USER", "cli"), detail=f"{n} orphan files removed")
+    click.echo(f"{'would remove' if dry_run else 'removed'} {n} orphan blob files ({size} bytes)")
+
+
 # -- components -------------------------------------------------------------
 @main.command()
 @click.option("--markdown", is_flag=True, help="print as Markdown (docs/components.md)")

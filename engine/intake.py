@@ -219,6 +219,7 @@ class Intake:
     def _commit_batch(self, batch: list[_Item]) -> list[Outcome]:
         now = time.time()
         outcomes: list[Outcome] = []
+        unused: list[str] = []  # files written ahead for what turned out to be duplicates
         with self.store.engine.begin() as conn:
             existing = self._existing(conn, batch)
             msg_rows: list[dict[str, Any]] = []
@@ -234,6 +235,8 @@ class Intake:
                     mid, resp = existing[key]
                     outcomes.append(Outcome("duplicate", mid, response=resp))
                     audit_rows.append(_receive_audit(env, now, mid, "duplicate"))
+                    if item.blob_row is not None and item.blob_row.get("in_file"):
+                        unused.append(item.blob_row["id"])
                     continue
                 routes = tuple(self.router(env))
                 result = item.tx_hook(conn, env) if item.tx_hook is not None else None
@@ -281,6 +284,8 @@ class Intake:
                 conn.execute(insert(schema.deliveries), dlv_rows)
             if audit_rows:  # one executemany per group commit: the trail costs no extra fsync
                 conn.execute(insert(schema.audit_events), audit_rows)
+        for blob_id in unused:
+            self.store.blob_path(blob_id).unlink(missing_ok=True)
         return outcomes
 
 

@@ -93,3 +93,25 @@ def test_migration_from_v1_adds_coalesce_key(store):
     with store.engine.connect() as c:
         assert "coalesce_key" in {col["name"] for col in inspect(c).get_columns("deliveries")}
         assert c.execute(text("SELECT max(version) FROM schema_version")).scalar() == 2
+
+
+def test_gc_removes_only_unreferenced_old_files(store):
+    import os
+    import time
+
+    from engine.store.gc import collect
+
+    with store.engine.begin() as c:
+        kept = store.put_blob(c, b"k" * 5000, "m1")
+    rows = store.prepare_blobs([(b"o" * 5000, "m2")])  # written ahead, never committed (a crash)
+    orphan = store.blob_path(rows[0]["id"])
+    young = store.prepare_blobs([(b"y" * 5000, "m3")])[0]["id"]
+    old = time.time() - 7200
+    os.utime(orphan, (old, old))
+    os.utime(store.blob_path(kept), (old, old))
+    assert collect(store, older_than=3600, dry_run=True) == (1, orphan.stat().st_size)
+    assert orphan.exists()
+    assert collect(store, older_than=3600)[0] == 1
+    assert not orphan.exists() and store.blob_path(kept).exists() and store.blob_path(young).exists()
+    with store.engine.connect() as c:
+        assert store.get_blob(c, kept, aad="m1") == b"k" * 5000
