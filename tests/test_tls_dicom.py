@@ -10,13 +10,10 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
-from sqlalchemy import func, select
-from tls_certs import make_pki, s_client_handshake
-
-pytest.importorskip("listeners.dicom", reason="DICOM listener not in this tree")
-
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
+from sqlalchemy import func, select
+from tls_certs import make_pki, s_client_handshake
 
 from engine.store import schema
 from tests.dicom_peers import data_file, run, store_statuses

@@ -10,8 +10,6 @@ import pytest
 from conftest import free_port
 from tls_certs import make_pki, s_client_handshake
 
-pytest.importorskip("listeners.fhir", reason="FHIR listener not in this tree")
-
 TOKEN = "tls-test-token-4b7a0e"
 ENV = {"FHIR_TOKEN": TOKEN}
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
