@@ -92,3 +92,20 @@ def build_upper(config, ctx):
         return env.derive(payload=env.payload.upper())
 
     return upper
+
+
+def collect_yaml(*, max_attempts: int, initial_delay: float = 0.05, max_delay: float = 0.1,
+                 store_extra: str = "", route_extra: str = "") -> str:
+    """A channels.yaml template (placeholders {url} and {name}): test_null source, one route `a`
+    to the test_collect destination `{name}`, with the given retry policy."""
+    return f"""
+store: {{{{url: "{{url}}", blobs: data/blobs{store_extra}}}}}
+keys: {{{{kek_file: data/keys.json}}}}
+channels:
+  in:
+    source: {{{{type: test_null}}}}
+    routes:
+      - name: a{route_extra}
+        to: {{{{type: test_collect, name: {{name}}}}}}
+        retry: {{{{max_attempts: {max_attempts}, initial_delay: {initial_delay}, max_delay: {max_delay}}}}}
+"""

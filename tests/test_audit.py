@@ -16,17 +16,7 @@ from engine.config import ConfigError, parse_settings
 from engine.envelope import Envelope
 from engine.store import schema
 
-YAML = """
-store: {{url: "{url}", blobs: data/blobs}}
-keys: {{kek_file: data/keys.json}}
-channels:
-  in:
-    source: {{type: test_null}}
-    routes:
-      - name: a
-        to: {{type: test_collect, name: {name}}}
-        retry: {{max_attempts: 2, initial_delay: 0.05, max_delay: 0.1}}
-"""
+YAML = engine_fakes.collect_yaml(max_attempts=2)
 
 
 def audit_rows(store, action=None):

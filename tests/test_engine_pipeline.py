@@ -14,19 +14,9 @@ from engine import queue
 from engine.envelope import Envelope
 from engine.store import schema
 
-YAML = """
-store: {{url: "{url}", blobs: data/blobs}}
-keys: {{kek_file: data/keys.json}}
-channels:
-  in:
-    source: {{type: test_null}}
-    routes:
-      - name: a
+YAML = engine_fakes.collect_yaml(max_attempts=3, route_extra="""
         when: {{"MSH-9.1": ADT}}
-        transforms: [{{type: test_upper, drop_if: "DROPME", explode_if: "EXPLODE", quarantine_if: "BURNED"}}]
-        to: {{type: test_collect, name: {name}}}
-        retry: {{max_attempts: 3, initial_delay: 0.05, max_delay: 0.1}}
-"""
+        transforms: [{{type: test_upper, drop_if: "DROPME", explode_if: "EXPLODE", quarantine_if: "BURNED"}}]""")
 
 
 @pytest.fixture(autouse=True)

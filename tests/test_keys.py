@@ -152,17 +152,7 @@ def test_blob_sealed_before_retirement_is_rewrapped_by_the_engine(store):
 
 
 # -- rotation while the engine accepts and delivers ------------------------------------
-ENGINE_YAML = """
-store: {{url: "{url}", blobs: data/blobs}}
-keys: {{kek_file: data/keys.json}}
-channels:
-  in:
-    source: {{type: test_null}}
-    routes:
-      - name: a
-        to: {{type: test_collect, name: {name}}}
-        retry: {{max_attempts: 50, initial_delay: 0.05, max_delay: 0.2}}
-"""
+ENGINE_YAML = engine_fakes.collect_yaml(max_attempts=50, max_delay=0.2)
 
 
 def test_rotate_without_downtime(engine_factory, store_url):
@@ -274,17 +264,8 @@ def test_kill9_mid_rotation_loses_nothing(tmp_path, store_url):
 
 
 # -- tampering in the running engine ---------------------------------------------------
-TAMPER_YAML = """
-store: {{url: "{url}", blobs: data/blobs, inline_max_bytes: 64}}
-keys: {{kek_file: data/keys.json}}
-channels:
-  in:
-    source: {{type: test_null}}
-    routes:
-      - name: a
-        to: {{type: test_collect, name: {name}}}
-        retry: {{max_attempts: 5, initial_delay: 1.0, max_delay: 1.0}}
-"""
+TAMPER_YAML = engine_fakes.collect_yaml(max_attempts=5, initial_delay=1.0, max_delay=1.0,
+                                        store_extra=", inline_max_bytes: 64")
 
 
 @pytest.mark.parametrize("how", ["inline_data", "file", "wrapped_key", "nonce", "aad_column"])
