@@ -46,10 +46,10 @@ from engine.hl7 import (
     HL7Error,
     read_header,
 )
+from engine.hl7_ack import ack_code, build_ack, should_send
+from engine.mllp_framing import Frame, FrameParser, Oversized, Restarted, Unframed, frame
 from engine.registry import component
 from engine.tls import TLSConfig, server_context
-from listeners.hl7_ack import ack_code, build_ack, should_send
-from listeners.mllp_framing import Frame, FrameParser, Oversized, Restarted, Unframed, frame
 
 log = structlog.get_logger()
 

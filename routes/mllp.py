@@ -26,10 +26,10 @@ from engine.components import ComponentConfig, DeliveryError
 from engine.context import ComponentContext
 from engine.envelope import Envelope
 from engine.hl7 import HL7Error, read_header
+from engine.hl7_ack import parse_ack
+from engine.mllp_framing import Frame, FrameParser, Oversized, Unframed, frame
 from engine.registry import component
 from engine.tls import TLSConfig, client_context
-from listeners.hl7_ack import parse_ack
-from listeners.mllp_framing import Frame, FrameParser, Oversized, Unframed, frame
 
 log = structlog.get_logger()
 
