@@ -85,12 +85,15 @@ def should_send(header: Header | None, code: str) -> bool:
 
 def build_ack(header: Header | None, code: str, *, error: HL7Error | None = None,
               detail: str | None = None, control_id: str | None = None,
-              now: datetime | None = None) -> bytes:
+              now: datetime | None = None, accept_ack: str = "") -> bytes:
     """The ACK for ``header``'s message, as bytes in the message's charset.
 
     ``header`` None (no readable MSH) gives an ACK with default delimiters,
     version 2.5, no addressees and an empty MSA-2: the best answer possible to
     bytes that are not HL7. ``detail`` (never PHI) goes in ERR-8 / MSA-3.
+    ``accept_ack`` (MSH-15) is for an application ACK sent as a message of its own
+    (enhanced mode): AL asks the original sender's listener to commit-accept it, with
+    MSH-16 NE so the ACK is never itself application-acknowledged.
     """
     d = header.delimiters if header is not None else DEFAULT_DELIMITERS
     fs, cs = d.field, d.component
@@ -110,7 +113,9 @@ def build_ack(header: Header | None, code: str, *, error: HL7Error | None = None
         g(5), g(6), g(3), g(4),  # MSH-3..6: receiver becomes sender
         ts, "", msh9, control_id or new_control_id(),
         g(11) or "P", g(12) or version,
-        "", "", "", "", "",  # MSH-13..17: an ACK is never acknowledged itself
+        "", "",  # MSH-13, MSH-14
+        accept_ack, "NE" if accept_ack else "",  # MSH-15, MSH-16: an ACK is never application-acknowledged
+        "",  # MSH-17
         g(18),
     ]
     while msh and msh[-1] == "":

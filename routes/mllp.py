@@ -124,6 +124,23 @@ class MLLPSender:
                     raise
         raise DeliveryError("not delivered")  # unreachable; keeps type checkers honest
 
+    async def write_only(self, envelope: Envelope) -> str:
+        """Send one frame and expect no answer (for messages that ask for none, e.g. an ACK)."""
+        async with self._lock:
+            for attempt in (1, 2):
+                if not self.connected:
+                    await self._connect()
+                assert self._writer is not None
+                try:
+                    self._writer.write(frame(envelope.payload))
+                    await self._writer.drain()
+                    return "written"
+                except (ConnectionError, OSError):
+                    await self._drop()
+                    if attempt == 2:
+                        raise DeliveryError("connection lost while sending") from None
+        raise DeliveryError("not delivered")  # unreachable
+
     async def _exchange(self, payload: bytes, control_id: str) -> str:
         assert self._writer is not None and self._reader is not None and self._parser is not None
         cfg = self.config
