@@ -310,3 +310,23 @@ def test_phi_not_in_data_folder(engine_factory, tmp_path):
             blob = p.read_bytes()
             for n in needles:
                 assert n not in blob, (p, n)
+
+
+def test_no_phi_in_info_logs(engine_factory, tmp_path):
+    """Store, query, retrieve and a refused association: nothing at info or above names the patient."""
+    from structlog.testing import capture_logs
+
+    e = engine_factory(dicom_yaml())
+    port = e.address("dcm")[1]
+    f = data_file("CT_small.dcm")
+    with capture_logs() as logs:
+        assert store_statuses(storescu(port, [f]).stdout) == ["Success"]
+        findscu(port, "STUDY", {"PatientName": "Compressed*", "PatientID": ""}, out_dir=tmp_path / "q")
+        findscu(port, "STUDY", {"PatientName": "Compressed*"}, aet="NOTALLOWED", out_dir=tmp_path / "q2")
+    ds = dcmread(f, stop_before_pixels=True)
+    info = [x for x in logs if x.get("log_level") != "debug"]
+    assert any(x["event"] == "dicom.stored" for x in info)
+    text = repr(info)
+    for needle in (str(ds.PatientName), str(ds.PatientID), "CompressedSamples", str(ds.PatientBirthDate or "")):
+        if needle:
+            assert needle not in text, needle
