@@ -30,6 +30,24 @@ def _load(config: str, need_env: bool = True) -> Settings:
         sys.exit(e.exit_code)
 
 
+def _open_store(config: str) -> Any:
+    """The store of CONFIG for an offline command; a clear message and exit 4 when it cannot open."""
+    from engine.runtime import open_store
+
+    settings = _load(config, need_env=False)
+    try:
+        return open_store(settings)
+    except Exception as e:
+        click.echo(f"{config}: cannot open the store: {_reason(e)}", err=True)
+        sys.exit(4)
+
+
+def _reason(e: BaseException) -> str:
+    """One line for a person: the driver's own message, without SQLAlchemy's wrapping or a traceback."""
+    orig = getattr(e, "orig", None) or e
+    return f"{type(orig).__name__}: {str(orig).strip().splitlines()[0][:300] if str(orig).strip() else ''}"
+
+
 def _config_option(f: Any) -> Any:
     return click.option("-c", "--config", "config", default=lambda: os.environ.get("MEDRELAY_CONFIG",
                         "channels.yaml"), show_default="channels.yaml", help=CONFIG_HELP)(f)
@@ -56,7 +74,16 @@ def run(config: str) -> None:
     """
     settings = _load(config)
     mlog.configure(settings.log.level, settings.log.format)
-    asyncio.run(_serve(config, settings))
+    try:
+        asyncio.run(_serve(config, settings))
+    except (OSError, RuntimeError) as e:  # a port in use, another engine on the store
+        structlog.get_logger().error("engine.start_failed", error=_reason(e))
+        sys.exit(4)
+    except Exception as e:
+        if type(e).__module__.startswith("sqlalchemy"):
+            structlog.get_logger().error("engine.store_unavailable", error=_reason(e))
+            sys.exit(4)
+        raise
 
 
 async def _serve(path: str, settings: Settings) -> None:
@@ -154,9 +181,8 @@ def messages_list(config: str, channel: str | None, route: str | None, state: st
                   since: str | None, until: str | None, limit: int, as_json: bool) -> None:
     """List messages, newest first (headers only: no PHI)."""
     from engine.messages import list_messages
-    from engine.runtime import open_store
 
-    store = open_store(_load(config, need_env=False))
+    store = _open_store(config)
     rows = list_messages(store, channel=channel, route=route, state=state, since=_parse_time(since),
                          until=_parse_time(until), limit=limit)
     for r in rows:
@@ -176,9 +202,8 @@ def messages_show(config: str, message_id: str, phi: bool) -> None:
     """Show one message: headers, deliveries with attempts and errors; payload with --phi."""
     from engine.audit import Audit
     from engine.messages import show_message
-    from engine.runtime import open_store
 
-    store = open_store(_load(config, need_env=False))
+    store = _open_store(config)
     info = show_message(store, message_id, with_payload=phi)
     if info is None:
         click.echo(f"no message {message_id}", err=True)
@@ -218,12 +243,11 @@ def replay(config: str, message_ids: tuple[str, ...], channel: str | None, route
 
     from engine import queue
     from engine.audit import Audit
-    from engine.runtime import open_store
 
     if not (message_ids or channel or route or since or until):
         click.echo("say what to replay: message ids, or --channel/--route/--since/--until", err=True)
         sys.exit(2)
-    store = open_store(_load(config, need_env=False))
+    store = _open_store(config)
     ids = queue.requeue(store, message_ids=list(message_ids) or None, channel=channel, route=route,
                         states=states, since=_parse_time(since), until=_parse_time(until))
     Audit(store).record("message.replay", actor=os.environ.get("USER", "cli"), channel=channel,
@@ -256,9 +280,8 @@ def keys() -> None:
 def keys_list(config: str) -> None:
     """List KEKs, which is active, and how many data keys each wraps."""
     from engine.keys import key_usage
-    from engine.runtime import open_store
 
-    store = open_store(_load(config, need_env=False))
+    store = _open_store(config)
     usage = key_usage(store)
     for kid in store.keyring.kek_ids():
         mark = "*" if kid == store.keyring.active_id else " "
@@ -295,9 +318,8 @@ def keys_rotate(config: str, retire: bool) -> None:
 
     from engine.audit import Audit
     from engine.keys import rotate
-    from engine.runtime import open_store
 
-    store = open_store(_load(config, need_env=False))
+    store = _open_store(config)
     with tqdm(unit="key", desc="re-wrap", file=sys.stderr) as bar:
         new, n, retired = rotate(store, retire=retire, progress=bar.update)
     Audit(store).record("keys.rotate", actor=os.environ.get("USER", "cli"),
@@ -371,10 +393,9 @@ def store() -> None:
 def store_gc(config: str, older_than: float, dry_run: bool) -> None:
     """Remove encrypted blob files that no stored message refers to (left by a crash mid-commit)."""
     from engine.audit import Audit
-    from engine.runtime import open_store
     from engine.store.gc import collect
 
-    st = open_store(_load(config, need_env=False))
+    st = _open_store(config)
     n, size = collect(st, older_than=older_than, dry_run=dry_run)
     if not dry_run:
         Audit(st).record("store.gc", actor=os.environ.get("USER", "cli"), detail=f"{n} orphan files removed")

@@ -299,6 +299,17 @@ def _resolve_tls_paths(data: Any, base: Path) -> None:
                 block[attr] = str(base / v)
 
 
+def _strings(node: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], str]]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _strings(v, (*path, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _strings(v, (*path, i))
+    elif isinstance(node, str):
+        yield path, node
+
+
 def _loc_to_path(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
     """Drop the union tags pydantic inserts into error locations, keeping real keys."""
     path: list[Any] = []
@@ -375,6 +386,13 @@ def parse_settings(text: str, path: Path, env: dict[str, str] | None = None, *,
     data = _interpolate(plain, (), env, path.parent, refs, env_errors if need_env else None)
     _resolve_tls_paths(data, path.parent.resolve())
     problems = [Problem(fname, _line_for(p, lines), dotted(p), msg, "environment") for p, msg in env_errors]
+    if not need_env:  # offline commands still need the store and key file themselves
+        for section in ("store", "keys"):
+            for p, v in _strings(data.get(section), (section,)):
+                if "<unset:" in v or "<unreadable:" in v:
+                    problems.append(Problem(fname, _line_for(p, lines), dotted(p),
+                                            f"needs {v[v.index('<') + 1:v.index('>')].split(':', 1)[1]} "
+                                            "from the environment", "environment"))
     root = build_root_model()
     model = None
     try:

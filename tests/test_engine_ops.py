@@ -77,3 +77,26 @@ def test_components_doc_is_generated_from_the_code():
     committed = (ROOT / "docs" / "components.md").read_text()
     assert committed.strip() == out.stdout.strip(), \
         "docs/components.md is stale: run `medrelay components --markdown > docs/components.md`"
+
+
+def test_cli_errors_are_one_line_not_tracebacks(tmp_path):
+    import socket
+
+    # offline command, store URL needing an unset variable: named with file and line
+    cfg = tmp_path / "pg.yaml"
+    cfg.write_text('store: {url: "postgresql+psycopg://u:${NO_SUCH_PW}@127.0.0.1:1/db"}\nchannels: {}\n')
+    r = run_cli("messages", "list", "-c", str(cfg), cwd=tmp_path)
+    assert r.returncode == 4 and f"{cfg}:1: store.url: needs NO_SUCH_PW" in r.stderr
+    # a store that cannot be reached: one line, exit 4
+    r = run_cli("messages", "list", "-c", str(cfg), cwd=tmp_path, env={"NO_SUCH_PW": "x"})
+    assert r.returncode == 4 and "cannot open the store: OperationalError" in r.stderr
+    assert "Traceback" not in r.stderr
+    # `run` on a port already taken: a logged error and exit 4, no traceback
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        busy = tmp_path / "busy.yaml"
+        busy.write_text(textwrap.dedent(YAML).replace("port: 0", f"port: {port}"))
+        r = run_cli("run", str(busy), cwd=tmp_path)
+    assert r.returncode == 4 and "engine.start_failed" in r.stderr and "Traceback" not in r.stderr
