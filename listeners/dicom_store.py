@@ -125,15 +125,12 @@ class StoreSCP:
         return failure("out_of_resources", "not stored: " + (outcome.error or outcome.status))
 
     def _hook(self, attrs: dict[str, Any], ts: str, digest: str, size: int) -> Callable[[Connection, Envelope], str]:
-        store, hkey, replace, audit = self.ctx.store, self._hkey, self.replace, self.ctx.audit
+        store, hkey, replace = self.ctx.store, self._hkey, self.replace
 
         def index_rows(conn: Connection, env: Envelope) -> str:
-            result = idx.index_instance(conn, store, hkey, attrs, message_id=env.id, transfer_syntax=ts,
-                                        digest=digest, size=size, channel=env.channel, replace=replace)
-            audit.record("dicom.instance_stored", actor=env.headers["CallingAETitle"], peer=env.peer,
-                         channel=env.channel, message_id=env.id,
-                         entity={"SOPClassUID": env.headers["SOPClassUID"],
-                                 "StudyInstanceUID": env.headers["StudyInstanceUID"]}, conn=conn)
-            return result
+            # Audit: intake writes the message.receive row (calling AE, SOP class and study UID in
+            # its headers) in this same transaction; a second row per instance would only repeat it.
+            return idx.index_instance(conn, store, hkey, attrs, message_id=env.id, transfer_syntax=ts,
+                                      digest=digest, size=size, channel=env.channel, replace=replace)
 
         return index_rows
