@@ -30,3 +30,14 @@ def test_medrelay_test_fails_on_a_wrong_expectation(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 1
     assert "FAIL adt-a01-to-fhir" in r.stdout
+
+
+def test_readme_channels_example_is_valid(tmp_path):
+    """The YAML shown in the README passes `medrelay check` (given the CA file it names)."""
+    readme = (ROOT / "README.md").read_text()
+    snippet = readme.split("## channels.yaml", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    (tmp_path / "channels.yaml").write_text(snippet)
+    (tmp_path / "ca.pem").write_text("")
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "check", "channels.yaml"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
