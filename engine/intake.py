@@ -19,6 +19,7 @@ import structlog
 from sqlalchemy import Connection, and_, bindparam, insert, select, update
 
 from engine.envelope import Envelope
+from engine.match import MISSING, lookup
 from engine.store import schema
 
 log = structlog.get_logger()
@@ -290,17 +291,8 @@ class Intake:
 
 
 def _header_value(env: Envelope, key: str) -> str | None:
-    v = env.headers.get(key)
-    if v is None:
-        from engine.match import _MISSING, _from_payload
-
-        try:
-            v = _from_payload(env, key)
-        except Exception:
-            return None
-        if v is _MISSING:
-            return None
-    return str(v)[:256] or None
+    v = lookup(env, key)
+    return None if v is MISSING or v is None else (str(v)[:256] or None)
 
 
 def _supersede(conn: Connection, latest: dict[tuple[str, str, str], str], rows: list[dict[str, Any]],

@@ -22,7 +22,7 @@ from typing import Any
 
 from engine.envelope import Envelope
 
-_MISSING = object()
+MISSING = object()
 
 
 @lru_cache(maxsize=4096)
@@ -33,7 +33,7 @@ def _pattern(value: str) -> Any:
 
 
 def value_matches(actual: Any, wanted: Any) -> bool:
-    if actual is _MISSING or actual is None:
+    if actual is MISSING or actual is None:
         return False
     if isinstance(actual, list | tuple):
         return any(value_matches(a, wanted) for a in actual)
@@ -53,30 +53,31 @@ def _from_payload(env: Envelope, key: str) -> Any:
         from pydicom import dcmread
 
         ds = dcmread(io.BytesIO(env.payload), stop_before_pixels=True, force=True)
-        v = ds.get(key, _MISSING)
-        return v if v is _MISSING else (v if isinstance(v, str | int | float) else str(v))
+        v = ds.get(key, MISSING)
+        return v if v is MISSING else (v if isinstance(v, str | int | float) else str(v))
     if env.kind == "fhir":
         node: Any = json.loads(env.payload)
         for part in key.split("."):
             if isinstance(node, dict):
-                node = node.get(part, _MISSING)
+                node = node.get(part, MISSING)
             else:
-                return _MISSING
+                return MISSING
         return node
-    return _MISSING
+    return MISSING
+
+
+def lookup(env: Envelope, key: str) -> Any:
+    """The value of ``key`` for this message: a header, else read from the payload; MISSING if absent."""
+    if key == "kind":
+        return env.kind
+    actual = env.headers.get(key, MISSING)
+    if actual is MISSING:
+        try:
+            actual = _from_payload(env, key)
+        except Exception:  # an unreadable payload matches nothing rather than failing intake
+            actual = MISSING
+    return actual
 
 
 def matches(when: Mapping[str, Any], env: Envelope) -> bool:
-    for key, wanted in when.items():
-        if key == "kind":
-            actual: Any = env.kind
-        else:
-            actual = env.headers.get(key, _MISSING)
-            if actual is _MISSING:
-                try:
-                    actual = _from_payload(env, key)
-                except Exception:
-                    actual = _MISSING
-        if not value_matches(actual, wanted):
-            return False
-    return True
+    return all(value_matches(lookup(env, key), wanted) for key, wanted in when.items())
