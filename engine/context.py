@@ -6,7 +6,7 @@ audit trail and its own names come in here, so tests can build one in isolation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -28,7 +28,6 @@ class ComponentContext:
     channel: str = ""
     route: str = ""
     intake: Intake | None = None  # sources only
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def log(self) -> Any:

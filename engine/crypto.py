@@ -193,10 +193,6 @@ class KeyRing:
             if kek is not None:
                 self._retired[kid] = kek
 
-    def reload(self) -> None:
-        with self._lock:
-            self._load()
-
     def hmac_key(self, name: str) -> bytes:
         """A stable 32-byte secret for keyed hashing (pseudonyms); created on first use."""
         key = self._secrets.get(name)

@@ -69,8 +69,7 @@ class Runtime:
     def _ctx(self, channel: str = "", route: str = "") -> ComponentContext:
         assert self.store is not None and self.audit is not None
         return ComponentContext(settings=self.settings, store=self.store, keyring=self.store.keyring,
-                                audit=self.audit, channel=channel, route=route, intake=self.intake,
-                                extra={"runtime": self})
+                                audit=self.audit, channel=channel, route=route, intake=self.intake)
 
     def _router(self, env: Envelope) -> list[str]:
         return [r.name for r in self._by_channel.get(env.channel, ()) if matches(r.when, env)]
