@@ -84,8 +84,6 @@ def classify(action: str, kind: str | None = None) -> Event:
         return Event(APPLICATION_ACTIVITY, "E", (APPLICATION_START,), "local")
     if a == "engine.stop":
         return Event(APPLICATION_ACTIVITY, "E", (APPLICATION_STOP,), "local")
-    if a == "tls.handshake_failed":  # a peer that could not authenticate its node
-        return Event(SECURITY_ALERT, "E", (NODE_AUTHENTICATION,), "in")
     if a.startswith("keys.") or a.startswith("tls."):
         return Event(SECURITY_ALERT, "E", (SECURITY_CONFIGURATION,), "local")
     if a.startswith("security.") or "integrity" in a:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import ssl
 import time
 from typing import Any, Literal
 
@@ -54,7 +53,6 @@ from engine.tls import TLSConfig, server_context
 
 log = structlog.get_logger()
 
-TLS_HANDSHAKE_TIMEOUT = 30.0
 READ_CHUNK = 64 * 1024
 
 
@@ -105,10 +103,8 @@ class MLLPListener:
         return self._address
 
     async def start(self) -> None:
-        # TLS is started per connection in _on_connection (not by the server) so that a failed
-        # handshake reaches our code and is audited; asyncio reports those only at debug level.
         self._server = await asyncio.start_server(
-            self._on_connection, self.config.host, self.config.port,
+            self._on_connection, self.config.host, self.config.port, ssl=self._ssl,
             limit=READ_CHUNK, reuse_address=True)
         sock = self._server.sockets[0]
         self._address = sock.getsockname()[:2]
@@ -128,20 +124,6 @@ class MLLPListener:
             except TimeoutError:
                 pass
 
-    async def _handshake(self, writer: asyncio.StreamWriter, peer: str) -> bool:
-        """TLS handshake on an accepted connection; a failure is a security event on record."""
-        assert self._ssl is not None
-        try:
-            await asyncio.wait_for(writer.start_tls(self._ssl), TLS_HANDSHAKE_TIMEOUT)
-            return True
-        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as e:
-            reason = getattr(e, "reason", None) or type(e).__name__
-            log.warning("mllp.tls_handshake_failed", channel=self.channel, peer=peer, reason=str(reason)[:80])
-            await asyncio.to_thread(self.ctx.audit.record, "tls.handshake_failed", outcome="failure", peer=peer,
-                                    channel=self.channel, detail=str(reason)[:200])
-            writer.close()
-            return False
-
     # -- connection --------------------------------------------------------------
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -159,9 +141,6 @@ class MLLPListener:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        if self._ssl is not None and not await self._handshake(writer, peer):
-            self._conns.discard(task)
-            return
         log.info("mllp.connected", channel=self.channel, peer=peer)
         parser = FrameParser(self.config.max_frame_bytes)
         reason = "closed"
