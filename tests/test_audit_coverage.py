@@ -61,8 +61,10 @@ def test_receive_send_export_and_keys(engine_factory):
     got = actions(e.store)
     mid = next(m for a, _, m in got if a == "message.receive")
     assert ("message.send", "success", mid) in got
+    r = cli("messages", "show", "-c", str(e.config_path), mid, cwd=e.data_dir)
+    assert r.returncode == 0 and "COV0001" in r.stdout and "DOE^JOHN" not in r.stdout  # headers, no PHI
     r = cli("messages", "show", "-c", str(e.config_path), mid, "--phi", cwd=e.data_dir)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0 and "DOE^JOHN" in r.stdout, r.stderr
     r = cli("keys", "rotate", "-c", str(e.config_path), cwd=e.data_dir)
     assert r.returncode == 0, r.stderr
     got = actions(e.store)
