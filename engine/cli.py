@@ -30,11 +30,11 @@ def _load(config: str, need_env: bool = True) -> Settings:
         sys.exit(e.exit_code)
 
 
-def _open_store(config: str) -> Any:
+def _open_store(config: str, settings: Settings | None = None) -> Any:
     """The store of CONFIG for an offline command; a clear message and exit 4 when it cannot open."""
     from engine.runtime import open_store
 
-    settings = _load(config, need_env=False)
+    settings = settings or _load(config, need_env=False)
     try:
         return open_store(settings)
     except Exception as e:
@@ -293,12 +293,11 @@ def keys_list(config: str) -> None:
 def keys_create(config: str) -> None:
     """Create the key file if it does not exist yet (mode 0600), and the store with it."""
     from engine.audit import Audit
-    from engine.runtime import open_store
 
     settings = _load(config, need_env=False)
     path = settings.resolve(settings.keys.kek_file)
     existed = path.exists()
-    store = open_store(settings)
+    store = _open_store(config, settings)
     Audit(store).record("keys.create", actor=os.environ.get("USER", "cli"),
                         detail=f"{'existing' if existed else 'new'} key file, active {store.keyring.active_id}")
     click.echo(f"{path}: {'exists' if existed else 'created'}, active key {store.keyring.active_id}")

@@ -111,7 +111,6 @@ channels:
 
 
 def test_fhir_read_search_and_login_failure(engine_factory):
-    import listeners.fhir  # noqa: F401 - part of this tree: a missing module is a failure
     e = engine_factory(FHIR_YAML, env={"FHIR_TOKEN": TOKEN})
     base = f"http://127.0.0.1:{e.address('api')[1]}/fhir"
     auth = {"Authorization": f"Bearer {TOKEN}"}
@@ -140,7 +139,6 @@ channels:
 
 
 def test_dicom_query_and_retrieve_are_audited(engine_factory, tmp_path):
-    import listeners.dicom  # noqa: F401
     from tests.dicom_peers import data_file, findscu, store_statuses, storescu
 
     e = engine_factory(DICOM_YAML)
@@ -170,7 +168,6 @@ def test_deidentification_is_audited(engine_factory):
     import engine_fakes
     from mllp_peers import RawClient, adt, msa
 
-    import transforms.deidentify  # noqa: F401
     engine_fakes.OUTBOX.pop("deidcov", None)
     e = engine_factory(DEID_YAML)
     with RawClient("127.0.0.1", e.address("adt")[1]) as c:
