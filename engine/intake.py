@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future as ConcurrentFuture
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -92,6 +93,7 @@ class Intake:
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
+        self._writers: ThreadPoolExecutor | None = None
 
     # -- lifecycle -----------------------------------------------------
     async def start(self) -> None:
@@ -109,6 +111,8 @@ class Intake:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        if self._writers is not None:
+            self._writers.shutdown(wait=True)
 
     # -- submission ----------------------------------------------------
     async def submit(self, envelope: Envelope, *, dedupe_key: str | None = None,
@@ -134,14 +138,47 @@ class Intake:
         """
         return self.store.prepare_blobs([(envelope.payload, envelope.id)])[0]
 
+    def write_ahead(self, message_id: str, payload: bytes) -> ConcurrentFuture[list[dict[str, Any]]] | None:
+        """Start sealing and writing (fsync) a large payload's file on a writer thread.
+
+        A blocking listener (DICOM) calls this as soon as it has the bytes and does its
+        own checks meanwhile, so the file's fsync overlaps the index read and the
+        hashing instead of following them. Pass the future to ``submit_blocking``, or to
+        ``discard_ahead`` when the message is refused after all.
+        """
+        if len(payload) <= self.store.inline_max or self._closing:
+            return None
+        if self._writers is None:
+            self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="blob-writer")
+        return self._writers.submit(self.store.prepare_blobs, [(payload, message_id)])
+
+    def discard_ahead(self, ahead: ConcurrentFuture[list[dict[str, Any]]] | None) -> None:
+        """The message was refused: its file, never referenced by any row, goes."""
+        if ahead is None:
+            return
+        try:
+            row = ahead.result()[0]
+        except Exception:
+            return
+        if row.get("in_file"):
+            self.store.blob_path(row["id"]).unlink(missing_ok=True)
+
     def submit_blocking(self, envelope: Envelope, *, dedupe_key: str | None = None,
                         response: bytes | None = None, tx_hook: TxHook | None = None,
-                        timeout: float = 60.0) -> Outcome:
-        """For listeners that run in their own threads (pynetdicom)."""
+                        timeout: float = 60.0,
+                        ahead: ConcurrentFuture[list[dict[str, Any]]] | None = None) -> Outcome:
+        """For listeners that run in their own threads (pynetdicom, the DICOM storage path)."""
         if self._loop is None or self._closing:
+            self.discard_ahead(ahead)
             return Outcome("error", envelope.id, error="engine is shutting down")
         blob_row = None
-        if len(envelope.payload) > self.store.inline_max:
+        if ahead is not None:
+            try:
+                blob_row = ahead.result(timeout)[0]
+            except Exception as e:
+                why = getattr(e, "strerror", None) or type(e).__name__
+                return Outcome("error", envelope.id, error=f"blob write failed: {why}")
+        elif len(envelope.payload) > self.store.inline_max:
             try:
                 blob_row = self._prepare(envelope)
             except OSError as e:

@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
+from datetime import datetime
 from typing import Any, Literal
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pynetdicom import AE, evt
+from pynetdicom.transport import ThreadedAssociationServer
 
 from engine.components import ComponentConfig
 from engine.context import ComponentContext
 from engine.registry import component
 from engine.tls import TLSConfig, server_context
-from listeners.dicom_contexts import add_contexts
+from listeners import dicom_ul as ul
+from listeners.dicom_contexts import STORAGE_SOP_CLASSES, VERIFICATION, add_contexts
 from listeners.dicom_qr import QueryRetrieve
 from listeners.dicom_store import StoreSCP
 from routes.dicom_scu import check_ae_title, make_raw_aware
@@ -122,12 +126,46 @@ def _tune_socket(event: Any) -> None:
         pass
 
 
+FAST_SYNTAXES = frozenset((*STORAGE_SOP_CLASSES, *VERIFICATION))
+
+
+class AssociationServer(ThreadedAssociationServer):
+    """pynetdicom's server, with plain storage associations served by ``listeners.dicom_ul``.
+
+    Each connection already has its own thread here (``ThreadingMixIn``); we look at
+    its A-ASSOCIATE-RQ without consuming it and either serve it ourselves or hand the
+    untouched socket to pynetdicom.
+    """
+
+    take_storage: Any = None  # set by DicomListener: (sock, address) -> handled?
+    storage_sessions: set[ul.StorageAssociation]
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            if self.take_storage is not None and self.take_storage(request, client_address):
+                return
+        except Exception as e:  # never a traceback on the console or to the peer
+            log.error("dicom.association_failed", error=type(e).__name__, detail=str(e)[:200])
+            try:
+                request.close()
+            except OSError:
+                pass
+            return
+        super().process_request_thread(request, client_address)
+
+    @property
+    def active_associations(self) -> list[Any]:  # so pynetdicom's limit counts ours too
+        return [*super().active_associations, *list(getattr(self, "storage_sessions", ()))]
+
+
 class DicomListener:
     def __init__(self, config: DicomSourceConfig, ctx: ComponentContext) -> None:
         self.config = config
         self.ctx = ctx
         self.server: Any = None
         self.ae = self._make_ae()
+        self._sessions_lock = threading.Lock()
+        self._store: StoreSCP | None = None
 
     def _make_ae(self) -> AE:
         c = self.config
@@ -150,7 +188,7 @@ class DicomListener:
 
     def handlers(self) -> list[tuple[Any, Any]]:
         c = self.config
-        store = StoreSCP(self.ctx, ae_title=c.ae_title, replace=c.duplicates == "replace")
+        store = self._store = StoreSCP(self.ctx, ae_title=c.ae_title, replace=c.duplicates == "replace")
         out: list[tuple[Any, Any]] = [
             (evt.EVT_C_ECHO, lambda event: 0x0000),
             (evt.EVT_C_STORE, store),
@@ -186,26 +224,77 @@ class DicomListener:
         return str(r.ae_title).strip(), f"{r.address}:{r.port}"
 
     def _accepted(self, event: Any) -> None:
-        aet, peer = self._peer(event)
-        log.info("dicom.association_accepted", channel=self.ctx.channel, calling_aet=aet, peer=peer)
+        self.accepted(*self._peer(event))
 
     def _rejected(self, event: Any) -> None:
-        aet, peer = self._peer(event)
+        self.rejected(*self._peer(event))
+
+    def _aborted(self, event: Any) -> None:
+        self.ended(*self._peer(event), "aborted")
+
+    def accepted(self, aet: str, peer: str) -> None:
+        log.info("dicom.association_accepted", channel=self.ctx.channel, calling_aet=aet, peer=peer)
+
+    def rejected(self, aet: str, peer: str) -> None:
         log.warning("dicom.association_rejected", channel=self.ctx.channel, calling_aet=aet, peer=peer)
         self.ctx.audit.record("dicom.association", outcome="failure", actor=aet, peer=peer,
                               channel=self.ctx.channel, detail="A-ASSOCIATE-RJ")
 
-    def _aborted(self, event: Any) -> None:
-        aet, peer = self._peer(event)
-        log.info("dicom.association_aborted", channel=self.ctx.channel, calling_aet=aet, peer=peer)
+    def ended(self, aet: str, peer: str, how: str) -> None:
+        if how == "aborted":
+            log.info("dicom.association_aborted", channel=self.ctx.channel, calling_aet=aet, peer=peer)
+
+    # -- plain storage associations on listeners.dicom_ul --------------------------
+    def take_storage(self, sock: socket.socket, address: tuple[str, int]) -> bool:
+        """Serve the connection here if it is a plain storage association pynetdicom would
+        accept; False leaves the socket untouched for pynetdicom."""
+        c, server = self.config, self.server
+        if c.tls is not None or self._store is None or server is None:
+            return False
+        before = sock.gettimeout()
+        data = ul.peek_pdu(sock, c.acse_timeout)
+        sock.settimeout(before)
+        rq = ul.decode_rq(data) if data is not None else None
+        if rq is None or not ul.is_plain_storage(rq, FAST_SYNTAXES):
+            return False
+        calling, called = str(rq.calling_ae_title).strip(), str(rq.called_ae_title).strip()
+        if called != c.ae_title or not (c.allow_any_calling_aet or calling in c.calling_aets):
+            return False  # pynetdicom sends the A-ASSOCIATE-RJ (and we audit it there)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        hooks = ul.Hooks(store=self._store.handle, accepted=self.accepted, rejected=self.rejected,
+                         ended=self.ended)
+        session = ul.StorageAssociation(sock, address, rq, contexts=self.ae.supported_contexts,
+                                        max_pdu=c.max_pdu, network_timeout=c.network_timeout, hooks=hooks)
+        with self._sessions_lock:
+            acceptors = [a for a in self.ae.active_associations if a.is_acceptor]
+            full = len(acceptors) >= c.max_associations
+            if not full:
+                server.storage_sessions.add(session)
+        if full:
+            session.reject(0x02, 0x03, 0x02)  # rejected-transient, local limit exceeded (PS3.8 9.3.4)
+            return True
+        try:
+            session.run(len(data or b""))
+        finally:
+            server.storage_sessions.discard(session)
+        return True
 
     # -- Listener protocol ------------------------------------------------
     async def start(self) -> None:
         c = self.config
         ssl_ctx = server_context(c.tls) if c.tls is not None else None
-        self.server = await asyncio.to_thread(
-            self.ae.start_server, (c.host, c.port), block=False, evt_handlers=self.handlers(),
-            ssl_context=ssl_ctx)
+        self.server = await asyncio.to_thread(self._serve, (c.host, c.port), ssl_ctx)
+
+    def _serve(self, address: tuple[str, int], ssl_ctx: Any) -> AssociationServer:
+        """``AE.start_server(block=False)`` with our server class (pynetdicom's own steps)."""
+        server = self.ae.make_server(address, evt_handlers=self.handlers(), ssl_context=ssl_ctx,
+                                     server_class=AssociationServer)
+        server.storage_sessions = set()
+        server.take_storage = self.take_storage
+        stamp = datetime.now().strftime("%Y%m%d%H%M%S")
+        threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{stamp}", daemon=True).start()
+        self.ae._servers.append(server)
+        return server
 
     async def stop(self) -> None:
         if self.server is not None:

@@ -9,7 +9,6 @@ become file names (the blob store names files after ciphertext hashes).
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -17,26 +16,24 @@ import structlog
 from pydicom.dataset import Dataset
 from sqlalchemy import Connection
 
-from engine.envelope import Envelope
+from engine.envelope import Envelope, new_id
+from engine.intake import Outcome
 from engine.store import dicom_index as idx
 from listeners.dicom_status import STORE
+from listeners.dicom_ul import StoreRequest, valid_uid
 
 if TYPE_CHECKING:
     from engine.context import ComponentContext
 
 log = structlog.get_logger()
 
-UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
-
-
-def valid_uid(value: Any) -> bool:
-    """PS3.5 9.1: digits and dots, at most 64 characters (leading zeros tolerated, as peers send them)."""
-    return isinstance(value, str) and 0 < len(value) <= 64 and UID_RE.fullmatch(value) is not None
-
-
 def failure(name: str, comment: str) -> Dataset:
+    return failure_code(STORE[name].code, comment)
+
+
+def failure_code(code: int, comment: str) -> Dataset:
     ds = Dataset()
-    ds.Status = STORE[name].code
+    ds.Status = code
     ds.ErrorComment = comment[:64]
     return ds
 
@@ -46,8 +43,29 @@ def peer_of(event: Any) -> str:
     return f"{r.ae_title}@{r.address}:{r.port}"
 
 
+def outcome_status(channel: str, message_id: str, outcome: Outcome) -> tuple[int, str | None]:
+    if outcome.ok:
+        log.info("dicom.stored", channel=channel, message_id=outcome.message_id, status=outcome.status,
+                 index=outcome.result, routes=len(outcome.routes))
+        return STORE["success"].code, None
+    log.warning("dicom.store_refused", channel=channel, message_id=message_id, status=outcome.status,
+                error=outcome.error)
+    return STORE["out_of_resources"].code, "not stored: " + (outcome.error or outcome.status)
+
+
+def request_of(event: Any) -> StoreRequest:
+    """pynetdicom's EVT_C_STORE as the request both association paths share."""
+    req = event.request
+    blob = event.encoded_dataset(include_meta=True)
+    return StoreRequest(sop_class=str(req.AffectedSOPClassUID or ""), sop_uid=str(req.AffectedSOPInstanceUID or ""),
+                        transfer_syntax=str(event.context.transfer_syntax),
+                        calling_aet=str(event.assoc.requestor.ae_title).strip(), peer=peer_of(event),
+                        part10=blob, meta_end=144 + int.from_bytes(blob[140:144], "little"))
+
+
 class StoreSCP:
-    """EVT_C_STORE handler bound to one channel; one instance per listener."""
+    """The Storage SCP of one listener: pynetdicom's EVT_C_STORE handler (``__call__``) and
+    the fast storage path's handler (``handle``) are the same code."""
 
     def __init__(self, ctx: ComponentContext, *, ae_title: str, replace: bool) -> None:
         self.ctx = ctx
@@ -56,44 +74,66 @@ class StoreSCP:
         self._hkey = ctx.keyring.hmac_key(idx.HMAC_KEY_NAME)
 
     def __call__(self, event: Any) -> int | Dataset:
+        try:
+            req = request_of(event)
+        except Exception:
+            return failure("mismatch", "invalid Affected SOP Class/Instance UID")
+        status, comment = self.handle(req)
+        return failure_code(status, comment) if comment else status
+
+    def handle(self, req: StoreRequest) -> tuple[int, str | None]:
         """The one error boundary: any exception is a failure status, never success."""
         try:
-            return self.store(event)
+            return self.store(req)
         except Exception as e:
             log.error("dicom.store_failed", channel=self.ctx.channel, error=type(e).__name__,
                       detail=str(e)[:200])
-            return failure("out_of_resources", "internal error, not stored")
+            return STORE["out_of_resources"].code, "internal error, not stored"
 
-    def _check(self, event: Any) -> tuple[bytes, memoryview, dict[str, Any]] | Dataset:
-        req = event.request
-        sop_class, sop_uid = req.AffectedSOPClassUID, req.AffectedSOPInstanceUID
-        if not valid_uid(str(sop_uid or "")) or not valid_uid(str(sop_class or "")):
-            return failure("mismatch", "invalid Affected SOP Class/Instance UID")
-        part10 = event.encoded_dataset(include_meta=True)
-        meta_end = 144 + int.from_bytes(part10[140:144], "little")
-        dataset = memoryview(part10)[meta_end:]
+    def _check(self, req: StoreRequest) -> tuple[memoryview, dict[str, Any]] | tuple[int, str]:
+        dataset = memoryview(req.part10)[req.meta_end:]
         try:
             try:  # the data set alone, in the negotiated transfer syntax (no second file-meta parse)
-                ds = idx.read_index_data_set(dataset, str(event.context.transfer_syntax))
+                ds = idx.read_index_data_set(dataset, req.transfer_syntax)
             except ValueError:  # deflated or unknown transfer syntax: the Part-10 reader inflates
-                ds = idx.read_index_dataset(part10)
+                ds = idx.read_index_dataset(req.part10)
             attrs = idx.extract(ds)
         except Exception as e:
             log.info("dicom.store_undecodable", channel=self.ctx.channel, error=type(e).__name__)
-            return failure("cannot_understand", "data set cannot be decoded")
+            return STORE["cannot_understand"].code, "data set cannot be decoded"
         im, st, se = attrs["IMAGE"], attrs["STUDY"], attrs["SERIES"]
-        if im.get("SOPInstanceUID") != str(sop_uid) or im.get("SOPClassUID") != str(sop_class):
-            return failure("mismatch", "SOP Class/Instance UID differ from the command")
+        if im.get("SOPInstanceUID") != req.sop_uid or im.get("SOPClassUID") != req.sop_class:
+            return STORE["mismatch"].code, "SOP Class/Instance UID differ from the command"
         if not valid_uid(st.get("StudyInstanceUID")) or not valid_uid(se.get("SeriesInstanceUID")):
-            return failure("mismatch", "Study/Series Instance UID missing or invalid")
-        return part10, dataset, attrs
+            return STORE["mismatch"].code, "Study/Series Instance UID missing or invalid"
+        return dataset, attrs
 
-    def store(self, event: Any) -> int | Dataset:
-        checked = self._check(event)
-        if isinstance(checked, Dataset):
-            return checked
-        part10, dataset, attrs = checked
-        ts = str(event.context.transfer_syntax)
+    def store(self, req: StoreRequest) -> tuple[int, str | None]:
+        if not valid_uid(req.sop_uid) or not valid_uid(req.sop_class):
+            return STORE["mismatch"].code, "invalid Affected SOP Class/Instance UID"
+        intake = self.ctx.intake
+        if intake is None:
+            return STORE["out_of_resources"].code, "no intake"
+        message_id = new_id()
+        # The file is sealed and fsynced on a writer thread while we read the index
+        # attributes and check for a duplicate; a refusal below deletes it again.
+        ahead = intake.write_ahead(message_id, req.part10)
+        try:
+            outcome = self._checked_submit(req, message_id, ahead)
+        except BaseException:
+            intake.discard_ahead(ahead)
+            raise
+        if isinstance(outcome, tuple):
+            intake.discard_ahead(ahead)
+            return outcome
+        return outcome_status(self.ctx.channel, message_id, outcome)
+
+    def _checked_submit(self, req: StoreRequest, message_id: str, ahead: Any) -> Outcome | tuple[int, str | None]:
+        checked = self._check(req)
+        if isinstance(checked[0], int):
+            return checked  # type: ignore[return-value]
+        dataset, attrs = checked
+        ts = req.transfer_syntax
         sop_uid = attrs["IMAGE"]["SOPInstanceUID"]
         digest = hashlib.sha256(dataset).hexdigest()
         channel = self.ctx.channel
@@ -101,28 +141,20 @@ class StoreSCP:
             existing = idx.existing_instance(conn, sop_uid)
         if existing is not None and (not self.replace or existing["digest"] == digest):
             log.info("dicom.store_duplicate", channel=channel, message_id=existing["message_id"])
-            return STORE["success"].code
-        requestor = event.assoc.requestor
+            return STORE["success"].code, None
         headers = {
             "SOPClassUID": attrs["IMAGE"]["SOPClassUID"], "SOPInstanceUID": sop_uid,
             "StudyInstanceUID": attrs["STUDY"]["StudyInstanceUID"],
             "SeriesInstanceUID": attrs["SERIES"]["SeriesInstanceUID"],
             "Modality": str(attrs["SERIES"].get("Modality", "")), "TransferSyntaxUID": ts,
-            "CallingAETitle": str(requestor.ae_title).strip(), "CalledAETitle": self.ae_title,
+            "CallingAETitle": req.calling_aet, "CalledAETitle": self.ae_title,
         }
-        env = Envelope(channel=channel, kind="dicom", payload=part10, headers=headers, peer=peer_of(event))
+        env = Envelope(channel=channel, kind="dicom", payload=req.part10, headers=headers, peer=req.peer,
+                       id=message_id)
         dedupe = sop_uid if not self.replace else f"{sop_uid}|{digest[:32]}"
-        intake = self.ctx.intake
-        if intake is None:
-            return failure("out_of_resources", "no intake")
-        outcome = intake.submit_blocking(env, dedupe_key=dedupe, tx_hook=self._hook(attrs, ts, digest, len(dataset)))
-        if outcome.ok:
-            log.info("dicom.stored", channel=channel, message_id=outcome.message_id, status=outcome.status,
-                     index=outcome.result, routes=len(outcome.routes))
-            return STORE["success"].code
-        log.warning("dicom.store_refused", channel=channel, message_id=env.id, status=outcome.status,
-                    error=outcome.error)
-        return failure("out_of_resources", "not stored: " + (outcome.error or outcome.status))
+        assert self.ctx.intake is not None
+        return self.ctx.intake.submit_blocking(env, dedupe_key=dedupe, ahead=ahead,
+                                               tx_hook=self._hook(attrs, ts, digest, len(dataset)))
 
     def _hook(self, attrs: dict[str, Any], ts: str, digest: str, size: int) -> Callable[[Connection, Envelope], str]:
         store, hkey, replace = self.ctx.store, self._hkey, self.replace
