@@ -41,6 +41,15 @@ _DEDUPE_LOOKUP = (
 )
 
 
+@dataclass(frozen=True)
+class Duplicate:
+    """What a tx_hook returns when its own index already holds the message (e.g. a DICOM
+    SOP Instance UID received before, at any age): answered as a duplicate of
+    ``message_id``, nothing stored, nothing routed."""
+
+    message_id: str
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What happened to one submission; listeners map it to AA/AE, 0x0000/0xA700, 201/503."""
@@ -276,8 +285,14 @@ class Intake:
                     if item.blob_row is not None and item.blob_row.get("in_file"):
                         unused.append(item.blob_row["id"])
                     continue
-                routes = tuple(self.router(env))
                 result = item.tx_hook(conn, env) if item.tx_hook is not None else None
+                if isinstance(result, Duplicate):
+                    outcomes.append(Outcome("duplicate", result.message_id))
+                    audit_rows.append(_receive_audit(env, now, result.message_id, "duplicate"))
+                    if item.blob_row is not None and item.blob_row.get("in_file"):
+                        unused.append(item.blob_row["id"])
+                    continue
+                routes = tuple(self.router(env))
                 if item.blob_row is not None:
                     blob_rows.append(item.blob_row)
                 else:

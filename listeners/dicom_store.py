@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import Connection
 
 from engine.envelope import Envelope, new_id
-from engine.intake import Outcome
+from engine.intake import Duplicate, Outcome
 from engine.store import dicom_index as idx
 from listeners.dicom_status import STORE
 from listeners.dicom_ul import StoreRequest, valid_uid
@@ -137,11 +137,6 @@ class StoreSCP:
         sop_uid = attrs["IMAGE"]["SOPInstanceUID"]
         digest = hashlib.sha256(dataset).hexdigest()
         channel = self.ctx.channel
-        with self.ctx.store.engine.connect() as conn:
-            existing = idx.existing_instance(conn, sop_uid)
-        if existing is not None and (not self.replace or existing["digest"] == digest):
-            log.info("dicom.store_duplicate", channel=channel, message_id=existing["message_id"])
-            return STORE["success"].code, None
         headers = {
             "SOPClassUID": attrs["IMAGE"]["SOPClassUID"], "SOPInstanceUID": sop_uid,
             "StudyInstanceUID": attrs["STUDY"]["StudyInstanceUID"],
@@ -151,18 +146,24 @@ class StoreSCP:
         }
         env = Envelope(channel=channel, kind="dicom", payload=req.part10, headers=headers, peer=req.peer,
                        id=message_id)
-        dedupe = sop_uid if not self.replace else f"{sop_uid}|{digest[:32]}"
+        # No intake dedupe key: the index itself recognises a re-sent SOP Instance UID of any
+        # age (the hook answers Duplicate), in the same transaction and with no extra query.
         assert self.ctx.intake is not None
-        return self.ctx.intake.submit_blocking(env, dedupe_key=dedupe, ahead=ahead,
-                                               tx_hook=self._hook(attrs, ts, digest, len(dataset)))
+        hook = self._hook(attrs, ts, digest, len(dataset))
+        return self.ctx.intake.submit_blocking(env, ahead=ahead, tx_hook=hook)
 
-    def _hook(self, attrs: dict[str, Any], ts: str, digest: str, size: int) -> Callable[[Connection, Envelope], str]:
+    def _hook(self, attrs: dict[str, Any], ts: str, digest: str,
+              size: int) -> Callable[[Connection, Envelope], str | Duplicate]:
         store, hkey, replace = self.ctx.store, self._hkey, self.replace
 
-        def index_rows(conn: Connection, env: Envelope) -> str:
+        def index_rows(conn: Connection, env: Envelope) -> str | Duplicate:
             # Audit: intake writes the message.receive row (calling AE, SOP class and study UID in
             # its headers) in this same transaction; a second row per instance would only repeat it.
+            found = idx.find(conn, hkey, attrs)
+            if found.instance_pk is not None and (not replace or found.digest == digest):
+                return Duplicate(str(found.message_id))
             return idx.index_instance(conn, store, hkey, attrs, message_id=env.id, transfer_syntax=ts,
-                                      digest=digest, size=size, channel=env.channel, replace=replace)
+                                      digest=digest, size=size, channel=env.channel, replace=replace,
+                                      found=found)
 
         return index_rows

@@ -59,6 +59,34 @@ def test_swapped_blob_fails(store):
         store.get_blob(c, a, aad="m1")
 
 
+def test_blob_address_and_legacy_ids(store):
+    """New blobs are named by SHA-256 of nonce + GCM tag; rows named by the SHA-256 of the whole
+    ciphertext (written before that) still read, and a file that matches neither is refused."""
+    import hashlib
+
+    from engine.store.db import blob_address
+
+    with store.engine.begin() as c:
+        bid = store.put_blob(c, b"y" * 5000, "m9")
+    path = store.blob_path(bid)
+    ct = path.read_bytes()
+    with store.engine.connect() as c:
+        row = c.execute(select(schema.blobs).where(schema.blobs.c.id == bid)).mappings().one()
+        row_nonce = row["nonce"]
+    assert bid == blob_address(row_nonce, ct) != hashlib.sha256(ct).hexdigest()
+    legacy = hashlib.sha256(ct).hexdigest()
+    store.blob_path(legacy).write_bytes(ct)
+    with store.engine.begin() as c:
+        c.execute(schema.blobs.insert().values({**row, "id": legacy, "aad": "m9"}))
+    with store.engine.connect() as c:
+        assert store.get_blob(c, legacy, aad="m9") == b"y" * 5000
+    torn = bytearray(ct)
+    torn[-1] ^= 1  # the GCM tag changes: the address no longer matches
+    path.write_bytes(bytes(torn))
+    with store.engine.connect() as c, pytest.raises(IntegrityError, match="address"):
+        store.get_blob(c, bid, aad="m9")
+
+
 def test_rotation_rewraps_and_retires(store):
     with store.engine.begin() as c:
         ids = store.put_blobs(c, [(f"msg {i}".encode(), f"m{i}") for i in range(30)])

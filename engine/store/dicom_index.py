@@ -257,17 +257,46 @@ _LOOKUP = select(  # the pks of the four levels in one round trip (None where mi
     select(studies.c.pk).where(studies.c.study_uid == bindparam("study")).scalar_subquery(),
     select(series.c.pk).where(series.c.series_uid == bindparam("series")).scalar_subquery(),
     select(instances.c.pk).where(instances.c.sop_uid == bindparam("sop")).scalar_subquery(),
+    select(instances.c.digest).where(instances.c.sop_uid == bindparam("sop")).scalar_subquery(),
+    select(instances.c.message_id).where(instances.c.sop_uid == bindparam("sop")).scalar_subquery(),
 )
 _UPDATE_INSTANCE = update(instances).where(instances.c.pk == bindparam("old_pk"))
+_INSERT_INSTANCE = insert(instances)
 
 
 def existing_instance(conn: Connection, sop_uid: str) -> Mapping[str, Any] | None:
     return conn.execute(_EXISTING, {"sop": sop_uid}).mappings().first()
 
 
+@dataclass(frozen=True)
+class Found:
+    """What the index already holds for one instance's patient, study, series and itself."""
+
+    patient_pk: int | None
+    study_pk: int | None
+    series_pk: int | None
+    instance_pk: int | None
+    digest: str | None  # of the indexed instance
+    message_id: str | None  # that brought the indexed instance
+
+
+def _pid_hmac(hkey: bytes, patient: Mapping[str, Any]) -> str:
+    pid = str(patient.get("PatientID", ""))
+    return keyed(hkey, "PatientID", pid + "\x00" + str(patient.get("IssuerOfPatientID", "")))
+
+
+def find(conn: Connection, hkey: bytes, attrs: Mapping[str, Mapping[str, Any]]) -> Found:
+    """One statement: the pks of the four levels and the indexed instance's digest, if any."""
+    p, st, se, im = (attrs.get(level, {}) for level in LEVELS)
+    row = conn.execute(_LOOKUP, {"pid": _pid_hmac(hkey, p), "study": st.get("StudyInstanceUID"),
+                                 "series": se.get("SeriesInstanceUID"), "sop": im.get("SOPInstanceUID")}).one()
+    return Found(*row)
+
+
 def index_instance(conn: Connection, store: Any, hkey: bytes, attrs: Mapping[str, Mapping[str, Any]], *,
                    message_id: str, transfer_syntax: str, digest: str, size: int, channel: str = "",
-                   blob_id: str | None = None, replace: bool = False, archived: bool = False) -> str:
+                   blob_id: str | None = None, replace: bool = False, archived: bool = False,
+                   found: Found | None = None) -> str:
     """Insert the rows for one instance inside the caller's transaction.
 
     Returns "indexed", "replaced" or "exists" (keep-first: an instance already there
@@ -279,18 +308,18 @@ def index_instance(conn: Connection, store: Any, hkey: bytes, attrs: Mapping[str
     if not (study_uid and series_uid and sop_uid and im.get("SOPClassUID")):
         raise MissingKeys("StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID and SOPClassUID are required")
     now = time.time()
-    pid = str(p.get("PatientID", ""))
-    pid_h = keyed(hkey, "PatientID", pid + "\x00" + str(p.get("IssuerOfPatientID", "")))
-    pks = conn.execute(_LOOKUP, {"pid": pid_h, "study": study_uid, "series": series_uid, "sop": sop_uid}).one()
-    patient_pk = _get_or_create(conn, patients, pks[0], lambda: {
-        "pid_hmac": pid_h, "name_hmac": keyed(hkey, "PatientName", norm_pn(p.get("PatientName", ""))),
-        "attrs_blob": _seal(store, conn, "PATIENT", pid_h, p), "created_at": now})
-    study_pk = _get_or_create(conn, studies, pks[1], lambda: {
+    pks = found if found is not None else find(conn, hkey, attrs)
+    if pks.instance_pk is not None and not replace:
+        return "exists"
+    patient_pk = _get_or_create(conn, patients, pks.patient_pk, lambda: {
+        "pid_hmac": _pid_hmac(hkey, p), "name_hmac": keyed(hkey, "PatientName", norm_pn(p.get("PatientName", ""))),
+        "attrs_blob": _seal(store, conn, "PATIENT", _pid_hmac(hkey, p), p), "created_at": now})
+    study_pk = _get_or_create(conn, studies, pks.study_pk, lambda: {
         "patient_pk": patient_pk, "study_uid": study_uid, "study_date": str(st.get("StudyDate", ""))[:8],
         "study_time": str(st.get("StudyTime", ""))[:16],
         "accession_hmac": keyed(hkey, "AccessionNumber", str(st.get("AccessionNumber", "")).strip()),
         "attrs_blob": _seal(store, conn, "STUDY", study_uid, st), "created_at": now})
-    series_pk = _get_or_create(conn, series, pks[2], lambda: {
+    series_pk = _get_or_create(conn, series, pks.series_pk, lambda: {
         "study_pk": study_pk, "series_uid": series_uid, "modality": str(se.get("Modality", ""))[:16],
         "series_number": _int(se.get("SeriesNumber")),
         "attrs_blob": _seal(store, conn, "SERIES", series_uid, se), "created_at": now})
@@ -300,12 +329,10 @@ def index_instance(conn: Connection, store: Any, hkey: bytes, attrs: Mapping[str
         "message_id": message_id, "blob_id": blob_id, "digest": digest, "size": size,
         "channel": channel, "archived": int(archived), "received_at": now,
     }
-    if pks[3] is None:
-        conn.execute(insert(instances), row)
+    if pks.instance_pk is None:
+        conn.execute(_INSERT_INSTANCE, row)
         return "indexed"
-    if not replace:
-        return "exists"
-    conn.execute(_UPDATE_INSTANCE, {**row, "old_pk": pks[3]})
+    conn.execute(_UPDATE_INSTANCE, {**row, "old_pk": pks.instance_pk})
     return "replaced"
 
 

@@ -30,7 +30,8 @@ schema_version = Table(
     Column("applied_at", Float, nullable=False),
 )
 
-# Encrypted payloads. id = SHA-256 of the ciphertext (content address); small
+# Encrypted payloads. id = SHA-256 of nonce + GCM tag (db.blob_address; older rows:
+# of the whole ciphertext), checked on read; small
 # payloads live inline in `data`, large ones in a file named after the id.
 blobs = Table(
     "blobs",
