@@ -30,6 +30,7 @@ log = structlog.get_logger()
 Status = Literal["accepted", "duplicate", "rejected", "error"]
 TxHook = Callable[[Connection, Envelope], Any]
 MAX_BATCH = 512
+DURABLE_TIMEOUT = 60.0  # seconds the committer waits for a written-ahead file's fsync
 
 # Built once: the statement runs on every group commit. `received_at + 0` (in WHERE and
 # ORDER BY) keeps SQLite's planner off the (channel, received_at) index, which would scan
@@ -76,7 +77,42 @@ class _Item:
     tx_hook: TxHook | None
     future: ConcurrentFuture[Outcome]
     routes: tuple[str, ...] = field(default=())
-    blob_row: dict[str, Any] | None = None  # sealed and written before queueing (large payloads)
+    blob_row: dict[str, Any] | None = None  # sealed (and its file written) by the submitter
+    durable: ConcurrentFuture[None] | None = None  # the file's fsync, awaited before COMMIT
+
+
+class Ahead:
+    """A large payload sealed and written on a writer thread while its submitter goes on.
+
+    ``sealed`` gives the blob row as soon as the payload is encrypted; ``durable`` is
+    done once the file and its folder are fsynced. The committer inserts the rows with
+    the first and waits for the second only before COMMIT, so the file's fsync overlaps
+    the submitter's own checks and the committer's statements, and still precedes the
+    commit that makes the row name the file.
+    """
+
+    def __init__(self, store: Any, message_id: str, payload: bytes) -> None:
+        self.store = store
+        self.message_id = message_id
+        self.payload = payload
+        self.sealed: ConcurrentFuture[dict[str, Any]] = ConcurrentFuture()
+        self.durable: ConcurrentFuture[None] = ConcurrentFuture()
+
+    def run(self) -> None:
+        try:
+            row, path, ct = self.store.seal_blob(self.payload, self.message_id)
+        except BaseException as e:
+            self.sealed.set_exception(e)
+            self.durable.set_exception(e)
+            return
+        self.sealed.set_result(row)
+        try:
+            if path is not None:
+                self.store.write_blob_files([(path, ct)])
+        except BaseException as e:
+            self.durable.set_exception(e)
+        else:
+            self.durable.set_result(None)
 
 
 class Intake:
@@ -158,26 +194,28 @@ class Intake:
         """
         return self.store.prepare_blobs([(envelope.payload, envelope.id)])[0]
 
-    def write_ahead(self, message_id: str, payload: bytes) -> ConcurrentFuture[list[dict[str, Any]]] | None:
+    def write_ahead(self, message_id: str, payload: bytes) -> Ahead | None:
         """Start sealing and writing (fsync) a large payload's file on a writer thread.
 
         A blocking listener (DICOM) calls this as soon as it has the bytes and does its
-        own checks meanwhile, so the file's fsync overlaps the index read and the
-        hashing instead of following them. Pass the future to ``submit_blocking``, or to
+        own checks meanwhile. Pass the result to ``submit_blocking``, or to
         ``discard_ahead`` when the message is refused after all.
         """
         if len(payload) <= self.store.inline_max or self._closing:
             return None
         if self._writers is None:
             self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="blob-writer")
-        return self._writers.submit(self.store.prepare_blobs, [(payload, message_id)])
+        ahead = Ahead(self.store, message_id, payload)
+        self._writers.submit(ahead.run)
+        return ahead
 
-    def discard_ahead(self, ahead: ConcurrentFuture[list[dict[str, Any]]] | None) -> None:
+    def discard_ahead(self, ahead: Ahead | None) -> None:
         """The message was refused: its file, never referenced by any row, goes."""
         if ahead is None:
             return
         try:
-            row = ahead.result()[0]
+            row = ahead.sealed.result()
+            ahead.durable.result()
         except Exception:
             return
         if row.get("in_file"):
@@ -186,25 +224,24 @@ class Intake:
     def submit_blocking(self, envelope: Envelope, *, dedupe_key: str | None = None,
                         response: bytes | None = None, tx_hook: TxHook | None = None,
                         timeout: float = 60.0,
-                        ahead: ConcurrentFuture[list[dict[str, Any]]] | None = None) -> Outcome:
+                        ahead: Ahead | None = None) -> Outcome:
         """For listeners that run in their own threads (pynetdicom, the DICOM storage path)."""
         if self._queue is None or self._closing:
             self.discard_ahead(ahead)
             return Outcome("error", envelope.id, error="engine is shutting down")
-        blob_row = None
+        blob_row, durable = None, None
         if ahead is not None:
             try:
-                blob_row = ahead.result(timeout)[0]
+                blob_row, durable = ahead.sealed.result(timeout), ahead.durable
             except Exception as e:
-                why = getattr(e, "strerror", None) or type(e).__name__
-                return Outcome("error", envelope.id, error=f"blob write failed: {why}")
+                return Outcome("error", envelope.id, error=f"blob sealing failed: {type(e).__name__}")
         elif len(envelope.payload) > self.store.inline_max:
             try:
                 blob_row = self._prepare(envelope)
             except OSError as e:
                 return Outcome("error", envelope.id, error=f"blob write failed: {e.strerror}")
         cf: ConcurrentFuture[Outcome] = ConcurrentFuture()
-        self._queue.put(_Item(envelope, dedupe_key, response, tx_hook, cf, blob_row=blob_row))
+        self._queue.put(_Item(envelope, dedupe_key, response, tx_hook, cf, blob_row=blob_row, durable=durable))
         try:
             return cf.result(timeout)
         except Exception as e:  # timeout: the peer must get a failure, not success
@@ -365,6 +402,9 @@ class Intake:
                 conn.execute(insert(schema.deliveries), dlv_rows)
             if audit_rows:  # one executemany per group commit: the trail costs no extra fsync
                 conn.execute(insert(schema.audit_events), audit_rows)
+            for item in batch:  # files written ahead must be durable before the rows naming them
+                if item.durable is not None:
+                    item.durable.result(DURABLE_TIMEOUT)
         for blob_id in unused:
             self.store.blob_path(blob_id).unlink(missing_ok=True)
         return outcomes
