@@ -167,7 +167,7 @@ def norm_pn(value: str) -> str:
 
 
 def keyed(key: bytes, kind: str, value: str) -> str:
-    return hmac.new(key, f"{kind}\x00{value}".encode(), hashlib.sha256).hexdigest()
+    return hmac.digest(key, f"{kind}\x00{value}".encode(), "sha256").hex()
 
 
 def _aad(level: str, unique: str) -> str:
