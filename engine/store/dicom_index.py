@@ -24,6 +24,7 @@ import hmac
 import io
 import json
 import re
+import struct
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ from sqlalchemy import (
     update,
 )
 
+from engine.store.dicom_scan import ScanError, scan
 from engine.store.handlers import store_handler
 from engine.store.schema import metadata
 
@@ -261,21 +263,29 @@ def read_index_dataset(part10: bytes) -> Dataset:
 
 _INDEX_TAG_LIST = [Tag(tag_for_keyword(kw)) for kw in INDEX_TAGS]
 _PIXEL_DATA = Tag(0x7FE00010)
+_SCAN_TAGS = frozenset((*_INDEX_TAG_LIST, 0x00080005))  # + Specific Character Set, as pydicom adds
 
 
 def _before_pixels(tag: Any, _vr: Any, _length: Any) -> bool:
     return bool(tag >= _PIXEL_DATA)
 
 
-def read_index_data_set(data_set: bytes | memoryview, transfer_syntax: str) -> Dataset:
+def read_index_data_set(data_set: bytes | memoryview, transfer_syntax: str, *, scan_ok: bool = True) -> Dataset:
     """Like ``read_index_dataset`` for the bare encoded data set of a known transfer syntax.
 
     Skips re-reading the file meta the listener has just written; a deflated (or
     unknown) transfer syntax goes through ``dcmread`` as a Part-10 stream instead.
+    Little Endian data sets are walked by ``dicom_scan`` (pydicom's reader when it
+    declines, or with ``scan_ok=False``).
     """
     ts = UID(transfer_syntax)
     if not ts.is_transfer_syntax or ts.is_deflated:
         raise ValueError(f"no fast path for transfer syntax {transfer_syntax}")
+    if ts.is_little_endian and scan_ok:
+        try:
+            return scan(data_set, _SCAN_TAGS, implicit=ts.is_implicit_VR)
+        except (ScanError, struct.error):
+            pass  # unusual encoding: pydicom's reader decides
     return read_dataset(io.BytesIO(data_set), ts.is_implicit_VR, ts.is_little_endian,
                         stop_when=_before_pixels, specific_tags=_INDEX_TAG_LIST)
 
