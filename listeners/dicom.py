@@ -139,6 +139,9 @@ class AssociationServer(ThreadedAssociationServer):
 
     take_storage: Any = None  # set by DicomListener: (sock, address) -> handled?
     storage_sessions: set[ul.StorageAssociation]
+    # Our associations run in these request threads; shutting the server down must not
+    # wait for them (pynetdicom's own associations run in threads of their own).
+    daemon_threads = True
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
@@ -153,9 +156,17 @@ class AssociationServer(ThreadedAssociationServer):
             return
         super().process_request_thread(request, client_address)
 
+
+
+class ListenerAE(AE):
+    """pynetdicom's AE, counting the storage associations of ``dicom_ul`` with its own, so
+    ``max_associations`` holds across both paths."""
+
+    storage_sessions: set[ul.StorageAssociation] = set()
+
     @property
-    def active_associations(self) -> list[Any]:  # so pynetdicom's limit counts ours too
-        return [*super().active_associations, *list(getattr(self, "storage_sessions", ()))]
+    def active_associations(self) -> list[Any]:
+        return [*super().active_associations, *list(self.storage_sessions)]
 
 
 class DicomListener:
@@ -167,9 +178,10 @@ class DicomListener:
         self._sessions_lock = threading.Lock()
         self._store: StoreSCP | None = None
 
-    def _make_ae(self) -> AE:
+    def _make_ae(self) -> ListenerAE:
         c = self.config
-        ae = AE(ae_title=c.ae_title)
+        ae = ListenerAE(ae_title=c.ae_title)
+        ae.storage_sessions = set()
         ae.maximum_pdu_size = c.max_pdu
         ae.maximum_associations = c.max_associations
         ae.acse_timeout = c.acse_timeout
@@ -289,7 +301,7 @@ class DicomListener:
         """``AE.start_server(block=False)`` with our server class (pynetdicom's own steps)."""
         server = self.ae.make_server(address, evt_handlers=self.handlers(), ssl_context=ssl_ctx,
                                      server_class=AssociationServer)
-        server.storage_sessions = set()
+        server.storage_sessions = self.ae.storage_sessions
         server.take_storage = self.take_storage
         stamp = datetime.now().strftime("%Y%m%d%H%M%S")
         threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{stamp}", daemon=True).start()
