@@ -7,8 +7,11 @@ parallel, to:
   (b) a bare pynetdicom SCP writing event.encoded_dataset() to disk,
   (c) `medrelay run` with a DICOM listener: commit (WAL, synchronous=FULL), index, encryption.
 All three in the same run, so the ratios compare like with like on this machine.
+A shared VM swings by +-30 % from one minute to the next, so the receivers take
+turns for --rounds rounds and the medians are printed, with each receiver's CPU
+time per instance (user + system, from /proc) as a steadier second figure.
 
-    .venv/bin/python bench/dicom.py [--count 500] [--parallel 4]
+    .venv/bin/python bench/dicom.py [--count 500] [--parallel 4] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,6 +84,12 @@ def make_files(n: int, out: Path) -> list[Path]:
     return files
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def send(port: int, aec: str, files: list[Path], parallel: int) -> float:
     chunks = [files[i::parallel] for i in range(parallel)]
     t0 = time.perf_counter()
@@ -141,6 +151,7 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=500)
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--max-pdu", type=int, default=262144, help="max PDU every receiver announces")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of all receivers, for medians")
     args = ap.parse_args()
     for tool in (STORESCU, STORESCP):
         if not Path(tool).exists():
@@ -150,20 +161,36 @@ def main() -> None:
         files = make_files(args.count, work)
         mb = sum(f.stat().st_size for f in files) / 1e6
         print(f"{args.count} instances, {mb:.0f} MB, max PDU {args.max_pdu}, {os.cpu_count()} CPUs")
-        results: dict[tuple[str, int], float] = {}
-        for kind in ("dcmtk", "pynetdicom", "medrelay"):
+        rates: dict[tuple[str, int], list[float]] = {}
+        cpu: dict[tuple[str, int], list[float]] = {}
+        names = {}
+        for _ in range(args.rounds):
             for par in (1, args.parallel):
-                t = start(kind, work, args.max_pdu)
-                try:
-                    secs = send(t.port, t.aec, files, par)
-                finally:
-                    t.stop()
-                results[(kind, par)] = secs
-                print(f"{t.name:16} {par} assoc: {args.count / secs:7.1f} instances/s  {mb / secs:7.1f} MB/s")
+                for kind in ("dcmtk", "pynetdicom", "medrelay"):
+                    t = start(kind, work, args.max_pdu)
+                    try:
+                        c0 = cpu_seconds(t.proc.pid)
+                        secs = send(t.port, t.aec, files, par)
+                        used = cpu_seconds(t.proc.pid) - c0
+                    finally:
+                        t.stop()
+                    names[kind] = t.name
+                    rates.setdefault((kind, par), []).append(args.count / secs)
+                    cpu.setdefault((kind, par), []).append(1000 * used / args.count)
+        print(f"medians of {args.rounds} rounds")
+        print(f"{'receiver':16} {'assoc':>5} {'inst/s':>8} {'MB/s':>7} {'CPU ms/inst':>11}   inst/s per round")
         for par in (1, args.parallel):
-            mr = results[("medrelay", par)]
-            print(f"medrelay / DCMTK ({par} assoc): {results[('dcmtk', par)] / mr:.2f}   "
-                  f"medrelay / pynetdicom ({par} assoc): {results[('pynetdicom', par)] / mr:.2f}")
+            for kind in ("dcmtk", "pynetdicom", "medrelay"):
+                r = statistics.median(rates[(kind, par)])
+                each = " ".join(f"{x:.0f}" for x in rates[(kind, par)])
+                print(f"{names[kind]:16} {par:5} {r:8.1f} {r * mb / args.count:7.1f} "
+                      f"{statistics.median(cpu[(kind, par)]):11.2f}   {each}")
+        def ratio(base: str, par: int) -> float:  # median of the per-round ratios
+            return statistics.median(m / b for m, b in zip(rates[("medrelay", par)], rates[(base, par)], strict=True))
+
+        for par in (1, args.parallel):
+            print(f"medrelay / DCMTK ({par} assoc): {ratio('dcmtk', par):.2f}   "
+                  f"medrelay / pynetdicom ({par} assoc): {ratio('pynetdicom', par):.2f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
