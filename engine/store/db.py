@@ -19,6 +19,7 @@ from sqlalchemy.engine import make_url
 
 from engine.crypto import IntegrityError, KeyRing, Sealed
 from engine.store import schema
+from engine.store.prepared import Prepared
 
 log = structlog.get_logger()
 
@@ -182,7 +183,7 @@ class Store:
 
     def insert_blob_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
         if rows:
-            conn.execute(insert(schema.blobs), rows)
+            _INSERT_BLOB.run(conn, rows)
             self._fence_rotation(conn, rows)
 
     def put_blobs(self, conn: Connection, items: Iterable[tuple[bytes, str]]) -> list[str]:
@@ -221,6 +222,10 @@ class Store:
         if row is None:
             raise KeyError(message_id)
         return self.get_blob(conn, row[0], aad=message_id)
+
+
+_BLOB_COLUMNS = ("id", "aad", "kek_id", "wrapped_key", "nonce", "size", "data", "in_file")  # seal_blob's row
+_INSERT_BLOB = Prepared(insert(schema.blobs), _BLOB_COLUMNS)
 
 
 def _fsync_dir(d: Path) -> None:

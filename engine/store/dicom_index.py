@@ -56,6 +56,7 @@ from sqlalchemy import (
 
 from engine.store.dicom_scan import ScanError, scan
 from engine.store.handlers import store_handler
+from engine.store.prepared import Prepared
 from engine.store.schema import metadata
 
 if TYPE_CHECKING:
@@ -189,13 +190,14 @@ def extract(ds: Dataset, *, fast: bool = True) -> dict[str, dict[str, Any]]:
     """
     charset = ds.get_item(0x00080005)
     text_ok = charset is None or _charset_bytes(charset) in _ASCII_CHARSETS
-    out: dict[str, dict[str, Any]] = {}
-    for level, fields in _LEVEL_FIELDS.items():
-        vals: dict[str, Any] = {}
-        for kw, tag, vr in fields:
-            raw = ds.get_item(tag)
-            if raw is None:
-                continue
+    out: dict[str, dict[str, Any]] = {level: {} for level in LEVEL_ATTRS}
+    for tag in ds.keys():  # only what the data set has (the reader kept only index tags)
+        field = _FIELD_BY_TAG.get(tag)
+        if field is None:
+            continue
+        level, kw, vr = field
+        raw = ds.get_item(tag)
+        if raw is not None:
             value: Any = _SLOW
             if fast and isinstance(raw, RawDataElement) and (text_ok or vr not in _TEXT_VRS):
                 value = _fast_value(raw.VR or vr, raw.value, raw.is_little_endian)
@@ -206,14 +208,13 @@ def extract(ds: Dataset, *, fast: bool = True) -> dict[str, dict[str, Any]]:
                     log.debug("dicom.index_attr_unreadable", keyword=kw)
                     continue
             if value not in (None, "", []):
-                vals[kw] = value
-        out[level] = vals
+                out[level][kw] = value
     return out
 
 
 _SLOW = object()
-_LEVEL_FIELDS = {level: [(kw, Tag(tag_for_keyword(kw)), dictionary_VR(tag_for_keyword(kw))) for kw in kws]
-                 for level, kws in LEVEL_ATTRS.items()}
+_FIELD_BY_TAG = {Tag(tag_for_keyword(kw)): (level, kw, dictionary_VR(tag_for_keyword(kw)))
+                 for level, kws in LEVEL_ATTRS.items() for kw in kws}
 _TEXT_VRS = frozenset(("PN", "LO", "SH", "LT"))
 _STRING_VRS = frozenset(("UI", "CS", "DA", "TM", "DT", "AS"))
 _ASCII_CHARSETS = frozenset((b"", b"ISO_IR 6", b"ISO_IR 100", b"ISO_IR 192", b"ISO 2022 IR 6", b"ISO 2022 IR 100"))
@@ -331,7 +332,10 @@ _LOOKUP = select(  # the pks of the four levels in one round trip (None where mi
     select(instances.c.message_id).where(instances.c.sop_uid == bindparam("sop")).scalar_subquery(),
 )
 _UPDATE_INSTANCE = update(instances).where(instances.c.pk == bindparam("old_pk"))
-_INSERT_INSTANCE = insert(instances)
+_INSTANCE_COLUMNS = ("series_pk", "sop_uid", "sop_class_uid", "instance_number", "transfer_syntax", "message_id",
+                     "blob_id", "digest", "size", "channel", "archived", "received_at")
+_INSERT_INSTANCE = Prepared(insert(instances), _INSTANCE_COLUMNS)
+_FIND = Prepared(_LOOKUP)
 
 
 def existing_instance(conn: Connection, sop_uid: str) -> Mapping[str, Any] | None:
@@ -358,8 +362,9 @@ def _pid_hmac(hkey: bytes, patient: Mapping[str, Any]) -> str:
 def find(conn: Connection, hkey: bytes, attrs: Mapping[str, Mapping[str, Any]]) -> Found:
     """One statement: the pks of the four levels and the indexed instance's digest, if any."""
     p, st, se, im = (attrs.get(level, {}) for level in LEVELS)
-    row = conn.execute(_LOOKUP, {"pid": _pid_hmac(hkey, p), "study": st.get("StudyInstanceUID"),
-                                 "series": se.get("SeriesInstanceUID"), "sop": im.get("SOPInstanceUID")}).one()
+    row = _FIND.one(conn, {"pid": _pid_hmac(hkey, p), "study": st.get("StudyInstanceUID"),
+                           "series": se.get("SeriesInstanceUID"), "sop": im.get("SOPInstanceUID")})
+    assert row is not None  # scalar subqueries: always one row
     return Found(*row)
 
 
@@ -400,7 +405,7 @@ def index_instance(conn: Connection, store: Any, hkey: bytes, attrs: Mapping[str
         "channel": channel, "archived": int(archived), "received_at": now,
     }
     if pks.instance_pk is None:
-        conn.execute(_INSERT_INSTANCE, row)
+        _INSERT_INSTANCE.run(conn, [row])
         return "indexed"
     conn.execute(_UPDATE_INSTANCE, {**row, "old_pk": pks.instance_pk})
     return "replaced"

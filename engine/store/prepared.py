@@ -1,0 +1,65 @@
+"""Core statements compiled once per dialect and run on the connection's DBAPI cursor.
+
+Why: on the DICOM receive path the committer runs a handful of small statements per
+instance, and SQLAlchemy's per-execution work (cache key, parameter processing,
+result set-up) cost ~70 us each, about as much as SQLite running them. For
+statements whose columns need no type processing (strings, numbers, bytes) the
+compiled SQL and its parameter order are all we need from SQLAlchemy; the DBAPI
+cursor is the caller's own connection, so the statement is part of the caller's
+transaction exactly as ``conn.execute`` would make it. Statements with JSON or other
+processed types stay on ``conn.execute``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import Connection
+from sqlalchemy.sql import ClauseElement
+
+
+class Prepared:
+    """One statement; ``columns`` fixes the inserted columns of an INSERT (compile's ``column_keys``)."""
+
+    def __init__(self, statement: ClauseElement, columns: Sequence[str] | None = None) -> None:
+        self.statement = statement
+        self.columns = list(columns) if columns is not None else None
+        self._compiled: dict[str, tuple[str, tuple[str, ...] | None]] = {}
+
+    def _for(self, conn: Connection) -> tuple[str, tuple[str, ...] | None]:
+        name = conn.dialect.name
+        hit = self._compiled.get(name)
+        if hit is None:
+            compiled = self.statement.compile(dialect=conn.dialect, column_keys=self.columns)
+            order = tuple(compiled.positiontup or ()) if compiled.positional else None
+            hit = self._compiled[name] = (str(compiled), order)
+        return hit
+
+    def _args(self, order: tuple[str, ...] | None, params: Mapping[str, Any]) -> Any:
+        return tuple(params[k] for k in order) if order is not None else params
+
+    def one(self, conn: Connection, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
+        """Run a SELECT; its first row."""
+        sql, order = self._for(conn)
+        cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cur.execute(sql, self._args(order, params))
+            row = cur.fetchone()
+            return tuple(row) if row is not None else None
+        finally:
+            cur.close()
+
+    def run(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Run an INSERT/UPDATE for each parameter set (executemany)."""
+        if not rows:
+            return
+        sql, order = self._for(conn)
+        cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            if len(rows) == 1:
+                cur.execute(sql, self._args(order, rows[0]))
+            else:
+                cur.executemany(sql, [self._args(order, r) for r in rows])
+        finally:
+            cur.close()
