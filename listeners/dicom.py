@@ -264,7 +264,12 @@ class DicomListener:
         if c.tls is not None or self._store is None or server is None:
             return False
         before = sock.gettimeout()
-        data = ul.peek_pdu(sock, c.acse_timeout)
+        try:
+            data = ul.peek_pdu(sock, c.acse_timeout)
+        except ul.PeekTimeout:
+            log.info("dicom.association_timeout", channel=self.ctx.channel, peer=f"{address[0]}:{address[1]}")
+            sock.close()
+            return True
         sock.settimeout(before)
         rq = ul.decode_rq(data) if data is not None else None
         if rq is None or not ul.is_plain_storage(rq, FAST_SYNTAXES):

@@ -109,12 +109,16 @@ def part10(sop_class: str, sop_uid: str, transfer_syntax: str, fragments: list[A
 
 # -- the A-ASSOCIATE-RQ, read without consuming it ------------------------------
 
+class PeekTimeout(Exception):
+    """No complete A-ASSOCIATE-RQ within the ACSE timeout: the connection is closed (the
+    ARTIM expiry of PS3.8 9.2.3), not handed on to wait a second timeout."""
+
+
 def peek_pdu(sock: socket.socket, timeout: float) -> bytes | None:
     """The first PDU on a new connection, still in the socket's receive queue; None if it
-    is not complete within ``timeout`` or not an A-ASSOCIATE-RQ of sane size."""
+    is not an A-ASSOCIATE-RQ of sane size (pynetdicom answers those)."""
     deadline = time.monotonic() + timeout
     want = 6
-    data = b""
     sock.settimeout(timeout)
     try:
         while True:
@@ -131,8 +135,10 @@ def peek_pdu(sock: socket.socket, timeout: float) -> bytes | None:
             if len(data) >= want:
                 return data
             if time.monotonic() > deadline:
-                return None
+                raise PeekTimeout
             time.sleep(0.001)  # only while the RQ is split across segments
+    except TimeoutError:
+        raise PeekTimeout from None
     except OSError:
         return None
 

@@ -168,3 +168,13 @@ def test_association_limit_counts_both_paths(engine_factory):
         rows = conn.execute(select(schema.audit_events.c.detail)
                             .where(schema.audit_events.c.action == "dicom.association")).all()
     assert ("A-ASSOCIATE-RJ",) in rows
+
+
+def test_silent_connection_is_closed_after_the_acse_timeout(engine_factory):
+    e = engine_factory(dicom_yaml(extra="      acse_timeout: 0.5\n"))
+    port = e.address("dcm")[1]
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    started = time.monotonic()
+    assert sock.recv(1) == b""  # closed by us, no PDU
+    assert time.monotonic() - started < 5
+    sock.close()
