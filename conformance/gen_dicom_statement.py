@@ -125,8 +125,18 @@ def render() -> str:
         "a configuration error). Otherwise A-ASSOCIATE-RJ (rejected-permanent, service-user, reason "
         "called/calling AE title not recognised). Rejections are written to the audit trail.",
         "- Maximum PDU size received: `max_pdu` (default 262144). Number of simultaneous associations: "
-        "`max_associations`. Asynchronous operations window: not supported (1/1).",
-        "- Timeouts: `acse_timeout`, `dimse_timeout`, `network_timeout` (idle association abort).",
+        "`max_associations`, beyond which A-ASSOCIATE-RJ (rejected-transient, service-provider "
+        "presentation related, local limit exceeded). Asynchronous operations window: not supported (1/1).",
+        "- Timeouts: `acse_timeout` (a connection with no A-ASSOCIATE-RQ by then is closed), "
+        "`dimse_timeout`, `network_timeout` (idle association abort).",
+        "- Two implementations behind one port, with the same acceptance rules, presentation contexts and "
+        "statuses: an association that proposes only Storage and Verification contexts and no extended "
+        "negotiation (no SCP/SCU role selection, user identity, SOP class extended or asynchronous "
+        "operations items) and arrives without TLS is served by medrelay's own Upper Layer "
+        "(`listeners/dicom_ul.py`, for speed); every other association by pynetdicom. On the former, a "
+        "P-DATA-TF longer than `max_pdu`, a PDV on a presentation context that was not accepted, a data "
+        "set fragment without its command, a command other than C-STORE or C-ECHO, or any other "
+        "unexpected PDU is answered with A-ABORT (service-provider).",
         "- C-MOVE sub-operations open a new association to the configured destination, proposing one "
         "presentation context per (SOP class, stored transfer syntax), plus an uncompressed fallback per SOP "
         "class (Explicit / Implicit VR Little Endian) used only for uncompressed data sets.",
