@@ -25,6 +25,7 @@ from sqlalchemy import Connection, and_, bindparam, insert, select, update
 from engine.envelope import Envelope
 from engine.match import MISSING, lookup
 from engine.store import schema
+from engine.store.prepared import Prepared
 
 log = structlog.get_logger()
 
@@ -422,13 +423,13 @@ class Intake:
                 self.store.insert_blob_rows(conn, blob_rows)
                 for row, blob in zip(msg_rows, blob_rows, strict=True):
                     row["blob_id"] = blob["id"]
-                conn.execute(insert(schema.messages), msg_rows)
+                _INSERT_MESSAGES.run(conn, msg_rows)
             if supersede:
                 _supersede(conn, supersede, dlv_rows, now)
             if dlv_rows:
                 conn.execute(insert(schema.deliveries), dlv_rows)
             if audit_rows:  # one executemany per group commit: the trail costs no extra fsync
-                conn.execute(insert(schema.audit_events), audit_rows)
+                _INSERT_AUDIT.run(conn, audit_rows)
             for item in batch:  # files written ahead must be durable before the rows naming them
                 if item.durable is not None:
                     item.durable.result(DURABLE_TIMEOUT)
@@ -458,6 +459,14 @@ def _supersede(conn: Connection, latest: dict[tuple[str, str, str], str], rows: 
         ck = row["coalesce_key"]
         if ck is not None and latest.get((row["channel"], row["route"], ck)) != row["message_id"]:
             row["state"], row["detail"] = "superseded", f"superseded by {latest[(row['channel'], row['route'], ck)]}"
+
+
+_INSERT_MESSAGES = Prepared(insert(schema.messages), (
+    "id", "channel", "kind", "received_at", "peer", "headers", "blob_id", "size", "config_hash", "dedupe_key",
+    "response", "parent_id"), json_columns=("headers",))
+_INSERT_AUDIT = Prepared(insert(schema.audit_events), (  # the rows _receive_audit makes
+    "at", "action", "outcome", "actor", "peer", "channel", "message_id", "entity", "detail", "exported"),
+    json_columns=("entity",))
 
 
 def _receive_audit(env: Envelope, now: float, message_id: str, detail: str | None) -> dict[str, Any]:

@@ -6,12 +6,15 @@ result set-up) cost ~70 us each, about as much as SQLite running them. For
 statements whose columns need no type processing (strings, numbers, bytes) the
 compiled SQL and its parameter order are all we need from SQLAlchemy; the DBAPI
 cursor is the caller's own connection, so the statement is part of the caller's
-transaction exactly as ``conn.execute`` would make it. Statements with JSON or other
-processed types stay on ``conn.execute``.
+transaction exactly as ``conn.execute`` would make it. JSON columns are named and
+serialised here with ``json.dumps``, as SQLAlchemy's JSON type does (on PostgreSQL the
+compiled SQL carries the dialect's ``::JSON`` cast). Other processed types stay on
+``conn.execute``.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,13 +25,15 @@ from sqlalchemy.sql import ClauseElement
 class Prepared:
     """One statement; ``columns`` fixes the inserted columns of an INSERT (compile's ``column_keys``)."""
 
-    def __init__(self, statement: ClauseElement, columns: Sequence[str] | None = None) -> None:
+    def __init__(self, statement: ClauseElement, columns: Sequence[str] | None = None, *,
+                 json_columns: Sequence[str] = ()) -> None:
         self.statement = statement
         self.columns = list(columns) if columns is not None else None
+        self.json_columns = frozenset(json_columns)
         self._compiled: dict[str, tuple[str, tuple[str, ...] | None]] = {}
 
     def _for(self, conn: Connection) -> tuple[str, tuple[str, ...] | None]:
-        name = conn.dialect.name
+        name = f"{conn.dialect.name}+{conn.dialect.driver}"  # paramstyle differs per driver
         hit = self._compiled.get(name)
         if hit is None:
             compiled = self.statement.compile(dialect=conn.dialect, column_keys=self.columns)
@@ -37,6 +42,9 @@ class Prepared:
         return hit
 
     def _args(self, order: tuple[str, ...] | None, params: Mapping[str, Any]) -> Any:
+        if self.json_columns:
+            params = {k: (json.dumps(v) if k in self.json_columns and v is not None else v)
+                      for k, v in params.items()}
         return tuple(params[k] for k in order) if order is not None else params
 
     def one(self, conn: Connection, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
