@@ -44,7 +44,7 @@ log = structlog.get_logger()
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 A_ASSOCIATE_RQ_PDU, P_DATA_TF, A_RELEASE_RQ, A_ABORT = 0x01, 0x04, 0x05, 0x07
-C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
+C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP, C_CANCEL_RQ = 0x0001, 0x8001, 0x0030, 0x8030, 0x0FFF
 NO_DATA_SET = 0x0101
 # A-ABORT reasons (PS3.8 9.3.8): service provider source with these diagnostics
 UNEXPECTED_PDU, INVALID_PARAMETER = 0x02, 0x06
@@ -408,6 +408,8 @@ class StorageAssociation:
 
     def _dispatch(self, cmd: dict[int, bytes], cx_id: int, data: list[Any]) -> None:
         field, msg_id = us(cmd, 0x00000100), us(cmd, 0x00000110)
+        if field == C_CANCEL_RQ:  # nothing to cancel: a C-STORE is answered before the next request
+            return
         if msg_id is None:
             raise ProtocolError(INVALID_PARAMETER, "command without Message ID")
         cx = self.accepted[cx_id]
