@@ -159,6 +159,9 @@ class StoreSCP:
         def index_rows(conn: Connection, env: Envelope) -> str | Duplicate:
             # Audit: intake writes the message.receive row (calling AE, SOP class and study UID in
             # its headers) in this same transaction; a second row per instance would only repeat it.
+            if not replace and idx.index_into_known_series(conn, attrs, message_id=env.id, transfer_syntax=ts,
+                                                           digest=digest, size=size, channel=env.channel):
+                return "indexed"
             found = idx.find(conn, hkey, attrs)
             if found.instance_pk is not None and (not replace or found.digest == digest):
                 return Duplicate(str(found.message_id))

@@ -104,6 +104,28 @@ def test_index_keeps_phi_sealed(tmp_path):
     store.dispose()
 
 
+def test_index_into_known_series_only_for_new_instances_of_indexed_series(tmp_path, store_url):
+    """The one-statement insert writes only a new instance of an indexed series; the first
+    instance of a series and a re-sent SOP Instance UID fall back to the full path."""
+    store = Store(store_url, tmp_path / "blobs", KeyRing(tmp_path / "k.json"))
+    store.migrate()
+    attrs = idx.extract(dcmread(data_file("CT_small.dcm"), stop_before_pixels=True))
+    hkey = store.keyring.hmac_key(idx.HMAC_KEY_NAME)
+    kw = {"transfer_syntax": "1.2.840.10008.1.2.1", "digest": "d", "size": 10, "channel": "c"}
+    with store.engine.begin() as conn:
+        assert not idx.index_into_known_series(conn, attrs, message_id="m1", **kw)  # series not indexed yet
+        assert idx.index_instance(conn, store, hkey, attrs, message_id="m1", **kw) == "indexed"
+        assert not idx.index_into_known_series(conn, attrs, message_id="m2", **kw)  # instance already there
+        other = {**attrs, "IMAGE": {**attrs["IMAGE"], "SOPInstanceUID": "1.2.3.4.5.6", "InstanceNumber": 7}}
+        assert idx.index_into_known_series(conn, other, message_id="m3", **kw)
+        found = idx.find(conn, hkey, other)
+    assert found.message_id == "m3" and found.series_pk is not None and found.digest == "d"
+    with store.engine.connect() as conn:
+        row = idx.existing_instance(conn, "1.2.3.4.5.6")
+    assert row["instance_number"] == 7 and row["series_pk"] == found.series_pk and row["channel"] == "c"
+    store.dispose()
+
+
 def _index_read(path):
     from pydicom.errors import InvalidDicomError
 

@@ -172,7 +172,9 @@ def norm_pn(value: str) -> str:
 
 
 def keyed(key: bytes, kind: str, value: str) -> str:
-    return hmac.digest(key, f"{kind}\x00{value}".encode(), "sha256").hex()
+    # hmac.new, not the one-shot hmac.digest: the one-shot releases the GIL, and in the
+    # committer every release costs a wait to get it back while associations run Python.
+    return hmac.new(key, f"{kind}\x00{value}".encode(), hashlib.sha256).hexdigest()
 
 
 def _aad(level: str, unique: str) -> str:
@@ -336,6 +338,11 @@ _INSTANCE_COLUMNS = ("series_pk", "sop_uid", "sop_class_uid", "instance_number",
                      "blob_id", "digest", "size", "channel", "archived", "received_at")
 _INSERT_INSTANCE = Prepared(insert(instances), _INSTANCE_COLUMNS)
 _FIND = Prepared(_LOOKUP)
+_INSERT_INTO_KNOWN_SERIES = Prepared(insert(instances).from_select(
+    list(_INSTANCE_COLUMNS),
+    select(series.c.pk, *(bindparam(c, type_=instances.c[c].type) for c in _INSTANCE_COLUMNS[1:]))
+    .where(series.c.series_uid == bindparam("series_uid", type_=String))
+    .where(~select(instances.c.pk).where(instances.c.sop_uid == bindparam("sop_uid", type_=String)).exists())))
 
 
 def existing_instance(conn: Connection, sop_uid: str) -> Mapping[str, Any] | None:
@@ -368,6 +375,35 @@ def find(conn: Connection, hkey: bytes, attrs: Mapping[str, Mapping[str, Any]]) 
     return Found(*row)
 
 
+def _instance_row(im: Mapping[str, Any], *, series_pk: int | None, transfer_syntax: str, message_id: str,
+                  blob_id: str | None, digest: str, size: int, channel: str, archived: bool,
+                  now: float) -> dict[str, Any]:
+    return {
+        "series_pk": series_pk, "sop_uid": im["SOPInstanceUID"], "sop_class_uid": im["SOPClassUID"],
+        "instance_number": _int(im.get("InstanceNumber")), "transfer_syntax": transfer_syntax,
+        "message_id": message_id, "blob_id": blob_id, "digest": digest, "size": size,
+        "channel": channel, "archived": int(archived), "received_at": now,
+    }
+
+
+def index_into_known_series(conn: Connection, attrs: Mapping[str, Mapping[str, Any]], *, message_id: str,
+                            transfer_syntax: str, digest: str, size: int, channel: str) -> bool:
+    """The common case in one statement: a new instance of a series the index already has.
+
+    False (nothing written) when the series is not indexed yet or the SOP Instance UID
+    is; the caller then takes the full path (``find`` + ``index_instance``). One
+    statement instead of a look-up and an insert matters on the DICOM receive path:
+    each statement hands the GIL back and forth once more in the committer.
+    """
+    im, se = attrs.get("IMAGE", {}), attrs.get("SERIES", {})
+    if not (im.get("SOPInstanceUID") and im.get("SOPClassUID") and se.get("SeriesInstanceUID")):
+        return False
+    row = _instance_row(im, series_pk=None, transfer_syntax=transfer_syntax, message_id=message_id, blob_id=None,
+                        digest=digest, size=size, channel=channel, archived=False, now=time.time())
+    row["series_uid"] = se["SeriesInstanceUID"]
+    return _INSERT_INTO_KNOWN_SERIES.run(conn, [row]) == 1
+
+
 def index_instance(conn: Connection, store: Any, hkey: bytes, attrs: Mapping[str, Mapping[str, Any]], *,
                    message_id: str, transfer_syntax: str, digest: str, size: int, channel: str = "",
                    blob_id: str | None = None, replace: bool = False, archived: bool = False,
@@ -398,12 +434,8 @@ def index_instance(conn: Connection, store: Any, hkey: bytes, attrs: Mapping[str
         "study_pk": study_pk, "series_uid": series_uid, "modality": str(se.get("Modality", ""))[:16],
         "series_number": _int(se.get("SeriesNumber")),
         "attrs_blob": _seal(store, conn, "SERIES", series_uid, se), "created_at": now})
-    row = {
-        "series_pk": series_pk, "sop_uid": sop_uid, "sop_class_uid": im["SOPClassUID"],
-        "instance_number": _int(im.get("InstanceNumber")), "transfer_syntax": transfer_syntax,
-        "message_id": message_id, "blob_id": blob_id, "digest": digest, "size": size,
-        "channel": channel, "archived": int(archived), "received_at": now,
-    }
+    row = _instance_row(im, series_pk=series_pk, transfer_syntax=transfer_syntax, message_id=message_id,
+                        blob_id=blob_id, digest=digest, size=size, channel=channel, archived=archived, now=now)
     if pks.instance_pk is None:
         _INSERT_INSTANCE.run(conn, [row])
         return "indexed"

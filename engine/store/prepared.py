@@ -58,10 +58,10 @@ class Prepared:
         finally:
             cur.close()
 
-    def run(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Run an INSERT/UPDATE for each parameter set (executemany)."""
+    def run(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Run an INSERT/UPDATE for each parameter set (executemany); the rows it touched."""
         if not rows:
-            return
+            return 0
         sql, order = self._for(conn)
         cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
@@ -69,5 +69,6 @@ class Prepared:
                 cur.execute(sql, self._args(order, rows[0]))
             else:
                 cur.executemany(sql, [self._args(order, r) for r in rows])
+            return int(cur.rowcount)
         finally:
             cur.close()
