@@ -8,7 +8,8 @@ parallel, to:
   (c) `medrelay run` with a DICOM listener: commit (WAL, synchronous=FULL), index, encryption.
 All three in the same run, so the ratios compare like with like on this machine.
 A shared VM swings by +-30 % from one minute to the next, so the receivers take
-turns for --rounds rounds and the medians are printed, with each receiver's CPU
+turns for --rounds rounds (with an untimed sync between runs, so no receiver pays
+for the writeback of the one before) and the medians are printed, with each receiver's CPU
 time per instance (user + system, from /proc) as a steadier second figure.
 
     .venv/bin/python bench/dicom.py [--count 500] [--parallel 4] [--rounds 3]
@@ -167,6 +168,9 @@ def main() -> None:
         for _ in range(args.rounds):
             for par in (1, args.parallel):
                 for kind in ("dcmtk", "pynetdicom", "medrelay"):
+                    # Untimed: flush what the previous receiver left dirty (DCMTK and the bare SCP
+                    # do not fsync), or its writeback lands in the next receiver's run.
+                    os.sync()
                     t = start(kind, work, args.max_pdu)
                     try:
                         c0 = cpu_seconds(t.proc.pid)
