@@ -90,7 +90,6 @@ class Runtime:
         self.store = await asyncio.to_thread(open_store, s)
         if self.store.is_sqlite:
             self._lock = _single_owner_lock(self.store)
-            self.store.checkpoint_in_background()  # only the owner, never a second process
             released = await asyncio.to_thread(queue.release_leases, self.store)
             if released:
                 log.info("queue.leases_released", count=released)

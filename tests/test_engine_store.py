@@ -143,24 +143,3 @@ def test_gc_removes_only_unreferenced_old_files(store):
     assert not orphan.exists() and store.blob_path(kept).exists() and store.blob_path(young).exists()
     with store.engine.connect() as c:
         assert store.get_blob(c, kept, aad="m1") == b"k" * 5000
-
-
-def test_background_checkpoint_keeps_the_wal_short(tmp_path):
-    """The engine turns SQLite's auto-checkpoint off on its connections and checkpoints from a
-    thread; the WAL must still be folded into the database while commits go on."""
-    import time
-
-    s = Store(f"sqlite:///{tmp_path}/c.db", tmp_path / "blobs", KeyRing(tmp_path / "k.json"), inline_max=1 << 20)
-    s.migrate()
-    s.checkpoint_in_background(interval=0.1)
-    with s.engine.connect() as conn:
-        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
-    for i in range(60):
-        with s.engine.begin() as c:
-            s.put_blob(c, b"x" * 50000, f"m{i}")
-    deadline = time.monotonic() + 10
-    while (tmp_path / "c.db").stat().st_size < 60 * 50000 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    # with auto-checkpoint off, only the thread can have moved the rows into the database file
-    assert (tmp_path / "c.db").stat().st_size >= 60 * 50000
-    s.dispose()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -28,14 +27,12 @@ SCHEMA_VERSION = 2
 INLINE_MAX = 256 * 1024  # payloads above this go to files beside the database
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any, synchronous: str = "FULL", autocheckpoint: bool = True) -> None:
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any, synchronous: str = "FULL") -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute(f"PRAGMA synchronous={synchronous}")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA foreign_keys=ON")
-    if not autocheckpoint:
-        cur.execute("PRAGMA wal_autocheckpoint=0")
     cur.close()
 
 
@@ -72,14 +69,11 @@ class Store:
         # (SQLite WAL: durable with the next FULL commit of intake) or, on PostgreSQL,
         # synchronous_commit=off per transaction. Intake's commits stay fully synchronous.
         self.queue_engine: Engine = self.engine
-        self._checkpointer: _Checkpointer | None = None
         if self.is_sqlite:
-            event.listen(self.engine, "connect",
-                         lambda c, r: _sqlite_pragmas(c, r, autocheckpoint=self._checkpointer is None))
+            event.listen(self.engine, "connect", _sqlite_pragmas)
             self.queue_engine = create_engine(self.url, **kwargs)
             event.listen(self.queue_engine, "connect",
-                         lambda c, r: _sqlite_pragmas(c, r, synchronous="NORMAL",
-                                                      autocheckpoint=self._checkpointer is None))
+                         lambda c, r: _sqlite_pragmas(c, r, synchronous="NORMAL"))
         self.blob_dir = Path(blob_dir)
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self._make_fanout()
@@ -107,27 +101,7 @@ class Store:
                 conn.execute(insert(schema.schema_version).values(version=version, applied_at=time.time()))
         return SCHEMA_VERSION
 
-    def checkpoint_in_background(self, interval: float = 0.5) -> None:
-        """SQLite: WAL checkpoints by a thread of their own instead of inside a commit.
-
-        With the default auto-checkpoint, the commit that crosses 1 000 WAL pages copies
-        them into the database and fsyncs it while every submitter waits for that
-        commit. The running engine turns that off on its connections and checkpoints
-        (PASSIVE: never blocks a writer) every ``interval`` seconds. Durability is
-        unchanged: a commit is durable once its WAL frames are. CLI commands keep the
-        default, so the WAL never grows without an engine running.
-        """
-        if not self.is_sqlite or self._checkpointer is not None or not self.url.database \
-                or self.url.database == ":memory:":
-            return
-        self._checkpointer = _Checkpointer(self.engine, interval)
-        self.engine.dispose()  # pooled connections reopen without auto-checkpoint
-        self.queue_engine.dispose()
-        self._checkpointer.start()
-
     def dispose(self) -> None:
-        if self._checkpointer is not None:
-            self._checkpointer.stop()
         self.engine.dispose()
         if self.queue_engine is not self.engine:
             self.queue_engine.dispose()
@@ -283,31 +257,6 @@ def open_blob(keyring: KeyRing, blob_id: str, row: Any, aad: str, path: Path) ->
     if blob_address(row["nonce"], ct) != blob_id and hashlib.sha256(ct).hexdigest() != blob_id:
         raise IntegrityError(f"blob {blob_id}: content does not match its address")
     return keyring.open(Sealed(row["kek_id"], row["wrapped_key"], row["nonce"], ct), aad)
-
-
-class _Checkpointer(threading.Thread):
-    def __init__(self, engine: Engine, interval: float) -> None:
-        super().__init__(name="sqlite-checkpoint", daemon=True)
-        self.engine = engine
-        self.interval = interval
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        while not self._done.wait(self.interval):
-            self.checkpoint("PASSIVE")
-        self.checkpoint("PASSIVE")
-
-    def checkpoint(self, mode: str) -> None:
-        try:
-            with self.engine.connect() as conn:
-                conn.exec_driver_sql(f"PRAGMA wal_checkpoint({mode})")
-        except Exception as e:  # the next round tries again; the WAL only grows meanwhile
-            log.warning("store.checkpoint_failed", error=type(e).__name__, detail=str(e)[:200])
-
-    def stop(self) -> None:
-        self._done.set()
-        if self.is_alive():
-            self.join(10)
 
 
 class _QueueTx:
