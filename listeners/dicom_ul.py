@@ -9,8 +9,8 @@ here: an association that proposes only Storage and Verification contexts and no
 extended negotiation (what modalities and ``storescu`` send). Everything else
 (Query/Retrieve, worklist, role selection, user identity, TLS, anything we would
 reject) stays with pynetdicom, which also does all the decoding and encoding of
-association PDUs for us here: we only parse P-DATA-TF and the few command elements
-of C-STORE and C-ECHO ourselves.
+association PDUs for us here: we only parse P-DATA-TF here and the few command
+elements of C-STORE and C-ECHO (``listeners/dicom_dimse.py``) ourselves.
 
 The split is decided on the A-ASSOCIATE-RQ read with ``MSG_PEEK``: nothing is
 consumed until we know who handles the association.
@@ -18,7 +18,6 @@ consumed until we know who handles the association.
 
 from __future__ import annotations
 
-import re
 import socket
 import struct
 import threading
@@ -38,14 +37,25 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
+from listeners.dicom_dimse import (
+    C_CANCEL_RQ,
+    C_ECHO_RQ,
+    C_ECHO_RSP,
+    C_STORE_RQ,
+    C_STORE_RSP,
+    NO_DATA_SET,
+    decode_command,
+    encode_response,
+    ui,
+    us,
+)
 from listeners.dicom_status import STORE
+from listeners.dicom_store import StoreRequest, part10, valid_uid
 
 log = structlog.get_logger()
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 A_ASSOCIATE_RQ_PDU, P_DATA_TF, A_RELEASE_RQ, A_ABORT = 0x01, 0x04, 0x05, 0x07
-C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP, C_CANCEL_RQ = 0x0001, 0x8001, 0x0030, 0x8030, 0x0FFF
-NO_DATA_SET = 0x0101
 # A-ABORT reasons (PS3.8 9.3.8): service provider source with these diagnostics
 UNEXPECTED_PDU, INVALID_PARAMETER = 0x02, 0x06
 HARD_PDU_CAP = 1 << 28  # with max_pdu 0 ("unlimited") a PDU length still cannot allocate more than this
@@ -53,58 +63,6 @@ HARD_PDU_CAP = 1 << 28  # with max_pdu 0 ("unlimited") a PDU length still cannot
 # The user information items a plain storage SCU sends; anything else is pynetdicom's.
 PLAIN_ITEMS = (MaximumLengthNotification, ImplementationClassUIDNotification,
                ImplementationVersionNameNotification)
-
-
-UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
-
-
-def valid_uid(value: Any) -> bool:
-    """PS3.5 9.1: digits and dots, at most 64 characters (leading zeros tolerated, as peers send them)."""
-    return isinstance(value, str) and 0 < len(value) <= 64 and UID_RE.fullmatch(value) is not None
-
-
-@dataclass(frozen=True)
-class StoreRequest:
-    """One C-STORE request as both association paths hand it to the Storage SCP."""
-
-    sop_class: str
-    sop_uid: str
-    transfer_syntax: str
-    calling_aet: str
-    peer: str  # "AET@host:port", for logs and the envelope
-    part10: bytes  # preamble + file meta + the data set exactly as received
-    meta_end: int  # offset of the data set in part10
-
-
-def _meta_el(group_elem: int, vr: bytes, value: bytes) -> bytes:
-    """One Explicit VR Little Endian element of group 0002 (UI/SH short form, OB long form)."""
-    tag = struct.pack("<HH", 0x0002, group_elem)
-    if vr == b"OB":
-        return tag + vr + b"\x00\x00" + struct.pack("<I", len(value)) + value
-    return tag + vr + struct.pack("<H", len(value)) + value
-
-
-def file_meta(sop_class: str, sop_uid: str, transfer_syntax: str) -> bytes:
-    """Preamble, prefix and File Meta Information (PS3.10 7.1), the same bytes pynetdicom's
-    ``create_file_meta`` + ``encode_file_meta`` give (a test holds them equal), without
-    building a pydicom data set per instance (~0.3 ms)."""
-    version = PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")
-    body = b"".join((
-        _meta_el(0x0001, b"OB", b"\x00\x01"),
-        _meta_el(0x0002, b"UI", _ui(sop_class)),
-        _meta_el(0x0003, b"UI", _ui(sop_uid)),
-        _meta_el(0x0010, b"UI", _ui(transfer_syntax)),
-        _meta_el(0x0012, b"UI", _ui(PYNETDICOM_IMPLEMENTATION_UID)),
-        _meta_el(0x0013, b"SH", version + b" " if len(version) % 2 else version),
-    ))
-    group_length = struct.pack("<HH", 0x0002, 0x0000) + b"UL" + struct.pack("<HI", 4, len(body))
-    return b"\x00" * 128 + b"DICM" + group_length + body
-
-
-def part10(sop_class: str, sop_uid: str, transfer_syntax: str, fragments: list[Any]) -> tuple[bytes, int]:
-    """File meta, then the received data set fragments: one copy of the data set."""
-    head = file_meta(sop_class, sop_uid, transfer_syntax)
-    return b"".join((head, *fragments)), len(head)
 
 
 # -- the A-ASSOCIATE-RQ, read without consuming it ------------------------------
@@ -201,58 +159,6 @@ def abort_pdu(source: int, reason: int) -> bytes:
 
 
 RELEASE_RP = bytes((0x06, 0, 0, 0, 0, 4, 0, 0, 0, 0))
-
-
-# -- DIMSE command sets: Implicit VR Little Endian, group 0000 -----------------------
-
-def decode_command(data: bytes) -> dict[int, bytes]:
-    """Element tag (as 0xGGGGEEEE) to raw value; raises ValueError on a malformed set."""
-    out: dict[int, bytes] = {}
-    pos, end = 0, len(data)
-    while pos < end:
-        if pos + 8 > end:
-            raise ValueError("truncated command element")
-        group, elem, length = struct.unpack_from("<HHI", data, pos)
-        pos += 8
-        if pos + length > end:
-            raise ValueError("command element longer than the command set")
-        out[(group << 16) | elem] = bytes(data[pos:pos + length])
-        pos += length
-    return out
-
-
-def us(cmd: dict[int, bytes], tag: int) -> int | None:
-    v = cmd.get(tag)
-    return struct.unpack("<H", v)[0] if v is not None and len(v) == 2 else None
-
-
-def ui(cmd: dict[int, bytes], tag: int) -> str:
-    v = cmd.get(tag)
-    return v.rstrip(b"\x00 ").decode("ascii", "replace") if v else ""
-
-
-def _el(tag: int, value: bytes) -> bytes:
-    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
-
-
-def _ui(uid: str) -> bytes:
-    b = uid.encode("ascii")
-    return b + b"\x00" if len(b) % 2 else b
-
-
-def encode_response(field: int, message_id: int, sop_class: str, status: int, *,
-                    sop_uid: str | None = None, comment: str | None = None) -> bytes:
-    """A C-STORE-RSP or C-ECHO-RSP command set (PS3.7 9.3.1.2, 9.3.5.2), elements in tag order."""
-    body = [_el(0x00000002, _ui(sop_class)), _el(0x00000100, struct.pack("<H", field)),
-            _el(0x00000120, struct.pack("<H", message_id)),
-            _el(0x00000800, struct.pack("<H", NO_DATA_SET)), _el(0x00000900, struct.pack("<H", status))]
-    if comment:
-        text = comment[:64].encode("ascii", "replace")
-        body.append(_el(0x00000902, text + b" " if len(text) % 2 else text))
-    if sop_uid is not None:
-        body.append(_el(0x00001000, _ui(sop_uid)))
-    rest = b"".join(body)
-    return _el(0x00000000, struct.pack("<I", len(rest))) + rest
 
 
 def pdata_pdus(context_id: int, command: bytes, max_length: int) -> bytes:

@@ -17,6 +17,7 @@ from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformati
 from sqlalchemy import select
 
 from engine.store import schema
+from listeners import dicom_dimse as dimse
 from listeners import dicom_ul as ul
 from routes.dicom_scu import RawInstance, send_raw
 from tests.dicom_peers import data_file, dicom_yaml, store_statuses, storescu
@@ -131,11 +132,12 @@ def test_peer_closing_mid_data_set_stores_nothing(engine_factory):
     port = e.address("dcm")[1]
     sock = _raw_association(port)
     inst = _raw_instance()
-    body = [ul._el(0x00000002, ul._ui(str(inst.SOPClassUID))), ul._el(0x00000100, struct.pack("<H", 0x0001)),
-            ul._el(0x00000110, struct.pack("<H", 1)), ul._el(0x00000700, struct.pack("<H", 0)),
-            ul._el(0x00000800, struct.pack("<H", 0x0000)), ul._el(0x00001000, ul._ui(str(inst.SOPInstanceUID)))]
+    el, uid = dimse.element, dimse.ui_value
+    body = [el(0x00000002, uid(str(inst.SOPClassUID))), el(0x00000100, struct.pack("<H", 0x0001)),
+            el(0x00000110, struct.pack("<H", 1)), el(0x00000700, struct.pack("<H", 0)),
+            el(0x00000800, struct.pack("<H", 0x0000)), el(0x00001000, uid(str(inst.SOPInstanceUID)))]
     rest = b"".join(body)
-    cmd = ul._el(0x00000000, struct.pack("<I", len(rest))) + rest
+    cmd = dimse.element(0x00000000, struct.pack("<I", len(rest))) + rest
     sock.sendall(ul.pdata_pdus(1, cmd, 0))
     half = inst.raw[: len(inst.raw) // 2]
     item = struct.pack(">IBB", len(half) + 2, 1, 0x00) + half
@@ -178,3 +180,31 @@ def test_silent_connection_is_closed_after_the_acse_timeout(engine_factory):
     assert sock.recv(1) == b""  # closed by us, no PDU
     assert time.monotonic() - started < 5
     sock.close()
+
+
+def test_file_meta_and_responses_decode_as_pynetdicom_and_pydicom_would():
+    """The hand-encoded file meta is byte for byte pynetdicom's; the command sets we write
+    are what pydicom reads back (Implicit VR Little Endian, group length right)."""
+    from io import BytesIO
+
+    from pydicom.filereader import read_dataset
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    from listeners.dicom_store import file_meta
+
+    for sop_class, sop_uid, ts in (("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1"),
+                                   ("1.2.840.10008.5.1.4.1.1.4", "1.2.34", "1.2.840.10008.1.2.4.50")):
+        theirs = encode_file_meta(create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_uid,
+                                                   transfer_syntax=ts))
+        assert file_meta(sop_class, sop_uid, ts) == b"\0" * 128 + b"DICM" + theirs
+    rsp = dimse.encode_response(dimse.C_STORE_RSP, 7, "1.2.840.10008.5.1.4.1.1.2", 0xA900, sop_uid="1.2.3",
+                                comment="odd")
+    ds = read_dataset(BytesIO(rsp), True, True)
+    assert ds.CommandGroupLength == len(rsp) - 12
+    assert (ds.CommandField, ds.MessageIDBeingRespondedTo, ds.Status) == (0x8001, 7, 0xA900)
+    assert (ds.AffectedSOPClassUID, ds.AffectedSOPInstanceUID, ds.ErrorComment) == \
+        ("1.2.840.10008.5.1.4.1.1.2", "1.2.3", "odd")
+    assert ds.CommandDataSetType == 0x0101
+    assert dimse.decode_command(rsp)[0x00000900] == (0xA900).to_bytes(2, "little")
+    with pytest.raises(ValueError):
+        dimse.decode_command(rsp[:-3])
