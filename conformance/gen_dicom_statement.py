@@ -222,10 +222,12 @@ def render() -> str:
         "",
         "- TLS (PS3.15 B.1 profiles, BCP 195 settings: TLS 1.2+, AEAD cipher suites) on the listener "
         "(`tls.cert`/`tls.key`, mutual TLS with `tls.ca` + `require_client_cert`) and on every outgoing "
-        "association (`tls` of move destinations and routes).",
+        "association (`tls` of move destinations and routes). The listener's TLS handshake runs in the "
+        "connection's own thread, bounded by `acse_timeout`; a failed handshake (no or untrusted client "
+        "certificate, a peer not speaking TLS) is audited as a Security Alert, Node Authentication.",
         "- Listeners bind 127.0.0.1 unless `host` says otherwise; calling AE titles are an allow-list.",
         "- Stored instances are encrypted (AES-256-GCM, a data key per blob wrapped by the key-encryption "
-        "key, AAD bound to the message id). File names are hashes of the ciphertext, never UIDs.",
+        "key, AAD bound to the message id). File names are hashes of each blob's nonce and GCM tag, never UIDs.",
         "- The archive index keeps no PHI in clear: Patient ID, Patient Name and Accession Number are "
         "stored as keyed HMAC-SHA-256 (exact matching), every returnable attribute of a patient, study "
         "and series is sealed JSON in the encrypted blob store and decrypted only for the candidate rows "

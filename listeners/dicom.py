@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import threading
 from datetime import datetime
 from typing import Any, Literal
@@ -138,12 +139,46 @@ class AssociationServer(ThreadedAssociationServer):
     """
 
     take_storage: Any = None  # set by DicomListener: (sock, address) -> handled?
+    tls_failed: Any = None  # set by DicomListener: (address, error) -> None
+    handshake_timeout: float = 30.0
     storage_sessions: set[ul.StorageAssociation]
     # Our associations run in these request threads; shutting the server down must not
     # wait for them (pynetdicom's own associations run in threads of their own).
     daemon_threads = True
 
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept only; the TLS handshake happens in the connection's own thread.
+
+        pynetdicom does the handshake here, in the accepting thread: one slow or silent
+        client holds up every other connection, and a failed handshake vanishes without
+        a trace (socketserver drops the error). Ours is timed and audited.
+        """
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context is not None:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+    def _handshake(self, request: Any, client_address: Any) -> bool:
+        if not isinstance(request, ssl.SSLSocket):
+            return True
+        try:
+            request.settimeout(self.handshake_timeout)
+            request.do_handshake()
+            request.settimeout(None)
+            return True
+        except (ssl.SSLError, OSError) as e:
+            if self.tls_failed is not None:
+                self.tls_failed(client_address, e)
+            try:
+                request.close()
+            except OSError:
+                pass
+            return False
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if not self._handshake(request, client_address):
+            return
         try:
             if self.take_storage is not None and self.take_storage(request, client_address):
                 return
@@ -252,6 +287,19 @@ class DicomListener:
         self.ctx.audit.record("dicom.association", outcome="failure", actor=aet, peer=peer,
                               channel=self.ctx.channel, detail="A-ASSOCIATE-RJ")
 
+    def tls_failed(self, address: Any, error: Exception) -> None:
+        """A TLS handshake that failed (no or untrusted client certificate, not TLS at all):
+        a Security Alert (Node Authentication) in the audit trail. A connection closed or
+        silent before any handshake (a port probe, a health check) is only logged."""
+        peer = f"{address[0]}:{address[1]}"
+        if isinstance(error, (ssl.SSLEOFError, TimeoutError, ConnectionResetError, BrokenPipeError)):
+            log.info("dicom.tls_incomplete", channel=self.ctx.channel, peer=peer, error=type(error).__name__)
+            return
+        reason = getattr(error, "reason", None) or type(error).__name__
+        log.warning("dicom.tls_rejected", channel=self.ctx.channel, peer=peer, reason=str(reason)[:100])
+        self.ctx.audit.record("dicom.tls_rejected", outcome="failure", actor="", peer=peer,
+                              channel=self.ctx.channel, detail=f"TLS handshake failed: {str(reason)[:100]}")
+
     def ended(self, aet: str, peer: str, how: str) -> None:
         if how == "aborted":
             log.info("dicom.association_aborted", channel=self.ctx.channel, calling_aet=aet, peer=peer)
@@ -308,6 +356,8 @@ class DicomListener:
                                      server_class=AssociationServer)
         server.storage_sessions = self.ae.storage_sessions
         server.take_storage = self.take_storage
+        server.tls_failed = self.tls_failed
+        server.handshake_timeout = self.config.acse_timeout
         stamp = datetime.now().strftime("%Y%m%d%H%M%S")
         threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{stamp}", daemon=True).start()
         self.ae._servers.append(server)
