@@ -7,7 +7,10 @@ client certificates is given. One place, so MLLP, DICOM, FHIR and syslog agree.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -64,3 +67,59 @@ def client_context(cfg: TLSConfig) -> ssl.SSLContext:
     if cfg.cert and cfg.key:
         ctx.load_cert_chain(cfg.cert, cfg.key)
     return ctx
+
+
+HANDSHAKE_GIVE_UPS = (ssl.SSLEOFError, TimeoutError, ConnectionResetError, BrokenPipeError)
+
+
+def handshake_refused(error: BaseException) -> bool:
+    """A real refusal (no or untrusted client certificate, a peer not speaking TLS, no
+    common protocol or cipher), as opposed to a peer that closed or stayed silent
+    before any handshake (a port probe, a health check): only the first is audited."""
+    return not isinstance(error, HANDSHAKE_GIVE_UPS)
+
+
+StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def start_tls_server(handler: StreamHandler, host: str, port: int, ssl_context: ssl.SSLContext, *,
+                           limit: int, handshake_timeout: float,
+                           on_failure: Callable[[Any, BaseException], None]) -> asyncio.Server:
+    """``asyncio.start_server(ssl=...)``, except that a failed handshake reaches ``on_failure``.
+
+    asyncio's own TLS server reports handshake failures only at debug level, so a
+    refused client certificate would leave no audit trail. Here each connection is
+    accepted in clear with reading paused (the ClientHello stays in the socket), then
+    upgraded with ``loop.start_tls``; the streams are built on the TLS transport.
+    (``StreamWriter.start_tls`` after ``start_server`` loses the ClientHello, which
+    the stream reader has already consumed: the handshake then times out.)
+    """
+    loop = asyncio.get_running_loop()
+    upgrading: set[asyncio.Task[None]] = set()
+
+    async def upgrade(transport: asyncio.Transport) -> None:
+        peer = transport.get_extra_info("peername")
+        reader = asyncio.StreamReader(limit=limit, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        try:
+            tls_transport = await loop.start_tls(transport, protocol, ssl_context, server_side=True,
+                                                 ssl_handshake_timeout=handshake_timeout)
+        except (ssl.SSLError, OSError, ConnectionError, TimeoutError) as e:
+            transport.abort()
+            on_failure(peer, e)
+            return
+        if tls_transport is None:
+            transport.abort()
+            return
+        protocol.connection_made(tls_transport)
+        await handler(reader, asyncio.StreamWriter(tls_transport, protocol, reader, loop))
+
+    class Accept(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, asyncio.Transport)
+            transport.pause_reading()
+            task = loop.create_task(upgrade(transport))
+            upgrading.add(task)
+            task.add_done_callback(upgrading.discard)
+
+    return await loop.create_server(Accept, host, port, reuse_address=True)

@@ -49,7 +49,7 @@ from engine.hl7 import (
 from engine.hl7_ack import ack_code, build_ack, should_send
 from engine.mllp_framing import Frame, FrameParser, Oversized, Restarted, Unframed, frame
 from engine.registry import component
-from engine.tls import TLSConfig, server_context
+from engine.tls import TLSConfig, handshake_refused, server_context, start_tls_server
 
 log = structlog.get_logger()
 
@@ -103,9 +103,13 @@ class MLLPListener:
         return self._address
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._on_connection, self.config.host, self.config.port, ssl=self._ssl,
-            limit=READ_CHUNK, reuse_address=True)
+        if self._ssl is not None:
+            self._server = await start_tls_server(
+                self._on_connection, self.config.host, self.config.port, self._ssl, limit=READ_CHUNK,
+                handshake_timeout=min(self.config.idle_timeout, 60.0), on_failure=self._tls_failed)
+        else:
+            self._server = await asyncio.start_server(
+                self._on_connection, self.config.host, self.config.port, limit=READ_CHUNK, reuse_address=True)
         sock = self._server.sockets[0]
         self._address = sock.getsockname()[:2]
 
@@ -123,6 +127,16 @@ class MLLPListener:
                 await asyncio.wait_for(self._server.wait_closed(), 5)
             except TimeoutError:
                 pass
+
+    def _tls_failed(self, peername: Any, error: BaseException) -> None:
+        peer = f"{peername[0]}:{peername[1]}" if peername else "?"
+        if not handshake_refused(error):
+            log.info("mllp.tls_incomplete", channel=self.channel, peer=peer, error=type(error).__name__)
+            return
+        reason = str(getattr(error, "reason", None) or type(error).__name__)[:100]
+        log.warning("mllp.tls_rejected", channel=self.channel, peer=peer, reason=reason)
+        self.ctx.audit.record("mllp.tls_rejected", outcome="failure", peer=peer, channel=self.channel,
+                              detail=f"TLS handshake failed: {reason}")
 
     # -- connection --------------------------------------------------------------
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

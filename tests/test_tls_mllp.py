@@ -173,6 +173,32 @@ def test_mutual_tls_requires_a_client_certificate_from_our_ca(engine_factory, pk
         out = s_client_exchange(port, pki, wrap(adt("OSSLNO1")), b"\x1c\r", timeout=3)
         assert b"MSA|" not in out
     eng.wait_for(lambda: count_messages(eng) == 2)
+    # the refused handshakes are in the audit trail (Security Alert, Node Authentication)
+    eng.wait_for(lambda: len(tls_rejections(eng)) >= 2)
+
+
+def tls_rejections(eng) -> list[str]:
+    with eng.store.engine.connect() as c:
+        return list(c.execute(select(schema.audit_events.c.detail)
+                              .where(schema.audit_events.c.action == "mllp.tls_rejected")).scalars())
+
+
+def test_plain_mllp_to_the_tls_port_is_audited_and_a_silent_peer_only_logged(engine_factory, pki, rx):
+    eng = engine_factory(YAML.format(pki=pki, mutual="false", rx=rx.port, ca=pki.ca))
+    port = eng.address("adt")[1]
+    probe = socket.create_connection(("127.0.0.1", port))
+    probe.close()  # connect and close: a port probe, not a refusal
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as plain:
+        plain.sendall(wrap(adt("PLAIN01")))
+        try:
+            assert b"MSA|" not in plain.recv(4096)  # the server drops it: not TLS
+        except (ConnectionError, TimeoutError):
+            pass
+    eng.wait_for(lambda: len(tls_rejections(eng)) == 1)
+    assert "TLS handshake failed" in tls_rejections(eng)[0]
+    ack = tls_request(port, client_ctx(pki), adt("AFTER01"))
+    assert msa(ack)[1] == "AA"
+    assert len(tls_rejections(eng)) == 1
 
 
 def test_plain_client_on_tls_port_gets_nothing(engine_factory, pki, rx):
