@@ -287,6 +287,8 @@ class StorageAssociation:
                             self._dispatch(cmd, cmd_cx, data)
                             cmd, data = None, []
             elif kind == A_RELEASE_RQ:
+                if length != 4:  # fixed size (PS3.8 9.3.6); never allocate what a peer announces
+                    raise ProtocolError(INVALID_PARAMETER, f"A-RELEASE-RQ of {length} bytes")
                 self._read_exact(length)
                 self.sock.sendall(RELEASE_RP)
                 return "released"

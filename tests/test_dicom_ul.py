@@ -103,6 +103,7 @@ def test_storage_association_is_served_by_the_upper_layer(engine_factory):
 
 @pytest.mark.parametrize("bad", [
     "unaccepted_context", "unknown_pdu", "oversized_pdu", "data_before_command", "truncated_command",
+    "huge_release",
 ])
 def test_protocol_errors_get_a_abort_and_the_listener_lives(engine_factory, bad):
     e = engine_factory(dicom_yaml(extra="      max_pdu: 16384\n"))
@@ -117,6 +118,8 @@ def test_protocol_errors_get_a_abort_and_the_listener_lives(engine_factory, bad)
         sock.sendall(bytes((0x09, 0, 0, 0, 0, 2, 0, 0)))
     elif bad == "oversized_pdu":  # announces 1 GiB: refused from the header alone
         sock.sendall(struct.pack(">BBI", 0x04, 0, 1 << 30))
+    elif bad == "huge_release":  # an A-RELEASE-RQ is 4 bytes long; 4 GiB is refused unread
+        sock.sendall(struct.pack(">BBI", 0x05, 0, 0xFFFFFFFF))
     else:
         sock.sendall(struct.pack(">BBI", 0x04, 0, len(pdv[bad])) + pdv[bad])
     kind, body = _recv_pdu(sock)
