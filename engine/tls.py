@@ -82,6 +82,78 @@ def handshake_refused(error: BaseException) -> bool:
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
+async def upgrade(transport: asyncio.Transport, protocol: asyncio.BaseProtocol, ssl_context: ssl.SSLContext, *,
+                  handshake_timeout: float,
+                  on_failure: Callable[[Any, BaseException], None]) -> asyncio.BaseTransport | None:
+    """Server-side TLS on an accepted connection whose reading was paused at
+    ``connection_made`` (so the ClientHello is still in the socket); ``protocol`` gets the
+    TLS transport (its ``connection_made`` is called here). None, after ``on_failure``,
+    when the handshake fails."""
+    loop = asyncio.get_running_loop()
+    peer = transport.get_extra_info("peername")
+    shim = _UntilMade(protocol)
+    try:
+        tls_transport = await loop.start_tls(transport, shim, ssl_context, server_side=True,
+                                             ssl_handshake_timeout=handshake_timeout)
+    except (ssl.SSLError, OSError, ConnectionError, TimeoutError) as e:
+        transport.abort()
+        on_failure(peer, e)
+        return None
+    if tls_transport is None:
+        transport.abort()
+        return None
+    shim.connection_made(tls_transport)
+    return tls_transport
+
+
+class _UntilMade(asyncio.Protocol):
+    """Stands in for the real protocol from the end of the handshake until ``connection_made``.
+
+    ``loop.start_tls`` does not call ``connection_made``, and the TLS layer may deliver the
+    peer's first bytes before ``start_tls`` returns to us; a protocol that sets itself up
+    in ``connection_made`` (uvicorn's) must not see them earlier, so they wait here.
+    """
+
+    def __init__(self, inner: asyncio.BaseProtocol) -> None:
+        self.inner = inner
+        self.made = False
+        self.pending: list[bytes] = []
+        self.eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.inner.connection_made(transport)
+        self.made = True
+        for data in self.pending:
+            self.inner.data_received(data)  # type: ignore[attr-defined]
+        self.pending.clear()
+        if self.eof:
+            self.inner.eof_received()  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        if self.made:
+            self.inner.data_received(data)  # type: ignore[attr-defined]
+        else:
+            self.pending.append(data)
+
+    def eof_received(self) -> bool | None:
+        if self.made:
+            return self.inner.eof_received()  # type: ignore[attr-defined,no-any-return]
+        self.eof = True
+        return True  # keep the transport open until the real protocol has seen it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.made:
+            self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.made:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.made:
+            self.inner.resume_writing()
+
+
 async def start_tls_server(handler: StreamHandler, host: str, port: int, ssl_context: ssl.SSLContext, *,
                            limit: int, handshake_timeout: float,
                            on_failure: Callable[[Any, BaseException], None]) -> asyncio.Server:
@@ -95,31 +167,30 @@ async def start_tls_server(handler: StreamHandler, host: str, port: int, ssl_con
     the stream reader has already consumed: the handshake then times out.)
     """
     loop = asyncio.get_running_loop()
-    upgrading: set[asyncio.Task[None]] = set()
 
-    async def upgrade(transport: asyncio.Transport) -> None:
-        peer = transport.get_extra_info("peername")
+    async def serve(transport: asyncio.Transport) -> None:
         reader = asyncio.StreamReader(limit=limit, loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-        try:
-            tls_transport = await loop.start_tls(transport, protocol, ssl_context, server_side=True,
-                                                 ssl_handshake_timeout=handshake_timeout)
-        except (ssl.SSLError, OSError, ConnectionError, TimeoutError) as e:
-            transport.abort()
-            on_failure(peer, e)
-            return
-        if tls_transport is None:
-            transport.abort()
-            return
-        protocol.connection_made(tls_transport)
-        await handler(reader, asyncio.StreamWriter(tls_transport, protocol, reader, loop))
+        tls_transport = await upgrade(transport, protocol, ssl_context, handshake_timeout=handshake_timeout,
+                                      on_failure=on_failure)
+        if tls_transport is not None:
+            assert isinstance(tls_transport, asyncio.WriteTransport)
+            await handler(reader, asyncio.StreamWriter(tls_transport, protocol, reader, loop))
 
-    class Accept(asyncio.Protocol):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            assert isinstance(transport, asyncio.Transport)
-            transport.pause_reading()
-            task = loop.create_task(upgrade(transport))
-            upgrading.add(task)
-            task.add_done_callback(upgrading.discard)
+    return await loop.create_server(lambda: PausedAccept(serve), host, port, reuse_address=True)
 
-    return await loop.create_server(Accept, host, port, reuse_address=True)
+
+class PausedAccept(asyncio.Protocol):
+    """Accepts with reading paused and hands the transport to ``serve`` in a task of its own."""
+
+    tasks: set[asyncio.Task[None]] = set()  # held until done (the loop keeps only weak references)
+
+    def __init__(self, serve: Callable[[asyncio.Transport], Awaitable[None]]) -> None:
+        self.serve = serve
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()
+        task = asyncio.get_running_loop().create_task(self.serve(transport))
+        PausedAccept.tasks.add(task)
+        task.add_done_callback(PausedAccept.tasks.discard)

@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 from engine.components import ComponentConfig, secret_field
 from engine.context import ComponentContext
 from engine.registry import component
-from engine.tls import TLSConfig, server_context
+from engine.tls import PausedAccept, TLSConfig, handshake_refused, server_context, upgrade
 from listeners.fhir_app import FhirApi
 
 log = structlog.get_logger()
@@ -76,19 +76,50 @@ class FhirListener:
 
     def _uvicorn_config(self) -> uvicorn.Config:
         tls = self.config.tls
-        factory: Any = None
-        if tls is not None:
-            context = server_context(tls)  # fail at start, not on the first handshake
-
-            def factory(_cfg: uvicorn.Config, _default: Any) -> ssl.SSLContext:
-                return context
-
+        http: Any = "auto"
+        if tls is not None:  # the context is built now: fail at start, not on the first handshake
+            http = self._tls_http_protocol(server_context(tls))
         return uvicorn.Config(
             self.api.app(), host=self.config.host, port=self.config.port, log_config=None,
             access_log=False,  # request lines carry search values (identifiers): never logged
             lifespan="off", server_header=False, proxy_headers=False, timeout_graceful_shutdown=5,
-            ssl_context_factory=factory,
+            http=http,
         )
+
+    def _tls_http_protocol(self, context: ssl.SSLContext) -> type[asyncio.Protocol]:
+        """uvicorn's HTTP protocol behind our own TLS upgrade (``engine.tls.upgrade``).
+
+        Given ``ssl=``, uvicorn lets asyncio do the handshake, and asyncio reports a
+        failed one only at debug level; a refused client certificate would leave no audit
+        trail. So uvicorn serves plain TCP and each connection is upgraded here first;
+        its HTTP protocol sees an ordinary TLS transport (scheme https).
+        """
+        from uvicorn.config import HTTP_PROTOCOLS
+        from uvicorn.importer import import_from_string
+
+        inner_class = import_from_string(HTTP_PROTOCOLS["auto"])
+        on_failure = self._tls_failed
+
+        class TLSHttpProtocol(PausedAccept):
+            def __init__(self, config: Any, server_state: Any, app_state: Any, _loop: Any = None) -> None:
+                inner = inner_class(config=config, server_state=server_state, app_state=app_state, _loop=_loop)
+
+                async def serve(transport: asyncio.Transport) -> None:
+                    await upgrade(transport, inner, context, handshake_timeout=30.0, on_failure=on_failure)
+
+                super().__init__(serve)
+
+        return TLSHttpProtocol
+
+    def _tls_failed(self, peername: Any, error: BaseException) -> None:
+        peer = f"{peername[0]}:{peername[1]}" if peername else "?"
+        if not handshake_refused(error):
+            log.info("fhir.tls_incomplete", channel=self.ctx.channel, peer=peer, error=type(error).__name__)
+            return
+        reason = str(getattr(error, "reason", None) or type(error).__name__)[:100]
+        log.warning("fhir.tls_rejected", channel=self.ctx.channel, peer=peer, reason=reason)
+        self.ctx.audit.record("fhir.tls_rejected", outcome="failure", peer=peer, channel=self.ctx.channel,
+                              detail=f"TLS handshake failed: {reason}")
 
     async def _serve(self) -> None:
         assert self._server is not None

@@ -77,6 +77,20 @@ def test_mutual_tls_on_the_fhir_api(engine_factory, pki):
         httpx.get(f"{base}/metadata", verify=client_ctx(pki), timeout=5)
     r = httpx.get(f"{base}/metadata", verify=client_ctx(pki, cert=True))
     assert r.status_code == 200
+    assert r.url.scheme == "https" and r.json()["resourceType"] == "CapabilityStatement"
+
+    def rejections() -> list[str]:
+        from sqlalchemy import select
+
+        from engine.store import schema
+
+        with e.store.engine.connect() as c:
+            return list(c.execute(select(schema.audit_events.c.detail)
+                                  .where(schema.audit_events.c.action == "fhir.tls_rejected")).scalars())
+
+    # the refused handshake (no client certificate) is a Security Alert in the audit trail
+    e.wait_for(lambda: len(rejections()) == 1)
+    assert "TLS handshake failed" in rejections()[0]
 
 
 def test_fhir_route_delivers_over_mutual_tls(engine_factory, pki):
