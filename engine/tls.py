@@ -12,7 +12,10 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import structlog
 from pydantic import BaseModel, ConfigDict, Field
+
+log = structlog.get_logger()
 
 BCP195_CIPHERS = (
     "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
@@ -77,6 +80,19 @@ def handshake_refused(error: BaseException) -> bool:
     common protocol or cipher), as opposed to a peer that closed or stayed silent
     before any handshake (a port probe, a health check): only the first is audited."""
     return not isinstance(error, HANDSHAKE_GIVE_UPS)
+
+
+def report_handshake_failure(audit: Any, protocol: str, channel: str, peername: Any, error: BaseException) -> None:
+    """``<protocol>.tls_rejected`` in the audit trail (a Security Alert, Node Authentication)
+    for a refused handshake; a probe that gave up before any handshake is only logged."""
+    peer = f"{peername[0]}:{peername[1]}" if peername else "?"
+    if not handshake_refused(error):
+        log.info(f"{protocol}.tls_incomplete", channel=channel, peer=peer, error=type(error).__name__)
+        return
+    reason = str(getattr(error, "reason", None) or type(error).__name__)[:100]
+    log.warning(f"{protocol}.tls_rejected", channel=channel, peer=peer, reason=reason)
+    audit.record(f"{protocol}.tls_rejected", outcome="failure", peer=peer, channel=channel,
+                 detail=f"TLS handshake failed: {reason}")
 
 
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

@@ -24,7 +24,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from engine.components import ComponentConfig
 from engine.context import ComponentContext
 from engine.registry import component
-from engine.tls import TLSConfig, server_context
+from engine.tls import TLSConfig, report_handshake_failure, server_context
 from listeners import dicom_ul as ul
 from listeners.dicom_contexts import STORAGE_SOP_CLASSES, VERIFICATION, add_contexts
 from listeners.dicom_qr import QueryRetrieve
@@ -287,18 +287,8 @@ class DicomListener:
         self.ctx.audit.record("dicom.association", outcome="failure", actor=aet, peer=peer,
                               channel=self.ctx.channel, detail="A-ASSOCIATE-RJ")
 
-    def tls_failed(self, address: Any, error: Exception) -> None:
-        """A TLS handshake that failed (no or untrusted client certificate, not TLS at all):
-        a Security Alert (Node Authentication) in the audit trail. A connection closed or
-        silent before any handshake (a port probe, a health check) is only logged."""
-        peer = f"{address[0]}:{address[1]}"
-        if isinstance(error, (ssl.SSLEOFError, TimeoutError, ConnectionResetError, BrokenPipeError)):
-            log.info("dicom.tls_incomplete", channel=self.ctx.channel, peer=peer, error=type(error).__name__)
-            return
-        reason = getattr(error, "reason", None) or type(error).__name__
-        log.warning("dicom.tls_rejected", channel=self.ctx.channel, peer=peer, reason=str(reason)[:100])
-        self.ctx.audit.record("dicom.tls_rejected", outcome="failure", actor="", peer=peer,
-                              channel=self.ctx.channel, detail=f"TLS handshake failed: {str(reason)[:100]}")
+    def tls_failed(self, address: Any, error: BaseException) -> None:
+        report_handshake_failure(self.ctx.audit, "dicom", self.ctx.channel, address, error)
 
     def ended(self, aet: str, peer: str, how: str) -> None:
         if how == "aborted":

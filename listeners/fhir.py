@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 from engine.components import ComponentConfig, secret_field
 from engine.context import ComponentContext
 from engine.registry import component
-from engine.tls import PausedAccept, TLSConfig, handshake_refused, server_context, upgrade
+from engine.tls import PausedAccept, TLSConfig, report_handshake_failure, server_context, upgrade
 from listeners.fhir_app import FhirApi
 
 log = structlog.get_logger()
@@ -112,14 +112,7 @@ class FhirListener:
         return TLSHttpProtocol
 
     def _tls_failed(self, peername: Any, error: BaseException) -> None:
-        peer = f"{peername[0]}:{peername[1]}" if peername else "?"
-        if not handshake_refused(error):
-            log.info("fhir.tls_incomplete", channel=self.ctx.channel, peer=peer, error=type(error).__name__)
-            return
-        reason = str(getattr(error, "reason", None) or type(error).__name__)[:100]
-        log.warning("fhir.tls_rejected", channel=self.ctx.channel, peer=peer, reason=reason)
-        self.ctx.audit.record("fhir.tls_rejected", outcome="failure", peer=peer, channel=self.ctx.channel,
-                              detail=f"TLS handshake failed: {reason}")
+        report_handshake_failure(self.ctx.audit, "fhir", self.ctx.channel, peername, error)
 
     async def _serve(self) -> None:
         assert self._server is not None

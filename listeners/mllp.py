@@ -49,7 +49,7 @@ from engine.hl7 import (
 from engine.hl7_ack import ack_code, build_ack, should_send
 from engine.mllp_framing import Frame, FrameParser, Oversized, Restarted, Unframed, frame
 from engine.registry import component
-from engine.tls import TLSConfig, handshake_refused, server_context, start_tls_server
+from engine.tls import TLSConfig, report_handshake_failure, server_context, start_tls_server
 
 log = structlog.get_logger()
 
@@ -129,14 +129,7 @@ class MLLPListener:
                 pass
 
     def _tls_failed(self, peername: Any, error: BaseException) -> None:
-        peer = f"{peername[0]}:{peername[1]}" if peername else "?"
-        if not handshake_refused(error):
-            log.info("mllp.tls_incomplete", channel=self.channel, peer=peer, error=type(error).__name__)
-            return
-        reason = str(getattr(error, "reason", None) or type(error).__name__)[:100]
-        log.warning("mllp.tls_rejected", channel=self.channel, peer=peer, reason=reason)
-        self.ctx.audit.record("mllp.tls_rejected", outcome="failure", peer=peer, channel=self.channel,
-                              detail=f"TLS handshake failed: {reason}")
+        report_handshake_failure(self.ctx.audit, "mllp", self.channel, peername, error)
 
     # -- connection --------------------------------------------------------------
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
