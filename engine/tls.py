@@ -113,7 +113,7 @@ async def upgrade(transport: asyncio.Transport, protocol: asyncio.BaseProtocol, 
                                              ssl_handshake_timeout=handshake_timeout)
     except (ssl.SSLError, OSError, ConnectionError, TimeoutError) as e:
         transport.abort()
-        on_failure(peer, e)
+        await asyncio.to_thread(on_failure, peer, e)  # it may write an audit row: not in the loop
         return None
     if tls_transport is None:
         transport.abort()
