@@ -422,9 +422,12 @@ def index_instance(conn: Connection, store: Any, hkey: bytes, attrs: Mapping[str
     pks = found if found is not None else find(conn, hkey, attrs)
     if pks.instance_pk is not None and not replace:
         return "exists"
-    patient_pk = _get_or_create(conn, patients, pks.patient_pk, lambda: {
-        "pid_hmac": _pid_hmac(hkey, p), "name_hmac": keyed(hkey, "PatientName", norm_pn(p.get("PatientName", ""))),
-        "attrs_blob": _seal(store, conn, "PATIENT", _pid_hmac(hkey, p), p), "created_at": now})
+    def new_patient() -> dict[str, Any]:
+        pid_h = _pid_hmac(hkey, p)
+        return {"pid_hmac": pid_h, "name_hmac": keyed(hkey, "PatientName", norm_pn(p.get("PatientName", ""))),
+                "attrs_blob": _seal(store, conn, "PATIENT", pid_h, p), "created_at": now}
+
+    patient_pk = _get_or_create(conn, patients, pks.patient_pk, new_patient)
     study_pk = _get_or_create(conn, studies, pks.study_pk, lambda: {
         "patient_pk": patient_pk, "study_uid": study_uid, "study_date": str(st.get("StudyDate", ""))[:8],
         "study_time": str(st.get("StudyTime", ""))[:16],
