@@ -171,6 +171,30 @@ def _reset_pg(url: str) -> None:
     eng.dispose()
 
 
+@pytest.fixture
+def store(tmp_path, store_url):
+    """A migrated store on each backend; blobs above 1 KiB go to files, so small tests exercise both."""
+    from engine.crypto import KeyRing
+    from engine.store.db import Store
+
+    s = Store(store_url, tmp_path / "blobs", KeyRing(tmp_path / "keys.json"), inline_max=1024)
+    s.migrate()
+    yield s
+    s.dispose()
+
+
+@pytest.fixture
+def sqlite_store(tmp_path):
+    """A migrated SQLite store with the default settings, for tests about what sits on top of it."""
+    from engine.crypto import KeyRing
+    from engine.store.db import Store
+
+    s = Store(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "blobs", KeyRing(tmp_path / "keys.json"))
+    s.migrate()
+    yield s
+    s.dispose()
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def store_url(request, tmp_path):
     """Each store test runs on SQLite and on PostgreSQL (MEDRELAY_TEST_PG_URL, set by scripts/test.sh)."""

@@ -49,14 +49,20 @@ channels:
 """
 
 
-def test_receive_send_export_and_keys(engine_factory):
+def send_one_adt(engine_factory, yaml: str, outbox: str, control_id: str):
+    """An engine on ``yaml`` that has accepted one ADT^A01 (AA) on channel ``adt``."""
     import engine_fakes
     from mllp_peers import RawClient, adt, msa
 
-    engine_fakes.OUTBOX.pop("coverage", None)
-    e = engine_factory(MLLP_YAML)
+    engine_fakes.OUTBOX.pop(outbox, None)
+    e = engine_factory(yaml)
     with RawClient("127.0.0.1", e.address("adt")[1]) as c:
-        assert msa(c.request(adt("COV0001")))[1] == "AA"
+        assert msa(c.request(adt(control_id)))[1] == "AA"
+    return e
+
+
+def test_receive_send_export_and_keys(engine_factory):
+    e = send_one_adt(engine_factory, MLLP_YAML, "coverage", "COV0001")
     e.wait_for(lambda: any(a == "message.send" for a, _, _ in actions(e.store)))
     got = actions(e.store)
     mid = next(m for a, _, m in got if a == "message.receive")
@@ -166,11 +172,7 @@ channels:
 
 def test_deidentification_is_audited(engine_factory):
     import engine_fakes
-    from mllp_peers import RawClient, adt, msa
 
-    engine_fakes.OUTBOX.pop("deidcov", None)
-    e = engine_factory(DEID_YAML)
-    with RawClient("127.0.0.1", e.address("adt")[1]) as c:
-        assert msa(c.request(adt("DEID001")))[1] == "AA"
+    e = send_one_adt(engine_factory, DEID_YAML, "deidcov", "DEID001")
     e.wait_for(lambda: engine_fakes.OUTBOX.get("deidcov"))
     assert any("deid" in a for a, _, _ in actions(e.store)), actions(e.store)

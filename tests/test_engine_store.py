@@ -4,16 +4,6 @@ from sqlalchemy import select, update
 from engine.crypto import IntegrityError, KeyRing
 from engine.keys import key_usage, rotate
 from engine.store import schema
-from engine.store.db import Store
-
-
-@pytest.fixture
-def store(tmp_path, store_url):
-    s = Store(store_url, tmp_path / "blobs", KeyRing(tmp_path / "keys.json"),
-              inline_max=1024)
-    s.migrate()
-    yield s
-    s.dispose()
 
 
 def test_key_file_created_0600(tmp_path):

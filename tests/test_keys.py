@@ -100,14 +100,6 @@ def test_two_processes_never_lose_each_others_changes(tmp_path):
     assert cli_ring.hmac_key("pseudonyms") == secret  # the CLI picks up the engine's secret
 
 
-@pytest.fixture
-def store(tmp_path, store_url):
-    s = Store(store_url, tmp_path / "blobs", KeyRing(tmp_path / "keys.json"), inline_max=1024)
-    s.migrate()
-    yield s
-    s.dispose()
-
-
 def test_running_engine_follows_rotation_by_another_process(store, tmp_path):
     """The engine's ring reads data keys re-wrapped under a KEK it has never seen,
     then seals new blobs under it; retired KEKs stay usable in its memory for what is in flight."""

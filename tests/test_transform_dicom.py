@@ -12,9 +12,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from engine.crypto import KeyRing
 from engine.envelope import Envelope
-from engine.store.db import Store
 from transforms.dicom_to_fhir import DicomToFhirConfig
 from transforms.dicom_to_fhir import build as build_fhir
 from transforms.dicom_to_hl7 import DicomToHl7Config, build_message
@@ -24,11 +22,8 @@ from transforms.hl7_validate import HL7ValidationError, validate_v2
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "blobs", KeyRing(tmp_path / "keys.json"))
-    s.migrate()
-    yield s
-    s.dispose()
+def store(sqlite_store):  # the transform on one backend; tests/test_engine_store.py covers both
+    return sqlite_store
 
 
 def ct(**attrs):

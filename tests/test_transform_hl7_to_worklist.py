@@ -8,14 +8,17 @@ import pytest
 from pydicom import Dataset
 from pydicom.sequence import Sequence
 
-from engine.crypto import KeyRing
 from engine.envelope import Drop, Envelope
-from engine.store.db import Store
 from engine.store.handlers import STORE_HANDLERS
 from engine.store.worklist import find_worklist, match_value, read_item, register_store_handler, store_worklist
 from transforms.hl7_to_worklist import Hl7ToWorklistConfig, build, study_uid_for
 
 MSH = "MSH|^~\\&|RIS|HOSP|MR|HOSP|20261120090000||{t}|{cid}|P|2.5.1"
+
+
+@pytest.fixture
+def store(sqlite_store):  # the transform on one backend; tests/test_engine_store.py covers both
+    return sqlite_store
 
 
 def order(control: str, placer: str, when: str, *, name: str = "Smith^Anna", pid: str = "P123",
@@ -29,14 +32,6 @@ def order(control: str, placer: str, when: str, *, name: str = "Smith^Anna", pid
         segs += [f"OBR|1|{placer}^RIS||X1^{modality} exam^L||||||||||||||{accession}||||||{modality}||||||||||||"
                  f"{when}"]
     return "\r".join(segs).encode()
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = Store(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "blobs", KeyRing(tmp_path / "keys.json"))
-    s.migrate()
-    yield s
-    s.dispose()
 
 
 @pytest.fixture
