@@ -17,7 +17,7 @@ if str(ROOT) not in sys.path:
 
 from pydicom.uid import UID  # noqa: E402
 
-from engine.store import dicom_index as idx  # noqa: E402
+from engine.store.dicom import index as idx  # noqa: E402
 from listeners import dicom_contexts as cx  # noqa: E402
 from listeners.dicom import DicomPeer, DicomSourceConfig  # noqa: E402
 from listeners.dicom_status import TABLES  # noqa: E402
@@ -193,7 +193,7 @@ def render() -> str:
         "",
         "### 3.6 Modality Worklist SCP",
         "",
-        "Answered from medrelay's worklist store (`engine.store.worklist.find_worklist`, filled from HL7 "
+        "Answered from medrelay's worklist store (`engine.store.dicom.worklist.find_worklist`, filled from HL7 "
         "orders by the `hl7_to_worklist` transform). Statuses as for C-FIND.",
         "",
         "### 3.7 Storage SCU (`to: {type: dicom}` routes)",

@@ -22,7 +22,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
 
 from engine import registry
-from engine.audit_syslog import SyslogConfig
+from engine.audit.syslog import SyslogConfig
 
 _VAR = re.compile(r"\$\$|\$\{([^}:]+)(?::-([^}]*))?\}")
 

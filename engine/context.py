@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 if TYPE_CHECKING:
-    from engine.audit import Audit
+    from engine.audit.trail import Audit
     from engine.config import Settings
-    from engine.crypto import KeyRing
     from engine.intake import Intake
+    from engine.security.crypto import KeyRing
     from engine.store.db import Store
 
 

@@ -47,7 +47,7 @@ def value_matches(actual: Any, wanted: Any) -> bool:
 
 def _from_payload(env: Envelope, key: str) -> Any:
     if env.kind == "hl7v2":
-        hl7mod = importlib.import_module("engine.hl7")
+        hl7mod = importlib.import_module("engine.hl7.message")
         return hl7mod.field(env.payload, key)
     if env.kind == "dicom":
         from pydicom import dcmread

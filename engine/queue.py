@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 from sqlalchemy import and_, bindparam, insert, select, update
 
-from engine.crypto import IntegrityError
+from engine.security.crypto import IntegrityError
 from engine.store import schema
 from engine.store.db import open_blob
 

@@ -13,15 +13,15 @@ from typing import Any
 import structlog
 
 from engine import queue, registry
-from engine.audit import Audit
+from engine.audit.trail import Audit
 from engine.config import Settings
 from engine.context import ComponentContext
-from engine.crypto import KeyRing
 from engine.envelope import Envelope
 from engine.intake import Intake
 from engine.match import matches
 from engine.metrics import Metrics
 from engine.pipeline import Route, RouteWorker
+from engine.security.crypto import KeyRing
 from engine.store.db import Store
 
 log = structlog.get_logger()
@@ -95,7 +95,7 @@ class Runtime:
                 log.info("queue.leases_released", count=released)
         self.audit = Audit(self.store)
         if s.audit.syslog is not None:
-            from engine.audit_syslog import SyslogExporter
+            from engine.audit.syslog import SyslogExporter
 
             self.audit_exporter = SyslogExporter(self.store, s.audit.syslog, source_id=s.audit.source_id,
                                                  site_id=s.audit.site_id)

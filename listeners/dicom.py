@@ -24,7 +24,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from engine.components import ComponentConfig
 from engine.context import ComponentContext
 from engine.registry import component
-from engine.tls import TLSConfig, report_handshake_failure, server_context
+from engine.security.tls import TLSConfig, report_handshake_failure, server_context
 from listeners import dicom_ul as ul
 from listeners.dicom_contexts import STORAGE_SOP_CLASSES, VERIFICATION, add_contexts
 from listeners.dicom_qr import QueryRetrieve
@@ -66,7 +66,7 @@ class DicomSourceConfig(ComponentConfig):
         "keep_first", description="a re-sent SOP Instance UID: keep_first answers success and keeps the "
         "first copy; replace files the new data set (an identical re-send is still recognised)")
     query_retrieve: bool = Field(True, description="serve C-FIND / C-MOVE / C-GET from the archive index")
-    worklist: bool = Field(True, description="serve Modality Worklist C-FIND (engine.store.worklist)")
+    worklist: bool = Field(True, description="serve Modality Worklist C-FIND (engine.store.dicom.worklist)")
     case_insensitive_pn: bool = Field(True, description="match Person Names case-insensitively (PS3.4 C.2.2.2.1)")
     move_destinations: dict[str, DicomPeer] = Field(
         default_factory=dict, description="C-MOVE destinations by AE title; others get 0xA801",

@@ -16,7 +16,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from engine.store import dicom_index as idx
+from engine.store.dicom import index as idx
 
 STRING_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"}
 RANGE_VRS = {"DA", "TM", "DT"}

@@ -15,7 +15,7 @@ import structlog
 from pydicom.dataset import Dataset
 from pynetdicom.presentation import build_context
 
-from engine.store import dicom_index as idx
+from engine.store.dicom import index as idx
 from listeners import dicom_match as m
 from listeners.dicom_contexts import LEVELS_BY_MODEL, QUERY_TRANSFER_SYNTAXES, model_of
 from listeners.dicom_status import FIND, GET, MOVE
@@ -132,7 +132,7 @@ class QueryRetrieve:
     # -- Modality Worklist C-FIND -----------------------------------------
     def on_worklist(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
         try:
-            mod = importlib.import_module("engine.store.worklist")
+            mod = importlib.import_module("engine.store.dicom.worklist")
             matches = mod.find_worklist(self.ctx.store, event.identifier, case_insensitive_names=self.fold_pn)
         except ModuleNotFoundError:
             log.error("dicom.worklist_unavailable", channel=self.ctx.channel)
@@ -179,7 +179,7 @@ class QueryRetrieve:
             failed_status = 0
         kwargs: dict[str, Any] = {"contexts": _store_contexts(refs), "max_pdu": peer.max_pdu}
         if peer.tls is not None:
-            from engine.tls import client_context
+            from engine.security.tls import client_context
 
             kwargs["tls_args"] = (client_context(peer.tls), peer.tls.server_name or peer.host)
         yield peer.host, peer.port, kwargs

@@ -22,7 +22,7 @@ from sqlalchemy import Connection
 
 from engine.envelope import Envelope, new_id
 from engine.intake import Duplicate, Outcome
-from engine.store import dicom_index as idx
+from engine.store.dicom import index as idx
 from listeners.dicom_dimse import ui_value
 from listeners.dicom_status import STORE
 

@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 from engine.components import ComponentConfig, secret_field
 from engine.context import ComponentContext
 from engine.registry import component
-from engine.tls import PausedAccept, TLSConfig, report_handshake_failure, server_context, upgrade
+from engine.security.tls import PausedAccept, TLSConfig, report_handshake_failure, server_context, upgrade
 from listeners.fhir_app import FhirApi
 
 log = structlog.get_logger()
@@ -87,7 +87,7 @@ class FhirListener:
         )
 
     def _tls_http_protocol(self, context: ssl.SSLContext) -> type[asyncio.Protocol]:
-        """uvicorn's HTTP protocol behind our own TLS upgrade (``engine.tls.upgrade``).
+        """uvicorn's HTTP protocol behind our own TLS upgrade (``engine.security.tls.upgrade``).
 
         Given ``ssl=``, uvicorn lets asyncio do the handshake, and asyncio reports a
         failed one only at debug level; a refused client certificate would leave no audit

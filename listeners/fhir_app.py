@@ -24,7 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from engine.envelope import Envelope
-from engine.store.fhir_bundle import (
+from engine.store.fhir.bundle import (
     Op,
     check_op,
     op_from_entry,
@@ -35,9 +35,9 @@ from engine.store.fhir_bundle import (
     run_batch,
     run_transaction,
 )
-from engine.store.fhir_params import ID_RE, READ_ONLY_TYPES, STORED_TYPES, FhirError
-from engine.store.fhir_search import history, search
-from engine.store.fhir_store import FhirStore
+from engine.store.fhir.params import ID_RE, READ_ONLY_TYPES, STORED_TYPES, FhirError
+from engine.store.fhir.resources import FhirStore
+from engine.store.fhir.search import history, search
 from listeners import fhir_audit
 from listeners.fhir_bundles import (
     FHIR_JSON,

@@ -1,4 +1,4 @@
-"""The audit trail (engine.audit rows) served as read-only FHIR AuditEvent resources.
+"""The audit trail (engine.audit.trail rows) served as read-only FHIR AuditEvent resources.
 
 The rows stay the source of truth; this module only maps them (after DICOM PS3.15
 A.5 / FHIR AuditEvent), so the audit log cannot be written or altered through the
@@ -11,11 +11,11 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, func, or_, select
 
-from engine.audit_dicom import Code, classify
+from engine.audit.ps3_15 import Code, classify
 from engine.store import schema
-from engine.store.fhir_params import FhirError
-from engine.store.fhir_search import DEFAULT_COUNT, MAX_COUNT, date_clause
-from engine.store.fhir_store import iso_instant
+from engine.store.fhir.params import FhirError
+from engine.store.fhir.resources import iso_instant
+from engine.store.fhir.search import DEFAULT_COUNT, MAX_COUNT, date_clause
 
 ACTION_SYSTEM = "https://medrelay.dev/fhir/CodeSystem/audit-action"
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -27,7 +27,7 @@ def _coding(code: Code) -> dict[str, str]:
 
 
 def _classified(row: Any) -> tuple[dict[str, str], list[dict[str, str]], str]:
-    """type, subtypes and action, coded like the DICOM PS3.15 export (engine.audit_dicom.classify),
+    """type, subtypes and action, coded like the DICOM PS3.15 export (engine.audit.ps3_15.classify),
     so the syslog view and the FHIR view of one event agree; FHIR REST calls keep the FHIR
     `rest` type, as the AuditEvent guidance asks."""
     action = row["action"]

@@ -13,10 +13,10 @@ from urllib.parse import urlencode
 
 from starlette.responses import Response
 
-from engine.store.fhir_bundle import EntryResult
-from engine.store.fhir_params import FhirError
-from engine.store.fhir_search import HistoryEntry, SearchResult
-from engine.store.fhir_store import etag, iso_instant
+from engine.store.fhir.bundle import EntryResult
+from engine.store.fhir.params import FhirError
+from engine.store.fhir.resources import etag, iso_instant
+from engine.store.fhir.search import HistoryEntry, SearchResult
 
 FHIR_JSON = "application/fhir+json"
 CONTENT_TYPE = "application/fhir+json; charset=utf-8"

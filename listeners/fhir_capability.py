@@ -1,7 +1,7 @@
 """The CapabilityStatement, generated from what the code implements.
 
 Resource types, search parameters and _include targets come from the same table
-the store indexes with (engine.store.fhir_params.SEARCH_PARAMS), so `/metadata`
+the store indexes with (engine.store.fhir.params.SEARCH_PARAMS), so `/metadata`
 cannot advertise something the server does not do. The committed snapshot
 ``conformance/fhir-capability-statement.json`` is regenerated with
 ``python -m listeners.fhir_capability > conformance/fhir-capability-statement.json``
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from engine.store.fhir_params import FHIR_VERSION, SEARCH_PARAMS
+from engine.store.fhir.params import FHIR_VERSION, SEARCH_PARAMS
 from listeners.fhir_audit import AUDIT_PARAMS
 
 # Bumped by hand when the statement changes (kept fixed so the snapshot is reproducible).

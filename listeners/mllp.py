@@ -5,7 +5,7 @@ connection (MLLP is request/answer: a sender waits for the ACK of a message
 before it sends the next, and answering in order keeps that true for senders
 that pipeline). For every frame:
 
-1. read the MSH from the bytes (``engine.hl7.read_header``, no full parse);
+1. read the MSH from the bytes (``engine.hl7.message.read_header``, no full parse);
 2. check charset, accepted versions / processing ids and, when configured,
    validate with hl7apy in a worker thread;
 3. build the AA/CA *before* submitting, so intake stores the exact bytes a
@@ -33,7 +33,8 @@ from pydantic import Field
 from engine.components import ComponentConfig
 from engine.context import ComponentContext
 from engine.envelope import Envelope
-from engine.hl7 import (
+from engine.hl7.ack import ack_code, build_ack, should_send
+from engine.hl7.message import (
     APPLICATION_INTERNAL_ERROR,
     DATA_TYPE_ERROR,
     REQUIRED_FIELD_MISSING,
@@ -46,10 +47,9 @@ from engine.hl7 import (
     HL7Error,
     read_header,
 )
-from engine.hl7_ack import ack_code, build_ack, should_send
-from engine.mllp_framing import Frame, FrameParser, Oversized, Restarted, Unframed, frame
+from engine.hl7.mllp import Frame, FrameParser, Oversized, Restarted, Unframed, frame
 from engine.registry import component
-from engine.tls import TLSConfig, report_handshake_failure, server_context, start_tls_server
+from engine.security.tls import TLSConfig, report_handshake_failure, server_context, start_tls_server
 
 log = structlog.get_logger()
 

@@ -23,7 +23,7 @@ from engine.components import ComponentConfig, DeliveryError
 from engine.context import ComponentContext
 from engine.envelope import Envelope
 from engine.registry import component
-from engine.tls import TLSConfig, client_context
+from engine.security.tls import TLSConfig, client_context
 from routes.dicom_scu import RawInstance, check_ae_title, instance_from_part10, send_raw
 
 log = structlog.get_logger()

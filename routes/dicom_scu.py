@@ -138,7 +138,7 @@ def make_raw_aware(assoc: Association) -> Association:
 def instance_from_part10(data: bytes, sop_class_uid: str | None = None,
                          sop_instance_uid: str | None = None) -> RawInstance:
     """A RawInstance from stored Part-10 bytes (UIDs read from the file meta when not given)."""
-    from engine.store.dicom_index import split_part10
+    from engine.store.dicom.index import split_part10
 
     ts, raw = split_part10(data)
     if sop_class_uid is None or sop_instance_uid is None:

@@ -23,7 +23,7 @@ from engine.components import ComponentConfig, DeliveryError, secret_field
 from engine.context import ComponentContext
 from engine.envelope import Envelope
 from engine.registry import component
-from engine.tls import TLSConfig, client_context
+from engine.security.tls import TLSConfig, client_context
 
 log = structlog.get_logger()
 FHIR_JSON = "application/fhir+json"

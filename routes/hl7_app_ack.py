@@ -24,11 +24,11 @@ from sqlalchemy import and_, select
 from engine.components import ComponentConfig, DeliveryError
 from engine.context import ComponentContext
 from engine.envelope import Envelope
-from engine.hl7 import HL7Error, read_header
-from engine.hl7_ack import build_ack
+from engine.hl7.ack import build_ack
+from engine.hl7.message import HL7Error, read_header
 from engine.registry import component
+from engine.security.tls import TLSConfig
 from engine.store import schema
-from engine.tls import TLSConfig
 from routes.mllp import MLLPDestinationConfig, MLLPSender
 
 log = structlog.get_logger()

@@ -25,11 +25,11 @@ from pydantic import Field
 from engine.components import ComponentConfig, DeliveryError
 from engine.context import ComponentContext
 from engine.envelope import Envelope
-from engine.hl7 import HL7Error, read_header
-from engine.hl7_ack import parse_ack
-from engine.mllp_framing import Frame, FrameParser, Oversized, Unframed, frame
+from engine.hl7.ack import parse_ack
+from engine.hl7.message import HL7Error, read_header
+from engine.hl7.mllp import Frame, FrameParser, Oversized, Unframed, frame
 from engine.registry import component
-from engine.tls import TLSConfig, client_context
+from engine.security.tls import TLSConfig, client_context
 
 log = structlog.get_logger()
 

@@ -2,7 +2,7 @@
 
 DICOM goes to the archive index (answers C-FIND/C-MOVE/C-GET), FHIR resources to
 the FHIR store (answers the REST API), worklist items to the Modality Worklist.
-The handler for each lives with its tables in engine/store/.
+The handler for each lives in its room of engine/store/ (dicom/, fhir/).
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from engine.components import ComponentConfig, DeliveryError
 from engine.context import ComponentContext
 from engine.envelope import Envelope
 from engine.registry import component
-from engine.store.db import _import_feature_tables
+from engine.store.dicom import index as _dicom_index  # noqa: F401  (registers the "dicom" handler)
+from engine.store.dicom import worklist as _worklist  # noqa: F401  ("worklist")
+from engine.store.fhir import handler as _fhir_handler  # noqa: F401  ("fhir")
 from engine.store.handlers import handler_for
 
 
@@ -31,7 +33,6 @@ class StoreDestination:
     def __init__(self, config: StoreDestinationConfig, ctx: ComponentContext) -> None:
         self.config = config
         self.ctx = ctx
-        _import_feature_tables()
 
     def _store(self, envelope: Envelope) -> str:
         if self.config.as_:

@@ -174,7 +174,7 @@ def _reset_pg(url: str) -> None:
 @pytest.fixture
 def store(tmp_path, store_url):
     """A migrated store on each backend; blobs above 1 KiB go to files, so small tests exercise both."""
-    from engine.crypto import KeyRing
+    from engine.security.crypto import KeyRing
     from engine.store.db import Store
 
     s = Store(store_url, tmp_path / "blobs", KeyRing(tmp_path / "keys.json"), inline_max=1024)
@@ -186,7 +186,7 @@ def store(tmp_path, store_url):
 @pytest.fixture
 def sqlite_store(tmp_path):
     """A migrated SQLite store with the default settings, for tests about what sits on top of it."""
-    from engine.crypto import KeyRing
+    from engine.security.crypto import KeyRing
     from engine.store.db import Store
 
     s = Store(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "blobs", KeyRing(tmp_path / "keys.json"))

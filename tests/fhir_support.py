@@ -14,10 +14,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from engine.audit import Audit
+from engine.audit.trail import Audit
 from engine.context import ComponentContext
-from engine.crypto import KeyRing
 from engine.intake import Intake
+from engine.security.crypto import KeyRing
 from engine.store.db import Store
 from listeners.fhir import FhirSourceConfig, build
 

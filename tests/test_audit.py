@@ -11,7 +11,7 @@ import engine_fakes
 import pytest
 from sqlalchemy import select
 
-from engine.audit_dicom import classify, render
+from engine.audit.ps3_15 import classify, render
 from engine.config import ConfigError, parse_settings
 from engine.envelope import Envelope
 from engine.store import schema

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 from sqlalchemy import select
 
-from engine.audit_dicom import QUERY, classify
+from engine.audit.ps3_15 import QUERY, classify
 from engine.store import schema
 
 ROOT = Path(__file__).resolve().parent.parent

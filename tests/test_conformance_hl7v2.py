@@ -2,7 +2,7 @@
 
 from conftest import ROOT
 
-from engine.hl7 import CHARSETS
+from engine.hl7.message import CHARSETS
 from listeners.mllp import MLLPSourceConfig
 
 PROFILE = (ROOT / "conformance" / "hl7v2-profile.md").read_text()

@@ -10,9 +10,9 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from engine.crypto import KeyRing
-from engine.store import dicom_index as idx
+from engine.security.crypto import KeyRing
 from engine.store.db import Store
+from engine.store.dicom import index as idx
 from tests.dicom_peers import ENV, data_file, free_port, tool
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]

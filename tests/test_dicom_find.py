@@ -95,7 +95,7 @@ def test_series_and_image_levels(archive):
 
 
 def test_worklist_find_answers(archive):
-    """Modality Worklist C-FIND is served (items come from engine.store.worklist; none stored here)."""
+    """Modality Worklist C-FIND is served (items come from engine.store.dicom.worklist; none stored here)."""
     port, _, d = archive
     proc, res = findscu(port, "", {"PatientName": "*", "ScheduledProcedureStepSequence[0].Modality": "CT"},
                         model="-W", out_dir=d / "mwl")

@@ -17,8 +17,8 @@ from pynetdicom.sop_class import (
 )
 from sqlalchemy import func, select
 
-from engine.store import dicom_index as idx
 from engine.store import schema
+from engine.store.dicom import index as idx
 from routes.dicom_scu import RawInstance, send_raw
 from tests.dicom_peers import (
     StoreSCP,

@@ -7,9 +7,9 @@ from pydantic import ValidationError
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from engine.crypto import KeyRing
-from engine.store import dicom_index as idx
+from engine.security.crypto import KeyRing
 from engine.store.db import Store
+from engine.store.dicom import index as idx
 from listeners import dicom_match as m
 from listeners.dicom import DicomSourceConfig
 from listeners.dicom_status import TABLES
@@ -188,7 +188,7 @@ def test_scan_matches_pydicom():
     from pydicom import dcmread as read
     from pydicom.errors import InvalidDicomError
 
-    from engine.store.dicom_scan import ScanError, scan
+    from engine.store.dicom.scan import ScanError, scan
     from tests.dicom_peers import _ROOTS
 
     files = sorted({f for root in _ROOTS for f in root.rglob("*")
@@ -224,7 +224,7 @@ def test_scan_refuses_damaged_data_sets_cleanly():
     import random
     import struct
 
-    from engine.store.dicom_scan import ScanError, scan
+    from engine.store.dicom.scan import ScanError, scan
 
     raw = data_file("CT_small.dcm").read_bytes()
     data = raw[144 + int.from_bytes(raw[140:144], "little"):]

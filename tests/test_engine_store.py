@@ -1,9 +1,9 @@
 import pytest
 from sqlalchemy import select, update
 
-from engine.crypto import IntegrityError, KeyRing
-from engine.keys import key_usage, rotate
+from engine.security.crypto import IntegrityError, KeyRing
 from engine.store import schema
+from engine.store.key_rotation import key_usage, rotate
 
 
 def test_key_file_created_0600(tmp_path):

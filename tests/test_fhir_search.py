@@ -6,7 +6,7 @@ import httpx
 import pytest
 from fhir_support import TOKEN, FhirServer
 
-from engine.store.fhir_params import date_range
+from engine.store.fhir.params import date_range
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 LOINC = "http://loinc.org"

@@ -13,7 +13,8 @@ from sqlalchemy import func, select
 from engine.components import DeliveryError
 from engine.envelope import Envelope
 from engine.store import schema
-from engine.store.fhir_store import fhir_resources, store_fhir
+from engine.store.fhir.handler import store_fhir
+from engine.store.fhir.tables import fhir_resources
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 

@@ -6,8 +6,8 @@ import hl7
 import pytest
 from mllp_peers import adt
 
-from engine.hl7 import HL7Error, read_header
-from engine.hl7_ack import ack_code, build_ack, parse_ack, should_send
+from engine.hl7.ack import ack_code, build_ack, parse_ack, should_send
+from engine.hl7.message import HL7Error, read_header
 
 
 def segs(ack: bytes, enc="ascii"):

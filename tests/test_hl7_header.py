@@ -1,8 +1,8 @@
-"""engine/hl7.py: MSH reading, charsets, escapes, field paths, 0357 errors."""
+"""engine/hl7/message.py: MSH reading, charsets, escapes, field paths, 0357 errors."""
 
 import pytest
 
-from engine import hl7 as h
+from engine.hl7 import message as h
 
 MSG = ("MSH|^~\\&|LAB^1.2.3^ISO|FAC|RIS|RAD|20240101120000||ORU^R01^ORU_R01|CTRL\\F\\1|P^T|2.5.1|||AL|NE||"
        "UNICODE UTF-8\rPID|1||12345^^^H^MR~999^^^X||Müller^Jürgen||19800101|M\r"

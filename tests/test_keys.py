@@ -22,9 +22,9 @@ import engine_fakes
 import pytest
 from sqlalchemy import func, select
 
-from engine import keys as keymod
-from engine.crypto import KeyRing
 from engine.envelope import Envelope
+from engine.security.crypto import KeyRing
+from engine.store import key_rotation as keymod
 from engine.store import schema
 from engine.store.db import Store
 

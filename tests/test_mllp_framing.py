@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from engine.mllp_framing import Frame, FrameParser, Oversized, Restarted, Unframed, frame
+from engine.hl7.mllp import Frame, FrameParser, Oversized, Restarted, Unframed, frame
 
 A = b"MSH|^~\\&|A|B|C|D|1||ADT^A01|1|P|2.5\rPID|1\r"
 B = b"MSH|^~\\&|A|B|C|D|1||ADT^A01|2|P|2.5\rPID|2\r"

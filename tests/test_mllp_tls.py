@@ -13,7 +13,7 @@ from cryptography.x509.oid import NameOID
 from mllp_peers import MLLPReceiver, adt, msa, wrap
 
 from engine.envelope import Envelope
-from engine.tls import TLSConfig
+from engine.security.tls import TLSConfig
 from routes.mllp import MLLPDestinationConfig, MLLPSender
 
 

@@ -22,9 +22,9 @@ FAMILY, GIVEN, PID = "Zyxwvutsonian", "Quilldebert", "PHIz9Q7x31"
 TOKEN = "phi-at-rest-token-81c2"
 
 PARTS = {
-    "mllp": ("listeners.mllp", "transforms.hl7_to_fhir", "engine.store.fhir_store"),
-    "dicom": ("listeners.dicom", "engine.store.dicom_index"),
-    "fhir": ("listeners.fhir", "engine.store.fhir_store"),
+    "mllp": ("listeners.mllp", "transforms.hl7_to_fhir", "engine.store.fhir.resources"),
+    "dicom": ("listeners.dicom", "engine.store.dicom.index"),
+    "fhir": ("listeners.fhir", "engine.store.fhir.resources"),
 }
 
 

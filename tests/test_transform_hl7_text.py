@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.hl7 import Delimiters
+from engine.hl7.message import Delimiters
 from transforms.hl7_escape import delimiters_of, escape, unescape
 from transforms.hl7_text import V2Message, decode_hl7
 

@@ -1,4 +1,4 @@
-"""hl7_to_worklist + engine.store.worklist: items created, updated, cancelled, found by MWL C-FIND."""
+"""hl7_to_worklist + engine.store.dicom.worklist: items created, updated, cancelled, found by MWL C-FIND."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pydicom import Dataset
 from pydicom.sequence import Sequence
 
 from engine.envelope import Drop, Envelope
+from engine.store.dicom.worklist import find_worklist, match_value, read_item, register_store_handler, store_worklist
 from engine.store.handlers import STORE_HANDLERS
-from engine.store.worklist import find_worklist, match_value, read_item, register_store_handler, store_worklist
 from transforms.hl7_to_worklist import Hl7ToWorklistConfig, build, study_uid_for
 
 MSH = "MSH|^~\\&|RIS|HOSP|MR|HOSP|20261120090000||{t}|{cid}|P|2.5.1"

@@ -11,7 +11,7 @@ from conftest import need_tool
 from pydicom import Dataset, dcmread
 from pydicom.sequence import Sequence
 
-from engine.store.worklist import find_worklist
+from engine.store.dicom.worklist import find_worklist
 
 GOLDEN = Path(__file__).resolve().parent.parent / "conformance" / "golden" / "hl7"
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydicom import Dataset, dcmread
 
-from engine.store.study_aggregate import InstanceRow
+from engine.store.dicom.study import InstanceRow
 
 
 def read_dataset(payload: bytes) -> Dataset:

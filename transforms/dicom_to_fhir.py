@@ -11,7 +11,7 @@ Laterality -> laterality; instance: SOPInstanceUID -> uid, SOPClassUID -> sopCla
 (``urn:ietf:rfc:3986`` / ``urn:oid:``), InstanceNumber -> number.
 
 A study arrives one instance at a time. Each instance is recorded in the
-``study_instances`` table (engine/store/study_aggregate.py) and the emitted
+``study_instances`` table (engine/store/dicom/study.py) and the emitted
 ImagingStudy lists every instance seen so far; it is written with
 ``PUT ImagingStudy?identifier=urn:dicom:uid|urn:oid:<uid>`` so the server holds one
 resource per study that grows, never a duplicate. The last PUT wins, so the route
@@ -42,7 +42,7 @@ from engine.components import ComponentConfig
 from engine.context import ComponentContext
 from engine.envelope import Envelope
 from engine.registry import component
-from engine.store.study_aggregate import InstanceRow, record, with_archived
+from engine.store.dicom.study import InstanceRow, record, with_archived
 from transforms.dicom_common import first_code, instance_row, read_dataset, text
 from transforms.fhir_bundle import TransactionBuilder, dumps, prune, validate_bundle
 from transforms.fhir_time import dicom_datetime

@@ -33,7 +33,7 @@ from pydicom import Dataset
 from engine.components import ComponentConfig
 from engine.context import ComponentContext
 from engine.envelope import Envelope
-from engine.hl7 import Delimiters
+from engine.hl7.message import Delimiters
 from engine.registry import component
 from transforms.dicom_common import first_code, read_dataset, request_attr, text
 from transforms.fhir_time import now_v2

@@ -1,6 +1,6 @@
 """HL7 v2 escape sequences (v2.5.1 chapter 2.7), both directions.
 
-``engine.hl7`` has the routing-grade pair (delimiters only, newlines flattened to
+``engine.hl7.message`` has the routing-grade pair (delimiters only, newlines flattened to
 spaces). Conversions need more: formatted text keeps its line breaks (``\\.br\\``),
 hex escapes (``\\Xhh\\``) are decoded and highlighting is stripped, so FHIR gets the
 text the sender meant. The ``Delimiters`` type is the engine's own.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from engine.hl7 import Delimiters
+from engine.hl7.message import Delimiters
 
 
 def delimiters_of(text: str) -> Delimiters:

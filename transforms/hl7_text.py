@@ -1,6 +1,6 @@
 """Bytes to text for HL7 v2, and a small segment reader for the conversions.
 
-``decode_hl7`` honours MSH-18 (through ``engine.hl7``) because the MLLP frame carries
+``decode_hl7`` honours MSH-18 (through ``engine.hl7.message``) because the MLLP frame carries
 bytes and only the message itself says how they are encoded; guessing wrong turns
 "Müller" into mojibake that then sits in a FHIR server forever. The reader
 (`V2Message`) exists because python-hl7 nests its containers differently depending on
@@ -14,12 +14,12 @@ from collections.abc import Iterator
 
 import hl7
 
-from engine.hl7 import Delimiters, HL7Error, read_header
+from engine.hl7.message import Delimiters, HL7Error, read_header
 from transforms.hl7_escape import delimiters_of, unescape
 
 
 def decode_hl7(payload: bytes) -> str:
-    """Decode an HL7 v2 message according to MSH-18 (``engine.hl7``'s reading of it).
+    """Decode an HL7 v2 message according to MSH-18 (``engine.hl7.message``'s reading of it).
 
     The listener has already refused messages whose bytes contradict MSH-18; this
     fallback is for payloads from other sources (files, replays of old data): when the

@@ -37,7 +37,7 @@ from pydicom.sequence import Sequence
 from engine.components import ComponentConfig
 from engine.context import ComponentContext
 from engine.envelope import Drop, Envelope
-from engine.hl7 import parse_path
+from engine.hl7.message import parse_path
 from engine.registry import component
 from transforms.hl7_text import Segment, V2Message
 from transforms.v2_tables import ORDER_CONTROL_ACTION

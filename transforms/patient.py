@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 from pydantic import Field
 
-from engine.hl7 import Delimiters
+from engine.hl7.message import Delimiters
 from transforms.fhir_bundle import prune
 from transforms.fhir_time import dicom_date, v2_date, v2_datetime
 from transforms.hl7_escape import escape

@@ -41,7 +41,7 @@ def run_hl7_to_fhir(path: Path) -> dict[str, Any]:
 
 def run_hl7_to_worklist(path: Path) -> list[dict[str, Any]]:
     from engine.envelope import Envelope
-    from engine.store.worklist import read_item
+    from engine.store.dicom.worklist import read_item
     from transforms.hl7_to_worklist import Hl7ToWorklistConfig, build
 
     t = build(Hl7ToWorklistConfig(**CONFIG["hl7_to_worklist"]))

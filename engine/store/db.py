@@ -17,8 +17,10 @@ import structlog
 from sqlalchemy import Connection, Engine, create_engine, event, insert, select, update
 from sqlalchemy.engine import make_url
 
-from engine.crypto import IntegrityError, KeyRing, Sealed
+from engine.security.crypto import IntegrityError, KeyRing, Sealed
 from engine.store import schema
+from engine.store.dicom import tables as _dicom_tables  # noqa: F401  (their tables join the schema)
+from engine.store.fhir import tables as _fhir_tables  # noqa: F401
 from engine.store.prepared import Prepared
 
 log = structlog.get_logger()
@@ -34,18 +36,6 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any, synchronous: str = "FULL") ->
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
-
-
-def _import_feature_tables() -> None:
-    """Feature modules put their tables on the shared metadata; import the ones present."""
-    import importlib
-
-    for name in ("dicom_index", "fhir_store", "worklist", "study_aggregate"):
-        try:
-            importlib.import_module(f"engine.store.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"engine.store.{name}":
-                raise
 
 
 class Store:
@@ -89,7 +79,6 @@ class Store:
         the schema has needed so far. Alembic was weighed and left out: the engine is
         embedded and every install must migrate itself at start without a CLI step.
         """
-        _import_feature_tables()
         schema.metadata.create_all(self.engine)
         with self.engine.begin() as conn:
             current = conn.execute(select(schema.schema_version.c.version)).scalars().all()

@@ -39,11 +39,7 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
 from sqlalchemy import (
-    Column,
     Connection,
-    Float,
-    ForeignKey,
-    Integer,
     String,
     Table,
     and_,
@@ -54,10 +50,10 @@ from sqlalchemy import (
     update,
 )
 
-from engine.store.dicom_scan import ScanError, scan
+from engine.store.dicom.scan import ScanError, scan
+from engine.store.dicom.tables import instances, patients, series, studies
 from engine.store.handlers import store_handler
 from engine.store.prepared import Prepared
-from engine.store.schema import metadata
 
 if TYPE_CHECKING:
     from engine.context import ComponentContext
@@ -68,51 +64,6 @@ log = structlog.get_logger()
 HMAC_KEY_NAME = "dicom-index"
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 
-patients = Table(
-    "dicom_patients", metadata,
-    Column("pk", Integer, primary_key=True, autoincrement=True),
-    Column("pid_hmac", String(64), nullable=False, unique=True),
-    Column("name_hmac", String(64), nullable=False, index=True),
-    Column("attrs_blob", String(64), nullable=False),
-    Column("created_at", Float, nullable=False),
-)
-studies = Table(
-    "dicom_studies", metadata,
-    Column("pk", Integer, primary_key=True, autoincrement=True),
-    Column("patient_pk", Integer, ForeignKey("dicom_patients.pk"), nullable=False, index=True),
-    Column("study_uid", String(64), nullable=False, unique=True),
-    Column("study_date", String(8), nullable=False, default="", index=True),
-    Column("study_time", String(16), nullable=False, default=""),
-    Column("accession_hmac", String(64), nullable=False, index=True),
-    Column("attrs_blob", String(64), nullable=False),
-    Column("created_at", Float, nullable=False),
-)
-series = Table(
-    "dicom_series", metadata,
-    Column("pk", Integer, primary_key=True, autoincrement=True),
-    Column("study_pk", Integer, ForeignKey("dicom_studies.pk"), nullable=False, index=True),
-    Column("series_uid", String(64), nullable=False, unique=True),
-    Column("modality", String(16), nullable=False, default="", index=True),
-    Column("series_number", Integer, nullable=True),
-    Column("attrs_blob", String(64), nullable=False),
-    Column("created_at", Float, nullable=False),
-)
-instances = Table(
-    "dicom_instances", metadata,
-    Column("pk", Integer, primary_key=True, autoincrement=True),
-    Column("series_pk", Integer, ForeignKey("dicom_series.pk"), nullable=False, index=True),
-    Column("sop_uid", String(64), nullable=False, unique=True),
-    Column("sop_class_uid", String(64), nullable=False),
-    Column("instance_number", Integer, nullable=True),
-    Column("transfer_syntax", String(64), nullable=False),
-    Column("message_id", String(32), nullable=False, index=True),
-    Column("blob_id", String(64), nullable=True),  # set when filed by the store handler
-    Column("digest", String(64), nullable=False),  # SHA-256 of the encoded data set
-    Column("size", Integer, nullable=False),
-    Column("channel", String(128), nullable=False, default=""),
-    Column("archived", Integer, nullable=False, default=0),
-    Column("received_at", Float, nullable=False),
-)
 
 # Attributes kept per level (sealed JSON); the clear columns are copies for narrowing.
 PATIENT_ATTRS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientBirthTime",

@@ -16,13 +16,13 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from engine import registry
-from engine.audit import Audit
+from engine.audit.trail import Audit
 from engine.config import Settings, source_kind
 from engine.context import ComponentContext
-from engine.crypto import KeyRing
 from engine.envelope import Drop, Envelope
 from engine.match import matches
 from engine.pipeline import apply_transforms
+from engine.security.crypto import KeyRing
 from engine.store.db import Store
 
 _VOLATILE_HL7 = re.compile(r"^(MSH(?:\|[^|\r]*){5})\|[^|\r]*(\|(?:[^|\r]*\|){2})[^|\r]*", re.M)
@@ -80,7 +80,7 @@ def _run_one(settings: Settings, store: Store, audit: Audit, case_file: Path) ->
     payload = (case_file.parent / case["input"]).read_bytes()
     headers: dict[str, Any] = dict(case.get("headers") or {})
     if kind == "hl7v2":
-        from engine.hl7 import read_header
+        from engine.hl7.message import read_header
 
         headers = {**read_header(payload).as_headers(), **headers}
     env = Envelope(channel=case["channel"], kind=kind, payload=payload, headers=headers)  # type: ignore[arg-type]

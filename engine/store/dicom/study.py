@@ -12,26 +12,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import Column, Engine, Float, Index, Integer, String, Table, select
+from sqlalchemy import Engine, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from engine.store.schema import metadata
-
-study_instances = Table(
-    "study_instances",
-    metadata,
-    Column("sop_instance_uid", String(64), primary_key=True),
-    Column("study_uid", String(64), nullable=False),
-    Column("series_uid", String(64), nullable=False),
-    Column("sop_class_uid", String(64), nullable=False, default=""),
-    Column("series_number", Integer, nullable=True),
-    Column("instance_number", Integer, nullable=True),
-    Column("modality", String(16), nullable=False, default=""),
-    Column("body_part", String(16), nullable=False, default=""),
-    Column("laterality", String(2), nullable=False, default=""),
-    Column("seen_at", Float, nullable=False),
-    Index("ix_study_instances_study", "study_uid", "series_uid"),
-)
+from engine.store.dicom.tables import study_instances
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +74,7 @@ def with_archived(engine: Engine, rows: list[InstanceRow]) -> list[InstanceRow]:
     if not rows:
         return rows
     try:
-        from engine.store import dicom_index as di
+        from engine.store.dicom import index as di
     except ImportError:  # pragma: no cover - the index module ships with the engine
         return rows
     st, se, im = di.studies, di.series, di.instances

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, and_, func, not_, or_, select
 
-from engine.store.fhir_params import (
+from engine.store.fhir.params import (
     DATE_PREFIXES,
     SEARCH_PARAMS,
     FhirError,
@@ -24,7 +24,7 @@ from engine.store.fhir_params import (
     query_reference_key,
     query_token_key,
 )
-from engine.store.fhir_store import FhirStore, Row, fhir_index, fhir_resources, fhir_versions
+from engine.store.fhir.resources import FhirStore, Row, fhir_index, fhir_resources, fhir_versions
 
 DEFAULT_COUNT = 20
 MAX_COUNT = 500

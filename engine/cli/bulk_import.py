@@ -15,8 +15,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from engine.hl7_ack import parse_ack
-from engine.mllp_framing import Frame, FrameParser, frame
+from engine.hl7.ack import parse_ack
+from engine.hl7.mllp import Frame, FrameParser, frame
 
 Progress = Callable[[int], object]
 _MSH_START = re.compile(rb"(?:^|\r)(?=MSH\|)")

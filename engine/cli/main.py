@@ -200,7 +200,7 @@ def messages_list(config: str, channel: str | None, route: str | None, state: st
 @click.option("--phi", is_flag=True, help="also print the payload (contains PHI; audited)")
 def messages_show(config: str, message_id: str, phi: bool) -> None:
     """Show one message: headers, deliveries with attempts and errors; payload with --phi."""
-    from engine.audit import Audit
+    from engine.audit.trail import Audit
     from engine.messages import show_message
 
     store = _open_store(config)
@@ -242,7 +242,7 @@ def replay(config: str, message_ids: tuple[str, ...], channel: str | None, route
     from tqdm import tqdm
 
     from engine import queue
-    from engine.audit import Audit
+    from engine.audit.trail import Audit
 
     if not (message_ids or channel or route or since or until):
         click.echo("say what to replay: message ids, or --channel/--route/--since/--until", err=True)
@@ -279,7 +279,7 @@ def keys() -> None:
 @_config_option
 def keys_list(config: str) -> None:
     """List KEKs, which is active, and how many data keys each wraps."""
-    from engine.keys import key_usage
+    from engine.store.key_rotation import key_usage
 
     store = _open_store(config)
     usage = key_usage(store)
@@ -292,7 +292,7 @@ def keys_list(config: str) -> None:
 @_config_option
 def keys_create(config: str) -> None:
     """Create the key file if it does not exist yet (mode 0600), and the store with it."""
-    from engine.audit import Audit
+    from engine.audit.trail import Audit
 
     settings = _load(config, need_env=False)
     path = settings.resolve(settings.keys.kek_file)
@@ -315,8 +315,8 @@ def keys_rotate(config: str, retire: bool) -> None:
     """
     from tqdm import tqdm
 
-    from engine.audit import Audit
-    from engine.keys import rotate
+    from engine.audit.trail import Audit
+    from engine.store.key_rotation import rotate
 
     store = _open_store(config)
     with tqdm(unit="key", desc="re-wrap", file=sys.stderr) as bar:
@@ -346,8 +346,7 @@ def import_cmd(config: str, channel: str, paths: tuple[str, ...], host: str | No
     """
     from tqdm import tqdm
 
-    from engine import bulk_import as bi
-
+    from engine.cli import bulk_import as bi
     settings = _load(config, need_env=False)
     if channel not in settings.channels:
         click.echo(f"no channel {channel!r} in {config}", err=True)
@@ -391,7 +390,7 @@ def store() -> None:
 @click.option("--dry-run", is_flag=True, help="only count what would be removed")
 def store_gc(config: str, older_than: float, dry_run: bool) -> None:
     """Remove encrypted blob files that no stored message refers to (left by a crash mid-commit)."""
-    from engine.audit import Audit
+    from engine.audit.trail import Audit
     from engine.store.gc import collect
 
     st = _open_store(config)
@@ -406,7 +405,7 @@ def store_gc(config: str, older_than: float, dry_run: bool) -> None:
 @click.option("--markdown", is_flag=True, help="print as Markdown (docs/components.md)")
 def components(markdown: bool) -> None:
     """Document every source, transform and destination from its config model."""
-    from engine.docs import components_markdown
+    from engine.cli.docs import components_markdown
 
     click.echo(components_markdown() if markdown else components_markdown(plain=True))
 
@@ -421,7 +420,7 @@ def test_cmd(config: str, cases_dir: str | None) -> None:
     A case is a folder with `case.yaml` ({channel, route, input, expect}) naming files
     in the same folder. Exit 0 when all pass.
     """
-    from engine.casetest import run_cases
+    from engine.cli.casetest import run_cases
 
     settings = _load(config)
     folder = Path(cases_dir) if cases_dir else settings.base_dir / "channel-tests"

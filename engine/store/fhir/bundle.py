@@ -17,9 +17,9 @@ from urllib.parse import parse_qsl
 
 from sqlalchemy import Connection
 
-from engine.store.fhir_params import ID_RE, STORED_TYPES, FhirError, operation_outcome, validate_resource
-from engine.store.fhir_search import find
-from engine.store.fhir_store import FhirStore, Written
+from engine.store.fhir.params import ID_RE, STORED_TYPES, FhirError, operation_outcome, validate_resource
+from engine.store.fhir.resources import FhirStore, Written
+from engine.store.fhir.search import find
 
 # FHIR R4 3.1.0.11.2: DELETE, then POST, then PUT/PATCH, then GET.
 PROCESSING_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "GET": 3}

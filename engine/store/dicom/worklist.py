@@ -38,10 +38,11 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from pydicom import Dataset, dcmread
 from pydicom.sequence import Sequence
-from sqlalchemy import Column, Connection, Float, Index, String, Table, delete, insert, select, update
+from sqlalchemy import Connection, delete, insert, select, update
 
+from engine.store.dicom.tables import worklist_items
 from engine.store.handlers import STORE_HANDLERS, store_handler
-from engine.store.schema import blobs, metadata
+from engine.store.schema import blobs
 
 if TYPE_CHECKING:
     from engine.context import ComponentContext
@@ -52,22 +53,6 @@ log = structlog.get_logger()
 
 SCHEDULED, CANCELLED = "SCHEDULED", "CANCELLED"
 
-worklist_items = Table(
-    "worklist_items",
-    metadata,
-    Column("item_key", String(64), primary_key=True),
-    Column("station_aet", String(16), nullable=False, default=""),
-    Column("modality", String(16), nullable=False, default=""),
-    Column("start_date", String(8), nullable=False, default=""),
-    Column("start_time", String(16), nullable=False, default=""),
-    Column("accession_number", String(16), nullable=False, default=""),
-    Column("status", String(16), nullable=False),
-    Column("blob_id", String(64), nullable=False),
-    Column("created_at", Float, nullable=False),
-    Column("updated_at", Float, nullable=False),
-    Index("ix_worklist_station_date", "status", "station_aet", "start_date"),
-    Index("ix_worklist_modality_date", "status", "modality", "start_date"),
-)
 
 
 def _aad(item_key: str) -> str:

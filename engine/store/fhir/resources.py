@@ -8,7 +8,7 @@ Every write runs inside a caller's transaction: the FHIR listener's intake tx_ho
 Tables:
   fhir_resources  one row per logical resource (current version; ``rid`` orders search pages)
   fhir_versions   one row per version (history, vread), DELETE versions without a body
-  fhir_index      search keys of the current version (see engine.store.fhir_params)
+  fhir_index      search keys of the current version (see engine.store.fhir.params)
 """
 
 from __future__ import annotations
@@ -23,73 +23,23 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from sqlalchemy import (
-    Column,
     Connection,
-    Float,
-    Index,
-    Integer,
-    String,
-    Table,
-    UniqueConstraint,
     delete,
     insert,
     select,
     update,
 )
 
-from engine.store.fhir_params import FhirError, index_entries
-from engine.store.handlers import store_handler
-from engine.store.schema import metadata
+from engine.store.fhir.params import FhirError, index_entries
+from engine.store.fhir.tables import fhir_index, fhir_resources, fhir_versions
 
 if TYPE_CHECKING:
-    from engine.context import ComponentContext
-    from engine.envelope import Envelope
+    pass
 
 log = structlog.get_logger()
 
-fhir_resources = Table(
-    "fhir_resources",
-    metadata,
-    Column("rid", Integer, primary_key=True, autoincrement=True),
-    Column("type", String(64), nullable=False),
-    Column("id", String(64), nullable=False),
-    Column("version", Integer, nullable=False),
-    Column("last_updated", Float, nullable=False),
-    Column("deleted", Integer, nullable=False, default=0),
-    Column("blob_id", String(64), nullable=True),
-    UniqueConstraint("type", "id", name="uq_fhir_resources_type_id"),
-    Index("ix_fhir_resources_type_rid", "type", "deleted", "rid"),
-)
 
-fhir_versions = Table(
-    "fhir_versions",
-    metadata,
-    Column("seq", Integer, primary_key=True, autoincrement=True),
-    Column("rid", Integer, nullable=False),
-    Column("type", String(64), nullable=False),
-    Column("id", String(64), nullable=False),
-    Column("version", Integer, nullable=False),
-    Column("last_updated", Float, nullable=False),
-    Column("method", String(8), nullable=False),
-    Column("blob_id", String(64), nullable=True),
-    Column("message_id", String(32), nullable=True),
-    UniqueConstraint("type", "id", "version", name="uq_fhir_versions_type_id_version"),
-    Index("ix_fhir_versions_type_seq", "type", "seq"),
-    Index("ix_fhir_versions_rid", "rid", "version"),
-)
 
-fhir_index = Table(
-    "fhir_index",
-    metadata,
-    Column("rid", Integer, nullable=False, index=True),
-    Column("type", String(64), nullable=False),
-    Column("param", String(64), nullable=False),
-    Column("token", String(320), nullable=True),
-    Column("low", Float, nullable=True),
-    Column("high", Float, nullable=True),
-    Index("ix_fhir_index_token", "type", "param", "token"),
-    Index("ix_fhir_index_date", "type", "param", "low", "high"),
-)
 
 HMAC_KEY_NAME = "fhir-index"
 
@@ -271,22 +221,3 @@ def _without_meta(resource: dict[str, Any]) -> dict[str, Any]:
     if meta:
         out["meta"] = meta
     return out
-
-
-# -- the `store` destination's handler -----------------------------------------
-@store_handler("fhir")
-def store_fhir(ctx: ComponentContext, conn: Connection, envelope: Envelope) -> str:
-    """File a FHIR resource or a transaction/batch Bundle (e.g. hl7_to_fhir output).
-
-    Any entry failing makes the whole delivery fail permanently (and roll back), so a
-    replay after fixing the cause applies the bundle again from a clean state;
-    conditional creates/updates make that idempotent.
-    """
-    from engine.components import DeliveryError
-    from engine.store.fhir_bundle import apply_payload
-
-    fs = FhirStore(ctx.store, ctx.keyring)
-    try:
-        return apply_payload(fs, conn, envelope.payload, message_id=envelope.id)
-    except FhirError as e:
-        raise DeliveryError(f"FHIR {e.status} {e.code}", permanent=e.status < 500) from None

@@ -18,7 +18,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
-from engine.hl7 import (
+from engine.hl7.message import (
     DEFAULT_DELIMITERS,
     REJECT_CODES,
     Header,

@@ -1,6 +1,6 @@
 """Ship the audit trail to an audit record repository: RFC 5424 syslog over TLS (RFC 5425).
 
-Events are rows first (engine/audit.py); this exporter reads rows with exported=0 in
+Events are rows first (engine/audit/trail.py); this exporter reads rows with exported=0 in
 id order, renders each as a DICOM PS3.15 A.5 message, frames it with RFC 5425 octet
 counting (``MSG-LEN SP SYSLOG-MSG``; the same framing as RFC 6587 over plain TCP) and
 marks the rows exported only after the batch was written and flushed to the socket.
@@ -30,9 +30,9 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select, update
 
-from engine.audit_dicom import render
+from engine.audit.ps3_15 import render
+from engine.security.tls import TLSConfig, client_context
 from engine.store import schema
-from engine.tls import TLSConfig, client_context
 
 log = structlog.get_logger()
 
