@@ -7,17 +7,23 @@ FROM python:3.11-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 RUN useradd --system --create-home --home-dir /srv/medrelay medrelay
 WORKDIR /srv/medrelay
+# Dependencies first, in a layer of their own: a code change does not reinstall them.
 COPY pyproject.toml README.md ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml','rb'))['project']['dependencies']))" \
+      > /tmp/requirements.txt && pip install --no-cache-dir -r /tmp/requirements.txt && rm /tmp/requirements.txt
 COPY engine ./engine
 COPY listeners ./listeners
 COPY routes ./routes
 COPY transforms ./transforms
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir --no-deps .
 COPY channels.yaml ./
 RUN mkdir -p data outbox && chown -R medrelay:medrelay /srv/medrelay
 USER medrelay
-VOLUME ["/srv/medrelay/data"]
+VOLUME ["/srv/medrelay/data", "/srv/medrelay/outbox"]
 EXPOSE 2575 11112 8080 9464
+# Liveness on the metrics port (/readyz is for a load balancer: it also fails while draining).
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+  CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:9464/healthz', timeout=4).status != 200)"]
 # JSON logs (no TTY in a container); SIGTERM drains.
 STOPSIGNAL SIGTERM
 CMD ["medrelay", "run", "channels.yaml"]

@@ -44,7 +44,9 @@ class KeysConfig(_Strict):
 
 class MetricsConfig(_Strict):
     host: str = Field("127.0.0.1", description="address of the Prometheus /metrics endpoint")
-    port: int | None = Field(None, ge=0, le=65535, description="port of /metrics; unset = off")
+    port: int | None = Field(None, ge=0, le=65535, description="port of /metrics, /healthz and /readyz; unset = off")
+    stall_after: float = Field(300.0, gt=0, description="/readyz fails when a route's next delivery has been due "
+                               "this many seconds without a worker taking it")
 
 
 class AuditConfig(_Strict):

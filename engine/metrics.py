@@ -1,12 +1,18 @@
-"""Prometheus metrics: counters per channel and route, queue depth read from the store."""
+"""Prometheus metrics: counters per channel and route, queue depth read from the store.
+
+The same small HTTP server answers ``/healthz`` and ``/readyz`` (engine/health.py), so a load
+balancer or a container HEALTHCHECK needs only the one operations port."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
 
@@ -74,8 +80,44 @@ class Metrics:
         else:
             self.rejected.labels(channel).inc()
 
-    def serve(self, host: str, port: int) -> int:
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, readiness: Callable[[], Any] | None = None) -> int:
+        """Serve /metrics, /healthz and /readyz on ``host:port`` from a daemon thread."""
+        registry = self.registry
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = "medrelay"
+            sys_version = ""
+            timeout = 10  # a slow client cannot hold a handler thread
+
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
+                elif path == "/healthz":
+                    self._send(200, "application/json", b'{"status": "alive"}')
+                elif path == "/readyz":
+                    if readiness is None:
+                        self._send(200, "application/json", b'{"status": "ready"}')
+                        return
+                    r = readiness()
+                    self._send(200 if r.ready else 503, "application/json", json.dumps(r.as_json()).encode())
+                else:
+                    self._send(404, "application/json", b'{"error": "not found"}')
+
+            def _send(self, status: int, ctype: str, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # scraped every few seconds: not worth a log line each
+
+        server = ThreadingHTTPServer((host, port), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
         self.server = server
         self.port = server.server_port
         return self.port

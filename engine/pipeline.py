@@ -65,6 +65,11 @@ class RouteWorker:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"route-{self.route.channel}-{self.route.name}")
 
+    @property
+    def alive(self) -> bool:
+        """The worker's task is running (readiness: a worker that died takes the engine out of service)."""
+        return self._task is not None and not self._task.done()
+
     async def stop(self) -> None:
         """Finish the delivery in hand, then stop; leases of unsent claims are released."""
         self._stopping = True

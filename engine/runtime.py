@@ -17,6 +17,7 @@ from engine.audit.trail import Audit
 from engine.config import Settings
 from engine.context import ComponentContext
 from engine.envelope import Envelope
+from engine.health import Readiness, readiness
 from engine.intake import Intake
 from engine.match import matches
 from engine.metrics import Metrics
@@ -64,6 +65,7 @@ class Runtime:
         self.listeners: dict[str, Any] = {}
         self._by_channel: dict[str, list[Route]] = {}
         self._lock: Any = None
+        self.started = False
 
     # -- helpers -------------------------------------------------------
     def _ctx(self, channel: str = "", route: str = "") -> ComponentContext:
@@ -102,7 +104,7 @@ class Runtime:
             await self.audit_exporter.start()
         self.metrics = Metrics(self.store)
         if s.metrics.port is not None:
-            port = self.metrics.serve(s.metrics.host, s.metrics.port)
+            port = self.metrics.serve(s.metrics.host, s.metrics.port, readiness=self.readiness)
             log.info("metrics.listening", host=s.metrics.host, port=port)
         windows = {name: ch.dedupe_window for name, ch in s.channels.items()}
         quiet = {(name, r.name): (r.debounce.key, r.debounce.seconds)
@@ -135,11 +137,24 @@ class Runtime:
             self.listeners[cname] = lst
             host, port = lst.address
             log.info("channel.listening", channel=cname, type=ch.source.type, host=host, port=port)
+        self.started = True
         self.audit.record("engine.start", actor="medrelay", detail=f"config {s.config_hash[:12]}")
         log.info("engine.started", channels=len(self.listeners), routes=len(self.routes),
                  config_hash=s.config_hash[:12])
 
+    def readiness(self) -> Readiness:
+        """What /readyz answers (engine/health.py); called from the metrics server's thread."""
+        s = self.settings
+        return readiness(
+            started=self.started, store=self.store,
+            expected_channels=[name for name, ch in s.channels.items() if ch.enabled],
+            listeners=dict(self.listeners),
+            workers_alive=lambda: [f"{w.route.channel}/{w.route.name}" for w in list(self.workers) if not w.alive],
+            routes=[(r.channel, r.name, r.ordered) for r in list(self.routes.values())],
+            stall_after=s.metrics.stall_after)
+
     async def stop(self) -> None:
+        self.started = False  # /readyz fails at once: a load balancer stops sending while we drain
         for cname, lst in list(self.listeners.items()):
             try:
                 await lst.stop()

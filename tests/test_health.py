@@ -1,0 +1,85 @@
+"""/healthz and /readyz on the metrics port: what a load balancer and a HEALTHCHECK ask."""
+
+import time
+
+import httpx
+from sqlalchemy import insert
+
+from engine.health import readiness, stalled_routes
+from engine.store import schema
+
+YAML = """
+store: {url: "sqlite:///data/m.db", blobs: data/blobs}
+keys: {kek_file: data/keys.json}
+metrics: {host: 127.0.0.1, port: 0}
+channels:
+  in:
+    source: {type: mllp, host: 127.0.0.1, port: 0}
+    routes:
+      - {name: out, to: {type: file, path: out}}
+"""
+
+
+def test_ready_then_not_ready_when_a_route_worker_dies(engine_factory):
+    eng = engine_factory(YAML)
+    base = f"http://127.0.0.1:{eng.runtime.metrics.port}"
+    assert httpx.get(f"{base}/healthz").json() == {"status": "alive"}
+    r = httpx.get(f"{base}/readyz")
+    assert r.status_code == 200, r.text
+    assert r.json()["checks"] == {"engine": "started", "store": "ok", "listeners": "ok", "route_workers": "ok",
+                                  "queue": "ok"}
+    assert "medrelay_messages_received" in httpx.get(f"{base}/metrics").text
+    assert httpx.get(f"{base}/nothing").status_code == 404
+    worker = eng.runtime.workers[0]
+    eng.call(_cancel(worker))
+    r = httpx.get(f"{base}/readyz")
+    assert r.status_code == 503 and r.json()["checks"]["route_workers"] == "stopped: in/out"
+    assert httpx.get(f"{base}/healthz").status_code == 200
+
+
+async def _cancel(worker):
+    worker._task.cancel()
+    try:
+        await worker._task
+    except BaseException:
+        pass
+
+
+def _pending(store, route, *, due, lease=0.0):
+    now = time.time()
+    with store.engine.begin() as c:
+        c.execute(insert(schema.deliveries).values(
+            message_id="m" * 32, channel="c", route=route, state="pending", attempts=0,
+            next_attempt_at=now + due, lease_until=now + lease, updated_at=now))
+
+
+def test_stalled_means_due_and_untaken_not_waiting_for_a_retry(sqlite_store):
+    s = sqlite_store
+    _pending(s, "ordered-waiting", due=+60)      # head waits for its retry: not stalled
+    _pending(s, "ordered-waiting", due=-900)     # behind the head: waits for it by design
+    _pending(s, "ordered-stuck", due=-900)       # head due for 15 min, nobody took it
+    _pending(s, "leased", due=-900, lease=60)    # being sent right now
+    _pending(s, "unordered", due=-900)
+    routes = [("c", "ordered-waiting", True), ("c", "ordered-stuck", True), ("c", "leased", True),
+              ("c", "unordered", False)]
+    assert stalled_routes(s, routes, 300) == ["c/ordered-stuck", "c/unordered"]
+    assert stalled_routes(s, routes, 3600) == []
+    r = readiness(started=True, store=s, expected_channels=["c", "d"], listeners={"c": object()},
+                  workers_alive=lambda: [], routes=routes, stall_after=300)
+    assert not r.ready
+    assert r.checks["listeners"] == "not listening: d"
+    assert r.checks["queue"] == "stalled: c/ordered-stuck, c/unordered"
+    r = readiness(started=False, store=s, expected_channels=[], listeners={}, workers_alive=lambda: [],
+                  routes=[], stall_after=300)
+    assert not r.ready and r.checks["engine"] == "starting or draining"
+
+
+def test_store_unreachable_is_not_ready(tmp_path):
+    from engine.security.crypto import KeyRing
+    from engine.store.db import Store
+
+    (tmp_path / "db-is-a-folder").mkdir()  # SQLite cannot open it: every connection fails
+    bad = Store(f"sqlite:///{tmp_path}/db-is-a-folder", tmp_path / "b", KeyRing(tmp_path / "k.json"))
+    r = readiness(started=True, store=bad, expected_channels=[], listeners={}, workers_alive=lambda: [],
+                  routes=[], stall_after=300)
+    assert not r.ready and r.checks["store"].startswith("unreachable")
