@@ -6,15 +6,17 @@ and every blob they point at are on stable storage.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import Connection, Engine, create_engine, event, insert, select, update
+from sqlalchemy import Connection, Engine, create_engine, event, insert, select, text, update
 from sqlalchemy.engine import make_url
 
 from engine.security.crypto import IntegrityError, KeyRing, Sealed
@@ -27,6 +29,11 @@ log = structlog.get_logger()
 
 SCHEMA_VERSION = 2
 INLINE_MAX = 256 * 1024  # payloads above this go to files beside the database
+MIGRATION_LOCK = 0x6D6564726C6179  # PostgreSQL advisory lock key of migrations ("medrlay")
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was migrated by a newer medrelay than this one."""
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any, synchronous: str = "FULL") -> None:
@@ -73,22 +80,46 @@ class Store:
 
     # -- schema --------------------------------------------------------
     def migrate(self) -> int:
-        """Create missing tables and record the schema version.
+        """Create missing tables and apply the numbered steps not yet recorded, once.
 
-        Versioned steps go in ``_STEPS``; create_all covers new tables, which is all
-        the schema has needed so far. Alembic was weighed and left out: the engine is
-        embedded and every install must migrate itself at start without a CLI step.
+        Versioned steps go in ``_STEPS``; create_all covers new tables. Alembic was weighed
+        and left out: the engine is embedded and every install must migrate itself at start
+        without a CLI step. On PostgreSQL several processes may start at once on an empty or
+        older database: the whole migration runs under a transaction-scoped advisory lock, so
+        one migrates and the others wait and then find nothing to do. Steps are additive, so
+        an older engine keeps running beside a newer one during a rolling upgrade; an engine
+        older than the schema it finds refuses to start (``SchemaTooNew``).
         """
-        schema.metadata.create_all(self.engine)
-        with self.engine.begin() as conn:
+        with self._sqlite_migration_lock(), self.engine.begin() as conn:
+            if not self.is_sqlite:
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
+            schema.metadata.create_all(conn)
             current = conn.execute(select(schema.schema_version.c.version)).scalars().all()
             have = max(current, default=0)
+            if have > SCHEMA_VERSION:
+                raise SchemaTooNew(f"the database schema is version {have}, newer than this medrelay "
+                                   f"understands ({SCHEMA_VERSION}): run the newer medrelay, or upgrade this one")
             for version in range(have + 1, SCHEMA_VERSION + 1):
                 step = _STEPS.get(version)
                 if step is not None:
                     step(conn)
                 conn.execute(insert(schema.schema_version).values(version=version, applied_at=time.time()))
         return SCHEMA_VERSION
+
+    @contextlib.contextmanager
+    def _sqlite_migration_lock(self) -> Iterator[None]:
+        """SQLite's DDL does not take the write lock up front, so two processes would both create
+        tables; an flock beside the database file serialises them (PostgreSQL: the advisory lock)."""
+        db = self.url.database if self.is_sqlite else None
+        if not db or db == ":memory:":
+            yield
+            return
+        with open(f"{db}.migrate.lock", "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def dispose(self) -> None:
         self.engine.dispose()
