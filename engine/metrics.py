@@ -1,6 +1,6 @@
 """Prometheus metrics: counters per channel and route, queue depth read from the store.
 
-The same small HTTP server answers ``/healthz`` and ``/readyz`` (engine/health.py), so a load
+The same small HTTP server answers ``/healthz`` and ``/readyz`` (engine/ops/health.py), so a load
 balancer or a container HEALTHCHECK needs only the one operations port."""
 
 from __future__ import annotations

@@ -17,10 +17,10 @@ from engine.audit.trail import Audit
 from engine.config import Settings
 from engine.context import ComponentContext
 from engine.envelope import Envelope
-from engine.health import Readiness, readiness
 from engine.intake import Intake
 from engine.match import matches
 from engine.metrics import Metrics
+from engine.ops.health import Readiness, readiness
 from engine.pipeline import Route, RouteWorker
 from engine.security.crypto import KeyRing
 from engine.store.db import Store
@@ -143,7 +143,7 @@ class Runtime:
                  config_hash=s.config_hash[:12])
 
     def readiness(self) -> Readiness:
-        """What /readyz answers (engine/health.py); called from the metrics server's thread."""
+        """What /readyz answers (engine/ops/health.py); called from the metrics server's thread."""
         s = self.settings
         return readiness(
             started=self.started, store=self.store,

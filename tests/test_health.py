@@ -5,7 +5,7 @@ import time
 import httpx
 from sqlalchemy import insert
 
-from engine.health import readiness, stalled_routes
+from engine.ops.health import readiness, stalled_routes
 from engine.store import schema
 
 YAML = """

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("engine.audit",),
     # core: configuration, intake, routing, queue, workers, runtime, metrics, message queries
     ("engine.config", "engine.context", "engine.intake", "engine.match", "engine.queue", "engine.pipeline",
-     "engine.runtime", "engine.metrics", "engine.health", "engine.messages"),
+     "engine.runtime", "engine.metrics", "engine.ops", "engine.messages", "engine.routing_keys"),
     # feature rooms of the store
     ("engine.store.dicom", "engine.store.fhir"),
     # the command line uses everything
