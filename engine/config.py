@@ -23,6 +23,7 @@ from ruamel.yaml.error import MarkedYAMLError
 
 from engine import registry
 from engine.audit.syslog import SyslogConfig
+from engine.ops.alerts import AlertsConfig
 
 _VAR = re.compile(r"\$\$|\$\{([^}:]+)(?::-([^}]*))?\}")
 
@@ -114,6 +115,10 @@ class Settings:
         return self.model.audit
 
     @property
+    def alerts(self) -> AlertsConfig | None:
+        return self.model.alerts
+
+    @property
     def channels(self) -> dict[str, Any]:
         return self.model.channels
 
@@ -195,6 +200,7 @@ def build_root_model() -> type[BaseModel]:
         metrics=(MetricsConfig, Field(default_factory=MetricsConfig)),
         log=(LogConfig, Field(default_factory=LogConfig)),
         audit=(AuditConfig, Field(default_factory=AuditConfig)),
+        alerts=(AlertsConfig | None, Field(None, description="thresholds on queues and listeners, sent to a webhook")),
         channels=(dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], channel], ...),  # type: ignore[valid-type]
     )
 

@@ -66,6 +66,7 @@ class Runtime:
         self._by_channel: dict[str, list[Route]] = {}
         self._lock: Any = None
         self.started = False
+        self.alerts: Any = None
 
     # -- helpers -------------------------------------------------------
     def _ctx(self, channel: str = "", route: str = "") -> ComponentContext:
@@ -137,10 +138,36 @@ class Runtime:
             self.listeners[cname] = lst
             host, port = lst.address
             log.info("channel.listening", channel=cname, type=ch.source.type, host=host, port=port)
+        if s.alerts is not None:
+            from engine.ops.alerts import AlertMonitor
+
+            self.alerts = AlertMonitor(s.alerts, self.store, routes=lambda: list(self.routes),
+                                       down_channels=self._down_channels, attempts=self._attempt_counts)
+            self.alerts.start()
         self.started = True
         self.audit.record("engine.start", actor="medrelay", detail=f"config {s.config_hash[:12]}")
         log.info("engine.started", channels=len(self.listeners), routes=len(self.routes),
                  config_hash=s.config_hash[:12])
+
+    def _down_channels(self) -> list[str]:
+        """Enabled channels whose listener is not serving (never started, or says it stopped)."""
+        out = []
+        for name, ch in self.settings.channels.items():
+            lst = self.listeners.get(name)
+            if ch.enabled and (lst is None or not getattr(lst, "serving", True)):
+                out.append(name)
+        return out
+
+    def _attempt_counts(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(failed, delivered) attempts per route so far, from the Prometheus counters."""
+        reg = self.metrics.registry if self.metrics is not None else None
+        out: dict[tuple[str, str], tuple[int, int]] = {}
+        for ch, name in self.routes:
+            labels = {"channel": ch, "route": name}
+            failed = reg.get_sample_value("medrelay_delivery_failures_total", labels) if reg else None
+            done = reg.get_sample_value("medrelay_deliveries_delivered_total", labels) if reg else None
+            out[(ch, name)] = (int(failed or 0), int(done or 0))
+        return out
 
     def readiness(self) -> Readiness:
         """What /readyz answers (engine/ops/health.py); called from the metrics server's thread."""
@@ -155,6 +182,9 @@ class Runtime:
 
     async def stop(self) -> None:
         self.started = False  # /readyz fails at once: a load balancer stops sending while we drain
+        if self.alerts is not None:
+            await self.alerts.stop()
+            self.alerts = None
         for cname, lst in list(self.listeners.items()):
             try:
                 await lst.stop()
