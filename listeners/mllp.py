@@ -6,8 +6,10 @@ before it sends the next, and answering in order keeps that true for senders
 that pipeline). For every frame:
 
 1. read the MSH from the bytes (``engine.hl7.message.read_header``, no full parse);
-2. check charset, accepted versions / processing ids and, when configured,
-   validate with hl7apy in a worker thread;
+   a UTF-8 BOM or blank lines before MSH are cut off here, before anything is stored;
+2. check charset, version (a real HL7 v2 version, then ``accept_versions``), processing
+   id and MSH-15/16 and, when configured, validate with hl7apy: within size / segment /
+   repetition limits, in a worker process with a time budget (listeners/hl7_validation.py);
 3. build the AA/CA *before* submitting, so intake stores the exact bytes a
    duplicate will get back;
 4. ``await ctx.intake.submit(...)``: returns once message and deliveries are
@@ -16,7 +18,10 @@ that pipeline). For every frame:
 
 Any failure in 1-4 becomes an AE/AR (CE/CR) with an ERR segment; no exception
 text or traceback ever reaches the peer, and one bad connection never affects
-the others. See docs/notes/issue-2-mllp.md for the acknowledgment decisions.
+the others. A connection is closed when it is idle (no frame started for
+``idle_timeout``), when a started frame does not end within ``frame_timeout`` or the
+peer does not read its ACK that long, and at once past ``max_connections``. See
+docs/notes/issue-2-mllp.md and issue-9-hl7.md for the decisions.
 """
 
 from __future__ import annotations
@@ -36,24 +41,42 @@ from engine.envelope import Envelope
 from engine.hl7.ack import ack_code, build_ack, should_send
 from engine.hl7.message import (
     APPLICATION_INTERNAL_ERROR,
-    DATA_TYPE_ERROR,
     REQUIRED_FIELD_MISSING,
-    SEGMENT_SEQUENCE_ERROR,
-    UNSUPPORTED_EVENT_CODE,
-    UNSUPPORTED_MESSAGE_TYPE,
+    TABLE_VALUE_NOT_FOUND,
     UNSUPPORTED_PROCESSING_ID,
     UNSUPPORTED_VERSION_ID,
     Header,
     HL7Error,
+    is_hl7_version,
     read_header,
 )
 from engine.hl7.mllp import Frame, FrameParser, Oversized, Restarted, Unframed, frame
 from engine.registry import component
 from engine.security.tls import TLSConfig, report_handshake_failure, server_context, start_tls_server
+from listeners.hl7_validation import ValidatorPool
+from transforms.hl7_validate import Limits, check_limits
 
 log = structlog.get_logger()
 
 READ_CHUNK = 64 * 1024
+ACK_TYPES = frozenset({"AL", "NE", "ER", "SU"})  # HL7 table 0155 (MSH-15, MSH-16)
+
+
+class ValidationConfig(ComponentConfig):
+    """Bounds on ``validate: structure|strict`` work, so one message cannot starve the others."""
+
+    max_bytes: int = Field(1024 * 1024, ge=1024, description="largest message validated; larger ones "
+                           "get AR/CE 207 without being parsed (hl7apy needs ~50x the message in memory)")
+    max_segments: int = Field(1000, ge=1, description="most segments in a validated message (~1.5 ms "
+                              "each in hl7apy); more: AR/CE 207")
+    max_repetitions: int = Field(200, ge=1, description="most repetitions in any one field of a validated "
+                                 "message; more: AR/CE 207 naming the field")
+    timeout: float = Field(10.0, gt=0, description="seconds one message may take to validate; past it the "
+                           "worker is killed and the message gets AR/CE 207")
+    workers: int = Field(2, ge=1, le=32, description="validation worker processes of this listener (at most "
+                         "this many messages are validated at once; others wait)")
+    memory_mb: int = Field(1024, ge=0, description="address-space cap of each worker process in MiB "
+                           "(0: none); a message needing more gets AR/CE 207")
 
 
 class MLLPSourceConfig(ComponentConfig):
@@ -67,17 +90,24 @@ class MLLPSourceConfig(ComponentConfig):
         "deliveries are committed (the only mode: an ACK is a promise not to lose the message)")
     max_frame_bytes: int = Field(10 * 1024 * 1024, ge=1024,
                                  description="largest message accepted; larger ones get AR/CR with ERR 207")
-    idle_timeout: float = Field(300.0, gt=0, description="seconds without data before a connection is closed")
+    idle_timeout: float = Field(300.0, gt=0, description="seconds a connection may stay open without starting "
+                                "a message (blank bytes between frames do not count); then it is closed")
+    frame_timeout: float = Field(60.0, gt=0, description="seconds from a message's start block to its end "
+                                 "block, and for the peer to take its ACK; then the connection is closed")
     tls: TLSConfig | None = Field(None, description="TLS for the listener (cert, key; ca for mutual TLS)")
     validate_: Literal["none", "structure", "strict"] = Field(
         "none", alias="validate",
         description="hl7apy validation at intake: structure = segments and required fields, strict = "
         "also data types and lengths; failures are answered AE/CE (AR/CR for unknown type or version)")
+    validation: ValidationConfig = Field(default_factory=ValidationConfig,
+                                         description="limits, time budget and workers of validate")
     accept_versions: list[str] = Field(default_factory=list,
-                                       description="MSH-12 versions accepted (empty: any); others get AR 203")
+                                       description="MSH-12 versions accepted (empty: every HL7 v2 version, "
+                                       "2.1 to 2.9.1); others get AR 203")
     accept_processing_ids: list[str] = Field(
         default_factory=list, description="MSH-11 processing ids accepted, e.g. [P] (empty: any); others AR 202")
-    max_connections: int = Field(256, ge=1, description="concurrent connections; more are closed at once")
+    max_connections: int = Field(256, ge=1, description="concurrent connections; more are closed at once "
+                                 "(and logged)")
 
     model_config = {**ComponentConfig.model_config, "populate_by_name": True}
 
@@ -97,16 +127,27 @@ class MLLPListener:
         self._address: tuple[str, int] = (config.host, config.port)
         self._versions = frozenset(config.accept_versions)
         self._pids = frozenset(p.upper() for p in config.accept_processing_ids)
+        v = config.validation
+        self._limits = Limits(max_bytes=v.max_bytes, max_segments=v.max_segments,
+                              max_repetitions=v.max_repetitions)
+        self._validator: ValidatorPool | None = None
+        if config.validate_ != "none":
+            self._validator = ValidatorPool(config.validate_, workers=v.workers, timeout=v.timeout,
+                                            memory_mb=v.memory_mb, channel=ctx.channel)
+        self._refused = 0  # connections closed over max_connections since the last log line
+        self._refused_logged = 0.0
 
     @property
     def address(self) -> tuple[str, int]:
         return self._address
 
     async def start(self) -> None:
+        if self._validator is not None:
+            await self._validator.start()
         if self._ssl is not None:
             self._server = await start_tls_server(
                 self._on_connection, self.config.host, self.config.port, self._ssl, limit=READ_CHUNK,
-                handshake_timeout=min(self.config.idle_timeout, 60.0), on_failure=self._tls_failed)
+                handshake_timeout=min(self.config.frame_timeout, 60.0), on_failure=self._tls_failed)
         else:
             self._server = await asyncio.start_server(
                 self._on_connection, self.config.host, self.config.port, limit=READ_CHUNK, reuse_address=True)
@@ -122,6 +163,8 @@ class MLLPListener:
             t.cancel()
         if self._conns:
             await asyncio.wait(list(self._conns), timeout=10)
+        if self._validator is not None:
+            await self._validator.close()
         if self._server is not None:
             try:
                 await asyncio.wait_for(self._server.wait_closed(), 5)
@@ -131,6 +174,16 @@ class MLLPListener:
     def _tls_failed(self, peername: Any, error: BaseException) -> None:
         report_handshake_failure(self.ctx.audit, "mllp", self.channel, peername, error)
 
+    def _too_many(self, peer: str) -> None:
+        """Log refused connections at most once a second, with how many: a flood of them
+        must not become a flood of log lines."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= 1.0:
+            log.warning("mllp.too_many_connections", channel=self.channel, peer=peer,
+                        limit=self.config.max_connections, refused=self._refused)
+            self._refused, self._refused_logged = 0, now
+
     # -- connection --------------------------------------------------------------
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -138,8 +191,8 @@ class MLLPListener:
         peername = writer.get_extra_info("peername") or ("?", 0)
         peer = f"{peername[0]}:{peername[1]}"
         if len(self._conns) >= self.config.max_connections:
-            log.warning("mllp.too_many_connections", channel=self.channel, peer=peer)
-            writer.close()
+            self._too_many(peer)
+            writer.transport.abort()  # at once: no lingering close handshake for a flood
             return
         self._conns.add(task)
         sock = writer.get_extra_info("socket")
@@ -152,22 +205,34 @@ class MLLPListener:
         parser = FrameParser(self.config.max_frame_bytes)
         reason = "closed"
         count = 0
+        loop = asyncio.get_running_loop()
+        idle, frame_limit = self.config.idle_timeout, self.config.frame_timeout
+        # Outside a frame the connection may wait idle_timeout from its start or from the
+        # last frame; blank bytes between frames do not move that. Inside a frame it has
+        # frame_timeout from the start block, and idle_timeout between two reads.
+        idle_deadline = loop.time() + idle
+        frame_deadline = 0.0
+        started = 0
         try:
             while True:
+                deadline = min(frame_deadline, loop.time() + idle) if parser.in_frame else idle_deadline
                 try:
-                    data = await asyncio.wait_for(reader.read(READ_CHUNK), self.config.idle_timeout)
+                    async with asyncio.timeout_at(deadline):
+                        data = await reader.read(READ_CHUNK)
                 except TimeoutError:
-                    reason = "idle_timeout"
+                    reason = "frame_timeout" if parser.in_frame else "idle_timeout"
                     break
                 if not data:
                     reason = "peer_closed" if not parser.in_frame else "peer_closed_mid_frame"
                     break
-                close = False
+                close = ended = False
                 for ev in parser.feed(data):
                     if isinstance(ev, Frame):
                         count += 1
+                        ended = True
                         answer = await self._handle(ev.payload, peer)
                     elif isinstance(ev, Oversized):
+                        ended = True
                         answer = self._oversized(ev, peer)
                     elif isinstance(ev, Restarted):
                         log.warning("mllp.frame_restarted", channel=self.channel, peer=peer,
@@ -182,9 +247,23 @@ class MLLPListener:
                         break
                     if answer is not None:
                         writer.write(frame(answer))
-                        await writer.drain()
+                        if not writer.transport.get_write_buffer_size():
+                            await writer.drain()  # all sent already: the usual case, no timer
+                            continue
+                        try:  # a peer that sends but never reads its ACKs is not waited for forever
+                            async with asyncio.timeout(frame_limit):
+                                await writer.drain()
+                        except TimeoutError:
+                            reason = "ack_not_read"
+                            close = True
+                            break
                 if close:
                     break
+                if parser.frames_started != started:
+                    started = parser.frames_started
+                    frame_deadline = loop.time() + frame_limit
+                if ended and not parser.in_frame:
+                    idle_deadline = loop.time() + idle
         except asyncio.CancelledError:
             reason = "shutdown"
         except (ConnectionError, OSError) as e:
@@ -206,9 +285,15 @@ class MLLPListener:
         header: Header | None = None
         try:
             header = read_header(payload)
+            if header.start:
+                # A UTF-8 BOM or blank lines before MSH: not part of the HL7 message. Stored,
+                # routed and de-duplicated from MSH on, so every reader and every downstream
+                # system sees the message itself (docs/notes/issue-9-hl7.md).
+                payload = payload[header.start:]
             self._check(header, payload)
-            if self.config.validate_ != "none":
-                await asyncio.to_thread(validate, header, payload, self.config.validate_)
+            if self._validator is not None:
+                check_limits(header, payload, self._limits)
+                await self._validator.validate(header, payload)
         except HL7Error as e:
             return self._refuse(e.header or header, e, peer)
         except Exception:
@@ -218,8 +303,10 @@ class MLLPListener:
 
         enhanced = header.enhanced_mode
         ok_ack = build_ack(header, ack_code(enhanced=enhanced, ok=True))
-        env = Envelope(channel=self.channel, kind="hl7v2", payload=payload, headers=header.as_headers(),
-                       peer=peer)
+        headers = header.as_headers()
+        if header.bom:
+            headers["received_bom"] = "utf-8"  # what was cut off, for the record (not PHI)
+        env = Envelope(channel=self.channel, kind="hl7v2", payload=payload, headers=headers, peer=peer)
         dedupe_key = f"{header.sending_application}|{header.sending_facility}|{header.control_id}"
         assert self.ctx.intake is not None
         try:
@@ -248,15 +335,27 @@ class MLLPListener:
                             internal=outcome.error or outcome.status)
 
     def _check(self, header: Header, payload: bytes) -> None:
-        """Receiver checks of HL7 v2.5 2.9.2.1 that need no parse: charset, version, processing id."""
+        """Receiver checks of HL7 v2.5 2.9.2.1 that need no parse: charset, version, processing
+        id, acknowledgment types. Cheap on purpose: every message on the hot path goes through."""
         header.decode(payload)  # the whole message must be valid in its MSH-18 charset
-        if self._versions and header.version not in self._versions:
-            raise HL7Error(UNSUPPORTED_VERSION_ID, f"MSH-12 version {header.version[:16]!r} is not accepted",
+        version = header.version
+        if not version:
+            raise HL7Error(REQUIRED_FIELD_MISSING, "MSH-12 version id is empty", location="MSH^1^12",
+                           header=header)
+        if not is_hl7_version(version):
+            raise HL7Error(UNSUPPORTED_VERSION_ID, f"MSH-12 {version[:16]!r} is not an HL7 v2 version",
+                           location="MSH^1^12", header=header)
+        if self._versions and version not in self._versions:
+            raise HL7Error(UNSUPPORTED_VERSION_ID, f"MSH-12 version {version[:16]!r} is not accepted",
                            location="MSH^1^12", header=header)
         if self._pids and header.processing_id.upper() not in self._pids:
             raise HL7Error(UNSUPPORTED_PROCESSING_ID,
                            f"MSH-11 processing id {header.processing_id[:8]!r} is not accepted",
                            location="MSH^1^11", header=header)
+        for n, value in ((15, header.accept_ack_type), (16, header.application_ack_type)):
+            if value and value not in ACK_TYPES:
+                raise HL7Error(TABLE_VALUE_NOT_FOUND, f"MSH-{n} {value[:8]!r} is not an acknowledgment "
+                               "type of table 0155 (AL, NE, ER, SU)", location=f"MSH^1^{n}", header=header)
 
     def _refuse(self, header: Header | None, err: HL7Error, peer: str, internal: str | None = None) -> bytes | None:
         enhanced = header is not None and header.enhanced_mode
@@ -280,50 +379,6 @@ class MLLPListener:
         err = HL7Error(APPLICATION_INTERNAL_ERROR,
                        f"message exceeds the receiver's limit of {self.config.max_frame_bytes} bytes")
         return self._refuse(header, err, peer, internal=f"oversized:{ev.size}")
-
-
-# -- validation -------------------------------------------------------------------------
-def validate(header: Header, payload: bytes, level: str) -> None:
-    """Validate with hl7apy; raise ``HL7Error`` with the 0357 code that fits the failure.
-
-    Runs in a worker thread (hl7apy is pure Python and slow) and only when the
-    channel asks for it: the default path to the ACK never waits on a full parse.
-    """
-    from hl7apy import exceptions as hx
-    from hl7apy.consts import VALIDATION_LEVEL
-    from hl7apy.parser import parse_message
-
-    text = header.decode(payload).replace("\r\n", "\r").replace("\n", "\r").strip("\r")
-    vl = VALIDATION_LEVEL.STRICT if level == "strict" else VALIDATION_LEVEL.TOLERANT
-    try:
-        msg = parse_message(text, validation_level=vl, find_groups=True)
-        msg.validate()
-    except hx.UnsupportedVersion:
-        raise HL7Error(UNSUPPORTED_VERSION_ID, f"version {header.version[:16]!r} is not supported",
-                       location="MSH^1^12", header=header) from None
-    except hx.ValidationError as e:
-        what = str(e)
-        child = what.rsplit(" ", 1)[-1]
-        if "Missing required child" in what and "_" in child.split(".")[-1] and \
-                child.split(".")[-1].split("_")[-1].isdigit():
-            seg, _, fld = child.split(".")[-1].partition("_")
-            raise HL7Error(REQUIRED_FIELD_MISSING, f"required field {seg}-{fld} is missing",
-                           location=f"{seg}^1^{fld}", header=header) from None
-        if "Missing required child" in what:
-            raise HL7Error(SEGMENT_SEQUENCE_ERROR, f"required segment or group {child} is missing",
-                           header=header) from None
-        raise HL7Error(SEGMENT_SEQUENCE_ERROR, f"structure not valid: {what[:200]}", header=header) from None
-    except (hx.ChildNotFound, hx.ChildNotValid, hx.InvalidName, hx.MaxChildLimitReached) as e:
-        raise HL7Error(SEGMENT_SEQUENCE_ERROR, f"structure not valid: {str(e)[:200]}", header=header) from None
-    except (hx.OperationNotAllowed, AttributeError):
-        # hl7apy could not find the message structure for MSH-9.
-        code = UNSUPPORTED_EVENT_CODE if header.trigger_event and not header.message_structure \
-            else UNSUPPORTED_MESSAGE_TYPE
-        raise HL7Error(code, f"message type {header.message_code[:20]!r} is not known for version "
-                       f"{header.version[:16]} (set MSH-9.3 to its structure)", location="MSH^1^9",
-                       header=header) from None
-    except (hx.HL7apyException, ValueError) as e:
-        raise HL7Error(DATA_TYPE_ERROR, f"data type error: {str(e)[:200]}", header=header) from None
 
 
 @component("source", "mllp", config=MLLPSourceConfig)

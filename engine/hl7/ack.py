@@ -6,10 +6,15 @@ Rules applied (HL7 v2.5 chapter 2, 2.9 and 2.15 MSA/ERR):
 - MSH-9 is ``ACK^<trigger>^ACK`` (``ACK^<trigger>`` before v2.3.1, which has no
   MSH-9.3), MSH-10 a new control id, MSH-11 and MSH-12 echo the message's, MSH-18
   echoes its charset and the ACK is encoded in that charset;
+- the ACK is written in the message's version when that is an HL7 v2 version (table
+  0104); otherwise (MSH-12 ``9.9``, empty, ``V2.5``) in v2.5, with MSH-12 ``2.5``: an
+  ACK must be readable as some real version, and echoing a version we refused would
+  claim the ACK is in it;
 - MSA-1 is the table 0008 code, MSA-2 the message's MSH-10;
 - on AE/AR/CE/CR an ERR segment carries the table 0357 code: ERR-3 as CWE
   ``code^text^HL70357`` with ERR-4 severity in v2.5 and later, ERR-1 (ELD, the
-  code as a CE in its 4th component) before v2.5, where MSA-3 also gets the text.
+  code as a CE in its 4th component) in v2.2 to v2.4, where MSA-3 also gets the text;
+  v2.1's ERR-1 is a plain ID, so it carries the bare 0357 code.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from engine.hl7.message import (
     Header,
     HL7Error,
     escape,
+    is_hl7_version,
     read_header,
 )
 
@@ -97,7 +103,8 @@ def build_ack(header: Header | None, code: str, *, error: HL7Error | None = None
     """
     d = header.delimiters if header is not None else DEFAULT_DELIMITERS
     fs, cs = d.field, d.component
-    version = (header.version if header is not None else "") or DEFAULT_VERSION
+    known = header is not None and is_hl7_version(header.version)
+    version = header.version if known else DEFAULT_VERSION  # type: ignore[union-attr]
     vt = _version_tuple(version)
     trigger = header.trigger_event if header is not None else ""
     msh9 = "ACK"
@@ -112,7 +119,7 @@ def build_ack(header: Header | None, code: str, *, error: HL7Error | None = None
         "MSH", d.encoding_characters,
         g(5), g(6), g(3), g(4),  # MSH-3..6: receiver becomes sender
         ts, "", msh9, control_id or new_control_id(),
-        g(11) or "P", g(12) or version,
+        g(11) or "P", g(12) if known and g(12).split(cs, 1)[0] == version else version,
         "", "",  # MSH-13, MSH-14
         accept_ack, "NE" if accept_ack else "",  # MSH-15, MSH-16: an ACK is never application-acknowledged
         "",  # MSH-17
@@ -138,11 +145,13 @@ def build_ack(header: Header | None, code: str, *, error: HL7Error | None = None
                    "E", "", "", "", escape(text or "", d)[:250]]
             while err[-1] == "":
                 err.pop()
-        else:
+        elif vt >= (2, 2):
             loc = (error.location or "").split("^")
             loc = (loc + ["", "", ""])[:3]
             ce = sc.join((str(error.code), error.code_text, "HL70357"))
             err = ["ERR", cs.join([*loc, ce])]
+        else:
+            err = ["ERR", str(error.code)]
         segments.append(fs.join(err))
     body = "\r".join(segments) + "\r"
     return header.encode(body) if header is not None else body.encode("ascii", errors="replace")

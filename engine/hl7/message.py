@@ -54,6 +54,21 @@ TABLE_0357: dict[int, str] = {
 # rather than "the content of this message is wrong" (AE/CE); after HL7 v2.5 2.9.2.
 REJECT_CODES = frozenset({200, 201, 202, 203, 206, 207})
 
+# -- HL7 table 0104: the HL7 v2 versions (MSH-12.1) ------------------------------------
+# 2.1 to 2.9 with their minor releases, as published; 2.0 / 2.0D (1988, before MSH-12 had
+# a table) and 2.3.2 (withdrawn, never published) are left out. A receiver answers
+# anything else with AR 203 unless a channel narrows the list further (accept_versions).
+HL7_VERSIONS: tuple[str, ...] = (
+    "2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1",
+    "2.8", "2.8.1", "2.8.2", "2.9", "2.9.1",
+)
+_HL7_VERSION_SET = frozenset(HL7_VERSIONS)
+
+
+def is_hl7_version(version: str) -> bool:
+    """Whether ``version`` (MSH-12.1, already stripped) is a published HL7 v2 version."""
+    return version in _HL7_VERSION_SET
+
 
 class HL7Error(Exception):
     """A problem with an HL7 message, carrying its HL7 table 0357 code.
@@ -156,6 +171,78 @@ def unescape(text: str, d: Delimiters = DEFAULT_DELIMITERS) -> str:
     return pattern.sub(lambda m: table[m.group(1)], text)
 
 
+# -- what may come before MSH ------------------------------------------------------------
+# Windows tools save "UTF-8 with BOM" and some senders put a blank line before MSH.
+# Neither is part of the HL7 message: ``message_start`` finds where MSH begins, and every
+# reader (the header, ``decode``, ``field``, the listener before it stores) starts there.
+BOM_UTF8 = b"\xef\xbb\xbf"
+_BLANK_BEFORE_MSH = frozenset(b" \t\r\n\x00")
+# Encodings whose MSH delimiters are not single ASCII bytes: refused with a clear reason
+# rather than "does not start with MSH". UTF-32 first: its LE BOM begins with UTF-16's.
+_WIDE_ENCODINGS: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xfe\x00\x00", "UTF-32 (byte order mark FF FE 00 00)"),
+    (b"\x00\x00\xfe\xff", "UTF-32 (byte order mark 00 00 FE FF)"),
+    (b"\xff\xfe", "UTF-16 (byte order mark FF FE)"),
+    (b"\xfe\xff", "UTF-16 (byte order mark FE FF)"),
+    (b"M\x00S\x00H\x00", "UTF-16LE (no byte order mark)"),
+    (b"\x00M\x00S\x00H", "UTF-16BE (no byte order mark)"),
+)
+
+
+def message_start(payload: bytes) -> int:
+    """Offset of ``MSH`` in ``payload``: past one leading UTF-8 BOM and blank bytes.
+
+    O(1) for a message that starts with MSH (the usual case): only the preamble is looked at.
+    """
+    start = 3 if payload[:3] == BOM_UTF8 else 0
+    n = len(payload)
+    while start < n and payload[start] in _BLANK_BEFORE_MSH:
+        start += 1
+    return start
+
+
+def strip_preamble(payload: bytes) -> bytes:
+    """``payload`` from its MSH on (the same object when there is nothing before MSH)."""
+    if payload[:1] == b"M":
+        return payload
+    start = message_start(payload)
+    return payload[start:] if start else payload
+
+
+def wide_encoding(payload: bytes) -> str | None:
+    """The name of a UTF-16/UTF-32 encoding ``payload`` is in, by its BOM or an ``MSH`` of
+    wide characters; None for byte encodings (the only kind HL7 v2 over MLLP can carry)."""
+    for prefix, name in _WIDE_ENCODINGS:
+        if payload.startswith(prefix):
+            return name
+    return None
+
+
+_FILE_SPLIT = re.compile(rb"(?<=[\r\n])(?:\xef\xbb\xbf)?(?=MSH)")
+
+
+def split_file(data: bytes) -> list[bytes]:
+    """The messages in a file of HL7 v2 text (not MLLP-framed), for ``medrelay import``.
+
+    A file may start with a UTF-8 BOM (and so may each message of files joined with
+    ``cat``), end its lines with CR, LF or CRLF and hold several messages, each starting
+    with MSH at the start of a line. Each message comes back from its MSH on, BOM and
+    blank lines around it removed, its segment ends as in the file. Bytes before the
+    first MSH that are not a BOM or blank stay with the first message, so the receiver
+    refuses them with a reason instead of them vanishing; a UTF-16 file comes back whole
+    for the same reason.
+    """
+    if wide_encoding(data) is not None:
+        return [data]
+    out = []
+    for part in _FILE_SPLIT.split(data[message_start(data):]):
+        body = part.rstrip(b" \t\r\n\x00")
+        if body:
+            end = _SEGMENT_END.search(part)
+            out.append(body + (end.group(0) if end else b"\r"))
+    return out
+
+
 # -- the header -----------------------------------------------------------------------
 _SEGMENT_END = re.compile(rb"\r\n|\r|\n")
 
@@ -186,6 +273,9 @@ class Header:
     version: str = ""  # MSH-12.1
     accept_ack_type: str = ""  # MSH-15
     application_ack_type: str = ""  # MSH-16
+    start: int = 0  # bytes before MSH in the payload read (BOM, blank lines): not part of the message
+    bom: bool = False  # the payload started with a UTF-8 byte order mark
+    sniffed: bool = False  # no MSH-18 and no BOM: ``codec`` was guessed from the MSH bytes
 
     def get(self, n: int) -> str:
         """MSH-n as sent ("" when the message has fewer fields)."""
@@ -202,16 +292,25 @@ class Header:
         return f"{self.message_type}^{self.trigger_event}" if self.trigger_event else self.message_type
 
     def decode(self, payload: bytes) -> str:
-        """The whole message as text in its MSH-18 charset.
+        """The whole message as text, from its MSH on (a BOM or blank lines before it dropped).
 
-        Raises ``HL7Error(102)`` when the bytes are not valid in that charset: a
-        UTF-8 message with Latin-1 bytes in it is a sender bug we must not pass on.
+        The charset is MSH-18's; without MSH-18 it is UTF-8 after a UTF-8 BOM, else
+        guessed from the whole message (ASCII, else UTF-8 when valid, else ISO 8859-1).
+        Raises ``HL7Error(102)`` when the bytes are not valid in a declared charset (a
+        UTF-8 message with Latin-1 bytes in it is a sender bug we must not pass on), and
+        when a UTF-8 BOM contradicts a non-UTF-8 MSH-18 for bytes the two read differently.
         """
+        body = strip_preamble(payload)
+        codec = _sniff_codec(body) if self.sniffed else self.codec
+        if self.bom and codec not in ("utf-8", "ascii") and not body.isascii():
+            raise HL7Error(DATA_TYPE_ERROR,
+                           f"a UTF-8 byte order mark contradicts MSH-18 {self.charset[:20]!r} "
+                           "for the non-ASCII bytes of this message", location="MSH^1^18", header=self)
         try:
-            return payload.decode(self.codec)
+            return body.decode(codec)
         except UnicodeDecodeError as e:
             raise HL7Error(DATA_TYPE_ERROR,
-                           f"message bytes are not valid {self.charset or self.codec} (offset {e.start})",
+                           f"message bytes are not valid {self.charset or codec} (offset {e.start} from MSH)",
                            location="MSH^1^18", header=self) from None
 
     def encode(self, text: str) -> bytes:
@@ -271,13 +370,19 @@ def _sniff_codec(data: bytes) -> str:
 def read_header(payload: bytes, *, require: bool = True) -> Header:
     """Read the MSH segment of ``payload`` (raw bytes as received).
 
-    Cost is proportional to the MSH, not the message. With ``require`` the fields a
-    receiver cannot work without (MSH-9.1 message type, MSH-10 control id) must be
-    present, else ``HL7Error(101)`` carrying the partial header.
+    Cost is proportional to the MSH, not the message. A UTF-8 BOM and blank lines
+    before MSH are skipped (``Header.start`` says how many bytes); a UTF-16/32 message
+    is refused with 103 and a reason. With ``require`` the fields a receiver cannot work
+    without (MSH-9.1 message type, MSH-10 control id) must be present, else
+    ``HL7Error(101)`` carrying the partial header.
     """
-    start = 0
-    while start < len(payload) and payload[start] in b" \t\r\n\x00\xef\xbb\xbf":
-        start += 1  # tolerate leading blank lines and a UTF-8 BOM
+    wide = wide_encoding(payload)
+    if wide is not None:
+        raise HL7Error(TABLE_VALUE_NOT_FOUND, f"message is encoded in {wide}; HL7 v2 over MLLP needs a "
+                       "charset whose delimiters are single bytes: send UTF-8 (MSH-18 UNICODE UTF-8)",
+                       location="MSH^1^18")
+    bom = payload[:3] == BOM_UTF8
+    start = 0 if payload[:3] == b"MSH" else message_start(payload)
     if payload[start:start + 3] != b"MSH" or len(payload) < start + 8:
         raise HL7Error(SEGMENT_SEQUENCE_ERROR, "message does not start with an MSH segment",
                        location="MSH^1")
@@ -299,7 +404,8 @@ def read_header(payload: bytes, *, require: bool = True) -> Header:
         charset = raw[17].decode("latin-1").split(d.repetition, 1)[0].strip()
     charset_error: HL7Error | None = None
     try:
-        codec = codec_for(charset) if charset else _sniff_codec(msh_bytes)
+        # A UTF-8 BOM is the sender's own statement of the encoding when MSH-18 is silent.
+        codec = codec_for(charset) if charset else "utf-8" if bom else _sniff_codec(msh_bytes)
     except HL7Error as e:
         # Read the rest anyway (Latin-1 takes any byte) so the rejection can be addressed.
         charset_error, codec = e, "iso8859-1"
@@ -333,6 +439,9 @@ def read_header(payload: bytes, *, require: bool = True) -> Header:
         version=_first(f(12), d),
         accept_ack_type=_first(f(15), d).upper(),
         application_ack_type=_first(f(16), d).upper(),
+        start=start,
+        bom=bom,
+        sniffed=not charset and not bom,
     )
     if charset_error is not None:
         charset_error.header = header
@@ -348,7 +457,12 @@ def read_header(payload: bytes, *, require: bool = True) -> Header:
 
 
 def decode(payload: bytes) -> str:
-    """The message as text, decoded per its MSH-18 (see ``Header.decode``)."""
+    """The message as text from its MSH on, decoded per its MSH-18 (see ``Header.decode``).
+
+    The one function every reader of a stored or imported payload should use (the
+    router's ``field``, the conversions): it agrees with the listener on a BOM, blank
+    lines before MSH and the charset.
+    """
     return read_header(payload, require=False).decode(payload)
 
 
@@ -373,6 +487,7 @@ def parse(text: str) -> _hl7.Message:
     """Full python-hl7 parse; for callers that read several non-MSH fields of one message."""
     import hl7
 
+    text = text.lstrip("\ufeff \t\r\n\x00")  # a BOM or blank lines before MSH (see message_start)
     return hl7.parse(text.replace("\r\n", "\r").replace("\n", "\r"))
 
 

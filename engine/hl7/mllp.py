@@ -89,6 +89,13 @@ class FrameParser:
         self._discarding = False
         self._discarded = 0
         self._prefix = b""
+        self._started = 0
+
+    @property
+    def frames_started(self) -> int:
+        """Start blocks seen so far: lets a reader time each frame from its own start
+        (a frame timeout), even when one chunk ends a frame and begins the next."""
+        return self._started
 
     @property
     def buffered(self) -> int:
@@ -149,6 +156,7 @@ class FrameParser:
             if sb >= 0 and (end < 0 or sb < end):
                 events.append(Restarted(len(self._buf) + sb - pos))
                 self._buf.clear()
+                self._started += 1
                 pos = sb + 1
                 continue
             stop = n if end < 0 else end
@@ -171,6 +179,7 @@ class FrameParser:
         return events
 
     def _start_frame(self) -> None:
+        self._started += 1
         self._in_frame = True
         self._buf.clear()
         self._discarding = False
