@@ -1,0 +1,253 @@
+"""Backup and restore: a consistent snapshot of the store and its blob files, still encrypted.
+
+A backup is a folder:
+
+    manifest.json        format, when, backend, schema version, key ids needed, and the
+                         SHA-256 of the database snapshot and of every blob file
+    medrelay.db          SQLite: a copy made with SQLite's online backup API
+    medrelay.pgdump      PostgreSQL: pg_dump (custom format) of an exported snapshot
+    blobs/xx/<id>        every blob file the snapshot refers to, byte for byte
+
+Consistency: the database is snapshotted first (SQLite's backup API copies one consistent
+state while the engine keeps writing; on PostgreSQL a REPEATABLE READ transaction exports its
+snapshot, pg_dump dumps exactly that snapshot, and the list of blob files is read in the same
+transaction). Blob files are immutable once committed (content-addressed, written once), so
+copying the files the snapshot names afterwards gives the same state; a file committed later
+is simply not in the backup.
+
+The key file is not in the backup, on purpose: the data is encrypted under it, so a backup
+that carried its own key would be as sensitive as the plaintext. Keep the key file backed up
+separately (another medium, another custodian); without it a backup cannot be read. The
+manifest lists the key ids a restore needs, so ``verify`` can say whether a key file fits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, text
+from sqlalchemy.engine import make_url
+
+from engine.store import schema
+
+FORMAT = 1
+CHUNK = 1 << 20
+
+
+class BackupError(RuntimeError):
+    """A backup or restore that cannot be done, said for an operator."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _pg_cli_url(url: Any) -> str:
+    """A libpq URL for pg_dump/pg_restore (no SQLAlchemy driver suffix)."""
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _pg_env(url: Any) -> dict[str, str]:
+    env = dict(os.environ)
+    if url.password:
+        env["PGPASSWORD"] = str(url.password)
+    return env
+
+
+def _empty_dest(dest: Path) -> None:
+    if dest.exists() and any(dest.iterdir()):
+        raise BackupError(f"{dest} is not empty: a backup goes into a new or empty folder")
+    dest.mkdir(parents=True, exist_ok=True)
+
+
+def _file_blob_ids(conn: Any) -> Iterator[str]:
+    b = schema.blobs
+    yield from conn.execute(select(b.c.id).where(b.c.in_file == 1).order_by(b.c.id)).scalars()
+
+
+@dataclass
+class Summary:
+    blobs: int
+    bytes: int
+    path: Path
+
+
+def backup(store: Any, dest: Path, *, progress: Callable[[int], Any] | None = None) -> Summary:
+    """Write a backup of ``store`` into the new or empty folder ``dest``."""
+    from engine.store.db import SCHEMA_VERSION
+
+    dest = Path(dest)
+    _empty_dest(dest)
+    url = store.url
+    manifest: dict[str, Any] = {"format": FORMAT, "created_at": time.time(), "schema_version": SCHEMA_VERSION}
+    if store.is_sqlite:
+        db_file = dest / "medrelay.db"
+        src = sqlite3.connect(str(url.database))
+        try:
+            out = sqlite3.connect(str(db_file))
+            with out:
+                src.backup(out)
+            out.close()
+        finally:
+            src.close()
+        snap = sqlite3.connect(str(db_file))
+        try:
+            ids = [r[0] for r in snap.execute("SELECT id FROM blobs WHERE in_file = 1 ORDER BY id")]
+            keks = sorted({r[0] for r in snap.execute("SELECT DISTINCT kek_id FROM blobs")})
+        finally:
+            snap.close()
+        manifest["backend"] = "sqlite"
+    else:
+        db_file = dest / "medrelay.pgdump"
+        with store.engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                snapshot = conn.execute(text("SELECT pg_export_snapshot()")).scalar_one()
+                ids = list(_file_blob_ids(conn))
+                keks = sorted(set(conn.execute(select(schema.blobs.c.kek_id).distinct()).scalars()))
+                r = subprocess.run(["pg_dump", "--format=custom", f"--snapshot={snapshot}", "--no-owner",
+                                    f"--file={db_file}", _pg_cli_url(url)],
+                                   env=_pg_env(url), capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise BackupError(f"pg_dump failed: {r.stderr.strip()[:300]}")
+        manifest["backend"] = "postgresql"
+    manifest["database"] = {"file": db_file.name, "sha256": _sha256(db_file)}
+    manifest["kek_ids"] = keks
+    blobs: dict[str, str] = {}
+    total = 0
+    for blob_id in ids:
+        src_file = store.blob_path(blob_id)
+        target = dest / "blobs" / blob_id[:2] / blob_id
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copyfile(src_file, target)
+        except FileNotFoundError:
+            raise BackupError(f"blob file {blob_id} is referenced by the store but missing from "
+                              f"{store.blob_dir}: the store itself is damaged") from None
+        blobs[blob_id] = _sha256(target)
+        total += target.stat().st_size
+        if progress is not None:
+            progress(1)
+    manifest["blobs"] = blobs
+    tmp = dest / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    os.replace(tmp, dest / "manifest.json")  # written last: a backup without a manifest is incomplete
+    return Summary(len(blobs), total, dest)
+
+
+def _manifest(src: Path) -> dict[str, Any]:
+    try:
+        m = json.loads((Path(src) / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise BackupError(f"{src}: no manifest.json: not a medrelay backup, or an incomplete one") from None
+    except ValueError as e:
+        raise BackupError(f"{src}: manifest.json is not valid JSON ({e})") from None
+    if m.get("format") != FORMAT:
+        raise BackupError(f"{src}: backup format {m.get('format')!r}, this medrelay reads format {FORMAT}")
+    return m
+
+
+def verify(src: Path, *, keyring: Any = None, progress: Callable[[int], Any] | None = None) -> list[str]:
+    """Problems found in the backup at ``src`` (empty: it is whole). Without restoring anything.
+
+    Checks the manifest, the database snapshot's hash (and SQLite's integrity check), that
+    every blob the snapshot refers to is present with the hash recorded; with a key ring,
+    also that it holds every key id the backup needs.
+    """
+    src = Path(src)
+    m = _manifest(src)
+    problems: list[str] = []
+    db_file = src / m["database"]["file"]
+    if not db_file.is_file():
+        return [f"database snapshot {db_file.name} is missing"]
+    if _sha256(db_file) != m["database"]["sha256"]:
+        problems.append(f"database snapshot {db_file.name} does not match its recorded SHA-256")
+    referenced: set[str] | None = None
+    if m["backend"] == "sqlite":
+        conn = sqlite3.connect(f"file:{db_file}?mode=ro", uri=True)
+        try:
+            ok = conn.execute("PRAGMA integrity_check").fetchone()[0]
+            if ok != "ok":
+                problems.append(f"SQLite integrity check: {ok}")
+            referenced = {r[0] for r in conn.execute("SELECT id FROM blobs WHERE in_file = 1")}
+        finally:
+            conn.close()
+    else:
+        r = subprocess.run(["pg_restore", "--list", str(db_file)], capture_output=True, text=True)
+        if r.returncode != 0:
+            problems.append(f"pg_restore cannot read {db_file.name}: {r.stderr.strip()[:200]}")
+    listed = m["blobs"]
+    if referenced is not None:
+        for blob_id in sorted(referenced - set(listed)):
+            problems.append(f"blob {blob_id} is referenced by the snapshot but not in the backup")
+    for blob_id, digest in listed.items():
+        f = src / "blobs" / blob_id[:2] / blob_id
+        if not f.is_file():
+            problems.append(f"blob {blob_id} is missing")
+        elif _sha256(f) != digest:
+            problems.append(f"blob {blob_id} does not match its recorded SHA-256")
+        if progress is not None:
+            progress(1)
+    if keyring is not None:
+        missing = [k for k in m.get("kek_ids", []) if not keyring.in_file(k)]
+        if missing:
+            problems.append("the key file lacks key ids this backup needs: " + ", ".join(missing))
+    return problems
+
+
+def restore(src: Path, store: Any, *, progress: Callable[[int], Any] | None = None) -> Summary:
+    """Restore the backup at ``src`` into ``store``, whose database and blob folder must be empty."""
+    src = Path(src)
+    m = _manifest(src)
+    problems = verify(src)
+    if problems:
+        raise BackupError("the backup is damaged, nothing restored: " + "; ".join(problems[:5]))
+    url = store.url
+    backend = "sqlite" if store.is_sqlite else "postgresql"
+    if backend != m["backend"]:
+        raise BackupError(f"the backup is of a {m['backend']} store; the target store is {backend}")
+    blob_dir = Path(store.blob_dir)
+    if blob_dir.exists() and any(p for p in blob_dir.rglob("*") if p.is_file()):
+        raise BackupError(f"{blob_dir} holds blob files: restore goes into an empty location")
+    if store.is_sqlite:
+        target = Path(str(url.database))
+        if target.exists() and target.stat().st_size > 0:
+            raise BackupError(f"{target} exists: restore goes into an empty location")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        store.dispose()
+        shutil.copyfile(src / m["database"]["file"], target)
+    else:
+        with store.engine.connect() as conn:
+            n = conn.execute(text("SELECT count(*) FROM information_schema.tables "
+                                  "WHERE table_schema = current_schema()")).scalar_one()
+        if n:
+            raise BackupError("the target PostgreSQL database has tables: restore goes into an empty one")
+        store.dispose()
+        r = subprocess.run(["pg_restore", "--no-owner", "--exit-on-error", f"--dbname={_pg_cli_url(make_url(url))}",
+                            str(src / m["database"]["file"])], env=_pg_env(url), capture_output=True, text=True)
+        if r.returncode != 0:
+            raise BackupError(f"pg_restore failed: {r.stderr.strip()[:300]}")
+    total = 0
+    for blob_id in m["blobs"]:
+        target = blob_dir / blob_id[:2] / blob_id
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        shutil.copyfile(src / "blobs" / blob_id[:2] / blob_id, target)
+        os.chmod(target, 0o600)
+        total += target.stat().st_size
+        if progress is not None:
+            progress(1)
+    return Summary(len(m["blobs"]), total, src)
