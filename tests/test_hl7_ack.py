@@ -109,3 +109,49 @@ def test_parse_ack():
                 b"garbage"):
         with pytest.raises(HL7Error):
             parse_ack(bad)
+
+
+# -- issue 9: the ACK is well-formed for the version given ---------------------------------------
+@pytest.mark.parametrize("version,msh9,err_field", [
+    ("2.1", "ACK^A01", "203"), ("2.2", "ACK^A01", "MSH^1^12^203&Unsupported version id&HL70357"),
+    ("2.3", "ACK^A01", "MSH^1^12^203&Unsupported version id&HL70357"),
+    ("2.3.1", "ACK^A01^ACK", "MSH^1^12^203&Unsupported version id&HL70357"),
+    ("2.4", "ACK^A01^ACK", "MSH^1^12^203&Unsupported version id&HL70357"),
+])
+def test_err_layout_before_v25(version, msh9, err_field):
+    h = read_header(adt("V1", version=version))
+    s = segs(build_ack(h, "AR", error=HL7Error(203, "not taken", location="MSH^1^12")))
+    assert s["MSH"][8] == msh9 and s["MSH"][11] == version
+    assert s["ERR"][1] == err_field and s["MSA"][3] == "not taken"
+
+
+@pytest.mark.parametrize("version", ["2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8", "2.8.1", "2.8.2", "2.9", "2.9.1"])
+def test_err_layout_from_v25(version):
+    h = read_header(adt("V2", version=version))
+    s = segs(build_ack(h, "AR", error=HL7Error(203, "not taken", location="MSH^1^12")))
+    assert s["MSH"][8] == "ACK^A01^ACK" and s["MSH"][11] == version
+    assert s["ERR"][2] == "MSH^1^12" and s["ERR"][3] == "203^Unsupported version id^HL70357"
+    assert len(s["MSA"]) == 3  # MSA-3 is withdrawn from v2.5 on; the text is in ERR-8
+
+
+@pytest.mark.parametrize("sent", ["9.9", "V2.5", "3.0", "2.5.0", ""])
+def test_ack_to_a_version_that_is_not_hl7_v2_is_v25(sent):
+    h = read_header(adt("V3").replace(b"|P|2.5", f"|P|{sent}".encode()))
+    s = segs(build_ack(h, "AR", error=HL7Error(203, "not an HL7 v2 version", location="MSH^1^12")))
+    assert s["MSH"][11] == "2.5" and s["MSH"][8] == "ACK^A01^ACK"
+    assert s["ERR"][3].startswith("203^") and s["MSA"][1:3] == ["AR", "V3"]
+
+
+def test_ack_version_echo_keeps_vid_components_and_drops_blanks():
+    h = read_header(adt("V4").replace(b"|P|2.5", b"|P|2.5.1^DEU"))
+    assert segs(build_ack(h, "AA"))["MSH"][11] == "2.5.1^DEU"
+    h = read_header(adt("V5").replace(b"|P|2.5", b"|P| 2.4 "))
+    s = segs(build_ack(h, "AA"))
+    assert s["MSH"][11] == "2.4" and s["MSH"][8] == "ACK^A01^ACK"
+
+
+def test_ack_to_a_bom_message_is_utf8_without_bom():
+    raw = b"\xef\xbb\xbf" + adt("B1", sender="KLINIKÜ", encoding="utf-8")
+    ack = build_ack(read_header(raw), "AA")
+    assert ack.startswith(b"MSH|") and "KLINIKÜ".encode() in ack
+    assert segs(ack, "utf-8")["MSA"][1:3] == ["AA", "B1"]

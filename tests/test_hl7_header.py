@@ -115,3 +115,83 @@ def test_escape_roundtrip():
     assert h.unescape("\\X0D\\ and \\H\\") == "\\X0D\\ and \\H\\"
     d = h.Delimiters("#", "$", "%", "*", "@")
     assert h.unescape(h.escape("x#y$z", d), d) == "x#y$z"
+
+
+# -- issue 9: what comes before MSH, charsets from the whole message, versions -----------------
+BOM = b"\xef\xbb\xbf"
+
+
+def test_utf8_bom_is_skipped_and_means_utf8():
+    raw = BOM + "MSH|^~\\&|A|B|C|D|1||ADT^A01|B1|P|2.5\rPID|1||1||Müller^Jürgen\r".encode()
+    hd = h.read_header(raw)
+    assert (hd.start, hd.bom, hd.codec, hd.charset) == (3, True, "utf-8", "")
+    assert h.decode(raw).startswith("MSH|") and "Müller" in h.decode(raw)
+    assert h.field(raw, "PID-5.2") == "Jürgen" and h.field(raw, "MSH-10") == "B1"
+    assert h.strip_preamble(raw) == raw[3:]
+
+
+def test_bom_with_declared_charset():
+    ascii_only = BOM + b"MSH|^~\\&|A|B|C|D|1||ADT^A01|B2|P|2.5||||||8859/1\rPID|1||1||DOE\r"
+    assert h.read_header(ascii_only).codec == "iso8859-1"
+    assert h.decode(ascii_only).endswith("DOE\r")  # both readings agree: accepted
+    latin = BOM + "MSH|^~\\&|A|B|C|D|1||ADT^A01|B3|P|2.5||||||8859/1\rPID|1||1||Müller\r".encode("latin-1")
+    with pytest.raises(h.HL7Error) as e:
+        h.decode(latin)
+    assert e.value.code == 102 and e.value.location == "MSH^1^18" and "byte order mark" in e.value.text
+    utf8 = BOM + "MSH|^~\\&|A|B|C|D|1||ADT^A01|B4|P|2.5||||||UNICODE UTF-8\rPID|1||1||Müller\r".encode()
+    assert "Müller" in h.decode(utf8)
+
+
+@pytest.mark.parametrize("prefix", [b"\r\n", b"\n\n", b"  ", b"\x00", BOM + b"\r\n"])
+def test_blank_lines_before_msh(prefix):
+    raw = prefix + b"MSH|^~\\&|A|B|C|D|1||ADT^A01|P1|P|2.5\rPID|1||1||DOE\r"
+    assert h.read_header(raw).start == len(prefix)
+    assert h.decode(raw).startswith("MSH|")
+    assert h.field(raw, "PID-5") == "DOE"
+
+
+@pytest.mark.parametrize("raw,name", [
+    ("MSH|^~\\&|A|B|C|D|1||ADT^A01|U1|P|2.5\r".encode("utf-16"), "UTF-16"),
+    ("MSH|^~\\&|A|B|C|D|1||ADT^A01|U1|P|2.5\r".encode("utf-16-be"), "UTF-16BE"),
+    ("MSH|^~\\&|A|B|C|D|1||ADT^A01|U1|P|2.5\r".encode("utf-16-le"), "UTF-16LE"),
+    ("MSH|^~\\&|A|B|C|D|1||ADT^A01|U1|P|2.5\r".encode("utf-32"), "UTF-32"),
+    (b"\xfe\xff" + "MSH|".encode("utf-16-be"), "UTF-16"),
+])
+def test_wide_encodings_are_refused_with_a_reason(raw, name):
+    with pytest.raises(h.HL7Error) as e:
+        h.read_header(raw)
+    assert e.value.code == 103 and name in e.value.text and "UTF-8" in e.value.text
+
+
+def test_no_charset_reads_the_whole_message():
+    """MSH in ASCII, a UTF-8 (or Latin-1) name further down: not 'invalid ascii'."""
+    utf8 = "MSH|^~\\&|A|B|C|D|1||ADT^A01|S1|P|2.5\rPID|1||1||Müller\r".encode()
+    assert h.read_header(utf8).codec == "ascii" and "Müller" in h.decode(utf8)
+    latin = "MSH|^~\\&|A|B|C|D|1||ADT^A01|S2|P|2.5\rPID|1||1||Müller\r".encode("latin-1")
+    assert "Müller" in h.decode(latin)
+    declared = "MSH|^~\\&|A|B|C|D|1||ADT^A01|S3|P|2.5||||||ASCII\rPID|1||1||Müller\r".encode()
+    with pytest.raises(h.HL7Error) as e:
+        h.decode(declared)  # a declared charset is held to
+    assert e.value.code == 102
+
+
+def test_versions_are_table_0104():
+    for v in ("2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8", "2.8.1",
+              "2.8.2", "2.9", "2.9.1"):
+        assert h.is_hl7_version(v), v
+    for v in ("9.9", "2.0", "2.3.2", "3.0", "V2.5", "2.5.0", "25", "", "2.10"):
+        assert not h.is_hl7_version(v), v
+    raw = b"MSH|^~\\&|A|B|C|D|1||ADT^A01|V1|P| 2.5.1 ^DEU\r"
+    assert h.read_header(raw).version == "2.5.1"  # first component, blanks around it ignored
+
+
+def test_split_file():
+    one = b"MSH|^~\\&|A|B|C|D|1||ADT^A01|F1|P|2.5\r\nPID|1||1||DOE\r\n"
+    two = b"MSH|^~\\&|A|B|C|D|1||ADT^A01|F2|P|2.5\nPID|1||2||ROE\n"
+    assert h.split_file(BOM + one + b"\r\n" + BOM + two + b"\n\n") == [one, two]
+    assert h.split_file(b"\n\n" + one) == [one]
+    assert h.split_file(b"") == [] and h.split_file(BOM + b"\r\n") == []
+    assert h.split_file(b"garbage\r" + one) == [b"garbage\r", one]  # not lost: refused by the receiver
+    wide = one.decode().encode("utf-16")
+    assert h.split_file(wide) == [wide]
+    assert h.read_header(h.split_file(BOM + one)[0]).control_id == "F1"

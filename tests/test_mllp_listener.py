@@ -284,3 +284,98 @@ def test_no_phi_in_info_logs(eng, rx):
     info = [e for e in logs if e.get("log_level") != "debug"]
     assert any(e["event"] == "hl7.accepted" for e in info)
     assert "SECRETNAME" not in repr(info) and "12345" not in repr(info) and "19800101" not in repr(info)
+
+
+# -- issue 9: real senders' starts, versions and acknowledgment types -------------------------
+BOM = b"\xef\xbb\xbf"
+
+
+def test_utf8_bom_is_accepted_stripped_and_forwarded_without_it(eng, rx):
+    raw = adt("BOM1", name="Müller^Jürgen", sender="KLINIKÜ", encoding="utf-8")
+    with RawClient(*eng.address("adt")) as c:
+        ack = c.request(BOM + raw)
+    assert msa(ack, "utf-8")[1:3] == ["AA", "BOM1"]
+    assert ack.startswith(b"MSH|") and "KLINIKÜ".encode() in ack  # UTF-8, as the BOM said; no BOM back
+    assert segment(ack, "MSH", "utf-8")[4] == "KLINIKÜ"
+    assert rx.wait_for(1) == [raw]  # downstream gets the message from MSH on
+    with eng.store.engine.connect() as conn:
+        row = conn.execute(select(schema.messages.c.headers, schema.messages.c.size)).one()
+    assert row.size == len(raw) and row.headers["received_bom"] == "utf-8"
+
+
+def test_bom_and_crlf_and_leading_blank_line(eng, rx):
+    raw = adt("BOM2").replace(b"\r", b"\r\n")
+    with RawClient(*eng.address("adt")) as c:
+        assert msa(c.request(BOM + raw))[1:3] == ["AA", "BOM2"]
+        assert msa(c.request(b"\r\n" + adt("BL1")))[1:3] == ["AA", "BL1"]
+        # the same message with and without a BOM is one message: the second is a duplicate
+        assert msa(c.request(adt("BL1")))[1:3] == ["AA", "BL1"]
+    assert rx.wait_for(2) == [raw, adt("BL1")]
+    time.sleep(0.3)
+    assert message_count(eng) == 2
+
+
+def test_bom_contradicting_msh18_is_ae_102(eng):
+    latin = adt("BOM3", name="Müller", charset="8859/1", encoding="latin-1")
+    with RawClient(*eng.address("adt")) as c:
+        ack = c.request(BOM + latin)
+        assert msa(ack, "latin-1")[1:3] == ["AE", "BOM3"]
+        err = segment(ack, "ERR", "latin-1")
+        assert err[2] == "MSH^1^18" and err[3].startswith("102^") and "byte order mark" in err[8]
+        ascii_only = adt("BOM4", charset="8859/1")  # no byte that the two charsets read differently
+        assert msa(c.request(BOM + ascii_only))[1:3] == ["AA", "BOM4"]
+    assert message_count(eng) == 1
+
+
+def test_utf16_is_ar_with_a_reason(eng):
+    with RawClient(*eng.address("adt")) as c:
+        ack = c.request(adt("W1").decode().encode("utf-16"))
+        assert msa(ack)[1] == "AR"
+        err = segment(ack, "ERR")
+        assert err[3].startswith("103^") and "UTF-16" in err[8]
+        assert msa(c.request(adt("W2")))[1:3] == ["AA", "W2"]
+
+
+def test_no_msh18_with_utf8_below_msh_is_accepted(eng, rx):
+    raw = adt("NC1", name="Łukasz^Żółć", encoding="utf-8")
+    with RawClient(*eng.address("adt")) as c:
+        assert msa(c.request(raw))[1:3] == ["AA", "NC1"]
+    assert rx.wait_for(1) == [raw]
+
+
+@pytest.mark.parametrize("version,code,err", [
+    ("9.9", "AR", "203^"), ("3.0", "AR", "203^"), ("V2.5", "AR", "203^"), ("2.0", "AR", "203^"),
+    ("", "AE", "101^"), ("2.3", "AA", None), ("2.9.1", "AA", None), (" 2.5.1 ", "AA", None),
+])
+def test_version_must_be_hl7_v2_by_default(eng, version, code, err):
+    raw = adt("VER1").replace(b"|P|2.5", f"|P|{version}".encode())
+    with RawClient(*eng.address("adt")) as c:
+        ack = c.request(raw)
+    assert msa(ack)[1:3] == [code, "VER1"]
+    if err:
+        assert segment(ack, "ERR")[3].startswith(err) and segment(ack, "ERR")[2] == "MSH^1^12"
+        assert segment(ack, "MSH")[11] == "2.5"  # an ACK in a real version, not in the refused one
+    else:
+        assert segment(ack, "MSH")[11] == version.strip()
+
+
+def test_accept_versions_still_narrows(engine_factory, rx):
+    eng = engine_factory(config(rx.port, extra=", accept_versions: ['2.3', '2.5']"))
+    with RawClient(*eng.address("adt")) as c:
+        assert msa(c.request(adt("AN1", version="2.3")))[1] == "AA"
+        ack = c.request(adt("AN2", version="2.4"))
+        assert msa(ack)[1] == "AR" and segment(ack, "ERR")[1].startswith("MSH^1^12^203")  # v2.4: ERR-1
+        ack = c.request(adt("AN3", version="9.9"))
+        assert msa(ack)[1] == "AR" and segment(ack, "ERR")[3].startswith("203^")
+
+
+@pytest.mark.parametrize("msh15,msh16,answer", [
+    ("XX", "AL", ("CE", "103^")), ("AL", "MAYBE", ("CE", "103^")), ("al", "ne", ("CA", None)),
+    (" AL", "NE", ("CA", None)),
+])
+def test_acknowledgment_types_are_table_0155(eng, msh15, msh16, answer):
+    with RawClient(*eng.address("adt")) as c:
+        ack = c.request(adt("AT1", msh15=msh15, msh16=msh16))
+    assert msa(ack)[1:3] == [answer[0], "AT1"]
+    if answer[1]:
+        assert segment(ack, "ERR")[3].startswith(answer[1])

@@ -89,11 +89,11 @@ def check_limits(header: Header, payload: bytes, limits: Limits) -> None:
                        f"receiver's validation limit of {limits.max_segments}", header=header)
     # The delimiters are single ASCII bytes in every charset read_header accepts.
     rep = header.delimiters.repetition.encode("latin-1")
-    if payload.count(rep) <= limits.max_repetitions:
+    if payload.count(rep) < limits.max_repetitions:  # n separators: at most n + 1 repetitions
         return
     fs = header.delimiters.field.encode("latin-1")
     for seg in payload.replace(b"\r\n", b"\r").replace(b"\n", b"\r").split(b"\r"):
-        if seg.count(rep) <= limits.max_repetitions:
+        if seg.count(rep) < limits.max_repetitions:
             continue
         name = seg[:3].decode("latin-1", "replace")
         first = 1 if name == "MSH" else 0  # MSH-1 is the separator itself: split index n is MSH-(n+1)
