@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import sys
 import threading
+import time
 from datetime import datetime
 from typing import Any, Literal
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -27,6 +29,7 @@ from engine.registry import component
 from engine.security.tls import TLSConfig, report_handshake_failure, server_context
 from listeners import dicom_ul as ul
 from listeners.dicom_contexts import STORAGE_SOP_CLASSES, VERIFICATION, add_contexts
+from listeners.dicom_provider import RequestHandler
 from listeners.dicom_qr import QueryRetrieve
 from listeners.dicom_store import StoreSCP
 from routes.dicom_scu import check_ae_title, make_raw_aware
@@ -57,11 +60,18 @@ class DicomSourceConfig(ComponentConfig):
     allow_any_calling_aet: bool = Field(False, description="accept any calling AE title (must be said explicitly)")
     tls: TLSConfig | None = Field(None, description="TLS for the listener (cert and key; ca + "
                                                     "require_client_cert for mutual TLS)")
-    max_pdu: int = Field(262144, ge=0, description="Maximum Length we announce for PDUs we receive (0 = unlimited)")
-    max_associations: int = Field(16, ge=1, description="concurrent associations")
-    acse_timeout: float = Field(30.0, gt=0, description="seconds to wait for association messages")
+    max_pdu: int = Field(262144, ge=0, description="Maximum Length we announce for P-DATA-TF PDUs we receive; "
+                         "a longer one is answered with A-ABORT unread (0 = unlimited, still at most 256 MiB)")
+    max_associations: int = Field(16, ge=1, description="concurrent associations (A-ASSOCIATE-RJ, transient, "
+                                  "local limit exceeded beyond)")
+    max_connections: int = Field(64, ge=1, description="open TCP connections, associated or not yet; one more "
+                                 "is closed at once (at least max_associations)")
+    acse_timeout: float = Field(30.0, gt=0, description="seconds from connect to a complete A-ASSOCIATE-RQ, "
+                                "TLS handshake included (ARTIM), then closed; and to wait for association messages")
     dimse_timeout: float = Field(60.0, gt=0, description="seconds to wait for DIMSE messages")
-    network_timeout: float = Field(120.0, gt=0, description="idle seconds before an association is aborted")
+    idle_timeout: float = Field(120.0, gt=0, validation_alias=AliasChoices("idle_timeout", "network_timeout"),
+                                description="seconds without a byte from the peer before an established "
+                                "association, or a PDU begun, is aborted (formerly network_timeout)")
     duplicates: Literal["keep_first", "replace"] = Field(
         "keep_first", description="a re-sent SOP Instance UID: keep_first answers success and keeps the "
         "first copy; replace files the new data set (an identical re-send is still recognised)")
@@ -91,60 +101,41 @@ class DicomSourceConfig(ComponentConfig):
     def _allow_list(self) -> DicomSourceConfig:
         if not self.calling_aets and not self.allow_any_calling_aet:
             raise ValueError("list the peers in calling_aets, or set allow_any_calling_aet: true")
+        if self.max_connections < self.max_associations:
+            raise ValueError("max_connections must be at least max_associations (every association is a "
+                             "connection)")
         return self
-
-
-def _recv_exact(sock: socket.socket, nr_bytes: int) -> bytearray:
-    """``AssociationSocket.recv`` without its 4 KiB steps: read into one buffer in place.
-
-    Same contract: returns ``nr_bytes`` bytes, or fewer when the peer closed; socket
-    errors and timeouts propagate as before. A 512 KiB instance is otherwise ~130
-    recv calls and bytearray extends in the DUL thread.
-    """
-    buf = bytearray(nr_bytes)
-    got = 0
-    with memoryview(buf) as view:
-        while got < nr_bytes:
-            n = sock.recv_into(view[got:], nr_bytes - got)
-            if not n:
-                break
-            got += n
-    if got < nr_bytes:
-        del buf[got:]
-    return buf
-
-
-def _tune_socket(event: Any) -> None:
-    """On every new connection: TCP_NODELAY (small DIMSE responses must not wait for Nagle:
-    one C-STORE-RSP per instance) and the in-place ``recv`` above."""
-    try:
-        assoc_sock = event.assoc.dul.socket
-        sock = assoc_sock.socket
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            assoc_sock.recv = lambda nr_bytes: _recv_exact(assoc_sock.socket, nr_bytes)
-    except (AttributeError, OSError):
-        pass
 
 
 FAST_SYNTAXES = frozenset((*STORAGE_SOP_CLASSES, *VERIFICATION))
 
 
 class AssociationServer(ThreadedAssociationServer):
-    """pynetdicom's server, with plain storage associations served by ``listeners.dicom_ul``.
+    """pynetdicom's server: a thread per connection, bounded by ``max_connections``.
 
-    Each connection already has its own thread here (``ThreadingMixIn``); we look at
-    its A-ASSOCIATE-RQ without consuming it and either serve it ourselves or hand the
-    untouched socket to pynetdicom.
+    The connection's thread reads the A-ASSOCIATE-RQ (``DicomListener.take_connection``)
+    and either serves the association itself (plain storage, ``listeners.dicom_ul``),
+    answers it (refused, rejected, timed out), or hands it to pynetdicom with the bytes
+    already read (``listeners.dicom_provider``).
     """
 
-    take_storage: Any = None  # set by DicomListener: (sock, address) -> handled?
-    tls_failed: Any = None  # set by DicomListener: (address, error) -> None
-    handshake_timeout: float = 30.0
+    listener: DicomListener
+    max_connections = 64
     storage_sessions: set[ul.StorageAssociation]
-    # Our associations run in these request threads; shutting the server down must not
+    # Connection threads end with their association; shutting the server down must not
     # wait for them (pynetdicom's own associations run in threads of their own).
     daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.handoff: dict[Any, bytes] = {}  # A-ASSOCIATE-RQ bytes read, by socket, for RequestHandler
+        self.open_connections = 0
+        self._count_lock = threading.Lock()
+        self._refused = _Throttle()
+        super().__init__(*args, **kwargs)
+
+    @property
+    def channel(self) -> str:
+        return self.listener.ctx.channel
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept only; the TLS handshake happens in the connection's own thread.
@@ -159,38 +150,92 @@ class AssociationServer(ThreadedAssociationServer):
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
 
-    def _handshake(self, request: Any, client_address: Any) -> bool:
-        if not isinstance(request, ssl.SSLSocket):
-            return True
-        try:
-            request.settimeout(self.handshake_timeout)
-            request.do_handshake()
-            request.settimeout(None)
-            return True
-        except (ssl.SSLError, OSError) as e:
-            if self.tls_failed is not None:
-                self.tls_failed(client_address, e)
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Count the connection, or refuse it at once (no thread, nothing read) when
+        ``max_connections`` are open; socketserver then closes it."""
+        with self._count_lock:
+            if self.open_connections < self.max_connections:
+                self.open_connections += 1
+                return True
+        if not isinstance(request, ssl.SSLSocket):  # a requestor that already sent its RQ learns why
             try:
-                request.close()
+                request.send(ul.reject_pdu(0x02, 0x03, 0x02), socket.MSG_DONTWAIT)
             except OSError:
                 pass
-            return False
+        suppressed = self._refused.hit()
+        if suppressed is not None:
+            log.warning("dicom.connection_refused", channel=self.channel, peer=_addr(client_address),
+                        reason="max_connections reached", limit=self.max_connections, also_refused=suppressed)
+        return False
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        if not self._handshake(request, client_address):
-            return
         try:
-            if self.take_storage is not None and self.take_storage(request, client_address):
-                return
+            if self.listener.take_connection(request, client_address):
+                super().process_request_thread(request, client_address)
         except Exception as e:  # never a traceback on the console or to the peer
-            log.error("dicom.association_failed", error=type(e).__name__, detail=str(e)[:200])
+            log.error("dicom.association_failed", channel=self.channel, error=type(e).__name__,
+                      detail=str(e)[:200])
             try:
                 request.close()
             except OSError:
                 pass
-            return
-        super().process_request_thread(request, client_address)
+        finally:
+            self.handoff.pop(request, None)
+            with self._count_lock:
+                self.open_connections -= 1
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """socketserver would print a traceback to stderr; a log line instead."""
+        e = sys.exc_info()[1]
+        log.error("dicom.association_failed", channel=self.channel, peer=_addr(client_address),
+                  error=type(e).__name__, detail=str(e)[:200])
+
+
+def _addr(address: Any) -> str:
+    try:
+        return f"{address[0]}:{address[1]}"
+    except (TypeError, IndexError):
+        return str(address)
+
+
+def _send_quietly(sock: socket.socket, pdu: bytes) -> None:
+    try:
+        sock.sendall(pdu)
+    except OSError:
+        pass
+
+
+def _close(sock: socket.socket) -> bool:
+    """Close a connection we are done with (False: nothing for pynetdicom)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+    return False
+
+
+class _Throttle:
+    """One log line per ``every`` seconds for a flood (refused connections), with the count
+    of those not logged; ``hit`` returns that count when a line is due, else None."""
+
+    def __init__(self, every: float = 5.0) -> None:
+        self.every = every
+        self.last = -every
+        self.quiet = 0
+        self.lock = threading.Lock()
+
+    def hit(self) -> int | None:
+        now = time.monotonic()
+        with self.lock:
+            if now - self.last >= self.every:
+                self.last, quiet, self.quiet = now, self.quiet, 0
+                return quiet
+            self.quiet += 1
+            return None
 
 
 class ListenerAE(AE):
@@ -221,7 +266,7 @@ class DicomListener:
         ae.maximum_associations = c.max_associations
         ae.acse_timeout = c.acse_timeout
         ae.dimse_timeout = c.dimse_timeout
-        ae.network_timeout = c.network_timeout
+        ae.network_timeout = c.idle_timeout
         ae.require_called_aet = True
         ae.require_calling_aet = [] if c.allow_any_calling_aet else list(c.calling_aets)
         add_contexts(ae, query_retrieve=c.query_retrieve, worklist=c.worklist)
@@ -239,7 +284,6 @@ class DicomListener:
         out: list[tuple[Any, Any]] = [
             (evt.EVT_C_ECHO, lambda event: 0x0000),
             (evt.EVT_C_STORE, store),
-            (evt.EVT_CONN_OPEN, _tune_socket),
             (evt.EVT_ACCEPTED, self._accepted),
             (evt.EVT_REJECTED, self._rejected),
             (evt.EVT_ABORTED, self._aborted),
@@ -274,7 +318,13 @@ class DicomListener:
         self.accepted(*self._peer(event))
 
     def _rejected(self, event: Any) -> None:
-        self.rejected(*self._peer(event))
+        """pynetdicom's own rejections (AE titles were checked before the hand-off)."""
+        aet, peer = self._peer(event)
+        rq = event.assoc.requestor.primitive
+        called = str(rq.called_ae_title).strip() if rq is not None else None
+        identity = getattr(event.assoc.requestor, "user_identity", None) is not None
+        self.rejected(aet, peer, "user identity not accepted" if identity else "association limit reached",
+                      called_aet=called)
 
     def _aborted(self, event: Any) -> None:
         self.ended(*self._peer(event), "aborted")
@@ -282,10 +332,12 @@ class DicomListener:
     def accepted(self, aet: str, peer: str) -> None:
         log.info("dicom.association_accepted", channel=self.ctx.channel, calling_aet=aet, peer=peer)
 
-    def rejected(self, aet: str, peer: str) -> None:
-        log.warning("dicom.association_rejected", channel=self.ctx.channel, calling_aet=aet, peer=peer)
+    def rejected(self, aet: str, peer: str, reason: str, called_aet: str | None = None) -> None:
+        """A-ASSOCIATE-RJ sent: which AE title was wrong (or which limit), logged and audited."""
+        log.warning("dicom.association_rejected", channel=self.ctx.channel, calling_aet=aet,
+                    called_aet=called_aet, peer=peer, reason=reason)
         self.ctx.audit.record("dicom.association", outcome="failure", actor=aet, peer=peer,
-                              channel=self.ctx.channel, detail="A-ASSOCIATE-RJ")
+                              channel=self.ctx.channel, detail=f"A-ASSOCIATE-RJ: {reason}")
 
     def tls_failed(self, address: Any, error: BaseException) -> None:
         report_handshake_failure(self.ctx.audit, "dicom", self.ctx.channel, address, error)
@@ -294,45 +346,89 @@ class DicomListener:
         if how == "aborted":
             log.info("dicom.association_aborted", channel=self.ctx.channel, calling_aet=aet, peer=peer)
 
-    # -- plain storage associations on listeners.dicom_ul --------------------------
-    def take_storage(self, sock: socket.socket, address: tuple[str, int]) -> bool:
-        """Serve the connection here if it is a plain storage association pynetdicom would
-        accept; False leaves the socket untouched for pynetdicom."""
+    # -- each connection, in its own thread ----------------------------------------
+    def rejection(self, rq: Any) -> tuple[int, str] | None:
+        """(A-ASSOCIATE-RJ diagnostic, reason) for AE titles we do not accept (PS3.8 9.3.4,
+        service-user source); the called AE title first, as pynetdicom orders them."""
+        c = self.config
+        if str(rq.called_ae_title).strip() != c.ae_title:
+            return 0x07, "called AE title not recognised"
+        if not c.allow_any_calling_aet and str(rq.calling_ae_title).strip() not in c.calling_aets:
+            return 0x03, "calling AE title not recognised"
+        return None
+
+    def take_connection(self, sock: socket.socket, address: tuple[str, int]) -> bool:
+        """Read the A-ASSOCIATE-RQ within ``acse_timeout`` of the connect (TLS handshake
+        included) and deal with the connection: True hands it to pynetdicom (with the RQ
+        bytes in ``server.handoff``), False means it was served or answered here and is closed."""
         c, server = self.config, self.server
-        if c.tls is not None or self._store is None or server is None:
+        peer = _addr(address)
+        deadline = time.monotonic() + c.acse_timeout
+        if isinstance(sock, ssl.SSLSocket) and not self._handshake(sock, address, deadline):
             return False
-        before = sock.gettimeout()
         try:
-            data = ul.peek_pdu(sock, c.acse_timeout)
-        except ul.PeekTimeout:
-            log.info("dicom.association_timeout", channel=self.ctx.channel, peer=f"{address[0]}:{address[1]}")
-            sock.close()
+            data = ul.read_request(sock, deadline)
+        except ul.ArtimExpired:
+            log.info("dicom.association_timeout", channel=self.ctx.channel, peer=peer, seconds=c.acse_timeout)
+            return _close(sock)
+        except ul.Refused as r:
+            log.warning("dicom.protocol_error", channel=self.ctx.channel, peer=peer, detail=str(r))
+            if r.answer:
+                _send_quietly(sock, r.answer)
+            return _close(sock)
+        except OSError:
+            return _close(sock)
+        if data is None:
+            return _close(sock)
+        rq = ul.decode_rq(bytes(data))
+        if rq is not None:
+            refused = self.rejection(rq)
+            if refused is not None:
+                _send_quietly(sock, ul.reject_pdu(0x01, 0x01, refused[0]))
+                self.rejected(str(rq.calling_ae_title).strip(), peer, refused[1],
+                              called_aet=str(rq.called_ae_title).strip())
+                return _close(sock)
+            if (c.tls is None and self._store is not None and server is not None
+                    and ul.is_plain_storage(rq, FAST_SYNTAXES)):
+                self._serve_storage(sock, address, rq)
+                return False
+        # pynetdicom's (or malformed: pynetdicom answers it); its reads wait idle_timeout at most
+        sock.settimeout(c.idle_timeout)
+        assert server is not None
+        server.handoff[sock] = bytes(data)
+        return True
+
+    def _handshake(self, sock: ssl.SSLSocket, address: Any, deadline: float) -> bool:
+        try:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            sock.do_handshake()
             return True
-        sock.settimeout(before)
-        rq = ul.decode_rq(data) if data is not None else None
-        if rq is None or not ul.is_plain_storage(rq, FAST_SYNTAXES):
+        except (ssl.SSLError, OSError) as e:
+            self.tls_failed(address, e)
+            _close(sock)
             return False
-        calling, called = str(rq.calling_ae_title).strip(), str(rq.called_ae_title).strip()
-        if called != c.ae_title or not (c.allow_any_calling_aet or calling in c.calling_aets):
-            return False  # pynetdicom sends the A-ASSOCIATE-RJ (and we audit it there)
+
+    def _serve_storage(self, sock: socket.socket, address: tuple[str, int], rq: Any) -> None:
+        """A plain storage association, on ``listeners.dicom_ul`` in this thread."""
+        c, server = self.config, self.server
+        assert self._store is not None and server is not None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         hooks = ul.Hooks(store=self._store.handle, accepted=self.accepted, rejected=self.rejected,
                          ended=self.ended)
         session = ul.StorageAssociation(sock, address, rq, contexts=self.ae.supported_contexts,
-                                        max_pdu=c.max_pdu, network_timeout=c.network_timeout, hooks=hooks)
+                                        max_pdu=c.max_pdu, idle_timeout=c.idle_timeout, hooks=hooks)
         with self._sessions_lock:
             acceptors = [a for a in self.ae.active_associations if a.is_acceptor]
             full = len(acceptors) >= c.max_associations
             if not full:
                 server.storage_sessions.add(session)
-        if full:
-            session.reject(0x02, 0x03, 0x02)  # rejected-transient, local limit exceeded (PS3.8 9.3.4)
-            return True
+        if full:  # rejected-transient, local limit exceeded (PS3.8 9.3.4)
+            session.reject(0x02, 0x03, 0x02, "association limit reached")
+            return
         try:
-            session.run(len(data or b""))
+            session.run()
         finally:
             server.storage_sessions.discard(session)
-        return True
 
     # -- Listener protocol ------------------------------------------------
     async def start(self) -> None:
@@ -343,11 +439,10 @@ class DicomListener:
     def _serve(self, address: tuple[str, int], ssl_ctx: Any) -> AssociationServer:
         """``AE.start_server(block=False)`` with our server class (pynetdicom's own steps)."""
         server = self.ae.make_server(address, evt_handlers=self.handlers(), ssl_context=ssl_ctx,
-                                     server_class=AssociationServer)
+                                     server_class=AssociationServer, request_handler=RequestHandler)
         server.storage_sessions = self.ae.storage_sessions
-        server.take_storage = self.take_storage
-        server.tls_failed = self.tls_failed
-        server.handshake_timeout = self.config.acse_timeout
+        server.listener = self
+        server.max_connections = self.config.max_connections
         stamp = datetime.now().strftime("%Y%m%d%H%M%S")
         threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{stamp}", daemon=True).start()
         self.ae._servers.append(server)

@@ -9,7 +9,6 @@ become file names (the blob store names files after a hash of each blob's nonce 
 from __future__ import annotations
 
 import hashlib
-import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,20 +22,13 @@ from sqlalchemy import Connection
 from engine.envelope import Envelope, new_id
 from engine.intake import Duplicate, Outcome
 from engine.store.dicom import index as idx
-from listeners.dicom_dimse import ui_value
+from listeners.dicom_dimse import ui_value, valid_uid
 from listeners.dicom_status import STORE
 
 if TYPE_CHECKING:
     from engine.context import ComponentContext
 
 log = structlog.get_logger()
-
-UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
-
-
-def valid_uid(value: Any) -> bool:
-    """PS3.5 9.1: digits and dots, at most 64 characters (leading zeros tolerated, as peers send them)."""
-    return isinstance(value, str) and 0 < len(value) <= 64 and UID_RE.fullmatch(value) is not None
 
 
 @dataclass(frozen=True)

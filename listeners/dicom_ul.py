@@ -12,8 +12,14 @@ reject) stays with pynetdicom, which also does all the decoding and encoding of
 association PDUs for us here: we only parse P-DATA-TF here and the few command
 elements of C-STORE and C-ECHO (``listeners/dicom_dimse.py``) ourselves.
 
-The split is decided on the A-ASSOCIATE-RQ read with ``MSG_PEEK``: nothing is
-consumed until we know who handles the association.
+The split is decided on the A-ASSOCIATE-RQ, which the connection's thread reads
+(``read_request``) within the ARTIM time (``acse_timeout``); an association that is
+pynetdicom's gets the bytes already read replayed (``listeners/dicom_provider.py``).
+
+Every length a peer declares is checked before anything is read for it (``pdu_limit``):
+an A-ASSOCIATE-RQ longer than ``ASSOCIATE_RQ_MAX`` or a P-DATA-TF longer than the
+Maximum Length we announced is answered with A-ABORT unread, and buffers grow only
+as bytes arrive, so a six-byte header cannot make the engine allocate gigabytes.
 """
 
 from __future__ import annotations
@@ -42,23 +48,34 @@ from listeners.dicom_dimse import (
     C_ECHO_RQ,
     C_ECHO_RSP,
     C_STORE_RQ,
-    C_STORE_RSP,
+    COMMAND_FIELD,
+    DATA_SET_TYPE,
+    INVALID_PARAMETER,
+    MAX_COMMAND,
+    MESSAGE_ID,
     NO_DATA_SET,
+    UNEXPECTED_PDU,
+    StoreRefusal,
+    check_store_rq,
     decode_command,
     encode_response,
+    store_response,
     ui,
     us,
 )
-from listeners.dicom_status import STORE
-from listeners.dicom_store import StoreRequest, part10, valid_uid
+from listeners.dicom_store import StoreRequest, part10
 
 log = structlog.get_logger()
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 A_ASSOCIATE_RQ_PDU, P_DATA_TF, A_RELEASE_RQ, A_ABORT = 0x01, 0x04, 0x05, 0x07
-# A-ABORT reasons (PS3.8 9.3.8): service provider source with these diagnostics
-UNEXPECTED_PDU, INVALID_PARAMETER = 0x02, 0x06
-HARD_PDU_CAP = 1 << 28  # with max_pdu 0 ("unlimited") a PDU length still cannot allocate more than this
+UNRECOGNISED_PDU = 0x01  # A-ABORT reason (PS3.8 9.3.8); UNEXPECTED_PDU, INVALID_PARAMETER from dicom_dimse
+HARD_PDU_CAP = 1 << 28  # with max_pdu 0 ("unlimited") a P-DATA-TF still cannot be longer than this
+# An A-ASSOCIATE-RQ with all 128 presentation contexts, each proposing ~28 transfer syntaxes of
+# 64-character UIDs, plus a full user information item, fits; what real SCUs send is < 40 KiB.
+ASSOCIATE_RQ_MAX = 256 * 1024
+FIXED_PDU_LENGTH = 4  # A-ASSOCIATE-RJ, A-RELEASE-RQ/RP and A-ABORT are always 4 bytes long (PS3.8 9.3)
+GROW_STEP = 1 << 20  # a buffer for a longer PDU starts at this and grows as its bytes arrive
 
 # The user information items a plain storage SCU sends; anything else is pynetdicom's.
 PLAIN_ITEMS = (MaximumLengthNotification, ImplementationClassUIDNotification,
@@ -67,38 +84,97 @@ PLAIN_ITEMS = (MaximumLengthNotification, ImplementationClassUIDNotification,
 
 # -- the A-ASSOCIATE-RQ, read without consuming it ------------------------------
 
-class PeekTimeout(Exception):
+class ArtimExpired(Exception):
     """No complete A-ASSOCIATE-RQ within the ACSE timeout: the connection is closed (the
     ARTIM expiry of PS3.8 9.2.3), not handed on to wait a second timeout."""
 
 
-def peek_pdu(sock: socket.socket, timeout: float) -> bytes | None:
-    """The first PDU on a new connection, still in the socket's receive queue; None if it
-    is not an A-ASSOCIATE-RQ of sane size (pynetdicom answers those)."""
-    deadline = time.monotonic() + timeout
-    want = 6
-    sock.settimeout(timeout)
-    try:
-        while True:
-            data = sock.recv(want, socket.MSG_PEEK | socket.MSG_WAITALL)
-            if not data:
-                return None
-            if len(data) >= 6 and want == 6:
-                if data[0] != A_ASSOCIATE_RQ_PDU:
-                    return None
-                want = 6 + int.from_bytes(data[2:6], "big")
-                if want > 1 << 20:
-                    return None
-                continue
-            if len(data) >= want:
-                return data
-            if time.monotonic() > deadline:
-                raise PeekTimeout
-            time.sleep(0.001)  # only while the RQ is split across segments
-    except TimeoutError:
-        raise PeekTimeout from None
-    except OSError:
+class Refused(Exception):
+    """The first PDU is not one we read on: ``answer`` (an A-ABORT, or nothing) goes back and
+    the connection is closed (PS3.8 9.2, state Sta2: AA-1 / AA-2)."""
+
+    def __init__(self, answer: bytes, detail: str) -> None:
+        super().__init__(detail)
+        self.answer = answer
+
+
+def pdu_limit(kind: int, max_pdu: int) -> int:
+    """The longest PDU body (after the 6-byte header) we read of each type; a longer one is
+    refused from its header. P-DATA-TF: the Maximum Length we announce (PS3.8 D.1)."""
+    if kind in (0x01, 0x02):
+        return ASSOCIATE_RQ_MAX
+    if kind == P_DATA_TF:
+        return max_pdu or HARD_PDU_CAP
+    return FIXED_PDU_LENGTH
+
+
+def read_request(sock: socket.socket, deadline: float) -> bytearray | None:
+    """The A-ASSOCIATE-RQ that opens a connection, header included, read (consumed) by
+    blocking reads that end at ``deadline`` (monotonic) at the latest; None when the peer
+    closed first. Raises ArtimExpired, or Refused for any other first PDU or an oversized one.
+    """
+    head = recv_until(sock, 6, deadline)
+    if len(head) < 6:
         return None
+    kind, length = head[0], int.from_bytes(head[2:6], "big")
+    if kind != A_ASSOCIATE_RQ_PDU:
+        if kind == A_ABORT:
+            raise Refused(b"", "A-ABORT before association")
+        reason = UNEXPECTED_PDU if 0x02 <= kind <= 0x07 else UNRECOGNISED_PDU
+        raise Refused(abort_pdu(0x02, reason), f"PDU type 0x{kind:02x} before association")
+    if length > ASSOCIATE_RQ_MAX:
+        raise Refused(abort_pdu(0x02, INVALID_PARAMETER),
+                      f"A-ASSOCIATE-RQ of {length} bytes, limit {ASSOCIATE_RQ_MAX}")
+    body = recv_until(sock, length, deadline)
+    if len(body) < length:
+        return None
+    head += body
+    return head
+
+
+def recv_until(sock: socket.socket, n: int, deadline: float) -> bytearray:
+    """``n`` bytes (fewer if the peer closes), each read waiting no later than ``deadline``."""
+    buf = bytearray()
+    while len(buf) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ArtimExpired
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(min(n - len(buf), 65536))
+        except TimeoutError:
+            raise ArtimExpired from None
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytearray:
+    """``n`` bytes read in place (fewer if the peer closed): one buffer, no 4 KiB steps.
+
+    Up to ``GROW_STEP`` the buffer is allocated at once (every PDU within the default
+    Maximum Length: no copy); a longer one grows as its bytes arrive, so a declared
+    length the peer never sends costs nothing.
+    """
+    buf = bytearray(min(n, GROW_STEP))
+    view = memoryview(buf)
+    got = 0
+    try:
+        while got < n:
+            if got == len(buf):  # only past GROW_STEP: double, never beyond n
+                view.release()
+                buf.extend(bytes(min(n - got, len(buf))))
+                view = memoryview(buf)
+            k = sock.recv_into(view[got:], len(buf) - got)
+            if not k:
+                break
+            got += k
+    finally:
+        view.release()
+    if got < len(buf):
+        del buf[got:]
+    return buf
 
 
 def decode_rq(data: bytes) -> A_ASSOCIATE | None:
@@ -187,7 +263,7 @@ class Hooks:
 
     store: Callable[[StoreRequest], tuple[int, str | None]]
     accepted: Callable[[str, str], None]
-    rejected: Callable[[str, str], None]
+    rejected: Callable[[str, str, str], None]  # calling AET, peer, reason
     ended: Callable[[str, str, str], None]  # calling AET, peer, how: released | aborted | closed
 
 
@@ -197,13 +273,13 @@ class StorageAssociation:
     is_acceptor = True  # counted by pynetdicom's AE.active_associations with its own
 
     def __init__(self, sock: socket.socket, address: tuple[str, int], rq: A_ASSOCIATE, *,
-                 contexts: list[PresentationContext], max_pdu: int, network_timeout: float,
+                 contexts: list[PresentationContext], max_pdu: int, idle_timeout: float,
                  hooks: Hooks) -> None:
         self.sock = sock
         self.rq = rq
         self.contexts = contexts
         self.max_pdu = max_pdu
-        self.network_timeout = network_timeout
+        self.idle_timeout = idle_timeout
         self.hooks = hooks
         self.calling_aet = str(rq.calling_ae_title).strip()
         self.peer = f"{address[0]}:{address[1]}"
@@ -222,13 +298,13 @@ class StorageAssociation:
     def unbind(self, *args: Any) -> None:
         pass
 
-    def reject(self, result: int, source: int, diagnostic: int) -> None:
+    def reject(self, result: int, source: int, diagnostic: int, reason: str) -> None:
         self._send_quietly(reject_pdu(result, source, diagnostic))
-        self.hooks.rejected(self.calling_aet, self.peer)
+        self.hooks.rejected(self.calling_aet, self.peer, reason)
         self._close()
 
-    def run(self, rq_length: int) -> None:
-        self._read_exact(rq_length)  # consume the A-ASSOCIATE-RQ we decoded from the peek
+    def run(self) -> None:
+        """Accept (the A-ASSOCIATE-RQ was read by ``read_request``), then serve until the end."""
         results, _ = negotiate_as_acceptor(self.rq.presentation_context_definition_list, self.contexts)
         self.accepted = {int(cx.context_id): cx for cx in results if cx.result == 0x00}
         self.sock.sendall(accept_pdu(self.rq, results, self.max_pdu))
@@ -240,8 +316,10 @@ class StorageAssociation:
             log.warning("dicom.protocol_error", calling_aet=self.calling_aet, peer=self.peer, detail=str(e))
             self._send_quietly(abort_pdu(0x02, e.reason))
             how = "aborted"
-        except (OSError, ConnectionError) as e:  # peer vanished or idle past network_timeout
+        except (OSError, ConnectionError) as e:  # peer vanished or idle past idle_timeout
             if isinstance(e, TimeoutError):
+                log.info("dicom.association_idle", calling_aet=self.calling_aet, peer=self.peer,
+                         seconds=self.idle_timeout)
                 self._send_quietly(abort_pdu(0x02, 0x00))
             how = "aborted"
         finally:
@@ -249,11 +327,15 @@ class StorageAssociation:
             self.hooks.ended(self.calling_aet, self.peer, how)
 
     def _serve(self) -> str:
-        self.sock.settimeout(self.network_timeout)
+        """Read PDUs until release, abort or close. Each length is checked against ``pdu_limit``
+        before its bytes are read; each read waits at most ``idle_timeout``."""
+        self.sock.settimeout(self.idle_timeout)
         limit = self.max_pdu or HARD_PDU_CAP
         command: list[Any] = []
+        command_len = 0
         data: list[Any] = []
         cmd: dict[int, bytes] | None = None
+        refusal: StoreRefusal | None = None
         cmd_cx = 0
         while True:
             head = self._read_exact(6, eof_ok=True)
@@ -269,25 +351,26 @@ class StorageAssociation:
                         if not control & 0x01:
                             raise ProtocolError(UNEXPECTED_PDU, "data set fragment before its command")
                         command.append(value)
+                        command_len += len(value)
+                        if command_len > MAX_COMMAND:
+                            raise ProtocolError(INVALID_PARAMETER, f"command set longer than {MAX_COMMAND} bytes")
                         cmd_cx = cx_id
                         if control & 0x02:
-                            try:
-                                cmd = decode_command(b"".join(command))
-                            except ValueError as e:
-                                raise ProtocolError(INVALID_PARAMETER, str(e)) from None
-                            command = []
-                            if us(cmd, 0x00000800) == NO_DATA_SET:
-                                self._dispatch(cmd, cmd_cx, [])
+                            cmd, refusal = self._command(b"".join(command), cmd_cx)
+                            command, command_len = [], 0
+                            if us(cmd, DATA_SET_TYPE) == NO_DATA_SET:
+                                self._dispatch(cmd, cmd_cx, [], None)
                                 cmd = None
                     else:
                         if control & 0x01 or cx_id != cmd_cx:
                             raise ProtocolError(UNEXPECTED_PDU, "command fragment inside a data set")
-                        data.append(value)
+                        if refusal is None:  # a refused instance's data set is read past, not kept
+                            data.append(value)
                         if control & 0x02:
-                            self._dispatch(cmd, cmd_cx, data)
-                            cmd, data = None, []
+                            self._dispatch(cmd, cmd_cx, data, refusal)
+                            cmd, data, refusal = None, [], None
             elif kind == A_RELEASE_RQ:
-                if length != 4:  # fixed size (PS3.8 9.3.6); never allocate what a peer announces
+                if length != FIXED_PDU_LENGTH:  # never allocate what a peer announces (PS3.8 9.3.6)
                     raise ProtocolError(INVALID_PARAMETER, f"A-RELEASE-RQ of {length} bytes")
                 self._read_exact(length)
                 self.sock.sendall(RELEASE_RP)
@@ -296,6 +379,19 @@ class StorageAssociation:
                 return "aborted"
             else:
                 raise ProtocolError(UNEXPECTED_PDU, f"PDU type 0x{kind:02x} on an established association")
+
+    def _command(self, encoded: bytes, cx_id: int) -> tuple[dict[int, bytes], StoreRefusal | None]:
+        """A complete command set, decoded; a C-STORE-RQ gets the shared check of both paths."""
+        try:
+            cmd = decode_command(encoded)
+        except ValueError as e:
+            raise ProtocolError(INVALID_PARAMETER, str(e)) from None
+        refusal = None
+        if us(cmd, COMMAND_FIELD) == C_STORE_RQ:
+            refusal = check_store_rq(cmd, str(self.accepted[cx_id].abstract_syntax))
+            if refusal is not None and refusal.abort:
+                raise ProtocolError(refusal.abort, refusal.detail)
+        return cmd, refusal
 
     def _pdvs(self, body: bytearray) -> list[tuple[int, int, memoryview]]:
         out = []
@@ -314,30 +410,24 @@ class StorageAssociation:
             pos += 4 + item_len
         return out
 
-    def _dispatch(self, cmd: dict[int, bytes], cx_id: int, data: list[Any]) -> None:
-        field, msg_id = us(cmd, 0x00000100), us(cmd, 0x00000110)
+    def _dispatch(self, cmd: dict[int, bytes], cx_id: int, data: list[Any], refusal: StoreRefusal | None) -> None:
+        field, msg_id = us(cmd, COMMAND_FIELD), us(cmd, MESSAGE_ID)
         if field == C_CANCEL_RQ:  # nothing to cancel: a C-STORE is answered before the next request
             return
         if msg_id is None:
             raise ProtocolError(INVALID_PARAMETER, "command without Message ID")
         cx = self.accepted[cx_id]
-        sop_class = ui(cmd, 0x00000002)
         if field == C_ECHO_RQ:
-            rsp = encode_response(C_ECHO_RSP, msg_id, sop_class or str(cx.abstract_syntax), 0x0000)
-        elif field == C_STORE_RQ and data:
-            sop_uid = ui(cmd, 0x00001000)
-            status, comment = self._store(cx, sop_class, sop_uid, data)
-            rsp = encode_response(C_STORE_RSP, msg_id, sop_class, status, sop_uid=sop_uid, comment=comment)
+            rsp = encode_response(C_ECHO_RSP, msg_id, ui(cmd, 0x00000002) or str(cx.abstract_syntax), 0x0000)
+        elif field == C_STORE_RQ:
+            status, comment = (refusal.status, refusal.detail) if refusal is not None else self._store(cx, cmd, data)
+            rsp = store_response(cmd, status, comment)
         else:
             raise ProtocolError(UNEXPECTED_PDU, f"command 0x{field or 0:04x} on a storage association")
         self.sock.sendall(pdata_pdus(cx_id, rsp, self.peer_max))
 
-    def _store(self, cx: PresentationContext, sop_class: str, sop_uid: str,
-               data: list[Any]) -> tuple[int, str | None]:
-        if not valid_uid(sop_class) or not valid_uid(sop_uid):
-            return STORE["mismatch"].code, "invalid Affected SOP Class/Instance UID"
-        if sop_class != str(cx.abstract_syntax):
-            return STORE["mismatch"].code, "Affected SOP Class UID differs from the presentation context"
+    def _store(self, cx: PresentationContext, cmd: dict[int, bytes], data: list[Any]) -> tuple[int, str | None]:
+        sop_class, sop_uid = ui(cmd, 0x00000002), ui(cmd, 0x00001000)
         ts = str(cx.transfer_syntax[0])
         blob, meta_end = part10(sop_class, sop_uid, ts, data)
         req = StoreRequest(sop_class=sop_class, sop_uid=sop_uid, transfer_syntax=ts,
@@ -347,16 +437,11 @@ class StorageAssociation:
 
     # -- socket helpers --------------------------------------------------------------
     def _read_exact(self, n: int, *, eof_ok: bool = False) -> bytearray | None:
-        buf = bytearray(n)
-        got = 0
-        with memoryview(buf) as view:
-            while got < n:
-                k = self.sock.recv_into(view[got:], n - got)
-                if not k:
-                    if eof_ok and got == 0:
-                        return None
-                    raise ConnectionError("peer closed the connection mid-PDU")
-                got += k
+        buf = recv_exact(self.sock, n)
+        if len(buf) < n:
+            if eof_ok and not buf:
+                return None
+            raise ConnectionError("peer closed the connection mid-PDU")
         return buf
 
     def _send_quietly(self, pdu: bytes) -> None:

@@ -172,7 +172,7 @@ def test_association_limit_counts_both_paths(engine_factory):
     with e.store.engine.connect() as conn:
         rows = conn.execute(select(schema.audit_events.c.detail)
                             .where(schema.audit_events.c.action == "dicom.association")).all()
-    assert ("A-ASSOCIATE-RJ",) in rows
+    assert ("A-ASSOCIATE-RJ: association limit reached",) in rows
 
 
 def test_silent_connection_is_closed_after_the_acse_timeout(engine_factory):

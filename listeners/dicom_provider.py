@@ -1,0 +1,270 @@
+"""pynetdicom's side of the listener: every association that is not plain storage.
+
+pynetdicom 3.0's acceptor reads a PDU as ``recv(6)`` and then ``recv(declared
+length)``, whatever the length; and its DIMSE layer drops a C-STORE-RQ with an empty
+Affected SOP Instance UID without answering (the peer waits until its own timeout)
+and aborts on one longer than 64 characters, where medrelay's Upper Layer answers
+0xA900. Three adapters, installed per association by ``RequestHandler``; nothing
+else of pynetdicom is changed:
+
+- ``BoundedSocket`` replays the A-ASSOCIATE-RQ that the connection's thread already
+  read (``dicom_ul.read_request``), checks every PDU header against
+  ``dicom_ul.pdu_limit`` before reading the body (a longer one gets A-ABORT and the
+  connection closes, nothing allocated), reads bodies in place (no 4 KiB steps), and
+  bounds a stalled read by the idle timeout.
+- ``StoreCommandGuard`` runs ``dicom_dimse.check_store_rq``, the check of the plain
+  path, on every C-STORE-RQ before pynetdicom's DIMSE layer sees it, and answers a
+  refused one with the same bytes as ``dicom_ul``.
+- ``RequestHandler.handle`` waits for its association to end, so the connection
+  counts against ``max_connections`` for as long as it is open.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from pynetdicom import evt
+from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.transport import AssociationSocket
+from pynetdicom.transport import RequestHandler as _PynetdicomHandler
+
+from listeners.dicom_dimse import (
+    C_STORE_RQ,
+    COMMAND_FIELD,
+    DATA_SET_TYPE,
+    INVALID_PARAMETER,
+    MAX_COMMAND,
+    NO_DATA_SET,
+    UNEXPECTED_PDU,
+    check_store_rq,
+    decode_command,
+    store_response,
+    us,
+)
+from listeners.dicom_ul import abort_pdu, pdu_limit, recv_exact
+
+log = structlog.get_logger()
+
+KNOWN_PDUS = range(0x01, 0x08)  # pynetdicom reads a body only for these (others: Evt19 from the header)
+
+
+def _peer(assoc: Any) -> tuple[str, str]:
+    r = assoc.requestor
+    return str(r.ae_title or "").strip(), f"{r.address}:{r.port}"
+
+
+class BoundedSocket(AssociationSocket):
+    """pynetdicom's AssociationSocket with the PDU length limits of ``dicom_ul``.
+
+    Installed on the socket pynetdicom made (``__class__`` is swapped rather than a
+    second AssociationSocket made, which would queue a second Evt5 in the DUL).
+    """
+
+    _prefix: bytes
+    _pos: int
+    _max_pdu: int
+    _header_next: bool
+    _channel: str
+
+    def bound(self, prefix: bytes, *, max_pdu: int, channel: str) -> None:
+        self._prefix, self._pos = prefix, 0
+        self._max_pdu = max_pdu
+        self._header_next = True
+        self._channel = channel
+
+    @property
+    def ready(self) -> bool:
+        if self._pos < len(self._prefix):
+            return True
+        return bool(super().ready)
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """The DUL reads a header (6 bytes), then, for a known PDU type, its body."""
+        if not self._header_next:
+            self._header_next = True
+            return self._read(nr_bytes)
+        head = self._read(nr_bytes)
+        if len(head) == 6 and head[0] in KNOWN_PDUS:
+            kind, length = head[0], int.from_bytes(head[2:6], "big")
+            limit = pdu_limit(kind, self._max_pdu)
+            if length > limit:
+                self._refuse(f"PDU type 0x{kind:02x} of {length} bytes, limit {limit}")
+                return bytearray()  # the DUL sees the connection closed (Evt17)
+            self._header_next = False
+        return head
+
+    def _read(self, n: int) -> bytearray:
+        out = bytearray()
+        if self._pos < len(self._prefix):  # the A-ASSOCIATE-RQ read before the hand-off
+            out += self._prefix[self._pos:self._pos + n]
+            self._pos += len(out)
+            if self._pos >= len(self._prefix):
+                self._prefix, self._pos = b"", 0
+            if len(out) == n:
+                return out
+        sock = self.socket
+        if sock is None:
+            return out
+        try:
+            rest = recv_exact(sock, n - len(out))
+        except TimeoutError:  # a PDU begun and not finished within the idle timeout
+            self._refuse("PDU not completed within the idle timeout", reason=0x00)
+            return bytearray()
+        if not out:
+            return rest
+        out += rest
+        return out
+
+    def _refuse(self, detail: str, reason: int = INVALID_PARAMETER) -> None:
+        calling, peer = _peer(self.assoc)
+        log.warning("dicom.protocol_error", channel=self._channel, calling_aet=calling, peer=peer, detail=detail)
+        sock = self.socket
+        if sock is not None:
+            try:
+                sock.sendall(abort_pdu(0x02, reason))
+            except OSError:
+                pass
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class StoreCommandGuard:
+    """Wraps ``assoc.dimse.receive_primitive`` (called in the DUL thread for every P-DATA).
+
+    Command fragments are held until the command set is complete (a few hundred bytes);
+    a C-STORE-RQ that ``check_store_rq`` refuses never reaches pynetdicom: its data set
+    is read past and the response goes out through the DUL's own queue. Everything else,
+    data set fragments included, is forwarded as it came.
+    """
+
+    def __init__(self, assoc: Any, forward: Callable[[P_DATA], None], channel: str) -> None:
+        self.assoc = assoc
+        self.forward = forward
+        self.channel = channel
+        self.held: list[Any] = []
+        self.held_len = 0
+        self.skipping: tuple[int, bytes] | None = None  # (context, response) of a refused C-STORE
+        self.expect_data = False  # a forwarded command's data set is on its way
+        self.dead = False
+
+    def __call__(self, primitive: P_DATA) -> None:
+        if self.dead:
+            return
+        out: list[Any] = []
+        changed = False
+        for item in primitive.presentation_data_value_list:
+            value = item[1]
+            control = value[0] if value else 0
+            if self.skipping is not None:
+                changed = True
+                if control & 0x01:
+                    self._abort(UNEXPECTED_PDU, "command fragment inside a data set")
+                    return
+                if control & 0x02:
+                    self._reply(*self.skipping)
+                    self.skipping = None
+                continue
+            if not control & 0x01:
+                if self.held or not self.expect_data:
+                    self._abort(UNEXPECTED_PDU, "data set fragment before its command")
+                    return
+                if control & 0x02:
+                    self.expect_data = False
+                out.append(item)  # a data set fragment of a forwarded command: pynetdicom's
+                continue
+            changed = True
+            self.held.append(item)
+            self.held_len += len(value) - 1
+            if self.held_len > MAX_COMMAND:
+                self._abort(INVALID_PARAMETER, f"command set longer than {MAX_COMMAND} bytes")
+                return
+            if control & 0x02:  # the last fragment of the command set
+                held, self.held, self.held_len = self.held, [], 0
+                verdict = self._check(held)
+                if verdict == "aborted":
+                    return
+                if verdict == "forward":
+                    out.extend(held)
+        if not changed:
+            self.forward(primitive)
+        elif out:
+            rest = P_DATA()
+            rest.presentation_data_value_list = [[int(i[0]), bytes(i[1])] for i in out]  # bytes: no copy
+            self.forward(rest)
+
+    def _check(self, held: list[Any]) -> str:
+        cx_id = held[-1][0]
+        try:
+            cmd = decode_command(b"".join(bytes(v[1][1:]) for v in held))
+        except ValueError as e:
+            self._abort(INVALID_PARAMETER, str(e))
+            return "aborted"
+        if us(cmd, COMMAND_FIELD) != C_STORE_RQ:
+            self.expect_data = us(cmd, DATA_SET_TYPE) != NO_DATA_SET
+            return "forward"
+        cx = self.assoc._accepted_cx.get(cx_id)  # pynetdicom 3.0: accepted contexts by ID
+        if cx is None:
+            self._abort(INVALID_PARAMETER, f"presentation context {cx_id} was not accepted")
+            return "aborted"
+        refusal = check_store_rq(cmd, str(cx.abstract_syntax))
+        if refusal is None:
+            self.expect_data = True  # check_store_rq passes only a C-STORE-RQ with a data set
+            return "forward"
+        if refusal.abort:
+            self._abort(refusal.abort, refusal.detail)
+            return "aborted"
+        self.skipping = (cx_id, store_response(cmd, refusal.status, refusal.detail))
+        return "refused"
+
+    def _reply(self, cx_id: int, rsp: bytes) -> None:
+        """The C-STORE-RSP as P-DATA primitives for the DUL to send, within the peer's Maximum Length."""
+        peer_max = int(self.assoc.requestor.maximum_length or 0)
+        room = len(rsp) if peer_max == 0 else max(1, peer_max - 6)
+        for start in range(0, len(rsp), room):
+            chunk = rsp[start:start + room]
+            control = 0x03 if start + room >= len(rsp) else 0x01
+            p = P_DATA()
+            p.presentation_data_value_list = [[cx_id, bytes((control,)) + chunk]]
+            self.assoc.dul.send_pdu(p)
+
+    def _abort(self, reason: int, detail: str) -> None:
+        """The A-ABORT of ``dicom_ul`` (service provider, ``reason``), then the connection closes."""
+        self.dead = True
+        calling, peer = _peer(self.assoc)
+        log.warning("dicom.protocol_error", channel=self.channel, calling_aet=calling, peer=peer, detail=detail)
+        sock = self.assoc.dul.socket
+        if sock is not None and sock.socket is not None:
+            try:
+                sock.socket.sendall(abort_pdu(0x02, reason))
+            except OSError:
+                pass
+            sock.close()
+
+
+class RequestHandler(_PynetdicomHandler):
+    """pynetdicom's handler with the adapters above; the server provides ``handoff`` (the
+    A-ASSOCIATE-RQ bytes already read, by socket) and ``channel``."""
+
+    server: Any
+
+    def handle(self) -> None:
+        assoc = self._create_association()
+        sock = assoc.dul.socket
+        sock.__class__ = BoundedSocket
+        sock.bound(self.server.handoff.pop(self.request, b""), max_pdu=self.ae.maximum_pdu_size,
+                   channel=self.server.channel)
+        try:
+            sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # one small RSP per instance
+        except (AttributeError, OSError):
+            pass
+        assoc.dimse.receive_primitive = StoreCommandGuard(assoc, assoc.dimse.receive_primitive,
+                                                          self.server.channel)
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+        assoc.join()
+
