@@ -23,6 +23,7 @@ from engine.context import ComponentContext
 from engine.registry import component
 from engine.security.tls import PausedAccept, TLSConfig, report_handshake_failure, server_context, upgrade
 from listeners.fhir_app import FhirApi
+from listeners.fhir_http import HttpLimits, protocol_class
 
 log = structlog.get_logger()
 
@@ -55,7 +56,43 @@ class FhirSourceConfig(ComponentConfig):
                            description="path prefix of the FHIR base URL, e.g. /fhir")
     auth: FhirAuth = Field(description="`{bearer_tokens: [\"${API_TOKEN}\"]}` or `{open: true}`; required")
     tls: TLSConfig | None = Field(None, description="serve HTTPS with these cert/key (BCP 195 settings)")
-    max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description="larger request bodies get 413")
+    max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description=(
+        "largest request body; a larger declared Content-Length gets 413 before any byte is read, a "
+        "streamed body gets 413 as soon as it passes the limit"))
+    body_budget_bytes: int = Field(64 * 1024 * 1024, gt=0, description=(
+        "request bodies held in memory at once, all connections together (each reserves its "
+        "Content-Length, or max_body_bytes when chunked); a request that does not fit waits up to "
+        "body_timeout/2, then gets 503 with Retry-After. At least max_body_bytes"))
+    max_json_depth: int = Field(64, ge=4, le=150, description=(
+        "deepest nesting of JSON objects/arrays in a body, checked before parsing; deeper gets 400"))
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description=(
+        "largest request head (request line and header fields); larger gets 431"))
+    max_header_count: int = Field(100, ge=8, description="most header fields in a request; more gets 431")
+    max_url_bytes: int = Field(8 * 1024, ge=256, description=(
+        "longest request target (path and query string); longer gets 414 (or 431 past max_header_bytes)"))
+    max_connections: int = Field(200, ge=1, description=(
+        "open connections at once (TLS ones counted from accept); more are answered 503 with "
+        "Retry-After (TLS: closed before the handshake)"))
+    idle_timeout: float = Field(5.0, gt=0, description=(
+        "seconds a connection may stay open with no request in progress (after accept, the TLS "
+        "handshake or a response) before it is closed"))
+    header_timeout: float = Field(10.0, gt=0, description=(
+        "seconds from the first byte of a request to the end of its head; slower gets 408 and is closed"))
+    body_timeout: float = Field(60.0, gt=0, description=(
+        "seconds from the end of the head to the end of the body; slower gets 408 and is closed"))
+    handshake_timeout: float = Field(10.0, gt=0, description="seconds a TLS handshake may take (HTTPS only)")
+
+    @model_validator(mode="after")
+    def _budget_fits_a_body(self) -> FhirSourceConfig:
+        if self.body_budget_bytes < self.max_body_bytes:
+            raise ValueError("body_budget_bytes must be at least max_body_bytes")
+        return self
+
+    def http_limits(self, channel: str) -> HttpLimits:
+        return HttpLimits(max_header_bytes=self.max_header_bytes, max_header_count=self.max_header_count,
+                          max_url_bytes=self.max_url_bytes, idle_timeout=self.idle_timeout,
+                          header_timeout=self.header_timeout, body_timeout=self.body_timeout,
+                          max_connections=self.max_connections, channel=channel)
 
 
 class _Server(uvicorn.Server):
@@ -75,39 +112,57 @@ class FhirListener:
         self._task: asyncio.Task[None] | None = None
 
     def _uvicorn_config(self) -> uvicorn.Config:
+        """uvicorn on our h11 protocol subclass (listeners.fhir_http: limits and timeouts), also
+        when httptools is installed, so the limits never depend on what else is in the venv."""
         tls = self.config.tls
-        http: Any = "auto"
+        http: type[asyncio.Protocol] = protocol_class(self.config.http_limits(self.ctx.channel))
         if tls is not None:  # the context is built now: fail at start, not on the first handshake
-            http = self._tls_http_protocol(server_context(tls))
+            http = self._tls_http_protocol(server_context(tls), http)
         return uvicorn.Config(
             self.api.app(), host=self.config.host, port=self.config.port, log_config=None,
             access_log=False,  # request lines carry search values (identifiers): never logged
             lifespan="off", server_header=False, proxy_headers=False, timeout_graceful_shutdown=5,
-            http=http,
+            http=http, ws="none", timeout_keep_alive=self.config.idle_timeout,  # type: ignore[arg-type]
+            h11_max_incomplete_event_size=self.config.max_header_bytes,
         )
 
-    def _tls_http_protocol(self, context: ssl.SSLContext) -> type[asyncio.Protocol]:
-        """uvicorn's HTTP protocol behind our own TLS upgrade (``engine.security.tls.upgrade``).
+    def _tls_http_protocol(self, context: ssl.SSLContext, inner_class: Any) -> type[asyncio.Protocol]:
+        """Our HTTP protocol behind our own TLS upgrade (``engine.security.tls.upgrade``).
 
         Given ``ssl=``, uvicorn lets asyncio do the handshake, and asyncio reports a
         failed one only at debug level; a refused client certificate would leave no audit
         trail. So uvicorn serves plain TCP and each connection is upgraded here first;
-        its HTTP protocol sees an ordinary TLS transport (scheme https).
+        its HTTP protocol sees an ordinary TLS transport (scheme https). The connection
+        cap applies at accept, so connections over it cost no handshake; a handshake gets
+        ``handshake_timeout``; the HTTP timeouts start when it is done.
         """
-        from uvicorn.config import HTTP_PROTOCOLS
-        from uvicorn.importer import import_from_string
-
-        inner_class = import_from_string(HTTP_PROTOCOLS["auto"])
         on_failure = self._tls_failed
+        limits: HttpLimits = inner_class.limits
+        pending: set[Any] = inner_class.pending
+        handshake_timeout = self.config.handshake_timeout
 
         class TLSHttpProtocol(PausedAccept):
             def __init__(self, config: Any, server_state: Any, app_state: Any, _loop: Any = None) -> None:
-                inner = inner_class(config=config, server_state=server_state, app_state=app_state, _loop=_loop)
+                self.inner = inner_class(config=config, server_state=server_state, app_state=app_state,
+                                         _loop=_loop, admitted=True)
+                self.connections = server_state.connections
+                super().__init__(self._upgrade)
 
-                async def serve(transport: asyncio.Transport) -> None:
-                    await upgrade(transport, inner, context, handshake_timeout=30.0, on_failure=on_failure)
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                if len(self.connections) + len(pending) >= limits.max_connections:
+                    log.warning("fhir.connection_refused", channel=limits.channel, reason="max_connections",
+                                limit=limits.max_connections)
+                    transport.abort()
+                    return
+                pending.add(self)
+                super().connection_made(transport)
 
-                super().__init__(serve)
+            async def _upgrade(self, transport: asyncio.Transport) -> None:
+                try:
+                    await upgrade(transport, self.inner, context, handshake_timeout=handshake_timeout,
+                                  on_failure=on_failure)
+                finally:
+                    pending.discard(self)
 
         return TLSHttpProtocol
 

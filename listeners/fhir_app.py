@@ -10,20 +10,25 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
+import re
+import traceback
+import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import structlog
+from sqlalchemy import exc as sa_exc
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from engine.envelope import Envelope
+from engine.store.fhir import jsontext
 from engine.store.fhir.bundle import (
     Op,
     check_op,
@@ -39,6 +44,7 @@ from engine.store.fhir.params import ID_RE, READ_ONLY_TYPES, STORED_TYPES, FhirE
 from engine.store.fhir.resources import FhirStore
 from engine.store.fhir.search import history, search
 from listeners import fhir_audit
+from listeners.fhir_body import RETRY_AFTER, BodyBudget, Worker, read_body, release_body
 from listeners.fhir_bundles import (
     FHIR_JSON,
     error_response,
@@ -58,6 +64,11 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 Handler = Callable[[Request, str], Awaitable[Response]]
 JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir", "text/json")
+VERSION_RE = re.compile(r"^[0-9]{1,18}$")  # fits a 64-bit column: a longer one is simply not there
+# The store cannot be reached (database down, locked, pool exhausted; blob storage gone):
+# the client should retry, so 503 with Retry-After, not 500.
+UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, sa_exc.DisconnectionError,
+               OSError)
 
 
 def _fingerprint(token: str) -> str:
@@ -74,6 +85,8 @@ class FhirApi:
         self.prefix = config.base_path.rstrip("/")
         self._tokens = [_fingerprint(t) for t in config.auth.bearer_tokens]
         self.capability = capability_statement(auth_open=config.auth.open)
+        self.budget = BodyBudget(config.body_budget_bytes)
+        self.worker = Worker()
 
     # -- plumbing ----------------------------------------------------------
     def app(self) -> Starlette:
@@ -90,7 +103,8 @@ class FhirApi:
         ]
         if p:
             routes.insert(1, Route(p, self._wrap(self.system), methods=["POST"]))
-        return Starlette(routes=routes, exception_handlers={HTTPException: self._http_error})
+        return Starlette(routes=routes, exception_handlers={HTTPException: self._http_error,
+                                                            Exception: self._unexpected})
 
     async def _http_error(self, request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 500)
@@ -99,8 +113,28 @@ class FhirApi:
         headers = dict(getattr(exc, "headers", None) or {})
         return error_response(FhirError(status, code, text, headers=headers))
 
+    async def _unexpected(self, request: Request, exc: Exception) -> Response:
+        """Starlette's last resort (outside any endpoint): still an OperationOutcome."""
+        return self._internal_error(exc)
+
+    def _internal_error(self, e: BaseException) -> Response:
+        """500 with an incident id the operator finds in the log; the client learns nothing else.
+
+        The log names the exception type and where it was raised, not its text (which may
+        quote client data); the traceback is logged at debug level.
+        """
+        incident = uuid.uuid4().hex[:12]
+        frames = traceback.extract_tb(e.__traceback__)
+        where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+        log.error("fhir.internal_error", channel=self.ctx.channel, incident=incident, error=type(e).__name__,
+                  where=where)
+        log.debug("fhir.internal_error_detail", incident=incident, exc_info=e)
+        return error_response(FhirError(500, "exception", f"internal error (incident {incident}); "
+                                                          "the server log has the details"))
+
     def _wrap(self, fn: Handler, *, public: bool = False) -> Callable[[Request], Awaitable[Response]]:
-        """The one error boundary: FhirError -> OperationOutcome, anything else -> 500, no traceback."""
+        """The one error boundary: FhirError -> its OperationOutcome, the store unreachable -> 503
+        with Retry-After, anything else -> 500 with an incident id, never a traceback."""
 
         async def endpoint(request: Request) -> Response:
             try:
@@ -109,10 +143,17 @@ class FhirApi:
                 return await fn(request, actor)
             except FhirError as e:
                 return error_response(e)
+            except ClientDisconnect:  # gone (or timed out by listeners.fhir_http): nobody to answer
+                log.info("fhir.client_disconnected", channel=self.ctx.channel)
+                return Response(status_code=400)
+            except UNAVAILABLE as e:
+                log.warning("fhir.store_unavailable", channel=self.ctx.channel, error=type(e).__name__)
+                return error_response(FhirError(503, "transient", "the store is unavailable; retry later",
+                                                headers={"Retry-After": RETRY_AFTER}))
             except Exception as e:
-                log.error("fhir.internal_error", channel=self.ctx.channel, error=type(e).__name__)
-                log.debug("fhir.internal_error_detail", exc_info=True)
-                return error_response(FhirError(500, "exception", "internal error; see the server log"))
+                return self._internal_error(e)
+            finally:
+                await release_body(request, self.budget)
 
         return endpoint
 
@@ -164,27 +205,18 @@ class FhirApi:
         return rid
 
     async def _json(self, request: Request) -> tuple[bytes, Any]:
+        """The body parsed (listeners.fhir_body: bounded, off the loop; engine.store.fhir.jsontext:
+        UTF-8, nesting depth, surrogates)."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype and ctype not in JSON_TYPES:
             raise FhirError(415, "not-supported", "send application/fhir+json")
         body = await self._body(request)
-        try:
-            return body, json.loads(body)
-        except ValueError:
-            raise FhirError(400, "invalid", "the body is not valid JSON") from None
+        depth = self.config.max_json_depth
+        return body, await self.worker.run(len(body), lambda: jsontext.loads(body, max_depth=depth))
 
     async def _body(self, request: Request) -> bytes:
-        limit = self.config.max_body_bytes
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > limit:
-            raise FhirError(413, "too-costly", f"body larger than {limit} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise FhirError(413, "too-costly", f"body larger than {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await read_body(request, limit=self.config.max_body_bytes, budget=self.budget,
+                               wait=self.config.body_timeout / 2)
 
     @staticmethod
     def _prefer(request: Request, key: str) -> str | None:
@@ -237,8 +269,8 @@ class FhirApi:
         rtype, rid, vid = self._type(request), self._id(request), request.path_params["vid"]
         if rtype == "AuditEvent":
             raise FhirError(405, "not-supported", "AuditEvent has no versions")
-        if not vid.isdigit():
-            raise FhirError(404, "not-found", "version ids are numbers")
+        if not VERSION_RE.match(vid):
+            raise FhirError(404, "not-found", f"{rtype}/{rid} has no such version (version ids are numbers)")
 
         def work() -> Response:
             with self.ctx.store.engine.connect() as conn:
@@ -252,7 +284,9 @@ class FhirApi:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype not in ("", "application/x-www-form-urlencoded"):
             raise FhirError(415, "not-supported", "POST _search takes application/x-www-form-urlencoded")
-        form = parse_qsl((await self._body(request)).decode("utf-8", "replace"), keep_blank_values=True)
+        body = await self._body(request)
+        form = await self.worker.run(len(body), lambda: parse_qsl(body.decode("utf-8", "replace"),
+                                                                   keep_blank_values=True))
         params = [*request.query_params.multi_items(), *form]
         return await self._search(request, actor, params)
 
@@ -332,13 +366,12 @@ class FhirApi:
         return await self._write(request, actor, Op("DELETE", rtype, rid), b"")
 
     async def _write(self, request: Request, actor: str, op: Op, raw: bytes) -> Response:
-        check_op(op)
-
         def pre() -> Any:
+            check_op(op)  # validation: CPU, so off the loop like the database check
             with self.ctx.store.engine.connect() as conn:
                 return precheck(self.fs, conn, op)
 
-        done = await run_in_threadpool(pre)
+        done = await self.worker.run(len(raw), pre)
         if done is None:
             interaction = {"POST": "create", "PUT": "update", "DELETE": "delete"}[op.method]
             headers = {"resourceType": op.type, "interaction": interaction}
@@ -368,18 +401,19 @@ class FhirApi:
         raw, bundle = await self._json(request)
         btype, entries = parse_bundle(bundle)
         if btype == "transaction":
-            ops = [op_from_entry(e) for e in entries]
+            ops: list[Op] = []
 
             def dry_run() -> None:
+                ops.extend(op_from_entry(e, i) for i, e in enumerate(entries))
                 with self.ctx.store.engine.connect() as conn:
                     prepare(self.fs, conn, ops)
 
-            await run_in_threadpool(dry_run)
+            await self.worker.run(len(raw), dry_run)
 
             def apply(conn: Any, mid: str) -> Any:
                 return run_transaction(self.fs, conn, ops, message_id=mid)
         else:
-            parsed = parse_batch(entries)
+            parsed = await self.worker.run(len(raw), lambda: parse_batch(entries))
 
             def apply(conn: Any, mid: str) -> Any:
                 return run_batch(self.fs, conn, parsed, message_id=mid)
@@ -395,7 +429,7 @@ class FhirApi:
         """Hand the write to the intake; the store change commits with the message or not at all."""
         intake = self.ctx.intake
         if intake is None:
-            raise FhirError(503, "transient", "this listener has no intake")
+            raise FhirError(503, "transient", "this listener has no intake", headers={"Retry-After": RETRY_AFTER})
         failure: dict[str, FhirError] = {}
         peer = self._peer(request)
         action = f"fhir.{headers['interaction']}"
@@ -422,7 +456,8 @@ class FhirApi:
             raise failure["error"]
         log.error("fhir.not_stored", channel=self.ctx.channel, message_id=env.id, status=outcome.status,
                   error=outcome.error)
-        raise FhirError(503, "transient", "the request could not be stored; retry later")
+        raise FhirError(503, "transient", "the request could not be stored; retry later",
+                        headers={"Retry-After": RETRY_AFTER})
 
 
 __all__ = ["FHIR_JSON", "FhirApi"]

@@ -7,6 +7,7 @@ REST API. Search: ``_id``, ``date`` (recorded), ``subtype`` (the medrelay action
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sqlalchemy import Connection, and_, func, or_, select
@@ -20,6 +21,12 @@ from engine.store.fhir.search import DEFAULT_COUNT, MAX_COUNT, date_clause
 ACTION_SYSTEM = "https://medrelay.dev/fhir/CodeSystem/audit-action"
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 AUDIT_PARAMS = {"_id": "token", "date": "date", "subtype": "token"}
+_ROW_ID = re.compile(r"^[0-9]{1,18}$")  # ASCII digits that fit the 64-bit id column ("²".isdigit() is true)
+
+
+def _row_id(value: str) -> int | None:
+    """An audit row id, or None for anything that cannot be one (never an OverflowError in SQL)."""
+    return int(value) if _ROW_ID.match(value) else None
 
 
 def _coding(code: Code) -> dict[str, str]:
@@ -78,7 +85,8 @@ def to_resource(row: Any) -> dict[str, Any]:
 
 def read(conn: Connection, rid: str) -> dict[str, Any]:
     a = schema.audit_events
-    row = conn.execute(select(a).where(a.c.id == int(rid))).mappings().first() if rid.isdigit() else None
+    row_id = _row_id(rid)
+    row = conn.execute(select(a).where(a.c.id == row_id)).mappings().first() if row_id is not None else None
     if row is None:
         raise FhirError(404, "not-found", f"AuditEvent/{rid} is not known")
     return to_resource(row)
@@ -93,16 +101,22 @@ def search(conn: Connection, params: list[tuple[str, str]], *, strict: bool = Fa
     count, before = DEFAULT_COUNT, None
     for name, value in params:
         if name == "_count":
-            count = min(max(int(value), 0), MAX_COUNT) if value.isdigit() else DEFAULT_COUNT
+            n = _row_id(value)
+            if n is None:
+                raise FhirError(400, "invalid", "_count must be a non-negative integer")
+            count = min(n, MAX_COUNT)
         elif name == "_cursor":
-            before = int(value) if value.isdigit() else None
+            before = _row_id(value)
+            if before is None:
+                raise FhirError(400, "invalid", "_cursor is not one this server issued")
         elif name == "_id":
-            cond.append(a.c.id.in_([int(v) for v in value.split(",") if v.isdigit()]))
+            ids = [_row_id(v) for v in value.split(",") if v]
+            cond.append(a.c.id.in_([i for i in ids if i is not None]))
         elif name == "date":
             cond.append(or_(*(date_clause(a.c.at, a.c.at + 0.001, v) for v in value.split(",") if v)))
         elif name == "subtype":
             cond.append(a.c.action.in_([v.rpartition("|")[2] for v in value.split(",") if v]))
-        elif strict and not name.startswith("_"):
+        elif strict and name not in ("_format", "_pretty"):  # _sort, _include, date:missing...: refused too
             raise FhirError(400, "not-supported", f"search parameter {name} is not supported on AuditEvent")
         else:
             continue

@@ -10,13 +10,14 @@ that fails leaves nothing behind.
 
 from __future__ import annotations
 
-import json
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
 from sqlalchemy import Connection
 
+from engine.store.fhir import jsontext, structure
 from engine.store.fhir.params import ID_RE, STORED_TYPES, FhirError, operation_outcome, validate_resource
 from engine.store.fhir.resources import FhirStore, Written
 from engine.store.fhir.search import find
@@ -26,6 +27,8 @@ PROCESSING_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "GET": 3}
 REASONS = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 404: "Not Found",
            405: "Method Not Allowed", 409: "Conflict", 410: "Gone", 412: "Precondition Failed",
            422: "Unprocessable Entity"}
+VERSION_RE = re.compile(r"^[0-9]{1,18}$")  # a 64-bit column holds it
+PAYLOAD_MAX_DEPTH = 150  # `store` destination payloads come from our own transforms; this only keeps them parseable
 
 
 @dataclass
@@ -84,25 +87,60 @@ def parse_url(url: str) -> tuple[str, str | None, int | None, list[tuple[str, st
         raise FhirError(400, "invalid", "id must match [A-Za-z0-9-.]{1,64}")
     version = None
     if len(parts) == 4:
-        if not parts[3].isdigit():
-            raise FhirError(400, "invalid", "version id must be a number")
+        if not VERSION_RE.match(parts[3]):
+            raise FhirError(400, "invalid", "version id must be a number of at most 18 digits")
         version = int(parts[3])
     return parts[0], rid, version, q
 
 
-def op_from_entry(entry: Any) -> Op:
-    if not isinstance(entry, dict) or not isinstance(entry.get("request"), dict):
-        raise FhirError(400, "invalid", "every entry needs a request")
-    req = entry["request"]
+def op_from_entry(entry: Any, index: int = 0) -> Op:
+    """One Bundle entry as an Op; every error names the entry (``Bundle.entry[2].request.url``).
+
+    The entry's own elements are checked against the R4 table first (request.ifNoneExist
+    a string, request.method a code of http-verb, ...), so nothing below meets a value of
+    the wrong JSON type.
+    """
+    where = f"Bundle.entry[{index}]"
+    problems = structure.check(entry, "Bundle.entry", path=where, into_resources=False)
+    if problems:
+        raise FhirError(400, problems[0].code, f"{where} is not valid", issues=[p.as_dict() for p in problems])
+    req = entry.get("request")
+    if not isinstance(req, dict):
+        raise FhirError(400, "required", f"{where}.request is missing",
+                        issues=[_issue("required", f"{where}.request: every entry needs a request",
+                                       f"{where}.request")])
     method = str(req.get("method") or "").upper()
     if method not in PROCESSING_ORDER:
         raise FhirError(405 if method in ("PATCH", "HEAD") else 400, "not-supported",
-                        f"request.method {method or '(missing)'} is not supported")
-    rtype, rid, version, query = parse_url(str(req.get("url") or ""))
-    op = Op(method, rtype, rid, query, entry.get("resource"), req.get("ifMatch"), req.get("ifNoneExist"),
-            entry.get("fullUrl"), version)
-    check_op(op)
+                        f"{where}.request.method {method or '(missing)'} is not supported")
+    try:
+        rtype, rid, version, query = parse_url(str(req.get("url") or ""))
+        op = Op(method, rtype, rid, query, entry.get("resource"), req.get("ifMatch"), req.get("ifNoneExist"),
+                entry.get("fullUrl"), version)
+        check_op(op)
+    except FhirError as e:
+        raise _at_entry(e, where) from None
     return op
+
+
+def _issue(code: str, diagnostics: str, expression: str) -> dict[str, Any]:
+    return {"severity": "error", "code": code, "diagnostics": diagnostics, "expression": [expression]}
+
+
+def _at_entry(e: FhirError, where: str) -> FhirError:
+    """The error of one entry's resource, with its FHIRPaths rooted at the entry
+    (``Observation.status`` -> ``Bundle.entry[1].resource.status``)."""
+    if not e.issues:
+        e.diagnostics = f"{where}: {e.diagnostics}"
+        return e
+    for issue in e.issues:
+        exprs = issue.get("expression") or []
+        fixed = [f"{where}.resource" + x[x.index("."):] if "." in x else f"{where}.resource" for x in exprs]
+        issue["expression"] = fixed
+        text = str(issue.get("diagnostics", ""))
+        if exprs and text.startswith(exprs[0]):
+            issue["diagnostics"] = fixed[0] + text[len(exprs[0]):]
+    return e
 
 
 def check_op(op: Op) -> None:
@@ -278,9 +316,9 @@ def run_transaction(fs: FhirStore, conn: Connection, ops: list[Op], *, message_i
 def parse_batch(entries: list[Any]) -> list[Op | FhirError]:
     """Parse and validate batch entries up front; a bad entry becomes its own error."""
     out: list[Op | FhirError] = []
-    for entry in entries:
+    for i, entry in enumerate(entries):
         try:
-            out.append(op_from_entry(entry))
+            out.append(op_from_entry(entry, i))
         except FhirError as e:
             out.append(e)
     return out
@@ -294,11 +332,11 @@ def run_batch(fs: FhirStore, conn: Connection, entries: list[Any], *, message_id
     """
     results = []
     no_refs = _resolver(fs, conn, {})
-    for entry in entries:
+    for i, entry in enumerate(entries):
         try:
             if isinstance(entry, FhirError):
                 raise entry
-            op = entry if isinstance(entry, Op) else op_from_entry(entry)
+            op = entry if isinstance(entry, Op) else op_from_entry(entry, i)
             plan = _plan(fs, conn, op)
             if op.resource is not None and plan.matched is None:
                 plan.resource = _rewrite(op.resource, no_refs)
@@ -325,16 +363,13 @@ def apply_bundle(fs: FhirStore, conn: Connection, bundle: Any, *, message_id: st
     btype, entries = parse_bundle(bundle)
     if btype == "batch":
         return btype, run_batch(fs, conn, entries, message_id=message_id)
-    ops = [op_from_entry(e) for e in entries]
+    ops = [op_from_entry(e, i) for i, e in enumerate(entries)]
     return btype, run_transaction(fs, conn, ops, message_id=message_id)
 
 
 def apply_payload(fs: FhirStore, conn: Connection, payload: bytes, *, message_id: str | None = None) -> str:
     """The `store` destination: a transaction/batch Bundle, or one resource (PUT if it has an id)."""
-    try:
-        doc = json.loads(payload)
-    except ValueError:
-        raise FhirError(400, "invalid", "payload is not JSON") from None
+    doc = jsontext.loads(payload, max_depth=PAYLOAD_MAX_DEPTH)
     if isinstance(doc, dict) and doc.get("resourceType") == "Bundle" and doc.get("type") in ("transaction",
                                                                                             "batch"):
         btype, results = apply_bundle(fs, conn, doc, message_id=message_id)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Literal
 
+from engine.store.fhir import structure
+
 FHIR_VERSION = "4.0.1"
 ParamType = Literal["token", "reference", "date"]
 UNBOUNDED_LOW = -1.0e15
@@ -31,24 +33,37 @@ class FhirError(Exception):
     """A FHIR-level failure that becomes an OperationOutcome with an HTTP status.
 
     ``str()`` deliberately omits the diagnostics: the intake logs the exception text
-    of a failed tx_hook, and diagnostics may quote client data.
+    of a failed tx_hook, and diagnostics may quote client data. ``issues`` (each an
+    OperationOutcome.issue with ``expression``) replace the single issue when given.
     """
 
-    def __init__(self, status: int, code: str, diagnostics: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, code: str, diagnostics: str, *, headers: dict[str, str] | None = None,
+                 issues: list[dict[str, Any]] | None = None) -> None:
         super().__init__(f"{status} {code}")
         self.status = status
         self.code = code
         self.diagnostics = diagnostics
         self.headers = headers or {}
+        self.issues = issues or []
 
     def outcome(self) -> dict[str, Any]:
         severity = "error" if self.status < 500 else "fatal"
+        if self.issues:
+            return {"resourceType": "OperationOutcome",
+                    "issue": [{**i, "diagnostics": _printable(str(i.get("diagnostics", "")))} for i in self.issues]}
         return operation_outcome(severity, self.code, self.diagnostics)
 
 
 def operation_outcome(severity: str, code: str, diagnostics: str) -> dict[str, Any]:
     return {"resourceType": "OperationOutcome",
-            "issue": [{"severity": severity, "code": code, "diagnostics": diagnostics}]}
+            "issue": [{"severity": severity, "code": code, "diagnostics": _printable(diagnostics)}]}
+
+
+def _printable(text: str, limit: int = 1000) -> str:
+    """Diagnostics that always serialise: a client's lone surrogate or megabyte-long value
+    quoted in a message must not break the error response itself."""
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -104,40 +119,75 @@ def _model_class(resource_type: str) -> Any:
 
 
 def validate_resource(resource: Any, expected_type: str | None = None) -> str:
-    """Check a resource against the fhir.resources R4B model; returns its type.
+    """Check a resource against the FHIR R4 element table (engine.store.fhir.structure:
+    JSON shapes and required bindings), then the fhir.resources R4B model; returns its type.
 
-    R4B is wire-compatible with R4 for the resources served here. Diagnostics name
-    the element path and the rule, never the offending value (it may be PHI).
+    R4B is wire-compatible with R4 for the resources served here. Each issue names the
+    element as a FHIRPath (``expression``) and the rule, never the offending value (it
+    may be PHI).
     """
     if not isinstance(resource, dict):
         raise FhirError(400, "invalid", "the body is not a JSON object")
     rtype = resource.get("resourceType")
     if not isinstance(rtype, str) or not rtype:
         raise FhirError(400, "invalid", "resourceType is missing")
+    shown = rtype if TYPE_RE.match(rtype) else "(not a resource type name)"
     if expected_type is not None and rtype != expected_type:
-        raise FhirError(400, "invalid", f"resourceType {rtype} does not match the URL type {expected_type}")
+        raise FhirError(400, "invalid", f"resourceType {shown} does not match the URL type {expected_type}")
     if rtype not in STORED_TYPES:
         raise FhirError(404 if expected_type is None else 400, "not-supported",
-                        f"resource type {rtype} is not supported for writes")
+                        f"resource type {shown} is not supported for writes")
     rid = resource.get("id")
     if rid is not None and (not isinstance(rid, str) or not ID_RE.match(rid)):
-        raise FhirError(400, "invalid", "id must match [A-Za-z0-9-.]{1,64}")
+        raise FhirError(400, "invalid", "id must match [A-Za-z0-9-.]{1,64}",
+                        issues=[_issue("invalid", f"{rtype}.id: must match [A-Za-z0-9-.]{{1,64}}", f"{rtype}.id")])
+    problems = structure.check(resource, rtype)
+    if problems:
+        raise FhirError(400, problems[0].code, f"{rtype} is not valid FHIR", issues=[p.as_dict() for p in problems])
     try:
         _model_class(rtype).model_validate(resource)
     except Exception as e:
-        raise FhirError(400, "invalid", f"{rtype} is not valid FHIR: {_describe(e)}") from None
+        issues = _describe(rtype, e)
+        raise FhirError(400, "invalid", f"{rtype} is not valid FHIR", issues=issues) from None
     return rtype
 
 
-def _describe(exc: Exception) -> str:
+TYPE_RE = re.compile(r"^[A-Z][A-Za-z]{0,63}$")
+_PY_TYPES = {"list": "an array", "dict": "an object", "str": "a string", "int": "a number", "float": "a number",
+             "bool": "a boolean", "NoneType": "null"}
+
+
+def _issue(code: str, diagnostics: str, expression: str) -> dict[str, Any]:
+    return {"severity": "error", "code": code, "diagnostics": diagnostics, "expression": [expression]}
+
+
+def _fhirpath(rtype: str, loc: tuple[Any, ...]) -> str:
+    path = rtype
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part not in ("root", "__root__"):  # fhir_core's wrapper levels, not FHIR elements
+            path += f".{part}"
+    return path
+
+
+def _message(msg: str) -> str:
+    """pydantic's text without Python type names (``<class 'list'>``) or its ``Value error,`` prefix."""
+    msg = re.sub(r"<class '(\w+)'>", lambda m: _PY_TYPES.get(m.group(1), "a value"), msg)
+    return msg.removeprefix("Value error, ")
+
+
+def _describe(rtype: str, exc: Exception) -> list[dict[str, Any]]:
     errors = getattr(exc, "errors", None)
-    if not callable(errors):
-        return type(exc).__name__
-    parts = []
-    for err in errors(include_input=False, include_url=False)[:5]:
-        loc = ".".join(str(x) for x in err.get("loc", ()))
-        parts.append(f"{loc or '(root)'}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts)
+    if not callable(errors):  # not a ValidationError: say so without naming Python's exception
+        return [_issue("invalid", f"{rtype}: the resource could not be validated (an element has a form "
+                                  f"this server cannot read)", rtype)]
+    issues = []
+    for err in errors(include_input=False, include_url=False)[:10]:
+        where = _fhirpath(rtype, tuple(err.get("loc", ())))
+        issues.append(_issue("invalid" if err.get("type") != "extra_forbidden" else "structure",
+                             f"{where}: {_message(str(err.get('msg', 'invalid')))}", where))
+    return issues or [_issue("invalid", f"{rtype}: not valid FHIR", rtype)]
 
 
 # -- value extraction ----------------------------------------------------
@@ -230,6 +280,15 @@ _DATE_RE = re.compile(
 
 
 def date_range(value: str) -> tuple[float, float]:
+    """``_date_range``, with dates at the ends of the calendar (9999-12-31T23:59:59.9999,
+    0001-01-01T00:00-05:00) a ValueError like any other date we cannot use, not an OverflowError."""
+    try:
+        return _date_range(value)
+    except OverflowError:
+        raise ValueError("date out of range") from None
+
+
+def _date_range(value: str) -> tuple[float, float]:
     """The half-open interval [low, high) of epoch seconds a FHIR date/dateTime/instant covers.
 
     ``2024`` is the whole year, ``2024-03-01`` the whole day, an instant its second

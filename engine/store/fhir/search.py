@@ -129,7 +129,9 @@ def encode_cursor(after: int, snapshot: int) -> str:
 def decode_cursor(raw: str) -> tuple[int, int]:
     try:
         after, snapshot = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-        return int(after), int(snapshot)
+        if not all(type(x) is int and 0 <= x < 2**63 for x in (after, snapshot)):
+            raise ValueError("out of range")  # a huge number would be an OverflowError in SQL
+        return after, snapshot
     except Exception:
         raise FhirError(400, "invalid", "_cursor is not one this server issued") from None
 

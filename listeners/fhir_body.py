@@ -1,0 +1,97 @@
+"""Request bodies of the FHIR listener: bounded per request and in total, parsed off the loop.
+
+Per request, ``max_body_bytes``: a declared Content-Length over it gets 413 before any
+byte is read, a streamed (chunked) body as soon as it passes it. In total, the
+``BodyBudget``: every request reserves its whole size (Content-Length, or the maximum
+when chunked) before reading, so 200 clients each sending 16 MiB cannot make the
+engine hold 3 GiB; a request that does not fit waits for others to finish, then gets
+503. Reserving the whole size at once (not chunk by chunk) means two half-read bodies
+can never wait for each other.
+
+Parsing and validating a large body takes CPU and memory (json.loads builds ~30 bytes
+of objects per byte of ``[[],[],...]``): it runs in a worker thread, never on the
+event loop that serves every other connection, and bodies over HEAVY_BYTES go one at a
+time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TypeVar
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from engine.store.fhir.params import FhirError
+
+HEAVY_BYTES = 256 * 1024
+RETRY_AFTER = "5"
+T = TypeVar("T")
+
+
+class BodyBudget:
+    """Bytes of request bodies in memory at once, shared by one listener's connections."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._changed = asyncio.Condition()
+
+    async def reserve(self, n: int, timeout: float) -> None:
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.used + n <= self.limit), timeout)
+            except TimeoutError:
+                raise FhirError(503, "transient", "the server is busy receiving other requests; retry later",
+                                headers={"Retry-After": RETRY_AFTER}) from None
+            self.used += n
+
+    async def release(self, n: int) -> None:
+        if n <= 0:
+            return
+        async with self._changed:
+            self.used -= n
+            self._changed.notify_all()
+
+
+async def read_body(request: Request, *, limit: int, budget: BodyBudget, wait: float) -> bytes:
+    """The body, within ``limit``; its reservation is released by ``release_body`` (the endpoint's
+    ``finally``), since the bytes live on while the request is parsed and stored."""
+    length = request.headers.get("content-length", "").strip()
+    if length and not (length.isascii() and length.isdigit()):
+        raise FhirError(400, "invalid", "Content-Length is not a number")
+    declared = int(length) if length else None
+    if declared is not None and declared > limit:
+        raise FhirError(413, "too-long", f"body larger than {limit} bytes")
+    want = limit if declared is None else declared
+    if want:
+        await budget.reserve(want, wait)
+        request.state.body_reserved = want
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise FhirError(413, "too-long", f"body larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def release_body(request: Request, budget: BodyBudget) -> None:
+    reserved = getattr(request.state, "body_reserved", 0)
+    if reserved:
+        request.state.body_reserved = 0
+        await budget.release(reserved)
+
+
+class Worker:
+    """Runs parsing/validation in the thread pool; bodies over HEAVY_BYTES one at a time."""
+
+    def __init__(self) -> None:
+        self._heavy = asyncio.Semaphore(1)
+
+    async def run(self, size: int, fn: Callable[[], T]) -> T:
+        if size <= HEAVY_BYTES:
+            return await run_in_threadpool(fn)
+        async with self._heavy:
+            return await run_in_threadpool(fn)

@@ -1,0 +1,220 @@
+"""HTTP/1.1 limits and timeouts of the FHIR listener, on uvicorn's h11 protocol.
+
+uvicorn bounds the size of a request head (h11's ``max_incomplete_event_size``) and
+closes a keep-alive connection that stays idle after a response, but it never times
+out a connection that has sent nothing yet, nor one that sends its headers or its body
+a byte at a time (slowloris), it has no cap on connections (``limit_concurrency``
+accepts them all and answers 503 per request), and it answers a malformed head with
+plain text. This subclass adds, for plain and TLS connections alike:
+
+- ``idle_timeout``: from accept (TLS: from the end of the handshake) and after each
+  response until the first byte of the next request;
+- ``header_timeout``: from the first byte of a request until its head is complete
+  (408);
+- ``body_timeout``: from the end of the head until the end of the body (408); when
+  the response went out before the body was read (401, 413), the rest of the body
+  is drained for at most LINGER seconds and the connection closed, so the client
+  reads the answer instead of a reset;
+- ``max_connections``: connections over the cap get 503 (TLS: closed before the
+  handshake, which is where the CPU goes);
+- head, header count and URL limits answered 431 / 414 / 400 with an
+  OperationOutcome.
+
+Closing a connection whose peer does not read uses ``abort`` (a plain ``close``
+waits for the write buffer to drain, forever if the peer never reads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+import structlog
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from engine.store.fhir.params import operation_outcome
+
+log = structlog.get_logger()
+LINGER = 2.0
+RETRY_AFTER = "5"
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """The per-listener numbers (from FhirSourceConfig)."""
+
+    max_header_bytes: int
+    max_header_count: int
+    max_url_bytes: int
+    idle_timeout: float
+    header_timeout: float
+    body_timeout: float
+    max_connections: int
+    channel: str
+
+
+def raw_response(status: int, reason: str, code: str, text: str, headers: dict[str, str] | None = None) -> bytes:
+    """A complete ``Connection: close`` response with an OperationOutcome, for the protocol
+    level, where there is no request cycle (or no longer one) to answer through."""
+    body = json.dumps(operation_outcome("error" if status < 500 else "fatal", code, text)).encode()
+    lines = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/fhir+json; charset=utf-8",
+             f"Content-Length: {len(body)}", "Connection: close",
+             *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+class _Connection(h11.Connection):
+    """h11's connection with a hook on every event it parses (limits and timers)."""
+
+    def __init__(self, owner: GuardedH11Protocol, max_incomplete_event_size: int) -> None:
+        super().__init__(h11.SERVER, max_incomplete_event_size=max_incomplete_event_size)
+        self.owner = owner
+        self.error: h11.RemoteProtocolError | None = None
+
+    def next_event(self) -> Any:
+        try:
+            return self.owner.on_event(super().next_event())
+        except h11.RemoteProtocolError as e:
+            self.error = e
+            raise
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with the limits above; ``limits`` is set by ``protocol_class``."""
+
+    limits: HttpLimits
+    pending: set[Any]  # TLS connections accepted and still in their handshake (they count too)
+
+    def __init__(self, config: Any, server_state: Any, app_state: Any, _loop: Any = None, *,
+                 admitted: bool = False) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.conn = _Connection(self, self.limits.max_header_bytes)
+        self.admitted = admitted  # TLS: the cap was checked at accept, before the handshake
+        self.header_timer: asyncio.TimerHandle | None = None
+        self.body_timer: asyncio.TimerHandle | None = None
+
+    # -- connection cap and idle timer ----------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        over = not self.admitted and len(self.connections) + len(self.pending) >= self.limits.max_connections
+        super().connection_made(transport)
+        if over:
+            log.warning("fhir.connection_refused", channel=self.limits.channel, reason="max_connections",
+                        limit=self.limits.max_connections)
+            transport.write(raw_response(503, "Service Unavailable", "transient",
+                                         "too many connections; retry later", {"Retry-After": RETRY_AFTER}))
+            transport.close()
+            return
+        self.timeout_keep_alive_task = self.loop.call_later(self.limits.idle_timeout, self.timeout_keep_alive_handler)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timers()
+        super().connection_lost(exc)
+
+    def timeout_keep_alive_handler(self) -> None:
+        if self.transport.is_closing():
+            # lost without our connection_lost (TLS: between the handshake and connection_made):
+            # it must not hold a place under max_connections for ever
+            self.connections.discard(self)
+            return
+        self._close()
+
+    # -- request head and body timers -----------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self.header_timer is None and self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.header_timer = self.loop.call_later(self.limits.header_timeout, self._header_timed_out)
+        super().data_received(data)
+
+    def on_event(self, event: Any) -> Any:
+        if isinstance(event, h11.Request):
+            self._cancel(header=True)
+            if len(event.headers) > self.limits.max_header_count:
+                raise h11.RemoteProtocolError("too many header fields", error_status_hint=431)
+            if len(event.target) > self.limits.max_url_bytes:
+                raise h11.RemoteProtocolError("request target too long", error_status_hint=414)
+            self.body_timer = self.loop.call_later(self.limits.body_timeout, self._body_timed_out)
+        elif isinstance(event, h11.EndOfMessage):
+            self._cancel(body=True)
+        return event
+
+    def _header_timed_out(self) -> None:
+        self.header_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            log.info("fhir.timeout", channel=self.limits.channel, stage="headers", peer=self._peer())
+            self._refuse(408, "Request Timeout", f"request headers not received within "
+                                                 f"{self.limits.header_timeout:g} s")
+
+    def _body_timed_out(self) -> None:
+        self.body_timer = None
+        if self.transport.is_closing():
+            return
+        log.info("fhir.timeout", channel=self.limits.channel, stage="body", peer=self._peer())
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started:
+            cycle.disconnected = True  # the handler reading the body sees a disconnect, not more bytes
+            cycle.message_event.set()
+            self._refuse(408, "Request Timeout", f"request body not received within {self.limits.body_timeout:g} s")
+        else:
+            self._close()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+            # answered before the body was read (401, 413, 415): drain a little, then close
+            self._cancel(body=True)
+            self.body_timer = self.loop.call_later(min(LINGER, self.limits.body_timeout), self._close)
+
+    # -- protocol errors --------------------------------------------------------
+    def send_400_response(self, msg: str) -> None:
+        error = self.conn.error if isinstance(self.conn, _Connection) else None
+        status = getattr(error, "error_status_hint", 400)
+        if status == 431:
+            self._refuse(431, "Request Header Fields Too Large", "request head larger than "
+                         f"{self.limits.max_header_bytes} bytes or more than {self.limits.max_header_count} fields")
+        elif status == 414:
+            self._refuse(414, "URI Too Long", f"request URL longer than {self.limits.max_url_bytes} bytes")
+        else:
+            self._refuse(400, "Bad Request", "malformed HTTP/1.1 request")
+
+    # -- helpers ------------------------------------------------------------------
+    def _refuse(self, status: int, reason: str, text: str) -> None:
+        self._cancel_timers()
+        code = {408: "timeout", 400: "invalid"}.get(status, "too-long")
+        self.transport.write(raw_response(status, reason, code, text))
+        self._close(flush=True)
+
+    def _close(self, *, flush: bool = False) -> None:
+        """Close now; wait for the write buffer only briefly (a peer that never reads must not
+        keep the connection open through a full send buffer)."""
+        self._cancel_timers()
+        if self.transport.is_closing():
+            return
+        if flush and self.transport.get_write_buffer_size():
+            self.transport.close()
+            self.loop.call_later(LINGER, self.transport.abort)
+        elif self.transport.get_write_buffer_size():
+            self.transport.abort()
+        else:
+            self.transport.close()
+
+    def _cancel(self, *, header: bool = False, body: bool = False) -> None:
+        if header and self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+        if body and self.body_timer is not None:
+            self.body_timer.cancel()
+            self.body_timer = None
+
+    def _cancel_timers(self) -> None:
+        self._cancel(header=True, body=True)
+        self._unset_keepalive_if_required()
+
+    def _peer(self) -> str:
+        return f"{self.client[0]}:{self.client[1]}" if self.client else "?"
+
+
+def protocol_class(limits: HttpLimits) -> type[GuardedH11Protocol]:
+    """A GuardedH11Protocol bound to one listener's limits (uvicorn instantiates the class)."""
+    return type("FhirH11Protocol", (GuardedH11Protocol,), {"limits": limits, "pending": set()})
