@@ -24,6 +24,7 @@ from ruamel.yaml.error import MarkedYAMLError
 from engine import registry
 from engine.audit.syslog import SyslogConfig
 from engine.ops.alerts import AlertsConfig
+from engine.ops.retention import ChannelRetention, RetentionConfig
 
 _VAR = re.compile(r"\$\$|\$\{([^}:]+)(?::-([^}]*))?\}")
 
@@ -119,6 +120,10 @@ class Settings:
         return self.model.alerts
 
     @property
+    def retention(self) -> RetentionConfig:
+        return self.model.retention
+
+    @property
     def channels(self) -> dict[str, Any]:
         return self.model.channels
 
@@ -192,6 +197,7 @@ def build_root_model() -> type[BaseModel]:
         routes=(list[route], Field(default_factory=list)),  # type: ignore[valid-type]
         dedupe_window=(float, Field(86400.0, ge=0)),
         enabled=(bool, True),
+        retention=(ChannelRetention | None, Field(None, description="prune this channel's messages after `days`")),
     )
     return create_model(
         "Settings", __config__=cfg,
@@ -201,6 +207,7 @@ def build_root_model() -> type[BaseModel]:
         log=(LogConfig, Field(default_factory=LogConfig)),
         audit=(AuditConfig, Field(default_factory=AuditConfig)),
         alerts=(AlertsConfig | None, Field(None, description="thresholds on queues and listeners, sent to a webhook")),
+        retention=(RetentionConfig, Field(default_factory=RetentionConfig, description="how the pruner runs")),
         channels=(dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], channel], ...),  # type: ignore[valid-type]
     )
 

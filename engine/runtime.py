@@ -67,6 +67,7 @@ class Runtime:
         self._lock: Any = None
         self.started = False
         self.alerts: Any = None
+        self.pruner: Any = None
 
     # -- helpers -------------------------------------------------------
     def _ctx(self, channel: str = "", route: str = "") -> ComponentContext:
@@ -144,6 +145,12 @@ class Runtime:
             self.alerts = AlertMonitor(s.alerts, self.store, routes=lambda: list(self.routes),
                                        down_channels=self._down_channels, attempts=self._attempt_counts)
             self.alerts.start()
+        limits = {name: ch.retention for name, ch in s.channels.items() if ch.retention is not None}
+        if limits:
+            from engine.ops.retention import Pruner
+
+            self.pruner = Pruner(self.store, limits, s.retention)
+            self.pruner.start()
         self.started = True
         self.audit.record("engine.start", actor="medrelay", detail=f"config {s.config_hash[:12]}")
         log.info("engine.started", channels=len(self.listeners), routes=len(self.routes),
@@ -185,6 +192,9 @@ class Runtime:
         if self.alerts is not None:
             await self.alerts.stop()
             self.alerts = None
+        if self.pruner is not None:
+            await self.pruner.stop()
+            self.pruner = None
         for cname, lst in list(self.listeners.items()):
             try:
                 await lst.stop()
