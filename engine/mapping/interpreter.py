@@ -339,17 +339,28 @@ class _Seq(Step):
             s.run(doc, scope, ctx)
 
 
+def _models(rules: Sequence[Any]) -> Sequence[Any]:
+    """Rules as models; plain mappings (tests, tools) are validated into them first."""
+    if any(isinstance(r, Mapping) for r in rules):
+        from pydantic import TypeAdapter
+
+        from engine.mapping.rules import RuleList
+
+        return TypeAdapter(RuleList).validate_python(list(rules))
+    return rules
+
+
 def check_rules(rules: Sequence[Any], kind: Kind, tables: Mapping[str, Table | None] | None) -> list[RuleError]:
     """Every problem in ``rules`` (empty when they compile); what `medrelay check` reports."""
     c = _Compiler(kind, tables)
-    c.rules(rules, (), frozenset())
+    c.rules(_models(rules), (), frozenset())
     return c.errors
 
 
 def compile_rules(rules: Sequence[Any], kind: Kind, tables: Mapping[str, Table | None] | None) -> Program:
     """The program of ``rules``; raises the first RuleError when there is one (check_rules lists all)."""
     c = _Compiler(kind, tables)
-    steps = c.rules(rules, (), frozenset())
+    steps = c.rules(_models(rules), (), frozenset())
     if c.errors:
         raise c.errors[0]
     return Program(kind, steps, needs_uid_key=c.uids)
