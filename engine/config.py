@@ -23,6 +23,8 @@ from ruamel.yaml.error import MarkedYAMLError
 
 from engine import registry
 from engine.audit.syslog import SyslogConfig
+from engine.mapping.conditions import When
+from engine.mapping.tables import TableSpec
 from engine.ops.alerts import AlertsConfig
 from engine.ops.retention import ChannelRetention, RetentionConfig
 
@@ -92,6 +94,7 @@ class Settings:
     base_dir: Path
     config_hash: str
     model: Any  # the dynamic root model instance
+    tables: dict[str, Any] = field(default_factory=dict)  # top-level `tables:`, loaded (engine/mapping/tables.py)
     raw: Any = None
     line_of: dict[tuple[Any, ...], int] = field(default_factory=dict)
 
@@ -184,7 +187,7 @@ def build_root_model() -> type[BaseModel]:
     route = create_model(
         "Route", __config__=cfg,
         name=(str, Field(..., pattern=r"^[A-Za-z0-9_.-]{1,64}$")),
-        when=(dict[str, WhenValue], Field(default_factory=dict)),
+        when=(When, Field(default_factory=dict)),
         transforms=(list[transform], Field(default_factory=list)),  # type: ignore[valid-type]
         to=(destination, ...),
         retry=(RetryConfig, Field(default_factory=RetryConfig)),
@@ -208,6 +211,8 @@ def build_root_model() -> type[BaseModel]:
         audit=(AuditConfig, Field(default_factory=AuditConfig)),
         alerts=(AlertsConfig | None, Field(None, description="thresholds on queues and listeners, sent to a webhook")),
         retention=(RetentionConfig, Field(default_factory=RetentionConfig, description="how the pruner runs")),
+        tables=(dict[str, TableSpec], Field(default_factory=dict, description="code tables for lookups "
+                "(engine/mapping/tables.py)")),
         channels=(dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], channel], ...),  # type: ignore[valid-type]
     )
 
@@ -423,11 +428,15 @@ def parse_settings(text: str, path: Path, env: dict[str, str] | None = None, *,
                                         "secrets must be references (${ENV_VAR} or ${file:path}), "
                                         "not literals in the YAML", "schema"))
         problems.extend(_topology(model, fname, lines))
+    tables = _load_tables(model, path, fname, lines, problems) if model is not None else {}
     if problems:
         raise ConfigError(problems)
-    return Settings(path=path, base_dir=path.parent.resolve(),
+    settings = Settings(path=path, base_dir=path.parent.resolve(),
                     config_hash=hashlib.sha256(text.encode()).hexdigest(), model=model, raw=data,
                     line_of=lines)
+    settings.tables = tables
+    settings.config_hash = _with_tables(settings.config_hash, tables)
+    return settings
 
 
 def _topology(model: Any, fname: str, lines: dict[tuple[Any, ...], int]) -> list[Problem]:
@@ -483,3 +492,35 @@ def load_settings(path: str | os.PathLike[str], env: dict[str, str] | None = Non
     except OSError as e:
         raise ConfigError([Problem(str(p), None, "", f"cannot read: {e.strerror}", "environment")]) from None
     return parse_settings(text, p, env, need_env=need_env)
+
+
+# -- code tables and mapping rules (engine/mapping) ---------------------------------
+def _load_tables(model: Any, path: Path, fname: str, lines: dict[tuple[Any, ...], int],
+                 problems: list[Problem]) -> dict[str, Any]:
+    """Load top-level `tables:` (relative to the YAML) and check every transform's rules against them.
+
+    A transform config with ``rule_problems(tables)`` (hl7_map, dicom_map, fhir_map, the
+    converters' code tables) returns (location inside the transform, message) errors.
+    """
+    from engine.mapping.tables import load_tables
+
+    tables, errors = load_tables(model.tables, path.parent.resolve())
+    for e in errors:
+        p = ("tables", getattr(e, "table", ""), e.attr)
+        problems.append(Problem(fname, _line_for(p, lines), dotted(p), e.message, e.phase))  # type: ignore[arg-type]
+    for cname, ch in model.channels.items():
+        for i, route in enumerate(ch.routes):
+            for j, t in enumerate(route.transforms):
+                check = getattr(t, "rule_problems", None)
+                for err in check(tables) if check is not None else ():
+                    p = ("channels", cname, "routes", i, "transforms", j, *err.loc)
+                    problems.append(Problem(fname, _line_for(p, lines), dotted(p), err.message, "schema"))
+    return tables
+
+
+def _with_tables(config_hash: str, tables: dict[str, Any]) -> str:
+    """The config hash covers the tables' content too: an edited CSV is a changed config."""
+    from engine.mapping.tables import digest
+
+    d = digest(tables)
+    return hashlib.sha256(f"{config_hash}:{d}".encode()).hexdigest() if d else config_hash

@@ -2,7 +2,8 @@
 
 Keys are HL7 positions (`MSH-9.1`, `PID-8`), DICOM keywords (`Modality`,
 `SOPClassUID`, `CallingAETitle`) or FHIR fields (`resourceType`). Every key must
-match (AND); a list matches any of its values (OR); `*` and `?` are wildcards.
+match (AND); a list matches any of its values (OR); `*` and `?` are wildcards; operators
+(`in`, `not`, `regex`, `exists`, `gt`, `before`, `any`/`all`...) as in engine/mapping/conditions.py.
 Header fields answer first, so the common case never parses the payload; a key that
 is not a header is read from the payload once, lazily.
 
@@ -12,43 +13,26 @@ deliveries a message gets.
 
 from __future__ import annotations
 
-import fnmatch
-import importlib
 import io
 import json
 from collections.abc import Mapping
-from functools import lru_cache
 from typing import Any
 
 from engine.envelope import Envelope
+from engine.mapping import conditions
 
-MISSING = object()
-
-
-@lru_cache(maxsize=4096)
-def _pattern(value: str) -> Any:
-    if any(c in value for c in "*?["):
-        return fnmatch.translate(value)
-    return None
-
-
-def value_matches(actual: Any, wanted: Any) -> bool:
-    if actual is MISSING or actual is None:
-        return False
-    if isinstance(actual, list | tuple):
-        return any(value_matches(a, wanted) for a in actual)
-    if isinstance(wanted, list | tuple):
-        return any(value_matches(actual, w) for w in wanted)
-    a, w = str(actual), str(wanted)
-    if _pattern(w) is not None:
-        return fnmatch.fnmatchcase(a, w)
-    return a == w
+# The condition language (operators, any/all/not) is engine.mapping.conditions, shared with
+# the filter transform and mapping rules; MISSING is its "no such value".
+MISSING = conditions.MISSING
+value_matches = conditions.value_matches
 
 
 def _from_payload(env: Envelope, key: str) -> Any:
-    if env.kind == "hl7v2":
-        hl7mod = importlib.import_module("engine.hl7.message")
-        return hl7mod.field(env.payload, key)
+    if env.kind == "hl7v2":  # every occurrence and repetition the key leaves open: any may match
+        from engine.mapping.hl7 import parse_hl7_path
+        from engine.mapping.reader import document_of
+
+        return document_of("hl7v2", env.payload).values(parse_hl7_path(key), {}) or MISSING
     if env.kind == "dicom":
         from pydicom import dcmread
 
@@ -80,4 +64,4 @@ def lookup(env: Envelope, key: str) -> Any:
 
 
 def matches(when: Mapping[str, Any], env: Envelope) -> bool:
-    return all(value_matches(lookup(env, key), wanted) for key, wanted in when.items())
+    return conditions.compiled(when).test(lambda key: lookup(env, key))

@@ -18,7 +18,8 @@ from conftest import ROOT
 # Lowest first. A module's layer is the longest prefix listed here.
 LAYERS: list[tuple[str, ...]] = [
     # foundation: no engine imports but each other
-    ("engine.envelope", "engine.registry", "engine.components", "engine.logging", "engine.hl7", "engine.security"),
+    ("engine.envelope", "engine.registry", "engine.components", "engine.logging", "engine.hl7", "engine.security",
+     "engine.mapping"),
     # the store: database, schema (including the feature rooms' table modules), blobs, gc, key rotation
     ("engine.store", "engine.store.dicom.tables", "engine.store.fhir.tables"),
     # the audit trail writes into the store
