@@ -63,7 +63,8 @@ class AuditConfig(_Strict):
 
 
 class LogConfig(_Strict):
-    level: Literal["debug", "info", "warning", "error"] = "info"
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="debug may show PHI; "
+                                                                 "info and above never do")
     format: Literal["auto", "json", "console"] = Field(
         "auto", description="auto: console renderer on a TTY, JSON lines otherwise")
 
@@ -72,7 +73,7 @@ class RetryConfig(_Strict):
     max_attempts: int = Field(10, ge=1, description="attempts before the delivery is dead-lettered")
     initial_delay: float = Field(1.0, gt=0, description="seconds before the first retry")
     max_delay: float = Field(300.0, gt=0, description="upper bound of the backoff")
-    multiplier: float = Field(2.0, ge=1.0)
+    multiplier: float = Field(2.0, ge=1.0, description="each retry waits this much longer (with ±20 % jitter)")
 
 
 class DebounceConfig(_Strict):
@@ -186,34 +187,37 @@ def build_root_model() -> type[BaseModel]:
     cfg = ConfigDict(extra="forbid", frozen=True)
     route = create_model(
         "Route", __config__=cfg,
-        name=(str, Field(..., pattern=r"^[A-Za-z0-9_.-]{1,64}$")),
+        name=(str, Field(..., pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="unique in its channel")),
         when=(When, Field(default_factory=dict)),
-        transforms=(list[transform], Field(default_factory=list)),  # type: ignore[valid-type]
+        transforms=(list[transform], Field(default_factory=list, description="applied in order")),  # type: ignore[valid-type]
         to=(destination, ...),
-        retry=(RetryConfig, Field(default_factory=RetryConfig)),
-        ordered=(bool, True),
-        debounce=(DebounceConfig | None, None),
+        retry=(RetryConfig, Field(default_factory=RetryConfig, description="backoff of failed deliveries")),
+        ordered=(bool, Field(True, description="a message waits while the one before it is retried")),
+        debounce=(DebounceConfig | None, Field(None, description="deliver a key's last message once it has been "
+                                               "quiet (makes the route unordered)")),
     )
     channel = create_model(
         "Channel", __config__=cfg,
         source=(source, ...),
-        routes=(list[route], Field(default_factory=list)),  # type: ignore[valid-type]
-        dedupe_window=(float, Field(86400.0, ge=0)),
-        enabled=(bool, True),
+        routes=(list[route], Field(default_factory=list, description="every matching route gets a delivery")),  # type: ignore[valid-type]
+        dedupe_window=(float, Field(86400.0, ge=0, description="seconds in which a repeated message (MSH-3/4/10, "
+                                    "FHIR conditional create) is answered with the original outcome")),
+        enabled=(bool, Field(True, description="false: the channel is not started")),
         retention=(ChannelRetention | None, Field(None, description="prune this channel's messages after `days`")),
     )
     return create_model(
         "Settings", __config__=cfg,
-        store=(StoreConfig, Field(default_factory=StoreConfig)),
-        keys=(KeysConfig, Field(default_factory=KeysConfig)),
-        metrics=(MetricsConfig, Field(default_factory=MetricsConfig)),
-        log=(LogConfig, Field(default_factory=LogConfig)),
-        audit=(AuditConfig, Field(default_factory=AuditConfig)),
+        store=(StoreConfig, Field(default_factory=StoreConfig, description="database and blob folder")),
+        keys=(KeysConfig, Field(default_factory=KeysConfig, description="the key file")),
+        metrics=(MetricsConfig, Field(default_factory=MetricsConfig, description="/metrics, /healthz, /readyz")),
+        log=(LogConfig, Field(default_factory=LogConfig, description="log level and format")),
+        audit=(AuditConfig, Field(default_factory=AuditConfig, description="audit trail export")),
         alerts=(AlertsConfig | None, Field(None, description="thresholds on queues and listeners, sent to a webhook")),
         retention=(RetentionConfig, Field(default_factory=RetentionConfig, description="how the pruner runs")),
         tables=(dict[str, TableSpec], Field(default_factory=dict, description="code tables for lookups "
                 "(engine/mapping/tables.py)")),
-        channels=(dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], channel], ...),  # type: ignore[valid-type]
+        channels=(dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], channel],  # type: ignore[valid-type]
+                  Field(..., description="name -> a source and its routes")),
     )
 
 
