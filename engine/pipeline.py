@@ -2,11 +2,19 @@
 
 One worker per (channel, route). It wakes when intake commits work for its route,
 or when the earliest retry falls due, so an idle engine does not poll the store hot.
+
+Two things bound a worker against the outside world. Every send is bounded by the
+destination's ``deadline`` (see ``RouteWorker._send``): a peer that never reads or never
+answers costs one failed attempt, retried with the route's backoff. And the store may
+fail at any step: the results of a claim are kept in memory until ``queue.settle`` has
+written them (retried with a short bounded backoff, nothing new claimed meanwhile), so a
+database outage neither loses an outcome nor leaves leases to run out after it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -24,6 +32,10 @@ log = structlog.get_logger()
 
 BATCH = 64
 IDLE_POLL = 1.0
+STORE_RETRY = (0.25, 2.0)  # seconds between store attempts while the store fails: first, most
+STORE_LOG_EVERY = 30.0  # seconds between "still unavailable" lines during one outage
+DEADLINE_GRACE = (1.0, 0.1)  # on top of a destination's deadline (at least, fraction), so its own
+# (more precise) timeout fires first and this one only catches what it missed
 
 
 @dataclass
@@ -61,6 +73,10 @@ class RouteWorker:
         self.audit = audit
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._unsettled: list[queue.Outcome] = []  # outcomes the store has not taken yet, oldest first
+        self._store_down_since: float | None = None
+        self._store_logged = 0.0
+        self._store_failures = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"route-{self.route.channel}-{self.route.name}")
@@ -81,51 +97,139 @@ class RouteWorker:
                 self._task.cancel()
 
     async def _run(self) -> None:
+        """Claim, deliver, settle, until stopped. Survives every error: a store error backs off
+        (bounded, never a busy loop), a bug in one delivery fails that delivery, never the worker."""
         r = self.route
-        while not self._stopping:
-            r.wake.clear()
+        while True:
             try:
-                claimed = await asyncio.to_thread(queue.claim, self.store, r.channel, r.name, BATCH,
-                                                  ordered=r.ordered)
-            except Exception as e:
-                log.error("route.claim_failed", channel=r.channel, route=r.name, error=str(e)[:200])
-                claimed = []
-            if claimed:
+                if self._unsettled and not await self._settle():
+                    if self._stopping:
+                        log.warning("route.unsettled_at_stop", channel=r.channel, route=r.name,
+                                    claims=len(self._unsettled))
+                        return
+                    await self._store_pause()
+                    continue
+                if self._stopping:
+                    return
+                r.wake.clear()
+                lease = queue.Lease()
                 try:
-                    await self._process(claimed)
-                except Exception as e:  # the worker must outlive a store hiccup
-                    log.error("route.process_failed", channel=r.channel, route=r.name, error=str(e)[:300])
-                    await asyncio.sleep(IDLE_POLL)
-                continue
-            try:
-                due = await asyncio.to_thread(queue.next_due, self.store, r.channel, r.name)
-            except Exception:
-                due = None
-            wait = IDLE_POLL if due is None else min(max(due - time.time(), 0.01), IDLE_POLL)
-            try:
-                await asyncio.wait_for(r.wake.wait(), timeout=wait)
-            except TimeoutError:
-                pass
+                    claimed = await asyncio.to_thread(queue.claim, self.store, r.channel, r.name, BATCH,
+                                                      ordered=r.ordered, lease=lease)
+                except Exception as e:
+                    if lease.ids:  # the lease may have been committed even though the claim failed
+                        self._unsettled.append(queue.Outcome(lease, release=list(lease.ids)))
+                    self._store_error("claim", e)
+                    await self._store_pause()
+                    continue
+                self._store_ok()
+                if claimed:
+                    self._unsettled.append(await self._process(claimed, lease))
+                    continue  # settled at the top of the loop, retried there while the store is away
+                try:
+                    due = await asyncio.to_thread(queue.next_due, self.store, r.channel, r.name)
+                except Exception:
+                    due = None
+                wait = IDLE_POLL if due is None else min(max(due - time.time(), 0.01), IDLE_POLL)
+                try:
+                    await asyncio.wait_for(r.wake.wait(), timeout=wait)
+                except TimeoutError:
+                    pass
+            except Exception as e:  # a bug: log it, pause, go on delivering
+                log.error("route.worker_error", channel=r.channel, route=r.name, error=f"{type(e).__name__}: {e}"[:300],
+                          trace=traceback.format_exc()[-2000:])
+                await asyncio.sleep(IDLE_POLL)
 
-    async def _process(self, claimed: list[queue.Claimed]) -> None:
+    async def _settle(self) -> bool:
+        """Write the outcomes held back (oldest first); False while the store does not take them."""
+        while self._unsettled:
+            try:
+                await asyncio.to_thread(queue.settle, self.store, self._unsettled[0])
+            except Exception as e:
+                self._store_error("settle", e)
+                return False
+            self._unsettled.pop(0)
+        self._store_ok()
+        return True
+
+    def _store_error(self, op: str, e: Exception) -> None:
         r = self.route
-        done: list[tuple[int, str, str | None]] = []
-        release: list[int] = []
-        blocked = False
-        for i, c in enumerate(claimed):
-            if self._stopping or blocked:
-                release.extend(x.delivery_id for x in claimed[i:])
-                break
-            ok = await self._deliver_one(c, done)
-            if not ok and r.ordered:
-                blocked = True
-        by_id = {c.delivery_id: c for c in claimed}
-        sent = [_send_audit(r, by_id[did], detail) for did, state, detail in done if state == "done"]
-        await asyncio.to_thread(queue.complete, self.store, done, sent)
-        if release:
-            await asyncio.to_thread(_release, self.store, release)
+        now = time.monotonic()
+        self._store_failures += 1
+        if self._store_down_since is None:
+            self._store_down_since = self._store_logged = now
+            log.error("route.store_unavailable", channel=r.channel, route=r.name, op=op, error=_db_error(e),
+                      unsettled=len(self._unsettled))
+        elif now - self._store_logged >= STORE_LOG_EVERY:
+            self._store_logged = now
+            log.warning("route.store_still_unavailable", channel=r.channel, route=r.name, op=op,
+                        error=_db_error(e), seconds=round(now - self._store_down_since, 1),
+                        unsettled=len(self._unsettled))
 
-    async def _deliver_one(self, c: queue.Claimed, done: list[tuple[int, str, str | None]]) -> bool:
+    def _store_ok(self) -> None:
+        if self._store_down_since is not None:
+            log.info("route.store_recovered", channel=self.route.channel, route=self.route.name,
+                     seconds=round(time.monotonic() - self._store_down_since, 1), failures=self._store_failures)
+        self._store_down_since = None
+        self._store_failures = 0
+
+    async def _store_pause(self) -> None:
+        """Wait before the next store attempt: doubling from STORE_RETRY[0] to STORE_RETRY[1] seconds.
+
+        Cut short by the route's wake event (intake committed: the store is back) or by stop.
+        """
+        first, most = STORE_RETRY
+        delay = min(first * 2 ** max(self._store_failures - 1, 0), most) * random.uniform(0.8, 1.2)
+        self.route.wake.clear()
+        if self._stopping:
+            return
+        try:
+            await asyncio.wait_for(self.route.wake.wait(), timeout=delay)
+        except TimeoutError:
+            pass
+
+    async def _process(self, claimed: list[queue.Claimed], lease: queue.Lease) -> queue.Outcome:
+        """Deliver one claim; what happened is returned, for ``settle``, not written here."""
+        r = self.route
+        out = queue.Outcome(lease)
+        for i, c in enumerate(claimed):
+            if self._stopping:
+                out.release.extend(x.delivery_id for x in claimed[i:])
+                break
+            try:
+                ok = await self._deliver_one(c, out)
+            except Exception as e:  # a bug around the delivery: fail this one (backoff), never spin on it
+                self._failed(c, f"internal error: {type(e).__name__}", out, permanent=False,
+                             trace=traceback.format_exc())
+                ok = False
+            if not ok and r.ordered:
+                out.release.extend(x.delivery_id for x in claimed[i + 1:])
+                break
+        by_id = {c.delivery_id: c for c in claimed}
+        out.audit_rows.extend(_send_audit(r, by_id[did], detail) for did, state, detail in out.done
+                              if state == "done")
+        return out
+
+    async def _send(self, env: Envelope) -> str | None:
+        """``destination.send`` within the destination's deadline (its ``deadline`` attribute).
+
+        Each destination bounds its own waits; this is the backstop that holds for any
+        destination, so no peer can stop a route for longer than its deadline. On expiry the
+        send is cancelled (the destination closes its connection) and counted as a failure.
+        """
+        dest = self.route.destination
+        limit = getattr(dest, "deadline", None)
+        if not limit:
+            return await dest.send(env)
+        try:
+            async with asyncio.timeout(limit + max(DEADLINE_GRACE[0], limit * DEADLINE_GRACE[1])) as cm:
+                return await dest.send(env)
+        except TimeoutError:
+            if cm.expired():
+                raise DeliveryError(f"no result within {limit:g}s (the destination's deadline)") from None
+            raise
+
+    async def _deliver_one(self, c: queue.Claimed, out: queue.Outcome) -> bool:
         r = self.route
         env = Envelope(channel=c.channel, kind=c.kind, payload=c.payload, headers=c.headers,  # type: ignore[arg-type]
                        peer=c.peer, id=c.message_id,
@@ -134,7 +238,7 @@ class RouteWorker:
         try:
             outs = await asyncio.to_thread(apply_transforms, r.transforms, env) if r.transforms else [env]
         except Drop as d:
-            done.append((c.delivery_id, d.state, d.reason or "dropped"))
+            out.done.append((c.delivery_id, d.state, d.reason or "dropped"))
             if self.metrics:
                 self.metrics.filtered.labels(r.channel, r.name).inc()
             log.info(f"route.{d.state}", channel=r.channel, route=r.name, message_id=c.message_id,
@@ -143,31 +247,32 @@ class RouteWorker:
         except Exception as e:
             # A transform is deterministic: retrying the same input cannot help. Dead-letter it
             # so a fixed config can be replayed, and say why.
-            await self._failed(c, f"transform failed: {type(e).__name__}: {e}", permanent=True,
-                               trace=traceback.format_exc())
+            self._failed(c, f"transform failed: {type(e).__name__}: {e}", out, permanent=True,
+                         trace=traceback.format_exc())
             return False
         details = []
         try:
-            for out in outs:
-                details.append(await r.destination.send(out))
+            for o in outs:
+                details.append(await self._send(o))
         except DeliveryError as e:
-            await self._failed(c, str(e), permanent=e.permanent)
+            self._failed(c, str(e), out, permanent=e.permanent)
             return False
         except Exception as e:
-            await self._failed(c, f"{type(e).__name__}: {e}", permanent=False, trace=traceback.format_exc())
+            self._failed(c, f"{type(e).__name__}: {e}", out, permanent=False, trace=traceback.format_exc())
             return False
-        done.append((c.delivery_id, "done", "; ".join(d for d in details if d) or None))
+        out.done.append((c.delivery_id, "done", "; ".join(d for d in details if d) or None))
         if self.metrics:
             self.metrics.delivered.labels(r.channel, r.name).inc()
         log.debug("route.delivered", channel=r.channel, route=r.name, message_id=c.message_id)
         return True
 
-    async def _failed(self, c: queue.Claimed, error: str, *, permanent: bool, trace: str | None = None) -> None:
+    def _failed(self, c: queue.Claimed, error: str, out: queue.Outcome, *, permanent: bool,
+                trace: str | None = None) -> None:
         r = self.route
         attempts = c.attempts + 1
         dead = permanent or attempts >= r.retry.max_attempts
         delay = queue.backoff(attempts, r.retry.initial_delay, r.retry.multiplier, r.retry.max_delay)
-        await asyncio.to_thread(queue.fail, self.store, c.delivery_id, attempts, error, dead=dead, delay=delay)
+        out.failed.append(queue.Failure(c.delivery_id, attempts, error, dead, delay))
         if self.metrics:
             self.metrics.failed.labels(r.channel, r.name).inc()
             if dead:
@@ -177,9 +282,17 @@ class RouteWorker:
                     error=error[:300], retry_in=None if dead else round(delay, 2))
         if trace:
             log.debug("route.failure_trace", message_id=c.message_id, trace=trace)
-        if dead and self.audit is not None:
-            self.audit.record("delivery.dead_letter", outcome="failure", channel=r.channel,
-                              message_id=c.message_id, detail=error[:500])
+        if dead:  # audited in the same transaction that dead-letters the row
+            out.audit_rows.append({"at": time.time(), "action": "delivery.dead_letter", "outcome": "failure",
+                                   "actor": "", "peer": "", "channel": r.channel, "message_id": c.message_id,
+                                   "entity": None, "detail": error[:500], "exported": 0})
+
+
+def _db_error(e: Exception) -> str:
+    """The driver's first line (``connection refused``...), not SQLAlchemy's statement and parameters."""
+    orig = getattr(e, "orig", None) or e
+    text = str(orig).strip().splitlines()
+    return f"{type(orig).__name__}: {text[0][:200] if text else ''}"
 
 
 def _send_audit(route: Route, c: queue.Claimed, detail: str | None) -> dict[str, Any]:
@@ -194,13 +307,3 @@ def _send_audit(route: Route, c: queue.Claimed, detail: str | None) -> dict[str,
             "peer": peer, "channel": c.channel, "message_id": c.message_id,
             "entity": {"kind": c.kind, "route": route.name, "to": route.to_type or type(dest).__name__},
             "detail": (detail or "")[:500] or None, "exported": 0}
-
-
-def _release(store: Any, ids: list[int]) -> None:
-    from sqlalchemy import update
-
-    from engine.store import schema
-
-    d = schema.deliveries
-    with store.engine.begin() as conn:
-        conn.execute(update(d).where(d.c.id.in_(ids)).values(lease_until=0.0))

@@ -4,6 +4,13 @@ A claim takes a lease (``lease_until``) rather than a lock held across the send,
 a worker that dies mid-send leaves the row to be claimed again once the lease ends:
 at-least-once. On PostgreSQL the claim uses ``FOR UPDATE SKIP LOCKED`` so several
 engine processes can share one queue.
+
+What a worker learned from one claim (delivered, failed, not sent) is written back by
+``settle`` in one transaction. When that write fails (the database is away) the worker
+keeps the ``Outcome`` and writes it again once the store answers, so its leases end
+within seconds of the store's return instead of at ``LEASE_SECONDS``. The lease value a
+claim wrote (``Lease.until``) doubles as the claim's token: releasing unsent rows only
+touches rows that still carry it, never a row another process has leased since.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -40,12 +47,46 @@ class Claimed:
     payload: bytes
 
 
-def claim(store: Any, channel: str, route: str, limit: int, *, ordered: bool = True) -> list[Claimed]:
+@dataclass
+class Lease:
+    """What a claim leased: filled in before the lease is written, so a caller whose claim
+    failed half-way (the commit's answer lost) still knows which rows may carry its lease."""
+
+    ids: list[int] = field(default_factory=list)
+    until: float = 0.0  # the lease_until value written; 0.0 where no lease is written (SQLite)
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    delivery_id: int
+    attempts: int
+    error: str
+    dead: bool
+    delay: float
+
+
+@dataclass
+class Outcome:
+    """The results of one claim, written back together by ``settle``."""
+
+    lease: Lease
+    done: list[tuple[int, str, str | None]] = field(default_factory=list)  # (id, state, detail)
+    failed: list[Failure] = field(default_factory=list)
+    release: list[int] = field(default_factory=list)  # claimed, not attempted: lease dropped
+    audit_rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.done or self.failed or self.release or self.audit_rows)
+
+
+def claim(store: Any, channel: str, route: str, limit: int, *, ordered: bool = True,
+          lease: Lease | None = None) -> list[Claimed]:
     """Lease up to ``limit`` due deliveries of one route, oldest first, with payloads.
 
     One query reads the oldest pending deliveries with their message and blob rows.
     ``ordered``: while the oldest pending delivery waits for its retry, nothing behind
     it is sent (head-of-line blocking, as an HL7 feed expects); dead letters do not block.
+    ``lease`` receives the leased ids and the lease value (see ``Lease``).
     """
     d, m, b = schema.deliveries, schema.messages, schema.blobs
     now = time.time()
@@ -73,8 +114,10 @@ def claim(store: Any, channel: str, route: str, limit: int, *, ordered: bool = T
         if not store.is_sqlite:
             # Shared queue: lease the rows so other engine processes skip them. SQLite has a
             # single owner (the runtime holds a lock file), so no lease write is needed.
-            conn.execute(update(d).where(d.c.id.in_([r["id"] for r in due]))
-                         .values(lease_until=now + LEASE_SECONDS))
+            until = now + LEASE_SECONDS
+            if lease is not None:
+                lease.ids, lease.until = [r["id"] for r in due], until
+            conn.execute(update(d).where(d.c.id.in_([r["id"] for r in due])).values(lease_until=until))
         out = []
         for i, r in enumerate(due):
             try:
@@ -108,24 +151,43 @@ def _quarantine(conn: Any, r: Any, error: str, now: float) -> None:
     log.error("queue.integrity_failure", channel=r["channel"], message_id=r["mid"], error=error[:200])
 
 
-def complete(store: Any, done: Sequence[tuple[int, str, str | None]],
-             audit_rows: Sequence[dict[str, Any]] = ()) -> None:
-    """Mark deliveries finished in one transaction: (id, state, detail).
+def settle(store: Any, outcome: Outcome) -> None:
+    """Write one claim's results in one transaction; safe to repeat after a failed attempt.
 
-    ``audit_rows`` (the ``message.send`` events) go in the same transaction, so a
-    delivery is marked done if and only if its audit event exists.
+    Finished rows (id, state, detail) end their lease; the ``audit_rows`` (``message.send``,
+    ``delivery.dead_letter``) go in the same transaction, so a delivery is marked done if and
+    only if its audit event exists. Failed rows get their attempt count and next try, but only
+    while still pending (a row finished meanwhile, e.g. by a replay, is not put back).
+    Unsent rows lose the lease only while it is still this claim's.
     """
-    if not done:
+    if not outcome:
         return
     d = schema.deliveries
     now = time.time()
     with store.queue_tx() as conn:
-        conn.execute(
-            update(d).where(d.c.id == bindparam("did")).values(
-                state=bindparam("st"), detail=bindparam("dt"), lease_until=0.0, updated_at=now),
-            [{"did": did, "st": state, "dt": (detail or "")[:256] or None} for did, state, detail in done])
-        if audit_rows:
-            conn.execute(insert(schema.audit_events), list(audit_rows))
+        if outcome.done:
+            conn.execute(
+                update(d).where(d.c.id == bindparam("did")).values(
+                    state=bindparam("st"), detail=bindparam("dt"), lease_until=0.0, updated_at=now),
+                [{"did": did, "st": state, "dt": (detail or "")[:256] or None} for did, state, detail in outcome.done])
+        if outcome.failed:
+            conn.execute(
+                update(d).where(and_(d.c.id == bindparam("did"), d.c.state == "pending")).values(
+                    state=bindparam("st"), attempts=bindparam("att"), last_error=bindparam("err"),
+                    next_attempt_at=bindparam("nxt"), lease_until=0.0, updated_at=now),
+                [{"did": f.delivery_id, "st": "dead" if f.dead else "pending", "att": f.attempts,
+                  "err": f.error[:2000], "nxt": now + f.delay} for f in outcome.failed])
+        if outcome.release and outcome.lease.until:
+            conn.execute(update(d).where(and_(d.c.id.in_(outcome.release),
+                                              d.c.lease_until == outcome.lease.until)).values(lease_until=0.0))
+        if outcome.audit_rows:
+            conn.execute(insert(schema.audit_events), list(outcome.audit_rows))
+
+
+def complete(store: Any, done: Sequence[tuple[int, str, str | None]],
+             audit_rows: Sequence[dict[str, Any]] = ()) -> None:
+    """Mark deliveries finished in one transaction: (id, state, detail); see ``settle``."""
+    settle(store, Outcome(Lease(), done=list(done), audit_rows=list(audit_rows)))
 
 
 def backoff(attempts: int, initial: float, multiplier: float, maximum: float) -> float:
@@ -135,12 +197,8 @@ def backoff(attempts: int, initial: float, multiplier: float, maximum: float) ->
 
 
 def fail(store: Any, delivery_id: int, attempts: int, error: str, *, dead: bool, delay: float) -> None:
-    d = schema.deliveries
-    now = time.time()
-    with store.queue_tx() as conn:
-        conn.execute(update(d).where(d.c.id == delivery_id).values(
-            state="dead" if dead else "pending", attempts=attempts, last_error=error[:2000],
-            next_attempt_at=now + delay, lease_until=0.0, updated_at=now))
+    """Record one failed attempt (see ``settle``)."""
+    settle(store, Outcome(Lease(), failed=[Failure(delivery_id, attempts, error, dead, delay)]))
 
 
 def requeue(store: Any, *, message_ids: Sequence[str] | None = None, channel: str | None = None,
@@ -197,4 +255,5 @@ def states_of(store: Any, ids: Sequence[int]) -> dict[str, int]:
     return counts
 
 
-__all__ = ["Claimed", "backoff", "claim", "complete", "fail", "next_due", "requeue", "states_of"]
+__all__ = ["Claimed", "Failure", "Lease", "Outcome", "backoff", "claim", "complete", "fail", "next_due", "requeue",
+           "settle", "states_of"]

@@ -5,18 +5,28 @@ a presentation context of its own and the encoded data set is sent without decod
 (routes/dicom_scu.py). A peer that refuses that syntax gets an uncompressed
 conversion when the data set is uncompressed. One association is kept open across
 sends and re-opened when an instance needs a context it lacks or the peer dropped it.
+
+Every wait is bounded: the TCP connect and TLS handshake by ``connect_timeout``, the
+association answer by ``acse_timeout``, each socket write and read by ``network_timeout``
+(pynetdicom leaves the requestor's socket blocking after connect, so a peer that stops
+reading would hold the send forever), the C-STORE response by ``dimse_timeout``. The
+send runs on a thread of its own (routes/blocking.py); when the engine gives up on it
+the association's socket is shut down, so the thread ends and the association is never
+reused. A response that did not come in time is a failure retried with the route's
+backoff, not resent at once: only an association the peer had dropped while idle is.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
+import socket
 import threading
 import time
 from typing import Any, Literal
 
 import structlog
 from pydantic import Field, field_validator
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 
 from engine.components import ComponentConfig, DeliveryError
@@ -24,6 +34,7 @@ from engine.context import ComponentContext
 from engine.envelope import Envelope
 from engine.registry import component
 from engine.security.tls import TLSConfig, client_context
+from routes.blocking import BlockingCalls
 from routes.dicom_scu import RawInstance, check_ae_title, instance_from_part10, send_raw
 
 log = structlog.get_logger()
@@ -48,9 +59,11 @@ class DicomDestinationConfig(ComponentConfig):
     ae_title: str = Field("MEDRELAY", description="our (calling) AE title")
     tls: TLSConfig | None = Field(None, description="TLS to the peer")
     max_pdu: int = Field(262144, ge=0, description="Maximum Length we announce for PDUs we receive")
+    connect_timeout: float = Field(10.0, gt=0, description="seconds for the TCP connection and TLS handshake")
     acse_timeout: float = Field(30.0, gt=0, description="seconds to wait for association answers")
     dimse_timeout: float = Field(60.0, gt=0, description="seconds to wait for the C-STORE response")
-    network_timeout: float = Field(60.0, gt=0, description="seconds of silence before aborting")
+    network_timeout: float = Field(60.0, gt=0, description="seconds a socket read or write may wait (a peer "
+                                   "that stops reading or sending) before the association is aborted")
     idle_release: float = Field(30.0, ge=0, description="release the association after this many idle seconds")
 
     @field_validator("called_ae_title", "ae_title")
@@ -67,10 +80,40 @@ class DicomDestination:
         self.ae.acse_timeout = config.acse_timeout
         self.ae.dimse_timeout = config.dimse_timeout
         self.ae.network_timeout = config.network_timeout
+        self.ae.connection_timeout = config.connect_timeout
         self.assoc: Any = None
         self.pairs: list[tuple[str, str]] = []  # (SOP class, transfer syntax) proposed
         self.last_used = 0.0
         self.lock = threading.Lock()
+        self.calls = BlockingCalls(f"dicom-{getattr(ctx, 'route', '')}")
+        self._live: Any = None  # the association whose socket is open, from EVT_CONN_OPEN on
+        self._discard = False  # set when a send was abandoned: never reuse that association
+
+    @property
+    def deadline(self) -> float:
+        """Seconds one ``send`` may take: connect, association, response, one stalled write."""
+        c = self.config
+        return c.connect_timeout + c.acse_timeout + c.dimse_timeout + c.network_timeout
+
+    def _conn_open(self, event: Any) -> None:
+        """EVT_CONN_OPEN: bound every later socket read and write by ``network_timeout``.
+
+        pynetdicom's requestor sets the socket back to blocking after connect; its own reads
+        wait for ``select`` first, but a write to a peer that stopped reading would block
+        the DUL thread for ever (and with it abort(), which waits for that thread).
+        """
+        self._live = event.assoc
+        with contextlib.suppress(Exception):
+            event.assoc.dul.socket.socket.settimeout(self.config.network_timeout)
+
+    def _interrupt(self) -> None:
+        """From the event loop, when the engine gives up on a send: unblock the send thread."""
+        self._discard = True
+        assoc = self._live
+        sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def _contexts(self) -> list[Any]:
         exact = [build_context(sop, [ts]) for sop, ts in self.pairs]
@@ -81,13 +124,15 @@ class DicomDestination:
         if self.assoc is not None and self.assoc.is_established:
             (self.assoc.abort if abort else self.assoc.release)()
         self.assoc = None
+        self._live = None
 
     def _associate(self) -> None:
         c = self.config
         kwargs: dict[str, Any] = {"ae_title": c.called_ae_title, "max_pdu": c.max_pdu}
         if c.tls is not None:
             kwargs["tls_args"] = (client_context(c.tls), c.tls.server_name or c.host)
-        assoc = self.ae.associate(c.host, c.port, self._contexts(), **kwargs)
+        assoc = self.ae.associate(c.host, c.port, self._contexts(), evt_handlers=[(evt.EVT_CONN_OPEN, self._conn_open)],
+                                  **kwargs)
         if not assoc.is_established:
             raise DeliveryError(f"association to {c.called_ae_title}@{c.host}:{c.port} "
                                 f"{'rejected' if assoc.is_rejected else 'failed'}")
@@ -96,6 +141,9 @@ class DicomDestination:
     def _ensure(self, inst: RawInstance) -> None:
         pair = (str(inst.SOPClassUID), str(inst.raw_transfer_syntax))
         idle = self.config.idle_release and time.monotonic() - self.last_used > self.config.idle_release
+        if self._discard:  # a send on it was abandoned: whatever it holds, it is not ours to reuse
+            self._discard = False
+            self._close(abort=True)
         if pair not in self.pairs:
             self.pairs.append(pair)
             if len(self.pairs) > MAX_CONTEXTS // 2:
@@ -112,7 +160,10 @@ class DicomDestination:
         inst = instance_from_part10(envelope.payload, sop_class and str(sop_class), sop_uid and str(sop_uid))
         with self.lock:
             for attempt in (1, 2):  # a peer may have dropped an idle association: re-open once
+                before = self.assoc if self.assoc is not None and self.assoc.is_established else None
                 self._ensure(inst)
+                reused = before is not None and self.assoc is before
+                started = time.monotonic()
                 try:
                     status = send_raw(self.assoc, inst)
                 except ValueError as e:  # no usable context: the peer refused this SOP class / syntax
@@ -121,9 +172,12 @@ class DicomDestination:
                 self.last_used = time.monotonic()
                 if "Status" in status:
                     break
+                timed_out = time.monotonic() - started >= self.config.dimse_timeout
                 self._close(abort=True)
-                if attempt == 2:
-                    raise DeliveryError("no C-STORE response (timeout or association dropped)")
+                if timed_out:
+                    raise DeliveryError(f"no C-STORE response within {self.config.dimse_timeout:g}s")
+                if attempt == 2 or not reused:
+                    raise DeliveryError("association dropped before the C-STORE response")
         code = int(status.Status)
         if code == 0x0000 or 0xB000 <= code <= 0xBFFF:
             return f"0x{code:04X}"
@@ -132,14 +186,18 @@ class DicomDestination:
     async def send(self, envelope: Envelope) -> str | None:
         if envelope.kind != "dicom":
             raise DeliveryError(f"dicom destination cannot send {envelope.kind}", permanent=True)
-        return await asyncio.to_thread(self._send, envelope)
+        return await self.calls.run(lambda: self._send(envelope), timeout=self.deadline, interrupt=self._interrupt)
 
     async def close(self) -> None:
         def _close() -> None:
             with self.lock:
                 self._close()
 
-        await asyncio.to_thread(_close)
+        try:
+            await self.calls.run(_close, timeout=self.config.acse_timeout + self.config.network_timeout,
+                                 what="release", interrupt=self._interrupt)
+        except DeliveryError:
+            log.warning("dicom.release_abandoned", host=self.config.host, port=self.config.port)
 
 
 @component("destination", "dicom", config=DicomDestinationConfig, kinds=("dicom",))

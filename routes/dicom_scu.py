@@ -15,6 +15,7 @@ listener's C-MOVE / C-GET sub-operations.
 from __future__ import annotations
 
 import io
+import queue
 import time
 from typing import Any
 
@@ -23,6 +24,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
+
+PAUSE_WAIT = 10.0  # seconds for the association's reactor to pause before a C-STORE (normally microseconds)
+RESPONSE_POLL = 0.2  # seconds per wait slice for the C-STORE response
 
 
 def check_ae_title(value: str) -> str:
@@ -100,16 +104,41 @@ def send_raw(assoc: Association, inst: RawInstance, *, msg_id: int = 1, priority
     req.DataSet = io.BytesIO(inst.raw)
     assoc._reactor_checkpoint.clear()
     try:
-        while not assoc._is_paused:
+        paused_by = time.monotonic() + PAUSE_WAIT
+        while not assoc._is_paused and time.monotonic() < paused_by:
             time.sleep(0.0001)
-        assoc.dimse.send_msg(req, context.context_id)
-        _cx, rsp = assoc.dimse.get_msg(block=True)
+        rsp = None
+        if assoc._is_paused:
+            assoc.dimse.send_msg(req, context.context_id)
+            rsp = _response(assoc)
     finally:
         assoc._reactor_checkpoint.set()
     if rsp is None:
         assoc._handle_no_response()
         return Dataset()
     return assoc._check_received_status(rsp)
+
+
+def _response(assoc: Association) -> Any:
+    """The next DIMSE message, within ``dimse_timeout``; None at once when the association is gone.
+
+    pynetdicom's ``get_msg(block=True)`` waits the whole ``dimse_timeout`` even after the
+    connection was closed or aborted (the queue gets nothing on abort): polling in short
+    slices lets a dropped association, or one the engine shut down, end the wait now.
+    """
+    timeout = assoc.dimse_timeout
+    end = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = RESPONSE_POLL if end is None else min(RESPONSE_POLL, end - time.monotonic())
+        if left <= 0:
+            return None
+        try:
+            _cx, rsp = assoc.dimse.msg_queue.get(block=True, timeout=left)
+            return rsp
+        except queue.Empty:
+            pass
+        if not assoc.dul.is_alive() or assoc.acse.is_aborted():
+            return None
 
 
 def _original(assoc: Association) -> Any:

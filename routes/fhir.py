@@ -7,10 +7,16 @@ Failure classes follow HTTP: 408/429/5xx and network errors are retried, any oth
 4xx is permanent (the same request would fail again). For a transaction or batch
 the per-entry statuses are checked too, since a batch answers 200 even when some
 entries failed.
+
+``timeout`` bounds the whole request (connect, TLS, sending the body, the complete
+answer): httpx's own timeouts apply to each read or write separately, so a server that
+answers a byte at a time would never trip them. A request cut short closes its
+connection (httpx does not return a half-used connection to its pool).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -44,7 +50,8 @@ class FhirDestinationConfig(ComponentConfig):
                           pattern=r"^https?://")
     auth: FhirDestinationAuth | None = Field(None, description="`{token: \"${FHIR_TOKEN}\"}`; none: no header")
     tls: TLSConfig | None = Field(None, description="CA / client certificate for https base URLs")
-    timeout: float = Field(30.0, gt=0, description="seconds for connect, send and answer")
+    timeout: float = Field(30.0, gt=0, description="seconds one request may take in all (connect, TLS, send, "
+                           "the whole answer); then the connection is closed and the delivery retried")
 
 
 def _issue_codes(resp: httpx.Response) -> str:
@@ -80,6 +87,11 @@ class FhirDestination:
         self.client = httpx.AsyncClient(headers=headers, verify=verify, timeout=config.timeout,
                                         follow_redirects=False)
 
+    @property
+    def deadline(self) -> float:
+        """Seconds one ``send`` may take (engine.pipeline enforces it as a backstop)."""
+        return self.config.timeout
+
     def _request(self, envelope: Envelope) -> tuple[str, str, bytes | None, str | None]:
         """(method, url, body, bundle type) for one envelope."""
         h = envelope.headers
@@ -106,7 +118,10 @@ class FhirDestination:
         if btype is None and method != "DELETE":
             headers["Prefer"] = "return=minimal"
         try:
-            resp = await self.client.request(method, url, content=body, headers=headers)
+            async with asyncio.timeout(self.config.timeout):
+                resp = await self.client.request(method, url, content=body, headers=headers)
+        except TimeoutError:
+            raise DeliveryError(f"FHIR {method}: no complete answer within {self.config.timeout:g}s") from None
         except httpx.HTTPError as e:  # connect, timeout, protocol: the server may be back later
             raise DeliveryError(f"FHIR {method} failed: {type(e).__name__}") from None
         status = resp.status_code

@@ -6,11 +6,15 @@ and a retry of the same delivery overwrites the same file instead of adding one.
 Written as tmp + fsync + rename + fsync of the folder, so a reader polling the
 folder never sees half a file and a crash never leaves a file that was reported done
 but is not on disk.
+
+A write can block (a hung network mount, a full FUSE queue): it runs on a thread of the
+destination's own (routes/blocking.py) and the delivery fails after ``timeout`` seconds
+and is retried; while that write is still stuck, later ones wait for it rather than
+start a second write of the same file.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +25,7 @@ from engine.components import ComponentConfig, DeliveryError
 from engine.context import ComponentContext
 from engine.envelope import Envelope
 from engine.registry import component
+from routes.blocking import BlockingCalls
 
 EXTENSIONS = {"hl7v2": ".hl7", "dicom": ".dcm", "fhir": ".json"}
 
@@ -33,6 +38,8 @@ class FileDestinationConfig(ComponentConfig):
                       "relative to the YAML file, like the store's")
     fsync: bool = Field(True, description="fsync file and folder before reporting success (keep on)")
     mode: int = Field(0o600, description="file permission bits; messages carry PHI, so owner-only by default")
+    timeout: float = Field(60.0, gt=0, description="seconds one write (file, fsyncs, rename) may take before the "
+                           "delivery fails and is retried")
 
 
 def write_atomic(folder: Path, name: str, data: bytes, *, fsync: bool = True, mode: int = 0o600) -> Path:
@@ -65,13 +72,19 @@ class FileDestination:
         self.config = config
         folder = Path(config.path)
         self.folder = folder if folder.is_absolute() or base_dir is None else base_dir / folder
+        self.calls = BlockingCalls("file")
+
+    @property
+    def deadline(self) -> float:
+        """Seconds one ``send`` may take (engine.pipeline enforces it as a backstop)."""
+        return self.config.timeout
 
     async def send(self, envelope: Envelope) -> str | None:
         """Write the payload; returns the file name (an id, not PHI)."""
         name = envelope.id + EXTENSIONS.get(envelope.kind, ".bin")
         try:
-            await asyncio.to_thread(write_atomic, self.folder, name, envelope.payload,
-                                    fsync=self.config.fsync, mode=self.config.mode)
+            await self.calls.run(lambda: write_atomic(self.folder, name, envelope.payload, fsync=self.config.fsync,
+                                                      mode=self.config.mode), timeout=self.config.timeout, what="write")
         except OSError as e:
             raise DeliveryError(f"cannot write {name}: {e.strerror or type(e).__name__}") from None
         return name

@@ -44,8 +44,9 @@ class AppAckConfig(ComponentConfig):
     port: int = Field(..., ge=1, le=65535)
     after: list[str] = Field(..., min_length=1, description="routes of this channel whose outcome the ACK reports")
     tls: TLSConfig | None = Field(None, description="TLS to the sender's receiver")
-    timeout: float = Field(30.0, gt=0, description="seconds to wait for the receiver's commit ACK (CA)")
-    connect_timeout: float = Field(10.0, gt=0)
+    timeout: float = Field(30.0, gt=0, description="seconds to send the ACK and receive the receiver's commit "
+                           "ACK (CA); then the connection is closed and the delivery retried")
+    connect_timeout: float = Field(10.0, gt=0, description="seconds for the TCP connection and TLS handshake")
     wait_for_commit: bool = Field(True, description="ask for and wait for a CA (MSH-15 AL); off: send and "
                                   "count it delivered when written")
 
@@ -62,6 +63,11 @@ class AppAckSender:
         self.mllp = MLLPSender(MLLPDestinationConfig(type="mllp", host=config.host, port=config.port, tls=config.tls,
                                                      timeout=config.timeout, connect_timeout=config.connect_timeout),
                                ctx)
+
+    @property
+    def deadline(self) -> float:
+        """Seconds one ``send`` may take: the MLLP exchange plus the store read of the outcome."""
+        return self.mllp.deadline + 5.0
 
     def _outcome(self, message_id: str) -> tuple[bool | None, list[str]]:
         """(None, waiting routes) while any is pending; else (all delivered?, failed routes)."""

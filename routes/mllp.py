@@ -10,6 +10,12 @@ Every failure is retryable unless listed in ``permanent_codes``: an AR means
 "rejected for reasons unrelated to content" (HL7 v2.5 2.9.2.3), often a peer
 that is down or overloaded, exactly what retries are for; an AE usually needs
 a fix upstream, but an operator decides that per peer, not the engine.
+
+Every wait has a deadline: the TCP connect and TLS handshake ``connect_timeout``,
+writing the message and reading its ACK together ``timeout`` (a receiver that stops
+reading blocks the write, not only the ACK). A connection that failed or timed out
+is aborted, never reused: an ACK arriving late on it would otherwise be read as the
+answer to the next message.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import struct
 from typing import Any, Literal
 
 import structlog
@@ -43,8 +50,10 @@ class MLLPDestinationConfig(ComponentConfig):
     host: str = Field(..., description="receiver host name or address")
     port: int = Field(..., ge=1, le=65535, description="receiver TCP port")
     tls: TLSConfig | None = Field(None, description="TLS to the receiver (ca to verify it; cert/key for mTLS)")
-    timeout: float = Field(30.0, gt=0, description="seconds to wait for the ACK of one message")
-    connect_timeout: float = Field(10.0, gt=0, description="seconds to wait for the TCP/TLS connection")
+    timeout: float = Field(30.0, gt=0, description="seconds to send one message and receive its ACK (a "
+                           "receiver that stops reading counts against it); then the connection is closed and "
+                           "the delivery retried")
+    connect_timeout: float = Field(10.0, gt=0, description="seconds for the TCP connection and TLS handshake")
     permanent_codes: list[Literal["AE", "AR", "CE", "CR"]] = Field(
         default_factory=list,
         description="ACK codes that dead-letter at once instead of being retried (default: retry all)")
@@ -67,7 +76,12 @@ class MLLPSender:
     def connected(self) -> bool:
         return self._writer is not None and not self._writer.is_closing()
 
-    async def _connect(self) -> None:
+    @property
+    def deadline(self) -> float:
+        """Seconds one ``send`` may take in all (engine.pipeline enforces it as a backstop)."""
+        return self.config.connect_timeout + self.config.timeout
+
+    async def _connect(self, limit: float) -> None:
         cfg = self.config
         server_hostname = None
         if self._ssl is not None:
@@ -76,7 +90,7 @@ class MLLPSender:
             self._reader, self._writer = await asyncio.wait_for(
                 asyncio.open_connection(cfg.host, cfg.port, ssl=self._ssl, server_hostname=server_hostname,
                                         limit=MAX_ACK_BYTES),
-                cfg.connect_timeout)
+                max(min(cfg.connect_timeout, limit), 0.001))
         except TimeoutError:
             raise DeliveryError(f"connect to {cfg.host}:{cfg.port} timed out") from None
         except OSError as e:
@@ -90,12 +104,25 @@ class MLLPSender:
         self._parser = FrameParser(MAX_ACK_BYTES)
         log.info("mllp.sender_connected", host=cfg.host, port=cfg.port)
 
-    async def _drop(self) -> None:
+    async def _drop(self, *, abort: bool = True) -> None:
+        """Forget the connection. ``abort`` (after any failure): reset it at once (RST), discarding
+        unsent bytes; a plain close would leave the kernel trying to deliver them, and then a FIN,
+        to a receiver that does not read, and the receiver would never learn the connection ended."""
         w, self._writer, self._reader, self._parser = self._writer, None, None, None
-        if w is not None:
+        if w is None:
+            return
+        if abort:
+            sock = w.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            w.transport.abort()
+        else:
             w.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(w.wait_closed(), 2)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(w.wait_closed(), 2)
+        if not abort and not w.transport.is_closing():
+            w.transport.abort()
 
     async def send(self, envelope: Envelope) -> str | None:
         """Deliver one message; returns the peer's ACK code (AA/CA) or raises ``DeliveryError``."""
@@ -106,12 +133,15 @@ class MLLPSender:
         except HL7Error as e:
             raise DeliveryError(f"payload is not HL7 v2: {e.code}", permanent=True) from None
         async with self._lock:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
             reused = self.connected
             for attempt in (1, 2):
                 if not self.connected:
-                    await self._connect()
+                    await self._connect(self.deadline - (loop.time() - start))
                 try:
-                    return await self._exchange(envelope.payload, control_id)
+                    left = self.deadline - (loop.time() - start)
+                    return await self._exchange(envelope.payload, control_id, left)
                 except _StaleConnection:
                     await self._drop()
                     # A reused connection the peer had closed: nothing was answered, send once more
@@ -129,28 +159,37 @@ class MLLPSender:
         async with self._lock:
             for attempt in (1, 2):
                 if not self.connected:
-                    await self._connect()
-                assert self._writer is not None
+                    await self._connect(self.config.connect_timeout)
                 try:
-                    self._writer.write(frame(envelope.payload))
-                    await self._writer.drain()
+                    await self._write(frame(envelope.payload), self.config.timeout)
                     return "written"
-                except (ConnectionError, OSError):
+                except _StaleConnection:
                     await self._drop()
                     if attempt == 2:
                         raise DeliveryError("connection lost while sending") from None
+                except BaseException:
+                    await self._drop()
+                    raise
         raise DeliveryError("not delivered")  # unreachable
 
-    async def _exchange(self, payload: bytes, control_id: str) -> str:
-        assert self._writer is not None and self._reader is not None and self._parser is not None
-        cfg = self.config
+    async def _write(self, data: bytes, limit: float) -> None:
+        """Write one frame; the receiver must take it within ``limit`` seconds."""
+        assert self._writer is not None
         try:
-            self._writer.write(frame(payload))
-            await self._writer.drain()
+            self._writer.write(data)
+            await asyncio.wait_for(self._writer.drain(), max(limit, 0.001))
+        except TimeoutError:
+            raise DeliveryError(f"receiver did not take the message within {self.config.timeout:g}s") from None
         except (ConnectionError, OSError):
             raise _StaleConnection() from None
+
+    async def _exchange(self, payload: bytes, control_id: str, limit: float) -> str:
+        """Send one message and read its ACK, both within ``limit`` seconds."""
+        assert self._writer is not None and self._reader is not None and self._parser is not None
+        cfg = self.config
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + cfg.timeout
+        deadline = loop.time() + min(cfg.timeout, limit)
+        await self._write(frame(payload), deadline - loop.time())
         got_bytes = False
         while True:
             remaining = deadline - loop.time()
@@ -190,7 +229,7 @@ class MLLPSender:
 
     async def close(self) -> None:
         async with self._lock:
-            await self._drop()
+            await self._drop(abort=False)
 
 
 class _StaleConnection(Exception):
