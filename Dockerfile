@@ -1,7 +1,8 @@
 # medrelay: runs the example channels.yaml (SQLite and local folders) like the README.
 #   docker build -t medrelay .
-#   docker run --rm -e MEDRELAY_API_TOKEN=$(openssl rand -hex 16) -p 2575:2575 -p 11112:11112 -p 8080:8080 \
+#   docker run --rm --name medrelay -p 2575:2575 -p 11112:11112 -p 8080:8080 -p 9464:9464 \
 #     -e MEDRELAY_BIND=0.0.0.0 -v medrelay-data:/srv/medrelay/data medrelay
+#   docker exec medrelay cat data/api-token    # the FHIR bearer token, created in the volume on first run
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,8 @@ from engine.mapping.tables import TableSpec
 from engine.ops.alerts import AlertsConfig
 from engine.ops.retention import ChannelRetention, RetentionConfig
 
-_VAR = re.compile(r"\$\$|\$\{([^}:]+)(?::-([^}]*))?\}")
+# $$, ${VAR}, ${VAR:-default}, ${file:PATH}, ${generated:PATH}
+_VAR = re.compile(r"\$\$|\$\{(?:(file|generated):([^}]+)|([^}:]+)(?::-([^}]*))?)\}")
 
 
 class _Strict(BaseModel):
@@ -98,6 +100,14 @@ class Settings:
     tables: dict[str, Any] = field(default_factory=dict)  # top-level `tables:`, loaded (engine/mapping/tables.py)
     raw: Any = None
     line_of: dict[tuple[Any, ...], int] = field(default_factory=dict)
+    # ${generated:PATH} files: path -> True when this load created it (False: it exists, or
+    # will be created by `medrelay run`: see ``pending_secrets``)
+    generated_secrets: dict[Path, bool] = field(default_factory=dict)
+
+    @property
+    def pending_secrets(self) -> list[Path]:
+        """``${generated:PATH}`` files that do not exist yet (`medrelay run` creates them)."""
+        return [p for p in self.generated_secrets if not p.exists()]
 
     @property
     def store(self) -> StoreConfig:
@@ -257,23 +267,70 @@ def dotted(path: tuple[Any, ...]) -> str:
     return out
 
 
+# What a missing ${generated:} file reads as when nothing may create it (`check`, offline
+# commands): it validates, and it is random, so a Runtime built from such settings has a
+# token nobody knows rather than a default credential.
+GENERATED_PENDING = f"<generated-on-first-run:{secrets.token_urlsafe(24)}>"
+
+
+def generate_secret(path: Path) -> bool:
+    """Create ``path`` (mode 0600) holding a random token unless it exists; True if this call made it.
+
+    The token is written to a temporary file and hard-linked into place, so a second
+    process starting at the same moment either wins or reads the complete winner,
+    never an empty or half-written file.
+    """
+    if path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, (secrets.token_urlsafe(32) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
+
+
 def _interpolate(data: Any, path: tuple[Any, ...], env: dict[str, str], base: Path,
-                 refs: dict[tuple[Any, ...], str], errors: list[tuple[tuple[Any, ...], str]] | None) -> Any:
-    """Replace ${VAR}, ${VAR:-default} and ${file:PATH}; remember which values were references."""
+                 refs: dict[tuple[Any, ...], str], errors: list[tuple[tuple[Any, ...], str]] | None,
+                 generated: dict[Path, bool] | None = None, create: bool = False) -> Any:
+    """Replace ${VAR}, ${VAR:-default}, ${file:PATH} and ${generated:PATH}; remember which values
+    were references.
+
+    ``${generated:PATH}`` reads a token file like ``${file:}``; with ``create`` (only
+    `medrelay run`) a missing one is made first, so a new installation needs no secret
+    typed anywhere; otherwise a missing one is a placeholder that validates.
+    """
+    generated = {} if generated is None else generated
     if isinstance(data, dict):
-        return {k: _interpolate(v, (*path, k), env, base, refs, errors) for k, v in data.items()}
+        return {k: _interpolate(v, (*path, k), env, base, refs, errors, generated, create)
+                for k, v in data.items()}
     if isinstance(data, list):
-        return [_interpolate(v, (*path, i), env, base, refs, errors) for i, v in enumerate(data)]
+        return [_interpolate(v, (*path, i), env, base, refs, errors, generated, create)
+                for i, v in enumerate(data)]
     if not isinstance(data, str) or "$" not in data:
         return data
 
     def sub(m: re.Match[str]) -> str:
         if m.group(0) == "$$":
             return "$"
-        name, default = m.group(1), m.group(2)
-        if name.startswith("file:"):
-            fp = Path(name[5:])
+        scheme, target = m.group(1), m.group(2)
+        if scheme:
+            fp = Path(target.strip())
             fp = fp if fp.is_absolute() else base / fp
+            if scheme == "generated":
+                made = create and generate_secret(fp)
+                generated[fp] = generated.get(fp, False) or made
+                if not fp.exists():
+                    return GENERATED_PENDING
             try:
                 return fp.read_text().strip()
             except OSError as e:
@@ -281,6 +338,7 @@ def _interpolate(data: Any, path: tuple[Any, ...], env: dict[str, str], base: Pa
                     return f"<unreadable:{fp}>"
                 errors.append((path, f"cannot read secret file {fp}: {e.strerror}"))
                 return ""
+        name, default = m.group(3), m.group(4)
         if name in env:
             return env[name]
         if default is not None:
@@ -386,11 +444,12 @@ def _walk_secrets(model: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any
 
 
 def parse_settings(text: str, path: Path, env: dict[str, str] | None = None, *,
-                   need_env: bool = True) -> Settings:
+                   need_env: bool = True, create_secrets: bool = False) -> Settings:
     """Parse and validate; raises ConfigError listing every problem found.
 
     ``need_env=False`` is for commands that only read the store (messages, replay,
     keys): an unset ${VAR} becomes a placeholder instead of an error.
+    ``create_secrets`` (the engine itself) creates missing ``${generated:PATH}`` files.
     """
     env = dict(os.environ) if env is None else env
     fname = str(path)
@@ -407,7 +466,9 @@ def parse_settings(text: str, path: Path, env: dict[str, str] | None = None, *,
     plain = _plain(doc)
     refs: dict[tuple[Any, ...], str] = {}
     env_errors: list[tuple[tuple[Any, ...], str]] = []
-    data = _interpolate(plain, (), env, path.parent, refs, env_errors if need_env else None)
+    generated: dict[Path, bool] = {}
+    data = _interpolate(plain, (), env, path.parent, refs, env_errors if need_env else None, generated,
+                        create_secrets)
     _resolve_tls_paths(data, path.parent.resolve())
     problems = [Problem(fname, _line_for(p, lines), dotted(p), msg, "environment") for p, msg in env_errors]
     if not need_env:  # offline commands still need the store and key file themselves
@@ -424,12 +485,14 @@ def parse_settings(text: str, path: Path, env: dict[str, str] | None = None, *,
     except ValidationError as e:
         for err in e.errors():
             p = _loc_to_path(tuple(err["loc"]), data)
+            if any(_related(p, ep) for ep, _ in env_errors):
+                continue  # the value is empty because its ${VAR} is unset: that is the problem to report
             problems.append(Problem(fname, _line_for(p, lines), dotted(p), err["msg"], "schema"))
     if model is not None:
         for spath, _ in _walk_secrets(model, ()):
             if spath not in refs:
                 problems.append(Problem(fname, _line_for(spath, lines), dotted(spath),
-                                        "secrets must be references (${ENV_VAR} or ${file:path}), "
+                                        "secrets must be references (${ENV_VAR}, ${file:path} or ${generated:path}), "
                                         "not literals in the YAML", "schema"))
         problems.extend(_topology(model, fname, lines))
     tables = _load_tables(model, path, fname, lines, problems) if model is not None else {}
@@ -437,10 +500,16 @@ def parse_settings(text: str, path: Path, env: dict[str, str] | None = None, *,
         raise ConfigError(problems)
     settings = Settings(path=path, base_dir=path.parent.resolve(),
                     config_hash=hashlib.sha256(text.encode()).hexdigest(), model=model, raw=data,
-                    line_of=lines)
+                    line_of=lines, generated_secrets={p.resolve(): made for p, made in generated.items()})
     settings.tables = tables
     settings.config_hash = _with_tables(settings.config_hash, tables)
     return settings
+
+
+def _related(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """One path lies inside the other (a validator of `auth` failing on its unset `bearer_tokens[0]`)."""
+    n = min(len(a), len(b))
+    return n > 0 and a[:n] == b[:n]
 
 
 def _topology(model: Any, fname: str, lines: dict[tuple[Any, ...], int]) -> list[Problem]:
@@ -455,6 +524,7 @@ def _topology(model: Any, fname: str, lines: dict[tuple[Any, ...], int]) -> list
                                    f"route name {route.name!r} used twice in this channel", "topology"))
             seen.add(route.name)
             kind = source_kind(ch.source)
+            out.extend(_routing_key_problems(kind, route, ("channels", cname, "routes", i), fname, lines))
             for j, t in enumerate(route.transforms):
                 comp = registry.get("transform", t.type)
                 tp = ("channels", cname, "routes", i, "transforms", j, "type")
@@ -475,6 +545,25 @@ def _topology(model: Any, fname: str, lines: dict[tuple[Any, ...], int]) -> list
     return out
 
 
+def _routing_key_problems(kind: str | None, route: Any, rp: tuple[Any, ...], fname: str,
+                          lines: dict[tuple[Any, ...], int]) -> list[Problem]:
+    """`when:` keys and `debounce.key` the source's messages cannot have (a typo routes nothing)."""
+    from engine import routing_keys
+
+    out: list[Problem] = []
+    keys = [(("when", *sub), key, value, scope) for sub, key, value, scope in routing_keys.condition_keys(route.when)]
+    if route.debounce is not None:
+        keys.append((("debounce", "key"), route.debounce.key, None, {}))
+    for sub, key, value, scope in keys:
+        msg = routing_keys.problem(kind, key, scope)
+        if msg is None and sub[0] == "when":
+            msg = routing_keys.value_problem(kind, key, value)
+        if msg is not None:
+            p = (*rp, *sub)
+            out.append(Problem(fname, _line_for(p, lines), dotted(p), msg, "topology"))
+    return out
+
+
 _SOURCE_KIND = {"mllp": "hl7v2", "dicom": "dicom", "fhir": "fhir"}
 _OUTPUT_KIND = {"dicom_to_hl7": "hl7v2", "dicom_to_fhir": "fhir", "hl7_to_fhir": "fhir",
                 "hl7_to_worklist": "dicom"}
@@ -489,13 +578,13 @@ def _output_kind(transform_type: str, kind: str | None) -> str | None:
 
 
 def load_settings(path: str | os.PathLike[str], env: dict[str, str] | None = None, *,
-                  need_env: bool = True) -> Settings:
+                  need_env: bool = True, create_secrets: bool = False) -> Settings:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError([Problem(str(p), None, "", f"cannot read: {e.strerror}", "environment")]) from None
-    return parse_settings(text, p, env, need_env=need_env)
+    return parse_settings(text, p, env, need_env=need_env, create_secrets=create_secrets)
 
 
 # -- code tables and mapping rules (engine/mapping) ---------------------------------

@@ -40,13 +40,12 @@ def _from_payload(env: Envelope, key: str) -> Any:
         v = ds.get(key, MISSING)
         return v if v is MISSING else (v if isinstance(v, str | int | float) else str(v))
     if env.kind == "fhir":
-        node: Any = json.loads(env.payload)
+        # Through lists too (`name.family` is every name's family), as engine.routing_keys checks it.
+        nodes: list[Any] = [json.loads(env.payload)]
         for part in key.split("."):
-            if isinstance(node, dict):
-                node = node.get(part, MISSING)
-            else:
-                return MISSING
-        return node
+            found = [n[part] for n in nodes if isinstance(n, dict) and part in n]
+            nodes = [x for v in found for x in (v if isinstance(v, list) else [v])]
+        return MISSING if not nodes else nodes[0] if len(nodes) == 1 else nodes
     return MISSING
 
 

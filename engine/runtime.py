@@ -8,6 +8,8 @@ commits what it has, then workers finish the delivery in hand.
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
 from typing import Any
 
 import structlog
@@ -26,6 +28,39 @@ from engine.security.crypto import KeyRing
 from engine.store.db import Store
 
 log = structlog.get_logger()
+
+
+class StartError(RuntimeError):
+    """The engine cannot start, said in one line an operator can act on (`medrelay run` exits 4)."""
+
+
+def listen_error(what: str, host: str, port: int, error: BaseException) -> StartError:
+    """``channel adt-in: port 2575 on 127.0.0.1 is already in use``, for every kind of listener.
+
+    Listeners report a failed bind differently (asyncio and socketserver raise OSError,
+    uvicorn logs it and exits), so the OSError is looked for along the exception chain,
+    and if none is there the address is probed once to learn why.
+    """
+    err: BaseException | None = error
+    while err is not None and not isinstance(err, OSError):
+        err = err.__cause__ or err.__context__
+    if err is None and port:
+        try:
+            socket.create_server((host, port)).close()
+        except OSError as probe:
+            err = probe
+    code = getattr(err, "errno", None)
+    if isinstance(err, socket.gaierror):
+        return StartError(f"{what}: cannot resolve host {host!r} to listen on")
+    if code == errno.EADDRINUSE:
+        return StartError(f"{what}: port {port} on {host} is already in use")
+    if code == errno.EACCES:
+        return StartError(f"{what}: no permission to listen on port {port} on {host} "
+                          "(ports below 1024 need privileges)")
+    if code == errno.EADDRNOTAVAIL:
+        return StartError(f"{what}: cannot listen on {host}: not an address of this machine")
+    reason = str(err or error).strip().splitlines()[0][:200] if str(err or error).strip() else type(error).__name__
+    return StartError(f"{what}: cannot listen on {host}:{port}: {reason}")
 
 
 def open_store(settings: Settings) -> Store:
@@ -106,7 +141,10 @@ class Runtime:
             await self.audit_exporter.start()
         self.metrics = Metrics(self.store)
         if s.metrics.port is not None:
-            port = self.metrics.serve(s.metrics.host, s.metrics.port, readiness=self.readiness)
+            try:
+                port = self.metrics.serve(s.metrics.host, s.metrics.port, readiness=self.readiness)
+            except Exception as e:
+                raise listen_error("metrics", s.metrics.host, s.metrics.port, e) from e
             log.info("metrics.listening", host=s.metrics.host, port=port)
         windows = {name: ch.dedupe_window for name, ch in s.channels.items()}
         quiet = {(name, r.name): (r.debounce.key, r.debounce.seconds)
@@ -135,7 +173,11 @@ class Runtime:
             if not ch.enabled:
                 continue
             lst = registry.get("source", ch.source.type).factory(ch.source, self._ctx(cname))
-            await lst.start()
+            try:
+                await lst.start()
+            except Exception as e:
+                raise listen_error(f"channel {cname}", str(getattr(ch.source, "host", "")),
+                                   int(getattr(ch.source, "port", 0) or 0), e) from e
             self.listeners[cname] = lst
             host, port = lst.address
             log.info("channel.listening", channel=cname, type=ch.source.type, host=host, port=port)

@@ -4,22 +4,84 @@ The files go in through the channel's own protocol (C-STORE, MLLP, FHIR REST), a
 modality, an HIS or an app would send them, so they get exactly the treatment live
 traffic gets: the same checks, de-duplication, indexing, routes and audit trail, and an
 answer per file. This is the migration path from another archive or interface engine.
+
+HL7 bytes are sent as they are in the file (a UTF-8 byte order mark included): the
+listener's shared decoding (``engine.hl7.message``) decides what they mean, so an
+import is accepted or refused exactly as the same message sent live. Files are only
+split into messages here (before each MSH at a segment start).
+
+Every file ends as accepted, rejected (the engine answered no: AE/AR, a DICOM failure
+status, an HTTP 4xx) or skipped (not something this channel's protocol carries), and
+every rejected or skipped one is named with its reason.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import socket
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 from engine.hl7.ack import parse_ack
+from engine.hl7.message import TABLE_0357, HL7Error, read_header
 from engine.hl7.mllp import Frame, FrameParser, frame
 
-Progress = Callable[[int], object]
-_MSH_START = re.compile(rb"(?:^|\r)(?=MSH\|)")
+Status = Literal["accepted", "rejected", "skipped"]
+# A message starts at the file's start or after a segment end, with MSH and its field
+# separator; a UTF-8 byte order mark may come first (Windows senders, concatenated files).
+_MSH_START = re.compile(rb"(?:^|\r)(?=(?:\xef\xbb\xbf)?MSH[^A-Za-z0-9\r\n])")
+IMPORT_AET = "MEDRELAY-IMPORT"
+
+
+class ImportFailed(Exception):
+    """The import cannot go on (engine unreachable, connection lost): one line, exit 4."""
+
+
+class UsageProblem(Exception):
+    """The command cannot work as asked (a calling AE the channel refuses): one line, exit 2."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    path: Path
+    status: Status
+    detail: str  # the engine's answer, or why the file was skipped
+    item: str = ""  # "message 2 (MSH-10 X)" when a file holds several messages
+
+
+@dataclass
+class Report:
+    """What happened to each file (and each message of an HL7 file)."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    progress: Callable[[int], object] = lambda n: None
+
+    def add(self, path: Path, status: Status, detail: str, item: str = "") -> None:
+        self.outcomes.append(Outcome(path, status, detail, item))
+        self.progress(1)
+
+    def count(self, status: Status) -> int:
+        return sum(1 for o in self.outcomes if o.status == status)
+
+    @property
+    def all_accepted(self) -> bool:
+        return bool(self.outcomes) and self.count("accepted") == len(self.outcomes)
+
+    def problems(self) -> Iterator[str]:
+        for o in self.outcomes:
+            if o.status != "accepted":
+                where = f"{o.path}" + (f" {o.item}" if o.item else "")
+                yield f"{o.status}: {where}: {o.detail}"
+
+    def summary(self) -> str:
+        n_files = len({o.path for o in self.outcomes})
+        return (f"{self.count('accepted')} accepted, {self.count('rejected')} rejected, "
+                f"{self.count('skipped')} skipped ({len(self.outcomes)} items in {n_files} files)")
 
 
 def expand(paths: Iterable[str | Path]) -> list[Path]:
@@ -35,50 +97,164 @@ def expand(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
+def describe(data: bytes) -> str:
+    """What a file looks like, for the reason a channel of another protocol skips it."""
+    if not data:
+        return "an empty file"
+    if data[128:132] == b"DICM":
+        return "a DICOM file"
+    body = data.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if body[:1] in (b"{", b"["):
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return "a broken JSON file"
+        if isinstance(doc, dict) and isinstance(doc.get("resourceType"), str):
+            return f"a FHIR JSON {doc['resourceType'][:64]}"
+        return "a JSON file without resourceType"
+    if body[:1] == b"<":
+        return "an XML file (FHIR XML is not imported; use JSON)"
+    if re.search(rb"(?:^|[\r\n])(?:\xef\xbb\xbf)?MSH[^A-Za-z0-9\r\n]", data[:65536]):
+        return "an HL7 v2 file"
+    try:
+        data[:65536].decode("utf-8")
+    except UnicodeDecodeError:
+        return "a binary file"
+    return "a text file"
+
+
+# -- HL7 v2 over MLLP -------------------------------------------------------------
 def hl7_messages(data: bytes) -> list[bytes]:
-    """Messages in one file: MLLP frames if it has any, else text split before each MSH."""
-    if b"\x0b" in data:
+    """Messages in one file: MLLP frames if it has any, else text split before each MSH.
+
+    Every part that starts with MSH is sent, a malformed one too: the engine answers it
+    (AE/AR), which says more than a file silently shorter than it looked.
+    """
+    if data[128:132] == b"DICM":  # binary that may hold a 0x0B or a CR-MSH by chance
+        return []
+    if data.lstrip(b" \t\r\n").startswith(b"\x0b"):
         return [ev.payload for ev in FrameParser(64 * 1024 * 1024).feed(data) if isinstance(ev, Frame)]
     text = data.replace(b"\r\n", b"\r").replace(b"\n", b"\r")
-    parts = [p.strip(b"\r") for p in _MSH_START.split(text)]
-    return [p + b"\r" for p in parts if p.startswith(b"MSH|")]
+    parts = (p.strip(b"\r") for p in _MSH_START.split(text))
+    return [p + b"\r" for p in parts if _MSH_START.match(p)]
 
 
-def import_hl7(host: str, port: int, files: list[Path], progress: Progress, timeout: float = 30.0) -> Counter[str]:
-    """Send each message and wait for its ACK; counts by MSA-1 (AA, AE, AR, CA, ...)."""
-    counts: Counter[str] = Counter()
-    with socket.create_connection((host, port), timeout=timeout) as sock:
+def _connect(host: str, port: int, timeout: float) -> socket.socket:
+    try:
+        return socket.create_connection((host, port), timeout=timeout)
+    except OSError as e:
+        raise ImportFailed(f"cannot reach the engine at {host}:{port} ({e.strerror or e}): "
+                           "is `medrelay run` running with this channel?") from None
+
+
+def _ack_detail(ack: bytes) -> tuple[Status, str]:
+    try:
+        a = parse_ack(ack)
+    except HL7Error as e:
+        return "rejected", f"unreadable answer: {e}"
+    if a.ok:
+        return "accepted", a.code
+    err = f" {a.error_code}" if a.error_code else ""
+    name = TABLE_0357.get(int(a.error_code), "") if a.error_code.isdigit() else ""
+    return "rejected", f"{a.code}{err}" + (f" ({name})" if name else "")
+
+
+def import_hl7(host: str, port: int, files: list[Path], report: Report, timeout: float = 30.0) -> None:
+    """Send each message and wait for its ACK (MSA-1 AA/CA accepted, anything else rejected)."""
+    sock = _connect(host, port, timeout)
+    with sock:
         parser = FrameParser(16 * 1024 * 1024)
         for f in files:
-            for msg in hl7_messages(f.read_bytes()):
-                sock.sendall(frame(msg))
-                ack = None
-                while ack is None:
-                    data = sock.recv(65536)
-                    if not data:
-                        raise ConnectionError("the engine closed the connection")
-                    frames = [ev for ev in parser.feed(data) if isinstance(ev, Frame)]
-                    ack = frames[0].payload if frames else None
-                counts[parse_ack(ack).code] += 1
-                progress(1)
-    return counts
+            data = f.read_bytes()
+            msgs = hl7_messages(data)
+            if not msgs:
+                report.add(f, "skipped", f"not HL7 v2: {describe(data)} (no MSH segment)")
+                continue
+            for n, msg in enumerate(msgs, start=1):
+                item = ""
+                if len(msgs) > 1:
+                    try:
+                        cid = read_header(msg, require=False).control_id
+                    except HL7Error:
+                        cid = ""
+                    item = f"message {n}" + (f" (MSH-10 {cid[:32]})" if cid else "")
+                try:
+                    sock.sendall(frame(msg))
+                    ack = None
+                    while ack is None:
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            raise ImportFailed(f"the engine closed the connection while {f} {item} "
+                                               "waited for its ACK".replace("  ", " "))
+                        frames = [ev for ev in parser.feed(chunk) if isinstance(ev, Frame)]
+                        ack = frames[0].payload if frames else None
+                except TimeoutError:
+                    raise ImportFailed(f"no ACK within {timeout:g} s for {f} {item}".rstrip()) from None
+                except OSError as e:
+                    raise ImportFailed(f"connection to {host}:{port} lost: {e.strerror or e}") from None
+                report.add(f, *_ack_detail(ack), item=item)
+
+
+# -- DICOM C-STORE ------------------------------------------------------------------
+def choose_calling_aet(source: Any, requested: str | None) -> str:
+    """Our calling AE title: the one asked for, else MEDRELAY-IMPORT; refused before connecting
+    when the channel's allow-list would reject it.
+
+    We do not borrow a title from the allow-list: the audit trail would then say a
+    modality (CT01) sent what an operator imported.
+    """
+    aet = requested or IMPORT_AET
+    allowed = list(getattr(source, "calling_aets", []) or [])
+    if getattr(source, "allow_any_calling_aet", False) or aet in allowed:
+        return aet
+    option = f"--calling-aet {aet}" if requested else "--calling-aet"
+    raise UsageProblem(
+        f"the channel accepts calling AE titles {', '.join(allowed) or '(none)'}; {aet} is not one of them: "
+        f"add {aet} to its source's calling_aets (and reload the engine), or pass {option} with one "
+        "of the allowed titles")
+
+
+@contextmanager
+def _pynetdicom_errors() -> Iterator[list[str]]:
+    """pynetdicom's own words for a refused association, instead of its log lines on stderr."""
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    lg = logging.getLogger("pynetdicom")
+    handler, level, propagate = Keep(logging.ERROR), lg.level, lg.propagate
+    lg.addHandler(handler)
+    lg.setLevel(logging.ERROR)
+    lg.propagate = False
+    try:
+        yield lines
+    finally:
+        lg.removeHandler(handler)
+        lg.setLevel(level)
+        lg.propagate = propagate
 
 
 def import_dicom(host: str, port: int, called_aet: str, calling_aet: str, files: list[Path],
-                 progress: Progress) -> Counter[str]:
-    """C-STORE each file (sent in its own transfer syntax); counts by outcome."""
+                 report: Report) -> None:
+    """C-STORE each file in its own transfer syntax (0x0000 and warnings 0xB000-0xBFFF accepted)."""
     from pydicom import dcmread
     from pynetdicom import AE
 
     metas = []
-    counts: Counter[str] = Counter()
     for f in files:
         try:
             meta = dcmread(f, stop_before_pixels=True, specific_tags=["SOPClassUID"]).file_meta
             metas.append((f, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
         except Exception:
-            counts["not DICOM"] += 1
-            progress(1)
+            data = f.read_bytes()[:65536]
+            what = describe(data)
+            reason = ("a DICOM file without SOP Class or Transfer Syntax in its file meta" if what == "a DICOM file"
+                      else f"not DICOM: {what}")
+            report.add(f, "skipped", reason)
+    if metas:
+        _connect(host, port, 10).close()  # a clear message when no engine listens there
     # at most 128 presentation contexts per association (PS3.8): one association per group
     pairs = sorted({(c, t) for _, c, t in metas})
     for i in range(0, len(pairs), 128):
@@ -86,42 +262,80 @@ def import_dicom(host: str, port: int, called_aet: str, calling_aet: str, files:
         ae = AE(ae_title=calling_aet)
         for c, t in group:
             ae.add_requested_context(c, [t])
-        assoc = ae.associate(host, port, ae_title=called_aet)
+        with _pynetdicom_errors() as why:
+            assoc = ae.associate(host, port, ae_title=called_aet)
         if not assoc.is_established:
-            raise ConnectionError(f"association with {called_aet}@{host}:{port} was not accepted")
+            said = "; ".join(x for x in why if x.startswith(("Reason", "Result"))) or "; ".join(why[-2:])
+            verb = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "did not accept"
+            raise ImportFailed(f"the engine at {host}:{port} {verb} the association (calling AE {calling_aet}, "
+                               f"called AE {called_aet})" + (f": {said}" if said else ""))
         try:
             for f, c, t in metas:
                 if (c, t) not in group:
                     continue
-                status = assoc.send_c_store(f)
+                try:
+                    status = assoc.send_c_store(f)
+                except ValueError:  # no accepted presentation context for it
+                    report.add(f, "rejected", f"the engine accepted no presentation context for SOP class {c} "
+                               f"in transfer syntax {t}")
+                    continue
                 code = getattr(status, "Status", None)
-                counts["stored" if code == 0 else f"status 0x{code:04X}" if code is not None else "no answer"] += 1
-                progress(1)
+                if code is None:
+                    report.add(f, "rejected", "no answer (association aborted or timed out)")
+                elif code == 0:
+                    report.add(f, "accepted", "stored")
+                elif 0xB000 <= code <= 0xBFFF:
+                    report.add(f, "accepted", f"stored with warning 0x{code:04X}")
+                else:
+                    report.add(f, "rejected", f"status 0x{code:04X}")
+                if not assoc.is_established:
+                    raise ImportFailed(f"the engine ended the association after {f}")
         finally:
-            assoc.release()
-    return counts
+            if assoc.is_established:
+                assoc.release()
 
 
-def import_fhir(base_url: str, token: str | None, files: list[Path], progress: Progress) -> Counter[str]:
-    """POST each resource (or transaction/batch Bundle) as JSON; counts by HTTP status."""
+# -- FHIR REST ------------------------------------------------------------------------
+def _operation_outcome(r: Any) -> str:
+    try:
+        issues = r.json().get("issue") or []
+        text = "; ".join(str(i.get("diagnostics") or i.get("details", {}).get("text") or i.get("code"))
+                         for i in issues[:3])
+    except (ValueError, AttributeError):
+        text = ""
+    return f"HTTP {r.status_code}" + (f": {text[:300]}" if text else "")
+
+
+def import_fhir(base_url: str, token: str | None, files: list[Path], report: Report) -> None:
+    """POST each resource (or transaction/batch Bundle) as JSON; 2xx accepted, else rejected."""
     import httpx
 
     headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    counts: Counter[str] = Counter()
     with httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=60) as client:
         for f in files:
             body = f.read_bytes()
             try:
                 res = json.loads(body)
                 rtype = res["resourceType"]
+                if not isinstance(rtype, str) or not rtype:
+                    raise TypeError
             except (ValueError, KeyError, TypeError):
-                counts["not FHIR JSON"] += 1
-                progress(1)
+                report.add(f, "skipped", f"not FHIR JSON: {describe(body)}")
                 continue
             bundle = rtype == "Bundle" and res.get("type") in ("transaction", "batch")
-            r = client.post("/" if bundle else f"/{rtype}", content=body)
-            counts[str(r.status_code)] += 1
-            progress(1)
-    return counts
+            try:
+                r = client.post("/" if bundle else f"/{rtype}", content=body)
+            except httpx.ConnectError as e:
+                raise ImportFailed(f"cannot reach the engine at {base_url} ({e}): is `medrelay run` running "
+                                   "with this channel?") from None
+            except httpx.HTTPError as e:
+                raise ImportFailed(f"{base_url}: {type(e).__name__}: {e}") from None
+            if r.status_code == 401:
+                raise ImportFailed(f"{base_url} answered 401: the bearer token is missing or wrong "
+                                   "(--token-env names the variable holding it)")
+            if 200 <= r.status_code < 300:
+                report.add(f, "accepted", f"HTTP {r.status_code}")
+            else:
+                report.add(f, "rejected", _operation_outcome(r))

@@ -13,7 +13,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import structlog.testing
 from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from engine import registry
 from engine.audit.trail import Audit
@@ -59,25 +61,58 @@ def run_cases(settings: Settings, folder: Path) -> list[tuple[str, bool, str]]:
     if not folder.is_dir():
         return results
     with tempfile.TemporaryDirectory() as tmp:
-        store = Store(f"sqlite:///{tmp}/scratch.db", Path(tmp) / "blobs", KeyRing(Path(tmp) / "keys.json"))
-        store.migrate()
+        with structlog.testing.capture_logs():  # "new key file, back it up" is about a scratch file
+            store = Store(f"sqlite:///{tmp}/scratch.db", Path(tmp) / "blobs", KeyRing(Path(tmp) / "keys.json"))
+            store.migrate()
         audit = Audit(store)
         for case_file in sorted(folder.glob("*/case.yaml")):
             name = case_file.parent.name
             try:
                 results.append((name, *_run_one(settings, store, audit, case_file)))
+            except CaseError as e:
+                results.append((name, False, str(e)))
             except Exception as e:
                 results.append((name, False, f"{type(e).__name__}: {e}"))
         store.dispose()
     return results
 
 
+class CaseError(Exception):
+    """A case that cannot run as written: said in one line, with what would be valid."""
+
+
+def _file(case_file: Path, case: dict[str, Any], key: str) -> bytes:
+    name = case.get(key)
+    if not isinstance(name, str) or not name:
+        raise CaseError(f"{case_file}: `{key}:` names no file")
+    try:
+        return (case_file.parent / name).read_bytes()
+    except OSError as e:
+        raise CaseError(f"{case_file}: {key} file {name}: {e.strerror}") from None
+
+
+def _load_case(settings: Settings, case_file: Path) -> tuple[dict[str, Any], Any, Any]:
+    try:
+        case = YAML(typ="safe").load(case_file.read_text())
+    except YAMLError as e:
+        raise CaseError(f"{case_file}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(case, dict):
+        raise CaseError(f"{case_file}: expected a mapping with channel, route, input, expect")
+    ch = settings.channels.get(case.get("channel"))
+    if ch is None:
+        raise CaseError(f"{case_file}: channel {case.get('channel')!r} is not in {settings.path.name} "
+                        f"(channels: {', '.join(settings.channels)})")
+    route = next((r for r in ch.routes if r.name == case.get("route")), None)
+    if route is None:
+        raise CaseError(f"{case_file}: channel {case['channel']} has no route {case.get('route')!r} "
+                        f"(routes: {', '.join(r.name for r in ch.routes) or 'none'})")
+    return case, ch, route
+
+
 def _run_one(settings: Settings, store: Store, audit: Audit, case_file: Path) -> tuple[bool, str]:
-    case = YAML(typ="safe").load(case_file.read_text())
-    ch = settings.channels[case["channel"]]
-    route = next(r for r in ch.routes if r.name == case["route"])
+    case, ch, route = _load_case(settings, case_file)
     kind = source_kind(ch.source) or "hl7v2"
-    payload = (case_file.parent / case["input"]).read_bytes()
+    payload = _file(case_file, case, "input")
     headers: dict[str, Any] = dict(case.get("headers") or {})
     if kind == "hl7v2":
         from engine.hl7.message import read_header
@@ -99,6 +134,6 @@ def _run_one(settings: Settings, store: Store, audit: Audit, case_file: Path) ->
     expect = case.get("expect")
     if expect is None:
         return True, ""
-    want = (case_file.parent / expect).read_bytes()
+    want = _file(case_file, case, "expect")
     diff = _compare(outs[0].kind, outs[0].payload, want)
     return (diff is None), (diff or "")
