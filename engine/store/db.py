@@ -19,9 +19,10 @@ import structlog
 from sqlalchemy import Connection, Engine, create_engine, event, insert, select, text, update
 from sqlalchemy.engine import make_url
 
+from engine.auth import tables as _auth_tables  # noqa: F401  (their tables join the schema)
 from engine.security.crypto import IntegrityError, KeyRing, Sealed
 from engine.store import schema
-from engine.store.dicom import tables as _dicom_tables  # noqa: F401  (their tables join the schema)
+from engine.store.dicom import tables as _dicom_tables  # noqa: F401
 from engine.store.fhir import tables as _fhir_tables  # noqa: F401
 from engine.store.prepared import Prepared
 

@@ -1,0 +1,27 @@
+"""The users and API tokens tables (see engine/auth/users.py for what each column holds)."""
+
+from __future__ import annotations
+
+from sqlalchemy import Column, Float, Integer, String, Table
+
+from engine.store.schema import metadata
+
+users = Table(
+    "users", metadata,
+    Column("name", String(128), primary_key=True),
+    Column("role", String(16), nullable=False),
+    Column("password_hash", String(256), nullable=True),  # argon2id PHC string; NULL: no password login
+    Column("source", String(16), nullable=False, default="local"),  # local | ldap
+    Column("created_at", Float, nullable=False),
+    Column("disabled", Integer, nullable=False, default=0),
+)
+
+api_tokens = Table(
+    "api_tokens", metadata,
+    Column("id", String(16), primary_key=True),  # shown to the user to revoke it; not secret
+    Column("token_sha256", String(64), nullable=False, unique=True),
+    Column("user", String(128), nullable=False, index=True),
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float, nullable=True),
+    Column("last_used_at", Float, nullable=True),
+)
