@@ -292,7 +292,7 @@ class FhirApi:
 
     async def _search(self, request: Request, actor: str, params: list[tuple[str, str]]) -> Response:
         rtype = self._type(request)
-        strict = self._prefer(request, "handling") == "strict"
+        strict = self._prefer(request, "handling") != "lenient"  # strict unless asked (R4 http.html)
         base = self._base(request)
 
         def work() -> Response:

@@ -49,7 +49,7 @@ def _link(base: str, rtype: str, params: list[tuple[str, str]]) -> str:
 
 def searchset(base: str, rtype: str, result: SearchResult, includes: list[str]) -> dict[str, Any]:
     """A searchset Bundle; ``next`` carries the opaque cursor so pages stay stable."""
-    params = [*result.used, *(("_include", i) for i in includes), ("_count", str(result.count))]
+    params = [*result.used, ("_count", str(result.count))]  # used: what was applied, _include too
     links = [{"relation": "self", "url": _link(base, rtype, params)}]
     if result.next_cursor:
         links.append({"relation": "next", "url": _link(base, rtype, [*params, ("_cursor", result.next_cursor)])})
@@ -57,8 +57,13 @@ def searchset(base: str, rtype: str, result: SearchResult, includes: list[str]) 
                for row, body in result.rows]
     entries += [{"fullUrl": f"{base}/{row.type}/{row.id}", "resource": body, "search": {"mode": "include"}}
                 for row, body in result.included]
-    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "total": result.total,
-                              "link": links}
+    if result.notes:
+        entries.append({"resource": {"resourceType": "OperationOutcome", "issue": [
+            {"severity": "warning", "code": "informational", "diagnostics": n} for n in result.notes]},
+            "search": {"mode": "outcome"}})
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "link": links}
+    if result.total is not None:
+        bundle["total"] = result.total
     if entries:
         bundle["entry"] = entries
     return bundle

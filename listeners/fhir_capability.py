@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from engine.store.fhir.params import FHIR_VERSION, SEARCH_PARAMS
+from engine.store.fhir.params import DATE_PREFIXES, FHIR_VERSION, SEARCH_PARAMS, SearchParam
+from engine.store.fhir.query import RESULT_PARAMS, SUMMARY_VALUES, TOTAL_VALUES
+from engine.store.fhir.search import MAX_RECHECK
 from listeners.fhir_audit import AUDIT_PARAMS
 
 # Bumped by hand when the statement changes (kept fixed so the snapshot is reproducible).
@@ -24,19 +26,42 @@ _SP = "http://hl7.org/fhir/SearchParameter/"
 _COMMON = [
     {"name": "_id", "type": "token", "definition": _SP + "Resource-id", "documentation": "logical id"},
     {"name": "_lastUpdated", "type": "date", "definition": _SP + "Resource-lastUpdated",
-     "documentation": "meta.lastUpdated; prefixes eq ne lt gt le ge sa eb"},
+     "documentation": "meta.lastUpdated; prefixes " + " ".join(DATE_PREFIXES)},
 ]
+_SEARCH_RULES = (
+    "Search: a parameter, modifier, chain or result parameter that is not listed here is refused with 400 "
+    "and an OperationOutcome naming it; with 'Prefer: handling=lenient' it is ignored instead and the Bundle's "
+    "self link shows only what was applied. Result parameters: " + ", ".join(
+        p for p in RESULT_PARAMS if p not in ("_format", "_pretty", "_cursor"))
+    + " (_summary: " + " ".join(SUMMARY_VALUES) + "; _total: " + " ".join(TOTAL_VALUES) + "); _sort is not "
+    "supported (results come in the order resources were created). String parameters match the start of a "
+    "field, case- and accent-insensitive; :exact and :contains decrypt at most "
+    f"{MAX_RECHECK} candidates, a search that would need more is refused as too-costly.")
 _WRITE_INTERACTIONS = ["read", "vread", "update", "delete", "history-instance", "history-type", "create",
                        "search-type"]
+
+
+def _documentation(p: SearchParam) -> str:
+    """The parameter's text, with exactly the modifiers (and date prefixes) search accepts."""
+    doc = p.doc
+    if p.type == "date":
+        doc += "; prefixes " + " ".join(DATE_PREFIXES)
+    mods = [f":{m}" for m in p.modifiers]
+    if p.type == "reference":
+        mods[mods.index(":[type]")] = f":{p.target}" if p.target else ":[type]"
+        doc += "; chains one level into a stored type" + (f" ({p.name}.<param>)" if p.target
+                                                         else f" ({p.name}:<Type>.<param>)")
+    return doc + "; modifiers " + " ".join(mods)
 
 
 def _resource(rtype: str) -> dict[str, Any]:
     params = SEARCH_PARAMS[rtype]
     search = list(_COMMON)
     for p in params.values():
-        doc = p.doc + ("; prefixes eq ne lt gt le ge sa eb" if p.type == "date" else "")
-        search.append({"name": p.name, "type": p.type, "documentation": doc})
+        search.append({"name": p.name, "type": p.type, "documentation": _documentation(p)})
     includes = [f"{rtype}:{p.name}" for p in params.values() if p.type == "reference"]
+    revincludes = [f"{src}:{p.name}" for src, ps in SEARCH_PARAMS.items() for p in ps.values()
+                   if p.type == "reference" and p.target in (None, rtype)]
     res: dict[str, Any] = {
         "type": rtype,
         "interaction": [{"code": c} for c in _WRITE_INTERACTIONS],
@@ -51,6 +76,8 @@ def _resource(rtype: str) -> dict[str, Any]:
     }
     if includes:
         res["searchInclude"] = includes
+    if revincludes:
+        res["searchRevInclude"] = revincludes
     res["searchParam"] = search
     return res
 
@@ -81,6 +108,7 @@ def capability_statement(*, auth_open: bool = False) -> dict[str, Any]:
         "format": ["application/fhir+json", "json"],
         "rest": [{
             "mode": "server",
+            "documentation": _SEARCH_RULES,
             "security": {"cors": False, "description": security},
             "resource": [*(_resource(t) for t in SEARCH_PARAMS), _audit_event()],
             "interaction": [{"code": "transaction"}, {"code": "batch"}],

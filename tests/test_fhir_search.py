@@ -135,11 +135,15 @@ def test_date_ranges_and_repeats(client, data):
     assert client.get("/Observation", params={"date": "notadate"}).status_code == 400
 
 
-def test_unknown_params_lenient_or_strict(client, data):
+def test_unknown_params_strict_by_default_or_lenient(client, data):
     r = client.get("/Observation", params={"foo": "bar", "status": "final"})
-    assert r.status_code == 200 and "foo" not in r.json()["link"][0]["url"]
+    assert r.status_code == 400 and "foo" in r.json()["issue"][0]["diagnostics"]
     r = client.get("/Observation", params={"foo": "bar"}, headers={"Prefer": "handling=strict"})
     assert r.status_code == 400
+    r = client.get("/Observation", params={"foo": "bar", "status": "final"}, headers={"Prefer": "handling=lenient"})
+    assert r.status_code == 200 and "foo" not in r.json()["link"][0]["url"]
+    assert {e["resource"]["id"] for e in r.json()["entry"] if e["search"]["mode"] == "match"} == {
+        data["obs"][0], data["obs"][1]}
 
 
 def test_paging_is_stable(client, server, data):

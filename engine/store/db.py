@@ -19,10 +19,9 @@ import structlog
 from sqlalchemy import Connection, Engine, create_engine, event, insert, select, text, update
 from sqlalchemy.engine import make_url
 
-from engine.auth import tables as _auth_tables  # noqa: F401  (their tables join the schema)
 from engine.security.crypto import IntegrityError, KeyRing, Sealed
 from engine.store import schema
-from engine.store.dicom import tables as _dicom_tables  # noqa: F401
+from engine.store.dicom import tables as _dicom_tables  # noqa: F401  (their tables join the schema)
 from engine.store.fhir import tables as _fhir_tables  # noqa: F401
 from engine.store.prepared import Prepared
 
@@ -30,6 +29,10 @@ log = structlog.get_logger()
 
 SCHEMA_VERSION = 2
 INLINE_MAX = 256 * 1024  # payloads above this go to files beside the database
+# Work that a feature room above this layer must do inside the migration transaction (under its
+# lock), registered when the room is imported: engine.store.fhir.reindex rebuilds the FHIR search
+# index when its format or key changed. Called as hook(conn, store).
+MIGRATION_HOOKS: list[Any] = []
 MIGRATION_LOCK = 0x6D6564726C6179  # PostgreSQL advisory lock key of migrations ("medrlay")
 
 
@@ -105,6 +108,8 @@ class Store:
                 if step is not None:
                     step(conn)
                 conn.execute(insert(schema.schema_version).values(version=version, applied_at=time.time()))
+            for hook in MIGRATION_HOOKS:
+                hook(conn, self)
         return SCHEMA_VERSION
 
     @contextlib.contextmanager

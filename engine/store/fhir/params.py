@@ -5,9 +5,10 @@ version, the search parser, and the CapabilityStatement. So the statement cannot
 claim a parameter the store does not index, and the index never grows a key that
 nothing can search. Parameter names follow the FHIR R4 SearchParameter registry.
 
-The index holds only non-PHI keys in clear (status, codes, dates, references).
-Identifier values are kept as keyed HMACs: equality search works, but the table
-alone does not reveal a medical record number.
+The index holds only non-PHI keys in clear (status, codes, clinical dates, references).
+Names, addresses, identifiers, telecoms and the birth date are kept only as keyed HMAC
+terms (``engine.store.fhir.terms``, ``engine.store.fhir.blind_dates``): search matches
+them in SQL, but the table alone does not reveal a name or a medical record number.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Literal
 
 from engine.store.fhir import structure
+from engine.store.fhir.blind_dates import stored_labels
+from engine.store.fhir.terms import date_term, string_terms, telecom_value, token_terms, type_term
 
 FHIR_VERSION = "4.0.1"
-ParamType = Literal["token", "reference", "date"]
+ParamType = Literal["token", "reference", "date", "string"]
 UNBOUNDED_LOW = -1.0e15
 UNBOUNDED_HIGH = 1.0e15
 ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -68,27 +71,81 @@ def _printable(text: str, limit: int = 1000) -> str:
 
 @dataclass(frozen=True)
 class SearchParam:
+    """One search parameter: what it indexes, and how.
+
+    ``blind`` values are PHI and are kept only as keyed HMAC terms (engine.store.fhir.terms):
+    every string parameter, identifiers, telecoms and the birth date. ``value`` says how a
+    token reads its element (``code``: Coding/CodeableConcept/code, ``identifier``,
+    ``telecom``: ContactPoint, optionally only of ``system``, ``boolean``).
+    """
+
     name: str
     type: ParamType
     paths: tuple[str, ...]
     doc: str
     target: str | None = None  # reference params: only references to this type
-    hashed: bool = False  # token values stored as HMAC (identifiers)
+    blind: bool = False
+    value: str = "code"
+    system: str | None = None  # telecom params: only contact points of this ContactPoint.system
+
+    @property
+    def hashed(self) -> bool:
+        return self.blind
+
+    @property
+    def modifiers(self) -> tuple[str, ...]:
+        """The modifiers search accepts on this parameter (the CapabilityStatement lists them)."""
+        if self.type == "string":
+            return ("missing", "exact", "contains")
+        if self.type == "token":
+            return ("missing", "not", "of-type") if self.value == "identifier" else ("missing", "not")
+        if self.type == "reference":
+            return ("missing", "[type]")
+        return ("missing",)
 
 
 def _common(*extra: SearchParam) -> dict[str, SearchParam]:
-    base = [SearchParam("identifier", "token", ("identifier",), "system|value (stored as a keyed hash)",
-                        hashed=True)]
+    base = [SearchParam("identifier", "token", ("identifier",), "system|value, value, |value or system|; "
+                        "exact match (kept as keyed hashes)", blind=True, value="identifier")]
     return {p.name: p for p in (*base, *extra)}
+
+
+def _string(name: str, paths: tuple[str, ...], doc: str) -> SearchParam:
+    return SearchParam(name, "string", paths, doc + "; starts with, case- and accent-insensitive (kept as keyed "
+                       "hashes of the normalised value and its prefixes)", blind=True)
+
+
+def _telecom(name: str, system: str | None, doc: str) -> SearchParam:
+    return SearchParam(name, "token", ("telecom",), doc + "; phone numbers compared by digits, others "
+                       "case-insensitive (kept as keyed hashes)", blind=True, value="telecom", system=system)
 
 
 _STATUS = SearchParam("status", "token", ("status",), "status code")
 _CODE = SearchParam("code", "token", ("code",), "system|code of the resource code")
 _SUBJECT = SearchParam("subject", "reference", ("subject",), "subject reference (Type/id)")
 _PATIENT = SearchParam("patient", "reference", ("subject",), "subject when it is a Patient", target="Patient")
+_NAME_PARTS = ("name.family", "name.given", "name.prefix", "name.suffix", "name.text")
+_ADDRESS_PARTS = ("address.line", "address.city", "address.district", "address.state", "address.postalCode",
+                  "address.country", "address.text")
 
 SEARCH_PARAMS: dict[str, dict[str, SearchParam]] = {
-    "Patient": _common(),
+    "Patient": _common(
+        _string("name", _NAME_PARTS, "any part of a name: family, given, prefix, suffix, text"),
+        _string("family", ("name.family",), "family name"),
+        _string("given", ("name.given",), "a given name"),
+        SearchParam("birthdate", "date", ("birthDate",), "birth date (kept as keyed hashes of its year, month "
+                    "and day, never in clear)", blind=True),
+        SearchParam("gender", "token", ("gender",), "administrative gender code"),
+        SearchParam("active", "token", ("active",), "true or false", value="boolean"),
+        _telecom("telecom", None, "any contact point value"),
+        _telecom("phone", "phone", "a phone number"),
+        _telecom("email", "email", "an e-mail address"),
+        _string("address", _ADDRESS_PARTS, "any part of an address"),
+        _string("address-city", ("address.city",), "city"),
+        _string("address-state", ("address.state",), "state"),
+        _string("address-postalcode", ("address.postalCode",), "postal code"),
+        _string("address-country", ("address.country",), "country"),
+    ),
     "Encounter": _common(_STATUS, _SUBJECT, _PATIENT,
                          SearchParam("date", "date", ("period",), "date within the encounter period")),
     "Observation": _common(_STATUS, _CODE, _SUBJECT, _PATIENT,
@@ -101,12 +158,12 @@ SEARCH_PARAMS: dict[str, dict[str, SearchParam]] = {
                             SearchParam("modality", "token", ("modality", "series.modality"),
                                         "modality of the study or a series (DICOM DCM code)"),
                             SearchParam("started", "date", ("started",), "when the study started")),
-    "Endpoint": _common(_STATUS),
+    "Endpoint": _common(_STATUS, _string("name", ("name",), "endpoint name")),
 }
 # Resource types the REST API serves. AuditEvent is read/search only, from the audit trail.
 STORED_TYPES: tuple[str, ...] = tuple(SEARCH_PARAMS)
 READ_ONLY_TYPES: tuple[str, ...] = ("AuditEvent",)
-DATE_PREFIXES = ("eq", "ne", "lt", "gt", "le", "ge", "sa", "eb")
+DATE_PREFIXES = ("eq", "ne", "lt", "gt", "le", "ge", "sa", "eb", "ap")
 
 
 # -- validation ----------------------------------------------------------
@@ -210,7 +267,9 @@ def _walk(node: Any, path: list[str]) -> Iterator[tuple[str, Any]]:
 
 
 def _codings(value: Any) -> Iterator[tuple[str, str]]:
-    if isinstance(value, str):
+    if isinstance(value, bool):  # Patient.active
+        yield "", "true" if value else "false"
+    elif isinstance(value, str):
         yield "", value
     elif isinstance(value, dict):
         if "coding" in value:
@@ -335,8 +394,44 @@ def _value_range(key: str, value: Any) -> tuple[float, float] | None:
 
 
 # -- index rows ------------------------------------------------------------
+def element_values(resource: dict[str, Any], p: SearchParam) -> Iterator[tuple[str, Any]]:
+    """(element name, value) of every element a parameter reads."""
+    for path in p.paths:
+        yield from _walk(resource, path.split("."))
+
+
+def string_values(resource: dict[str, Any], p: SearchParam) -> list[str]:
+    """The string fields a string parameter matches against (search re-checks them after decryption)."""
+    return [v for _, v in element_values(resource, p) if isinstance(v, str)]
+
+
+def blind_scope(rtype: str, p: SearchParam) -> str:
+    return f"{rtype}.{p.name}"
+
+
+def _blind_token_terms(hash_key: bytes, scope: str, p: SearchParam, value: Any) -> set[str]:
+    if not isinstance(value, dict) or not isinstance(value.get("value"), str) or not value["value"]:
+        return set()
+    system = value.get("system") if isinstance(value.get("system"), str) else ""
+    if p.value == "telecom":
+        if p.system is not None and system != p.system:
+            return set()
+        return token_terms(hash_key, scope, system, telecom_value(value["value"]))
+    out = token_terms(hash_key, scope, system, value["value"])
+    codings = value.get("type", {}).get("coding") if isinstance(value.get("type"), dict) else None
+    for c in codings if isinstance(codings, list) else []:
+        if isinstance(c, dict) and isinstance(c.get("code"), str):
+            out.add(type_term(hash_key, scope, str(c.get("system") or ""), c["code"], value["value"]))
+    return out
+
+
 def index_entries(resource: dict[str, Any], hash_key: bytes) -> list[dict[str, Any]]:
-    """The search-index rows (param, token, low, high) of one resource version."""
+    """The search-index rows (param, token, low, high) of one resource version.
+
+    Blind parameters (``SearchParam.blind``) give only keyed HMAC terms in ``token``; the
+    others their clear keys. A parameter with a value always has at least one row, which is
+    what ``:missing`` asks about.
+    """
     rows: list[dict[str, Any]] = []
     seen: set[tuple[str, str | None, float | None, float | None]] = set()
 
@@ -346,19 +441,29 @@ def index_entries(resource: dict[str, Any], hash_key: bytes) -> list[dict[str, A
             seen.add(key)
             rows.append({"param": param, "token": token[:320] if token else token, "low": low, "high": high})
 
-    for p in SEARCH_PARAMS.get(resource.get("resourceType", ""), {}).values():
-        for path in p.paths:
-            for key, value in _walk(resource, path.split(".")):
-                if p.type == "token":
-                    for system, code in _codings(value):
-                        for tk in token_keys(system, code, hash_key if p.hashed else None):
-                            add(p.name, tk)
-                elif p.type == "reference":
-                    ref = value.get("reference") if isinstance(value, dict) else None
-                    for rk in reference_keys(ref, p.target) if isinstance(ref, str) else []:
-                        add(p.name, rk)
-                else:
-                    rng = _value_range(key, value)
-                    if rng is not None:
-                        add(p.name, None, *rng)
+    rtype = resource.get("resourceType", "")
+    for p in SEARCH_PARAMS.get(rtype, {}).values():
+        scope = blind_scope(rtype, p)
+        for key, value in element_values(resource, p):
+            if p.type == "string":
+                for t in string_terms(hash_key, scope, value) if isinstance(value, str) else ():
+                    add(p.name, t)
+            elif p.type == "token" and p.blind:
+                for t in _blind_token_terms(hash_key, scope, p, value):
+                    add(p.name, t)
+            elif p.type == "token":
+                for system, code in _codings(value):
+                    for tk in token_keys(system, code, None):
+                        add(p.name, tk)
+            elif p.type == "reference":
+                ref = value.get("reference") if isinstance(value, dict) else None
+                for rk in reference_keys(ref, p.target) if isinstance(ref, str) else []:
+                    add(p.name, rk)
+            elif p.blind:  # birthdate: labels of its year, month and day (engine.store.fhir.blind_dates)
+                for label in stored_labels(value) if isinstance(value, str) else ():
+                    add(p.name, date_term(hash_key, scope, label))
+            else:
+                rng = _value_range(key, value)
+                if rng is not None:
+                    add(p.name, None, *rng)
     return rows

@@ -1,9 +1,16 @@
-"""FHIR search over the store's index: parameters to SQL, stable pages, _include.
+"""FHIR search over the store's index: a parsed query to SQL, exact re-checks, stable pages, includes.
 
-Pages are keyset pages over ``fhir_resources.rid`` (the order resources were first
-created) bounded by a snapshot (the highest rid when the first page was served):
-updates never move a resource between pages, and resources created while a client
-walks the pages do not shift what it sees. The cursor is opaque to clients.
+engine.store.fhir.query turns the request into filters (or refuses it); this module runs them.
+Pages are keyset pages over ``fhir_resources.rid`` (the order resources were first created)
+bounded by a snapshot (the highest rid when the first page was served): updates never move a
+resource between pages, and resources created while a client walks the pages do not shift what
+it sees. The cursor is opaque to clients.
+
+Only the page is decrypted, except where the blind index can only narrow (``:exact``,
+``:contains``, a string value longer than the index's prefixes): then the candidates SQL leaves
+are decrypted and checked, at most ``MAX_RECHECK`` of them; a search that would need more is
+refused (``too-costly``) with a request to narrow it, never answered from a partial scan.
+``SearchResult.decrypted`` counts what a search decrypted (the tests hold it to the page).
 """
 
 from __future__ import annotations
@@ -11,115 +18,92 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, and_, func, not_, or_, select
+import structlog
+from sqlalchemy import ColumnElement, Connection, and_, func, not_, select
 
-from engine.store.fhir.params import (
-    DATE_PREFIXES,
-    SEARCH_PARAMS,
-    FhirError,
-    SearchParam,
-    date_range,
-    query_reference_key,
-    query_token_key,
+from engine.store.fhir import reindex as _reindex  # noqa: F401  (registers the index rebuild with migrate)
+from engine.store.fhir.params import SEARCH_PARAMS, FhirError, _model_class, date_range
+from engine.store.fhir.query import (
+    DEFAULT_COUNT,
+    MAX_COUNT,
+    Filter,
+    Query,
+    chain_clause,
+    date_clause,
+    inner_ids_subquery,
+    parse,
 )
 from engine.store.fhir.resources import FhirStore, Row, fhir_index, fhir_resources, fhir_versions
 
-DEFAULT_COUNT = 20
-MAX_COUNT = 500
-CONTROL_PARAMS = {"_count", "_include", "_cursor", "_format", "_pretty", "_summary", "_elements", "_total",
-                  "_since"}
+log = structlog.get_logger()
+
+MAX_RECHECK = 2000  # candidates one search may decrypt to check :exact / :contains / long values
+MAX_INCLUDE = 1000  # resources one page may pull in through _include and _revinclude
+SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED",
+             "display": "subsetted"}
 
 
 @dataclass
 class SearchResult:
     rows: list[tuple[Row, dict[str, Any]]]
     included: list[tuple[Row, dict[str, Any]]]
-    total: int
+    total: int | None
     next_cursor: str | None
-    used: list[tuple[str, str]]  # parameters applied, for the self link
+    used: list[tuple[str, str]]  # parameters applied (search and result), for the self link
     count: int = DEFAULT_COUNT
     ignored: list[str] = field(default_factory=list)
+    decrypted: int = 0
+    notes: list[str] = field(default_factory=list)  # warnings for an OperationOutcome entry
 
 
-def date_clause(low: Any, high: Any, raw: str) -> ColumnElement[bool]:
-    """SQL for one prefixed date value against a [low, high) column pair (FHIR R4 search 3.1.1.4.2)."""
-    prefix = raw[:2] if raw[:2] in DATE_PREFIXES else "eq"
-    value = raw[2:] if raw[:2] in DATE_PREFIXES else raw
-    try:
-        pl, ph = date_range(value)
-    except ValueError:
-        raise FhirError(400, "invalid", f"date search value {value!r} is not a FHIR date") from None
-    contained = and_(low >= pl, high <= ph)
-    return {
-        "eq": contained,
-        "ne": not_(contained),
-        "gt": high > ph,
-        "lt": low < pl,
-        "ge": or_(high > ph, contained),
-        "le": or_(low < pl, contained),
-        "sa": low >= ph,
-        "eb": high <= pl,
-    }[prefix]
+class _Work:
+    """What one search decrypted, across its filters, page and includes."""
+
+    def __init__(self, fs: FhirStore, conn: Connection) -> None:
+        self.fs, self.conn, self.decrypted = fs, conn, 0
+
+    def body(self, row: Row) -> dict[str, Any]:
+        assert row.blob_id is not None
+        self.decrypted += 1
+        return self.fs.body(self.conn, row.type, row.id, row.version, row.blob_id)
 
 
-def _param_clause(fs: FhirStore, rtype: str, p: SearchParam, value: str) -> ColumnElement[bool]:
-    i = fhir_index
-    values = [v for v in value.split(",") if v != ""]
-    if not values:
-        raise FhirError(400, "invalid", f"search parameter {p.name} has no value")
-    base = and_(i.c.type == rtype, i.c.param == p.name)
-    if p.type == "date":
-        cond: ColumnElement[bool] = or_(*(date_clause(i.c.low, i.c.high, v) for v in values))
-    elif p.type == "reference":
-        cond = i.c.token.in_([query_reference_key(v, p.target) for v in values])
-    else:
-        cond = i.c.token.in_([query_token_key(v, fs.hash_key if p.hashed else None) for v in values])
-    return fhir_resources.c.rid.in_(select(i.c.rid).where(base, cond))
+def _row(x: Any) -> Row:
+    return Row(x["rid"], x["type"], x["id"], x["version"], x["last_updated"], bool(x["deleted"]), x["blob_id"])
 
 
-def where_clauses(fs: FhirStore, rtype: str, params: list[tuple[str, str]], *, strict: bool = False
-                  ) -> tuple[list[ColumnElement[bool]], list[tuple[str, str]], list[str]]:
-    """Filters for the non-control parameters; unknown ones are ignored unless ``strict``."""
+def _sql(work: _Work, f: Filter) -> ColumnElement[bool]:
+    if f.chained is None:
+        assert f.clause is not None
+        return f.clause
+    inner = f.chained[3]
+    if inner.recheck is None:
+        return chain_clause(f, inner_ids_subquery(f))
+    target = f.chained[1]
+    assert inner.clause is not None
+    matched = _rechecked(work, target, [inner.clause], [inner.recheck])
+    return chain_clause(f, [row.id for row, _ in matched])
+
+
+def _rechecked(work: _Work, rtype: str, clauses: list[ColumnElement[bool]], checks: list[Any]
+               ) -> list[tuple[Row, dict[str, Any]]]:
+    """The candidates SQL leaves, decrypted and checked exactly, in rid order (bounded)."""
     r = fhir_resources
-    spec = SEARCH_PARAMS.get(rtype, {})
-    clauses: list[ColumnElement[bool]] = []
-    used: list[tuple[str, str]] = []
-    ignored: list[str] = []
-    for name, value in params:
-        if name in CONTROL_PARAMS:
-            continue
-        base_name, _, modifier = name.partition(":")
-        if modifier:
-            raise FhirError(400, "not-supported", f"search modifier :{modifier} is not supported")
-        if base_name == "_id":
-            clauses.append(r.c.id.in_([v for v in value.split(",") if v]))
-        elif base_name == "_lastUpdated":
-            clauses.append(or_(*(date_clause(r.c.last_updated, r.c.last_updated + 0.001, v)
-                                 for v in value.split(",") if v)))
-        elif base_name in spec:
-            clauses.append(_param_clause(fs, rtype, spec[base_name], value))
-        else:
-            if strict:
-                raise FhirError(400, "not-supported", f"search parameter {name} is not supported on {rtype}")
-            ignored.append(name)
-            continue
-        used.append((name, value))
-    return clauses, used, ignored
-
-
-def _count(params: list[tuple[str, str]]) -> int:
-    raw = [v for k, v in params if k == "_count"]
-    if not raw:
-        return DEFAULT_COUNT
-    try:
-        n = int(raw[-1])
-    except ValueError:
-        raise FhirError(400, "invalid", "_count must be an integer") from None
-    if n < 0:
-        raise FhirError(400, "invalid", "_count must not be negative")
-    return min(n, MAX_COUNT)
+    base = and_(r.c.type == rtype, r.c.deleted == 0, *clauses)
+    n = work.conn.execute(select(func.count()).select_from(r).where(base)).scalar_one()
+    if n > MAX_RECHECK:
+        raise FhirError(400, "too-costly", f"this search leaves {n} candidates to decrypt and check (limit "
+                                           f"{MAX_RECHECK}); narrow it with another parameter or a longer value")
+    out = []
+    for x in work.conn.execute(select(r).where(base).order_by(r.c.rid)).mappings():
+        row = _row(x)
+        body = work.body(row)
+        if all(check(body) for check in checks):
+            out.append((row, body))
+    return out
 
 
 def encode_cursor(after: int, snapshot: int) -> str:
@@ -137,75 +121,158 @@ def decode_cursor(raw: str) -> tuple[int, int]:
 
 
 def find(fs: FhirStore, conn: Connection, rtype: str, query: list[tuple[str, str]]) -> list[Row]:
-    """Current, non-deleted resources matching a query: conditional create/update/delete."""
-    clauses, used, ignored = where_clauses(fs, rtype, query, strict=True)
-    if not used:
+    """Current, non-deleted resources matching a query (at most 3): conditional create/update/delete."""
+    q = parse(fs.hash_key, rtype, query, strict=True)
+    if not q.filters:
         raise FhirError(412, "invalid", "a conditional request needs at least one search parameter")
+    work = _Work(fs, conn)
+    clauses = [_sql(work, f) for f in q.filters]
+    checks = [f.recheck for f in q.filters if f.recheck is not None]
+    if checks:
+        return [row for row, _ in _rechecked(work, rtype, clauses, checks)[:3]]
     r = fhir_resources
     rows = conn.execute(select(r).where(r.c.type == rtype, r.c.deleted == 0, *clauses)
                         .order_by(r.c.rid).limit(3)).mappings().all()
-    return [Row(x["rid"], x["type"], x["id"], x["version"], x["last_updated"], False, x["blob_id"])
-            for x in rows]
+    return [_row(x) for x in rows]
 
 
 def search(fs: FhirStore, conn: Connection, rtype: str, params: list[tuple[str, str]], *,
-           strict: bool = False) -> SearchResult:
+           strict: bool = True) -> SearchResult:
+    """One page of a type-level search; ``strict`` refuses parameters it cannot apply (the default)."""
+    q = parse(fs.hash_key, rtype, params, strict=strict)
     r = fhir_resources
-    clauses, used, ignored = where_clauses(fs, rtype, params, strict=strict)
-    count = _count(params)
-    cursors = [v for k, v in params if k == "_cursor"]
-    if cursors:
-        after, snapshot = decode_cursor(cursors[-1])
+    work = _Work(fs, conn)
+    if q.cursor is not None:
+        after, snapshot = decode_cursor(q.cursor)
     else:
         after = 0
         snapshot = conn.execute(select(func.coalesce(func.max(r.c.rid), 0))).scalar_one()
-    base = and_(r.c.type == rtype, r.c.deleted == 0, r.c.rid <= snapshot, *clauses)
-    total = conn.execute(select(func.count()).select_from(r).where(base)).scalar_one()
+    clauses = [_sql(work, f) for f in q.filters]
+    checks = [f.recheck for f in q.filters if f.recheck is not None]
+    count = 0 if q.summary == "count" else q.count
+    want_total = q.total != "none" or q.summary == "count"
     page: list[tuple[Row, dict[str, Any]]] = []
     next_cursor = None
-    if count > 0:
-        found = conn.execute(select(r).where(base, r.c.rid > after).order_by(r.c.rid).limit(count + 1)
-                             ).mappings().all()
-        if len(found) > count:
-            found = found[:count]
-            next_cursor = encode_cursor(found[-1]["rid"], snapshot)
-        for x in found:
-            row = Row(x["rid"], x["type"], x["id"], x["version"], x["last_updated"], False, x["blob_id"])
-            page.append((row, fs.body(conn, row.type, row.id, row.version, x["blob_id"])))
-    included = _includes(fs, conn, rtype, params, page)
-    return SearchResult(page, included, total, next_cursor, used, count, ignored)
+    total: int | None
+    if checks:
+        matched = _rechecked(work, rtype, [r.c.rid <= snapshot, *clauses], checks)
+        total = len(matched)
+        rest = [m for m in matched if m[0].rid > after]
+        page = rest[:count]
+        if len(rest) > count and page:
+            next_cursor = encode_cursor(page[-1][0].rid, snapshot)
+    else:
+        base = and_(r.c.type == rtype, r.c.deleted == 0, r.c.rid <= snapshot, *clauses)
+        total = conn.execute(select(func.count()).select_from(r).where(base)).scalar_one() if want_total else None
+        if count > 0:
+            found = conn.execute(select(r).where(base, r.c.rid > after).order_by(r.c.rid).limit(count + 1)
+                                 ).mappings().all()
+            if len(found) > count:
+                found = found[:count]
+                next_cursor = encode_cursor(found[-1]["rid"], snapshot)
+            page = [(row, work.body(row)) for row in map(_row, found)]
+    notes = [f"ignored (not supported): {', '.join(q.ignored)}"] if q.ignored else []
+    included = _includes(work, q, page, notes)
+    page = [(row, subset(body, q.summary, q.elements)) for row, body in page]
+    log.debug("fhir.search", type=rtype, filters=len(q.filters), rechecked=bool(checks), decrypted=work.decrypted)
+    return SearchResult(page, included, total if want_total else None, next_cursor, q.used, count, q.ignored,
+                        work.decrypted, notes)
 
 
-def _includes(fs: FhirStore, conn: Connection, rtype: str, params: list[tuple[str, str]],
-              page: list[tuple[Row, dict[str, Any]]]) -> list[tuple[Row, dict[str, Any]]]:
-    """``_include=Type:param[:Target]`` for reference parameters of the searched type."""
-    wanted = [v for k, v in params if k == "_include"]
-    if not wanted or not page:
+def _includes(work: _Work, q: Query, page: list[tuple[Row, dict[str, Any]]], notes: list[str]
+              ) -> list[tuple[Row, dict[str, Any]]]:
+    """``_include=Type:param[:Target]`` and ``_revinclude=Type:param[:Target]`` of the page."""
+    if not page or not (q.includes or q.revincludes):
         return []
-    spec = SEARCH_PARAMS.get(rtype, {})
-    refs: set[str] = set()
-    rids = [row.rid for row, _ in page]
-    for inc in wanted:
-        parts = inc.split(":")
-        if len(parts) not in (2, 3) or parts[0] != rtype or parts[1] not in spec \
-                or spec[parts[1]].type != "reference":
-            raise FhirError(400, "not-supported", f"_include={inc} is not supported on {rtype}")
-        target = parts[2] if len(parts) == 3 else None
-        i = fhir_index
-        tokens = conn.execute(select(i.c.token).where(i.c.rid.in_(rids), i.c.param == parts[1],
-                                                      not_(i.c.token.like("*/%")))).scalars().all()
-        refs.update(t for t in tokens if target is None or t.startswith(f"{target}/"))
-    already = {(row.type, row.id) for row, _ in page}
+    i, r = fhir_index, fhir_resources
+    seen = {(row.type, row.id) for row, _ in page}
     out: list[tuple[Row, dict[str, Any]]] = []
-    for ref in sorted(refs):
-        itype, _, iid = ref.partition("/")
-        if (itype, iid) in already:
-            continue
-        row = fs.current(conn, itype, iid)
-        if row is None or row.deleted or row.blob_id is None:
-            continue
-        out.append((row, fs.body(conn, itype, iid, row.version, row.blob_id)))
+
+    def take(row: Row) -> None:
+        if (row.type, row.id) in seen or row.deleted or row.blob_id is None:
+            return
+        if len(out) >= MAX_INCLUDE:
+            if not any(n.startswith("includes") for n in notes):
+                notes.append(f"includes cut at {MAX_INCLUDE} resources for this page; ask for a smaller _count")
+            return
+        seen.add((row.type, row.id))
+        out.append((row, work.body(row)))
+
+    rids = [row.rid for row, _ in page]
+    for inc in q.includes:
+        tokens = work.conn.execute(select(i.c.token).where(i.c.rid.in_(rids), i.c.param == inc.param,
+                                                           not_(i.c.token.like("*/%")))).scalars().all()
+        for ref in sorted(t for t in set(tokens) if inc.target is None or t.startswith(f"{inc.target}/")):
+            itype, _, iid = ref.partition("/")
+            row = work.fs.current(work.conn, itype, iid)
+            if row is not None:
+                take(row)
+    refs = [f"{q.rtype}/{row.id}" for row, _ in page]
+    for inc in q.revincludes:
+        sub = select(i.c.rid).where(i.c.type == inc.source, i.c.param == inc.param, i.c.token.in_(refs))
+        found = work.conn.execute(select(r).where(r.c.type == inc.source, r.c.deleted == 0, r.c.rid.in_(sub))
+                                  .order_by(r.c.rid).limit(MAX_INCLUDE + 1)).mappings().all()
+        for x in found:
+            take(_row(x))
     return out
+
+
+# -- _summary and _elements ------------------------------------------------
+@lru_cache(maxsize=64)
+def _elements_of(rtype: str) -> tuple[frozenset[str], frozenset[str]]:
+    """(summary elements, mandatory elements) of a resource type, from the fhir.resources model."""
+    summary: set[str] = set()
+    required: set[str] = set()
+    for name, f in _model_class(rtype).model_fields.items():
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        alias = f.alias or name
+        if extra.get("summary_element_property"):
+            summary.add(alias)
+        if f.is_required() or extra.get("element_required") or extra.get("one_of_many_required"):
+            required.add(alias)
+    return frozenset(summary), frozenset(required)
+
+
+def subset(body: dict[str, Any], summary: str | None, elements: list[str] | None) -> dict[str, Any]:
+    """The resource as ``_summary`` / ``_elements`` ask (R4 3.1.1.5.7-8), tagged SUBSETTED."""
+    if elements is None and summary in (None, "false", "count"):
+        return body
+    rtype = str(body.get("resourceType", ""))
+    try:
+        summary_elements, required = _elements_of(rtype)
+    except Exception:  # no model for the type: keep the resource whole rather than guess
+        return body
+    base = {"resourceType", "id", "meta"}
+    if elements is not None:
+        keep = base | set(elements) | required
+    elif summary == "data":
+        keep = set(body) - {"text"}
+    elif summary == "text":
+        keep = base | {"text"} | required
+    else:
+        keep = base | summary_elements
+    out = {k: v for k, v in body.items() if k in keep or (k.startswith("_") and k[1:] in keep)}
+    meta = dict(out.get("meta") or {})
+    tags = [t for t in meta.get("tag") or [] if isinstance(t, dict)]
+    if not any(t.get("code") == "SUBSETTED" for t in tags):
+        tags.append(SUBSETTED)
+    meta["tag"] = tags
+    out["meta"] = meta
+    return out
+
+
+# -- history -----------------------------------------------------------------
+def _count(params: list[tuple[str, str]]) -> int:
+    raw = [v for k, v in params if k == "_count"]
+    if not raw:
+        return DEFAULT_COUNT
+    try:
+        n = int(raw[-1])
+    except ValueError:
+        raise FhirError(400, "invalid", "_count must be an integer") from None
+    if n < 0:
+        raise FhirError(400, "invalid", "_count must not be negative")
+    return min(n, MAX_COUNT)
 
 
 @dataclass
@@ -252,4 +319,5 @@ def history(fs: FhirStore, conn: Connection, rtype: str, rid: str | None, params
     return out, total, next_cursor
 
 
-__all__ = ["HistoryEntry", "SearchResult", "date_clause", "find", "history", "search"]
+__all__ = ["DEFAULT_COUNT", "MAX_COUNT", "SEARCH_PARAMS", "HistoryEntry", "SearchResult", "date_clause", "find",
+           "history", "search", "subset"]

@@ -5,7 +5,11 @@ schema without importing the FHIR code above it.
 
   fhir_resources  one row per logical resource (current version; ``rid`` orders search pages)
   fhir_versions   one row per version (history, vread), DELETE versions without a body
-  fhir_index      search keys of the current version (see engine.store.fhir.params)
+  fhir_index      search keys of the current version (see engine.store.fhir.params): clear keys
+                  (status, codes, clinical dates, references) or keyed HMAC terms (names,
+                  identifiers, telecoms, addresses, birth date) in ``token``
+  fhir_index_state  what the index was built with (engine.store.fhir.reindex rebuilds it on start
+                  when the parameters, the term format or the HMAC key changed)
 """
 
 from __future__ import annotations
@@ -56,4 +60,12 @@ fhir_index = Table(
     Column("high", Float, nullable=True),
     Index("ix_fhir_index_token", "type", "param", "token"),
     Index("ix_fhir_index_date", "type", "param", "low", "high"),
+)
+
+fhir_index_state = Table(
+    "fhir_index_state",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("value", String(128), nullable=False),
+    Column("applied_at", Float, nullable=False),
 )
