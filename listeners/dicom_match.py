@@ -1,8 +1,9 @@
 """C-FIND attribute matching after PS3.4 C.2.2.2, and the response identifiers.
 
-The index narrows candidates in SQL (UIDs, dates, HMAC'd identifiers); this module
-decides the final match on the decrypted attributes, so SQL narrowing can only
-ever be a superset and the matching rules live in one place.
+The index narrows candidates in SQL (UIDs, dates, modality, and the blind terms of
+PatientName, PatientID and AccessionNumber for exact values and wildcards with a literal
+start); this module decides the final match on the decrypted attributes, so SQL
+narrowing can only ever be a superset and the matching rules live in one place.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from engine.store.dicom import index as idx
+from engine.store.dicom import terms
 
 STRING_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"}
 RANGE_VRS = {"DA", "TM", "DT"}
@@ -168,10 +170,11 @@ def narrow(cands: idx.Candidates, keys: Iterable[Key], hkey: bytes) -> None:
                     cands.add(col <= hi.strip())
         elif kw == "Modality" and depth >= 2 and not wild:
             cands.add(t["SERIES"].c.modality.in_(values))
-        elif kw == "PatientName" and len(values) == 1 and not wild:
-            cands.add(t["PATIENT"].c.name_hmac == idx.keyed(hkey, "PatientName", idx.norm_pn(values[0])))
-        elif kw == "AccessionNumber" and depth >= 1 and len(values) == 1 and not wild:
-            cands.add(t["STUDY"].c.accession_hmac == idx.keyed(hkey, "AccessionNumber", values[0]))
+        elif kw in terms.SCOPES and idx.LEVELS.index(terms.SCOPES[kw][0]) <= depth:
+            # blind terms: exact values and the literal start of wildcards (DOE*, DOE^J*)
+            cond = terms.condition(hkey, kw, values)
+            if cond is not None:
+                cands.add(cond)
 
 
 def response(attrs: Mapping[str, Any], keys: Iterable[Key], level: str, derived: Any,

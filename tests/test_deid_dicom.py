@@ -237,3 +237,132 @@ channels:
     parse_settings(text, tmp_path / "channels.yaml", env={})
     with pytest.raises(ConfigError, match=r"transforms\[0\]\.options\[0\]"):
         parse_settings(text.replace("retain_uids", "retain_uid"), tmp_path / "channels.yaml", env={})
+
+
+# -- nesting (issue 9 item 1) ---------------------------------------------------------
+def _nested(depth: int, *, undefined: bool) -> bytes:
+    """An explicit VR little endian data set of Content Sequences nested ``depth`` deep, built as
+    bytes (pydicom's writer recurses, so it cannot make the deep ones)."""
+    import struct
+
+    inner = struct.pack("<HH2sH", 0x0040, 0xA040, b"CS", 4) + b"TEXT"  # a ValueType at the bottom
+    for _ in range(depth):
+        if undefined:
+            item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + inner + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+            inner = (struct.pack("<HH2sHI", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF) + item
+                     + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+        else:
+            item = struct.pack("<HHI", 0xFFFE, 0xE000, len(inner)) + inner
+            inner = struct.pack("<HH2sHI", 0x0040, 0xA730, b"SQ", 0, len(item)) + item
+    return inner
+
+
+def deep_sr(depth: int, *, undefined: bool = False, patient_id: str = "MRN12345") -> bytes:
+    """A Comprehensive SR instance (Part 10) whose content tree is ``depth`` levels deep."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.Modality = "DOE^JOHN", patient_id, "SR"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    return to_bytes(ds) + _nested(depth, undefined=undefined)
+
+
+@pytest.mark.parametrize("undefined", [False, True], ids=["defined-length", "undefined-length"])
+@pytest.mark.parametrize("depth", [65, 300, 2000])
+def test_too_deep_sequences_are_refused_cleanly(depth, undefined):
+    """Past MAX_SEQUENCE_DEPTH the transform raises TooDeep (a ValueError the route dead-letters),
+    never RecursionError: before the bound, 2 000 levels died inside pydicom or the walk."""
+    from transforms.deid_limits import MAX_SEQUENCE_DEPTH, TooDeep
+
+    transform = build(DeidentifyConfig(type="deidentify"), secret=SECRET)
+    with pytest.raises(TooDeep, match=f"more than {MAX_SEQUENCE_DEPTH} levels"):
+        transform(Envelope(channel="t", kind="dicom", payload=deep_sr(depth, undefined=undefined)))
+
+
+@pytest.mark.parametrize("undefined", [False, True], ids=["defined-length", "undefined-length"])
+def test_nesting_up_to_the_bound_is_deidentified(undefined):
+    from transforms.deid_limits import MAX_SEQUENCE_DEPTH
+
+    out = pydicom.dcmread(io.BytesIO(run_bytes(deep_sr(MAX_SEQUENCE_DEPTH, undefined=undefined))))
+    assert out.PatientIdentityRemoved == "YES" and out.PatientID != "MRN12345"
+
+
+def run_bytes(payload: bytes) -> bytes:
+    transform = build(DeidentifyConfig(type="deidentify"), secret=SECRET)
+    return transform(Envelope(channel="t", kind="dicom", payload=payload)).payload
+
+
+def test_depth_is_measured_without_recursion():
+    """The measure itself must survive what it refuses: 20 000 levels, default recursion limit."""
+    from transforms.deid_limits import TooDeep, check_dataset_depth, check_json_depth
+
+    ds = pydicom.dcmread(io.BytesIO(deep_sr(20_000)), force=True)
+    with pytest.raises(TooDeep):
+        check_dataset_depth(ds)
+    assert check_dataset_depth(ds, limit=30_000) == 20_000
+    doc: list = []
+    for _ in range(20_000):
+        doc = [doc]
+    with pytest.raises(TooDeep):
+        check_json_depth(doc)
+
+
+def test_deeply_nested_fhir_is_refused_cleanly():
+    from transforms.deid_limits import MAX_JSON_DEPTH, TooDeep
+
+    transform = build(DeidentifyConfig(type="deidentify"), secret=SECRET)
+    for depth in (MAX_JSON_DEPTH + 1, 5_000):
+        payload = b'{"resourceType":"Observation","extension":' + b"[" * depth + b"]" * depth + b"}"
+        with pytest.raises(TooDeep):
+            transform(Envelope(channel="t", kind="fhir", payload=payload))
+    ok = b'{"resourceType":"Observation","status":"final","extension":' + b"[" * 50 + b"]" * 50 + b"}"
+    assert transform(Envelope(channel="t", kind="fhir", payload=ok)).payload
+
+
+@pytest.mark.dcmtk
+def test_a_too_deep_instance_dead_letters_alone_and_the_route_goes_on(engine_factory, tmp_path):
+    """Through a running engine with DCMTK storescu: the 2 000-level instance is stored (Level 2),
+    its de-identification route dead-letters it with a reason that says why, it is audited as a
+    failed de-identification, and the next instance on the same route is de-identified."""
+    from sqlalchemy import select
+
+    from engine.store import schema
+    from tests.dicom_peers import dicom_yaml, storescu
+
+    routes = """
+      - name: research
+        transforms: [{type: deidentify}]
+        to: {type: file, path: out}"""
+    eng = engine_factory(dicom_yaml(routes=routes))
+    port = eng.address("dcm")[1]
+    deep, normal = tmp_path / "deep.dcm", tmp_path / "normal.dcm"
+    deep.write_bytes(deep_sr(2_000))
+    normal.write_bytes(deep_sr(3))
+    for f in (deep, normal):  # one after the other: the route is ordered by arrival
+        proc = storescu(port, [f])
+        assert "Received Store Response (Success)" in proc.stdout, proc.stdout
+    d, m = schema.deliveries, schema.messages
+
+    def states():
+        with eng.store.engine.connect() as c:
+            rows = c.execute(select(d.c.state, d.c.last_error, m.c.received_at)
+                             .join(m, m.c.id == d.c.message_id).order_by(m.c.received_at)).all()
+        return [(s, e) for s, e, _ in rows]
+
+    eng.wait_for(lambda: len(states()) == 2 and all(s != "pending" for s, _ in states()), timeout=30)
+    (s1, e1), (s2, _e2) = states()
+    assert s1 == "dead" and "TooDeep" in e1 and "more than 64 levels" in e1, e1
+    assert "RecursionError" not in e1
+    assert s2 == "done"
+    files = list((eng.data_dir / "out").iterdir())
+    assert len(files) == 1 and b"MRN12345" not in files[0].read_bytes()
+    a = schema.audit_events
+    with eng.store.engine.connect() as c:
+        outcomes = [r.outcome for r in c.execute(select(a.c.outcome).where(a.c.action == "deid.apply"))]
+    assert sorted(outcomes) == ["failure", "success"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from tests.dicom_peers import data_file, dicom_yaml, findscu, storescu_any
 
@@ -101,3 +102,141 @@ def test_worklist_find_answers(archive):
                         model="-W", out_dir=d / "mwl")
     assert "Received Final Find Response (Success)" in proc.stdout, proc.stdout
     assert res == []
+
+
+# -- at the speed of an index (issue 9 item 12) --------------------------------------
+# A few thousand instances, synthesised and filed through the index code (the network
+# would only make the set-up slow); queries then count the decryptions they cause.
+N = 3000
+CT = "1.2.840.10008.5.1.4.1.1.2"
+FAMILIES = ("SMITH", "JONES", "MÜLLER", "GARCIA", "NGUYEN", "DOE", "DOERR", "O'DOE", "DOE-SMITH", "KIM",
+            "ÅSTRÖM", "ŁUKASZ", "straße", "ﬁnn", "ΣΩΚΡΑΤΗΣ")
+GIVEN = ("JOHN", "JANE", "J", "ANNA", "JÜRGEN", "MARIA", "ıSMAIL", "ZOË", "")
+
+
+def synth(i: int) -> dict:
+    family, given = FAMILIES[i % len(FAMILIES)], GIVEN[(i // len(FAMILIES)) % len(GIVEN)]
+    uid = f"1.2.826.0.1.3680043.10.9.{i}"
+    return {
+        "PATIENT": {"PatientName": f"{family}^{given}" if given else family, "PatientID": f"PID{i:06d}"},
+        "STUDY": {"StudyInstanceUID": uid, "StudyDate": "20240101", "AccessionNumber": f"A{i:06d}"},
+        "SERIES": {"SeriesInstanceUID": uid + ".1", "Modality": "CT"},
+        "IMAGE": {"SOPInstanceUID": uid + ".1.1", "SOPClassUID": CT},
+    }
+
+
+def fill(store, n: int = N) -> list[dict]:
+    from engine.store.dicom import index as idx
+
+    hkey = store.keyring.hmac_key(idx.HMAC_KEY_NAME)
+    rows = [synth(i) for i in range(n)]
+    with store.engine.begin() as conn:
+        for i, a in enumerate(rows):
+            idx.index_instance(conn, store, hkey, a, message_id=f"s{i}", transfer_syntax="1.2.840.10008.1.2.1",
+                               digest="d", size=1)
+    return rows
+
+
+class Decryptions:
+    """Counts the blob reads (each one a decryption) made through a store."""
+
+    def __init__(self, store) -> None:
+        self.n = 0
+        real = store.get_blob
+
+        def counted(*a, **k):
+            self.n += 1
+            return real(*a, **k)
+
+        store.get_blob = counted
+
+    def take(self) -> int:
+        n, self.n = self.n, 0
+        return n
+
+
+def expected(rows: list[dict], keyword: str, value: str, fold: bool) -> list[str]:
+    """The oracle: PS3.4 matching applied to the clear attributes, no index involved."""
+    from listeners import dicom_match as m
+
+    level = "PATIENT" if keyword.startswith("Patient") else "STUDY"
+    key = m.Key(keyword, 0, "PN" if keyword == "PatientName" else ("LO" if keyword == "PatientID" else "SH"), value)
+    return sorted(r["STUDY"]["StudyInstanceUID"] for r in rows if m.value_matches(r[level][keyword], key,
+                                                                                   fold_pn=fold))
+
+
+def find(store, level: str, keyword: str, value: str, *, fold: bool = True) -> list[str]:
+    import types
+
+    from listeners.dicom_qr import QueryRetrieve
+
+    qr = QueryRetrieve(types.SimpleNamespace(store=store, keyring=store.keyring, channel="t"), ae_title="T",
+                       fold_pn=fold, move_destinations={})
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    setattr(ds, keyword, value)
+    ds.StudyInstanceUID = ""
+    ds.PatientID = ds.PatientID if keyword == "PatientID" else ""
+    return [str(r.get("StudyInstanceUID") or r.PatientID) for r in qr.find_responses(ds, "patient")]
+
+
+QUERIES = [  # (keyword, value, level): exact keys and wildcards with a literal start
+    ("PatientID", "PID000123", "STUDY"), ("PatientID", "PID00012*", "STUDY"), ("AccessionNumber", "A000077", "STUDY"),
+    ("PatientName", "DOE*", "STUDY"), ("PatientName", "DOE^J*", "STUDY"), ("PatientName", "DOE^JOHN", "STUDY"),
+    ("PatientName", "doe*", "STUDY"), ("PatientName", "MÜLLER^J?RGEN", "STUDY"), ("PatientName", "O'DOE*", "STUDY"),
+    ("PatientName", "DOE-SMITH^ANNA", "STUDY"), ("PatientName", "ΣΩΚ*", "STUDY"), ("PatientName", "STRASSE*", "STUDY"),
+    ("PatientName", "FINN^ZOË", "STUDY"), ("PatientName", "ﬁnn*", "STUDY"), ("PatientName", "GARCIA^MARIA\\KIM",
+                                                                             "STUDY"),
+]
+
+
+def test_exact_keys_and_prefix_wildcards_decrypt_only_their_matches(store):
+    """Exact PatientID / AccessionNumber / PatientName and DOE* / DOE^J* wildcards are narrowed in
+    SQL by the blind terms: the only rows decrypted are the ones that match (two blobs each at
+    STUDY level: patient and study), not the 3 000 of the archive."""
+    rows = fill(store)
+    count = Decryptions(store)
+    for keyword, value in (("PatientID", "PID000123"), ("AccessionNumber", "A000077"), ("PatientName", "DOE*"),
+                           ("PatientName", "DOE^J*"), ("PatientName", "DOE^JOHN"), ("PatientID", "PID00012*")):
+        got = find(store, "STUDY", keyword, value)
+        want = expected(rows, keyword, value, True)
+        assert sorted(got) == want and want, (keyword, value)
+        assert count.take() == 2 * len(want), (keyword, value)
+    got = find(store, "PATIENT", "PatientName", "DOE*")
+    assert len(got) == len(expected(rows, "PatientName", "DOE*", True)) == count.take()
+
+
+def test_case_folding_follows_the_listener_option(store):
+    """`doe*` finds DOE... with case_insensitive_pn (the default), nothing without it."""
+    rows = fill(store, 300)
+    assert sorted(find(store, "STUDY", "PatientName", "doe*")) == expected(rows, "PatientName", "DOE*", True)
+    assert find(store, "STUDY", "PatientName", "doe*", fold=False) == []
+    assert sorted(find(store, "STUDY", "PatientName", "DOE*", fold=False)) == expected(rows, "PatientName", "DOE*",
+                                                                                        False)
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_narrowing_never_loses_a_match(sqlite_store, fold):
+    """Whatever the terms do to case, accents, ligatures and separators, the narrowed answer is
+    exactly PS3.4 matching on the clear values (the oracle), for every query shape."""
+    rows = fill(sqlite_store, 400)
+    more = [("PatientName", "*OE*", "STUDY"), ("PatientName", "*^JOHN", "STUDY"), ("PatientName", "?OE*", "STUDY"),
+            ("PatientName", "ıSMAIL*", "STUDY"), ("PatientName", "åström*", "STUDY")]
+    for keyword, value, level in QUERIES + more:
+        assert sorted(find(sqlite_store, level, keyword, value, fold=fold)) == expected(rows, keyword, value, fold), (
+            keyword, value)
+
+
+def test_findscu_is_answered_from_the_index(engine_factory, tmp_path):
+    """A real findscu against a running engine holding a few thousand instances: exact PatientID
+    and DOE* answer the right studies and decrypt only those."""
+    eng = engine_factory(dicom_yaml())
+    port = eng.address("dcm")[1]
+    rows = fill(eng.store, 2000)
+    count = Decryptions(eng.store)
+    for keys, want in (({"PatientID": "PID001234"}, expected(rows, "PatientID", "PID001234", True)),
+                       ({"PatientName": "DOE*"}, expected(rows, "PatientName", "DOE*", True)),
+                       ({"PatientName": "DOE^JANE", "PatientID": ""}, expected(rows, "PatientName", "DOE^JANE", True))):
+        _, res = findscu(port, "STUDY", {**keys, "StudyInstanceUID": ""}, out_dir=tmp_path / "r")
+        assert sorted(str(r.StudyInstanceUID) for r in res) == want and want, keys
+        assert count.take() == 2 * len(want), keys

@@ -4,7 +4,9 @@ One walk over the data set: each standard attribute is looked up in the table
 (exact tag, then repeating-group masks), its action is the basic one overridden by
 the enabled option columns, a compound action is resolved by the attribute's Type
 (see ``deid_table.resolve``), and sequences are walked recursively so an attribute
-inside an item gets the same treatment as at top level. Attributes the table does
+inside an item gets the same treatment as at top level. The recursion is bounded: a data
+set is measured first (``deid_limits``) and one nested deeper than ``MAX_SEQUENCE_DEPTH``
+is refused with ``TooDeep`` before anything is changed. Attributes the table does
 not name are kept (the table is the profile), except inside a sequence being
 *cleaned*, where free text is scrubbed of this instance's identifiers.
 """
@@ -23,6 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from transforms.deid_config import DeidentifyConfig
+from transforms.deid_limits import MAX_SEQUENCE_DEPTH, TooDeep, check_dataset_depth
 from transforms.deid_pixels import screen
 from transforms.deid_pseudonym import Pseudonymizer, shift_compact
 from transforms.deid_table import CID_7050, OPTIONS, effective_action, load_table, resolve
@@ -106,7 +109,8 @@ class DicomDeidentifier:
 
     # -- entry -----------------------------------------------------------
     def apply(self, ds: Dataset) -> Dataset:
-        """De-identify ``ds`` (and its file meta) in place; may raise ``Quarantine``."""
+        """De-identify ``ds`` (and its file meta) in place; may raise ``Quarantine`` or ``TooDeep``."""
+        check_dataset_depth(ds, MAX_SEQUENCE_DEPTH)  # before any change: the walks below recurse
         cleaned_pixels = screen(ds, self.config)
         self.sop_class = str(ds.get("SOPClassUID", ""))
         pid = str(ds.get("PatientID", "") or "").strip()
@@ -300,8 +304,16 @@ class DicomDeidentifier:
 
 
 def read(payload: bytes) -> Dataset:
-    """Parse a Part 10 file (or a bare data set) from bytes."""
-    return pydicom.dcmread(io.BytesIO(payload), force=True)
+    """Parse a Part 10 file (or a bare data set) from bytes.
+
+    pydicom reads undefined-length sequences recursively, so a data set nested a few
+    hundred levels deep fails inside it; that is the same refusal as ``TooDeep``.
+    """
+    try:
+        return pydicom.dcmread(io.BytesIO(payload), force=True)
+    except RecursionError:
+        raise TooDeep(f"DICOM sequences nested too deep to read (more than {MAX_SEQUENCE_DEPTH} levels "
+                      "are refused)") from None
 
 
 def write(ds: Dataset) -> bytes:

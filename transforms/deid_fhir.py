@@ -18,6 +18,7 @@ import re
 from typing import Any
 
 from transforms.deid_config import DeidentifyConfig
+from transforms.deid_limits import MAX_JSON_DEPTH, TooDeep, check_json_depth
 from transforms.deid_pseudonym import Pseudonymizer, shift_iso
 
 PEOPLE = ("Patient", "Practitioner", "RelatedPerson", "Person")
@@ -57,8 +58,13 @@ class FhirDeidentifier:
         self.opts = config.option_set
 
     def apply(self, payload: bytes) -> bytes:
-        """De-identify a resource or a Bundle; ``ValueError`` when it is not a FHIR JSON object."""
-        doc = json.loads(payload)
+        """De-identify a resource or a Bundle; ``ValueError`` when it is not a FHIR JSON object,
+        ``TooDeep`` (a ValueError too) when it nests past ``deid_limits.MAX_JSON_DEPTH``."""
+        try:
+            doc = json.loads(payload)
+        except RecursionError:  # the json module's own recursion limit
+            raise TooDeep(f"JSON nested too deep to read (more than {MAX_JSON_DEPTH} levels are refused)") from None
+        check_json_depth(doc, MAX_JSON_DEPTH)  # before any change: the walk below recurses
         if not isinstance(doc, dict) or "resourceType" not in doc:
             raise ValueError("not a FHIR resource (no resourceType)")
         resources = _resources(doc)

@@ -20,11 +20,12 @@ from engine.envelope import Envelope
 from engine.registry import component
 from transforms import deid_dicom, deid_fhir, deid_hl7
 from transforms.deid_config import DeidentifyConfig, PixelRule, QuarantineConfig, SafePrivate
+from transforms.deid_limits import TooDeep
 from transforms.deid_pixels import Quarantine
 from transforms.deid_pseudonym import Pseudonymizer
 
 __all__ = [
-    "DeidentifyConfig", "PixelRule", "QuarantineConfig", "SafePrivate", "Quarantine", "build",
+    "DeidentifyConfig", "PixelRule", "QuarantineConfig", "SafePrivate", "Quarantine", "TooDeep", "build",
     "deidentify_dicom",
 ]
 
@@ -36,10 +37,14 @@ DROP_HEADERS = {"AccessionNumber", "PatientID", "PatientName", "StudyDate", "PID
 
 
 def deidentify_dicom(payload: bytes, config: DeidentifyConfig, pseudo: Pseudonymizer) -> bytes:
-    """De-identify one DICOM instance given as bytes; raises ``Quarantine`` for burned-in risk."""
-    ds = deid_dicom.read(payload)
-    deid_dicom.DicomDeidentifier(config, pseudo).apply(ds)
-    return deid_dicom.write(ds)
+    """De-identify one DICOM instance given as bytes; raises ``Quarantine`` for burned-in risk,
+    ``TooDeep`` for sequences nested past ``deid_limits.MAX_SEQUENCE_DEPTH``."""
+    try:
+        ds = deid_dicom.read(payload)
+        deid_dicom.DicomDeidentifier(config, pseudo).apply(ds)
+        return deid_dicom.write(ds)
+    except RecursionError:  # the depth check should make this unreachable; never let it pass as anything else
+        raise TooDeep("DICOM data set nested too deep to de-identify") from None
 
 
 def _headers(headers: Mapping[str, Any], config: DeidentifyConfig, pseudo: Pseudonymizer) -> dict[str, Any]:
@@ -88,6 +93,10 @@ def build(
         except Quarantine as q:
             logger.info("deid.quarantined", message_id=envelope.id, kind=envelope.kind, reason=q.reason)
             _audit(ctx, envelope, None, "failure", q.reason)
+            raise
+        except TooDeep as e:  # the route dead-letters this one message; the worker goes on
+            logger.warning("deid.refused", message_id=envelope.id, kind=envelope.kind, reason=str(e))
+            _audit(ctx, envelope, None, "failure", str(e))
             raise
         out = envelope.derive(payload=payload, headers=_headers(envelope.headers, config, pseudo))
         logger.info("deid.done", message_id=envelope.id, derived_id=out.id, kind=envelope.kind)

@@ -95,3 +95,36 @@ def prefix_query(key: bytes, scope: str, prefix: str) -> tuple[str | None, bool]
     first = ws[0]
     recheck = len(ws) > 1 or len(first) > MAX_PREFIX
     return term(key, scope, "p", first[:MAX_PREFIX]), recheck
+
+
+def start_terms(key: bytes, scope: str, value: str) -> set[str]:
+    """Terms for the first 1 to ``MAX_PREFIX`` characters of the whole normalised value.
+
+    For matching that anchors at the start of the value rather than of any word: a DICOM
+    wildcard ``DOE*`` or ``DOE^J*`` matches ``DOE^JOHN`` but not ``O'DOE^JOHN``, whose
+    second word also starts with ``DOE``.
+    """
+    n = normalise(value)
+    return {term(key, scope, "s", n[:i]) for i in range(1, min(len(n), MAX_PREFIX) + 1)}
+
+
+def starts_with_terms(key: bytes, scope: str, literal: str) -> list[str] | None:
+    """Terms (to AND) that every value beginning with ``literal`` has among its ``start_terms``
+    and ``word_terms``: the start term of the literal's normalised form (cut at ``MAX_PREFIX``)
+    and, for a longer literal, the word terms of the words it completes.
+
+    Normalisation works character by character before it joins words with single spaces, so
+    the normal form of a value that begins with the literal begins with the literal's normal
+    form, and a word the literal closes with a separator is a whole word of the value. A
+    necessary condition only: candidates are re-checked after decryption. ``None`` when the
+    literal normalises to nothing (nothing to narrow by).
+    """
+    n = normalise(literal)
+    if not n:
+        return None
+    out = [term(key, scope, "s", n[:MAX_PREFIX])]
+    if len(n) > MAX_PREFIX:
+        ws = n.split()
+        closed = len(normalise(literal + "x").split()) > len(ws)  # a separator ends the last word
+        out += [term(key, scope, "w", w) for w in (ws if closed else ws[:-1])]
+    return out

@@ -22,6 +22,7 @@ from sqlalchemy.engine import make_url
 from engine.security.crypto import IntegrityError, KeyRing, Sealed
 from engine.store import schema
 from engine.store.dicom import tables as _dicom_tables  # noqa: F401  (their tables join the schema)
+from engine.store.dicom import upgrade as _dicom_upgrade
 from engine.store.fhir import tables as _fhir_tables  # noqa: F401
 from engine.store.prepared import Prepared
 
@@ -110,6 +111,7 @@ class Store:
                 conn.execute(insert(schema.schema_version).values(version=version, applied_at=time.time()))
             for hook in MIGRATION_HOOKS:
                 hook(conn, self)
+            _dicom_upgrade.run(conn, self)  # the archive index versions itself (re-keys, fills its terms)
         return SCHEMA_VERSION
 
     @contextlib.contextmanager

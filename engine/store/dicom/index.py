@@ -6,21 +6,24 @@ patient's name and id). Each level keeps:
 
 - clear columns only for non-PHI keys that narrow a query in SQL (UIDs, Modality,
   StudyDate/Time, SeriesNumber, InstanceNumber, SOP Class, transfer syntax);
-- keyed HMAC columns (key ``dicom-index`` of the key ring) for exact matching of
-  PatientID, PatientName (upper-cased) and AccessionNumber;
+- keyed HMACs (key ``dicom-index`` of the key ring): the patient's identity key
+  (``pid_hmac``: PatientID + IssuerOfPatientID, or one patient per study when the
+  instance has no PatientID; see ``terms``) and blind search terms of PatientName,
+  PatientID and AccessionNumber in ``dicom_terms`` (exact values, words, prefixes), by
+  which C-FIND narrows in SQL;
 - every returnable attribute of the level as JSON sealed in the blob store (AES-GCM,
   rotated with every other blob), decrypted only for the candidate rows the SQL
   narrowing left, where the final PS3.4 C.2.2.2 matching runs (wildcards, ranges...).
 
 Rows of a level are created by the first instance that names them and kept as they
-are after that (first writer wins, like most archives); instance rows point at the
-message (or blob) that holds the Part-10 bytes.
+are after that (first writer wins, like most archives): a study stays with the patient
+its first instance named. Instance rows point at the message (or blob) that holds the
+Part-10 bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import io
 import json
 import re
@@ -50,8 +53,21 @@ from sqlalchemy import (
     update,
 )
 
+from engine.store.dicom import terms
 from engine.store.dicom.scan import ScanError, scan
-from engine.store.dicom.tables import instances, patients, series, studies
+from engine.store.dicom.tables import (  # noqa: F401  (the attribute lists are this module's API too)
+    IMAGE_ATTRS,
+    LEVEL_ATTRS,
+    PATIENT_ATTRS,
+    SERIES_ATTRS,
+    STUDY_ATTRS,
+    instances,
+    patients,
+    series,
+    studies,
+)
+from engine.store.dicom.terms import keyed, norm_pn  # C-FIND matching uses norm_pn from here
+from engine.store.dicom.terms import plain as _plain
 from engine.store.handlers import store_handler
 from engine.store.prepared import Prepared
 
@@ -61,25 +77,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
-HMAC_KEY_NAME = "dicom-index"
+HMAC_KEY_NAME = terms.HMAC_KEY_NAME
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 
 
-# Attributes kept per level (sealed JSON); the clear columns are copies for narrowing.
-PATIENT_ATTRS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientBirthTime",
-                 "PatientSex", "OtherPatientIDs", "EthnicGroup", "PatientComments")
-STUDY_ATTRS = ("StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID",
-               "StudyDescription", "ReferringPhysicianName", "NameOfPhysiciansReadingStudy",
-               "PatientAge", "PatientSize", "PatientWeight", "Occupation", "AdmittingDiagnosesDescription")
-SERIES_ATTRS = ("SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription", "SeriesDate",
-                "SeriesTime", "BodyPartExamined", "ProtocolName", "PerformedProcedureStepStartDate",
-                "PerformedProcedureStepStartTime", "Laterality", "Manufacturer", "StationName",
-                "InstitutionName")
-IMAGE_ATTRS = ("SOPInstanceUID", "SOPClassUID", "InstanceNumber", "ContentDate", "ContentTime",
-               "NumberOfFrames", "Rows", "Columns", "ImageType", "AcquisitionNumber")
-LEVEL_ATTRS: dict[str, tuple[str, ...]] = {
-    "PATIENT": PATIENT_ATTRS, "STUDY": STUDY_ATTRS, "SERIES": SERIES_ATTRS, "IMAGE": IMAGE_ATTRS,
-}
 # Computed at query time from the rows below the level (PS3.4 C.6.1.1 / C.6.2.1 optional keys).
 DERIVED = {
     "NumberOfPatientRelatedStudies": "PATIENT", "NumberOfPatientRelatedSeries": "PATIENT",
@@ -101,37 +102,7 @@ class MissingKeys(ValueError):
     """The data set lacks what the index needs (a UID): the listener answers 0xA900."""
 
 
-# -- normalising and keyed hashing ------------------------------------------------
-def _plain(value: Any) -> Any:
-    """A JSON-safe copy of a pydicom value (PN/DA/IS/DS become str/int/float, MultiValue a list)."""
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return [_plain(v) for v in value]
-    if isinstance(value, bytes):
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    return str(value)
-
-
-def norm_pn(value: str) -> str:
-    """PN as compared by the index: upper case, no padding, no empty trailing components."""
-    return str(value).strip().upper().rstrip("^= ")
-
-
-def keyed(key: bytes, kind: str, value: str) -> str:
-    # hmac.new, not the one-shot hmac.digest: the one-shot releases the GIL, and in the
-    # committer every release costs a wait to get it back while associations run Python.
-    return hmac.new(key, f"{kind}\x00{value}".encode(), hashlib.sha256).hexdigest()
-
-
-def _aad(level: str, unique: str) -> str:
-    return f"dx{level[:2].lower()}-" + hashlib.sha256(unique.encode()).hexdigest()[:56]
-
-
+# -- sealing ------------------------------------------------------------------
 def extract(ds: Dataset, *, fast: bool = True) -> dict[str, dict[str, Any]]:
     """The indexed attributes of one instance, per level, from an already-read data set.
 
@@ -264,13 +235,17 @@ class InstanceRef:
 
 
 def _seal(store: Any, conn: Connection, level: str, unique: str, attrs: Mapping[str, Any]) -> str:
-    return store.put_blob(conn, json.dumps(attrs, separators=(",", ":")).encode(), _aad(level, unique))
+    return store.put_blob(conn, json.dumps(attrs, separators=(",", ":")).encode(), terms.blob_aad(level, unique))
+
+
+def _create(conn: Connection, table: Table, row: Mapping[str, Any]) -> int:
+    return int(conn.execute(insert(table), row).inserted_primary_key[0])  # type: ignore[index]
 
 
 def _get_or_create(conn: Connection, table: Table, pk: int | None, make: Any) -> int:
     if pk is not None:
         return int(pk)
-    return int(conn.execute(insert(table), make()).inserted_primary_key[0])  # type: ignore[index]
+    return _create(conn, table, make())
 
 
 # Built once: these run for every stored instance, and building a statement (operators,
@@ -312,15 +287,11 @@ class Found:
     message_id: str | None  # that brought the indexed instance
 
 
-def _pid_hmac(hkey: bytes, patient: Mapping[str, Any]) -> str:
-    pid = str(patient.get("PatientID", ""))
-    return keyed(hkey, "PatientID", pid + "\x00" + str(patient.get("IssuerOfPatientID", "")))
-
-
 def find(conn: Connection, hkey: bytes, attrs: Mapping[str, Mapping[str, Any]]) -> Found:
     """One statement: the pks of the four levels and the indexed instance's digest, if any."""
     p, st, se, im = (attrs.get(level, {}) for level in LEVELS)
-    row = _FIND.one(conn, {"pid": _pid_hmac(hkey, p), "study": st.get("StudyInstanceUID"),
+    pid = terms.patient_key(hkey, p, str(st.get("StudyInstanceUID", "")))
+    row = _FIND.one(conn, {"pid": pid, "study": st.get("StudyInstanceUID"),
                            "series": se.get("SeriesInstanceUID"), "sop": im.get("SOPInstanceUID")})
     assert row is not None  # scalar subqueries: always one row
     return Found(*row)
@@ -373,17 +344,22 @@ def index_instance(conn: Connection, store: Any, hkey: bytes, attrs: Mapping[str
     pks = found if found is not None else find(conn, hkey, attrs)
     if pks.instance_pk is not None and not replace:
         return "exists"
-    def new_patient() -> dict[str, Any]:
-        pid_h = _pid_hmac(hkey, p)
-        return {"pid_hmac": pid_h, "name_hmac": keyed(hkey, "PatientName", norm_pn(p.get("PatientName", ""))),
-                "attrs_blob": _seal(store, conn, "PATIENT", pid_h, p), "created_at": now}
-
-    patient_pk = _get_or_create(conn, patients, pks.patient_pk, new_patient)
-    study_pk = _get_or_create(conn, studies, pks.study_pk, lambda: {
-        "patient_pk": patient_pk, "study_uid": study_uid, "study_date": str(st.get("StudyDate", ""))[:8],
-        "study_time": str(st.get("StudyTime", ""))[:16],
-        "accession_hmac": keyed(hkey, "AccessionNumber", str(st.get("AccessionNumber", "")).strip()),
-        "attrs_blob": _seal(store, conn, "STUDY", study_uid, st), "created_at": now})
+    if pks.study_pk is not None:
+        study_pk = int(pks.study_pk)  # a known study stays with the patient its first instance named
+    else:
+        patient_pk = pks.patient_pk
+        if patient_pk is None:
+            pid_h = terms.patient_key(hkey, p, study_uid)
+            patient_pk = _create(conn, patients, {
+                "pid_hmac": pid_h, "name_hmac": keyed(hkey, "PatientName", norm_pn(p.get("PatientName", ""))),
+                "attrs_blob": _seal(store, conn, "PATIENT", pid_h, p), "created_at": now})
+            terms.write_terms(conn, hkey, "PATIENT", patient_pk, p)
+        study_pk = _create(conn, studies, {
+            "patient_pk": patient_pk, "study_uid": study_uid, "study_date": str(st.get("StudyDate", ""))[:8],
+            "study_time": str(st.get("StudyTime", ""))[:16],
+            "accession_hmac": keyed(hkey, "AccessionNumber", str(st.get("AccessionNumber", "")).strip()),
+            "attrs_blob": _seal(store, conn, "STUDY", study_uid, st), "created_at": now})
+        terms.write_terms(conn, hkey, "STUDY", study_pk, st)
     series_pk = _get_or_create(conn, series, pks.series_pk, lambda: {
         "study_pk": study_pk, "series_uid": series_uid, "modality": str(se.get("Modality", ""))[:16],
         "series_number": _int(se.get("SeriesNumber")),

@@ -3,15 +3,43 @@ Modality Worklist.
 
 They live apart from the code that fills them so that the store layer (``engine.store.db``) can
 create the whole schema without importing the DICOM code above it. What each column holds, and
-what it may not hold (PHI), is documented with the code that writes it: ``index``, ``study``
-and ``worklist``.
+what it may not hold (PHI), is documented with the code that writes it: ``index``, ``terms``,
+``study`` and ``worklist``. The attributes each level seals (its JSON blob's keys) are listed
+here too: they are part of what the schema holds, and the migration (``upgrade``) reads them.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Float, ForeignKey, Index, Integer, String, Table, Text, UniqueConstraint  # noqa: F401
+from sqlalchemy import (  # noqa: F401
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
 
 from engine.store.schema import metadata
+
+# Attributes kept per level (sealed JSON); the clear columns are copies for narrowing.
+PATIENT_ATTRS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientBirthTime",
+                 "PatientSex", "OtherPatientIDs", "EthnicGroup", "PatientComments")
+STUDY_ATTRS = ("StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID",
+               "StudyDescription", "ReferringPhysicianName", "NameOfPhysiciansReadingStudy",
+               "PatientAge", "PatientSize", "PatientWeight", "Occupation", "AdmittingDiagnosesDescription")
+SERIES_ATTRS = ("SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription", "SeriesDate",
+                "SeriesTime", "BodyPartExamined", "ProtocolName", "PerformedProcedureStepStartDate",
+                "PerformedProcedureStepStartTime", "Laterality", "Manufacturer", "StationName",
+                "InstitutionName")
+IMAGE_ATTRS = ("SOPInstanceUID", "SOPClassUID", "InstanceNumber", "ContentDate", "ContentTime",
+               "NumberOfFrames", "Rows", "Columns", "ImageType", "AcquisitionNumber")
+LEVEL_ATTRS: dict[str, tuple[str, ...]] = {
+    "PATIENT": PATIENT_ATTRS, "STUDY": STUDY_ATTRS, "SERIES": SERIES_ATTRS, "IMAGE": IMAGE_ATTRS,
+}
 
 patients = Table(
     "dicom_patients", metadata,
@@ -60,6 +88,25 @@ instances = Table(
     Column("channel", String(128), nullable=False, default=""),
     Column("archived", Integer, nullable=False, default=0),
     Column("received_at", Float, nullable=False),
+)
+
+# Blind search terms (keyed HMACs, ``engine.security.blind_index``) of the PHI keys C-FIND
+# narrows on: PatientName and PatientID (row_pk = dicom_patients.pk), AccessionNumber
+# (row_pk = dicom_studies.pk). The scope says which; the primary key is the look-up index.
+index_terms = Table(
+    "dicom_terms", metadata,
+    Column("scope", String(32), nullable=False),
+    Column("term", String(32), nullable=False),
+    Column("row_pk", Integer, nullable=False),
+    PrimaryKeyConstraint("scope", "term", "row_pk", name="pk_dicom_terms"),
+)
+
+# What the archive index's own migrations (``upgrade``) have done, by name.
+index_state = Table(
+    "dicom_index_state", metadata,
+    Column("name", String(32), primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("applied_at", Float, nullable=False),
 )
 
 study_instances = Table(
