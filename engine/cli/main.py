@@ -20,10 +20,40 @@ from engine.config import ConfigError, Settings, load_settings
 
 CONFIG_HELP = "channels.yaml to use (or $MEDRELAY_CONFIG)"
 
+# One table for every command, so a script can rely on it; each command's --help adds its own 1.
+EXIT_CODES = """\b
+Exit codes (every command):
+  0  done
+  1  done, but not everything succeeded (see the command), or an unexpected error
+     (one line; MEDRELAY_DEBUG=1 shows the traceback)
+  2  usage: a wrong command, option or argument; the config's YAML or schema is wrong
+  3  the config's topology is wrong (duplicate names, wrong message kinds, unknown
+     routing keys, a port used twice)
+  4  environment: a ${VAR} not set, a file missing, the store or the engine not
+     reachable, a port already in use"""
 
-def _load(config: str, need_env: bool = True) -> Settings:
+
+class _Main(click.Group):
+    """The `medrelay` group: an unexpected error is one line and exit 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as e:
+            if os.environ.get("MEDRELAY_DEBUG"):
+                raise
+            if type(e).__module__.startswith("sqlalchemy"):
+                click.echo(f"medrelay: the store is not available: {_reason(e)}", err=True)
+                sys.exit(4)
+            click.echo(f"medrelay: {_reason(e)} (MEDRELAY_DEBUG=1 shows the traceback)", err=True)
+            sys.exit(1)
+
+
+def _load(config: str, need_env: bool = True, create_secrets: bool = False) -> Settings:
     try:
-        return load_settings(config, need_env=need_env)
+        return load_settings(config, need_env=need_env, create_secrets=create_secrets)
     except ConfigError as e:
         for p in e.problems:
             click.echo(str(p), err=True)
@@ -53,7 +83,7 @@ def _config_option(f: Any) -> Any:
                         "channels.yaml"), show_default="channels.yaml", help=CONFIG_HELP)(f)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
 @click.version_option(package_name="medrelay")
 def main() -> None:
     """medrelay: a DICOM / HL7v2 / FHIR interface engine.
@@ -71,12 +101,24 @@ def run(config: str) -> None:
     """Run the engine on CONFIG until SIGTERM/SIGINT (drains), reloading on SIGHUP.
 
     A reload whose new config is invalid is refused and the old one keeps running.
+    A `${generated:PATH}` secret that does not exist yet is created first (a random
+    token, mode 0600) and its path logged: clients read it from there.
+
+    Exit 0 after a drain; 2, 3 or 4 for a config that `medrelay check` refuses; 4 when
+    the engine cannot start (a port already in use, the store not reachable, another
+    engine on the same SQLite store).
     """
-    settings = _load(config)
+    from engine.runtime import StartError
+
+    settings = _load(config, create_secrets=True)
     mlog.configure(settings.log.level, settings.log.format)
+    _log_generated(settings)
     try:
         asyncio.run(_serve(config, settings))
-    except (OSError, RuntimeError) as e:  # a port in use, another engine on the store
+    except StartError as e:  # names the channel, host and port
+        structlog.get_logger().error("engine.start_failed", error=str(e))
+        sys.exit(4)
+    except (OSError, RuntimeError) as e:  # another engine on the store, a key file unreadable
         structlog.get_logger().error("engine.start_failed", error=_reason(e))
         sys.exit(4)
     except Exception as e:
@@ -86,8 +128,31 @@ def run(config: str) -> None:
         raise
 
 
-async def _serve(path: str, settings: Settings) -> None:
+def _log_generated(settings: Settings) -> None:
+    for p, made in settings.generated_secrets.items():
+        if made:
+            structlog.get_logger().warning("secret.generated", path=str(p),
+                                           note="a new random token, mode 0600; clients read it from this file")
+
+
+async def _start(settings: Settings) -> Any:
+    """A started Runtime; one that fails half-way is stopped again (workers, store, lock) first."""
     from engine.runtime import Runtime
+
+    runtime = Runtime(settings)
+    try:
+        await runtime.start()
+    except Exception:
+        try:
+            await runtime.stop()
+        except Exception as e:  # the start error is the one to report
+            structlog.get_logger().warning("engine.stop_after_failed_start", error=_reason(e))
+        raise
+    return runtime
+
+
+async def _serve(path: str, settings: Settings) -> None:
+    from engine.runtime import StartError
 
     log = structlog.get_logger()
     loop = asyncio.get_running_loop()
@@ -96,8 +161,7 @@ async def _serve(path: str, settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_req.set)
-    runtime = Runtime(settings)
-    await runtime.start()
+    runtime = await _start(settings)
     while not stop.is_set():
         waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(reload_req.wait())]
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -106,14 +170,21 @@ async def _serve(path: str, settings: Settings) -> None:
         if reload_req.is_set() and not stop.is_set():
             reload_req.clear()
             try:
-                new = load_settings(path)
+                new = load_settings(path, create_secrets=True)
             except ConfigError as e:
                 log.error("config.reload_refused", problems=[str(p) for p in e.problems])
                 continue
             log.info("config.reloading", config_hash=new.config_hash[:12])
+            _log_generated(new)
             await runtime.stop()
-            runtime = Runtime(new)
-            await runtime.start()
+            try:
+                runtime = await _start(new)
+            except (StartError, OSError, RuntimeError) as e:  # e.g. a new port already taken
+                log.error("config.reload_failed", error=str(e) if isinstance(e, StartError) else _reason(e),
+                          note="the previous config runs again")
+                runtime = await _start(settings)
+                continue
+            settings = new
             runtime.audit.record("config.change", actor="medrelay", detail=new.config_hash)
     log.info("engine.draining")
     await runtime.stop()
@@ -125,9 +196,11 @@ async def _serve(path: str, settings: Settings) -> None:
 def check(config: str) -> None:
     """Validate CONFIG: schema, then topology, then environment.
 
-    Exit codes: 0 valid, 2 YAML/schema error, 3 topology error (duplicate names,
-    a transform given the wrong kind of message, a port used twice), 4 environment
-    (a ${VAR} not set, a file missing).
+    Each problem is one line, `file:line: dotted.path: message`. Exit codes: 0 valid,
+    2 YAML/schema error, 3 topology error (duplicate names, a transform given the
+    wrong kind of message, a `when:` or `debounce.key` key the source's messages
+    cannot have, a port used twice), 4 environment (a ${VAR} not set, a file missing).
+    When problems of several phases are found, the first phase decides the code.
     """
     from engine.config import TLS_FILES, dotted, tls_blocks
 
@@ -147,6 +220,8 @@ def check(config: str) -> None:
     n_routes = sum(len(c.routes) for c in settings.channels.values())
     click.echo(f"{config}: ok ({len(settings.channels)} channels, {n_routes} routes, "
                f"config hash {settings.config_hash[:12]})")
+    for p in settings.pending_secrets:
+        click.echo(f"{config}: {p} does not exist yet: `medrelay run` creates it (${{generated:...}})")
 
 
 # -- messages -------------------------------------------------------------
@@ -162,6 +237,16 @@ def _parse_time(s: str | None) -> float | None:
     return dt.timestamp()
 
 
+def _time_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--since/--until checked when the command line is read: a usage error (exit 2), not a traceback."""
+    try:
+        _parse_time(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected an ISO time (2026-11-22T10:15) or an age like "
+                                 "15m, 2h, 7d") from None
+    return value
+
+
 @main.group()
 def messages() -> None:
     """List and inspect stored messages and their deliveries."""
@@ -173,13 +258,13 @@ def messages() -> None:
 @click.option("--route", help="only messages with a delivery on this route")
 @click.option("--state", type=click.Choice(["pending", "done", "dead", "filtered", "superseded", "quarantined"]),
               help="only messages with a delivery in this state")
-@click.option("--since", help="ISO time or age like 15m, 2h, 7d")
-@click.option("--until", help="ISO time or age")
-@click.option("--limit", default=50, show_default=True)
+@click.option("--since", callback=_time_option, help="ISO time or age like 15m, 2h, 7d")
+@click.option("--until", callback=_time_option, help="ISO time or age")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
 def messages_list(config: str, channel: str | None, route: str | None, state: str | None,
                   since: str | None, until: str | None, limit: int, as_json: bool) -> None:
-    """List messages, newest first (headers only: no PHI)."""
+    """List messages, newest first (headers only: no PHI). Exit 0, or 4 when the store cannot open."""
     from engine.messages import list_messages
 
     store = _open_store(config)
@@ -199,7 +284,10 @@ def messages_list(config: str, channel: str | None, route: str | None, state: st
 @click.argument("message_id")
 @click.option("--phi", is_flag=True, help="also print the payload (contains PHI; audited)")
 def messages_show(config: str, message_id: str, phi: bool) -> None:
-    """Show one message: headers, deliveries with attempts and errors; payload with --phi."""
+    """Show one message: headers, deliveries with attempts and errors; payload with --phi.
+
+    Exit 0, 1 when there is no such message.
+    """
     from engine.audit.trail import Audit
     from engine.messages import show_message
 
@@ -227,27 +315,45 @@ def messages_show(config: str, message_id: str, phi: bool) -> None:
 @click.option("--state", "states", multiple=True, default=("dead",), show_default=True,
               type=click.Choice(["dead", "done", "filtered", "pending", "quarantined", "superseded"]),
               help="which deliveries to send again")
-@click.option("--since")
-@click.option("--until")
+@click.option("--since", callback=_time_option, help="received at or after: ISO time or age like 2h")
+@click.option("--until", callback=_time_option, help="received before: ISO time or age")
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="wait for the running engine to deliver them, with a progress bar")
-@click.option("--timeout", default=300.0, show_default=True, help="seconds to wait with --wait")
+@click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=0),
+              help="seconds to wait with --wait")
+@click.option("-y", "--yes", is_flag=True, help="replay everything in the given states without asking")
 def replay(config: str, message_ids: tuple[str, ...], channel: str | None, route: str | None,
-           states: tuple[str, ...], since: str | None, until: str | None, wait: bool, timeout: float) -> None:
+           states: tuple[str, ...], since: str | None, until: str | None, wait: bool, timeout: float,
+           yes: bool) -> None:
     """Send messages again: dead letters by default, or any state by filter.
 
     The deliveries are put back in the queue with attempts reset; the running engine
-    (`medrelay run`) sends them. Exit 0 when all were delivered (with --wait), 1 otherwise.
+    (`medrelay run`) sends them. Without MESSAGE_IDS or a filter, every delivery in
+    --state (dead letters) of every channel is replayed, after a confirmation that
+    shows how many per route (--yes to skip it; required when not on a terminal).
+    Exit 0 when all were delivered (with --wait), 1 otherwise or when not confirmed.
     """
     from tqdm import tqdm
 
     from engine import queue
     from engine.audit.trail import Audit
 
-    if not (message_ids or channel or route or since or until):
-        click.echo("say what to replay: message ids, or --channel/--route/--since/--until", err=True)
-        sys.exit(2)
     store = _open_store(config)
+    if not (message_ids or channel or route or since or until) and not yes:
+        per_route = _deliveries_by_route(store, states)
+        if not per_route:
+            click.echo(f"nothing to replay: no delivery is {' or '.join(states)}")
+            return
+        listing = ", ".join(f"{c}/{r}: {n}" for (c, r), n in sorted(per_route.items()))
+        question = (f"replay {sum(per_route.values())} {'/'.join(states)} deliveries of every channel "
+                    f"({listing})?")
+        if not sys.stdin.isatty():
+            click.echo(f"{question} Not on a terminal: pass --yes, or name message ids or a "
+                       "--channel/--route/--since/--until filter", err=True)
+            sys.exit(2)
+        if not click.confirm(question, default=False):
+            click.echo("nothing replayed", err=True)
+            sys.exit(1)
     ids = queue.requeue(store, message_ids=list(message_ids) or None, channel=channel, route=route,
                         states=states, since=_parse_time(since), until=_parse_time(until))
     Audit(store).record("message.replay", actor=os.environ.get("USER", "cli"), channel=channel,
@@ -267,6 +373,19 @@ def replay(config: str, message_ids: tuple[str, ...], channel: str | None, route
     counts = queue.states_of(store, ids)
     click.echo("result: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
     sys.exit(0 if counts.get("done", 0) + counts.get("filtered", 0) == len(ids) else 1)
+
+
+def _deliveries_by_route(store: Any, states: tuple[str, ...]) -> dict[tuple[str, str], int]:
+    """How many deliveries are in ``states``, per (channel, route): what a bare `replay` would send."""
+    from sqlalchemy import func, select
+
+    from engine.store import schema
+
+    d = schema.deliveries
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(d.c.channel, d.c.route, func.count()).where(d.c.state.in_(list(states)))
+                            .group_by(d.c.channel, d.c.route)).all()
+    return {(c, r): n for c, r, n in rows}
 
 
 # -- keys -------------------------------------------------------------------
@@ -332,49 +451,82 @@ def keys_rotate(config: str, retire: bool) -> None:
 @click.option("--channel", required=True, help="channel to load into (its source decides the protocol)")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--host", default=None, help="engine address (default: the source's host, 127.0.0.1 for 0.0.0.0)")
-@click.option("--port", type=int, default=None, help="engine port (default: the source's port)")
-@click.option("--aet", default="MEDRELAY-IMPORT", show_default=True,
-              help="DICOM: our calling AE title (must be in the channel's calling_aets)")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="engine port (default: the source's port)")
+@click.option("--calling-aet", "--aet", "aet", default=None,
+              help="DICOM: our calling AE title (default MEDRELAY-IMPORT; must be in the channel's calling_aets)")
 @click.option("--token-env", default="MEDRELAY_API_TOKEN", show_default=True,
-              help="FHIR: environment variable holding the bearer token")
-def import_cmd(config: str, channel: str, paths: tuple[str, ...], host: str | None, port: int | None, aet: str,
-               token_env: str) -> None:
+              help="FHIR: environment variable holding the bearer token (default when unset: the "
+                   "channel's own first bearer token, e.g. its ${generated:...} file)")
+def import_cmd(config: str, channel: str, paths: tuple[str, ...], host: str | None, port: int | None,
+               aet: str | None, token_env: str) -> None:
     """Load DICOM, HL7 v2 or FHIR files into a RUNNING engine through the channel's own protocol.
 
     Each file gets the same checks, de-duplication, routes and audit as live traffic, and
-    its own answer; a progress bar shows the count. Exit 0 when every file was accepted.
+    its own answer; a progress bar shows the count. Files the channel's protocol does not
+    carry are skipped. Every rejected or skipped file is named with the reason, then one
+    line counts accepted, rejected and skipped.
+
+    Exit 0 when every file was accepted, 1 when some were rejected or skipped, 2 for a
+    channel that cannot be imported into as asked (unknown, TLS, a calling AE title it
+    refuses), 4 when the engine cannot be reached.
     """
     from tqdm import tqdm
 
     from engine.cli import bulk_import as bi
     settings = _load(config, need_env=False)
     if channel not in settings.channels:
-        click.echo(f"no channel {channel!r} in {config}", err=True)
+        click.echo(f"no channel {channel!r} in {config} (channels: {', '.join(settings.channels) or 'none'})",
+                   err=True)
         sys.exit(2)
     src = settings.channels[channel].source
+    if src.type not in ("mllp", "dicom", "fhir"):
+        click.echo(f"cannot import into channel {channel!r}: its source is {src.type}, not mllp, dicom or fhir",
+                   err=True)
+        sys.exit(2)
     if getattr(src, "tls", None) is not None:
-        click.echo("import does not speak TLS yet: run it against a plain-TCP channel", err=True)
+        click.echo(f"import does not speak TLS yet, and channel {channel!r} has tls: run it against a "
+                   "plain-TCP channel", err=True)
         sys.exit(2)
     h = host or (getattr(src, "host", "127.0.0.1") if getattr(src, "host", "") not in ("", "0.0.0.0") else "127.0.0.1")
     p = port or src.port
-    files = bi.expand(paths)
-    with tqdm(total=None if src.type == "mllp" else len(files), unit="msg", desc=f"import {channel}",
-              file=sys.stderr) as bar:
-        if src.type == "mllp":
-            counts = bi.import_hl7(h, p, files, bar.update)
-            ok = counts["AA"] + counts["CA"]
-        elif src.type == "dicom":
-            counts = bi.import_dicom(h, p, src.ae_title, aet, files, bar.update)
-            ok = counts["stored"]
-        elif src.type == "fhir":
-            counts = bi.import_fhir(f"http://{h}:{p}{src.base_path}", os.environ.get(token_env), files, bar.update)
-            ok = counts["200"] + counts["201"]
-        else:
-            click.echo(f"cannot import into a {src.type} source", err=True)
+    calling = None
+    if src.type == "dicom":
+        try:
+            calling = bi.choose_calling_aet(src, aet)
+        except bi.UsageProblem as e:
+            click.echo(f"channel {channel}: {e}", err=True)
             sys.exit(2)
-    total = sum(counts.values())
-    click.echo(f"{ok} of {total} accepted: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
-    sys.exit(0 if total and ok == total else 1)
+    files = bi.expand(paths)
+    with tqdm(total=len(files) if src.type != "mllp" else None, unit="file" if src.type != "mllp" else "msg",
+              desc=f"import {channel}", file=sys.stderr) as bar:
+        report = bi.Report(progress=bar.update)
+        try:
+            if src.type == "mllp":
+                bi.import_hl7(h, p, files, report)
+            elif src.type == "dicom":
+                bi.import_dicom(h, p, src.ae_title, calling or bi.IMPORT_AET, files, report)
+            else:
+                token = os.environ.get(token_env) or _channel_token(src)
+                bi.import_fhir(f"http://{h}:{p}{src.base_path}", token, files, report)
+            failure = None
+        except bi.ImportFailed as e:
+            failure = str(e)
+    for line in report.problems():
+        click.echo(line)
+    click.echo(report.summary())
+    if failure:
+        click.echo(f"import stopped: {failure}", err=True)
+        sys.exit(4)
+    sys.exit(0 if report.all_accepted else 1)
+
+
+def _channel_token(source: Any) -> str | None:
+    """The FHIR channel's first bearer token when the config holds it readably (a file, a set variable)."""
+    auth = getattr(source, "auth", None)
+    for t in getattr(auth, "bearer_tokens", None) or []:
+        if t and not t.startswith("<"):  # "<unset:VAR>", "<generated-on-first-run>", ... placeholders
+            return str(t)
+    return None
 
 
 # -- store ----------------------------------------------------------------
@@ -526,17 +678,22 @@ def components(markdown: bool) -> None:
 # -- test -------------------------------------------------------------------
 @main.command("test")
 @click.argument("config", default=lambda: os.environ.get("MEDRELAY_CONFIG", "channels.yaml"))
-@click.option("--cases", "cases_dir", default=None, help="folder of cases (default: tests/ beside CONFIG)")
+@click.option("--cases", "cases_dir", default=None, type=click.Path(file_okay=False),
+              help="folder of cases (default: channel-tests/ beside CONFIG)")
 def test_cmd(config: str, cases_dir: str | None) -> None:
-    """Run the route cases kept beside the YAML: input -> expected output, no network.
+    """Run the route cases kept beside the YAML (channel-tests/): input -> expected output, no network.
 
-    A case is a folder with `case.yaml` ({channel, route, input, expect}) naming files
-    in the same folder. Exit 0 when all pass.
+    A case is a folder in channel-tests/ with `case.yaml` ({channel, route, input,
+    expect}) naming files in the same folder. Exit 0 when all pass, 1 when one fails
+    or there is no case.
     """
     from engine.cli.casetest import run_cases
 
     settings = _load(config)
     folder = Path(cases_dir) if cases_dir else settings.base_dir / "channel-tests"
+    if not folder.is_dir() or not any(folder.glob("*/case.yaml")):
+        click.echo(f"no cases in {folder}: each case is a folder there with a case.yaml", err=True)
+        sys.exit(1)
     results = run_cases(settings, folder)
     failed = 0
     for name, ok, detail in results:
