@@ -87,6 +87,7 @@ class ValidatorPool:
         self.memory_mb = memory_mb
         self.channel = channel
         self.recycle_after = recycle_after
+        self.workers = workers
         self._slots = asyncio.Semaphore(workers)
         self._idle: list[_Worker] = []
         self._all: set[_Worker] = set()
@@ -100,9 +101,9 @@ class ValidatorPool:
         self._all.add(w)
         return w
 
-    async def start(self, n: int = 1) -> None:
-        """Start ``n`` workers ahead of the first message (a worker takes ~0.1-0.5 s to start)."""
-        for _ in range(n):
+    async def start(self) -> None:
+        """Start the workers ahead of the first message (one takes ~0.1-0.5 s to start)."""
+        for _ in range(self.workers):
             self._idle.append(await self._spawn())
 
     async def validate(self, header: Header, payload: bytes) -> None:
@@ -111,6 +112,9 @@ class ValidatorPool:
         request = encode_request(self.level, payload)
         async with self._slots:
             w = self._idle.pop() if self._idle else await self._spawn()
+            if not w.alive:  # died while idle (killed from outside): not this message's fault
+                self._retire(w)
+                w = await self._spawn()
             keep = False
             try:
                 answer = await asyncio.wait_for(w.ask(request), self.timeout)
@@ -126,7 +130,7 @@ class ValidatorPool:
                 raise HL7Error(APPLICATION_INTERNAL_ERROR, "message could not be validated",
                                header=header) from None
             finally:
-                if keep and not self._closed:
+                if keep and not self._closed and len(self._all) <= self.workers:
                     self._idle.append(w)
                 else:
                     self._retire(w)
@@ -137,11 +141,23 @@ class ValidatorPool:
                            header=header)
 
     def _retire(self, w: _Worker) -> None:
-        """Kill now (it may be mid-parse of a hostile message) and reap in the background."""
+        """Kill now (it may be mid-parse of a hostile message), reap in the background and
+        start its successor, so the next message does not wait for a worker to start."""
         w.kill()
         self._all.discard(w)
-        task = asyncio.get_running_loop().create_task(w.close())
-        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+        loop = asyncio.get_running_loop()
+        for coro in (w.close(), self._top_up()):
+            task = loop.create_task(coro)
+            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+    async def _top_up(self) -> None:
+        if self._closed or len(self._all) >= self.workers:
+            return
+        w = await self._spawn()
+        if self._closed:
+            await w.close()
+        else:
+            self._idle.append(w)
 
     async def close(self) -> None:
         self._closed = True

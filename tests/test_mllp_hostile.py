@@ -242,3 +242,20 @@ def test_validation_limits_answer_ar_207_with_the_reason(engine_factory, limit, 
             assert err[2] == field.replace("-", "^1^") and field in err[8]
         assert msa(c.request(adt("LOK")))[1:3] == ["AA", "LOK"]
 
+
+
+def test_a_validation_worker_that_dies_is_replaced(engine_factory):
+    import os
+    import signal
+
+    eng = engine(engine_factory, "validate: structure, validation: {workers: 1}")
+    pool = eng.runtime.listener("adt")._validator
+    with RawClient(*eng.address("adt")) as c:
+        assert msa(c.request(adt("W1")))[1:3] == ["AA", "W1"]
+        for w in list(pool._all):
+            os.kill(w.proc.pid, signal.SIGKILL)  # a worker this engine started
+        time.sleep(0.3)
+        assert msa(c.request(adt("W2")))[1:3] == ["AA", "W2"]
+        ack = c.request(adt("W3").replace(b"||DOE^JOHN||", b"||||"))  # and it still validates
+        assert msa(ack)[1:3] == ["AE", "W3"] and segment(ack, "ERR")[2] == "PID^1^5"
+    assert len(pool._all) == 1
