@@ -99,8 +99,10 @@ class MLLPSourceConfig(ComponentConfig):
         "none", alias="validate",
         description="hl7apy validation at intake: structure = segments and required fields, strict = "
         "also data types and lengths; failures are answered AE/CE (AR/CR for unknown type or version)")
-    validation: ValidationConfig = Field(default_factory=ValidationConfig,
-                                         description="limits, time budget and workers of validate")
+    validation: ValidationConfig = Field(
+        default_factory=ValidationConfig,
+        description="bounds on validate: max_bytes, max_segments, max_repetitions (one field), timeout "
+        "(s per message), workers, memory_mb (per worker); defaults and answers in conformance/hl7v2-profile.md")
     accept_versions: list[str] = Field(default_factory=list,
                                        description="MSH-12 versions accepted (empty: every HL7 v2 version, "
                                        "2.1 to 2.9.1); others get AR 203")
