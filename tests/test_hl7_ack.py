@@ -155,3 +155,14 @@ def test_ack_to_a_bom_message_is_utf8_without_bom():
     ack = build_ack(read_header(raw), "AA")
     assert ack.startswith(b"MSH|") and "KLINIKÜ".encode() in ack
     assert segs(ack, "utf-8")["MSA"][1:3] == ["AA", "B1"]
+
+
+def test_parse_ack_from_a_windows_peer():
+    """An ACK from downstream may carry a BOM and LF ends too: the same shared reader."""
+    a = parse_ack(b"\xef\xbb\xbfMSH|^~\\&|R|F|S|G|1||ACK^A01^ACK|X|P|2.5\nMSA|AA|C10\n")
+    assert (a.code, a.control_id, a.ok) == ("AA", "C10", True)
+    a = parse_ack(b"\r\nMSH|^~\\&|R|F|S|G|1||ACK^A01^ACK|X|P|2.5\r\nMSA|AE|C11\r\nERR||PID^1^5|101^x^HL70357|E\r\n")
+    assert (a.code, a.control_id, a.error_code) == ("AE", "C11", "101")
+    with pytest.raises(HL7Error) as e:
+        parse_ack("MSH|^~\\&|R|F|S|G|1||ACK|X|P|2.5\rMSA|AA|C12\r".encode("utf-16"))
+    assert e.value.code == 103
