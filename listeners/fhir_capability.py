@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from engine.store.fhir.params import DATE_PREFIXES, FHIR_VERSION, SEARCH_PARAMS, SearchParam
-from engine.store.fhir.query import RESULT_PARAMS, SUMMARY_VALUES, TOTAL_VALUES
+from engine.store.fhir.query import RESULT_PARAMS, SORT_KEYS, SUMMARY_VALUES, TOTAL_VALUES
 from engine.store.fhir.search import MAX_RECHECK
 from listeners.fhir_audit import AUDIT_PARAMS
 
@@ -33,8 +33,9 @@ _SEARCH_RULES = (
     "and an OperationOutcome naming it; with 'Prefer: handling=lenient' it is ignored instead and the Bundle's "
     "self link shows only what was applied. Result parameters: " + ", ".join(
         p for p in RESULT_PARAMS if p not in ("_format", "_pretty", "_cursor"))
-    + " (_summary: " + " ".join(SUMMARY_VALUES) + "; _total: " + " ".join(TOTAL_VALUES) + "); _sort is not "
-    "supported (results come in the order resources were created). String parameters match the start of a "
+    + " (_summary: " + " ".join(SUMMARY_VALUES) + "; _total: " + " ".join(TOTAL_VALUES) + "; _sort: "
+    + " ".join(SORT_KEYS) + ", each optionally with -; otherwise results come in the order resources were "
+    "created). String parameters match the start of a "
     "field, case- and accent-insensitive; :exact and :contains decrypt at most "
     f"{MAX_RECHECK} candidates, a search that would need more is refused as too-costly.")
 _WRITE_INTERACTIONS = ["read", "vread", "update", "delete", "history-instance", "history-type", "create",

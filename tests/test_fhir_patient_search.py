@@ -212,6 +212,32 @@ def test_paging_over_rechecked_results(client, pids):
     assert found(client, pids, params={"family:contains": "ULLER", "_count": 1}) == {1, 2, 3, 4}
 
 
+def walk(client, params):
+    """Every match of a search, page by page, in the order served."""
+    r = client.get("/Patient", params=params)
+    out = []
+    while True:
+        assert r.status_code == 200, r.text
+        b = r.json()
+        out += [e["resource"] for e in b.get("entry", []) if e["search"]["mode"] == "match"]
+        nxt = [lk["url"] for lk in b["link"] if lk["relation"] == "next"]
+        if not nxt:
+            return out
+        r = client.get(nxt[0])
+
+
+@pytest.mark.parametrize("extra", [{}, {"family:contains": "e"}])  # SQL order, and re-checked in Python
+def test_sort_by_id_and_last_updated_across_pages(client, pids, extra):
+    for key, field, desc in (("_id", "id", False), ("-_id", "id", True),
+                             ("_lastUpdated", "lastUpdated", False), ("-_lastUpdated", "lastUpdated", True)):
+        got = walk(client, {"_sort": key, "_count": 3, **extra})
+        values = [r["id"] if field == "id" else r["meta"]["lastUpdated"] for r in got]
+        assert values == sorted(values, reverse=desc), key
+        assert len({r["id"] for r in got}) == len(got) == (11 if not extra else len(
+            [k for k, p in PATIENTS.items() if "e" in p["name"][0]["family"].lower()]))
+    assert client.get("/Patient", params={"_sort": "_id,family"}).status_code == 400
+
+
 @pytest.mark.parametrize("params", [
     {"foo": "bar"}, {"family:text": "x"}, {"family:below": "x"}, {"birthdate:exact": "1980"},
     {"identifier:text": "x"}, {"gender:below": "x"}, {"phonetic": "x"}, {"_sort": "family"},

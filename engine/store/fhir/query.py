@@ -42,8 +42,9 @@ from engine.store.fhir.tables import fhir_index, fhir_resources
 
 DEFAULT_COUNT = 20
 MAX_COUNT = 500
-RESULT_PARAMS = ("_count", "_include", "_revinclude", "_summary", "_elements", "_total", "_format", "_pretty",
-                 "_cursor")
+RESULT_PARAMS = ("_count", "_include", "_revinclude", "_summary", "_elements", "_total", "_sort", "_format",
+                 "_pretty", "_cursor")
+SORT_KEYS = ("_id", "_lastUpdated")  # in clear; names, birth dates are blind and have no order to sort by
 SUMMARY_VALUES = ("true", "false", "text", "data", "count")
 TOTAL_VALUES = ("none", "estimate", "accurate")
 _TYPE_NAME = re.compile(r"^[A-Z][A-Za-z]{0,63}$")
@@ -90,6 +91,7 @@ class Query:
     elements: list[str] | None = None
     total: str = "accurate"
     cursor: str | None = None
+    sort: tuple[str, bool] | None = None  # (``_id`` or ``_lastUpdated``, descending)
 
 
 # -- values --------------------------------------------------------------
@@ -382,6 +384,13 @@ def _result(q: Query, name: str, raw: str) -> bool:
         if not names or not all(_ELEMENT_NAME.match(e) for e in names):
             raise FhirError(400, "invalid", "_elements takes a comma-separated list of element names")
         q.elements = names
+    elif name == "_sort":
+        key = raw.strip()
+        if key.lstrip("-") not in SORT_KEYS:
+            raise Unsupported(f"_sort={key} is not supported (only " + ", ".join(SORT_KEYS)
+                              + ", each optionally with -; by default results come in the order resources "
+                                "were created)")
+        q.sort = (key.lstrip("-"), key.startswith("-"))
     elif name == "_total":
         if raw not in TOTAL_VALUES:
             raise FhirError(400, "invalid", "_total takes " + ", ".join(TOTAL_VALUES))
@@ -399,9 +408,7 @@ def parse(key: bytes, rtype: str, params: list[tuple[str, str]], *, strict: bool
                     q.used.append((name, raw))
                 continue
             if name.startswith("_") and name.partition(":")[0].partition(".")[0] not in ("_id", "_lastUpdated"):
-                raise Unsupported(f"{_shown(name)} is not supported"
-                                  + (": results come in the order resources were created" if name == "_sort"
-                                     else ""))
+                raise Unsupported(f"{_shown(name)} is not supported")
             q.filters.append(param_filter(key, rtype, name, raw))
             q.used.append((name, raw))
         except Unsupported as e:

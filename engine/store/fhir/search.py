@@ -22,7 +22,7 @@ from functools import lru_cache
 from typing import Any
 
 import structlog
-from sqlalchemy import ColumnElement, Connection, and_, func, not_, select
+from sqlalchemy import ColumnElement, Connection, and_, func, not_, or_, select
 
 from engine.store.fhir import reindex as _reindex  # noqa: F401  (registers the index rebuild with migrate)
 from engine.store.fhir.params import SEARCH_PARAMS, FhirError, _model_class, date_range
@@ -106,18 +106,60 @@ def _rechecked(work: _Work, rtype: str, clauses: list[ColumnElement[bool]], chec
     return out
 
 
-def encode_cursor(after: int, snapshot: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps([after, snapshot]).encode()).decode().rstrip("=")
+def encode_cursor(after: int, snapshot: int, key: Any = None) -> str:
+    """The opaque ``_cursor``: last rid served, the snapshot, and with ``_sort`` the last sort value."""
+    payload = [after, snapshot] if key is None else [after, snapshot, key]
+    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
+
+
+def _decode(raw: str) -> tuple[int, int, Any]:
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+        if not isinstance(payload, list) or len(payload) not in (2, 3):
+            raise ValueError("not a cursor")
+        after, snapshot = payload[:2]
+        if not all(type(x) is int and 0 <= x < 2**63 for x in (after, snapshot)):
+            raise ValueError("out of range")  # a huge number would be an OverflowError in SQL
+        key = payload[2] if len(payload) == 3 else None
+        if key is not None and not (isinstance(key, str) and len(key) <= 64 or type(key) is float):
+            raise ValueError("not a sort value")
+        return after, snapshot, key
+    except Exception:
+        raise FhirError(400, "invalid", "_cursor is not one this server issued") from None
 
 
 def decode_cursor(raw: str) -> tuple[int, int]:
-    try:
-        after, snapshot = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-        if not all(type(x) is int and 0 <= x < 2**63 for x in (after, snapshot)):
-            raise ValueError("out of range")  # a huge number would be an OverflowError in SQL
-        return after, snapshot
-    except Exception:
-        raise FhirError(400, "invalid", "_cursor is not one this server issued") from None
+    after, snapshot, _ = _decode(raw)
+    return after, snapshot
+
+
+def _sort_value(q: Query, row: Row) -> Any:
+    return None if q.sort is None else (row.id if q.sort[0] == "_id" else row.last_updated)
+
+
+def _order(q: Query) -> list[Any]:
+    r = fhir_resources
+    if q.sort is None:
+        return [r.c.rid]
+    col = r.c.id if q.sort[0] == "_id" else r.c.last_updated
+    return [col.desc(), r.c.rid.desc()] if q.sort[1] else [col, r.c.rid]
+
+
+def _after(q: Query, after: int, key: Any) -> ColumnElement[bool]:
+    """Keyset condition: what comes after the last row served, in the search's order."""
+    r = fhir_resources
+    if q.sort is None:
+        return r.c.rid > after
+    if key is None:
+        if after:
+            raise FhirError(400, "invalid", "_cursor is not one this search issued")
+        return r.c.rid > 0
+    if (q.sort[0] == "_id") != isinstance(key, str):
+        raise FhirError(400, "invalid", "_cursor is not one this search issued")
+    col = r.c.id if q.sort[0] == "_id" else r.c.last_updated
+    if q.sort[1]:
+        return or_(col < key, and_(col == key, r.c.rid < after))
+    return or_(col > key, and_(col == key, r.c.rid > after))
 
 
 def find(fs: FhirStore, conn: Connection, rtype: str, query: list[tuple[str, str]]) -> list[Row]:
@@ -142,8 +184,9 @@ def search(fs: FhirStore, conn: Connection, rtype: str, params: list[tuple[str, 
     q = parse(fs.hash_key, rtype, params, strict=strict)
     r = fhir_resources
     work = _Work(fs, conn)
+    key: Any = None
     if q.cursor is not None:
-        after, snapshot = decode_cursor(q.cursor)
+        after, snapshot, key = _decode(q.cursor)
     else:
         after = 0
         snapshot = conn.execute(select(func.coalesce(func.max(r.c.rid), 0))).scalar_one()
@@ -157,19 +200,20 @@ def search(fs: FhirStore, conn: Connection, rtype: str, params: list[tuple[str, 
     if checks:
         matched = _rechecked(work, rtype, [r.c.rid <= snapshot, *clauses], checks)
         total = len(matched)
-        rest = [m for m in matched if m[0].rid > after]
+        rest = _rest(q, matched, after, key)
         page = rest[:count]
         if len(rest) > count and page:
-            next_cursor = encode_cursor(page[-1][0].rid, snapshot)
+            next_cursor = encode_cursor(page[-1][0].rid, snapshot, _sort_value(q, page[-1][0]))
     else:
         base = and_(r.c.type == rtype, r.c.deleted == 0, r.c.rid <= snapshot, *clauses)
         total = conn.execute(select(func.count()).select_from(r).where(base)).scalar_one() if want_total else None
         if count > 0:
-            found = conn.execute(select(r).where(base, r.c.rid > after).order_by(r.c.rid).limit(count + 1)
-                                 ).mappings().all()
+            found = conn.execute(select(r).where(base, _after(q, after, key)).order_by(*_order(q))
+                                 .limit(count + 1)).mappings().all()
             if len(found) > count:
                 found = found[:count]
-                next_cursor = encode_cursor(found[-1]["rid"], snapshot)
+                last = _row(found[-1])
+                next_cursor = encode_cursor(last.rid, snapshot, _sort_value(q, last))
             page = [(row, work.body(row)) for row in map(_row, found)]
     notes = [f"ignored (not supported): {', '.join(q.ignored)}"] if q.ignored else []
     included = _includes(work, q, page, notes)
@@ -177,6 +221,21 @@ def search(fs: FhirStore, conn: Connection, rtype: str, params: list[tuple[str, 
     log.debug("fhir.search", type=rtype, filters=len(q.filters), rechecked=bool(checks), decrypted=work.decrypted)
     return SearchResult(page, included, total if want_total else None, next_cursor, q.used, count, q.ignored,
                         work.decrypted, notes)
+
+
+def _rest(q: Query, matched: list[tuple[Row, dict[str, Any]]], after: int, key: Any
+          ) -> list[tuple[Row, dict[str, Any]]]:
+    """Re-checked matches in the search's order, from after the cursor."""
+    if q.sort is None:
+        return [m for m in matched if m[0].rid > after]
+    _after(q, after, key)  # the same cursor checks as the SQL path
+    desc = q.sort[1]
+    ordered = sorted(matched, key=lambda m: (_sort_value(q, m[0]), m[0].rid), reverse=desc)
+    if key is None:
+        return ordered
+    if desc:
+        return [m for m in ordered if (_sort_value(q, m[0]), m[0].rid) < (key, after)]
+    return [m for m in ordered if (_sort_value(q, m[0]), m[0].rid) > (key, after)]
 
 
 def _includes(work: _Work, q: Query, page: list[tuple[Row, dict[str, Any]]], notes: list[str]
