@@ -132,6 +132,10 @@ class GuardedH11Protocol(H11Protocol):
             self._cancel(header=True)
             if len(event.headers) > self.limits.max_header_count:
                 raise h11.RemoteProtocolError("too many header fields", error_status_hint=431)
+            # h11 bounds only a head that is still incomplete; one that came in a single read is whole
+            size = len(event.method) + len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+            if size > self.limits.max_header_bytes:
+                raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
             if len(event.target) > self.limits.max_url_bytes:
                 raise h11.RemoteProtocolError("request target too long", error_status_hint=414)
             self.body_timer = self.loop.call_later(self.limits.body_timeout, self._body_timed_out)

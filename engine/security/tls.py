@@ -72,7 +72,9 @@ def client_context(cfg: TLSConfig) -> ssl.SSLContext:
     return ctx
 
 
-HANDSHAKE_GIVE_UPS = (ssl.SSLEOFError, TimeoutError, ConnectionResetError, BrokenPipeError)
+# asyncio reports its own ssl_handshake_timeout as ConnectionAbortedError ("SSL handshake is
+# taking longer than ..."): a silent or dribbling peer, not a refusal worth an audit row each.
+HANDSHAKE_GIVE_UPS = (ssl.SSLEOFError, TimeoutError, ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
 
 
 def handshake_refused(error: BaseException) -> bool:
