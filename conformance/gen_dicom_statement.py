@@ -18,6 +18,7 @@ if str(ROOT) not in sys.path:
 from pydicom.uid import UID  # noqa: E402
 
 from engine.store.dicom import index as idx  # noqa: E402
+from engine.store.dicom import terms  # noqa: E402
 from listeners import dicom_contexts as cx  # noqa: E402
 from listeners.dicom import DicomPeer, DicomSourceConfig  # noqa: E402
 from listeners.dicom_status import TABLES  # noqa: E402
@@ -158,6 +159,28 @@ def render() -> str:
         "routing again; with `duplicates: replace` a data set with different content replaces the archive "
         "entry and is routed, an identical re-send is recognised and not routed twice.",
         "",
+        "#### Patient identity in the archive",
+        "",
+        "- Patients are keyed by Patient ID (0010,0020) together with Issuer of Patient ID (0010,0021). An "
+        "absent or empty issuer is a value of its own, not a wildcard: Patient ID `123` without an issuer and "
+        "`123` from issuer `A` are two patients. The Issuer of Patient ID Qualifiers Sequence is not part of "
+        "the key.",
+        "- An instance whose Patient ID is absent, empty or blank is never filed under a patient shared with "
+        "other studies: each such study gets a patient of its own (keyed by its Study Instance UID) with the "
+        "patient attributes of the study's first instance, so C-FIND at PATIENT level returns one patient per "
+        "study, under its own name and with an empty Patient ID, and a C-FIND by that name returns that "
+        "study only.",
+        "- First writer wins. A patient keeps the attributes (name, birth date, sex, ...) of the first instance "
+        "that named it: a later instance with the same Patient ID and issuer but another name is filed under "
+        "that patient, does not rename it, and is not found by C-FIND for the other name. A study keeps the "
+        "patient its first instance named: a later instance of the same Study Instance UID that names another "
+        "patient is filed under the study's patient. Neither is refused; the instance is stored as received, "
+        "and C-MOVE / C-GET send it unchanged. The archive does not apply patient updates or merges "
+        "(e.g. HL7 ADT A08 / A40).",
+        "- An archive written by an earlier medrelay, which merged every instance without Patient ID into one "
+        "patient, is split at the first start of this version: each study gets its own patient, with the "
+        "patient attributes read again from its stored instance.",
+        "",
         *_status_table("C-STORE"),
         "",
         "### 3.3 Query/Retrieve SCP: C-FIND",
@@ -174,6 +197,14 @@ def render() -> str:
         "Keys the index holds:",
         "",
         *[f"- {lv}: {_keys(lv)}" for lv in idx.LEVELS],
+        "",
+        f"{', '.join(f'`{k}`' for k in terms.SCOPES)} are matched through a blind index (keyed HMAC terms of the "
+        "case- and accent-folded value, of its words and of its first one to eight characters): a single "
+        "value, a list of values, or a wildcard that begins with literal characters (`DOE*`, `DOE^J*`, "
+        "`12?4*`) narrows the candidates in SQL, and only those are decrypted for the final PS3.4 matching. "
+        "A wildcard that begins with `*` or `?` (`*DOE`) decrypts every row of the query level. UIDs, "
+        "Study Date (single value and range) and Modality narrow in SQL too; other keys are matched on the "
+        "candidates.",
         "",
         *_status_table("C-FIND"),
         "",
@@ -228,11 +259,12 @@ def render() -> str:
         "- Listeners bind 127.0.0.1 unless `host` says otherwise; calling AE titles are an allow-list.",
         "- Stored instances are encrypted (AES-256-GCM, a data key per blob wrapped by the key-encryption "
         "key, AAD bound to the message id). File names are hashes of each blob's nonce and GCM tag, never UIDs.",
-        "- The archive index keeps no PHI in clear: Patient ID, Patient Name and Accession Number are "
-        "stored as keyed HMAC-SHA-256 (exact matching), every returnable attribute of a patient, study "
-        "and series is sealed JSON in the encrypted blob store and decrypted only for the candidate rows "
-        "of a query. Clear columns hold UIDs, Modality, Study Date/Time, Series/Instance Number and the "
-        "SOP Class, which narrow queries in SQL.",
+        "- The archive index keeps no PHI in clear: the patient key is a keyed HMAC-SHA-256 of Patient ID and "
+        "issuer, Patient ID, Patient Name and Accession Number are searchable only as keyed HMAC terms "
+        "(`dicom_terms`; what they reveal to someone holding the database alone is in docs/architecture.md), "
+        "every returnable attribute of a patient, study and series is sealed JSON in the encrypted blob store "
+        "and decrypted only for the candidate rows of a query. Clear columns hold UIDs, Modality, Study "
+        "Date/Time, Series/Instance Number and the SOP Class, which narrow queries in SQL.",
         "- Audit: association rejections and every stored instance are audit events (no PHI).",
         "",
     ]

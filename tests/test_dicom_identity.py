@@ -214,3 +214,35 @@ def test_migrate_is_recorded_and_runs_once(store):
     store.get_blob = lambda *a, **k: calls.append(1) or real(*a, **k)
     store.migrate()
     assert calls == []
+
+
+def test_the_split_on_migrate_on_both_backends(store):
+    """The migration's split, without a network: three instances without PatientID filed under one
+    patient the old way are split into three named patients; a study whose instance cannot be read
+    gets a patient without attributes (no name rather than another patient's)."""
+    hkey = store.keyring.hmac_key(idx.HMAC_KEY_NAME)
+    with store.engine.begin() as conn:
+        for i, name in enumerate(NO_ID_FILES):
+            raw = data_file(name).read_bytes()
+            blob = store.put_blob(conn, raw, f"m{i}")
+            a = idx.extract(idx.read_index_dataset(raw))
+            idx.index_instance(conn, store, hkey, a, message_id=f"m{i}", transfer_syntax=TS, digest="d",
+                               size=len(raw), blob_id=blob)
+        lost = _attrs(9, PatientName="LOST^ONE")
+        idx.index_instance(conn, store, hkey, lost, message_id="m9", transfer_syntax=TS, digest="d", size=1,
+                           blob_id=None)  # its message does not exist: unreadable
+    p, st = idx.patients, idx.studies
+    with store.engine.begin() as c:
+        first = c.execute(select(func.min(p.c.pk))).scalar()
+        c.execute(update(st).values(patient_pk=first))
+        c.execute(p.delete().where(p.c.pk != first))
+        c.execute(update(p).values(pid_hmac=terms.keyed(hkey, "PatientID", "\x00")))
+        c.execute(index_terms.delete())
+        c.execute(index_state.delete())
+    store.migrate()
+    res = _find(store, "STUDY", PatientName="", StudyInstanceUID="")
+    assert sorted(str(r.get("PatientName") or "") for r in res) == sorted(["", *NO_ID_FILES.values()])
+    assert _patients(store) == 4
+    for patient_name in NO_ID_FILES.values():
+        assert len(_find(store, "STUDY", PatientName=patient_name, StudyInstanceUID="")) == 1
+    assert _find(store, "STUDY", PatientName="LOST^ONE", StudyInstanceUID="") == []

@@ -241,3 +241,23 @@ def test_scan_refuses_damaged_data_sets_cleanly():
         scan(b"\x08\x00\x18\x00UI\xff\x7f" + b"1" * 10, idx._SCAN_TAGS, implicit=False)  # past the end
     with pytest.raises(ScanError):
         scan(b"\x08\x00\x18\x00ZZ\x02\x001\x00", idx._SCAN_TAGS, implicit=False)  # no such VR
+
+
+def test_a_literal_start_gives_only_terms_its_values_have():
+    """The narrowing of DOE* / DOE^J* is sound: for values with accents, ligatures, case and
+    separators cut anywhere, the terms of the cut are among the value's stored terms."""
+    import random
+
+    from engine.store.dicom import terms
+
+    key = b"k" * 32
+    alphabet = "ABCDEOJÜßﬁıİΣσς'^= -.,ÅÉé\u0301\u2026\u00bd1"
+    rng = random.Random(9)
+    for _ in range(3000):
+        value = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 24)))
+        stored = {t for _s, t in terms.level_terms(key, "PATIENT", {"PatientName": value})}
+        for cut in range(len(value) + 1):
+            want = terms.query_terms(key, "PatientName", value[:cut] + "*")
+            assert want is None or set(want) <= stored, (value, cut)
+        exact = terms.query_terms(key, "PatientName", value)
+        assert exact is None or set(exact) <= stored, value
