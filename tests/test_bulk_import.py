@@ -114,6 +114,14 @@ def test_hl7_file_with_a_byte_order_mark_goes_in_like_live_traffic(engine_factor
     r = medrelay_import(eng, "hl7", f)
     assert "2 accepted, 0 rejected, 0 skipped" in r.stdout, r.stdout + r.stderr
     assert counts(eng) == {"hl7": 2}
+    # what the shared reader does not take goes to the engine and comes back refused, never vanishes
+    wide = tmp_path / "utf16.hl7"
+    wide.write_bytes(adt("W1").decode().encode("utf-16"))
+    junk = tmp_path / "junk.hl7"
+    junk.write_bytes(b"exported by tool X\n" + adt("J1"))
+    r = medrelay_import(eng, "hl7", wide, junk)
+    assert r.returncode == 1 and "1 accepted, 2 rejected, 0 skipped (3 items in 2 files)" in r.stdout, r.stdout
+    assert f"rejected: {wide}: AR" in r.stdout and f"rejected: {junk} message 1: AR 100" in r.stdout
 
 
 def test_dicom_calling_aet_not_allowed_is_a_clear_refusal(engine_factory, tmp_path):

@@ -5,10 +5,10 @@ modality, an HIS or an app would send them, so they get exactly the treatment li
 traffic gets: the same checks, de-duplication, indexing, routes and audit trail, and an
 answer per file. This is the migration path from another archive or interface engine.
 
-HL7 bytes are sent as they are in the file (a UTF-8 byte order mark included): the
-listener's shared decoding (``engine.hl7.message``) decides what they mean, so an
-import is accepted or refused exactly as the same message sent live. Files are only
-split into messages here (before each MSH at a segment start).
+HL7 files are split into messages by ``engine.hl7.message.split_file``, the shared
+reader that also knows what may come before MSH (a UTF-8 byte order mark, blank lines),
+and each message goes to the listener, whose shared decoding takes it or refuses it
+exactly as the same message sent live.
 
 Every file ends as accepted, rejected (the engine answered no: AE/AR, a DICOM failure
 status, an HTTP 4xx) or skipped (not something this channel's protocol carries), and
@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from engine.hl7.ack import parse_ack
-from engine.hl7.message import TABLE_0357, HL7Error, read_header
+from engine.hl7.message import TABLE_0357, HL7Error, read_header, split_file, wide_encoding
 from engine.hl7.mllp import Frame, FrameParser, frame
 
 Status = Literal["accepted", "rejected", "skipped"]
-# A message starts at the file's start or after a segment end, with MSH and its field
-# separator; a UTF-8 byte order mark may come first (Windows senders, concatenated files).
-_MSH_START = re.compile(rb"(?:^|\r)(?=(?:\xef\xbb\xbf)?MSH[^A-Za-z0-9\r\n])")
+# Is there an HL7 message in the file at all (MSH and a field separator at a line start)?
+# Only to tell "not HL7" apart; split_file does the splitting.
+_HAS_MSH = re.compile(rb"(?:^|[\r\n])(?:\xef\xbb\xbf)?[ \t\r\n]*MSH[^A-Za-z0-9\r\n]")
 IMPORT_AET = "MEDRELAY-IMPORT"
 
 
@@ -114,7 +114,7 @@ def describe(data: bytes) -> str:
         return "a JSON file without resourceType"
     if body[:1] == b"<":
         return "an XML file (FHIR XML is not imported; use JSON)"
-    if re.search(rb"(?:^|[\r\n])(?:\xef\xbb\xbf)?MSH[^A-Za-z0-9\r\n]", data[:65536]):
+    if _HAS_MSH.search(data[:65536]):
         return "an HL7 v2 file"
     try:
         data[:65536].decode("utf-8")
@@ -125,18 +125,20 @@ def describe(data: bytes) -> str:
 
 # -- HL7 v2 over MLLP -------------------------------------------------------------
 def hl7_messages(data: bytes) -> list[bytes]:
-    """Messages in one file: MLLP frames if it has any, else text split before each MSH.
+    """Messages in one file: its MLLP frames if it is framed, else ``split_file``; [] when the
+    file holds no HL7 v2 message at all (it is skipped, saying what it is).
 
-    Every part that starts with MSH is sent, a malformed one too: the engine answers it
-    (AE/AR), which says more than a file silently shorter than it looked.
+    A malformed message is sent too: the engine answers it (AE/AR), which says more than
+    a file silently shorter than it looked. So is a UTF-16 file, which the listener
+    refuses naming its encoding.
     """
     if data[128:132] == b"DICM":  # binary that may hold a 0x0B or a CR-MSH by chance
         return []
     if data.lstrip(b" \t\r\n").startswith(b"\x0b"):
         return [ev.payload for ev in FrameParser(64 * 1024 * 1024).feed(data) if isinstance(ev, Frame)]
-    text = data.replace(b"\r\n", b"\r").replace(b"\n", b"\r")
-    parts = (p.strip(b"\r") for p in _MSH_START.split(text))
-    return [p + b"\r" for p in parts if _MSH_START.match(p)]
+    if wide_encoding(data) is None and not _HAS_MSH.search(data):
+        return []
+    return split_file(data)
 
 
 def _connect(host: str, port: int, timeout: float) -> socket.socket:
