@@ -59,7 +59,8 @@ PATIENTS = {
     5: patient("Ng", ["Ana"], gender="other", birth="2001-07-04", ids=[{"system": "urn:other", "value": "M001"}],
                telecom=[("email", "ana.ng@example.org")], address={"city": "Zürich", "country": "CH"}),
     6: patient("van der Berg", ["Johannes"], gender="male", birth="1750-06-01", ids=[{"value": "NOSYS1"}]),
-    7: patient("O'Brien", ["Siobhán"], gender="female", birth="2024-02-29", ids=[{"system": "urn:mrn", "value": "M007"}]),
+    7: patient("O'Brien", ["Siobhán"], gender="female", birth="2024-02-29",
+               ids=[{"system": "urn:mrn", "value": "M007"}]),
     8: {"resourceType": "Patient", "name": [{"family": "Doe", "given": ["Jane", "Q"], "prefix": ["Dr."],
                                              "text": "Jane Doe"}]},
     9: patient("Doe", ["John"], gender="male", birth="1980-03-16", ids=[{"system": "urn:mrn", "value": "M009"}],
@@ -271,6 +272,13 @@ def test_bad_values_of_known_parameters_are_400_even_when_lenient(client, pids, 
     for headers in ({}, {"Prefer": "handling=lenient"}):
         r = client.get("/Patient", params=params, headers=headers)
         assert r.status_code == 400 and r.json()["issue"][0]["code"] == "invalid", (params, r.text)
+
+
+def test_a_search_that_expands_to_too_many_terms_is_refused(client, pids):
+    many = ",".join(f"gt{1900 + i}" for i in range(60))  # ~20 000 birth-date labels
+    r = client.get("/Patient", params={"birthdate": many})
+    assert r.status_code == 400 and r.json()["issue"][0]["code"] == "too-costly"
+    assert found(client, pids, params={"birthdate": ",".join(f"gt{2000 + i}" for i in range(5))}) == {5, 7}
 
 
 def test_self_link_shows_what_was_applied(client, pids):

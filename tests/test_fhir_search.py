@@ -146,6 +146,29 @@ def test_unknown_params_strict_by_default_or_lenient(client, data):
         data["obs"][0], data["obs"][1]}
 
 
+def test_modifiers_on_clinical_parameters(client, data):
+    o = data["obs"]
+    assert ids(client, "/Observation", **{"status:not": "final"}) == {o[2]}
+    assert ids(client, "/Observation", **{"code:missing": "false", "patient": data["p1"]}) == {o[0], o[1]}
+    assert ids(client, "/Observation", **{"date:missing": "true", "patient": data["p1"]}) == set()
+    assert ids(client, "/Observation", **{"subject:Patient": data["p2"]}) == {o[2]}
+    assert ids(client, "/Observation", date="ap2024-03-01T10:00:00Z") >= {o[0]}
+    assert ids(client, "/Observation", **{"patient.identifier": "urn:mrn|A1"}) == {o[0], o[1]}
+    assert client.get("/Observation", params={"code:text": "pulse"}).status_code == 400
+    assert client.get("/Observation", params={"status:exact": "final"}).status_code == 400
+
+
+def test_endpoint_name_is_a_string_parameter(client):
+    r = client.post("/Endpoint", json={"resourceType": "Endpoint", "status": "active", "name": "Radiology PACS",
+                                       "connectionType": {"code": "dicom-wado-rs"},
+                                       "payloadType": [{"text": "any"}], "address": "https://pacs/x"})
+    eid = r.json()["id"]
+    assert ids(client, "/Endpoint", name="radiology p") == {eid}
+    assert ids(client, "/Endpoint", **{"name:exact": "Radiology PACS"}) == {eid}
+    assert ids(client, "/Endpoint", **{"name:contains": "pac"}) == {eid}
+    assert ids(client, "/Endpoint", name="pacs") == set()
+
+
 def test_paging_is_stable(client, server, data):
     for i in range(7):
         client.post("/Endpoint", json={"resourceType": "Endpoint", "status": "test", "name": f"ep{i}",

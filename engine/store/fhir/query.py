@@ -35,13 +35,15 @@ from engine.store.fhir.params import (
     blind_scope,
     date_range,
     query_reference_key,
-    query_token_key,
     string_values,
 )
 from engine.store.fhir.tables import fhir_index, fhir_resources
 
 DEFAULT_COUNT = 20
 MAX_COUNT = 500
+# Index terms (bound values) one search may expand to: an open birth-date range is ~600, and
+# SQLite refuses statements with more than 32 766 variables; more is refused as too-costly.
+MAX_QUERY_TERMS = 10_000
 RESULT_PARAMS = ("_count", "_include", "_revinclude", "_summary", "_elements", "_total", "_sort", "_format",
                  "_pretty", "_cursor")
 SORT_KEYS = ("_id", "_lastUpdated")  # in clear; names, birth dates are blind and have no order to sort by
@@ -230,8 +232,10 @@ def _token_filter(key: bytes, rtype: str, p: SearchParam, modifier: str, raw: st
             if not code and not system:
                 raise FhirError(400, "invalid", f"search parameter {p.name}: empty token")
             tokens.add(terms.token_query(key, scope, system, code))
+        elif system is None:  # the clear keys of params.token_keys: any system, no system, system only
+            tokens.add(f"*|{code}")
         else:
-            tokens.add(query_token_key(v if system is None else f"{system}|{code}", None))
+            tokens.add(f"{system}|{code}" if code else f"{system}|*")
     clause = _tokens(rtype, p.name, tokens)
     return Filter(not_(clause) if modifier == "not" else clause)
 
@@ -401,6 +405,7 @@ def _result(q: Query, name: str, raw: str) -> bool:
 def parse(key: bytes, rtype: str, params: list[tuple[str, str]], *, strict: bool = True) -> Query:
     """The Query a request means; ``strict`` refuses what it cannot apply, lenient ignores it."""
     q = Query(rtype)
+    size = 0
     for name, raw in params:
         try:
             if name in RESULT_PARAMS:
@@ -409,7 +414,12 @@ def parse(key: bytes, rtype: str, params: list[tuple[str, str]], *, strict: bool
                 continue
             if name.startswith("_") and name.partition(":")[0].partition(".")[0] not in ("_id", "_lastUpdated"):
                 raise Unsupported(f"{_shown(name)} is not supported")
-            q.filters.append(param_filter(key, rtype, name, raw))
+            f = param_filter(key, rtype, name, raw)
+            size += _size(f)
+            if size > MAX_QUERY_TERMS:
+                raise FhirError(400, "too-costly", f"the search expands to more than {MAX_QUERY_TERMS} index "
+                                                   "terms: use fewer values or narrower date ranges")
+            q.filters.append(f)
             q.used.append((name, raw))
         except Unsupported as e:
             if strict:
@@ -417,6 +427,14 @@ def parse(key: bytes, rtype: str, params: list[tuple[str, str]], *, strict: bool
                                 "'Prefer: handling=lenient' to have unsupported parameters ignored)") from None
             q.ignored.append(name)
     return q
+
+
+def _size(f: Filter) -> int:
+    """How many values a filter binds in SQL (its index terms, ids, dates)."""
+    clause = f.clause if f.chained is None else f.chained[3].clause
+    if clause is None:
+        return 0
+    return sum(len(v) if isinstance(v, list | tuple) else 1 for v in clause.compile().params.values())
 
 
 def _shown(name: str) -> str:
