@@ -15,7 +15,7 @@ from conftest import ROOT
 from engine.envelope import Envelope
 
 sys.path.insert(0, str(ROOT / "bench"))
-from convert import MAP_BUDGET, map_bench  # noqa: E402
+from convert import MAP_BUDGET, map_bench
 
 
 def _best(fn, n=300, rounds=3) -> float:
