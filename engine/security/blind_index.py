@@ -108,6 +108,21 @@ def start_terms(key: bytes, scope: str, value: str) -> set[str]:
     return {term(key, scope, "s", n[:i]) for i in range(1, min(len(n), MAX_PREFIX) + 1)}
 
 
+def stored_terms(key: bytes, scope: str, value: str, *, prefixes: bool = True, starts: bool = False) -> set[str]:
+    """``exact_term`` | ``word_terms`` | (``prefix_terms``) | (``start_terms``) of one value, normalising
+    it once (the index writes these for every new row, on the receive path)."""
+    n = normalise(value)
+    if not n:
+        return set()
+    ws = list(dict.fromkeys(n.split()))
+    out = {term(key, scope, "eq", n)} | {term(key, scope, "w", w) for w in ws}
+    if prefixes:
+        out |= {term(key, scope, "p", w[:i]) for w in ws for i in range(1, min(len(w), MAX_PREFIX) + 1)}
+    if starts:
+        out |= {term(key, scope, "s", n[:i]) for i in range(1, min(len(n), MAX_PREFIX) + 1)}
+    return out
+
+
 def starts_with_terms(key: bytes, scope: str, literal: str) -> list[str] | None:
     """Terms (to AND) that every value beginning with ``literal`` has among its ``start_terms``
     and ``word_terms``: the start term of the literal's normalised form (cut at ``MAX_PREFIX``)

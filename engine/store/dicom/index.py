@@ -347,19 +347,20 @@ def index_instance(conn: Connection, store: Any, hkey: bytes, attrs: Mapping[str
     if pks.study_pk is not None:
         study_pk = int(pks.study_pk)  # a known study stays with the patient its first instance named
     else:
+        new_terms: list[dict[str, Any]] = []
         patient_pk = pks.patient_pk
         if patient_pk is None:
             pid_h = terms.patient_key(hkey, p, study_uid)
             patient_pk = _create(conn, patients, {
                 "pid_hmac": pid_h, "name_hmac": keyed(hkey, "PatientName", norm_pn(p.get("PatientName", ""))),
                 "attrs_blob": _seal(store, conn, "PATIENT", pid_h, p), "created_at": now})
-            terms.write_terms(conn, hkey, "PATIENT", patient_pk, p)
+            new_terms += terms.term_rows(hkey, "PATIENT", patient_pk, p)
         study_pk = _create(conn, studies, {
             "patient_pk": patient_pk, "study_uid": study_uid, "study_date": str(st.get("StudyDate", ""))[:8],
             "study_time": str(st.get("StudyTime", ""))[:16],
             "accession_hmac": keyed(hkey, "AccessionNumber", str(st.get("AccessionNumber", "")).strip()),
             "attrs_blob": _seal(store, conn, "STUDY", study_uid, st), "created_at": now})
-        terms.write_terms(conn, hkey, "STUDY", study_pk, st)
+        terms.insert_terms(conn, new_terms + terms.term_rows(hkey, "STUDY", study_pk, st))  # one statement
     series_pk = _get_or_create(conn, series, pks.series_pk, lambda: {
         "study_pk": study_pk, "series_uid": series_uid, "modality": str(se.get("Modality", ""))[:16],
         "series_number": _int(se.get("SeriesNumber")),

@@ -115,18 +115,24 @@ def level_terms(hkey: bytes, level: str, attrs: Mapping[str, Any]) -> set[tuple[
         if lv != level:
             continue
         for v in _values(attrs.get(kw)):
-            v = v.upper()
-            if bi.normalise(v):
-                found = {bi.exact_term(hkey, scope, v)} | bi.word_terms(hkey, scope, v) | bi.start_terms(hkey, scope, v)
-                out.update((scope, t) for t in found)
+            out.update((scope, t) for t in bi.stored_terms(hkey, scope, v.upper(), prefixes=False, starts=True))
     return out
+
+
+def term_rows(hkey: bytes, level: str, pk: int, attrs: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The ``dicom_terms`` rows of one patient or study row."""
+    return [{"scope": s, "term": t, "row_pk": pk} for s, t in sorted(level_terms(hkey, level, attrs))]
+
+
+def insert_terms(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+    if rows:
+        _INSERT_TERMS.run(conn, list(rows))
 
 
 def write_terms(conn: Connection, hkey: bytes, level: str, pk: int, attrs: Mapping[str, Any]) -> int:
     """Insert the terms of a new patient or study row; returns how many."""
-    rows = [{"scope": s, "term": t, "row_pk": pk} for s, t in sorted(level_terms(hkey, level, attrs))]
-    if rows:
-        _INSERT_TERMS.run(conn, rows)
+    rows = term_rows(hkey, level, pk, attrs)
+    insert_terms(conn, rows)
     return len(rows)
 
 
