@@ -276,9 +276,16 @@ class MLLPListener:
         finally:
             self._conns.discard(task)
             log.info("mllp.disconnected", channel=self.channel, peer=peer, reason=reason, messages=count)
+            # close() waits to flush what is buffered; a peer that does not read would keep the
+            # socket (and its buffered ACKs) forever, so that case, and any close that does not
+            # finish soon, is an abort.
+            if reason == "ack_not_read":
+                writer.transport.abort()
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 writer.close()
                 await asyncio.wait_for(writer.wait_closed(), 2)
+            if not writer.transport.is_closing() or writer.transport.get_write_buffer_size():
+                writer.transport.abort()
 
     # -- one message ---------------------------------------------------------------
     async def _handle(self, payload: bytes, peer: str) -> bytes | None:

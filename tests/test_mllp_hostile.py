@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from mllp_peers import RawClient, adt, msa, segment
+from mllp_peers import RawClient, adt, msa, segment, wrap
 
 from engine.hl7.mllp import FrameParser
 
@@ -259,3 +259,36 @@ def test_a_validation_worker_that_dies_is_replaced(engine_factory):
         ack = c.request(adt("W3").replace(b"||DOE^JOHN||", b"||||"))  # and it still validates
         assert msa(ack)[1:3] == ["AE", "W3"] and segment(ack, "ERR")[2] == "PID^1^5"
     assert len(pool._all) == 1
+
+
+def test_a_peer_that_never_reads_its_acks_is_closed(engine_factory):
+    from structlog.testing import capture_logs
+
+    eng = engine(engine_factory, "idle_timeout: 30, frame_timeout: 1")
+    listener = eng.runtime.listener("adt")
+    # MSH-3/4 are echoed in each ACK: 120 kB ACKs fill the kernel's buffers (up to 4 MB) quickly
+    big = {"sender": "S" * 60_000, "facility": "F" * 60_000}
+    burst = b"".join(wrap(adt(f"NR{i}", **big)) for i in range(150))
+    with capture_logs() as logs:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)  # and never recv: ACKs pile up
+        s.connect(eng.address("adt"))
+        s.settimeout(0.5)
+        sent = 0
+        deadline = time.monotonic() + 60
+        try:
+            while sent < len(burst) and time.monotonic() < deadline:
+                try:
+                    sent += s.send(burst[sent:sent + 65536])
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break  # closed by the engine
+            assert time.monotonic() < deadline - 40, "the engine never reset the connection"
+            eng.wait_for(lambda: not listener._conns, timeout=30)
+        finally:
+            s.close()
+        ack, took = timed_request(*eng.address("adt"), adt("NR-AFTER"))
+        assert ack[1:3] == ["AA", "NR-AFTER"] and took < 5
+    assert any(e.get("reason") == "ack_not_read" for e in logs if e["event"] == "mllp.disconnected"), \
+        [e for e in logs if e["event"] == "mllp.disconnected"]
