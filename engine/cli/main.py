@@ -322,9 +322,17 @@ def messages_show(config: str, message_id: str, phi: bool) -> None:
 @click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=0),
               help="seconds to wait with --wait")
 @click.option("-y", "--yes", is_flag=True, help="replay everything in the given states without asking")
+@click.option("--diff", is_flag=True, help="send nothing: run the messages through CONFIG's routes and "
+              "transforms and show, per message and route, what would change against --against")
+@click.option("--against", default=lambda: os.environ.get("MEDRELAY_CONFIG", "channels.yaml"),
+              show_default="channels.yaml", help="with --diff: the config to compare with (the running one)")
+@click.option("--limit", default=200, show_default=True, type=click.IntRange(min=1),
+              help="with --diff: at most this many messages, newest first")
+@click.option("--phi", is_flag=True, help="with --diff: print the output diffs (contain PHI; audited)")
 def replay(config: str, message_ids: tuple[str, ...], channel: str | None, route: str | None,
            states: tuple[str, ...], since: str | None, until: str | None, wait: bool, timeout: float,
-           yes: bool) -> None:
+           yes: bool, diff: bool = False, against: str = "channels.yaml", limit: int = 200,
+           phi: bool = False) -> None:
     """Send messages again: dead letters by default, or any state by filter.
 
     The deliveries are put back in the queue with attempts reset; the running engine
@@ -332,12 +340,19 @@ def replay(config: str, message_ids: tuple[str, ...], channel: str | None, route
     --state (dead letters) of every channel is replayed, after a confirmation that
     shows how many per route (--yes to skip it; required when not on a terminal).
     Exit 0 when all were delivered (with --wait), 1 otherwise or when not confirmed.
+
+    With --diff nothing is requeued or sent: the messages go through CONFIG's routes and
+    transforms and each route's result is compared with --against (exit 1 when any changes).
     """
     from tqdm import tqdm
 
     from engine import queue
     from engine.audit.trail import Audit
 
+    if diff:  # `medrelay replay --config NEW.yaml --diff`: a review of a config change, nothing requeued
+        explicit = click.get_current_context().get_parameter_source("states") != click.core.ParameterSource.DEFAULT
+        _replay_diff(config, against, message_ids, channel, route, states[0] if explicit else None, since, until,
+                     limit, phi)
     store = _open_store(config)
     if not (message_ids or channel or route or since or until) and not yes:
         per_route = _deliveries_by_route(store, states)
@@ -386,6 +401,114 @@ def _deliveries_by_route(store: Any, states: tuple[str, ...]) -> dict[tuple[str,
         rows = conn.execute(select(d.c.channel, d.c.route, func.count()).where(d.c.state.in_(list(states)))
                             .group_by(d.c.channel, d.c.route)).all()
     return {(c, r): n for c, r, n in rows}
+
+
+# -- replay --diff: what a new config would do to stored messages -----------------------------
+def _replay_diff(new_config: str, against: str, message_ids: tuple[str, ...], channel: str | None,
+                 route: str | None, state: str | None, since: str | None, until: str | None, limit: int,
+                 phi: bool) -> None:
+    """Run stored messages through NEW's routes and transforms, nothing sent, and compare with AGAINST.
+
+    The message's stamped config hash says whether AGAINST is the config it was routed under:
+    then both sides are recomputed the same way; otherwise the old side is what the store
+    recorded (which routes got a delivery) and old outputs are unknown. Output diffs contain
+    patient data and are shown only with --phi (audited); without it a change is summarised
+    by the segments, elements or attributes it touches.
+    """
+    import difflib
+    import tempfile
+
+    from tqdm import tqdm
+
+    from engine import registry
+    from engine.audit.trail import Audit
+    from engine.context import ComponentContext
+    from engine.envelope import Drop, Envelope
+    from engine.match import matches
+    from engine.messages import list_messages, show_message
+    from engine.pipeline import apply_transforms
+    from engine.security.crypto import KeyRing
+    from engine.store.db import Store
+
+    mlog.configure("error", "auto")
+    new = _load(new_config, need_env=False)
+    old = _load(against, need_env=False)
+    store = _open_store(new_config, new)
+    ids = list(message_ids) or [r["id"] for r in list_messages(store, channel=channel, route=route, state=state,
+                                                             since=_parse_time(since), until=_parse_time(until),
+                                                             limit=limit)]
+    changed = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Store(f"sqlite:///{tmp}/scratch.db", Path(tmp) / "blobs", KeyRing(Path(tmp) / "keys.json"))
+        scratch.migrate()
+        built: dict[tuple[int, str, str], Any] = {}
+
+        def outcome(settings: Settings, env: Any, rc: Any) -> tuple[str, list[str]]:
+            """("not routed" | "filtered: ..." | "fails: ..." | "routed", output lines)."""
+            if not matches(dict(rc.when), env):
+                return "not routed", []
+            key = (id(settings), env.channel, rc.name)
+            if key not in built:
+                ctx = ComponentContext(settings=settings, store=scratch, keyring=scratch.keyring,
+                                       audit=Audit(scratch), channel=env.channel, route=rc.name)
+                built[key] = [registry.get("transform", t.type).factory(t, ctx) for t in rc.transforms]
+            try:
+                outs = apply_transforms(built[key], env)
+            except Drop as d:
+                return f"filtered: {d.reason}", []
+            except Exception as e:
+                return f"fails: {type(e).__name__}: {str(e)[:200]}", []
+            return "routed", [ln for o in outs for ln in _map_render(o.kind, o.payload)]
+
+        def summary(a: list[str], b: list[str]) -> str:
+            names = []
+            for ln in difflib.unified_diff(a, b, lineterm="", n=0):
+                if ln[:1] in "+-" and not ln.startswith(("+++", "---")):
+                    name = ln[1:].split("|", 1)[0].strip()[:24] if "|" in ln else ln[1:].strip().split(" ", 1)[0][:24]
+                    if name not in names:
+                        names.append(name)
+            return ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
+
+        for mid in tqdm(ids, unit="msg", desc="replay --diff", file=sys.stderr):
+            info = show_message(store, mid, with_payload=True)
+            if info is None or info.get("parent_id") or info.get("payload") is None:
+                continue
+            env = Envelope(channel=info["channel"], kind=info["kind"], payload=info["payload"],
+                           headers=info["headers"] or {}, id=mid)
+            exact = info["config_hash"] == old.config_hash
+            stored = {d["route"] for d in info["deliveries"]}
+            new_routes = {r.name: r for r in (new.channels.get(env.channel).routes if env.channel in new.channels
+                                              else [])}
+            old_routes = {r.name: r for r in (old.channels.get(env.channel).routes if env.channel in old.channels
+                                              else [])}
+            for name in sorted(set(new_routes) | set(old_routes) | stored):
+                after, out_b = outcome(new, env, new_routes[name]) if name in new_routes else ("no route", [])
+                if exact:
+                    before, out_a = outcome(old, env, old_routes[name]) if name in old_routes else ("no route", [])
+                else:
+                    before, out_a = ("routed" if name in stored else "not routed"), None
+                same = before == after and (out_a is None or out_a == out_b)
+                if same and not (out_a is None and after == "routed"):
+                    click.echo(f"{mid} {env.channel}/{name}: unchanged ({after})")
+                    continue
+                if out_a is None and before == after:
+                    click.echo(f"{mid} {env.channel}/{name}: {after}; old output unknown (stamped config "
+                               f"{info['config_hash'][:12]}, --against is {old.config_hash[:12]})")
+                    continue
+                changed += 1
+                if before != after:
+                    click.echo(f"{mid} {env.channel}/{name}: {before} -> {after}")
+                else:
+                    click.echo(f"{mid} {env.channel}/{name}: output changes ({summary(out_a or [], out_b)})")
+                if phi and out_a is not None and out_a != out_b:
+                    for ln in difflib.unified_diff(out_a, out_b, fromfile="old", tofile="new", lineterm=""):
+                        click.echo("    " + ln)
+        scratch.dispose()
+    Audit(store).record("message.replay_diff", actor=os.environ.get("USER", "cli"), channel=channel,
+                        detail=f"{len(ids)} messages compared, config {new.config_hash[:12]} against "
+                               f"{old.config_hash[:12]}" + ("; outputs shown with --phi" if phi else ""))
+    click.echo(f"{changed} route results would change in {len(ids)} messages")
+    sys.exit(1 if changed else 0)
 
 
 # -- keys -------------------------------------------------------------------
