@@ -38,6 +38,7 @@ def test_as_headers_msh_only_no_phi():
     ("UTF-8", "utf-8", "Łukasz^Żółć"),
     ("8859/1", "iso8859-1", "Müller^Jürgen"),
     ("ASCII", "ascii", "DOE^JOHN"),
+    ("ISO IR6", "ascii", "DOE^JOHN"),
 ])
 def test_charsets(charset, codec, name):
     text = f"MSH|^~\\&|A|B|C|D|1||ADT^A01|1|P|2.5||||||{charset}\rPID|1||1||{name}\r"
@@ -142,10 +143,11 @@ def test_bom_with_declared_charset():
     assert "Müller" in h.decode(utf8)
 
 
-@pytest.mark.parametrize("prefix", [b"\r\n", b"\n\n", b"  ", b"\x00", BOM + b"\r\n"])
+@pytest.mark.parametrize("prefix", [b"\r\n", b"\n\n", b"  ", b"\x00", BOM + b"\r\n", b"\r\n" + BOM])
 def test_blank_lines_before_msh(prefix):
     raw = prefix + b"MSH|^~\\&|A|B|C|D|1||ADT^A01|P1|P|2.5\rPID|1||1||DOE\r"
     assert h.read_header(raw).start == len(prefix)
+    assert h.read_header(raw).bom == (BOM in prefix)
     assert h.decode(raw).startswith("MSH|")
     assert h.field(raw, "PID-5") == "DOE"
 

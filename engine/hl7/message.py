@@ -99,6 +99,7 @@ class HL7Error(Exception):
 # and are refused as "table value not found".
 CHARSETS: dict[str, str] = {
     "ASCII": "ascii",
+    "ISO IR6": "ascii",  # ISO 646, table 0211's other name for ASCII
     "UNICODE UTF-8": "utf-8",
     "UTF-8": "utf-8",  # not in table 0211 but sent by many systems
     "8859/1": "iso8859-1",
@@ -198,6 +199,8 @@ def message_start(payload: bytes) -> int:
     n = len(payload)
     while start < n and payload[start] in _BLANK_BEFORE_MSH:
         start += 1
+    if start and payload[start:start + 3] == BOM_UTF8:  # a BOM after a blank line (files joined)
+        return message_start(payload[start + 3:]) + start + 3
     return start
 
 
@@ -381,8 +384,8 @@ def read_header(payload: bytes, *, require: bool = True) -> Header:
         raise HL7Error(TABLE_VALUE_NOT_FOUND, f"message is encoded in {wide}; HL7 v2 over MLLP needs a "
                        "charset whose delimiters are single bytes: send UTF-8 (MSH-18 UNICODE UTF-8)",
                        location="MSH^1^18")
-    bom = payload[:3] == BOM_UTF8
     start = 0 if payload[:3] == b"MSH" else message_start(payload)
+    bom = start >= 3 and BOM_UTF8 in payload[:start]
     if payload[start:start + 3] != b"MSH" or len(payload) < start + 8:
         raise HL7Error(SEGMENT_SEQUENCE_ERROR, "message does not start with an MSH segment",
                        location="MSH^1")
