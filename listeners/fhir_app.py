@@ -44,7 +44,7 @@ from engine.store.fhir.params import ID_RE, READ_ONLY_TYPES, STORED_TYPES, FhirE
 from engine.store.fhir.resources import FhirStore
 from engine.store.fhir.search import history, search
 from listeners import fhir_audit
-from listeners.fhir_body import RETRY_AFTER, BodyBudget, Worker, read_body, release_body
+from listeners.fhir_body import RETRY_AFTER, BodyBudget, HeavyGate, read_body, release_body
 from listeners.fhir_bundles import (
     FHIR_JSON,
     error_response,
@@ -64,6 +64,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 Handler = Callable[[Request, str], Awaitable[Response]]
 JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir", "text/json")
+# A body may parse into at most this many bytes of objects per byte of max_body_bytes
+# (real FHIR JSON takes ~8, an array of empty objects ~25; see engine.store.fhir.jsontext).
+PARSE_COST_PER_BODY_BYTE = 16
 VERSION_RE = re.compile(r"^[0-9]{1,18}$")  # fits a 64-bit column: a longer one is simply not there
 # The store cannot be reached (database down, locked, pool exhausted; blob storage gone):
 # the client should retry, so 503 with Retry-After, not 500.
@@ -86,7 +89,7 @@ class FhirApi:
         self._tokens = [_fingerprint(t) for t in config.auth.bearer_tokens]
         self.capability = capability_statement(auth_open=config.auth.open)
         self.budget = BodyBudget(config.body_budget_bytes)
-        self.worker = Worker()
+        self.heavy = HeavyGate()
 
     # -- plumbing ----------------------------------------------------------
     def app(self) -> Starlette:
@@ -153,6 +156,7 @@ class FhirApi:
             except Exception as e:
                 return self._internal_error(e)
             finally:
+                self.heavy.leave(request)
                 await release_body(request, self.budget)
 
         return endpoint
@@ -211,8 +215,9 @@ class FhirApi:
         if ctype and ctype not in JSON_TYPES:
             raise FhirError(415, "not-supported", "send application/fhir+json")
         body = await self._body(request)
-        depth = self.config.max_json_depth
-        return body, await self.worker.run(len(body), lambda: jsontext.loads(body, max_depth=depth))
+        await self.heavy.enter(request, len(body), self.config.body_timeout / 2)
+        depth, cost = self.config.max_json_depth, PARSE_COST_PER_BODY_BYTE * self.config.max_body_bytes
+        return body, await run_in_threadpool(jsontext.loads, body, max_depth=depth, max_cost=cost)
 
     async def _body(self, request: Request) -> bytes:
         return await read_body(request, limit=self.config.max_body_bytes, budget=self.budget,
@@ -285,8 +290,8 @@ class FhirApi:
         if ctype not in ("", "application/x-www-form-urlencoded"):
             raise FhirError(415, "not-supported", "POST _search takes application/x-www-form-urlencoded")
         body = await self._body(request)
-        form = await self.worker.run(len(body), lambda: parse_qsl(body.decode("utf-8", "replace"),
-                                                                   keep_blank_values=True))
+        await self.heavy.enter(request, len(body), self.config.body_timeout / 2)
+        form = await run_in_threadpool(parse_qsl, body.decode("utf-8", "replace"), keep_blank_values=True)
         params = [*request.query_params.multi_items(), *form]
         return await self._search(request, actor, params)
 
@@ -371,7 +376,7 @@ class FhirApi:
             with self.ctx.store.engine.connect() as conn:
                 return precheck(self.fs, conn, op)
 
-        done = await self.worker.run(len(raw), pre)
+        done = await run_in_threadpool(pre)
         if done is None:
             interaction = {"POST": "create", "PUT": "update", "DELETE": "delete"}[op.method]
             headers = {"resourceType": op.type, "interaction": interaction}
@@ -408,12 +413,12 @@ class FhirApi:
                 with self.ctx.store.engine.connect() as conn:
                     prepare(self.fs, conn, ops)
 
-            await self.worker.run(len(raw), dry_run)
+            await run_in_threadpool(dry_run)
 
             def apply(conn: Any, mid: str) -> Any:
                 return run_transaction(self.fs, conn, ops, message_id=mid)
         else:
-            parsed = await self.worker.run(len(raw), lambda: parse_batch(entries))
+            parsed = await run_in_threadpool(parse_batch, entries)
 
             def apply(conn: Any, mid: str) -> Any:
                 return run_batch(self.fs, conn, parsed, message_id=mid)

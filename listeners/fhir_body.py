@@ -8,26 +8,23 @@ engine hold 3 GiB; a request that does not fit waits for others to finish, then 
 503. Reserving the whole size at once (not chunk by chunk) means two half-read bodies
 can never wait for each other.
 
-Parsing and validating a large body takes CPU and memory (json.loads builds ~30 bytes
-of objects per byte of ``[[],[],...]``): it runs in a worker thread, never on the
-event loop that serves every other connection, and bodies over HEAVY_BYTES go one at a
-time.
+Parsing and validating a large body takes CPU and memory (json.loads builds 7-25 bytes
+of objects per byte, engine.store.fhir.jsontext bounds it): it runs in a worker thread,
+never on the event loop that serves every other connection, and requests with a body
+over HEAVY_BYTES go one at a time from parsing to response (``HeavyGate``), so only one
+parsed large body is alive at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import TypeVar
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from engine.store.fhir.params import FhirError
 
 HEAVY_BYTES = 256 * 1024
 RETRY_AFTER = "5"
-T = TypeVar("T")
 
 
 class BodyBudget:
@@ -84,14 +81,23 @@ async def release_body(request: Request, budget: BodyBudget) -> None:
         await budget.release(reserved)
 
 
-class Worker:
-    """Runs parsing/validation in the thread pool; bodies over HEAVY_BYTES one at a time."""
+class HeavyGate:
+    """Requests with a body over HEAVY_BYTES: one at a time, from parsing until the response."""
 
     def __init__(self) -> None:
-        self._heavy = asyncio.Semaphore(1)
+        self._one = asyncio.Semaphore(1)
 
-    async def run(self, size: int, fn: Callable[[], T]) -> T:
-        if size <= HEAVY_BYTES:
-            return await run_in_threadpool(fn)
-        async with self._heavy:
-            return await run_in_threadpool(fn)
+    async def enter(self, request: Request, size: int, wait: float) -> None:
+        if size <= HEAVY_BYTES or getattr(request.state, "heavy", False):
+            return
+        try:
+            await asyncio.wait_for(self._one.acquire(), wait)
+        except TimeoutError:
+            raise FhirError(503, "transient", "the server is busy with other large requests; retry later",
+                            headers={"Retry-After": RETRY_AFTER}) from None
+        request.state.heavy = True
+
+    def leave(self, request: Request) -> None:
+        if getattr(request.state, "heavy", False):
+            request.state.heavy = False
+            self._one.release()

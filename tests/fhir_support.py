@@ -26,11 +26,11 @@ TOKEN = "test-token-0123456789"
 
 class FhirServer:
     def __init__(self, root: Path, *, channel: str = "fhir-in", routes: tuple[str, ...] = (),
-                 **config: Any) -> None:
+                 store_url: str | None = None, **config: Any) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
         self.keyring = KeyRing(root / "keys.json")
-        url = os.environ.get("MEDRELAY_TEST_FHIR_STORE_URL") or f"sqlite:///{root / 'medrelay.db'}"
+        url = store_url or os.environ.get("MEDRELAY_TEST_FHIR_STORE_URL") or f"sqlite:///{root / 'medrelay.db'}"
         self.store = Store(url, root / "blobs", self.keyring)
         self.store.migrate()
         self.audit = Audit(self.store)
