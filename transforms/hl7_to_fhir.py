@@ -29,6 +29,7 @@ from engine.components import ComponentConfig
 from engine.context import ComponentContext
 from engine.envelope import Drop, Envelope
 from engine.registry import component
+from transforms.converter_tables import ExtensionSpec, build_post, problems
 from transforms.fhir_bundle import TransactionBuilder, dumps, prune, validate_bundle
 from transforms.fhir_time import v2_datetime
 from transforms.hl7_text import Segment, V2Message
@@ -93,6 +94,18 @@ class Hl7ToFhirConfig(ComponentConfig):
     unsupported: Literal["drop", "error"] = Field(
         "drop", description="Other message types: drop (filtered on this route) or error.")
     validate_output: bool = Field(True, description="Validate the Bundle with fhir.resources (R4B) before it leaves.")
+    code_tables: dict[str, str] = Field(
+        default_factory=dict, description="FHIR CodeableConcept element -> table under top-level `tables:`: "
+        "a coding from the matching row (target_system, target_code, target_display) is added next to the "
+        "converted one, e.g. {Observation.code: lab-codes} for OBX-3 local codes to LOINC.",
+        examples=[{"Observation.code": "lab-codes"}])
+    extensions: list[ExtensionSpec] = Field(
+        default_factory=list, description="HL7 fields (Z-segments) as valueString extensions: "
+        "[{from: ZPI-2, resource: Patient, url: ...}]")
+
+    def rule_problems(self, tables: dict[str, Any]) -> list[Any]:
+        """`medrelay check`: the code tables and extensions (engine/mapping, transforms/converter_tables.py)."""
+        return problems(self.code_tables, self.extensions, tables)
 
 
 @dataclass
@@ -407,8 +420,16 @@ def convert(payload: bytes, cfg: Hl7ToFhirConfig) -> dict[str, Any]:
 @component("transform", "hl7_to_fhir", config=Hl7ToFhirConfig, kinds=("hl7v2",))
 def build(config: Hl7ToFhirConfig, ctx: ComponentContext | None = None) -> Callable[[Envelope], Envelope]:
     """HL7 v2 (ADT A01/A04/A08/A40, ORU R01, ORM O01, OMI O23) -> FHIR R4 transaction Bundle."""
+    from engine.mapping.tables import tables_of
+
+    post = build_post(config.code_tables, config.extensions, tables_of(ctx))
+
     def transform(env: Envelope) -> Envelope:
         bundle = convert(env.payload, config)
+        if post is not None:  # site codings and Z-segment extensions, then validated again
+            post(env.payload, bundle)
+            if config.validate_output:
+                validate_bundle(bundle)
         log.debug("hl7_to_fhir.converted", message_id=env.id, entries=len(bundle["entry"]))
         return env.derive(kind="fhir", payload=dumps(bundle), headers={
             "resourceType": "Bundle", "bundleType": "transaction",
