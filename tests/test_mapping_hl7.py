@@ -87,7 +87,7 @@ def test_path_forms_read_the_right_place():
 @pytest.mark.parametrize("bad,reason", [
     ("PID3", "not an HL7 position"), ("pid-3", "not an HL7 position"), ("PID-0", "count from 1"),
     ("PID-99", "PID has 40 fields"), ("XYZ-1", "unknown segment XYZ"), ("PID-3.13", "CX, which has 12 components"),
-    ("OBX[0]-5", "count from 1"),
+    ("OBX[0]-5", "count from 1"), ("ZPI-10000", "go up to 9999"), ("OBX[100000]-1", "go up to 9999"),
 ])
 def test_bad_positions_are_errors(bad, reason):
     errs = check_rules(rules({"set": {bad: "x"}}), HL7, TABLES)

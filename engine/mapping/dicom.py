@@ -26,6 +26,7 @@ from engine.mapping.base import MappingError, Scope
 _TAG = re.compile(r"^\(?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?$")
 _PRIVATE = re.compile(r"""^\(([0-9A-Fa-f]{4}),\s*"([^"]{1,64})"\s*,\s*([0-9A-Fa-f]{2})\)$""")
 _INDEX = re.compile(r"^(.*?)\[(\d+|\*)\]$")
+MAX_ITEMS = 9999
 PHI_KEYWORD = re.compile(r"^(Patient|Other(Patient)?|Responsible|Referring|Performing|Operators|Physician|"
                          r"PersonName|InstitutionAddress|.*Name$)")
 
@@ -62,6 +63,8 @@ def _step(text: str) -> DStep:
     if m:
         body = m.group(1)
         index = None if m.group(2) == "*" else int(m.group(2))
+        if index is not None and index > MAX_ITEMS:  # a write creates the items up to it
+            raise ValueError(f"{text}: item indexes go up to {MAX_ITEMS}")
     p = _PRIVATE.match(body)
     if p:
         group = int(p.group(1), 16)

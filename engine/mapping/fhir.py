@@ -24,6 +24,7 @@ from engine.mapping.base import MappingError, Scope
 
 _STEP = re.compile(r"""^([A-Za-z_][A-Za-z0-9_]*)(?:\[(\d+)\])?$""")
 _WHERE = re.compile(r"""^where\(\s*([A-Za-z_][A-Za-z0-9_.]*)\s*=\s*'((?:[^'\\]|\\.)*)'\s*\)$""")
+MAX_INDEX = 9999
 PHI_ELEMENTS = frozenset({"identifier", "name", "telecom", "address", "birthDate", "subject", "patient", "photo",
                           "contact", "text"})
 
@@ -78,7 +79,10 @@ def _steps(parts: list[str]) -> tuple[Step, ...] | None:
         m = _STEP.match(part)
         if not m:
             return None
-        steps.append(Step(m.group(1), int(m.group(2)) if m.group(2) is not None else None))
+        index = int(m.group(2)) if m.group(2) is not None else None
+        if index is not None and index > MAX_INDEX:
+            return None  # not a place to write (a write creates the items up to it)
+        steps.append(Step(m.group(1), index))
     return tuple(steps)
 
 

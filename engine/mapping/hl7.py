@@ -27,6 +27,7 @@ from engine.mapping.base import MappingError, Scope
 _PATH = re.compile(
     r"^([A-Z][A-Z0-9]{2})(?:\[(\d+)\])?(?:-(\d+)(?:\((\d+)\)|\[(\d+)\])?(?:\.(\d+)(?:\.(\d+))?)?)?$")
 
+MAX_INDEX = 9999
 # Segments whose fields identify a patient: their values never go into an error text.
 PHI_SEGMENTS = frozenset({"PID", "PD1", "NK1", "GT1", "IN1", "IN2", "IN3", "MRG", "PV2", "ACC", "DB1", "ROL",
                           "AL1", "DG1", "NTE"})
@@ -64,6 +65,8 @@ def parse_hl7_path(text: str) -> Hl7Path:
     nums = [int(x) for x in (occ, fld, rep, comp, sub) if x is not None]
     if any(n == 0 for n in nums):
         raise ValueError(f"{text}: positions count from 1")
+    if any(n > MAX_INDEX for n in nums):  # a write creates what it names: keep that bounded
+        raise ValueError(f"{text}: positions go up to {MAX_INDEX}")
     return Hl7Path(text.strip(), seg, int(occ) if occ else None, int(fld or 0), int(rep) if rep else None,
                    int(comp or 0), int(sub or 0))
 
