@@ -58,7 +58,8 @@ class FhirSourceConfig(ComponentConfig):
     tls: TLSConfig | None = Field(None, description="serve HTTPS with these cert/key (BCP 195 settings)")
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description=(
         "largest request body; a larger declared Content-Length gets 413 before any byte is read, a "
-        "streamed body gets 413 as soon as it passes the limit"))
+        "streamed body gets 413 as soon as it passes the limit; a body whose JSON would parse into "
+        "more than 16x this in memory (e.g. [{},{},...]) gets 413 before parsing"))
     body_budget_bytes: int = Field(64 * 1024 * 1024, gt=0, description=(
         "request bodies held in memory at once, all connections together (each reserves its "
         "Content-Length, or max_body_bytes when chunked); a request that does not fit waits up to "
