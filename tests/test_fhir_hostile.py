@@ -563,7 +563,7 @@ def test_slow_clients_do_not_starve_others(slow):
             s.sendall(b"GET /fhir/metadata HTTP/1.1\r\nHost: x\r\nX-Partial: ")
         start = time.monotonic()
         r = httpx.get(slow.base_url + "/Patient", headers=AUTH, timeout=10)
-        assert r.status_code == 200 and time.monotonic() - start < 1.0
+        assert r.status_code == 200 and time.monotonic() - start < 2.0
         for s in socks:  # and each of them is answered 408 and closed
             data, _ = until_closed(s, limit=SLOW["header_timeout"] + MARGIN)
             response_outcome(data, 408)
