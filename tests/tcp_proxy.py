@@ -127,6 +127,10 @@ class TcpProxy:
             await self._do_cut()
             if self._server is not None:
                 self._server.close()
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in others:
+                t.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
         try:
             self._call(_close())

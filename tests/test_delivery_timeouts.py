@@ -113,7 +113,8 @@ class Downstream:
 
     def _talk(self, c: _Conn) -> None:
         c.sock.settimeout(0.1)
-        buf = b""
+        buf = bytearray()
+        scanned = 0  # the end of a frame is looked for in new bytes only: 8 MiB arrive in ~100 reads
         while not self._stop.is_set():
             try:
                 chunk = c.sock.recv(1 << 20)
@@ -126,13 +127,17 @@ class Downstream:
                 c.closed_by_peer.set()
                 return
             buf += chunk
-            while (s := buf.find(SB)) >= 0 and (e := buf.find(EB + CR, s)) >= 0:
-                msg, buf = buf[s + 1:e], buf[e + 2:]
+            while (e := buf.find(EB + CR, max(scanned - 1, 0))) >= 0:
+                s = buf.find(SB)
+                msg = bytes(buf[s + 1:e])
+                del buf[:e + 2]
+                scanned = 0
                 c.received.append(control_id(msg))
                 if c.mode == "ok":
                     c.sock.sendall(SB + make_ack(msg) + EB + CR)
                 elif c.mode == "late":
                     threading.Thread(target=self._answer_late, args=(c, msg), daemon=True).start()
+            scanned = len(buf)
 
     def _answer_late(self, c: _Conn, msg: bytes) -> None:
         time.sleep(self.late)
@@ -175,7 +180,7 @@ def test_mllp_receiver_that_never_reads():
     (not left with half a message in it) and the next attempt uses a new one."""
     with Downstream("noread") as rx:
         async def go():
-            s = sender(rx.port, timeout=1, connect_timeout=1)
+            s = sender(rx.port, timeout=3, connect_timeout=1)
             msg = hl7(big_adt("BIG1"))
             t0 = time.monotonic()
             with pytest.raises(DeliveryError, match="did not take"):
@@ -189,7 +194,7 @@ def test_mllp_receiver_that_never_reads():
                 await s.close()
 
         took, code = within(60, go())
-        assert took < 5 and code == "AA"
+        assert 2.5 < took < 8 and code == "AA"
         assert rx.conns[0].closed_by_peer.wait(5)
         assert [c.mode for c in rx.conns] == ["noread", "ok"] and rx.delivered == ["BIG1"]
 
@@ -263,7 +268,7 @@ def test_route_retries_a_silent_mllp_peer_while_others_flow(engine_factory, mode
     with Downstream(mode) as slow, MLLPReceiver() as fast:
         eng = engine_factory(_yaml(f"""
       - name: slow
-        to: {{type: mllp, host: 127.0.0.1, port: {slow.port}, timeout: 1, connect_timeout: 1}}
+        to: {{type: mllp, host: 127.0.0.1, port: {slow.port}, timeout: 3, connect_timeout: 1}}
         retry: {{max_attempts: 100, initial_delay: 0.3, max_delay: 1}}
       - name: fast
         to: {{type: mllp, host: 127.0.0.1, port: {fast.port}, timeout: 10}}"""))
@@ -272,7 +277,7 @@ def test_route_retries_a_silent_mllp_peer_while_others_flow(engine_factory, mode
         for cid in ids[1:]:
             submit(eng, Envelope(channel="in", kind="hl7v2", payload=adt(cid)))
         fast.wait_for(6, timeout=30)  # the other route is not held up
-        eng.wait_for(lambda: any(a >= 2 for _s, a, _e in deliveries(eng, "slow")), timeout=30)
+        eng.wait_for(lambda: any(a >= 2 for _s, a, _e in deliveries(eng, "slow")), timeout=40)
         state, attempts, error = deliveries(eng, "slow")[0]
         assert state == "pending" and error and ("did not take" in error or "no ACK" in error)
         assert slow.delivered == []
