@@ -144,6 +144,7 @@ class Intake:
         self._closing = False
         self._writers: ThreadPoolExecutor | None = None
         self._conn: Connection | None = None  # the committer thread's own
+        self._committing = False  # the committer's transaction reached its COMMIT
 
     # -- lifecycle -----------------------------------------------------
     async def start(self) -> None:
@@ -171,6 +172,7 @@ class Intake:
             except queue.Empty:
                 return
             if item is not None and not item.future.done():
+                self._discard_files(item)
                 item.future.set_result(Outcome("error", item.envelope.id, error="engine is shutting down"))
 
     # -- submission ----------------------------------------------------
@@ -213,16 +215,32 @@ class Intake:
         return ahead
 
     def discard_ahead(self, ahead: Ahead | None) -> None:
-        """The message was refused: its file, never referenced by any row, goes."""
+        """The message was refused: its file, never referenced by any row, goes (also when its
+        write failed half way: ``write_blob_files`` removes what it wrote, this is the backstop)."""
         if ahead is None:
             return
         try:
             row = ahead.sealed.result()
-            ahead.durable.result()
         except Exception:
-            return
+            return  # nothing was sealed, so no file was begun
+        ahead.durable.exception()  # wait for the writer, whatever became of the write
         if row.get("in_file"):
             self.store.blob_path(row["id"]).unlink(missing_ok=True)
+
+    def _discard_later(self, ahead: Ahead) -> None:
+        """Discard once the writer thread is done with the file (it may still create it)."""
+        ahead.durable.add_done_callback(lambda _f: self.discard_ahead(ahead))
+
+    def _discard_files(self, item: _Item) -> None:
+        """A refused item's written-ahead file goes; one still being written goes when it is done."""
+        row = item.blob_row
+        if row is None or not row.get("in_file"):
+            return
+        path = self.store.blob_path(row["id"])
+        if item.durable is not None and not item.durable.done():
+            item.durable.add_done_callback(lambda _f: path.unlink(missing_ok=True))
+        else:
+            path.unlink(missing_ok=True)
 
     def submit_blocking(self, envelope: Envelope, *, dedupe_key: str | None = None,
                         response: bytes | None = None, tx_hook: TxHook | None = None,
@@ -237,6 +255,7 @@ class Intake:
             try:
                 blob_row, durable = ahead.sealed.result(timeout), ahead.durable
             except Exception as e:
+                self._discard_later(ahead)
                 return Outcome("error", envelope.id, error=f"blob sealing failed: {type(e).__name__}")
         elif len(envelope.payload) > self.store.inline_max:
             try:
@@ -314,9 +333,11 @@ class Intake:
         conn = self._conn
         if conn is None or conn.closed or conn.invalidated:
             conn = self._conn = self.store.engine.connect()
+        self._committing = False
         try:
             with conn.begin():
                 yield conn
+                self._committing = True  # the statements ran; what fails now is the COMMIT itself
         except BaseException:
             if conn.invalidated or conn.closed:
                 self._conn = None
@@ -328,7 +349,7 @@ class Intake:
             outcomes = self._commit_batch(batch)
         except Exception as e:
             log.error("intake.batch_failed", size=len(batch), error=type(e).__name__)
-            outcomes = self._commit_singly(batch)
+            outcomes = self._commit_singly(batch, uncertain=self._commit_uncertain())
         woken: set[tuple[str, str]] = set()
         for item, outcome in zip(batch, outcomes, strict=True):
             if outcome.status == "accepted":
@@ -343,8 +364,17 @@ class Intake:
             except RuntimeError:  # loop closed under us at shutdown: workers start from the store
                 pass
 
-    def _commit_singly(self, batch: list[_Item]) -> list[Outcome]:
-        """After a failed group commit, find the one bad item and fail only it."""
+    def _commit_uncertain(self) -> bool:
+        """The last transaction failed in its COMMIT on a server database, which may have
+        committed it after all (a connection lost during COMMIT); SQLite's is never in doubt."""
+        return self._committing and not self.store.is_sqlite
+
+    def _commit_singly(self, batch: list[_Item], *, uncertain: bool = False) -> list[Outcome]:
+        """After a failed group commit, find the one bad item and fail only it.
+
+        A refused item's written-ahead file is deleted, unless the group's or its own COMMIT
+        may have gone through: then it stays, and ``store gc`` removes it if no row names it.
+        """
         out = []
         for item in batch:
             try:
@@ -353,6 +383,12 @@ class Intake:
                 log.error("intake.commit_failed", channel=item.envelope.channel,
                           message_id=item.envelope.id, error=type(e).__name__, detail=str(e)[:200])
                 out.append(Outcome("error", item.envelope.id, error=type(e).__name__))
+                if uncertain or self._commit_uncertain():
+                    if item.blob_row is not None and item.blob_row.get("in_file"):
+                        log.warning("intake.commit_uncertain", channel=item.envelope.channel,
+                                    message_id=item.envelope.id, note="blob file kept for store gc")
+                else:
+                    self._discard_files(item)
         return out
 
     def _existing(self, conn: Connection, batch: list[_Item]) -> dict[tuple[str, str], tuple[str, bytes | None]]:

@@ -30,7 +30,7 @@ from engine.security.tls import TLSConfig, report_handshake_failure, server_cont
 from listeners import dicom_ul as ul
 from listeners.dicom_contexts import STORAGE_SOP_CLASSES, VERIFICATION, add_contexts
 from listeners.dicom_provider import RequestHandler
-from listeners.dicom_qr import QueryRetrieve
+from listeners.dicom_qr import TALLY_KWARG, QueryRetrieve, count_stores
 from listeners.dicom_store import StoreSCP
 from routes.dicom_scu import check_ae_title, make_raw_aware
 
@@ -121,6 +121,9 @@ class AssociationServer(ThreadedAssociationServer):
 
     listener: DicomListener
     max_connections = 64
+    # socketserver's listen backlog is 5: under a burst of connections the kernel drops SYNs
+    # and a peer waits a second or more per retry, before we can accept, count or refuse it.
+    request_queue_size = 256
     storage_sessions: set[ul.StorageAssociation]
     # Connection threads end with their association; shutting the server down must not
     # wait for them (pynetdicom's own associations run in threads of their own).
@@ -128,6 +131,7 @@ class AssociationServer(ThreadedAssociationServer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.handoff: dict[Any, bytes] = {}  # A-ASSOCIATE-RQ bytes read, by socket, for RequestHandler
+        self._local = threading.local()
         self.open_connections = 0
         self._count_lock = threading.Lock()
         self._refused = _Throttle()
@@ -136,6 +140,24 @@ class AssociationServer(ThreadedAssociationServer):
     @property
     def channel(self) -> str:
         return self.listener.ctx.channel
+
+    @property
+    def contexts(self) -> list[Any]:
+        """The supported contexts pynetdicom deep-copies for each association: only those the
+        connection of this thread proposed (``narrow_contexts``); all ~180 cost ~30 ms of CPU
+        per association, the few proposed well under one."""
+        narrowed = getattr(self._local, "contexts", None)
+        return narrowed if narrowed is not None else self._contexts
+
+    @contexts.setter
+    def contexts(self, value: list[Any]) -> None:
+        self._contexts = value
+
+    def narrow_contexts(self, rq: Any) -> None:
+        """For this connection's thread: the supported contexts of the syntaxes ``rq`` proposes
+        (negotiation never looks at the others)."""
+        proposed = {str(cx.abstract_syntax) for cx in rq.presentation_context_definition_list}
+        self._local.contexts = [cx for cx in self._contexts if str(cx.abstract_syntax) in proposed]
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept only; the TLS handshake happens in the connection's own thread.
@@ -171,7 +193,10 @@ class AssociationServer(ThreadedAssociationServer):
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             if self.listener.take_connection(request, client_address):
-                super().process_request_thread(request, client_address)
+                try:
+                    super().process_request_thread(request, client_address)  # until the association ends
+                finally:
+                    self.listener.handed_back()
         except Exception as e:  # never a traceback on the console or to the peer
             log.error("dicom.association_failed", channel=self.channel, error=type(e).__name__,
                       detail=str(e)[:200])
@@ -181,8 +206,14 @@ class AssociationServer(ThreadedAssociationServer):
                 pass
         finally:
             self.handoff.pop(request, None)
+            self._local.contexts = None
             with self._count_lock:
                 self.open_connections -= 1
+
+    def service_actions(self) -> None:
+        """pynetdicom runs a full ``gc.collect()`` every 60 turns of the accept loop (a
+        50-100 ms pause holding the GIL, for every listener of the engine, and every 30 s
+        when idle); the interpreter's own collector frees association cycles without it."""
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """socketserver would print a traceback to stderr; a log line instead."""
@@ -256,6 +287,7 @@ class DicomListener:
         self.server: Any = None
         self.ae = self._make_ae()
         self._sessions_lock = threading.Lock()
+        self._handed = 0  # connections handed to pynetdicom and not ended yet
         self._store: StoreSCP | None = None
 
     def _make_ae(self) -> ListenerAE:
@@ -273,7 +305,12 @@ class DicomListener:
         original = ae.associate
 
         def associate(*args: Any, **kwargs: Any) -> Any:  # C-MOVE sub-operation associations send raw
-            return make_raw_aware(original(*args, **kwargs))
+            tally = kwargs.pop(TALLY_KWARG, None)
+            assoc = make_raw_aware(original(*args, **kwargs))
+            if tally is not None:  # what on_move will log: count what this association really sends
+                tally.connected = bool(assoc.is_established)
+                count_stores(assoc, tally)
+            return assoc
 
         ae.associate = associate  # type: ignore[method-assign]
         return ae
@@ -384,19 +421,51 @@ class DicomListener:
         if rq is not None:
             refused = self.rejection(rq)
             if refused is not None:
-                _send_quietly(sock, ul.reject_pdu(0x01, 0x01, refused[0]))
                 self.rejected(str(rq.calling_ae_title).strip(), peer, refused[1],
                               called_aet=str(rq.called_ae_title).strip())
+                _send_quietly(sock, ul.reject_pdu(0x01, 0x01, refused[0]))
                 return _close(sock)
             if (c.tls is None and self._store is not None and server is not None
                     and ul.is_plain_storage(rq, FAST_SYNTAXES)):
                 self._serve_storage(sock, address, rq)
                 return False
         # pynetdicom's (or malformed: pynetdicom answers it); its reads wait idle_timeout at most
+        if not self._reserve():
+            self._limit_reached(sock, rq, peer)
+            return False
         sock.settimeout(c.idle_timeout)
         assert server is not None
         server.handoff[sock] = bytes(data)
+        if rq is not None:
+            server.narrow_contexts(rq)
         return True
+
+    # -- max_associations, counted across both paths ------------------------------------
+    def _reserve(self, session: ul.StorageAssociation | None = None) -> bool:
+        """Take one of ``max_associations`` (for a storage session, or for a hand-off to
+        pynetdicom until ``handed_back``). Checked here, before pynetdicom sees the RQ: a
+        rejection pynetdicom sends leaves it waiting (ARTIM, polling) for the peer to close."""
+        assert self.server is not None
+        with self._sessions_lock:
+            if len(self.server.storage_sessions) + self._handed >= self.config.max_associations:
+                return False
+            if session is None:
+                self._handed += 1
+            else:
+                self.server.storage_sessions.add(session)
+            return True
+
+    def handed_back(self) -> None:
+        """A connection handed to pynetdicom has ended."""
+        with self._sessions_lock:
+            self._handed -= 1
+
+    def _limit_reached(self, sock: socket.socket, rq: Any, peer: str) -> None:
+        """A-ASSOCIATE-RJ rejected-transient, local limit exceeded (PS3.8 9.3.4)."""
+        calling = str(rq.calling_ae_title).strip() if rq is not None else ""
+        self.rejected(calling, peer, "association limit reached")
+        _send_quietly(sock, ul.reject_pdu(0x02, 0x03, 0x02))
+        _close(sock)
 
     def _handshake(self, sock: ssl.SSLSocket, address: Any, deadline: float) -> bool:
         try:
@@ -417,12 +486,7 @@ class DicomListener:
                          ended=self.ended)
         session = ul.StorageAssociation(sock, address, rq, contexts=self.ae.supported_contexts,
                                         max_pdu=c.max_pdu, idle_timeout=c.idle_timeout, hooks=hooks)
-        with self._sessions_lock:
-            acceptors = [a for a in self.ae.active_associations if a.is_acceptor]
-            full = len(acceptors) >= c.max_associations
-            if not full:
-                server.storage_sessions.add(session)
-        if full:  # rejected-transient, local limit exceeded (PS3.8 9.3.4)
+        if not self._reserve(session):  # rejected-transient, local limit exceeded (PS3.8 9.3.4)
             session.reject(0x02, 0x03, 0x02, "association limit reached")
             return
         try:

@@ -8,7 +8,8 @@ one error boundary that turns an exception into the failure status of PS3.4 C.4.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -160,11 +161,12 @@ class QueryRetrieve:
     # -- C-MOVE ------------------------------------------------------------
     def on_move(self, event: Any) -> Iterator[Any]:
         dest_aet = event.move_destination
-        dest_aet = (dest_aet.decode("ascii", "replace") if isinstance(dest_aet, bytes) else str(dest_aet)).strip()
+        dest_aet = _printable(dest_aet.decode("ascii", "replace") if isinstance(dest_aet, bytes) else str(dest_aet))
         peer = self.move_destinations.get(dest_aet)
         if peer is None:
-            log.warning("dicom.move_unknown_destination", channel=self.ctx.channel)
-            self._audit(event, "dicom.move", {"destination": dest_aet[:16]}, outcome="failure")
+            log.warning("dicom.move_unknown_destination", channel=self.ctx.channel, destination=dest_aet,
+                        calling_aet=str(event.assoc.requestor.ae_title).strip())
+            self._audit(event, "dicom.move", {"destination": dest_aet}, outcome="failure")
             yield None, None
             return
         model = model_of(str(event.request.AffectedSOPClassUID))
@@ -177,20 +179,24 @@ class QueryRetrieve:
             refs, failed_status = [], MOVE["out_of_resources_count"].code
         else:
             failed_status = 0
-        kwargs: dict[str, Any] = {"contexts": _store_contexts(refs), "max_pdu": peer.max_pdu}
+        tally = Tally(len(refs))
+        # the tally rides along to the sub-association (DicomListener's AE.associate counts its C-STOREs)
+        kwargs: dict[str, Any] = {"contexts": _store_contexts(refs), "max_pdu": peer.max_pdu, TALLY_KWARG: tally}
         if peer.tls is not None:
             from engine.security.tls import client_context
 
             kwargs["tls_args"] = (client_context(peer.tls), peer.tls.server_name or peer.host)
         yield peer.host, peer.port, kwargs
-        if failed_status:
-            yield 1
-            yield failed_status, None
-            return
-        yield len(refs)
-        log.info("dicom.move", channel=self.ctx.channel, destination=dest_aet, instances=len(refs))
-        self._audit(event, "dicom.move", {"destination": dest_aet, "instances": len(refs)})
-        yield from self._suboperations(event, refs, MOVE)
+        try:
+            if failed_status:
+                tally.refused = True
+                yield 1
+                yield failed_status, None
+                return
+            yield len(refs)
+            yield from self._suboperations(event, refs, MOVE)
+        finally:  # also when pynetdicom stops here (destination unreachable): the generator is closed
+            self._retrieved(event, "dicom.move", tally, destination=dest_aet)
 
     # -- C-GET -------------------------------------------------------------
     def on_get(self, event: Any) -> Iterator[Any]:
@@ -206,11 +212,24 @@ class QueryRetrieve:
             yield 1
             yield GET["out_of_resources_count"].code, None
             return
-        make_raw_aware(event.assoc)
-        yield len(refs)
-        log.info("dicom.get", channel=self.ctx.channel, instances=len(refs))
-        self._audit(event, "dicom.get", {"instances": len(refs)})
-        yield from self._suboperations(event, refs, GET)
+        assoc = make_raw_aware(event.assoc)
+        tally = Tally(len(refs))
+        restore = count_stores(assoc, tally)
+        try:
+            yield len(refs)
+            yield from self._suboperations(event, refs, GET)
+        finally:
+            restore()
+            self._retrieved(event, "dicom.get", tally)
+
+    def _retrieved(self, event: Any, action: str, tally: Tally, **extra: Any) -> None:
+        """One log line and audit event per C-MOVE / C-GET, with what was actually sent: a
+        retrieve whose destination never answered is not reported as its matches."""
+        counts = {"matched": tally.matched, "sent": tally.sent, "warnings": tally.warnings,
+                  "failed": tally.failed()}
+        log.info(action, channel=self.ctx.channel, **extra, **counts, outcome=tally.outcome())
+        self._audit(event, action, {**extra, **counts},
+                    outcome="success" if tally.outcome() in ("complete", "nothing matched") else "failure")
 
     def _suboperations(self, event: Any, refs: list[idx.InstanceRef],
                        table: Mapping[str, Any]) -> Iterator[tuple[int, Dataset | None]]:
@@ -226,6 +245,62 @@ class QueryRetrieve:
                 inst.SOPInstanceUID = ref.sop_uid
                 inst.SOPClassUID = ref.sop_class_uid
             yield table["pending"].code, inst
+
+
+TALLY_KWARG = "medrelay_tally"  # popped by DicomListener's AE.associate before pynetdicom sees it
+
+
+@dataclass
+class Tally:
+    """The C-STORE sub-operations of one retrieve, counted from their responses."""
+
+    matched: int
+    sent: int = 0
+    warnings: int = 0
+    connected: bool = True  # C-MOVE: the association to the destination was established
+    refused: bool = False  # identifier or index failure: no sub-operation was started
+
+    def failed(self) -> int:
+        """Refused by the peer, or never sent (destination unreachable, cancelled, aborted)."""
+        return 0 if self.refused else self.matched - self.sent - self.warnings
+
+    def outcome(self) -> str:
+        if self.refused:
+            return "refused"
+        if not self.connected:
+            return "destination unreachable"
+        if self.matched == 0:
+            return "nothing matched"
+        done = self.sent + self.warnings
+        return "complete" if done == self.matched else ("partial" if done else "failed")
+
+
+def count_stores(assoc: Any, tally: Tally) -> Callable[[], None]:
+    """Count the C-STOREs pynetdicom sends on ``assoc`` by their response status; returns
+    the function that puts the previous ``send_c_store`` back (a C-GET association may
+    carry several retrieves)."""
+    previous = assoc.send_c_store
+
+    def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        rsp = previous(dataset, *args, **kwargs)  # an exception: not sent, so not counted
+        status = getattr(rsp, "Status", None)
+        if status == 0x0000:
+            tally.sent += 1
+        elif status is not None and (0xB000 <= status <= 0xBFFF or status in (0x0001, 0x0107, 0x0116)):
+            tally.warnings += 1  # stored by the peer, with a warning (PS3.4 B.2.3)
+        return rsp
+
+    assoc.send_c_store = send_c_store
+
+    def restore() -> None:
+        assoc.send_c_store = previous
+
+    return restore
+
+
+def _printable(value: str) -> str:
+    """A peer-supplied AE title as it may appear in a log line (printable ASCII, 16 at most)."""
+    return "".join(ch for ch in value if 32 <= ord(ch) < 127).strip()[:16]
 
 
 def _store_contexts(refs: list[idx.InstanceRef]) -> list[Any]:

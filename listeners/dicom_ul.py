@@ -299,8 +299,8 @@ class StorageAssociation:
         pass
 
     def reject(self, result: int, source: int, diagnostic: int, reason: str) -> None:
-        self._send_quietly(reject_pdu(result, source, diagnostic))
         self.hooks.rejected(self.calling_aet, self.peer, reason)
+        self._send_quietly(reject_pdu(result, source, diagnostic))
         self._close()
 
     def run(self) -> None:

@@ -171,27 +171,36 @@ class Store:
         Written under their final name with O_EXCL, no temporary and rename: the name is
         the SHA-256 of the content, nothing refers to the file until the commit, and a
         torn file left by a crash fails the hash check on read and is never referenced.
-        Then one fsync per folder for the new directory entries.
+        Then one fsync per folder for the new directory entries. A call that fails (disk
+        full, I/O error) removes the files it created, the partial one included: none of
+        them is referenced by anything yet.
         """
         dirs: set[Path] = set()
-        for path, ct in files:
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                if path.read_bytes() == ct:
-                    continue
-                os.unlink(path)  # torn by an earlier crash, never referenced
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                view = memoryview(ct)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            dirs.add(path.parent)
-        for d in dirs:
-            _fsync_dir(d)
+        made: list[Path] = []
+        try:
+            for path, ct in files:
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                except FileExistsError:
+                    if path.read_bytes() == ct:
+                        continue
+                    os.unlink(path)  # torn by an earlier crash, never referenced
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                made.append(path)
+                try:
+                    view = memoryview(ct)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                dirs.add(path.parent)
+            for d in dirs:
+                _fsync_dir(d)
+        except BaseException:
+            for path in made:
+                path.unlink(missing_ok=True)
+            raise
 
     def prepare_blobs(self, items: Iterable[tuple[bytes, str]]) -> list[dict[str, Any]]:
         """Seal and write the file-backed ones now, outside any transaction.
