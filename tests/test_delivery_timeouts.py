@@ -586,3 +586,37 @@ def test_dicom_scp_that_stops_reading(engine_factory):
     finally:
         proxy.close()
         scp.close()
+
+
+def test_dicom_send_abandoned_by_the_engine_ends_its_thread_and_association():
+    """When the worker's deadline cancels a send (dimse_timeout here is far longer), the send's
+    socket is shut down: the thread ends at once and the next send opens a new association."""
+    from routes.dicom import DicomDestination, DicomDestinationConfig
+
+    scp = StoreSCP()
+    scp.hang.set()
+    try:
+        data, uid = _instance()
+        cfg = DicomDestinationConfig(type="dicom", host="127.0.0.1", port=scp.port, called_ae_title="PACS",
+                                     dimse_timeout=60, network_timeout=60)
+        dest = DicomDestination(cfg, _Ctx())
+        env = Envelope(channel="c", kind="dicom", payload=data)
+
+        async def go():
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(dest.send(env), 2)  # what the pipeline's deadline does
+            t0 = time.monotonic()
+            while dest.calls.busy and time.monotonic() - t0 < 10:
+                await asyncio.sleep(0.05)
+            ended = time.monotonic() - t0
+            scp.hang.clear()
+            try:
+                return ended, await dest.send(env)
+            finally:
+                await dest.close()
+
+        ended, status = within(60, go())
+        assert ended < 3 and status == "0x0000"
+        assert scp.associations == 2 and uid in scp.stored
+    finally:
+        scp.close()
