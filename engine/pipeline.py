@@ -304,6 +304,6 @@ def _send_audit(route: Route, c: queue.Claimed, detail: str | None) -> dict[str,
         host, port = getattr(cfg, "host", None), getattr(cfg, "port", None)
         peer = f"{host}:{port}" if host else str(getattr(cfg, "base_url", "") or "")
     return {"at": time.time(), "action": "message.send", "outcome": "success", "actor": "medrelay",
-            "peer": peer, "channel": c.channel, "message_id": c.message_id,
+            "peer": peer[:256], "channel": c.channel, "message_id": c.message_id,
             "entity": {"kind": c.kind, "route": route.name, "to": route.to_type or type(dest).__name__},
             "detail": (detail or "")[:500] or None, "exported": 0}
