@@ -20,14 +20,18 @@ plain text. This subclass adds, for plain and TLS connections alike:
 - head, header count and URL limits answered 431 / 414 / 400 with an
   OperationOutcome.
 
-Closing a connection whose peer does not read uses ``abort`` (a plain ``close``
+A large response still draining is not idle while the peer keeps reading some of it
+within each ``idle_timeout``; a peer that stops reading is aborted (a plain ``close``
 waits for the write buffer to drain, forever if the peer never reads).
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import struct
+import termios
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +70,19 @@ def raw_response(status: int, reason: str, code: str, text: str, headers: dict[s
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
+def _kernel_unsent(transport: asyncio.BaseTransport) -> int:
+    """Bytes in the socket's send queue (Linux TIOCOUTQ): the transport's own buffer shrinks
+    only in steps of a third of SO_SNDBUF, so a peer reading slowly would look stalled."""
+    sock = transport.get_extra_info("socket")
+    request = getattr(termios, "TIOCOUTQ", None)
+    if sock is None or request is None:
+        return 0
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0"))[0])
+    except (OSError, ValueError):
+        return 0
+
+
 class _Connection(h11.Connection):
     """h11's connection with a hook on every event it parses (limits and timers)."""
 
@@ -95,6 +112,7 @@ class GuardedH11Protocol(H11Protocol):
         self.admitted = admitted  # TLS: the cap was checked at accept, before the handshake
         self.header_timer: asyncio.TimerHandle | None = None
         self.body_timer: asyncio.TimerHandle | None = None
+        self.unsent = 1 << 62  # write buffer at the last idle check (a response still draining)
 
     # -- connection cap and idle timer ----------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -119,7 +137,13 @@ class GuardedH11Protocol(H11Protocol):
             # it must not hold a place under max_connections for ever
             self.connections.discard(self)
             return
-        self._close()
+        pending = self.transport.get_write_buffer_size()
+        if pending and (pending := pending + _kernel_unsent(self.transport)) < self.unsent:
+            self.unsent = pending  # still delivering a large response, and the peer reads: not idle
+            self.timeout_keep_alive_task = self.loop.call_later(self.limits.idle_timeout,
+                                                                self.timeout_keep_alive_handler)
+            return
+        self._close()  # idle, or a peer that stopped reading what we sent (aborted)
 
     # -- request head and body timers -----------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -164,6 +188,7 @@ class GuardedH11Protocol(H11Protocol):
             self._close()
 
     def on_response_complete(self) -> None:
+        self.unsent = 1 << 62
         super().on_response_complete()
         if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
             # answered before the body was read (401, 413, 415): drain a little, then close

@@ -556,6 +556,45 @@ def test_keep_alive_idle_is_closed(slow):
     assert took <= SLOW["idle_timeout"] + MARGIN
 
 
+def test_large_response_to_a_slow_reader_is_whole_and_a_non_reader_is_cut_off(slow):
+    big = patient("BIG", extension=[{"url": "urn:x", "valueString": "x" * 6_000_000}])
+    pid = httpx.post(slow.base_url + "/Patient", json=big, headers=AUTH, timeout=60).json()["id"]
+
+    def get() -> socket.socket:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(slow.listener.address)
+        sock.sendall(request_head("GET", f"/fhir/Patient/{pid}"))
+        return sock
+
+    with get() as reader:  # 256 KiB every half second: ~12 s, many times idle_timeout
+        reader.settimeout(10)
+        data, start = b"", time.monotonic()
+        while len(data) < 6_000_000:
+            burst = len(data) + 256 * 1024
+            while len(data) < burst and (chunk := reader.recv(65536)):
+                data += chunk
+            if not chunk:
+                break
+            time.sleep(0.5)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"content-length: (\d+)", head.lower()).group(1))
+        while len(body) < length and (chunk := reader.recv(1 << 20)):
+            body += chunk
+        assert len(body) == length and json.loads(body)["id"] == pid
+        assert time.monotonic() - start > 3 * SLOW["idle_timeout"]
+    with get() as sleeper:  # never reads: the server gives up on it
+        time.sleep(SLOW["idle_timeout"] + MARGIN)
+        sleeper.settimeout(5)
+        got = 0
+        try:
+            while chunk := sleeper.recv(1 << 20):
+                got += len(chunk)
+        except OSError:
+            pass
+        assert got < 6_000_000
+
+
 def test_slow_clients_do_not_starve_others(slow):
     socks = [connect(slow) for _ in range(20)]
     try:
