@@ -16,6 +16,10 @@ that pipeline). For every frame:
    committed (group commit);
 5. answer from the outcome. Nothing positive is sent before step 4 returns.
 
+A frame that starts with FHS or BHS is an HL7 batch (v2.5 2.10.3): each of its messages
+goes through 1-5 on its own and the frame is answered with one batch ACK listing the
+messages in error (``_handle_batch``).
+
 Any failure in 1-4 becomes an AE/AR (CE/CR) with an ERR segment; no exception
 text or traceback ever reaches the peer, and one bad connection never affects
 the others. A connection is closed when it is idle (no frame started for
@@ -30,6 +34,7 @@ import asyncio
 import contextlib
 import socket
 import time
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import structlog
@@ -39,6 +44,7 @@ from engine.components import ComponentConfig
 from engine.context import ComponentContext
 from engine.envelope import Envelope
 from engine.hl7.ack import ack_code, build_ack, should_send
+from engine.hl7.batch import build_batch_ack, is_batch, read_batch
 from engine.hl7.message import (
     APPLICATION_INTERNAL_ERROR,
     REQUIRED_FIELD_MISSING,
@@ -59,6 +65,7 @@ from transforms.hl7_validate import Limits, check_limits
 log = structlog.get_logger()
 
 READ_CHUNK = 64 * 1024
+BATCH_SUBMIT = 256  # messages of a batch in flight to intake at once (bounded; they share commits)
 ACK_TYPES = frozenset({"AL", "NE", "ER", "SU"})  # HL7 table 0155 (MSH-15, MSH-16)
 
 
@@ -108,10 +115,31 @@ class MLLPSourceConfig(ComponentConfig):
                                        "2.1 to 2.9.1); others get AR 203")
     accept_processing_ids: list[str] = Field(
         default_factory=list, description="MSH-11 processing ids accepted, e.g. [P] (empty: any); others AR 202")
+    batch_ack: Literal["errors", "all"] = Field(
+        "errors", description="the answer to an HL7 batch (FHS/BHS ... BTS/FTS, HL7 v2.5 2.10.3): errors = "
+        "one batch holding the ACKs of the messages in error (empty when all were accepted), all = the "
+        "ACK of every message")
     max_connections: int = Field(256, ge=1, description="concurrent connections; more are closed at once "
                                  "(and logged)")
 
     model_config = {**ComponentConfig.model_config, "populate_by_name": True}
+
+
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    """A message that passed the receiver's checks, ready for intake."""
+
+    header: Header
+    payload: bytes
+    t0: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """What one message gets back: its ACK (None: MSH-15 asks for none) and whether it was taken."""
+
+    ack: bytes | None
+    ok: bool
 
 
 class MLLPListener:
@@ -289,7 +317,17 @@ class MLLPListener:
 
     # -- one message ---------------------------------------------------------------
     async def _handle(self, payload: bytes, peer: str) -> bytes | None:
-        """Everything about one frame; returns the ACK bytes to send (None: MSH-15 says none)."""
+        """Everything about one frame; returns the ACK bytes to send (None: MSH-15 says none).
+        A frame that starts with FHS or BHS is a batch (``_handle_batch``)."""
+        if is_batch(payload):
+            return await self._handle_batch(payload, peer)
+        checked = await self._check_message(payload, peer)
+        if isinstance(checked, _Answer):
+            return checked.ack
+        return (await self._store_message(checked, peer)).ack
+
+    async def _check_message(self, payload: bytes, peer: str) -> _Checked | _Answer:
+        """Steps 1-2: the header, the receiver checks, validation; a refusal is an ``_Answer``."""
         t0 = time.perf_counter()
         header: Header | None = None
         try:
@@ -304,17 +342,23 @@ class MLLPListener:
                 check_limits(header, payload, self._limits)
                 await self._validator.validate(header, payload)
         except HL7Error as e:
-            return self._refuse(e.header or header, e, peer)
+            return _Answer(self._refuse(e.header or header, e, peer), False)
         except Exception:
             log.exception("mllp.check_failed", channel=self.channel, peer=peer)
             err = HL7Error(APPLICATION_INTERNAL_ERROR, "message could not be checked")
-            return self._refuse(header, err, peer)
+            return _Answer(self._refuse(header, err, peer), False)
+        return _Checked(header, payload, t0)
 
+    async def _store_message(self, checked: _Checked, peer: str, batch: str = "") -> _Answer:
+        """Steps 3-5: the positive ACK built first, intake, the answer from the outcome."""
+        header, payload, t0 = checked.header, checked.payload, checked.t0
         enhanced = header.enhanced_mode
         ok_ack = build_ack(header, ack_code(enhanced=enhanced, ok=True))
         headers = header.as_headers()
         if header.bom:
             headers["received_bom"] = "utf-8"  # what was cut off, for the record (not PHI)
+        if batch:
+            headers["batch"] = batch  # the request's BHS-11 / FHS-11 (a control id, not PHI)
         env = Envelope(channel=self.channel, kind="hl7v2", payload=payload, headers=headers, peer=peer)
         dedupe_key = f"{header.sending_application}|{header.sending_facility}|{header.control_id}"
         assert self.ctx.intake is not None
@@ -322,26 +366,68 @@ class MLLPListener:
             outcome = await self.ctx.intake.submit(env, dedupe_key=dedupe_key, response=ok_ack)
         except Exception:
             log.exception("mllp.submit_failed", channel=self.channel, peer=peer)
-            return self._refuse(header, HL7Error(APPLICATION_INTERNAL_ERROR, "message could not be stored"),
-                                peer)
+            return _Answer(self._refuse(header, HL7Error(APPLICATION_INTERNAL_ERROR, "message could not be stored"),
+                                        peer), False)
         if outcome.status == "accepted":
             log.info("hl7.accepted", channel=self.channel, message_id=outcome.message_id,
                      msh_10=header.control_id, message_type=header.message_code, peer=peer,
                      routes=len(outcome.routes), ms=round((time.perf_counter() - t0) * 1000, 2))
-            return ok_ack if should_send(header, "CA" if enhanced else "AA") else None
+            return _Answer(ok_ack if should_send(header, "CA" if enhanced else "AA") else None, True)
         if outcome.status == "duplicate":
             log.info("hl7.duplicate", channel=self.channel, message_id=outcome.message_id,
                      msh_10=header.control_id, message_type=header.message_code, peer=peer)
             if not should_send(header, "CA" if enhanced else "AA"):
-                return None
-            return outcome.response or ok_ack
+                return _Answer(None, True)
+            return _Answer(outcome.response or ok_ack, True)
         # rejected / error: not stored, the sender must keep the message and may retry.
         shutting_down = "shutting down" in (outcome.error or "")
         text = "receiver is shutting down, resend later" if shutting_down else "message could not be stored"
         if outcome.status == "rejected":
             text = "message rejected by the engine"
-        return self._refuse(header, HL7Error(APPLICATION_INTERNAL_ERROR, text), peer,
-                            internal=outcome.error or outcome.status)
+        return _Answer(self._refuse(header, HL7Error(APPLICATION_INTERNAL_ERROR, text), peer,
+                                    internal=outcome.error or outcome.status), False)
+
+    # -- a batch (HL7 v2.5 2.10.3) ------------------------------------------------------
+    async def _handle_batch(self, payload: bytes, peer: str) -> bytes:
+        """Every message of an FHS/BHS batch through the same checks and intake as a message sent
+        alone, then one batch ACK (``engine.hl7.batch.build_batch_ack``).
+
+        Checks run in order, one message at a time (validation may take a worker process);
+        the messages that pass are then submitted together in their batch order, so they share
+        group commits and their deliveries keep the batch's order. Each one is stored, routed and
+        de-duplicated by its own MSH-10 and fails alone. The answer lists the messages in error
+        (``batch_ack: errors``, what 2.10.3 describes; an empty batch acknowledges them all) or
+        every message's ACK (``batch_ack: all``).
+        """
+        t0 = time.perf_counter()
+        request = read_batch(payload)
+        ref = request.control_id or next((b.control_id for b in request.batches if b.control_id), "")
+        per_batch: list[list[bytes]] = []
+        comments: list[str] = []
+        totals = {"messages": 0, "errors": 0}
+        for b in request.batches:
+            checked: list[_Checked | _Answer] = []
+            for msg in b.messages:
+                checked.append(await self._check_message(msg, peer))
+            stored: dict[int, _Answer] = {}
+            todo = [(i, c) for i, c in enumerate(checked) if isinstance(c, _Checked)]
+            for k in range(0, len(todo), BATCH_SUBMIT):
+                chunk = todo[k:k + BATCH_SUBMIT]
+                done = await asyncio.gather(*(self._store_message(c, peer, b.control_id or ref)
+                                              for _, c in chunk))
+                stored.update((i, a) for (i, _), a in zip(chunk, done, strict=True))
+            answers = [stored[i] if isinstance(c, _Checked) else c for i, c in enumerate(checked)]
+            errors = sum(1 for a in answers if not a.ok)
+            totals["messages"] += len(answers)
+            totals["errors"] += errors
+            keep = self.config.batch_ack == "all"
+            per_batch.append([a.ack for a in answers if a.ack is not None and (keep or not a.ok)])
+            comments.append(f"{len(answers)} messages, {len(answers) - errors} accepted, {errors} in error")
+        problems = request.all_problems()
+        log.info("hl7.batch", channel=self.channel, peer=peer, batch=ref[:20] or None,
+                 batches=len(request.batches), problems=problems or None,
+                 ms=round((time.perf_counter() - t0) * 1000, 2), **totals)
+        return build_batch_ack(request, per_batch, comments=comments)
 
     def _check(self, header: Header, payload: bytes) -> None:
         """Receiver checks of HL7 v2.5 2.9.2.1 that need no parse: charset, version, processing
@@ -381,12 +467,26 @@ class MLLPListener:
         return build_ack(header, code, error=err)
 
     def _oversized(self, ev: Oversized, peer: str) -> bytes | None:
+        err = HL7Error(APPLICATION_INTERNAL_ERROR,
+                       f"message exceeds the receiver's limit of {self.config.max_frame_bytes} bytes")
+        if is_batch(ev.prefix):
+            # A batch too large for one frame: refused whole (nothing stored), answered as a batch
+            # whose one ACK (AR 207, no MSA-2: no message was read) says why.
+            request = read_batch(ev.prefix)
+            request.batches[1:] = []
+            for b in request.batches:
+                b.problems.clear()
+            request.problems.clear()
+            log.warning("hl7.batch_refused", channel=self.channel, peer=peer, bytes=ev.size,
+                        limit=self.config.max_frame_bytes)
+            rej = build_ack(None, "AR", error=HL7Error(APPLICATION_INTERNAL_ERROR,
+                            f"batch exceeds the receiver's limit of {self.config.max_frame_bytes} bytes; "
+                            "nothing was stored: send smaller batches"))
+            return build_batch_ack(request, [[rej]], comments=["batch refused: too large, nothing stored"])
         try:
             header: Header | None = read_header(ev.prefix, require=False)
         except HL7Error:
             header = None
-        err = HL7Error(APPLICATION_INTERNAL_ERROR,
-                       f"message exceeds the receiver's limit of {self.config.max_frame_bytes} bytes")
         return self._refuse(header, err, peer, internal=f"oversized:{ev.size}")
 
 

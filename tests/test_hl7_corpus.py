@@ -99,10 +99,43 @@ def send(host: str, port: int, data: bytes, *, expect_answer: bool) -> bytes | N
     return raw[1:-2]
 
 
+def check_batch(engine, downstream, data: bytes, want: dict) -> None:
+    """A batch sample (HL7 v2.5 2.10.3): one batch back, BHS-12 (FHS-12) = the request's BHS-11
+    (FHS-11), MSH-3..6 swapped, an ACK per message in error; the good messages reach downstream."""
+    reply = send(*engine.address("corpus"), data, expect_answer=True)
+    assert reply is not None
+    lines = [ln.split("|") for ln in data.decode("latin-1").replace("\n", "\r").split("\r") if ln]
+    got = [ln.split("|") for ln in reply.decode("latin-1").split("\r") if ln]
+    kinds = [g[0] for g in got if g[0] in ("FHS", "BHS", "BTS", "FTS")]
+    assert kinds == (["FHS", "BHS", "BTS", "FTS"] if want["file"] else ["BHS", "BTS"]), kinds
+    for name in ("FHS", "BHS"):
+        sent = next((ln for ln in lines if ln[0] == name), None)
+        back = next((g for g in got if g[0] == name), None)
+        if sent is not None:
+            # split on "|": index n-1 is field n (SEG-1 is the separator itself)
+            assert back is not None and (back + [""] * 12)[11] == (sent + [""] * 12)[10]
+            assert back[2:6] == ((sent + [""] * 6)[4:6] + (sent + [""] * 6)[2:4])
+    msas = [g for g in got if g[0] == "MSA"]
+    errs = [g for g in got if g[0] == "ERR"]
+    assert [[m[1], m[2]] for m in msas] == [a[:2] for a in want["acks"]]
+    assert [int(e[3].split("^")[0]) for e in errs] == [a[2] for a in want["acks"]]
+    assert next(g for g in got if g[0] == "BTS")[1] == str(len(want["acks"]))
+    deadline = time.monotonic() + 20
+    while True:
+        ids = [m.decode("latin-1").split("\r")[0].split("|")[9] for m in downstream.received]
+        if all(cid in ids for cid in want["stored"]):
+            break
+        assert time.monotonic() < deadline, f"{want['stored']} never reached the downstream receiver"
+        time.sleep(0.02)
+    assert not any(a[1] in ids for a in want["acks"])
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_sample(engine, downstream, name):
     want = EXPECTED[name]
     data = (SAMPLES / name).read_bytes()
+    if "batch" in want:
+        return check_batch(engine, downstream, data, want["batch"])
     ack = send(*engine.address("corpus"), data, expect_answer=want["ack"] is not None)
     sent = msh_fields(data) if not name.startswith("utf16") else None
     if want["ack"] is None:

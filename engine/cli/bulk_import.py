@@ -6,7 +6,8 @@ traffic gets: the same checks, de-duplication, indexing, routes and audit trail,
 answer per file. This is the migration path from another archive or interface engine.
 
 HL7 files are split into messages by ``engine.hl7.message.split_file``, the shared
-reader that also knows what may come before MSH (a UTF-8 byte order mark, blank lines),
+reader that also knows what may come before MSH (a UTF-8 byte order mark, blank lines)
+and the batch protocol's envelope (FHS/BHS ... BTS/FTS, checked by ``engine.hl7.batch``),
 and each message goes to the listener, whose shared decoding takes it or refuses it
 exactly as the same message sent live.
 
@@ -27,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from engine.hl7.ack import parse_ack
+from engine.hl7.ack import Ack, parse_ack
+from engine.hl7.batch import is_batch, read_batch, read_batch_ack
 from engine.hl7.message import TABLE_0357, HL7Error, read_header, split_file, wide_encoding
 from engine.hl7.mllp import Frame, FrameParser, frame
 
@@ -154,6 +156,10 @@ def _ack_detail(ack: bytes) -> tuple[Status, str]:
         a = parse_ack(ack)
     except HL7Error as e:
         return "rejected", f"unreadable answer: {e}"
+    return _ack_detail_of(a)
+
+
+def _ack_detail_of(a: Ack) -> tuple[Status, str]:
     if a.ok:
         return "accepted", a.code
     err = f" {a.error_code}" if a.error_code else ""
@@ -161,40 +167,98 @@ def _ack_detail(ack: bytes) -> tuple[Status, str]:
     return "rejected", f"{a.code}{err}" + (f" ({name})" if name else "")
 
 
+def _exchange(sock: socket.socket, parser: FrameParser, payload: bytes, where: str, timeout: float,
+              host: str, port: int) -> bytes:
+    """Send one frame and wait for its answer frame."""
+    try:
+        sock.sendall(frame(payload))
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ImportFailed(f"the engine closed the connection while {where} waited for its ACK")
+            frames = [ev for ev in parser.feed(chunk) if isinstance(ev, Frame)]
+            if frames:
+                return frames[0].payload
+    except TimeoutError:
+        raise ImportFailed(f"no ACK within {timeout:g} s for {where}") from None
+    except OSError as e:
+        raise ImportFailed(f"connection to {host}:{port} lost: {e.strerror or e}") from None
+
+
+def _item(msgs: list[bytes], n: int, msg: bytes) -> str:
+    if len(msgs) <= 1:
+        return ""
+    cid = _control_id(msg)
+    return f"message {n}" + (f" (MSH-10 {cid[:32]})" if cid else "")
+
+
+def _control_id(msg: bytes) -> str:
+    try:
+        return read_header(msg, require=False).control_id
+    except HL7Error:
+        return ""
+
+
+def _report_batch(f: Path, request: bytes, reply: bytes, report: Report) -> None:
+    """A framed batch was sent whole: its batch ACK lists the messages in error (HL7 v2.5
+    2.10.3); every other message of the batch was accepted."""
+    if not is_batch(reply):  # refused whole with a plain ACK (an unreadable frame)
+        status, detail = _ack_detail(reply)
+        for n in range(1, len(read_batch(request).messages) + 1):
+            report.add(f, status, detail, item=f"batch message {n}")
+        return
+    by_cid: dict[str, tuple[Status, str]] = {}
+    anonymous: list[tuple[Status, str]] = []
+    for a in read_batch_ack(reply):
+        if isinstance(a, HL7Error):
+            anonymous.append(("rejected", f"unreadable answer in the batch ACK: {a}"))
+            continue
+        status, detail = _ack_detail_of(a)
+        if a.control_id:
+            by_cid[a.control_id] = (status, detail)
+        else:
+            anonymous.append((status, detail))
+    msgs = read_batch(request).messages
+    for n, msg in enumerate(msgs, start=1):
+        cid = _control_id(msg)
+        if cid and cid in by_cid:
+            status, detail = by_cid[cid]
+        elif not cid and anonymous:
+            status, detail = anonymous.pop(0)
+        else:
+            status, detail = "accepted", "accepted (not listed in the batch ACK)"
+        report.add(f, status, detail, item=f"batch message {n}" + (f" (MSH-10 {cid[:32]})" if cid else ""))
+
+
 def import_hl7(host: str, port: int, files: list[Path], report: Report, timeout: float = 30.0) -> None:
-    """Send each message and wait for its ACK (MSA-1 AA/CA accepted, anything else rejected)."""
+    """Send each message and wait for its ACK (MSA-1 AA/CA accepted, anything else rejected).
+
+    A batch file (FHS/BHS ... BTS/FTS) as text is split like any file, the envelope segments
+    left out, each message sent alone; a count in BTS-1 / FTS-1 that does not match what the
+    file holds (a truncated file) is reported as a rejected item of the file. An MLLP-framed
+    batch is sent as the frame it is and its batch ACK read.
+    """
     sock = _connect(host, port, timeout)
     with sock:
-        parser = FrameParser(16 * 1024 * 1024)
+        parser = FrameParser(64 * 1024 * 1024)
         for f in files:
             data = f.read_bytes()
+            framed = data.lstrip(b" \t\r\n").startswith(b"\x0b")
             msgs = hl7_messages(data)
             if not msgs:
                 report.add(f, "skipped", f"not HL7 v2: {describe(data)} (no MSH segment)")
                 continue
+            if not framed and is_batch(data):
+                for problem in read_batch(data).all_problems():
+                    report.add(f, "rejected", problem, item="batch envelope")
             for n, msg in enumerate(msgs, start=1):
-                item = ""
-                if len(msgs) > 1:
-                    try:
-                        cid = read_header(msg, require=False).control_id
-                    except HL7Error:
-                        cid = ""
-                    item = f"message {n}" + (f" (MSH-10 {cid[:32]})" if cid else "")
-                try:
-                    sock.sendall(frame(msg))
-                    ack = None
-                    while ack is None:
-                        chunk = sock.recv(65536)
-                        if not chunk:
-                            raise ImportFailed(f"the engine closed the connection while {f} {item} "
-                                               "waited for its ACK".replace("  ", " "))
-                        frames = [ev for ev in parser.feed(chunk) if isinstance(ev, Frame)]
-                        ack = frames[0].payload if frames else None
-                except TimeoutError:
-                    raise ImportFailed(f"no ACK within {timeout:g} s for {f} {item}".rstrip()) from None
-                except OSError as e:
-                    raise ImportFailed(f"connection to {host}:{port} lost: {e.strerror or e}") from None
-                report.add(f, *_ack_detail(ack), item=item)
+                item = _item(msgs, n, msg)
+                where = f"{f} {item}".rstrip()
+                reply = _exchange(sock, parser, msg, where, timeout, host, port)
+                if framed and is_batch(msg):
+                    _report_batch(f, msg, reply, report)
+                else:
+                    report.add(f, *_ack_detail(reply), item=item)
 
 
 # -- DICOM C-STORE ------------------------------------------------------------------

@@ -221,7 +221,47 @@ def wide_encoding(payload: bytes) -> str | None:
     return None
 
 
-_FILE_SPLIT = re.compile(rb"(?<=[\r\n])(?:\xef\xbb\xbf)?(?=MSH)")
+# A line that starts a message (MSH) or is one of the batch protocol's envelope segments (HL7
+# v2.5 2.10.3: FHS, BHS, BTS, FTS), optionally after a UTF-8 BOM (files joined with ``cat``).
+_FILE_BOUNDARY = re.compile(rb"(?:^|(?<=[\r\n]))(?:\xef\xbb\xbf)?(?=MSH|(?:FHS|BHS|BTS|FTS)[^A-Za-z0-9\r\n])")
+ENVELOPE_SEGMENTS = ("FHS", "BHS", "BTS", "FTS")
+
+
+def file_parts(data: bytes) -> list[tuple[str, bytes]]:
+    """The parts of a file of HL7 v2 text in order: ``("MSH", message)``, ``("FHS"|"BHS"|"BTS"|"FTS",
+    segment)`` for the batch envelope, ``("", bytes)`` for anything else (not HL7: the receiver
+    refuses it with a reason, so it is never silently dropped).
+
+    Each message comes back from its MSH on, BOM and blank lines around it removed, its segment
+    ends as in the file; an envelope segment is its one line, without its terminator. A UTF-16
+    file comes back whole as one ``""`` part (refused naming its encoding).
+    """
+    if wide_encoding(data) is not None:
+        return [("", data)]
+    body = data[message_start(data):]
+    starts = [m.start() for m in _FILE_BOUNDARY.finditer(body)]
+    if not starts or starts[0] != 0:
+        starts.insert(0, 0)
+    out: list[tuple[str, bytes]] = []
+    for a, b in zip(starts, [*starts[1:], len(body)], strict=True):
+        part = body[a:b]
+        if part[:3] == BOM_UTF8:
+            part = part[3:]
+        tag = part[:3].decode("latin-1")
+        if tag in ENVELOPE_SEGMENTS:
+            end = _SEGMENT_END.search(part)
+            line, part = (part[:end.start()], part[end.end():]) if end else (part, b"")
+            out.append((tag, line.rstrip(b" \t\x00")))
+            tag = ""  # what follows the envelope line up to the next MSH is not a message
+        elif tag != "MSH":
+            tag = ""
+        trimmed = part.rstrip(b" \t\r\n\x00")
+        if tag == "":
+            trimmed = trimmed.lstrip(b" \t\r\n\x00")
+        if trimmed:
+            end = _SEGMENT_END.search(part)
+            out.append((tag, trimmed + (end.group(0) if end else b"\r")))
+    return out
 
 
 def split_file(data: bytes) -> list[bytes]:
@@ -229,21 +269,14 @@ def split_file(data: bytes) -> list[bytes]:
 
     A file may start with a UTF-8 BOM (and so may each message of files joined with
     ``cat``), end its lines with CR, LF or CRLF and hold several messages, each starting
-    with MSH at the start of a line. Each message comes back from its MSH on, BOM and
-    blank lines around it removed, its segment ends as in the file. Bytes before the
-    first MSH that are not a BOM or blank stay with the first message, so the receiver
-    refuses them with a reason instead of them vanishing; a UTF-16 file comes back whole
-    for the same reason.
+    with MSH at the start of a line, optionally wrapped in the batch protocol's FHS/BHS ...
+    BTS/FTS segments, which are left out (``engine.hl7.batch`` reads them). Each message
+    comes back from its MSH on, BOM and blank lines around it removed, its segment ends as
+    in the file. Bytes before the first MSH that are not a BOM or blank come back as an
+    item of their own, so the receiver refuses them with a reason instead of them
+    vanishing; a UTF-16 file comes back whole for the same reason.
     """
-    if wide_encoding(data) is not None:
-        return [data]
-    out = []
-    for part in _FILE_SPLIT.split(data[message_start(data):]):
-        body = part.rstrip(b" \t\r\n\x00")
-        if body:
-            end = _SEGMENT_END.search(part)
-            out.append(body + (end.group(0) if end else b"\r"))
-    return out
+    return [part for tag, part in file_parts(data) if tag not in ENVELOPE_SEGMENTS]
 
 
 # -- the header -----------------------------------------------------------------------
