@@ -24,6 +24,7 @@ from ruamel.yaml.error import MarkedYAMLError
 
 from engine import registry
 from engine.audit.syslog import SyslogConfig
+from engine.console.config import ConsoleConfig
 from engine.mapping.conditions import When
 from engine.mapping.tables import TableSpec
 from engine.ops.alerts import AlertsConfig
@@ -138,6 +139,10 @@ class Settings:
         return self.model.retention
 
     @property
+    def console(self) -> ConsoleConfig | None:
+        return self.model.console
+
+    @property
     def channels(self) -> dict[str, Any]:
         return self.model.channels
 
@@ -224,6 +229,8 @@ def build_root_model() -> type[BaseModel]:
         audit=(AuditConfig, Field(default_factory=AuditConfig, description="audit trail export")),
         alerts=(AlertsConfig | None, Field(None, description="thresholds on queues and listeners, sent to a webhook")),
         retention=(RetentionConfig, Field(default_factory=RetentionConfig, description="how the pruner runs")),
+        console=(ConsoleConfig | None, Field(None, description="operator console (UI at /) and admin API "
+                 "(JSON under /api); unset = off")),
         tables=(dict[str, TableSpec], Field(default_factory=dict, description="code tables for lookups "
                 "(engine/mapping/tables.py)")),
         channels=(dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], channel],  # type: ignore[valid-type]

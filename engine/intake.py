@@ -24,7 +24,7 @@ from sqlalchemy import Connection, and_, bindparam, insert, select, update
 
 from engine.envelope import Envelope
 from engine.match import MISSING, lookup
-from engine.store import schema
+from engine.store import message_terms, schema
 from engine.store.prepared import Prepared
 
 log = structlog.get_logger()
@@ -475,6 +475,7 @@ class Intake:
                 for row, blob in zip(msg_rows, blob_rows, strict=True):
                     row["blob_id"] = blob["id"]
                 _INSERT_MESSAGES.run(conn, msg_rows)
+                message_terms.write(conn, self.store.keyring, [i.envelope for i in batch], {r["id"] for r in msg_rows})
             if supersede:
                 _supersede(conn, supersede, dlv_rows, now)
             if dlv_rows:

@@ -25,7 +25,7 @@ import structlog
 from sqlalchemy import and_, bindparam, insert, select, update
 
 from engine.security.crypto import IntegrityError
-from engine.store import schema
+from engine.store import attempts, schema
 from engine.store.db import open_blob
 
 log = structlog.get_logger()
@@ -182,6 +182,7 @@ def settle(store: Any, outcome: Outcome) -> None:
                                               d.c.lease_until == outcome.lease.until)).values(lease_until=0.0))
         if outcome.audit_rows:
             conn.execute(insert(schema.audit_events), list(outcome.audit_rows))
+        attempts.record(conn, outcome, now)  # the per-try history the console shows
 
 
 def complete(store: Any, done: Sequence[tuple[int, str, str | None]],

@@ -103,6 +103,7 @@ class Runtime:
         self.started = False
         self.alerts: Any = None
         self.pruner: Any = None
+        self.console: Any = None
 
     # -- helpers -------------------------------------------------------
     def _ctx(self, channel: str = "", route: str = "") -> ComponentContext:
@@ -193,6 +194,14 @@ class Runtime:
 
             self.pruner = Pruner(self.store, limits, s.retention)
             self.pruner.start()
+        if s.console is not None:
+            from engine.console.server import Console
+
+            self.console = Console(s.console, self)
+            try:
+                await self.console.start()
+            except Exception as e:
+                raise listen_error("console", s.console.host, s.console.port, e) from e
         self.started = True
         self.audit.record("engine.start", actor="medrelay", detail=f"config {s.config_hash[:12]}")
         log.info("engine.started", channels=len(self.listeners), routes=len(self.routes),
@@ -231,6 +240,9 @@ class Runtime:
 
     async def stop(self) -> None:
         self.started = False  # /readyz fails at once: a load balancer stops sending while we drain
+        if self.console is not None:
+            await self.console.stop()
+            self.console = None
         if self.alerts is not None:
             await self.alerts.stop()
             self.alerts = None

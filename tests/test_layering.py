@@ -22,12 +22,14 @@ LAYERS: list[tuple[str, ...]] = [
      "engine.mapping"),
     # the store: database, schema (including the feature rooms' table modules), blobs, gc, key rotation
     ("engine.store", "engine.store.dicom.tables", "engine.store.dicom.terms", "engine.store.dicom.upgrade",
-     "engine.store.fhir.tables", "engine.auth.tables"),
+     "engine.store.fhir.tables", "engine.auth.tables", "engine.store.dicom.scan"),
     # the audit trail writes into the store
     ("engine.audit",),
     # core: configuration, intake, routing, queue, workers, runtime, metrics, message queries
     ("engine.config", "engine.context", "engine.intake", "engine.match", "engine.queue", "engine.pipeline",
-     "engine.runtime", "engine.metrics", "engine.ops", "engine.auth", "engine.messages", "engine.routing_keys"),
+     "engine.runtime", "engine.metrics", "engine.ops", "engine.auth", "engine.messages", "engine.routing_keys",
+     # the admin API and console: started by the runtime, never importing it (it is handed the runtime)
+     "engine.console"),
     # feature rooms of the store
     ("engine.store.dicom", "engine.store.fhir"),
     # the command line uses everything

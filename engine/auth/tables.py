@@ -25,3 +25,14 @@ api_tokens = Table(
     Column("revoked_at", Float, nullable=True),
     Column("last_used_at", Float, nullable=True),
 )
+
+# Console sessions (engine/console/auth.py): the cookie holds a random token, only its SHA-256 is here.
+console_sessions = Table(
+    "console_sessions", metadata,
+    Column("id_sha256", String(64), primary_key=True),
+    Column("user", String(128), nullable=False, index=True),
+    Column("created_at", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),  # absolute end (session_max_hours after login)
+    Column("peer", String(256), nullable=False, default=""),
+)

@@ -226,15 +226,9 @@ def check(config: str) -> None:
 
 # -- messages -------------------------------------------------------------
 def _parse_time(s: str | None) -> float | None:
-    if not s:
-        return None
-    if s.endswith(("s", "m", "h", "d")) and s[:-1].isdigit():
-        mult = {"s": 1, "m": 60, "h": 3600, "d": 86400}[s[-1]]
-        return time.time() - int(s[:-1]) * mult
-    dt = datetime.fromisoformat(s)
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt.timestamp()
+    from engine.messages import parse_time
+
+    return parse_time(s)  # the API's own reading of a time, so both take the same values
 
 
 def _time_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -260,23 +254,74 @@ def messages() -> None:
               help="only messages with a delivery in this state")
 @click.option("--since", callback=_time_option, help="ISO time or age like 15m, 2h, 7d")
 @click.option("--until", callback=_time_option, help="ISO time or age")
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--patient-id", help="HL7 PID-3/PID-2, DICOM PatientID, FHIR Patient identifier (blind index)")
+@click.option("--accession", help="HL7 ORC-2/3, OBR-2/3/18, IPC-1; DICOM AccessionNumber (blind index)")
+@click.option("--control-id", help="HL7 MSH-10 (blind index)")
+@click.option("--study-uid", help="DICOM StudyInstanceUID, HL7 IPC-3/ZDS-1 (blind index)")
+@click.option("-q", "--q", "q", help="content search in the decrypted payloads of the rows the other filters "
+              "select (bounded; audited)")
+@click.option("--cursor", help="go on from a previous listing's `next:` cursor")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1, max=500))
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
 def messages_list(config: str, channel: str | None, route: str | None, state: str | None,
-                  since: str | None, until: str | None, limit: int, as_json: bool) -> None:
-    """List messages, newest first (headers only: no PHI). Exit 0, or 4 when the store cannot open."""
-    from engine.messages import list_messages
+                  since: str | None, until: str | None, limit: int, as_json: bool, patient_id: str | None = None,
+                  accession: str | None = None, control_id: str | None = None, study_uid: str | None = None,
+                  q: str | None = None, cursor: str | None = None) -> None:
+    """List messages, newest first (headers only: no PHI), with the admin API's filters.
+
+    Exit 0, 2 for a bad cursor, 4 when the store cannot open.
+    """
+    from engine.audit.trail import Audit
+    from engine.messages import MessageFilter, QueryError, query_messages
 
     store = _open_store(config)
-    rows = list_messages(store, channel=channel, route=route, state=state, since=_parse_time(since),
-                         until=_parse_time(until), limit=limit)
-    for r in rows:
+    f = MessageFilter(channel=channel, route=route, state=state, since=_parse_time(since), until=_parse_time(until),
+                      patient_id=patient_id, accession=accession, control_id=control_id, study_uid=study_uid, q=q)
+    try:
+        page = query_messages(store, f, limit=limit, cursor=cursor)
+    except QueryError as e:
+        click.echo(f"messages list: {e}", err=True)
+        sys.exit(2)
+    if q:
+        s = page.search or {}
+        Audit(store).record("message.search", actor=os.environ.get("USER", "cli"), channel=channel,
+                            detail=f"content search: {s.get('scanned', 0)} scanned, {s.get('matched', 0)} matched; "
+                                   f"filters {','.join(f.used())}")
+    for r in page.rows:
         if as_json:
             click.echo(json.dumps(r, default=str))
         else:
             at = datetime.fromtimestamp(r["received_at"], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             dl = " ".join(f"{d['route']}={d['state']}" for d in r["deliveries"])
             click.echo(f"{r['id']}  {at}  {r['channel']:<14} {r['kind']:<6} {r['summary']:<28} {dl}")
+    if page.search and not as_json:
+        s = page.search
+        click.echo(f"searched {s['scanned']} messages" + ("" if s["complete"] else f" (stopped: {s['stopped']})"),
+                   err=True)
+    if page.next_cursor:
+        click.echo(f"next: --cursor {page.next_cursor}", err=True)
+
+
+@messages.command("reindex")
+@_config_option
+@click.option("--batch", default=200, show_default=True, type=click.IntRange(1, 5000))
+def messages_reindex(config: str, batch: int) -> None:
+    """Fill in the blind search terms of messages stored before the index (or its key) existed.
+
+    Safe while the engine runs (the console also does it in the background) and resumable:
+    each batch is one transaction. Exit 0.
+    """
+    from tqdm import tqdm
+
+    from engine.store import message_terms
+
+    store = _open_store(config)
+    total = 0
+    with tqdm(unit="msg", desc="reindex", file=sys.stderr) as bar:
+        while n := message_terms.reindex(store, batch=batch):
+            total += n
+            bar.update(n)
+    click.echo(f"indexed {total} messages")
 
 
 @messages.command("show")
@@ -369,10 +414,13 @@ def replay(config: str, message_ids: tuple[str, ...], channel: str | None, route
         if not click.confirm(question, default=False):
             click.echo("nothing replayed", err=True)
             sys.exit(1)
-    ids = queue.requeue(store, message_ids=list(message_ids) or None, channel=channel, route=route,
-                        states=states, since=_parse_time(since), until=_parse_time(until))
-    Audit(store).record("message.replay", actor=os.environ.get("USER", "cli"), channel=channel,
-                        detail=f"{len(ids)} deliveries requeued")
+    from engine.messages import MessageFilter
+    from engine.messages import replay as replay_deliveries
+
+    ids = replay_deliveries(store, Audit(store), actor=os.environ.get("USER", "cli"),
+                            message_ids=list(message_ids) or None, route=route, states=states,
+                            selection=MessageFilter(channel=channel, since=_parse_time(since),
+                                                    until=_parse_time(until)))
     click.echo(f"requeued {len(ids)} deliveries")
     if not wait or not ids:
         return
@@ -774,18 +822,9 @@ def _map_headers(kind: str, payload: bytes) -> dict[str, Any]:
 
 def _map_render(kind: str, payload: bytes) -> list[str]:
     """Lines to diff: HL7 a segment a line, FHIR pretty JSON, DICOM the data set dump without pixels."""
-    if kind == "hl7v2":
-        from engine.mapping.reader import document_of
+    from engine.messages import render_lines
 
-        return document_of("hl7v2", payload).text().replace("\r\n", "\r").replace("\n", "\r").strip().split("\r")
-    if kind == "fhir":
-        return json.dumps(json.loads(payload), indent=2, ensure_ascii=False).splitlines()
-    from io import BytesIO
-
-    from pydicom import dcmread
-
-    ds = dcmread(BytesIO(payload), force=True, stop_before_pixels=True)
-    return str(ds).splitlines()
+    return render_lines(kind, payload)
 
 
 # -- components -------------------------------------------------------------

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import and_, delete, exists, not_, select
 
 from engine.audit.trail import Audit
-from engine.store import schema
+from engine.store import attempts, message_terms, schema
 from engine.store.dicom.tables import instances, worklist_items
 
 log = structlog.get_logger()
@@ -102,6 +102,8 @@ def prune_channel_batch(store: Any, channel: str, days: float, keep_dead: bool, 
             return out, files
         ids = [r[0] for r in rows]
         blob_ids = [r[1] for r in rows]
+        attempts.delete_for(conn, list(conn.execute(select(d.c.id).where(d.c.message_id.in_(ids))).scalars()))
+        message_terms.delete_for(conn, ids)
         out.deliveries = conn.execute(delete(d).where(d.c.message_id.in_(ids))).rowcount
         out.instances = conn.execute(delete(instances).where(instances.c.message_id.in_(ids),
                                                              instances.c.archived == 0)).rowcount

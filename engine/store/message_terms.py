@@ -1,0 +1,266 @@
+"""Blind search terms of stored messages: patient id, accession, control id, study UID.
+
+An operator asks "what happened to the ADT for MRN 12345?", but the store holds every
+payload encrypted and no identifier in a clear column (docs/architecture.md, "Encryption
+at rest"). So at intake, in the transaction that stores the message, a few identifiers
+are read from the payload and kept as blind terms (``engine.security.blind_index.term``,
+the mechanism FHIR search and C-FIND share): keyed HMACs of the trimmed, case-folded
+value, scoped by field, so equal values give equal terms and nothing else is revealed
+to someone who holds the database but not the key file. A search reduces its value the
+same way and matches in SQL; no message is decrypted to answer it.
+
+What is indexed, per message kind (``FIELDS`` scopes):
+
+  patient_id  HL7 PID-3 (every repetition, CX.1) and PID-2; DICOM PatientID; FHIR Patient
+              identifier values
+  accession   HL7 ORC-2/ORC-3, OBR-2/OBR-3 (EI.1), OBR-18 and IPC-1 of every segment;
+              DICOM AccessionNumber; FHIR identifiers typed ACSN
+  control_id  HL7 MSH-10
+  study_uid   HL7 IPC-3 and ZDS-1; DICOM StudyInstanceUID; FHIR ImagingStudy urn:dicom:uid
+              identifiers
+
+Values are matched whole (an MRN is an identifier, not words): trimmed and case-folded,
+nothing else. Each indexed message also gets a marker term naming the term format and the
+key; a message without the current marker (stored before this index existed, or before
+a change of format or key) is found by ``unindexed`` and filled in by ``reindex`` (run in
+the background by the console, and by `medrelay messages reindex`). An extraction that
+fails on odd bytes indexes what it got and never fails the commit.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import structlog
+from sqlalchemy import Column, Connection, Index, String, Table, delete, exists, insert, select, text
+
+from engine.hl7.message import read_header, unescape
+from engine.security import blind_index as bi
+from engine.store import schema
+from engine.store.db import MIGRATION_HOOKS
+from engine.store.dicom.scan import ScanError, scan
+
+log = structlog.get_logger()
+
+HMAC_KEY_NAME = "message-index"
+FORMAT = "1"
+FIELDS = ("patient_id", "accession", "control_id", "study_uid")
+MAX_VALUE = 256  # longer "identifiers" are not identifiers: not indexed
+MAX_FHIR_BYTES = 4 * 1024 * 1024  # larger FHIR bodies (big Bundles) are not parsed at intake
+
+message_terms = Table(
+    "message_terms", schema.metadata,
+    Column("message_id", String(32), primary_key=True),
+    Column("term", String(32), primary_key=True),
+    Index("ix_message_terms_term", "term", "message_id"),
+)
+
+
+# -- terms ----------------------------------------------------------------------------
+def value_term(key: bytes, field: str, value: str) -> str:
+    """The term of one searched or stored value of ``field`` (whole value, trimmed, case-folded)."""
+    return bi.term(key, f"message.{field}", "id", value.strip().casefold())
+
+
+def marker_term(key: bytes) -> str:
+    """Every indexed message has this term: it names the format and (through the HMAC) the key."""
+    return bi.term(key, "message", "indexed", FORMAT)
+
+
+def terms_of(key: bytes, kind: str, payload: bytes, headers: dict[str, Any] | None = None) -> set[str]:
+    """The terms of one message: its identifiers' terms and the marker."""
+    out = {marker_term(key)}
+    try:
+        values = identifiers(kind, payload, headers or {})
+    except Exception as e:  # odd bytes: index nothing more, never fail the commit
+        log.warning("message_terms.extract_failed", kind=kind, error=type(e).__name__)
+        values = {}
+    for field, vals in values.items():
+        for v in vals:
+            v = v.strip()
+            if v and len(v) <= MAX_VALUE:
+                out.add(value_term(key, field, v))
+    return out
+
+
+def identifiers(kind: str, payload: bytes, headers: dict[str, Any]) -> dict[str, set[str]]:
+    """field -> values found in the payload (see the module text for which fields)."""
+    if kind == "hl7v2":
+        return _hl7(payload)
+    if kind == "dicom":
+        return _dicom(payload, headers)
+    if kind == "fhir":
+        return _fhir(payload)
+    return {}
+
+
+# -- HL7 v2 -----------------------------------------------------------------------------
+# segment -> (field number, field name, component to keep: 1 = the id, 0 = the whole field)
+_HL7_FIELDS: dict[str, tuple[tuple[int, str], ...]] = {
+    "PID": ((3, "patient_id"), (2, "patient_id")),
+    "ORC": ((2, "accession"), (3, "accession")),
+    "OBR": ((2, "accession"), (3, "accession"), (18, "accession")),
+    "IPC": ((1, "accession"), (3, "study_uid")),
+    "ZDS": ((1, "study_uid"),),
+}
+
+
+def _hl7(payload: bytes) -> dict[str, set[str]]:
+    """Reads the fields above with the header's delimiters and charset, without a full parse
+    (python-hl7's costs ~100 us a message; this runs in the committer for every message)."""
+    header = read_header(payload, require=False)
+    d = header.delimiters
+    out: dict[str, set[str]] = {f: set() for f in FIELDS}
+    if header.control_id:
+        out["control_id"].add(header.control_id)
+    text_ = header.decode(payload)
+    for seg in text_.replace("\r\n", "\r").replace("\n", "\r").split("\r"):
+        wanted = _HL7_FIELDS.get(seg[:3])
+        if not wanted or len(seg) < 4 or seg[3] != d.field:
+            continue
+        fields = seg.split(d.field)
+        for n, name in wanted:
+            if n >= len(fields) or not fields[n]:
+                continue
+            for rep in fields[n].split(d.repetition):
+                first = rep.split(d.component, 1)[0].split(d.subcomponent, 1)[0]
+                value = unescape(first, d)
+                if value and value != '""':
+                    out[name].add(value)
+    return out
+
+
+# -- DICOM -----------------------------------------------------------------------------
+_TAGS = {0x00100020: "patient_id", 0x00080050: "accession", 0x0020000D: "study_uid"}
+_KEYWORDS = {"PatientID": "patient_id", "AccessionNumber": "accession", "StudyInstanceUID": "study_uid"}
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+def _dicom(payload: bytes, headers: dict[str, Any]) -> dict[str, set[str]]:
+    """PatientID, AccessionNumber, StudyInstanceUID of a Part-10 payload: the archive's header
+    scan (engine.store.dicom.scan) on Little Endian data sets, pydicom for anything else."""
+    out: dict[str, set[str]] = {f: set() for f in FIELDS}
+    ds: Any = None
+    if len(payload) >= 144 and payload[128:132] == b"DICM" and payload[132:136] == b"\x02\x00\x00\x00":
+        end = 144 + int.from_bytes(payload[140:144], "little")
+        try:
+            meta = scan(memoryview(payload)[132:end], {0x00020010}, implicit=False)
+            ts = str(meta.get_item(0x00020010).value.decode("ascii", "replace")).strip("\x00 ")
+            if ts in (_IMPLICIT_LE, _EXPLICIT_LE) or (ts.startswith("1.2.840.10008.1.2.4") or ts.startswith(
+                    "1.2.840.10008.1.2.5")):
+                ds = scan(memoryview(payload)[end:], set(_TAGS), implicit=ts == _IMPLICIT_LE)
+        except (ScanError, struct.error, AttributeError):
+            ds = None
+    if ds is None:
+        from pydicom import dcmread
+
+        ds = dcmread(io.BytesIO(payload), force=True, stop_before_pixels=True, specific_tags=list(_KEYWORDS))
+    for kw, name in _KEYWORDS.items():
+        try:
+            v = ds.get(kw)
+        except Exception as e:  # an unreadable value is left out
+            log.debug("message_terms.dicom_value_unreadable", keyword=kw, error=type(e).__name__)
+            continue
+        if v is None:
+            continue
+        for one in (v if type(v).__name__ == "MultiValue" else [v]):
+            s = str(one).strip("\x00 ")
+            if s:
+                out[name].add(s)
+    uid = headers.get("StudyInstanceUID")
+    if uid:
+        out["study_uid"].add(str(uid))
+    return out
+
+
+# -- FHIR ------------------------------------------------------------------------------
+def _fhir(payload: bytes) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {f: set() for f in FIELDS}
+    if len(payload) > MAX_FHIR_BYTES:
+        return out
+    doc = json.loads(payload)
+    resources = [doc]
+    if isinstance(doc, dict) and doc.get("resourceType") == "Bundle":
+        resources += [e.get("resource") for e in doc.get("entry") or [] if isinstance(e, dict)]
+    for r in resources:
+        if not isinstance(r, dict):
+            continue
+        rtype = r.get("resourceType")
+        for ident in r.get("identifier") or []:
+            if not isinstance(ident, dict) or not isinstance(ident.get("value"), str):
+                continue
+            value = ident["value"]
+            codes = {c.get("code") for c in ((ident.get("type") or {}).get("coding") or []) if isinstance(c, dict)}
+            if rtype == "Patient":
+                out["patient_id"].add(value)
+            elif "ACSN" in codes:
+                out["accession"].add(value)
+            elif rtype == "ImagingStudy" and ident.get("system") == "urn:dicom:uid":
+                out["study_uid"].add(value.removeprefix("urn:oid:"))
+    return out
+
+
+# -- writing -----------------------------------------------------------------------------
+def write(conn: Connection, keyring: Any, envelopes: Iterable[Any], stored: set[str]) -> None:
+    """Intake's hook: the terms of the envelopes whose message rows this transaction inserts."""
+    key = keyring.hmac_key(HMAC_KEY_NAME)
+    rows = [{"message_id": e.id, "term": t} for e in envelopes if e.id in stored
+            for t in sorted(terms_of(key, e.kind, e.payload, dict(e.headers)))]
+    if rows:
+        conn.execute(insert(message_terms), rows)
+
+
+def delete_for(conn: Connection, message_ids: Sequence[str]) -> int:
+    """Drop the terms of messages being deleted (retention)."""
+    n = 0
+    for i in range(0, len(message_ids), 500):
+        n += conn.execute(delete(message_terms).where(message_terms.c.message_id.in_(
+            list(message_ids[i:i + 500])))).rowcount or 0
+    return n
+
+
+def unindexed(conn: Connection, key: bytes, limit: int) -> list[str]:
+    """Up to ``limit`` ids of messages without the current marker (oldest first)."""
+    m, t = schema.messages, message_terms
+    has = exists().where(t.c.message_id == m.c.id, t.c.term == marker_term(key))
+    return list(conn.execute(select(m.c.id).where(~has).order_by(m.c.received_at).limit(limit)).scalars())
+
+
+def reindex(store: Any, *, batch: int = 200) -> int:
+    """Index one batch of messages lacking the current marker (their old terms replaced);
+    returns how many were indexed (0: nothing left). Each batch is its own transaction."""
+    key = store.keyring.hmac_key(HMAC_KEY_NAME)
+    m = schema.messages
+    with store.engine.begin() as conn:
+        ids = unindexed(conn, key, batch)
+        if not ids:
+            return 0
+        rows = conn.execute(select(m.c.id, m.c.kind, m.c.blob_id, m.c.headers).where(m.c.id.in_(ids))).all()
+        delete_for(conn, ids)
+        out = []
+        for r in rows:
+            try:
+                payload = store.get_blob(conn, r.blob_id, aad=r.id)
+            except Exception as e:  # a blob that does not open keeps the marker only
+                log.warning("message_terms.reindex_unreadable", message_id=r.id, error=type(e).__name__)
+                payload = b""
+            terms = terms_of(key, r.kind, payload, dict(r.headers or {})) if payload else {marker_term(key)}
+            out += [{"message_id": r.id, "term": t} for t in sorted(terms)]
+        conn.execute(insert(message_terms), out)
+    return len(ids)
+
+
+# -- migration -----------------------------------------------------------------------------
+def ensure_schema(conn: Connection, store: Any) -> None:
+    """Newest-first listing needs ``messages(received_at, id)``: an index on an existing table,
+    which ``create_all`` does not add (a migration hook, as engine.store.fhir.reindex uses)."""
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_messages_received_id ON messages (received_at, id)"))
+
+
+if ensure_schema not in MIGRATION_HOOKS:
+    MIGRATION_HOOKS.append(ensure_schema)
