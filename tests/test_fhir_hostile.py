@@ -796,3 +796,14 @@ def test_tls_cap_refuses_before_the_handshake(tls_slow, pki):
     r = httpx.get(tls_slow.base_url.replace("127.0.0.1", "localhost") + "/metadata", verify=tls_ctx(pki),
                   timeout=10)
     assert r.status_code == 200
+
+
+def test_structure_table_covers_every_stored_type():
+    """A type added to SEARCH_PARAMS needs scripts/gen_fhir_structure.py run again."""
+    from engine.store.fhir.params import STORED_TYPES
+    from engine.store.fhir.structure import TABLE
+
+    data = json.loads(TABLE.read_text())
+    assert data["fhirVersion"] == "4.0.1" and "4.0.1" in data["source"]
+    assert set(STORED_TYPES) <= set(data["types"]) and "Bundle.entry.request" in data["types"]
+    assert data["types"]["Patient"]["gender"][2] == "http://hl7.org/fhir/ValueSet/administrative-gender"
