@@ -8,8 +8,6 @@ Reads run in a worker thread on their own connection and are audited.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import re
 import traceback
 import uuid
@@ -56,6 +54,7 @@ from listeners.fhir_bundles import (
     version_headers,
 )
 from listeners.fhir_capability import capability_statement
+from listeners.http_common import BearerTokens
 
 if TYPE_CHECKING:
     from engine.context import ComponentContext
@@ -74,10 +73,6 @@ UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutErr
                OSError)
 
 
-def _fingerprint(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 class FhirApi:
     """Request handlers bound to one listener's config and engine context."""
 
@@ -86,7 +81,7 @@ class FhirApi:
         self.ctx = ctx
         self.fs = FhirStore(ctx.store, ctx.keyring)
         self.prefix = config.base_path.rstrip("/")
-        self._tokens = [_fingerprint(t) for t in config.auth.bearer_tokens]
+        self._tokens = BearerTokens(config.auth)
         self.capability = capability_statement(auth_open=config.auth.open)
         self.budget = BodyBudget(config.body_budget_bytes)
         self.heavy = HeavyGate()
@@ -162,19 +157,14 @@ class FhirApi:
         return endpoint
 
     async def _authenticate(self, request: Request) -> str:
-        if self.config.auth.open:
-            return "anonymous"
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        fp = _fingerprint(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
-        if fp is not None and any(hmac.compare_digest(fp, t) for t in self._tokens):
-            return f"bearer:{fp[:12]}"
-        reason = "bearer token missing" if fp is None else "bearer token not accepted"
+        actor, reason = self._tokens.check(request.headers.get("authorization", ""))
+        if actor is not None:
+            return actor
+        assert reason is not None
         await run_in_threadpool(self.ctx.audit.record, "login.failure", outcome="failure",
                                 peer=self._peer(request), channel=self.ctx.channel, detail=reason)
         log.info("fhir.auth_failed", channel=self.ctx.channel, reason=reason)
-        challenge = 'Bearer realm="medrelay"' + ('' if fp is None else ', error="invalid_token"')
-        raise FhirError(401, "login", reason, headers={"WWW-Authenticate": challenge})
+        raise FhirError(401, "login", reason, headers={"WWW-Authenticate": BearerTokens.challenge(reason)})
 
     @staticmethod
     def _check_accept(request: Request) -> None:

@@ -1,0 +1,645 @@
+"""`source: {type: dicomweb}`: QIDO-RS, WADO-RS, STOW-RS and WADO-URI over the DICOM archive.
+
+The same archive the DICOM listener serves (index and encrypted blobs), the same
+matching as C-FIND / C-MOVE, the same intake as C-STORE: this module owns the config,
+the routes, authentication, CORS, auditing and the one error boundary; the services
+are listeners/dicomweb_qido.py, dicomweb_wado.py, dicomweb_stow.py (with
+dicomweb_json.py, dicomweb_media.py, dicomweb_render.py). The HTTP server is the one
+the FHIR listener runs (listeners/http_common.py: uvicorn in the engine's loop, the
+guarded h11 protocol, medrelay's TLS upgrade).
+
+Blocking work (index queries, blob reads, decoding, the intake) runs on worker threads,
+never on the event loop that serves every connection.
+"""
+
+from __future__ import annotations
+
+import re
+import traceback
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import structlog
+from pydantic import Field, model_validator
+from pydicom.dataset import Dataset
+from sqlalchemy import exc as sa_exc
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from engine.components import ComponentConfig
+from engine.context import ComponentContext
+from engine.registry import component
+from engine.security.tls import TLSConfig
+from engine.store.dicom import index as idx
+from engine.store.fhir.params import FhirError
+from listeners import dicomweb_media as media
+from listeners import dicomweb_qido as qido
+from listeners import dicomweb_stow as stow
+from listeners import dicomweb_wado as wado
+from listeners.dicom_qr import BadIdentifier, QueryRetrieve
+from listeners.dicom_store import StoreSCP
+from listeners.dicomweb_json import DICOM_JSON
+from listeners.dicomweb_render import THUMBNAIL, RenderError, parse_viewport, parse_window, render
+from listeners.fhir_body import BodyBudget
+from listeners.fhir_http import HttpLimits
+from listeners.http_common import BearerAuth, BearerTokens, UvicornService
+from transforms.dicom_codec import TranscodeError
+
+log = structlog.get_logger()
+Handler = Callable[[Request, str], Awaitable[Response]]
+UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, sa_exc.DisconnectionError,
+               OSError)
+RETRY_AFTER = "5"
+_HOST = re.compile(r"^([A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(:[0-9]{1,5})?$")
+IMAGE_TYPES = ("image/jpeg", "image/png")
+
+
+class DicomWebError(Exception):
+    def __init__(self, status: int, text: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(text)
+        self.status, self.text, self.headers = status, text, headers or {}
+
+
+class CorsConfig(ComponentConfig):
+    """Cross-origin access for browser viewers (OHIF, Weasis web) served from another origin."""
+
+    allow_origins: list[str] = Field(default_factory=list, description=(
+        "origins allowed to call the service from a browser, e.g. [\"https://viewer.example\"]; [\"*\"] for any"))
+    max_age: int = Field(600, ge=0, description="seconds a browser may cache a preflight answer")
+
+
+class DicomWebSourceConfig(ComponentConfig):
+    """DICOMweb server (QIDO-RS, WADO-RS, STOW-RS, WADO-URI) over medrelay's DICOM archive."""
+
+    type: Literal["dicomweb"]
+    host: str = Field("127.0.0.1", description="address to bind; loopback unless told otherwise")
+    port: int = Field(8042, ge=0, le=65535, description="TCP port (0: pick a free one, for tests)")
+    base_path: str = Field("/dicom-web", pattern=r"^(/[A-Za-z0-9._~-]+)*$",
+                           description="path prefix of the DICOMweb base URL, e.g. /dicom-web")
+    public_url: str | None = Field(None, description=(
+        "the base URL clients reach the service at (behind a proxy, or when host is 0.0.0.0); used for "
+        "RetrieveURL / BulkDataURI and by dicom_to_fhir's Endpoint. Default: from the request"))
+    auth: BearerAuth = Field(description="`{bearer_tokens: [\"${API_TOKEN}\"]}` or `{open: true}`; required")
+    tls: TLSConfig | None = Field(None, description="serve HTTPS with these cert/key (BCP 195 settings)")
+    cors: CorsConfig | None = Field(None, description="CORS for browser viewers; none: no CORS headers")
+    ae_title: str = Field("MEDRELAY", description=(
+        "the AE title recorded as Called AE Title of STOW-RS instances and given as RetrieveAETitle"))
+    duplicates: Literal["keep_first", "replace"] = Field("keep_first", description=(
+        "a re-sent SOP Instance UID: keep the stored instance (answered as stored) or replace it, as the DICOM "
+        "listener's option of the same name"))
+    case_insensitive_pn: bool = Field(True, description="match Person Names case-insensitively (as C-FIND)")
+    max_results: int = Field(1000, ge=1, le=65535, description=(
+        "most QIDO-RS results in one response; more are announced with a Warning header (use offset)"))
+    max_body_bytes: int = Field(256 * 1024 * 1024, gt=0, description=(
+        "largest STOW-RS request body; a larger declared Content-Length gets 413 before any byte is read"))
+    body_budget_bytes: int = Field(512 * 1024 * 1024, gt=0, description=(
+        "STOW-RS bodies held in memory at once, all connections together; at least max_body_bytes"))
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="largest request head; larger gets 431")
+    max_header_count: int = Field(100, ge=8, description="most header fields in a request; more gets 431")
+    max_url_bytes: int = Field(8 * 1024, ge=256, description="longest request target; longer gets 414")
+    max_connections: int = Field(200, ge=1, description="open connections at once; more get 503")
+    idle_timeout: float = Field(5.0, gt=0, description="seconds a connection may stay idle between requests")
+    header_timeout: float = Field(10.0, gt=0, description="seconds from the first byte to the end of the head")
+    body_timeout: float = Field(300.0, gt=0, description="seconds from the end of the head to the end of the body")
+    handshake_timeout: float = Field(10.0, gt=0, description="seconds a TLS handshake may take (HTTPS only)")
+
+    @model_validator(mode="after")
+    def _budget_fits_a_body(self) -> DicomWebSourceConfig:
+        if self.body_budget_bytes < self.max_body_bytes:
+            raise ValueError("body_budget_bytes must be at least max_body_bytes")
+        return self
+
+    def http_limits(self, channel: str) -> HttpLimits:
+        return HttpLimits(max_header_bytes=self.max_header_bytes, max_header_count=self.max_header_count,
+                          max_url_bytes=self.max_url_bytes, idle_timeout=self.idle_timeout,
+                          header_timeout=self.header_timeout, body_timeout=self.body_timeout,
+                          max_connections=self.max_connections, channel=channel)
+
+    def base_url(self) -> str:
+        """The service's base URL as configured (public_url, else scheme://host:port/base_path)."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.host}:{self.port}{self.base_path}"
+
+
+def _text(status: int, text: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(text + "\n", status_code=status, media_type="text/plain", headers=headers)
+
+
+class DicomWebApi:
+    """Request handlers of one listener."""
+
+    def __init__(self, config: DicomWebSourceConfig, ctx: ComponentContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.prefix = config.base_path.rstrip("/")
+        self.tokens = BearerTokens(config.auth)
+        self.qr = QueryRetrieve(ctx, ae_title=config.ae_title, fold_pn=config.case_insensitive_pn,
+                                move_destinations={})
+        self.scp = StoreSCP(ctx, ae_title=config.ae_title, replace=config.duplicates == "replace")
+        self.budget = BodyBudget(config.body_budget_bytes)
+
+    # -- plumbing -----------------------------------------------------------
+    def app(self) -> Starlette:
+        p, w = self.prefix, self._wrap
+        st, se, sop = "/studies/{study}", "/series/{series}", "/instances/{instance}"
+        routes = [
+            Route(p + "/studies", w(self.studies), methods=["GET", "POST"]),
+            Route(p + st, w(self.study), methods=["GET", "POST"]),
+            Route(p + st + "/metadata", w(self.metadata), methods=["GET"]),
+            Route(p + st + "/rendered", w(self.rendered), methods=["GET"]),
+            Route(p + st + "/thumbnail", w(self.thumbnail), methods=["GET"]),
+            Route(p + st + "/series", w(self.search), methods=["GET"]),
+            Route(p + st + "/instances", w(self.search), methods=["GET"]),
+            Route(p + st + se, w(self.retrieve), methods=["GET"]),
+            Route(p + st + se + "/metadata", w(self.metadata), methods=["GET"]),
+            Route(p + st + se + "/rendered", w(self.rendered), methods=["GET"]),
+            Route(p + st + se + "/thumbnail", w(self.thumbnail), methods=["GET"]),
+            Route(p + st + se + "/instances", w(self.search), methods=["GET"]),
+            Route(p + st + se + sop, w(self.retrieve), methods=["GET"]),
+            Route(p + st + se + sop + "/metadata", w(self.metadata), methods=["GET"]),
+            Route(p + st + se + sop + "/rendered", w(self.rendered), methods=["GET"]),
+            Route(p + st + se + sop + "/thumbnail", w(self.thumbnail), methods=["GET"]),
+            Route(p + st + se + sop + "/bulkdata/{tag}", w(self.bulkdata), methods=["GET"]),
+            Route(p + st + se + sop + "/frames/{frames}", w(self.frames), methods=["GET"]),
+            Route(p + st + se + sop + "/frames/{frames}/rendered", w(self.rendered), methods=["GET"]),
+            Route(p + st + se + sop + "/frames/{frames}/thumbnail", w(self.thumbnail), methods=["GET"]),
+            Route(p + "/series", w(self.search), methods=["GET"]),
+            Route(p + "/instances", w(self.search), methods=["GET"]),
+            Route(p + "/wado", w(self.wado_uri), methods=["GET"]),
+            Route(p or "/", w(self.wado_uri), methods=["GET"]),
+        ]
+        middleware = []
+        cors = self.config.cors
+        if cors is not None and cors.allow_origins:
+            middleware.append(Middleware(
+                CORSMiddleware, allow_origins=cors.allow_origins, allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["Authorization", "Accept", "Content-Type", "Range"], max_age=cors.max_age,
+                expose_headers=["Content-Location", "Warning", "Content-Range"]))
+        return Starlette(routes=routes, middleware=middleware,
+                         exception_handlers={HTTPException: self._http_error, Exception: self._unexpected})
+
+    async def _http_error(self, request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 500)
+        return _text(status, {404: "no such resource", 405: "method not allowed here"}.get(status, "request failed"),
+                     dict(getattr(exc, "headers", None) or {}))
+
+    async def _unexpected(self, request: Request, exc: Exception) -> Response:
+        return self._internal_error(exc)
+
+    def _internal_error(self, e: BaseException) -> Response:
+        """500 with an incident id for the log; the type and place, never the text (may quote PHI)."""
+        incident = uuid.uuid4().hex[:12]
+        frames = traceback.extract_tb(e.__traceback__)
+        where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+        log.error("dicomweb.internal_error", channel=self.ctx.channel, incident=incident, error=type(e).__name__,
+                  where=where)
+        log.debug("dicomweb.internal_error_detail", incident=incident, exc_info=e)
+        return _text(500, f"internal error (incident {incident}); the server log has the details")
+
+    def _wrap(self, fn: Handler) -> Callable[[Request], Awaitable[Response]]:
+        """The one error boundary: known errors -> their status, the store unreachable -> 503,
+        anything else -> 500 with an incident id, never a traceback."""
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                actor = await self._authenticate(request)
+                return await fn(request, actor)
+            except DicomWebError as e:
+                return _text(e.status, e.text, e.headers)
+            except FhirError as e:  # the shared body budget's 503
+                return _text(e.status, "the server is busy receiving other requests; retry later",
+                             {"Retry-After": RETRY_AFTER})
+            except (qido.QueryError, BadIdentifier) as e:
+                return _text(400, str(e) or "invalid query")
+            except media.NotAcceptable as e:
+                return _text(406, str(e))
+            except ClientDisconnect:
+                log.info("dicomweb.client_disconnected", channel=self.ctx.channel)
+                return Response(status_code=400)
+            except UNAVAILABLE as e:
+                log.warning("dicomweb.store_unavailable", channel=self.ctx.channel, error=type(e).__name__)
+                return _text(503, "the store is unavailable; retry later", {"Retry-After": RETRY_AFTER})
+            except Exception as e:
+                return self._internal_error(e)
+            finally:
+                reserved = getattr(request.state, "body_reserved", 0)
+                if reserved:
+                    request.state.body_reserved = 0
+                    await self.budget.release(reserved)
+
+        return endpoint
+
+    async def _authenticate(self, request: Request) -> str:
+        actor, reason = self.tokens.check(request.headers.get("authorization", ""))
+        if actor is not None:
+            return actor
+        assert reason is not None
+        await run_in_threadpool(self.ctx.audit.record, "login.failure", outcome="failure",
+                                peer=self._peer(request), channel=self.ctx.channel, detail=reason)
+        log.info("dicomweb.auth_failed", channel=self.ctx.channel, reason=reason)
+        raise DicomWebError(401, reason, {"WWW-Authenticate": BearerTokens.challenge(reason)})
+
+    @staticmethod
+    def _peer(request: Request) -> str:
+        return f"{request.client.host}:{request.client.port}" if request.client else ""
+
+    def base(self, request: Request) -> str:
+        """The base URL for RetrieveURL / BulkDataURI: public_url, else the request's Host.
+
+        A Host without a port (dicomweb-client sends its host name alone) gets the port the
+        request came in on; a Host that is not a plain host[:port] is replaced by that address.
+        """
+        if self.config.public_url:
+            return self.config.public_url.rstrip("/")
+        scheme = request.url.scheme
+        server = request.scope.get("server") or (self.config.host, self.config.port)
+        host = request.headers.get("host", "")
+        if not _HOST.match(host):
+            host = f"{server[0]}:{server[1]}"
+        elif not re.search(r":[0-9]+$", host) and int(server[1]) != (443 if scheme == "https" else 80):
+            host = f"{host}:{server[1]}"
+        return f"{scheme}://{host}{self.prefix}"
+
+    def _audit(self, action: str, request: Request, actor: str, entity: dict[str, Any],
+               outcome: str = "success") -> None:
+        """Query and retrieve rows like C-FIND / C-MOVE (PS3.15 A.5 Query, Instances Transferred):
+        who, from where, what level and how much; UIDs and PHI are not recorded."""
+        self.ctx.audit.record(action, outcome=outcome, actor=actor, peer=self._peer(request),
+                              channel=self.ctx.channel, entity=entity)
+
+    # -- QIDO-RS ---------------------------------------------------------------
+    def _level_of(self, request: Request) -> tuple[str, dict[str, str]]:
+        path = request.url.path
+        pp = request.path_params
+        uids = {}
+        if "study" in pp:
+            uids["StudyInstanceUID"] = self._uid(pp["study"])
+        if "series" in pp:
+            uids["SeriesInstanceUID"] = self._uid(pp["series"])
+        if path.endswith("/studies"):
+            return "STUDY", uids
+        if path.endswith("/series"):
+            return "SERIES", uids
+        return "IMAGE", uids
+
+    @staticmethod
+    def _uid(value: str) -> str:
+        if not value or len(value) > 64 or not all(c.isdigit() or c == "." for c in value):
+            raise DicomWebError(400, "a UID is digits and dots, at most 64 characters")
+        return value
+
+    async def studies(self, request: Request, actor: str) -> Response:
+        if request.method == "POST":
+            return await self.store(request, actor, None)
+        return await self.search(request, actor)
+
+    async def search(self, request: Request, actor: str) -> Response:
+        level, uids = self._level_of(request)
+        self._accept_json(request)
+        q = qido.parse(request.query_params.multi_items(), level, uids)
+        cap = self.config.max_results
+        if q.limit is None or q.limit > cap:
+            q.limit = cap
+        base = self.base(request)
+
+        def work() -> tuple[list[dict[str, Any]], int]:
+            responses = self.qr.find_responses(q.identifier, "study")
+            return qido.results_json(responses, q, base), len(responses)
+
+        results, total = await run_in_threadpool(work)
+        await run_in_threadpool(self._audit, "dicomweb.query", request, actor,
+                                {"level": level, "matches": len(results)})
+        log.info("dicomweb.query", channel=self.ctx.channel, level=level, matches=len(results))
+        headers = {}
+        if total > q.offset + len(results):
+            q.warnings.append("299 medrelay: There are additional results that can be requested")
+        if q.warnings:
+            headers["Warning"] = ", ".join(q.warnings)
+        if not results:
+            return Response(status_code=204, headers=headers)
+        return JSONResponse(results, media_type=DICOM_JSON, headers=headers)
+
+    @staticmethod
+    def _accept_json(request: Request) -> None:
+        ranges = media.parse_accept(request.headers.get("accept"))
+        media.single(ranges, (DICOM_JSON, "application/json"))
+
+    # -- WADO-RS -----------------------------------------------------------------
+    def _identifier(self, request: Request) -> tuple[Dataset, str]:
+        pp = request.path_params
+        ds = Dataset()
+        ds.StudyInstanceUID = self._uid(pp["study"])
+        level = "STUDY"
+        if "series" in pp:
+            ds.SeriesInstanceUID = self._uid(pp["series"])
+            level = "SERIES"
+        if "instance" in pp:
+            ds.SOPInstanceUID = self._uid(pp["instance"])
+            level = "IMAGE"
+        ds.QueryRetrieveLevel = level
+        return ds, level
+
+    async def _refs(self, request: Request) -> tuple[list[idx.InstanceRef], str]:
+        ident, level = self._identifier(request)
+        refs = await run_in_threadpool(self.qr.instances, ident, "study")
+        if not refs:
+            raise DicomWebError(404, {"STUDY": "no such study", "SERIES": "no such series"}.get(level,
+                                                                                              "no such instance"))
+        return refs, level
+
+    def _instance_url(self, base: str, study: str, series: str | None, ref: idx.InstanceRef) -> str:
+        return f"{base}/studies/{study}/series/{series}/instances/{ref.sop_uid}"
+
+    async def study(self, request: Request, actor: str) -> Response:
+        if request.method == "POST":
+            return await self.store(request, actor, self._uid(request.path_params["study"]))
+        return await self.retrieve(request, actor)
+
+    async def retrieve(self, request: Request, actor: str) -> Response:
+        ranges = media.parse_accept(request.headers.get("accept"))
+        accepted = wado.accepted_syntaxes(media.wanted_parts(ranges, "application/dicom"))
+        refs, level = await self._refs(request)
+        boundary = media.new_boundary()
+        ctype = media.multipart_type(boundary, "application/dicom")
+        if level == "IMAGE":  # one instance: converted before answering, so a failure is a status
+            inst = await run_in_threadpool(wado.read_part10, self.ctx, refs[0])
+            try:
+                data, ts = await run_in_threadpool(wado.as_part10, inst, accepted)
+            except TranscodeError as e:
+                self._transcode_failed(refs[0], str(e))
+                await run_in_threadpool(self._audit, "dicomweb.retrieve", request, actor,
+                                        {"level": level, "instances": 0, "failed": 1}, "failure")
+                raise DicomWebError(406, "the instance cannot be given in any transfer syntax of Accept") from None
+            await run_in_threadpool(self._audit, "dicomweb.retrieve", request, actor,
+                                    {"level": level, "instances": 1})
+            body = media.part_head(boundary, f"application/dicom; transfer-syntax={ts}") + data + b"\r\n" + \
+                media.closing(boundary)
+            return Response(body, media_type=ctype)
+        return StreamingResponse(self._stream(request, actor, refs, level, accepted, boundary), media_type=ctype)
+
+    async def _stream(self, request: Request, actor: str, refs: list[idx.InstanceRef], level: str,
+                      accepted: list[str], boundary: str) -> AsyncIterator[bytes]:
+        sent = failed = 0
+        try:
+            for ref in refs:
+                inst = await run_in_threadpool(wado.read_part10, self.ctx, ref)
+                try:
+                    data, ts = await run_in_threadpool(wado.as_part10, inst, accepted)
+                except TranscodeError as e:
+                    failed += 1
+                    self._transcode_failed(ref, str(e))
+                    continue
+                yield media.part_head(boundary, f"application/dicom; transfer-syntax={ts}") + data + b"\r\n"
+                sent += 1
+            yield media.closing(boundary)
+        finally:
+            log.info("dicomweb.retrieve", channel=self.ctx.channel, level=level, instances=sent, failed=failed)
+            await run_in_threadpool(self._audit, "dicomweb.retrieve", request, actor,
+                                    {"level": level, "instances": sent, "failed": failed},
+                                    "success" if not failed else "failure")
+
+    def _transcode_failed(self, ref: idx.InstanceRef, reason: str) -> None:
+        log.warning("dicomweb.transcode_failed", channel=self.ctx.channel, stored=ref.transfer_syntax,
+                    reason=reason[:200], status="not sent")
+
+    async def metadata(self, request: Request, actor: str) -> Response:
+        self._accept_json(request)
+        refs, level = await self._refs(request)
+        base = self.base(request)
+        series_of = await run_in_threadpool(self._series_uids, refs)
+
+        def work() -> list[dict[str, Any]]:
+            out = []
+            for ref in refs:
+                inst = wado.read_part10(self.ctx, ref)
+                url = self._instance_url(base, request.path_params["study"], series_of.get(ref.sop_uid), ref)
+                out.append(wado.metadata_json(inst, url))
+            return out
+
+        body = await run_in_threadpool(work)
+        await run_in_threadpool(self._audit, "dicomweb.retrieve", request, actor,
+                                {"level": level, "what": "metadata", "instances": len(body)})
+        return JSONResponse(body, media_type=DICOM_JSON)
+
+    def _series_uids(self, refs: list[idx.InstanceRef]) -> dict[str, str]:
+        from sqlalchemy import select
+
+        i, s = idx.instances, idx.series
+        with self.ctx.store.engine.connect() as conn:
+            out: dict[str, str] = {}
+            uids = [r.sop_uid for r in refs]
+            for start in range(0, len(uids), 500):
+                q = select(i.c.sop_uid, s.c.series_uid).select_from(i.join(s, i.c.series_pk == s.c.pk)).where(
+                    i.c.sop_uid.in_(uids[start:start + 500]))
+                out.update({a: b for a, b in conn.execute(q)})
+            return out
+
+    async def _one(self, request: Request) -> wado.Stored:
+        refs, _level = await self._refs(request)
+        return await run_in_threadpool(wado.read_part10, self.ctx, refs[0])
+
+    async def bulkdata(self, request: Request, actor: str) -> Response:
+        tag_s = request.path_params["tag"]
+        if len(tag_s) != 8 or not all(c in "0123456789abcdefABCDEF" for c in tag_s):
+            raise DicomWebError(404, "bulk data is addressed by an 8-digit hex tag")
+        inst = await self._one(request)
+        try:
+            value, _vr = await run_in_threadpool(wado.bulk_value, inst, int(tag_s, 16))
+        except KeyError:
+            raise DicomWebError(404, "the instance has no such bulk data") from None
+        await run_in_threadpool(self._audit, "dicomweb.retrieve", request, actor,
+                                {"level": "IMAGE", "what": "bulkdata", "instances": 1})
+        ranges = media.parse_accept(request.headers.get("accept"))
+        try:
+            wanted = media.wanted_parts(ranges, wado.OCTET)
+        except media.NotAcceptable:
+            media.single(ranges, (wado.OCTET,))
+            return self._single_octets(request, value)
+        if not any(p in (wado.OCTET, "*/*", "application/*") for p, _ts in wanted):
+            raise media.NotAcceptable("bulk data is given as application/octet-stream")
+        boundary = media.new_boundary()
+        body = media.part_head(boundary, wado.OCTET) + value + b"\r\n" + media.closing(boundary)
+        return Response(body, media_type=media.multipart_type(boundary, wado.OCTET))
+
+    def _single_octets(self, request: Request, value: bytes) -> Response:
+        """application/octet-stream, with a byte range when asked (PS3.18 8.3.5.2, RFC 9110 14)."""
+        try:
+            rng = wado.byte_range(request.headers.get("range"), len(value))
+        except ValueError:
+            return Response(status_code=416, headers={"Content-Range": f"bytes */{len(value)}"})
+        if rng is None:
+            return Response(value, media_type=wado.OCTET, headers={"Accept-Ranges": "bytes"})
+        start, end = rng
+        return Response(value[start:end + 1], status_code=206, media_type=wado.OCTET,
+                        headers={"Content-Range": f"bytes {start}-{end}/{len(value)}", "Accept-Ranges": "bytes"})
+
+    async def frames(self, request: Request, actor: str) -> Response:
+        try:
+            numbers = wado.parse_frame_list(request.path_params["frames"])
+        except ValueError as e:
+            raise DicomWebError(400, str(e)) from None
+        ranges = media.parse_accept(request.headers.get("accept"))
+        wanted = media.wanted_parts(ranges, wado.OCTET)
+        inst = await self._one(request)
+        try:
+            got, part_type, ts = await run_in_threadpool(wado.frames, inst, numbers, wanted)
+        except KeyError:
+            raise DicomWebError(404, "no such frame (or the instance has no pixel data)") from None
+        except TranscodeError as e:
+            self._transcode_failed(inst.ref, str(e))
+            raise DicomWebError(406, "the frames cannot be decoded for the media type asked") from None
+        await run_in_threadpool(self._audit, "dicomweb.retrieve", request, actor,
+                                {"level": "IMAGE", "what": "frames", "instances": 1, "frames": len(got)})
+        boundary = media.new_boundary()
+        head = media.part_head(boundary, f"{part_type}; transfer-syntax={ts}")
+        body = b"".join(head + f + b"\r\n" for f in got) + media.closing(boundary)
+        return Response(body, media_type=media.multipart_type(boundary, part_type))
+
+    async def rendered(self, request: Request, actor: str, *, thumbnail: bool = False) -> Response:
+        ranges = media.parse_accept(request.headers.get("accept"))
+        out_type = media.single(ranges, IMAGE_TYPES)
+        qp = request.query_params
+        try:
+            window = parse_window(qp.get("window"))
+            viewport = parse_viewport(qp.get("viewport"), (THUMBNAIL, THUMBNAIL) if thumbnail else None)
+            quality = int(qp.get("quality", "90"))
+            if not 1 <= quality <= 100:
+                raise ValueError("quality is 1-100")
+            numbers = wado.parse_frame_list(request.path_params["frames"]) if "frames" in request.path_params \
+                else [1]
+        except ValueError as e:
+            raise DicomWebError(400, str(e)) from None
+        refs, level = await self._refs(request)
+        ref = refs[len(refs) // 2] if level != "IMAGE" else refs[0]  # a study/series shows a middle image
+        inst = await run_in_threadpool(wado.read_part10, self.ctx, ref)
+        try:
+            image = await run_in_threadpool(lambda: render(inst.part10, frame=numbers[0], media_type=out_type,
+                                                           window=window, viewport=viewport, quality=quality))
+        except RenderError as e:
+            raise DicomWebError(404 if "frame" in str(e) and "exist" in str(e) else 406, str(e)) from None
+        await run_in_threadpool(self._audit, "dicomweb.retrieve", request, actor,
+                                {"level": level, "what": "thumbnail" if thumbnail else "rendered", "instances": 1})
+        return Response(image, media_type=out_type)
+
+    async def thumbnail(self, request: Request, actor: str) -> Response:
+        return await self.rendered(request, actor, thumbnail=True)
+
+    # -- WADO-URI ------------------------------------------------------------------
+    async def wado_uri(self, request: Request, actor: str) -> Response:
+        qp = request.query_params
+        if qp.get("requestType") != "WADO":
+            raise DicomWebError(400, "WADO-URI needs requestType=WADO")
+        for key in ("studyUID", "seriesUID", "objectUID"):
+            if not qp.get(key):
+                raise DicomWebError(400, f"WADO-URI needs {key}")
+        request.scope["path_params"] = {"study": qp["studyUID"], "series": qp["seriesUID"],
+                                        "instance": qp["objectUID"]}
+        content = [c.strip().split(";")[0] for c in qp.get("contentType", "image/jpeg").split(",")]
+        if "application/dicom" in content:
+            ts = qp.get("transferSyntax") or wado.EXPLICIT_LE
+            inst = await self._one(request)
+            try:
+                data, _ts = await run_in_threadpool(wado.as_part10, inst, [ts])
+            except TranscodeError as e:
+                self._transcode_failed(inst.ref, str(e))
+                raise DicomWebError(406, "the instance cannot be given in that transfer syntax") from None
+            await run_in_threadpool(self._audit, "dicomweb.retrieve", request, actor,
+                                    {"level": "IMAGE", "what": "wado-uri", "instances": 1})
+            return Response(data, media_type="application/dicom")
+        image_type = next((c for c in content if c in IMAGE_TYPES), None)
+        if image_type is None:
+            raise DicomWebError(406, "contentType is application/dicom, image/jpeg or image/png")
+        try:
+            window = None
+            if qp.get("windowCenter") and qp.get("windowWidth"):
+                window = parse_window(f"{qp['windowCenter']},{qp['windowWidth']}")
+            rows, cols = qp.get("rows"), qp.get("columns")
+            viewport = parse_viewport(f"{cols or rows},{rows or cols}", None) if rows or cols else None
+            frame = int(qp.get("frameNumber", "1"))
+            quality = int(qp.get("imageQuality", "90"))
+        except ValueError as e:
+            raise DicomWebError(400, str(e)) from None
+        inst = await self._one(request)
+        try:
+            image = await run_in_threadpool(lambda: render(inst.part10, frame=frame, media_type=image_type,
+                                                           window=window, viewport=viewport,
+                                                           quality=max(1, min(quality, 100))))
+        except RenderError as e:
+            raise DicomWebError(406, str(e)) from None
+        await run_in_threadpool(self._audit, "dicomweb.retrieve", request, actor,
+                                {"level": "IMAGE", "what": "wado-uri", "instances": 1})
+        return Response(image, media_type=image_type)
+
+    # -- STOW-RS ---------------------------------------------------------------------
+    async def store(self, request: Request, actor: str, study: str | None) -> Response:
+        if self.ctx.intake is None:
+            raise DicomWebError(503, "no intake", {"Retry-After": RETRY_AFTER})
+        try:
+            boundary = stow.boundary_of(request.headers.get("content-type", ""))
+        except stow.StowError as e:
+            raise DicomWebError(e.status, e.text) from None
+        limit = self.config.max_body_bytes
+        length = request.headers.get("content-length", "").strip()
+        if length and not (length.isascii() and length.isdigit()):
+            raise DicomWebError(400, "Content-Length is not a number")
+        if length and int(length) > limit:
+            raise DicomWebError(413, f"body larger than {limit} bytes")
+        want = int(length) if length else limit
+        await self.budget.reserve(want, self.config.body_timeout / 2)
+        request.state.body_reserved = want
+        try:
+            parts = await stow.read_parts(request.stream(), boundary, limit)
+        except stow.StowError as e:
+            raise DicomWebError(e.status, e.text) from None
+        if not parts:
+            raise DicomWebError(400, "the body has no parts")
+        client = request.client
+        peer = f"{actor}@{client.host}:{client.port}" if client else actor
+
+        def run(part: stow.Part) -> Awaitable[stow.Result]:
+            return run_in_threadpool(stow.store_one, self.scp, part, peer, study)
+
+        results = await stow.store_all(parts, run)
+        status, body = stow.response(results, self.base(request), study)
+        failed = sum(1 for r in results if r.status)
+        log.info("dicomweb.stored", channel=self.ctx.channel, instances=len(results) - failed, failed=failed,
+                 status=status)
+        return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
+
+
+class DicomWebListener(UvicornService):
+    """Serves DICOMweb until stopped; ``address`` is the bound (host, port)."""
+
+    kind = "dicomweb"
+    label = "DICOMweb"
+
+    def __init__(self, config: DicomWebSourceConfig, ctx: ComponentContext) -> None:
+        super().__init__(config, ctx)
+        self.config: DicomWebSourceConfig = config
+        self.api = DicomWebApi(config, ctx)
+
+    def app(self) -> Any:
+        return self.api.app()
+
+    async def start(self) -> None:
+        await self.start_serving()
+        host, port = self.address
+        log.info("dicomweb.listening", channel=self.ctx.channel, host=host, port=port,
+                 base_path=self.config.base_path, tls=self.config.tls is not None,
+                 auth="open" if self.config.auth.open else "bearer")
+
+
+@component("source", "dicomweb", config=DicomWebSourceConfig, kinds=("dicom",))
+def build(config: DicomWebSourceConfig, ctx: ComponentContext) -> DicomWebListener:
+    """DICOMweb (QIDO-RS, WADO-RS, STOW-RS, WADO-URI) over the archive the DICOM listener fills."""
+    return DicomWebListener(config, ctx)

@@ -1,0 +1,178 @@
+"""QIDO-RS (PS3.18 10.6): search for studies, series and instances, answered from the archive index.
+
+A query's parameters become a C-FIND identifier and go through the very matching the
+DICOM listener's C-FIND uses (``listeners.dicom_qr.QueryRetrieve.find_responses``:
+SQL narrowing on clear columns and blind terms, then the PS3.4 C.2.2.2 rules on the
+decrypted attributes: wildcards, ranges, UID lists), so the two protocols cannot
+disagree about what matches. Only what differs is here: parameter syntax (keywords
+or tags, comma-separated UID lists, ``includefield``, ``limit``/``offset``,
+``fuzzymatching``), the default return attributes of Tables 10.6.3-3..5, RetrieveURL
+and the DICOM JSON encoding.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+
+from engine.store.dicom import index as idx
+from listeners.dicomweb_json import dataset_json, ur
+
+# PS3.18 Tables 10.6.3-3 (study), -4 (series), -5 (instance): returned unless includefield says more.
+STUDY_DEFAULTS = ("StudyDate", "StudyTime", "AccessionNumber", "InstanceAvailability", "ModalitiesInStudy",
+                  "ReferringPhysicianName", "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                  "StudyInstanceUID", "StudyID", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances")
+SERIES_DEFAULTS = ("Modality", "SeriesDescription", "SeriesInstanceUID", "SeriesNumber",
+                   "NumberOfSeriesRelatedInstances", "PerformedProcedureStepStartDate",
+                   "PerformedProcedureStepStartTime", "StudyInstanceUID")
+INSTANCE_DEFAULTS = ("SOPClassUID", "SOPInstanceUID", "InstanceAvailability", "InstanceNumber", "Rows",
+                     "Columns", "NumberOfFrames", "StudyInstanceUID", "SeriesInstanceUID")
+DEFAULTS = {"STUDY": STUDY_DEFAULTS, "SERIES": SERIES_DEFAULTS, "IMAGE": INSTANCE_DEFAULTS}
+# Levels above a level whose attributes a search at it may match and return (10.6.1.2).
+ABOVE = {"STUDY": ("PATIENT", "STUDY"), "SERIES": ("PATIENT", "STUDY", "SERIES"),
+         "IMAGE": ("PATIENT", "STUDY", "SERIES", "IMAGE")}
+CONTROL = {"limit", "offset", "fuzzymatching", "includefield", "access_token"}
+TEXT_VRS = frozenset(("AE", "AS", "CS", "DA", "DT", "TM", "LO", "LT", "PN", "SH", "ST", "UC", "UI", "UR", "UT",
+                      "IS", "DS"))
+_HEX_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
+_UID_LIST = re.compile(r"^[0-9.]+(,[0-9.]+)*$")
+
+
+class QueryError(ValueError):
+    """A parameter that is not a valid QIDO-RS query (400)."""
+
+
+@dataclass
+class Query:
+    level: str
+    identifier: Dataset
+    limit: int | None = None
+    offset: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def attribute_tag(name: str) -> int:
+    """A keyword or an 8-digit hex tag (PS3.18 8.3.4.1 attributeID); sequences are not searched."""
+    if "." in name:
+        raise QueryError(f"{name[:64]}: sequence attributes cannot be searched here")
+    if _HEX_TAG.match(name):
+        tag = int(name, 16)
+        if keyword_for_tag(tag) == "":
+            raise QueryError(f"{name}: not a known attribute")
+        return tag
+    tag = tag_for_keyword(name)
+    if tag is None:
+        raise QueryError(f"{name[:64]}: not a DICOM keyword or tag")
+    return int(tag)
+
+
+def _count(name: str, value: str) -> int:
+    if not value.isascii() or not value.isdigit() or len(value) > 9:
+        raise QueryError(f"{name} must be a non-negative integer")
+    return int(value)
+
+
+def _add(ds: Dataset, tag: int, value: str | None) -> None:
+    vr = dictionary_VR(tag)
+    if vr == "SQ":
+        if value:
+            raise QueryError(f"{keyword_for_tag(tag)}: sequence attributes cannot be matched")
+        ds.add_new(Tag(tag), vr, [])
+        return
+    if value and vr not in TEXT_VRS:
+        raise QueryError(f"{keyword_for_tag(tag)} ({vr}) cannot be matched")
+    if vr not in TEXT_VRS:
+        ds.add_new(Tag(tag), vr, None)
+        return
+    if value and vr == "UI":
+        if not _UID_LIST.match(value.replace("\\", ",")):
+            raise QueryError(f"{keyword_for_tag(tag)}: not a UID or a comma-separated UID list")
+        value = value.replace(",", "\\")
+    ds.add_new(Tag(tag), vr, value or None)
+
+
+def _level_keywords(level: str) -> list[str]:
+    out: list[str] = []
+    for lv in ABOVE[level]:
+        out += idx.LEVEL_ATTRS[lv]
+    out += [kw for kw, lv in idx.DERIVED.items() if lv in ABOVE[level] and lv != "PATIENT"]
+    return out
+
+
+def parse(params: Sequence[tuple[str, str]], level: str, path_uids: dict[str, str]) -> Query:
+    """Query parameters (and the UIDs of the path) -> the C-FIND identifier at ``level``."""
+    q = Query(level=level, identifier=Dataset())
+    ds = q.identifier
+    ds.QueryRetrieveLevel = level
+    include: list[int] = [int(tag_for_keyword(kw)) for kw in DEFAULTS[level]]
+    matching: dict[int, str] = {}
+    for name, value in params:
+        if name == "limit":
+            q.limit = _count(name, value)
+        elif name == "offset":
+            q.offset = _count(name, value)
+        elif name == "fuzzymatching":
+            if value.lower() not in ("true", "false"):
+                raise QueryError("fuzzymatching must be true or false")
+            if value.lower() == "true":
+                q.warnings.append("299 medrelay: The fuzzymatching parameter is not supported. "
+                                  "Only literal matching has been performed.")
+        elif name == "includefield":
+            for part in value.split(","):
+                part = part.strip()
+                if part == "all":
+                    include += [int(tag_for_keyword(kw)) for kw in _level_keywords(level)]
+                elif part:
+                    include.append(attribute_tag(part))
+        elif name in CONTROL:
+            continue
+        else:
+            tag = attribute_tag(name)
+            if tag in matching:
+                raise QueryError(f"{name[:64]} given twice")
+            matching[tag] = value
+    for kw, uid in path_uids.items():
+        matching[int(tag_for_keyword(kw))] = uid
+    for tag, value in matching.items():
+        _add(ds, tag, value)
+    for tag in dict.fromkeys(include):
+        if tag not in matching:
+            _add(ds, tag, None)
+    return q
+
+
+def retrieve_url(base: str, attrs: Dataset, level: str) -> str | None:
+    st = str(attrs.get("StudyInstanceUID", "") or "")
+    if not st:
+        return None
+    url = f"{base}/studies/{st}"
+    if level in ("SERIES", "IMAGE"):
+        se = str(attrs.get("SeriesInstanceUID", "") or "")
+        if not se:
+            return None
+        url += f"/series/{se}"
+    if level == "IMAGE":
+        sop = str(attrs.get("SOPInstanceUID", "") or "")
+        if not sop:
+            return None
+        url += f"/instances/{sop}"
+    return url
+
+
+def results_json(responses: Sequence[Dataset], q: Query, base: str) -> list[dict[str, Any]]:
+    """The C-FIND responses, sliced by offset/limit, as DICOM JSON with RetrieveURL."""
+    out = []
+    end = None if q.limit is None else q.offset + q.limit
+    for ds in responses[q.offset:end]:
+        if "QueryRetrieveLevel" in ds:
+            del ds.QueryRetrieveLevel
+        url = retrieve_url(base, ds, q.level)
+        extra = [(0x00081190, ur(url))] if url else []
+        out.append(dataset_json(ds, extra=extra))
+    return out

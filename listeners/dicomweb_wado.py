@@ -1,0 +1,206 @@
+"""WADO-RS (PS3.18 10.4) and WADO-URI (PS3.18 9): stored instances, metadata, bulk data, frames.
+
+Instances are found with the C-MOVE/C-GET matching (``QueryRetrieve.instances``) and
+read through ``read_part10``, the one place that opens the archive (so a streaming
+blob reader replaces one function). An instance goes out in its stored syntax when
+the client accepts it (``transfer-syntax=*`` or that UID): the stored bytes, not
+re-encoded. Otherwise it is converted by ``transforms.dicom_codec``; one that cannot be
+converted is left out of a study/series response and counted as a failure in the log
+and the audit row, or answered 406 when it was asked for alone.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from engine.store.dicom import index as idx
+from listeners.dicom_store import file_meta
+from listeners.dicomweb_json import dataset_json
+from listeners.dicomweb_media import ANY, EXPLICIT_LE, FRAME_MEDIA, NotAcceptable
+from transforms import dicom_codec as codec
+
+if TYPE_CHECKING:
+    from engine.context import ComponentContext
+
+log = structlog.get_logger()
+OCTET = "application/octet-stream"
+MAX_FRAMES_PER_REQUEST = 4096
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One stored instance: where it is (ref) and its Part-10 bytes."""
+
+    ref: idx.InstanceRef
+    part10: bytes
+
+    @property
+    def transfer_syntax(self) -> str:
+        return self.ref.transfer_syntax
+
+    def data_set(self) -> bytes:
+        return self.part10[144 + int.from_bytes(self.part10[140:144], "little"):]
+
+
+def read_part10(ctx: ComponentContext, ref: idx.InstanceRef) -> Stored:
+    """The one read of the archive for DICOMweb (decrypted, checked against its message id)."""
+    with ctx.store.engine.connect() as conn:
+        return Stored(ref, idx.load_instance(conn, ctx.store, ref))
+
+
+def accepted_syntaxes(wanted: Sequence[tuple[str, str | None]]) -> list[str]:
+    """Transfer syntaxes acceptable for application/dicom parts ("*" = as stored)."""
+    out = []
+    for part, ts in wanted:
+        if part in ("application/dicom", "*/*", "application/*", "*"):
+            out.append(ts or EXPLICIT_LE)
+    if not out:
+        raise NotAcceptable("instances are given as multipart/related; type=\"application/dicom\"")
+    return out
+
+
+def as_part10(inst: Stored, accepted: Sequence[str]) -> tuple[bytes, str]:
+    """The instance in the first acceptable syntax: (Part-10 bytes, transfer syntax).
+
+    Raises TranscodeError when no acceptable syntax can be produced.
+    """
+    stored = inst.transfer_syntax
+    if ANY in accepted or stored in accepted:
+        return inst.part10, stored
+    target = codec.send_plan(stored, accepted)
+    raw = codec.convert(inst.data_set(), stored, target)
+    return file_meta(inst.ref.sop_class_uid, inst.ref.sop_uid, target) + raw, target
+
+
+def full_dataset(inst: Stored) -> Dataset:
+    return dcmread(io.BytesIO(inst.part10))
+
+
+def metadata_json(inst: Stored, instance_url: str) -> dict[str, Any]:
+    """The instance's attributes as DICOM JSON, bulk values as BulkDataURI (PS3.18 10.4.1.1.2)."""
+    ds = dcmread(io.BytesIO(inst.part10))  # pixel data is read as bytes, never decoded here
+    return dataset_json(ds, bulk_uri=lambda tag: f"{instance_url}/bulkdata/{tag:08X}")
+
+
+def bulk_value(inst: Stored, tag: int) -> tuple[bytes, str]:
+    """The value of a top-level element (bytes, VR); KeyError when the instance lacks it."""
+    ds = dcmread(io.BytesIO(inst.part10))
+    elem = ds.get(tag)
+    if elem is None or elem.VR == "SQ":
+        raise KeyError(tag)
+    value = elem.value
+    if isinstance(value, bytes):
+        return value, elem.VR
+    raise KeyError(tag)
+
+
+def _frame_count(ds: Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def parse_frame_list(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part.isascii() or not part.isdigit() or int(part) < 1 or len(part) > 9:
+            raise ValueError("frame numbers are positive integers separated by commas")
+        out.append(int(part))
+    if not out or len(out) > MAX_FRAMES_PER_REQUEST:
+        raise ValueError(f"1-{MAX_FRAMES_PER_REQUEST} frame numbers")
+    return out
+
+
+def _native_frames(ds: Dataset, numbers: Sequence[int]) -> list[bytes]:
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    spp, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.BitsAllocated)
+    frame_bits = rows * cols * spp * bits
+    if frame_bits % 8:
+        raise NotAcceptable("frames of 1-bit pixel data do not fall on byte boundaries")
+    size = frame_bits // 8
+    data = ds.PixelData
+    return [bytes(data[(n - 1) * size:n * size]) for n in numbers]
+
+
+def frames(inst: Stored, numbers: Sequence[int], wanted: Sequence[tuple[str, str | None]]
+           ) -> tuple[list[bytes], str, str]:
+    """The frames in the first acceptable form: (frames, part media type, transfer syntax).
+
+    Native frames (application/octet-stream, Explicit VR Little Endian) are sliced from
+    uncompressed pixel data or decoded from compressed; compressed frames go as stored
+    (image/jpeg, image/jp2, image/jls...) when their media type or ``*`` is accepted.
+    Raises KeyError (no such frame / no pixel data), NotAcceptable, TranscodeError.
+    """
+    ts = UID(inst.transfer_syntax)
+    ds = dcmread(io.BytesIO(inst.part10))
+    if "PixelData" not in ds:
+        raise KeyError("PixelData")
+    count = _frame_count(ds)
+    if any(n > count for n in numbers):
+        raise KeyError("frame")
+    stored_media = FRAME_MEDIA.get(ts, OCTET) if ts.is_compressed else OCTET
+    for part, want_ts in wanted:
+        as_stored = want_ts in (ANY, str(ts)) and part in (stored_media, "*/*", "*")
+        if as_stored and not ts.is_compressed and not ts.is_little_endian:
+            as_stored = False
+        if as_stored or (part == stored_media and want_ts is None and ts.is_compressed):
+            if not ts.is_compressed:
+                return _native_frames(ds, numbers), OCTET, str(ts)
+            from pydicom.encaps import generate_frames
+
+            all_frames = list(generate_frames(ds.PixelData, number_of_frames=count))
+            return [all_frames[n - 1] for n in numbers], stored_media, str(ts)
+        if part in (OCTET, "*/*", "*", "application/*") and want_ts in (None, EXPLICIT_LE, ANY):
+            if not ts.is_compressed and ts.is_little_endian:
+                return _native_frames(ds, numbers), OCTET, EXPLICIT_LE
+            return _decoded_frames(inst, ds, numbers, count), OCTET, EXPLICIT_LE
+    raise NotAcceptable("the frames cannot be given in any media type of Accept")
+
+
+def _decoded_frames(inst: Stored, ds: Dataset, numbers: Sequence[int], count: int) -> list[bytes]:
+    from pydicom.pixels import pixel_array
+
+    out = []
+    try:
+        for n in numbers:
+            arr = pixel_array(io.BytesIO(inst.part10), index=n - 1 if count > 1 else None)
+            out.append(arr.astype(arr.dtype.newbyteorder("<")).tobytes())
+    except Exception as e:
+        raise codec.TranscodeError(f"frames cannot be decoded ({type(e).__name__})") from None
+    return out
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """One ``bytes=a-b`` range (RFC 9110 14.2) within ``size``, or None for the whole value.
+    Raises ValueError for a range that cannot be satisfied (416)."""
+    if not header:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None  # other units and multiple ranges: the whole value (allowed by RFC 9110)
+    start_s, dash, end_s = spec.strip().partition("-")
+    if not dash:
+        return None
+    try:
+        if start_s == "":
+            n = int(end_s)
+            start, end = max(0, size - n), size - 1
+        else:
+            start = int(start_s)
+            end = int(end_s) if end_s else size - 1
+    except ValueError:
+        return None
+    end = min(end, size - 1)
+    if start > end or start >= size:
+        raise ValueError("range not satisfiable")
+    return start, end
