@@ -12,6 +12,8 @@ if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then SUDO="sudo -n"; fi
 need_apt=()
 [ -x /usr/bin/storescu ] || need_apt+=(dcmtk)
 command -v pg_ctlcluster >/dev/null || need_apt+=(postgresql)
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)  # the console's browser tests (Playwright drives it)
+[ -x /usr/sbin/slapd ] || need_apt+=(slapd ldap-utils)  # the console's LDAP tests start their own slapd
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]} (apt-get)"
   $SUDO apt-get update -qq || true
