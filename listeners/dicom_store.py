@@ -8,6 +8,7 @@ become file names (the blob store names files after a hash of each blob's nonce 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from sqlalchemy import Connection
 
@@ -73,6 +75,13 @@ def part10(sop_class: str, sop_uid: str, transfer_syntax: str, fragments: list[A
     """File meta, then the received data set fragments: one copy of the data set."""
     head = file_meta(sop_class, sop_uid, transfer_syntax)
     return b"".join((head, *fragments)), len(head)
+
+
+@functools.lru_cache(maxsize=64)
+def _data_set_readable(transfer_syntax: str) -> bool:
+    """Whether ``read_index_data_set`` reads a bare data set of this transfer syntax."""
+    ts = UID(transfer_syntax)
+    return bool(ts.is_transfer_syntax) and not ts.is_deflated
 
 
 def failure(name: str, comment: str) -> Dataset:
@@ -141,10 +150,12 @@ class StoreSCP:
     def _check(self, req: StoreRequest) -> tuple[memoryview, dict[str, Any]] | tuple[int, str]:
         dataset = memoryview(req.part10)[req.meta_end:]
         try:
-            try:  # the data set alone, in the negotiated transfer syntax (no second file-meta parse)
+            if _data_set_readable(req.transfer_syntax):  # the data set alone (no second file-meta parse)
                 ds = idx.read_index_data_set(dataset, req.transfer_syntax)
-            except ValueError:  # deflated or unknown transfer syntax: the Part-10 reader inflates
+            else:  # deflated or unknown transfer syntax: the Part-10 reader inflates
                 ds = idx.read_index_dataset(req.part10)
+            # Any failure above (sequences nested too deep included) refuses the instance; it is
+            # not retried with another reader, which would take what the first one refused.
             attrs = idx.extract(ds)
         except Exception as e:
             log.info("dicom.store_undecodable", channel=self.ctx.channel, error=type(e).__name__)

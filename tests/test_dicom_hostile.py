@@ -318,40 +318,59 @@ def test_established_association_lengths_on_both_paths(engine_factory, path, bad
     assert echo_seconds(port) < 5
 
 
-def test_deeply_nested_sequences_are_answered_not_crashed(engine_factory):
-    """A data set nested 5 000 sequences deep (C-STORE) and a C-FIND identifier nested as deep
-    get a failure status, and the listener lives."""
-    from pydicom.sequence import Sequence
+def nested(depth: int) -> bytes:
+    """Content Sequence (0040,A730) inside itself ``depth`` times, undefined lengths, Explicit VR LE."""
+    open_sq = struct.pack("<HH2sHI", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE000,
+                                                                                       0xFFFFFFFF)
+    close_sq = struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    return open_sq * depth + close_sq * depth
 
+
+def test_deeply_nested_sequences_are_answered_not_crashed(engine_factory):
+    """A data set nested 20 000 sequences deep: a C-STORE of it is refused (0xC000, the index
+    scan bounds the depth and no second reader is tried), a C-FIND identifier nested as deep
+    gets a failure status; nothing recurses to a crash and the listener lives."""
     e = engine_factory(dicom_yaml())
     port = e.address("dcm")[1]
-    sop_uid = generate_uid()
-    inner = Dataset()
-    inner.CodeValue = "X"
-    for _ in range(5000):
-        outer = Dataset()
-        outer.ContentSequence = Sequence([inner])
-        inner = outer
+    ds = dcmread(data_file("CT_small.dcm"))
+    ds.SOPInstanceUID = sop_uid = generate_uid()
+    head = Dataset()  # the CT's elements before (0040,A730), so the nesting comes before Pixel Data
+    for elem in ds:
+        if elem.tag < 0x0040A730:
+            head.add(elem)
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset
 
-    ds = dcmread(data_file("CT_small.dcm"))
-    ds.SOPInstanceUID = sop_uid
-    ds.ContentSequence = inner.ContentSequence
     buf = DicomBytesIO()
     buf.is_little_endian, buf.is_implicit_VR = True, False
-    import sys
-
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(60000)
-    try:
-        write_dataset(buf, ds)
-    finally:
-        sys.setrecursionlimit(limit)
-    s = associated(port, PLAIN)
-    send_store(s, store_command(CTImageStorage, sop_uid), buf.getvalue())
+    write_dataset(buf, head)
+    data = buf.getvalue() + nested(20000)
+    s = associated(port, PLAIN, max_pdu=0)
+    s.settimeout(30)
+    s.sendall(pdv_pdu(1, 0x03, store_command(CTImageStorage, sop_uid)))
+    for start in range(0, len(data), 16000):
+        chunk = data[start:start + 16000]
+        s.sendall(pdv_pdu(1, 0x02 if start + 16000 >= len(data) else 0x00, chunk))
     kind, (status, _raw) = answer(s)
-    assert kind == "rsp" and status in (0xC000, 0xA900), hex(status)
+    assert kind == "rsp" and status == 0xC000, hex(status)
+    s.close()
+    s = associated(port, QR)
+    s.settimeout(30)
+    el, uid = dimse.element, dimse.ui_value
+    rest = b"".join([el(0x00000002, uid(StudyRootQueryRetrieveInformationModelFind)),
+                     el(0x00000100, struct.pack("<H", 0x0020)), el(0x00000110, struct.pack("<H", 1)),
+                     el(0x00000700, struct.pack("<H", 0)), el(0x00000800, struct.pack("<H", 0))])
+    find = el(0x00000000, struct.pack("<I", len(rest))) + rest
+    level = struct.pack("<HH2sH", 0x0008, 0x0052, b"CS", 6) + b"STUDY "
+    identifier = level + nested(20000)
+    s.sendall(pdv_pdu(3, 0x03, find))
+    for start in range(0, len(identifier), 16000):
+        chunk = identifier[start:start + 16000]
+        s.sendall(pdv_pdu(3, 0x02 if start + 16000 >= len(identifier) else 0x00, chunk))
+    got = answer(s)
+    assert got[0] in ("rsp", "abort"), got
+    if got[0] == "rsp":
+        assert got[1][0] >= 0xA000, hex(got[1][0])  # a failure status, never a match
     s.close()
     assert echo_seconds(port) < 5
 
