@@ -20,9 +20,16 @@ from pydicom.uid import UID  # noqa: E402
 from engine.store.dicom import index as idx  # noqa: E402
 from engine.store.dicom import terms  # noqa: E402
 from listeners import dicom_contexts as cx  # noqa: E402
+from listeners import dicom_dimse as dimse  # noqa: E402
+from listeners import dicom_ul as ul  # noqa: E402
+from listeners import dicomweb_stow, dicomweb_wado  # noqa: E402
 from listeners.dicom import DicomPeer, DicomSourceConfig  # noqa: E402
 from listeners.dicom_status import TABLES  # noqa: E402
+from listeners.dicomweb import DicomWebSourceConfig  # noqa: E402
+from listeners.dicomweb_json import BULK_THRESHOLD  # noqa: E402
+from listeners.dicomweb_render import MAX_VIEWPORT, THUMBNAIL  # noqa: E402
 from routes.dicom import PERMANENT_RANGES, DicomDestinationConfig  # noqa: E402
+from transforms import dicom_codec as codec  # noqa: E402
 
 OUT = ROOT / "conformance" / "dicom-conformance-statement.md"
 
@@ -63,6 +70,81 @@ def _config_table(model: type) -> list[str]:
 def _keys(level: str) -> str:
     derived = [k for k, lv in idx.DERIVED.items() if lv == level]
     return ", ".join(f"`{k}`" for k in (*idx.LEVEL_ATTRS[level], *derived))
+
+
+def _conversion_table() -> list[str]:
+    rows = ["| Stored as | Can be sent as |", "|---|---|"]
+    for ts in cx.STORAGE_TRANSFER_SYNTAXES:
+        targets = [t for t in codec.convertible(ts) if t != ts]
+        lossy = [t for t in targets if t in codec.LOSSY_METHOD]
+        text = ", ".join(f"{_name(t)} (`{t}`)" + (" *lossy, only when configured*" if t in lossy else "")
+                         for t in targets)
+        rows.append(f"| {_name(ts)} (`{ts}`) | {text or 'only as stored (no decoder installed)'} |")
+    return rows
+
+
+DICOMWEB_SERVICES = [
+    ("QIDO-RS", "GET", "/studies, /studies/{study}/series, /studies/{study}/series/{series}/instances, "
+     "/studies/{study}/instances, /series, /instances", "application/dicom+json"),
+    ("WADO-RS", "GET", "/studies/{study}, .../series/{series}, .../instances/{instance}",
+     'multipart/related; type="application/dicom" (transfer-syntax=UID or *)'),
+    ("WADO-RS", "GET", ".../metadata (study, series, instance)", "application/dicom+json"),
+    ("WADO-RS", "GET", ".../instances/{instance}/bulkdata/{tag}",
+     'multipart/related; type="application/octet-stream", or application/octet-stream with Range'),
+    ("WADO-RS", "GET", ".../instances/{instance}/frames/{list}",
+     'multipart/related; type="application/octet-stream" (decoded) or the stored type '
+     "(image/jpeg, image/jls, image/jp2, image/jphc, image/dicom-rle)"),
+    ("WADO-RS", "GET", ".../rendered, .../thumbnail (study, series, instance, frames/{list})",
+     "image/jpeg, image/png"),
+    ("STOW-RS", "POST", "/studies, /studies/{study}",
+     'request multipart/related; type="application/dicom"; response application/dicom+json'),
+    ("WADO-URI", "GET", "{base}?requestType=WADO&studyUID=&seriesUID=&objectUID= (also {base}/wado)",
+     "application/dicom, image/jpeg, image/png"),
+]
+
+
+def _dicomweb_section() -> list[str]:
+    rows = ["| Service | Method | Resources (under `base_path`) | Media types |", "|---|---|---|---|"]
+    rows += [f"| {a} | {b} | `{c}` | {d} |" for a, b, c, d in DICOMWEB_SERVICES]
+    return [
+        "## 6 DICOMweb (PS3.18; `source: {type: dicomweb}`)",
+        "",
+        "Serves the same archive as the DICOM listener (its index and encrypted instances). Every request "
+        "needs a bearer token (or `auth: {open: true}`); CORS answers browsers of `cors.allow_origins`. "
+        "Every query is audited as a Query event and every retrieval as Instances Transferred (PS3.15 A.5), "
+        "failed logins as User Authentication.",
+        "",
+        *rows,
+        "",
+        "- QIDO-RS matching is C-FIND's (section 3.3): single values, `*`/`?` wildcards, ranges of dates and "
+        "times, UID lists (comma-separated), case-insensitive person names when `case_insensitive_pn`; "
+        "attributes by keyword or 8-digit tag; `includefield` (a list or `all`), `limit`, `offset`; "
+        "`fuzzymatching=true` is answered with literal matching and a Warning header. Results are the "
+        "default attributes of PS3.18 Tables 10.6.3-3/4/5 (those the index holds) with RetrieveURL; more "
+        "than `max_results` are announced with a Warning header. Sequence attributes cannot be matched.",
+        "- WADO-RS: an instance goes in its stored syntax when the Accept header allows it "
+        "(`transfer-syntax=*` or its UID); the default for application/dicom is Explicit VR Little Endian "
+        "(converted, section 3.8). One instance that cannot be converted is answered 406; in a study or "
+        "series response it is left out, logged and counted as failed in the audit row. Metadata gives "
+        f"every top-level binary value longer than {BULK_THRESHOLD} bytes, and Pixel Data always, as a "
+        "BulkDataURI. Rendered images: one frame (a study/series: its middle instance), Modality LUT, then "
+        "the `window` parameter (center,width[,linear|linear-exact|sigmoid]) or the data set's first "
+        "window or the frame's range, MONOCHROME1 inverted; `viewport=w,h` scales (at most "
+        f"{MAX_VIEWPORT}), thumbnails fit {THUMBNAIL}x{THUMBNAIL}. At most "
+        f"{dicomweb_wado.MAX_FRAMES_PER_REQUEST} frames per request.",
+        "- STOW-RS: each part is a DICOM Part-10 instance stored through the Storage SCP's own path "
+        "(section 3.1: the same checks, de-duplication and durability); the response is sent after every "
+        "part is committed. Status: 200 all stored, 202 some stored, 409 none stored (PS3.18 Table "
+        "10.5.3-1); each failed instance is in FailedSOPSequence with its Failure Reason: 0xA700 "
+        "(not committed), 0xA900 (UIDs missing or different from the file meta, or not of the study in the "
+        "URL), 0xC000 (not a readable DICOM Part-10 part). A re-sent instance counts as stored. "
+        f"At most {dicomweb_stow.MAX_PARTS} parts and `max_body_bytes` per request.",
+        "",
+        "### 6.1 Configuration",
+        "",
+        *_config_table(DicomWebSourceConfig),
+        "",
+    ]
 
 
 def render() -> str:
@@ -124,12 +206,23 @@ def render() -> str:
         "- Association acceptance: the Called AE Title must equal `ae_title`; the Calling AE Title must be "
         "in `calling_aets` unless `allow_any_calling_aet: true` is configured (a listener with neither is "
         "a configuration error). Otherwise A-ASSOCIATE-RJ (rejected-permanent, service-user, reason "
-        "called/calling AE title not recognised). Rejections are written to the audit trail.",
+        "called-AE-title-not-recognized (checked first) or calling-AE-title-not-recognized). Rejections "
+        "are logged with the reason and both AE titles and written to the audit trail.",
         "- Maximum PDU size received: `max_pdu` (default 262144). Number of simultaneous associations: "
         "`max_associations`, beyond which A-ASSOCIATE-RJ (rejected-transient, service-provider "
-        "presentation related, local limit exceeded). Asynchronous operations window: not supported (1/1).",
-        "- Timeouts: `acse_timeout` (a connection with no A-ASSOCIATE-RQ by then is closed), "
-        "`dimse_timeout`, `network_timeout` (idle association abort).",
+        "presentation related, local limit exceeded). Open TCP connections, associated or not: "
+        "`max_connections`; one more is closed at accept. Asynchronous operations window: not supported (1/1).",
+        f"- Limits on what a peer declares, checked before anything is read: an A-ASSOCIATE-RQ of at most "
+        f"{ul.ASSOCIATE_RQ_MAX // 1024} KiB (128 presentation contexts with ~28 transfer syntaxes each fit), a "
+        "P-DATA-TF of at most `max_pdu` (0: 256 MiB), A-ASSOCIATE-RJ / A-RELEASE / A-ABORT of 4 bytes, a "
+        f"command set of {dimse.MAX_COMMAND // 1024} KiB. A longer PDU gets A-ABORT (service-provider, "
+        "invalid-PDU-parameter value) and the connection is closed, on both implementations below. Before "
+        "association, any first PDU other than A-ASSOCIATE-RQ gets A-ABORT (unexpected or unrecognized PDU; "
+        "an A-ABORT only closes).",
+        "- Timeouts: `acse_timeout` (ARTIM: the TLS handshake and the complete A-ASSOCIATE-RQ must arrive "
+        "within it of the connect, else the connection is closed), `dimse_timeout`, `idle_timeout` (an "
+        "established association with no byte from the peer, or a PDU begun and not finished, for that "
+        "long is aborted; `network_timeout` is accepted as its former name).",
         "- Two implementations behind one port, with the same acceptance rules, presentation contexts and "
         "statuses: an association that proposes only Storage and Verification contexts and no extended "
         "negotiation (no SCP/SCU role selection, user identity, SOP class extended or asynchronous "
@@ -137,7 +230,11 @@ def render() -> str:
         "(`listeners/dicom_ul.py`, for speed); every other association by pynetdicom. On the former, a "
         "P-DATA-TF longer than `max_pdu`, a PDV on a presentation context that was not accepted, a data "
         "set fragment without its command, a command other than C-STORE or C-ECHO, or any other "
-        "unexpected PDU is answered with A-ABORT (service-provider).",
+        "unexpected PDU is answered with A-ABORT (service-provider). On both, a C-STORE-RQ goes through "
+        "the same check before anything is stored: without Message ID or without a data set, A-ABORT; "
+        "an Affected SOP Class/Instance UID that is empty, longer than 64 characters or not digits and "
+        "dots, or a SOP class other than the presentation context's, 0xA900 after its data set (the "
+        "response echoes the Affected SOP Instance UID only when it is valid).",
         "- C-MOVE sub-operations open a new association to the configured destination, proposing one "
         "presentation context per (SOP class, stored transfer syntax), plus an uncompressed fallback per SOP "
         "class (Explicit / Implicit VR Little Endian) used only for uncompressed data sets.",
@@ -211,14 +308,18 @@ def render() -> str:
         "### 3.4 Query/Retrieve SCP: C-MOVE",
         "",
         "Move destinations are configured by AE title (`move_destinations`); sub-operations are sent "
-        "with the stored transfer syntax and the data set exactly as received.",
+        "with the stored transfer syntax and the data set exactly as received when the destination accepts "
+        "it (a context per stored syntax is proposed, plus an uncompressed one per SOP class), else "
+        "converted (section 3.8). An instance that cannot be converted is a failed sub-operation "
+        "(never counted as completed).",
         "",
         *_status_table("C-MOVE"),
         "",
         "### 3.5 Query/Retrieve SCP: C-GET",
         "",
         "Sub-operations are C-STORE requests on the same association, for the SOP classes the requestor "
-        "proposed with the SCP role.",
+        "proposed with the SCP role, in the stored syntax when proposed, else converted to one that was "
+        "(section 3.8); an instance that cannot be converted is a failed sub-operation.",
         "",
         *_status_table("C-GET"),
         "",
@@ -230,10 +331,26 @@ def render() -> str:
         "### 3.7 Storage SCU (`to: {type: dicom}` routes)",
         "",
         "Proposes one presentation context per (SOP class, transfer syntax of the stored instance) plus an "
-        "uncompressed fallback; sends the stored data set without decoding. One association is kept open "
+        "uncompressed fallback; sends the stored data set without decoding, or converted (section 3.8) when "
+        "the peer did not accept the stored syntax or `transfer_syntax` names another. One association is kept open "
         "across sends and released after `idle_release` seconds. Success and Warning (0xBxxx) statuses "
         f"count as delivered. Failures {permanent} are permanent (dead-lettered without retries); other "
         "failures, time-outs and aborted associations are retried with back-off.",
+        "",
+        "### 3.8 Transfer syntax conversion",
+        "",
+        "When a peer (C-GET requestor, C-MOVE destination, Storage SCU route with `transfer_syntax`, "
+        "WADO-RS client) cannot take the stored syntax, the instance is converted with pydicom's pixel data "
+        "handlers (decoding: pylibjpeg with libjpeg-turbo, libjpeg (JPEG-LS), OpenJPEG, RLE; encoding: "
+        "OpenJPEG (JPEG 2000), RLE, CharLS via pyjpegls (JPEG-LS)). Preference: the stored syntax, then "
+        "Explicit, then Implicit VR Little Endian, then lossless compressed (JPEG 2000, RLE, JPEG-LS). Lossy "
+        "compression only with a configured `transfer_syntax` and `lossy_ratio`; it sets "
+        "LossyImageCompression 01, LossyImageCompressionRatio and LossyImageCompressionMethod (PS3.3 "
+        "C.7.6.1.1.5) and gives a new SOP Instance UID. Decompressing a lossy image keeps "
+        "LossyImageCompression 01; decompression and lossless compression keep the SOP Instance UID. JPEG "
+        "Baseline/Extended/Lossless, HTJ2K and Deflate are decoded but not encoded.",
+        "",
+        *_conversion_table(),
         "",
         "## 4 Configuration",
         "",
@@ -267,6 +384,7 @@ def render() -> str:
         "Date/Time, Series/Instance Number and the SOP Class, which narrow queries in SQL.",
         "- Audit: association rejections and every stored instance are audit events (no PHI).",
         "",
+        *_dicomweb_section(),
     ]
     return "\n".join(out)
 

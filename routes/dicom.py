@@ -2,8 +2,9 @@
 
 The instance goes out as it was received: its stored transfer syntax is proposed in
 a presentation context of its own and the encoded data set is sent without decoding
-(routes/dicom_scu.py). A peer that refuses that syntax gets an uncompressed
-conversion when the data set is uncompressed. One association is kept open across
+(routes/dicom_scu.py). A peer that refuses that syntax gets it converted to one it
+accepted (uncompressed first; transforms/dicom_codec.py), or, with
+``transfer_syntax:``, every image goes in that syntax. One association is kept open across
 sends and re-opened when an instance needs a context it lacks or the peer dropped it.
 
 Every wait is bounded: the TCP connect and TLS handshake by ``connect_timeout``, the
@@ -25,7 +26,7 @@ import time
 from typing import Any, Literal
 
 import structlog
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 
@@ -35,7 +36,8 @@ from engine.envelope import Envelope
 from engine.registry import component
 from engine.security.tls import TLSConfig, client_context
 from routes.blocking import BlockingCalls
-from routes.dicom_scu import RawInstance, check_ae_title, instance_from_part10, send_raw
+from routes.dicom_scu import RawInstance, check_ae_title, instance_from_part10, send_raw, transcoded
+from transforms import dicom_codec as codec
 
 log = structlog.get_logger()
 
@@ -65,6 +67,26 @@ class DicomDestinationConfig(ComponentConfig):
     network_timeout: float = Field(60.0, gt=0, description="seconds a socket read or write may wait (a peer "
                                    "that stops reading or sending) before the association is aborted")
     idle_release: float = Field(30.0, ge=0, description="release the association after this many idle seconds")
+    transfer_syntax: str | None = Field(None, description=(
+        "send every image in this transfer syntax UID (e.g. 1.2.840.10008.1.2.1 for an old workstation, "
+        "1.2.840.10008.1.2.4.90 JPEG 2000 lossless for an archive), converted by transforms/dicom_codec.py; "
+        "an instance that cannot be converted fails permanently. Default: as stored"))
+    lossy_ratio: float | None = Field(None, gt=1, description=(
+        "allow a lossy transfer_syntax (JPEG 2000 .91, JPEG-LS near-lossless .81) at this compression ratio; "
+        "LossyImageCompression, its Ratio and Method are set and the result gets a new SOP Instance UID"))
+
+    @field_validator("transfer_syntax")
+    @classmethod
+    def _ts(cls, v: str | None) -> str | None:
+        if v is not None and not codec.can_encode(v):
+            raise ValueError(f"{v}: not a transfer syntax medrelay can encode")
+        return v
+
+    @model_validator(mode="after")
+    def _lossy_needs_ratio(self) -> DicomDestinationConfig:
+        if self.transfer_syntax in codec.LOSSY_METHOD and self.lossy_ratio is None:
+            raise ValueError("a lossy transfer_syntax needs lossy_ratio (lossy compression is never implicit)")
+        return self
 
     @field_validator("called_ae_title", "ae_title")
     @classmethod
@@ -158,6 +180,13 @@ class DicomDestination:
         sop_class = envelope.headers.get("SOPClassUID")
         sop_uid = envelope.headers.get("SOPInstanceUID")
         inst = instance_from_part10(envelope.payload, sop_class and str(sop_class), sop_uid and str(sop_uid))
+        want = self.config.transfer_syntax
+        if want is not None and str(inst.raw_transfer_syntax) != want:
+            lossy = codec.Lossy(self.config.lossy_ratio) if self.config.lossy_ratio else None
+            try:
+                inst = transcoded(inst, [want], lossy=lossy)
+            except codec.TranscodeError as e:
+                raise DeliveryError(f"cannot convert to {want}: {e}", permanent=True) from e
         with self.lock:
             for attempt in (1, 2):  # a peer may have dropped an idle association: re-open once
                 before = self.assoc if self.assoc is not None and self.assoc.is_established else None

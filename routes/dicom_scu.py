@@ -4,7 +4,11 @@ pynetdicom's ``send_c_store`` re-encodes a pydicom Dataset, which is not
 byte-identical (group lengths dropped, deflate redone, odd VRs rewritten) and costs
 a decode. Here the encoded data set goes out as the bytes we hold, in the transfer
 syntax it was received in. When the peer did not accept that transfer syntax, an
-uncompressed data set falls back to pynetdicom's own conversion.
+uncompressed data set falls back to pynetdicom's own conversion, and a compressed one
+(or one the peer takes only compressed otherwise) is converted by
+transforms/dicom_codec.py to a syntax of an accepted context; one that cannot be
+raises TranscodeError, which pynetdicom's C-GET/C-MOVE loops count as a failed
+sub-operation and the C-STORE route as a permanent failure.
 
 This uses pynetdicom 3.0 internals (the same sequence ``send_c_store`` runs); the
 tests in tests/test_dicom_*.py pin the behaviour, so an upgrade that breaks it fails
@@ -19,11 +23,16 @@ import queue
 import time
 from typing import Any
 
+import structlog
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
+
+from transforms import dicom_codec as codec
+
+log = structlog.get_logger()
 
 PAUSE_WAIT = 10.0  # seconds for the association's reactor to pause before a C-STORE (normally microseconds)
 RESPONSE_POLL = 0.2  # seconds per wait slice for the C-STORE response
@@ -89,11 +98,14 @@ def send_raw(assoc: Association, inst: RawInstance, *, msg_id: int = 1, priority
         context = assoc._get_valid_context(inst.SOPClassUID, inst.raw_transfer_syntax, "scu",
                                            allow_conversion=False)
     except ValueError:
-        if inst.raw_transfer_syntax.is_compressed:
-            raise
-        ds = _decoded(inst)  # an uncompressed syntax the peer did not take: let pynetdicom convert
-        return _original(assoc)(ds, msg_id=msg_id, priority=priority, originator_aet=originator_aet,
-                                originator_id=originator_id)
+        accepted = accepted_syntaxes(assoc, str(inst.SOPClassUID))
+        if not inst.raw_transfer_syntax.is_compressed and any(ts in codec.NATIVE for ts in accepted):
+            ds = _decoded(inst)  # an uncompressed syntax the peer did not take: let pynetdicom convert
+            return _original(assoc)(ds, msg_id=msg_id, priority=priority, originator_aet=originator_aet,
+                                    originator_id=originator_id)
+        inst = transcoded(inst, accepted)  # TranscodeError: a failed sub-operation / delivery, never sent
+        context = assoc._get_valid_context(inst.SOPClassUID, inst.raw_transfer_syntax, "scu",
+                                           allow_conversion=False)
     req = C_STORE()
     req.MessageID = msg_id
     req.Priority = priority
@@ -117,6 +129,27 @@ def send_raw(assoc: Association, inst: RawInstance, *, msg_id: int = 1, priority
         assoc._handle_no_response()
         return Dataset()
     return assoc._check_received_status(rsp)
+
+
+def accepted_syntaxes(assoc: Association, sop_class: str) -> list[str]:
+    """Transfer syntaxes of the accepted presentation contexts for ``sop_class``."""
+    return [str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts
+            if str(cx.abstract_syntax) == sop_class and cx.transfer_syntax]
+
+
+def transcoded(inst: RawInstance, accepted: list[str], *, lossy: codec.Lossy | None = None) -> RawInstance:
+    """``inst`` in a syntax of ``accepted`` (transforms.dicom_codec.choose), or TranscodeError,
+    logged with what was stored and what the peer takes."""
+    stored = str(inst.raw_transfer_syntax)
+    try:
+        target = codec.send_plan(stored, accepted, lossy=lossy)
+        raw = codec.convert(inst.raw, stored, target, lossy=lossy)
+    except codec.TranscodeError as e:
+        log.warning("dicom.transcode_failed", stored=stored, accepted=sorted(set(accepted))[:8],
+                    reason=str(e)[:200], outcome="not sent")
+        raise
+    log.debug("dicom.transcoded", stored=stored, sent=target)
+    return RawInstance(str(inst.SOPClassUID), str(inst.SOPInstanceUID), target, raw)
 
 
 def _response(assoc: Association) -> Any:

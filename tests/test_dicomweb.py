@@ -266,3 +266,39 @@ def test_stow_failures_are_reported_per_instance(web):
         n = conn.execute(select(schema.messages.c.id).where(
             schema.messages.c.channel == "web")).all()
     assert len(n) == len(FILES) + 1  # the duplicate made no second message
+
+
+def test_conformance_statement_lists_dicomweb_and_conversions():
+    from conformance.gen_dicom_statement import render
+    from listeners.dicom_contexts import STORAGE_TRANSFER_SYNTAXES
+
+    text = render()
+    for service in ("QIDO-RS", "WADO-RS", "STOW-RS", "WADO-URI", "/frames/{list}", "/bulkdata/{tag}", "/rendered"):
+        assert service in text
+    section = text.split("### 3.8 Transfer syntax conversion")[1].split("## 4 Configuration")[0]
+    for ts in STORAGE_TRANSFER_SYNTAXES:  # every stored syntax has its row, each decodable one goes to ELE
+        row = next(line for line in section.splitlines() if line.startswith("| ") and f"(`{ts}`) |" in line)
+        if ts != EXPLICIT_LE:
+            assert f"`{EXPLICIT_LE}`" in row
+    assert "*lossy, only when configured*" in section
+
+
+def test_dicom_to_fhir_endpoint_points_at_the_dicomweb_source(tmp_path):
+    from engine.config import parse_settings
+    from engine.context import ComponentContext
+    from engine.envelope import Envelope
+    from transforms.dicom_to_fhir import DicomToFhirConfig, build
+
+    yaml = YAML.replace("cors:", "public_url: https://pacs.example/dicom-web, cors:")
+    path = tmp_path / "channels.yaml"
+    path.write_text(yaml)
+    settings = parse_settings(yaml, path, env={"DW_TOKEN": TOKEN})
+    ctx = ComponentContext(settings=settings, store=None, keyring=None, audit=None)  # type: ignore[arg-type]
+    transform = build(DicomToFhirConfig(type="dicom_to_fhir"), ctx)
+    out = transform(Envelope(channel="web", kind="dicom", payload=part10(fresh("CT_small.dcm"))))
+    bundle = json.loads(out.payload)
+    endpoint = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Endpoint")
+    assert endpoint["address"] == "https://pacs.example/dicom-web"
+    without = build(DicomToFhirConfig(type="dicom_to_fhir"), None)(
+        Envelope(channel="web", kind="dicom", payload=part10(fresh("CT_small.dcm"))))
+    assert all(e["resource"]["resourceType"] != "Endpoint" for e in json.loads(without.payload)["entry"])

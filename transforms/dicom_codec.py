@@ -54,8 +54,11 @@ LOSSLESS_TARGETS: tuple[str, ...] = (_uid.JPEG2000Lossless, _uid.RLELossless, _u
 LOSSY_TARGETS: tuple[str, ...] = (_uid.JPEG2000, _uid.JPEGLSNearLossless)
 
 
-class TranscodeError(Exception):
-    """The instance cannot be sent in any syntax the peer accepts (or decoding/encoding failed)."""
+class TranscodeError(ValueError):
+    """The instance cannot be sent in any syntax the peer accepts (or decoding/encoding failed).
+
+    A ValueError, as pynetdicom's own "no presentation context" is: callers that refuse a
+    send for that reason refuse it for this one too."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ def choose(stored: str, accepted: Iterable[str], *, lossy: Lossy | None = None) 
     compressed we can encode, else (only with ``lossy``) lossy; None when there is none.
 
     A data set without pixel data converts freely between any syntaxes (only its
-    encoding changes); ``convert`` finds that out when it reads it.
+    encoding changes: a compressed syntax encodes it as explicit VR little endian).
     """
     acc = list(dict.fromkeys(str(a) for a in accepted))
     if stored in acc:
@@ -195,8 +198,7 @@ def convert(raw: bytes, stored: str, target: str, *, lossy: Lossy | None = None)
             if dst in LOSSY_METHOD:
                 assert lossy is not None
                 _mark_lossy(ds, LOSSY_METHOD[dst], lossy.ratio)
-        elif dst.is_compressed:
-            raise TranscodeError(f"{dst.name} needs pixel data; the instance has none")
+        # no pixel data: a compressed syntax is explicit VR little endian for everything else
         ds.file_meta.TransferSyntaxUID = dst
         return _encode(ds, dst)
     except TranscodeError:

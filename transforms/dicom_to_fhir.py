@@ -75,7 +75,8 @@ class DicomToFhirConfig(ComponentConfig):
         "create", description="Patient as conditional create (ifNoneExist; does not overwrite the "
         "master patient index) or conditional update (PUT Patient?identifier=).")
     endpoint_url: str | None = Field(
-        None, description="DICOMweb (WADO-RS) base URL; adds an Endpoint and ImagingStudy.endpoint.",
+        None, description="DICOMweb (WADO-RS) base URL; adds an Endpoint and ImagingStudy.endpoint. Default: "
+        "the URL of medrelay's own `dicomweb` source when one is configured",
         examples=["https://pacs.example/dicom-web"])
     status: Literal["registered", "available"] = Field("available", description="ImagingStudy.status.")
     timezone: str = Field("UTC", description="IANA zone for StudyTime when TimezoneOffsetFromUTC is absent.")
@@ -162,6 +163,17 @@ def convert(ds: Dataset, cfg: DicomToFhirConfig, rows: list[InstanceRow] | None 
     return bundle
 
 
+def dicomweb_url(settings: Any) -> str | None:
+    """The base URL of the first `dicomweb` source in the configuration (its public_url, else
+    scheme://host:port/base_path), or None when no channel serves DICOMweb."""
+    channels = getattr(settings, "channels", None) or {}
+    for ch in channels.values():
+        src = getattr(ch, "source", None)
+        if getattr(src, "type", None) == "dicomweb" and hasattr(src, "base_url"):
+            return str(src.base_url())
+    return None
+
+
 @component("transform", "dicom_to_fhir", config=DicomToFhirConfig, kinds=("dicom",))
 def build(config: DicomToFhirConfig, ctx: ComponentContext | None = None) -> Callable[[Envelope], Envelope]:
     """DICOM instance -> FHIR R4 transaction Bundle with Patient and the study's ImagingStudy so far.
@@ -170,6 +182,10 @@ def build(config: DicomToFhirConfig, ctx: ComponentContext | None = None) -> Cal
     ImagingStudy lists the one instance converted.
     """
     engine = ctx.store.engine if ctx is not None and getattr(ctx, "store", None) is not None else None
+    if config.endpoint_url is None and ctx is not None:
+        served = dicomweb_url(getattr(ctx, "settings", None))
+        if served is not None:  # the Endpoint points at the DICOMweb service medrelay itself runs
+            config = config.model_copy(update={"endpoint_url": served})
 
     def transform(env: Envelope) -> Envelope:
         ds = read_dataset(env.payload)
