@@ -382,7 +382,9 @@ def render() -> str:
         "every returnable attribute of a patient, study and series is sealed JSON in the encrypted blob store "
         "and decrypted only for the candidate rows of a query. Clear columns hold UIDs, Modality, Study "
         "Date/Time, Series/Instance Number and the SOP Class, which narrow queries in SQL.",
-        "- Audit: association rejections and every stored instance are audit events (no PHI).",
+        "- Audit: association rejections (with the reason), every stored instance, queries and retrieves "
+        "(C-MOVE / C-GET with the instances matched, sent and failed, counted from the sub-operations' "
+        "responses) are audit events (no PHI).",
         "",
         *_dicomweb_section(),
     ]
