@@ -176,6 +176,8 @@ class Runtime:
             lst = registry.get("source", ch.source.type).factory(ch.source, self._ctx(cname))
             try:
                 await lst.start()
+            except StartError:  # the source said why in its own words (a folder, a database)
+                raise
             except Exception as e:
                 raise listen_error(f"channel {cname}", str(getattr(ch.source, "host", "")),
                                    int(getattr(ch.source, "port", 0) or 0), e) from e

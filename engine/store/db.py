@@ -20,7 +20,9 @@ from sqlalchemy import Connection, Engine, create_engine, event, insert, select,
 from sqlalchemy.engine import make_url
 
 from engine.security.crypto import IntegrityError, KeyRing, Sealed
+from engine.store import outputs as _outputs  # noqa: F401  (message outputs, issue 15)
 from engine.store import schema
+from engine.store import sources as _sources  # noqa: F401  (polling sources' marks and cursors)
 from engine.store.dicom import tables as _dicom_tables  # noqa: F401  (their tables join the schema)
 from engine.store.dicom import upgrade as _dicom_upgrade
 from engine.store.fhir import tables as _fhir_tables  # noqa: F401

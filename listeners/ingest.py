@@ -1,0 +1,269 @@
+"""Bytes that arrive whole (a file, an HTTP body) into intake, by what they are.
+
+The file and http sources hand a payload here; what it is comes from its content, never
+from a file name or an extension:
+
+- DICOM Part 10 (``DICM`` at offset 128) goes through the Storage SCP of the DICOM
+  listener (listeners/dicom_store.py): the same checks and the same indexing tx_hook as a
+  C-STORE, so a file dropped in a folder and an instance sent by a modality are one thing
+  in the archive (a SOP Instance UID seen before is a duplicate, at any age);
+- FHIR JSON (a resource, or a transaction/batch Bundle) goes through the FHIR store's
+  write operations (engine/store/fhir/bundle.py), the same ones the FHIR listener's
+  create, update and transaction use, inside intake's transaction; or, with
+  ``fhir: route``, is only stored as a message and routed;
+- HL7 v2 (one message, several, an FHS/BHS batch, MLLP-framed) goes through
+  listeners/hl7_receive.py.
+
+``marking`` adds a source's own mark (engine/store/sources.py) to any of these hooks: an
+item committed once is answered as a duplicate of what it became when it is submitted
+again after a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import structlog
+from sqlalchemy import Connection
+
+from engine.context import ComponentContext
+from engine.envelope import Envelope, Kind
+from engine.hl7.batch import is_batch
+from engine.hl7.message import wide_encoding
+from engine.hl7.mllp import Frame, FrameParser
+from engine.intake import Duplicate, TxHook
+from engine.store import sources
+from engine.store.fhir import jsontext
+from engine.store.fhir.bundle import (
+    EntryResult,
+    Op,
+    check_op,
+    op_from_entry,
+    parse_batch,
+    parse_bundle,
+    precheck,
+    prepare,
+    run_batch,
+    run_transaction,
+)
+from engine.store.fhir.params import FhirError, operation_outcome
+from engine.store.fhir.resources import FhirStore
+
+log = structlog.get_logger()
+
+FhirMode = Literal["create", "route"]
+_HAS_MSH = re.compile(rb"(?:^|[\r\n])(?:\xef\xbb\xbf)?[ \t\r\n]*MSH[^A-Za-z0-9\r\n]")
+JSON_DEPTH = 64
+PARSE_COST_PER_BYTE = 16  # as the FHIR listener: parsed objects at most 16x the body
+
+
+def detect(data: bytes) -> Kind | None:
+    """What a payload is, from its bytes: dicom, fhir (JSON), hl7v2, or None."""
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    body = data.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if body[:1] == b"{":
+        return "fhir"
+    if body[:1] == b"\x0b" or is_batch(data) or wide_encoding(data) is not None or _HAS_MSH.search(data[:65536]):
+        return "hl7v2"
+    return None
+
+
+def describe(data: bytes) -> str:
+    """A few words on a payload that is none of the three (for an error report; no content)."""
+    if not data:
+        return "empty"
+    body = data.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if body[:1] == b"[":
+        return "JSON that is not an object (FHIR JSON is one resource or Bundle)"
+    if body[:1] == b"<":
+        return "XML (FHIR XML is not taken: use JSON)"
+    try:
+        data[:65536].decode("utf-8")
+    except UnicodeDecodeError:
+        return "binary, not DICOM Part 10 (no DICM prefix at offset 128)"
+    return "text without an MSH segment"
+
+
+def unframe(data: bytes) -> bytes:
+    """An MLLP-framed dump (``<VT>msg<FS><CR>`` ...) as plain messages, one after another."""
+    if not data.lstrip(b" \t\r\n").startswith(b"\x0b"):
+        return data
+    frames = [ev.payload for ev in FrameParser(len(data) + 1).feed(data) if isinstance(ev, Frame)]
+    return b"\r".join(f.rstrip(b"\r\n") + b"\r" for f in frames) if frames else data
+
+
+def marking(channel: str, key: str | None, inner: TxHook | None = None) -> TxHook | None:
+    """``inner`` (may be None) preceded by the source's mark: a marked key is a ``Duplicate``."""
+    if key is None:
+        return inner
+
+    def hook(conn: Connection, env: Envelope) -> Any:
+        mid = sources.marked(conn, channel, key)
+        if mid is not None:
+            return Duplicate(mid)
+        result = inner(conn, env) if inner is not None else None
+        sources.mark(conn, channel, key, result.message_id if isinstance(result, Duplicate) else env.id)
+        return result
+
+    return hook
+
+
+# -- DICOM -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DicomAnswer:
+    ok: bool
+    status: int  # the PS3.4 C-STORE status the Storage SCP gave
+    comment: str | None = None
+    retryable: bool = False
+
+
+class DicomIngest:
+    """A Part 10 file through the DICOM listener's Storage SCP (same checks, same index hook)."""
+
+    def __init__(self, ctx: ComponentContext, *, ae_title: str, calling_aet: str) -> None:
+        from listeners.dicom_store import StoreSCP
+
+        self.ctx = ctx
+        self.calling_aet = calling_aet
+        self.scp = StoreSCP(ctx, ae_title=ae_title, replace=False)
+
+    def request(self, data: bytes, peer: str) -> Any:
+        """The C-STORE request a file stands for: SOP class/instance and transfer syntax from its meta."""
+        from pydicom.filereader import _read_file_meta_info, read_preamble
+
+        from listeners.dicom_store import StoreRequest
+
+        fp = io.BytesIO(data)
+        read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+        return StoreRequest(sop_class=str(meta.get("MediaStorageSOPClassUID", "") or ""),
+                            sop_uid=str(meta.get("MediaStorageSOPInstanceUID", "") or ""),
+                            transfer_syntax=str(meta.get("TransferSyntaxUID", "") or ""),
+                            calling_aet=self.calling_aet, peer=peer, part10=data, meta_end=fp.tell())
+
+    def store(self, data: bytes, peer: str) -> DicomAnswer:
+        """Blocking (the Storage SCP's own path): run it in a thread."""
+        from listeners.dicom_status import STORE
+
+        try:
+            req = self.request(data, peer)
+        except Exception as e:
+            log.info("file.dicom_meta_unreadable", channel=self.ctx.channel, error=type(e).__name__)
+            return DicomAnswer(False, STORE["cannot_understand"].code, "file meta information unreadable")
+        if not req.transfer_syntax:
+            return DicomAnswer(False, STORE["cannot_understand"].code, "no Transfer Syntax UID in the file meta")
+        status, comment = self.scp.handle(req)
+        ok = status == STORE["success"].code or 0xB000 <= status <= 0xBFFF
+        return DicomAnswer(ok, status, comment, retryable=status == STORE["out_of_resources"].code)
+
+
+# -- FHIR --------------------------------------------------------------------------
+@dataclass
+class FhirAnswer:
+    """``status`` is an HTTP status (201 created, 200 updated or batch, 4xx/5xx refused)."""
+
+    ok: bool
+    status: int
+    outcome: dict[str, Any] | None = None  # OperationOutcome when refused
+    results: list[EntryResult] = field(default_factory=list)
+    bundle_type: str | None = None
+    message_id: str | None = None
+    duplicate: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def retryable(self) -> bool:
+        return not self.ok and self.status >= 500
+
+
+class FhirIngest:
+    """FHIR JSON into intake: applied to medrelay's FHIR store (``create``) or only routed."""
+
+    def __init__(self, ctx: ComponentContext, *, mode: FhirMode = "create", max_bytes: int = 16 * 2**20) -> None:
+        self.ctx = ctx
+        self.mode = mode
+        self.max_cost = PARSE_COST_PER_BYTE * max_bytes
+        self.fs = FhirStore(ctx.store, ctx.keyring)
+
+    async def submit(self, raw: bytes, peer: str, *, mark: str | None = None) -> FhirAnswer:
+        try:
+            return await self._submit(raw, peer, mark)
+        except FhirError as e:
+            log.info("fhir.refused", channel=self.ctx.channel, status=e.status, code=e.code)
+            return FhirAnswer(False, e.status, e.outcome(), headers=dict(e.headers or {}))
+
+    async def _submit(self, raw: bytes, peer: str, mark: str | None) -> FhirAnswer:
+        doc = await asyncio.to_thread(jsontext.loads, raw, max_depth=JSON_DEPTH, max_cost=self.max_cost)
+        if not isinstance(doc, dict) or not isinstance(doc.get("resourceType"), str):
+            raise FhirError(400, "invalid", "not a FHIR resource (a JSON object with resourceType)")
+        if self.mode == "route":
+            headers = {"resourceType": doc["resourceType"][:64], "interaction": "receive"}
+            return await self._commit(raw, peer, headers, None, mark, None)
+        if doc["resourceType"] == "Bundle":
+            btype, entries = parse_bundle(doc)
+            headers = {"resourceType": "Bundle", "interaction": btype}
+            if btype == "transaction":
+                ops = [op_from_entry(e, i) for i, e in enumerate(entries)]
+                await asyncio.to_thread(self._read_only, lambda conn: prepare(self.fs, conn, ops))
+                return await self._commit(raw, peer, headers,
+                                          lambda conn, mid: run_transaction(self.fs, conn, ops, message_id=mid),
+                                          mark, btype)
+            parsed = await asyncio.to_thread(parse_batch, entries)
+            return await self._commit(raw, peer, headers,
+                                      lambda conn, mid: run_batch(self.fs, conn, parsed, message_id=mid), mark, btype)
+        rtype, rid = doc["resourceType"], doc.get("id")
+        op = Op("PUT", rtype, rid, resource=doc) if isinstance(rid, str) and rid else Op("POST", rtype, resource=doc)
+        if op.method == "POST":
+            op.assigned_id = self.fs.new_id()
+        await asyncio.to_thread(check_op, op)
+        done = await asyncio.to_thread(self._read_only, lambda conn: precheck(self.fs, conn, op))
+        if done is not None:
+            return FhirAnswer(True, done.status, results=[done])
+        headers = {"resourceType": rtype, "interaction": "update" if op.method == "PUT" else "create",
+                   "id": op.id or op.assigned_id or ""}
+        return await self._commit(raw, peer, headers,
+                                  lambda conn, mid: run_transaction(self.fs, conn, [op], message_id=mid), mark, None)
+
+    def _read_only(self, fn: Callable[[Connection], Any]) -> Any:
+        with self.ctx.store.engine.connect() as conn:
+            return fn(conn)
+
+    async def _commit(self, raw: bytes, peer: str, headers: dict[str, str],
+                      apply: Callable[[Connection, str], list[EntryResult]] | None, mark: str | None,
+                      btype: str | None) -> FhirAnswer:
+        intake = self.ctx.intake
+        if intake is None:
+            raise FhirError(503, "transient", "this source has no intake")
+        failure: dict[str, FhirError] = {}
+
+        def applied(conn: Connection, env: Envelope) -> Any:
+            if apply is None:
+                return []
+            try:
+                return apply(conn, env.id)
+            except FhirError as e:
+                failure["error"] = e
+                raise
+
+        env = Envelope(channel=self.ctx.channel, kind="fhir", payload=raw, headers=headers, peer=peer)
+        outcome = await intake.submit(env, tx_hook=marking(self.ctx.channel, mark, applied))
+        if outcome.ok:
+            results = outcome.result if isinstance(outcome.result, list) else []
+            log.info("fhir.accepted", channel=self.ctx.channel, message_id=outcome.message_id,
+                     resource_type=headers["resourceType"], interaction=headers["interaction"],
+                     duplicate=outcome.status == "duplicate")
+            status = 200 if btype or outcome.status == "duplicate" or not results else results[0].status
+            return FhirAnswer(True, status, results=results, bundle_type=btype, message_id=outcome.message_id,
+                              duplicate=outcome.status == "duplicate")
+        if "error" in failure:
+            raise failure["error"]
+        log.error("fhir.not_stored", channel=self.ctx.channel, message_id=env.id, status=outcome.status,
+                  error=outcome.error)
+        return FhirAnswer(False, 503, operation_outcome("fatal", "transient", "could not be stored; retry later"),
+                          headers={"Retry-After": "5"})
