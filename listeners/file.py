@@ -201,6 +201,7 @@ class FileListener:
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self.serving = False
+        self._prepared = False
         self.counts = {"done": 0, "error": 0, "retry": 0}
 
     def _dir(self, p: str | None, default: str) -> str:
@@ -216,28 +217,39 @@ class FileListener:
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
+        """A local folder is checked and recovered now (a missing folder or a second engine on it
+        stops the start); an SFTP folder on the first look that reaches the server, so a server
+        that is down or refuses us does not keep the rest of the engine from starting."""
         from engine.runtime import StartError
 
-        if isinstance(self.folder, LocalFolder) and not os.path.isdir(self.root):
-            raise StartError(f"channel {self.channel}: folder not found: {self.root}")
-        await self.folder.open()
-        try:
-            await self.folder.mkdir(self.inflight)
-            if isinstance(self.folder, LocalFolder):
-                try:
-                    await asyncio.to_thread(self.folder.lock, posixpath.join(self.inflight, ".lock"))
-                except RuntimeError as e:
-                    raise StartError(f"channel {self.channel}: {e} ({self.root})") from None
-            for d in (self.done_dir, self.error_dir):
-                await self.folder.mkdir(d)
-            await self._recover()
-        except BaseException:
-            await self.folder.close()
-            raise
+        if isinstance(self.folder, LocalFolder):
+            if not os.path.isdir(self.root):
+                raise StartError(f"channel {self.channel}: folder not found: {self.root}")
+            try:
+                await self._prepare()
+            except RuntimeError as e:
+                await self.folder.close()
+                raise StartError(f"channel {self.channel}: {e} ({self.root})") from None
+            except BaseException:
+                await self.folder.close()
+                raise
         self.serving = True
         self._task = asyncio.create_task(self._run(), name=f"file-{self.channel}")
         log.info("file.watching", channel=self.channel, remote=self.config.sftp is not None,
                  ready=self.config.ready, pattern=self.config.pattern, in_flight=len(self._claims))
+
+    async def _prepare(self) -> None:
+        """The claim folder (and the lock on it), done/ and error/, then the claims left in flight."""
+        if self._prepared:
+            return
+        await self.folder.open()
+        await self.folder.mkdir(self.inflight)
+        if isinstance(self.folder, LocalFolder):
+            await asyncio.to_thread(self.folder.lock, posixpath.join(self.inflight, ".lock"))
+        for d in (self.done_dir, self.error_dir):
+            await self.folder.mkdir(d)
+        await self._recover()
+        self._prepared = True
 
     async def stop(self) -> None:
         """No new claim; the file being committed finishes (intake stops after the listeners)."""
@@ -272,6 +284,7 @@ class FileListener:
     # -- one look at the folder ----------------------------------------------------
     async def poll(self) -> int:
         """Finish claims that wait for a retry, then claim and commit what is ready; how many finished."""
+        await self._prepare()
         await self.folder.open()
         n = 0
         now = time.monotonic()

@@ -14,6 +14,7 @@ need_apt=()
 command -v pg_ctlcluster >/dev/null || need_apt+=(postgresql)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)  # the console's browser tests (Playwright drives it)
 [ -x /usr/sbin/slapd ] || need_apt+=(slapd ldap-utils)  # the console's LDAP tests start their own slapd
+[ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)  # the file source's SFTP tests start their own sshd
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]} (apt-get)"
   $SUDO apt-get update -qq || true
