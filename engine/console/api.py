@@ -310,8 +310,14 @@ def _states(value: Any, default: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(value)
 
 
+MAX_TEXT = 1_000_000  # characters of one rendered payload sent to a browser
+
+
 def _render(kind: str, payload: bytes) -> str:
     try:
-        return "\n".join(msgs.render_lines(kind, payload))
+        text_ = "\n".join(msgs.render_lines(kind, payload))
     except Exception as e:  # bytes that do not parse are shown as they are, never a 500
-        return f"(not readable as {kind}: {type(e).__name__})\n" + payload[:65536].decode("latin-1")
+        text_ = f"(not readable as {kind}: {type(e).__name__})\n" + payload[:MAX_TEXT].decode("latin-1")
+    if len(text_) > MAX_TEXT:
+        text_ = text_[:MAX_TEXT] + f"\n... ({len(text_) - MAX_TEXT} more characters not shown)"
+    return text_
