@@ -218,3 +218,40 @@ def test_no_default_user(engine_factory):
             assert r.status_code == 303 and "failed=1" in r.headers["location"]
     finally:
         rx.stop()
+
+
+def test_dead_letter_page_bulk_replay(engine_factory):
+    """Dead letters made by a receiver that rejects, then replayed in bulk from the console's
+    dead-letter page (a form POST with the session's CSRF token), once the receiver accepts."""
+    import re
+
+    from mllp_peers import make_ack
+
+    s = start(engine_factory)
+    accept = {"on": False}
+    s.rx.responder = lambda m, n: make_ack(m, "AA" if accept["on"] else "AR")
+    try:
+        for i in range(3):
+            s.send_adt(f"DLQ-{i}", mrn=f"D{i}")
+        with s.client("viewer") as v:
+            wait(lambda: v.get("/api/channels").json()["channels"][0]["dead"] == 3)
+        c, _ = login(s.base, "operator")
+        page = c.get("/dead-letters")
+        assert page.status_code == 200 and page.text.count('name="id"') == 3
+        csrf = re.search(r'name="csrf-token" content="([^"]+)"', page.text).group(1)
+        ids = re.findall(r'name="id" value="([0-9a-f]+)"', page.text)
+        accept["on"] = True
+        r = c.post("/dead-letters/replay", data={"csrf": csrf, "scope": "selected", "id": ids[:2]})
+        assert r.status_code == 303 and "replayed=2" in r.headers["location"]
+        wait(lambda: sum(b"MSA" not in m and b"DLQ-" in m for m in s.rx.received) >= 5)  # 3 rejected + 2 again
+        r = c.post("/dead-letters/replay", data={"csrf": csrf, "scope": "filter", "channel": "adt-in"})
+        assert r.status_code == 303 and "replayed=1" in r.headers["location"]
+        with s.client("viewer") as v:
+            wait(lambda: v.get("/api/channels").json()["channels"][0]["dead"] == 0)
+        # a viewer sees the dead letters but gets no replay form, and a forged POST is refused
+        cv, _ = login(s.base, "viewer")
+        assert 'name="id"' not in cv.get("/dead-letters").text
+        vcsrf = re.search(r'name="csrf-token" content="([^"]+)"', cv.get("/").text).group(1)
+        assert cv.post("/dead-letters/replay", data={"csrf": vcsrf, "scope": "filter"}).status_code == 403
+    finally:
+        s.rx.stop()
