@@ -261,3 +261,61 @@ def test_a_literal_start_gives_only_terms_its_values_have():
             assert want is None or set(want) <= stored, (value, cut)
         exact = terms.query_terms(key, "PatientName", value)
         assert exact is None or set(exact) <= stored, value
+
+
+def _nest(depth: int, *, implicit: bool, undefined: bool) -> bytes:
+    """Content Sequences nested ``depth`` deep around a ValueType, as a bare Little Endian data set."""
+    import struct
+
+    def head(group: int, elem: int, vr: bytes, length: int) -> bytes:
+        if implicit:
+            return struct.pack("<HHI", group, elem, length)
+        if vr in (b"SQ", b"OB"):
+            return struct.pack("<HH2sHI", group, elem, vr, 0, length)
+        return struct.pack("<HH2sH", group, elem, vr, length)
+
+    inner = head(0x0040, 0xA040, b"CS", 4) + b"TEXT"
+    for _ in range(depth):
+        if undefined:
+            item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + inner + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+            inner = head(0x0040, 0xA730, b"SQ", 0xFFFFFFFF) + item + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+        else:
+            item = struct.pack("<HHI", 0xFFFE, 0xE000, len(inner)) + inner
+            inner = head(0x0040, 0xA730, b"SQ", len(item)) + item
+    pid = head(0x0010, 0x0020, b"LO", 4) + b"P123"
+    return pid + inner
+
+
+@pytest.mark.parametrize("implicit", [False, True], ids=["explicit", "implicit"])
+@pytest.mark.parametrize("undefined", [False, True], ids=["defined", "undefined"])
+def test_scan_bounds_sequence_nesting_without_recursion(implicit, undefined):
+    """64 levels are read, 65 and 20 000 are refused with NestingTooDeep (which the listener answers
+    with a failure status and pydicom is never asked to read), at the default recursion limit."""
+    from engine.store.dicom.scan import MAX_SEQUENCE_DEPTH, NestingTooDeep
+
+    ts = "1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1"
+    ok = idx.read_index_data_set(_nest(MAX_SEQUENCE_DEPTH, implicit=implicit, undefined=undefined), ts)
+    assert ok.get("PatientID") == "P123"
+    for depth in (MAX_SEQUENCE_DEPTH + 1, 20_000):
+        with pytest.raises(NestingTooDeep):
+            idx.read_index_data_set(_nest(depth, implicit=implicit, undefined=undefined), ts)
+
+
+def test_scan_skips_encapsulated_fragments_inside_items():
+    """An icon image with encapsulated pixel data inside a sequence item: its fragments are skipped
+    as bytes (they would not parse as elements), and what follows is read."""
+    import struct
+
+    frag = b"\x00\x11\x22\x33" * 3
+    pixel = (struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF)
+             + struct.pack("<HHI", 0xFFFE, 0xE000, 0) + struct.pack("<HHI", 0xFFFE, 0xE000, len(frag)) + frag
+             + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, len(pixel)) + pixel
+    icon = struct.pack("<HH2sHI", 0x0088, 0x0200, b"SQ", 0, len(item)) + item
+    pid = struct.pack("<HH2sH", 0x0010, 0x0020, b"LO", 4) + b"P123"
+    modality = struct.pack("<HH2sH", 0x0008, 0x0060, b"CS", 2) + b"CT"
+    after = struct.pack("<HH2sH", 0x0400, 0x0100, b"UI", 4) + b"1.2\0"  # an element after the icon
+    from engine.store.dicom.scan import scan
+
+    ds = scan(modality + pid + icon + after, {0x00100020, 0x04000100}, implicit=False)  # no pydicom fallback
+    assert ds.get_item(0x00100020).value == b"P123" and ds.get_item(0x04000100).value == b"1.2\0"

@@ -11,7 +11,10 @@ the next message. Nothing partially de-identified is ever sent.
 
 The bounds are far above real data (structured report content trees are a few to a few
 dozen levels deep; FHIR resources a dozen or two) and far below what the recursive readers
-and writers manage within Python's default recursion limit from a worker thread.
+and writers manage within Python's default recursion limit from a worker thread. The DICOM
+bound is the one the listener already applies at intake (``engine.store.dicom.scan``, for
+Little Endian data sets); this check covers what intake cannot (big endian, deflated, a
+message that came another way).
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-MAX_SEQUENCE_DEPTH = 64  # DICOM: sequences within sequences (a top-level SQ is depth 1)
+from engine.store.dicom.scan import MAX_SEQUENCE_DEPTH  # the DICOM listener refuses deeper at intake
+
+__all__ = ["MAX_JSON_DEPTH", "MAX_SEQUENCE_DEPTH", "TooDeep", "check_dataset_depth", "check_json_depth"]
+
 MAX_JSON_DEPTH = 100  # FHIR: arrays and objects within each other (the document itself is depth 1)
 
 

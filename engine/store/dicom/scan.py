@@ -9,19 +9,28 @@ is unchanged. Anything it does not expect (big endian, a VR it does not know, a
 length past the end, a wanted tag with undefined length) raises ``ScanError`` and
 the caller reads with pydicom instead; ``test_scan_matches_pydicom`` holds both
 equal over every bundled test file.
+
+It also bounds how deep a data set nests sequences (``MAX_SEQUENCE_DEPTH``), walking every
+sequence's items (defined or undefined length) with a stack, never recursion: a peer's data
+set 5 000 sequences deep is refused with ``NestingTooDeep`` (the listener answers a failure
+status) rather than stored for every reader after it (pydicom, de-identification,
+conversions) to recurse into. Encapsulated fragments are skipped, not walked.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Collection
+from typing import Any
 
+from pydicom.datadict import DicomDictionary
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 
 PIXEL_DATA = 0x7FE00010
 UNDEFINED = 0xFFFFFFFF
+MAX_SEQUENCE_DEPTH = 64  # sequences within sequences (a top-level SQ is depth 1); real data: a few dozen at most
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 # VRs with a 2-byte reserved field and a 4-byte length in Explicit VR (PS3.5 Table 7.1-1)
 LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
@@ -33,6 +42,15 @@ _U32 = struct.Struct("<I")
 
 class ScanError(ValueError):
     """The data set is not one this scan handles; read it with pydicom."""
+
+
+class NestingTooDeep(ValueError):
+    """Sequences nested deeper than ``MAX_SEQUENCE_DEPTH``: refuse the data set (not a ScanError:
+    pydicom's reader must not be tried on it)."""
+
+
+# Standard tags whose VR is SQ: how an implicit VR data set says "sequence" (private ones cannot).
+_SQ_TAGS = frozenset(tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ")
 
 
 def scan(data: bytes | memoryview, wanted: Collection[int], *, implicit: bool) -> Dataset:
@@ -47,7 +65,7 @@ def scan(data: bytes | memoryview, wanted: Collection[int], *, implicit: bool) -
         if length == UNDEFINED:
             if tag in wanted:
                 raise ScanError(f"wanted tag {tag:08x} has an undefined length")
-            pos = _skip_sequence(buf, start, implicit or vr == "UN", 0)
+            pos = sequence_end(buf, start, None, implicit or vr == "UN")
             continue
         stop = start + length
         if stop > end:
@@ -55,6 +73,8 @@ def scan(data: bytes | memoryview, wanted: Collection[int], *, implicit: bool) -
         if tag in wanted:
             key = BaseTag(tag)
             found[key] = RawDataElement(key, vr, length, bytes(buf[start:stop]), start, implicit, True)
+        elif length and (vr == "SQ" or (vr is None and tag in _SQ_TAGS)):
+            sequence_end(buf, start, stop, implicit)  # its items are walked for their depth
         pos = stop
     if pos < end and pos + 8 > end:
         raise ScanError("trailing bytes after the last element")
@@ -79,34 +99,77 @@ def _header(buf: bytes | memoryview, pos: int, implicit: bool) -> tuple[int, str
     raise ScanError(f"unknown VR {vr!r} at {pos}")
 
 
-def _skip_sequence(buf: bytes | memoryview, pos: int, implicit: bool, depth: int) -> int:
-    """Offset after an undefined-length sequence's delimiter, starting at its first item."""
-    if depth > 32:
-        raise ScanError("sequences nested too deep")
+def sequence_end(buf: bytes | memoryview, pos: int, stop: int | None, implicit: bool,
+                 limit: int = MAX_SEQUENCE_DEPTH) -> int:
+    """Offset after a sequence's value that starts at ``pos`` (its first item); ``stop`` is where a
+    defined length says it ends, None for an undefined length (up to its delimiter).
+
+    Walks the items and their elements with a stack of open sequences and items, so any depth
+    costs no recursion; raises ``NestingTooDeep`` past ``limit`` levels, ``ScanError`` for a
+    structure it cannot follow. Undefined-length OB/OW (encapsulated fragments) is skipped.
+    """
     end = len(buf)
-    while pos + 8 <= end:
-        group, elem, length = _HEAD.unpack_from(buf, pos)
-        tag = (group << 16) | elem
-        if tag == SEQUENCE_END:
-            return pos + 8
-        if tag != ITEM:
-            raise ScanError(f"expected an item at {pos}, found {tag:08x}")
-        if length != UNDEFINED:
-            pos += 8 + length
+    # frames: [kind, stop, implicit, depth]; kind "seq" (expects items), "item" (elements), "frags"
+    stack: list[list[Any]] = [["seq", stop, implicit, 1]]
+    if limit < 1:
+        raise NestingTooDeep(f"DICOM sequences nested more than {limit} levels deep")
+    while stack:
+        kind, fstop, fimplicit, depth = stack[-1]
+        if fstop is not None and pos >= fstop:
+            if pos != fstop:
+                raise ScanError(f"a {kind} overruns its length at {pos}")
+            stack.pop()
             continue
-        pos = _skip_item(buf, pos + 8, implicit, depth)
-    raise ScanError("sequence without its delimiter")
-
-
-def _skip_item(buf: bytes | memoryview, pos: int, implicit: bool, depth: int) -> int:
-    """Offset after an undefined-length item's delimiter."""
-    end = len(buf)
-    while pos + 8 <= end:
-        tag, vr, length, start = _header(buf, pos, implicit)
+        if pos + 8 > end:
+            raise ScanError("sequence without its end")
+        if kind != "item":
+            group, elem, length = _HEAD.unpack_from(buf, pos)
+            tag = (group << 16) | elem
+            if tag == SEQUENCE_END:
+                if fstop is not None:
+                    raise ScanError(f"sequence delimiter inside a defined length at {pos}")
+                pos += 8
+                stack.pop()
+                continue
+            if tag != ITEM:
+                raise ScanError(f"expected an item at {pos}, found {tag:08x}")
+            pos += 8
+            if kind == "frags" or (length != UNDEFINED and length == 0):
+                if length == UNDEFINED:
+                    raise ScanError(f"a fragment without a length at {pos}")
+                pos += length
+                continue
+            stack.append(["item", None if length == UNDEFINED else pos + length, fimplicit, depth])
+            continue
+        tag, vr, length, start = _header(buf, pos, fimplicit)
         if tag == ITEM_END:
-            return start
+            if fstop is not None:
+                raise ScanError(f"item delimiter inside a defined length at {pos}")
+            pos = start
+            stack.pop()
+            continue
         if length == UNDEFINED:
-            pos = _skip_sequence(buf, start, implicit or vr == "UN", depth + 1)
-        else:
-            pos = start + length
-    raise ScanError("item without its delimiter")
+            if vr in ("OB", "OW") or tag == PIXEL_DATA:
+                stack.append(["frags", None, fimplicit, depth])
+            else:  # SQ, or UN holding a sequence in implicit VR
+                if depth + 1 > limit:
+                    raise NestingTooDeep(f"DICOM sequences nested more than {limit} levels deep")
+                stack.append(["seq", None, fimplicit or vr == "UN", depth + 1])
+            pos = start
+            continue
+        if start + length > end:
+            raise ScanError(f"element {tag:08x} runs past the end")
+        if length and (vr == "SQ" or (vr is None and tag in _SQ_TAGS)):
+            if depth + 1 > limit:
+                raise NestingTooDeep(f"DICOM sequences nested more than {limit} levels deep")
+            stack.append(["seq", start + length, fimplicit, depth + 1])
+            pos = start
+            continue
+        pos = start + length
+    return pos
+
+
+def _skip_sequence(buf: bytes | memoryview, pos: int, implicit: bool, depth: int = 0) -> int:
+    """Offset after an undefined-length sequence's delimiter, starting at its first item (the former
+    recursive helper's signature, kept for callers such as ``engine.store.message_terms``)."""
+    return sequence_end(buf, pos, None, implicit, MAX_SEQUENCE_DEPTH - depth)
