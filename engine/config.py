@@ -577,7 +577,8 @@ _OUTPUT_KIND = {"dicom_to_hl7": "hl7v2", "dicom_to_fhir": "fhir", "hl7_to_fhir":
 
 
 def source_kind(source: Any) -> str | None:
-    return _SOURCE_KIND.get(getattr(source, "type", ""))
+    """The kind a source's messages have; sources of several kinds may say (``message_kind``)."""
+    return _SOURCE_KIND.get(getattr(source, "type", "")) or getattr(source, "message_kind", None)
 
 
 def _output_kind(transform_type: str, kind: str | None) -> str | None:

@@ -191,20 +191,23 @@ class FhirIngest:
         self.max_cost = PARSE_COST_PER_BYTE * max_bytes
         self.fs = FhirStore(ctx.store, ctx.keyring)
 
-    async def submit(self, raw: bytes, peer: str, *, mark: str | None = None) -> FhirAnswer:
+    async def submit(self, raw: bytes, peer: str, *, mark: str | None = None,
+                     tx_hook: TxHook | None = None) -> FhirAnswer:
+        """``mark``: the source's mark (a duplicate when present); ``tx_hook``: the source's own step in
+        the same transaction (a database source's cursor), run before the FHIR store's write."""
         try:
-            return await self._submit(raw, peer, mark)
+            return await self._submit(raw, peer, mark, tx_hook)
         except FhirError as e:
             log.info("fhir.refused", channel=self.ctx.channel, status=e.status, code=e.code)
             return FhirAnswer(False, e.status, e.outcome(), headers=dict(e.headers or {}))
 
-    async def _submit(self, raw: bytes, peer: str, mark: str | None) -> FhirAnswer:
+    async def _submit(self, raw: bytes, peer: str, mark: str | None, extra: TxHook | None) -> FhirAnswer:
         doc = await asyncio.to_thread(jsontext.loads, raw, max_depth=JSON_DEPTH, max_cost=self.max_cost)
         if not isinstance(doc, dict) or not isinstance(doc.get("resourceType"), str):
             raise FhirError(400, "invalid", "not a FHIR resource (a JSON object with resourceType)")
         if self.mode == "route":
             headers = {"resourceType": doc["resourceType"][:64], "interaction": "receive"}
-            return await self._commit(raw, peer, headers, None, mark, None)
+            return await self._commit(raw, peer, headers, None, mark, None, extra)
         if doc["resourceType"] == "Bundle":
             btype, entries = parse_bundle(doc)
             headers = {"resourceType": "Bundle", "interaction": btype}
@@ -213,10 +216,11 @@ class FhirIngest:
                 await asyncio.to_thread(self._read_only, lambda conn: prepare(self.fs, conn, ops))
                 return await self._commit(raw, peer, headers,
                                           lambda conn, mid: run_transaction(self.fs, conn, ops, message_id=mid),
-                                          mark, btype)
+                                          mark, btype, extra)
             parsed = await asyncio.to_thread(parse_batch, entries)
             return await self._commit(raw, peer, headers,
-                                      lambda conn, mid: run_batch(self.fs, conn, parsed, message_id=mid), mark, btype)
+                                      lambda conn, mid: run_batch(self.fs, conn, parsed, message_id=mid), mark, btype,
+                                      extra)
         rtype, rid = doc["resourceType"], doc.get("id")
         op = Op("PUT", rtype, rid, resource=doc) if isinstance(rid, str) and rid else Op("POST", rtype, resource=doc)
         if op.method == "POST":
@@ -228,7 +232,8 @@ class FhirIngest:
         headers = {"resourceType": rtype, "interaction": "update" if op.method == "PUT" else "create",
                    "id": op.id or op.assigned_id or ""}
         return await self._commit(raw, peer, headers,
-                                  lambda conn, mid: run_transaction(self.fs, conn, [op], message_id=mid), mark, None)
+                                  lambda conn, mid: run_transaction(self.fs, conn, [op], message_id=mid), mark, None,
+                                  extra)
 
     def _read_only(self, fn: Callable[[Connection], Any]) -> Any:
         with self.ctx.store.engine.connect() as conn:
@@ -236,13 +241,15 @@ class FhirIngest:
 
     async def _commit(self, raw: bytes, peer: str, headers: dict[str, str],
                       apply: Callable[[Connection, str], list[EntryResult]] | None, mark: str | None,
-                      btype: str | None) -> FhirAnswer:
+                      btype: str | None, extra: TxHook | None = None) -> FhirAnswer:
         intake = self.ctx.intake
         if intake is None:
             raise FhirError(503, "transient", "this source has no intake")
         failure: dict[str, FhirError] = {}
 
         def applied(conn: Connection, env: Envelope) -> Any:
+            if extra is not None:
+                extra(conn, env)
             if apply is None:
                 return []
             try:
