@@ -125,7 +125,13 @@ def test_route_sends_the_configured_transfer_syntax(engine_factory, tmp_path):
         port = e.address("dcm")[1]
         files = fresh_copies(tmp_path / "in", ["SC_rgb_jpeg_dcmtk.dcm", "MR_small_RLE.dcm"])
         assert storescu_any(port, [p for p, _ds in files.values()]) == ["Success"] * 2
-        e.wait_for(lambda: len(scp.files()) == 2, timeout=60)
+        def received() -> bool:  # two files, both written out (storescp writes as it receives)
+            try:
+                return len(scp.files()) == 2 and all(dcmread(p, stop_before_pixels=True) for p in scp.files())
+            except Exception:
+                return False
+
+        e.wait_for(received, timeout=60)
         for p in scp.files():
             ds = dcmread(p)
             assert str(ds.file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.4.90"
