@@ -30,7 +30,8 @@ def browser():
             pytest.fail("playwright is required (pip install -e .[test])")
         pytest.skip("playwright not installed")
     with sync_playwright() as pw:  # Debian's chromium: `playwright install` would download another
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                               args=["--no-sandbox", "--disable-dev-shm-usage"])
         yield b
         b.close()
 
