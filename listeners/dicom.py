@@ -190,6 +190,14 @@ class AssociationServer(ThreadedAssociationServer):
                         reason="max_connections reached", limit=self.max_connections, also_refused=suppressed)
         return False
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)  # starts the connection's thread
+        except BaseException:  # no thread (none could be started): the count is given back here
+            with self._count_lock:
+                self.open_connections -= 1
+            raise
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             if self.listener.take_connection(request, client_address):
@@ -430,14 +438,14 @@ class DicomListener:
                 self._serve_storage(sock, address, rq)
                 return False
         # pynetdicom's (or malformed: pynetdicom answers it); its reads wait idle_timeout at most
-        if not self._reserve():
-            self._limit_reached(sock, rq, peer)
-            return False
-        sock.settimeout(c.idle_timeout)
         assert server is not None
+        sock.settimeout(c.idle_timeout)
         server.handoff[sock] = bytes(data)
         if rq is not None:
             server.narrow_contexts(rq)
+        if not self._reserve():  # last: from here on the slot is given back by handed_back()
+            self._limit_reached(sock, rq, peer)
+            return False
         return True
 
     # -- max_associations, counted across both paths ------------------------------------

@@ -113,6 +113,8 @@ class BoundedSocket(AssociationSocket):
         except TimeoutError:  # a PDU begun and not finished within the idle timeout
             self._refuse("PDU not completed within the idle timeout", reason=0x00)
             return bytearray()
+        except OSError:  # reset by the peer: a short read, which the DUL takes as the close it is
+            return out
         if not out:
             return rest
         out += rest
