@@ -21,9 +21,10 @@ from engine.store.dicom import index as idx  # noqa: E402
 from engine.store.dicom import terms  # noqa: E402
 from listeners import dicom_contexts as cx  # noqa: E402
 from listeners import dicom_dimse as dimse  # noqa: E402
+from listeners import dicom_mpps as mpps_scp  # noqa: E402
 from listeners import dicom_ul as ul  # noqa: E402
 from listeners import dicomweb_stow, dicomweb_wado  # noqa: E402
-from listeners.dicom import DicomPeer, DicomSourceConfig  # noqa: E402
+from listeners.dicom import DicomPeer, DicomSourceConfig, StorageCommitmentConfig  # noqa: E402
 from listeners.dicom_status import TABLES  # noqa: E402
 from listeners.dicomweb import DicomWebSourceConfig  # noqa: E402
 from listeners.dicomweb_json import BULK_THRESHOLD  # noqa: E402
@@ -183,6 +184,12 @@ def render() -> str:
         "",
         *_uid_table(cx.WORKLIST_FIND, "SCP"),
         "",
+        "Modality Performed Procedure Step (when `mpps: true`, the default) and Storage Commitment Push "
+        "Model (when `storage_commitment.enabled`, the default; SCP of N-ACTION, and requestor of the "
+        "N-EVENT-REPORT, with the SCP role proposed, on a new association):",
+        "",
+        *_uid_table([*cx.MPPS, *cx.STORAGE_COMMITMENT], "SCP"),
+        "",
         f"Storage: all {len(cx.STORAGE_SOP_CLASSES)} storage SOP classes known to pynetdicom "
         "(`AllStoragePresentationContexts`), as SCP; as SCU for C-GET sub-operations when the "
         "requestor proposes the SCP role for them (SCP/SCU Role Selection, PS3.7 D.3.3.4):",
@@ -328,6 +335,50 @@ def render() -> str:
         "Answered from medrelay's worklist store (`engine.store.dicom.worklist.find_worklist`, filled from HL7 "
         "orders by the `hl7_to_worklist` transform). Statuses as for C-FIND.",
         "",
+        "### 3.6.1 Modality Performed Procedure Step SCP",
+        "",
+        "N-CREATE and N-SET (PS3.4 F.7). N-CREATE needs the Type 1 attributes of PS3.4 Table F.7.2-1 "
+        f"({', '.join(f'`{k}`' for k in mpps_scp.CREATE_TYPE1)}, and a Study Instance UID in each Scheduled "
+        "Step Attributes item) and the status IN PROGRESS; missing Type 2 attributes are accepted. N-SET may "
+        "change the status to COMPLETED or DISCONTINUED once (both need the end date and time; COMPLETED a "
+        "Performed Series Sequence with Series Instance UIDs) and may not change "
+        f"{', '.join(f'`{k}`' for k in mpps_scp.NOT_SETTABLE)} (a different value is refused with 0x0106 "
+        "naming it; the same value is not a change). After a final state every change is refused (0x0110, "
+        "Error ID 0xA710); an N-SET that changes nothing (a retry) succeeds. The status is sent after the "
+        "step, its message and its audit event are committed. The step (N-CREATE merged with every N-SET) "
+        "is kept encrypted; the worklist items it names (Scheduled Step Attributes: accession number, then "
+        "scheduled step id, requested procedure id or Study Instance UID) go to STARTED, COMPLETED or "
+        "DISCONTINUED; Modality Worklist C-FIND offers SCHEDULED and STARTED items only, with their "
+        "current Scheduled Procedure Step Status. Each N-CREATE / N-SET is also a message of the channel "
+        "(header `event: mpps`) that routes with `when: {event: mpps}` send on (`mpps_to_hl7`: ORM^O01 / "
+        "OMI^O23 order status; `mpps_to_fhir`: Procedure and ImagingStudy status).",
+        "",
+        "N-CREATE:",
+        "",
+        *_status_table("N-CREATE (MPPS)"),
+        "",
+        "N-SET:",
+        "",
+        *_status_table("N-SET (MPPS)"),
+        "",
+        "### 3.6.2 Storage Commitment Push Model SCP",
+        "",
+        "N-ACTION (Action Type 1, the well-known SOP Instance 1.2.840.10008.1.20.1.1) is answered at once; "
+        "the result follows as an N-EVENT-REPORT (Event Type 1 all committed, 2 some failed) with the "
+        "Transaction UID, Retrieve AE Title (`ae_title`), Referenced SOP Sequence and Failed SOP Sequence. An "
+        "instance counts as committed when its index row is committed and its stored bytes open now "
+        "(present and passing the AES-GCM check). The report goes on the requesting association while it is "
+        "open (`storage_commitment.same_association`), otherwise on a new association to the AE configured "
+        "for the requester's AE title in `storage_commitment.peers`, proposing SCP/SCU Role Selection with "
+        "the SCP role (PS3.4 J.3.3), retried `retries` times `retry_delay` apart. A result not delivered "
+        "before the engine stops is not kept: the requester asks again. Requests and results are audited.",
+        "",
+        *_status_table("N-ACTION (Storage Commitment)"),
+        "",
+        "Failure Reasons in the N-EVENT-REPORT:",
+        "",
+        *_status_table("N-EVENT-REPORT Failure Reason (Storage Commitment)"),
+        "",
         "### 3.7 Storage SCU (`to: {type: dicom}` routes)",
         "",
         "Proposes one presentation context per (SOP class, transfer syntax of the stored instance) plus an "
@@ -358,9 +409,13 @@ def render() -> str:
         "",
         *_config_table(DicomSourceConfig),
         "",
-        "`move_destinations` entries (`AE_TITLE: {...}`):",
+        "`move_destinations` and `storage_commitment.peers` entries (`AE_TITLE: {...}`):",
         "",
         *_config_table(DicomPeer),
+        "",
+        "`storage_commitment`:",
+        "",
+        *_config_table(StorageCommitmentConfig),
         "",
         "### 4.2 Storage SCU (`to: {type: dicom}`)",
         "",

@@ -62,5 +62,18 @@ def lookup(env: Envelope, key: str) -> Any:
     return actual
 
 
+EVENT = "event"  # the header of event messages (an MPPS step's progress: `event: mpps`)
+
+
 def matches(when: Mapping[str, Any], env: Envelope) -> bool:
+    """Whether a route with this ``when:`` takes the message.
+
+    An *event message* (one with an ``event`` header: what a listener reports about the workflow,
+    such as a modality's performed procedure step) takes only routes whose ``when:`` names
+    ``event`` at its top level (``when: {event: mpps}``). So the routes a channel already has,
+    written for its images or orders, never receive a kind of message they were not written for
+    when a new one appears on the channel.
+    """
+    if EVENT in env.headers and EVENT not in when:
+        return False
     return conditions.compiled(when).test(lambda key: lookup(env, key))

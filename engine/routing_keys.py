@@ -28,13 +28,15 @@ from collections.abc import Iterable, Iterator, Mapping
 from functools import lru_cache
 from typing import Any
 
-ANY_KIND = frozenset({"kind"})  # engine.match.lookup answers it for every message
+ANY_KIND = frozenset({"kind", "event"})  # kind: engine.match.lookup answers it; event: event messages
 PRIMITIVE = object()  # a FHIR element holding a value, not elements
 
 # Headers the listeners set (listeners/mllp.py via Header.as_headers, listeners/dicom_store.py,
 # listeners/fhir_app.py). HL7 headers are MSH positions, valid as positions anyway.
 DICOM_HEADERS = frozenset({"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
-                           "TransferSyntaxUID", "CallingAETitle", "CalledAETitle"})
+                           "TransferSyntaxUID", "CallingAETitle", "CalledAETitle",
+                           # MPPS event messages (listeners/dicom_mpps.py)
+                           "dimse", "mpps_uid", "mpps_state", "mpps_previous_state"})
 FHIR_HEADERS = frozenset({"resourceType", "interaction", "id"})
 
 # Preferred when two segment ids are equally close to a typo (MHS: MSH, not BHS).

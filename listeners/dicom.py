@@ -1,5 +1,7 @@
 """`source: {type: dicom}`: a DICOM AE (pynetdicom) for Verification, Storage,
-Query/Retrieve (Patient and Study Root: C-FIND, C-MOVE, C-GET) and Modality Worklist.
+Query/Retrieve (Patient and Study Root: C-FIND, C-MOVE, C-GET), Modality Worklist,
+Modality Performed Procedure Step (listeners/dicom_mpps.py) and Storage Commitment
+(listeners/dicom_commit.py).
 
 Peers must be named: the calling AE title has to be in ``calling_aets`` (or
 ``allow_any_calling_aet: true`` said explicitly) and the called AE title has to be
@@ -28,7 +30,9 @@ from engine.context import ComponentContext
 from engine.registry import component
 from engine.security.tls import TLSConfig, report_handshake_failure, server_context
 from listeners import dicom_ul as ul
-from listeners.dicom_contexts import STORAGE_SOP_CLASSES, VERIFICATION, add_contexts
+from listeners.dicom_commit import CommitmentSCP
+from listeners.dicom_contexts import STORAGE_SOP_CLASSES, VERIFICATION, add_contexts, add_workflow_contexts
+from listeners.dicom_mpps import MppsSCP
 from listeners.dicom_provider import RequestHandler
 from listeners.dicom_qr import TALLY_KWARG, QueryRetrieve, count_stores
 from listeners.dicom_store import StoreSCP
@@ -46,6 +50,28 @@ class DicomPeer(BaseModel):
     port: int = Field(ge=1, le=65535, description="TCP port of the peer")
     tls: TLSConfig | None = Field(None, description="TLS to the peer (PS3.15 B.1 / BCP 195)")
     max_pdu: int = Field(0, ge=0, description="largest PDU we accept from the peer (0 = unlimited)")
+
+
+class StorageCommitmentConfig(BaseModel):
+    """Storage Commitment Push Model SCP (PS3.4 J.3): which instances are safely archived."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="answer N-ACTION storage commitment requests")
+    peers: dict[str, DicomPeer] = Field(
+        default_factory=dict, description="where to send the N-EVENT-REPORT, by the requester's AE title, "
+        "when its association has ended (PS3.4 J.3.3); without one the result waits for no one and is audited "
+        "as undelivered", json_schema_extra={"example": {"CT01": {"host": "ct01.example", "port": 104}}})
+    same_association: bool = Field(True, description="send the result on the requester's association while "
+                                   "it is still open (else always on a new association to `peers`)")
+    max_instances: int = Field(10000, ge=1, description="most instances in one request; more: 0x0213")
+    retries: int = Field(3, ge=0, description="further attempts to deliver a result on a new association")
+    retry_delay: float = Field(10.0, gt=0, description="seconds between those attempts")
+
+    @field_validator("peers")
+    @classmethod
+    def _peers(cls, v: dict[str, DicomPeer]) -> dict[str, DicomPeer]:
+        return {check_ae_title(k): p for k, p in v.items()}
 
 
 class DicomSourceConfig(ComponentConfig):
@@ -81,6 +107,14 @@ class DicomSourceConfig(ComponentConfig):
     move_destinations: dict[str, DicomPeer] = Field(
         default_factory=dict, description="C-MOVE destinations by AE title; others get 0xA801",
         json_schema_extra={"example": {"PACS": {"host": "pacs.example", "port": 104}}})
+    mpps: bool = Field(True, description="serve Modality Performed Procedure Step N-CREATE / N-SET "
+                       "(listeners/dicom_mpps.py): each becomes a message with headers event: mpps, "
+                       "mpps_state, ...; it takes only routes with `when: {event: mpps}`")
+    storage_commitment: StorageCommitmentConfig = Field(
+        default_factory=lambda: StorageCommitmentConfig(),
+        description="Storage Commitment Push Model SCP (N-ACTION, N-EVENT-REPORT; listeners/dicom_commit.py): "
+        "enabled, peers (requester AE title -> host, port, tls: where results go when its association has "
+        "ended), same_association, max_instances, retries, retry_delay")
 
     @field_validator("ae_title")
     @classmethod
@@ -297,6 +331,7 @@ class DicomListener:
         self._sessions_lock = threading.Lock()
         self._handed = 0  # connections handed to pynetdicom and not ended yet
         self._store: StoreSCP | None = None
+        self._commitment: CommitmentSCP | None = None
 
     def _make_ae(self) -> ListenerAE:
         c = self.config
@@ -310,6 +345,7 @@ class DicomListener:
         ae.require_called_aet = True
         ae.require_calling_aet = [] if c.allow_any_calling_aet else list(c.calling_aets)
         add_contexts(ae, query_retrieve=c.query_retrieve, worklist=c.worklist)
+        add_workflow_contexts(ae, mpps=c.mpps, storage_commitment=c.storage_commitment.enabled)
         original = ae.associate
 
         def associate(*args: Any, **kwargs: Any) -> Any:  # C-MOVE sub-operation associations send raw
@@ -339,6 +375,12 @@ class DicomListener:
             out.append((evt.EVT_C_FIND, self._find(qr)))
         if c.query_retrieve:
             out += [(evt.EVT_C_MOVE, qr.on_move), (evt.EVT_C_GET, qr.on_get)]
+        if c.mpps:
+            mpps = MppsSCP(self.ctx, ae_title=c.ae_title)
+            out += [(evt.EVT_N_CREATE, mpps.on_n_create), (evt.EVT_N_SET, mpps.on_n_set)]
+        if c.storage_commitment.enabled:
+            self._commitment = CommitmentSCP(self.ctx, c.storage_commitment, ae=self.ae, ae_title=c.ae_title)
+            out.append((evt.EVT_N_ACTION, self._commitment.on_n_action))
         return out
 
     @staticmethod
@@ -521,6 +563,8 @@ class DicomListener:
         return server
 
     async def stop(self) -> None:
+        if self._commitment is not None:
+            self._commitment.close()
         if self.server is not None:
             server, self.server = self.server, None
             await asyncio.to_thread(server.shutdown)

@@ -46,6 +46,8 @@ QR_GET: tuple[str, ...] = (sc.PatientRootQueryRetrieveInformationModelGet,
                            sc.StudyRootQueryRetrieveInformationModelGet)
 WORKLIST_FIND: tuple[str, ...] = (sc.ModalityWorklistInformationFind,)
 VERIFICATION: tuple[str, ...] = (sc.Verification,)
+MPPS: tuple[str, ...] = (sc.ModalityPerformedProcedureStep,)
+STORAGE_COMMITMENT: tuple[str, ...] = (sc.StorageCommitmentPushModel,)
 
 PATIENT_ROOT = {QR_FIND[0], QR_MOVE[0], QR_GET[0]}
 LEVELS_BY_MODEL = {
@@ -74,4 +76,16 @@ def add_contexts(ae: AE, *, query_retrieve: bool, worklist: bool) -> None:
             ae.add_supported_context(a, QUERY_TRANSFER_SYNTAXES)
     if worklist:
         for a in WORKLIST_FIND:
+            ae.add_supported_context(a, QUERY_TRANSFER_SYNTAXES)
+
+
+def add_workflow_contexts(ae: AE, *, mpps: bool, storage_commitment: bool) -> None:
+    """MPPS (we are the SCP of N-CREATE / N-SET) and Storage Commitment Push Model (the SCP of
+    N-ACTION, and the sender of N-EVENT-REPORT on the same association, which needs no role
+    negotiation: PS3.4 J.3.3)."""
+    if mpps:
+        for a in MPPS:
+            ae.add_supported_context(a, QUERY_TRANSFER_SYNTAXES)
+    if storage_commitment:
+        for a in STORAGE_COMMITMENT:
             ae.add_supported_context(a, QUERY_TRANSFER_SYNTAXES)

@@ -75,4 +75,68 @@ GET["success"] = _s(0x0000, "Success", "Sub-operations Complete - No Failures", 
 
 ECHO = {"success": _s(0x0000, "Success", "Success", "PS3.7 9.1.5.1.4", "always")}
 
-TABLES = {"C-ECHO": ECHO, "C-STORE": STORE, "C-FIND": FIND, "C-MOVE": MOVE, "C-GET": GET}
+# Modality Performed Procedure Step SOP Class (PS3.4 F.7.2; codes of PS3.7 C.4 / 10.1.5, 10.1.1).
+MPPS_CREATE = {
+    "success": _s(0x0000, "Success", "Success", "PS3.4 F.7.2.1", "step recorded (IN PROGRESS) and its "
+                  "worklist items started"),
+    "invalid_value": _s(0x0106, "Failure", "Invalid attribute value", "PS3.7 C.4.1",
+                        "Performed Procedure Step Status not IN PROGRESS, or a UID that is not one"),
+    "processing": _s(0x0110, "Failure", "Processing failure", "PS3.7 C.4.1",
+                     "the attribute list cannot be decoded, or the store refused the step"),
+    "duplicate": _s(0x0111, "Failure", "Duplicate SOP instance", "PS3.7 C.4.1",
+                    "a step with this SOP Instance UID exists"),
+    "invalid_instance": _s(0x0117, "Failure", "Invalid object instance", "PS3.7 C.4.1",
+                           "Affected SOP Instance UID is not a valid UID"),
+    "missing": _s(0x0120, "Failure", "Missing attribute", "PS3.7 C.4.1",
+                  "a Type 1 attribute of PS3.4 Table F.7.2-1 is absent (named in Error Comment)"),
+    "missing_value": _s(0x0121, "Failure", "Missing attribute value", "PS3.7 C.4.1",
+                        "a Type 1 attribute is present but empty (named in Error Comment)"),
+    "resources": _s(0x0213, "Failure", "Resource limitation", "PS3.7 C.4.1",
+                    "the store could not commit (database down, engine shutting down): send again"),
+}
+MPPS_SET = {
+    "success": _s(0x0000, "Success", "Success", "PS3.4 F.7.2.2", "change recorded; the step's worklist "
+                  "items follow its state"),
+    "invalid_value": _s(0x0106, "Failure", "Invalid attribute value", "PS3.7 C.4.2",
+                        "a status other than IN PROGRESS / COMPLETED / DISCONTINUED, or a change to an "
+                        "attribute N-SET may not modify (Attribute Identifier List)"),
+    "final": _s(0x0110, "Failure", "Processing failure: Performed Procedure Step Object may no longer "
+                "be updated", "PS3.4 F.7.2.2.4 (Error ID 0xA710)", "the step is COMPLETED or DISCONTINUED"),
+    "processing": _s(0x0110, "Failure", "Processing failure", "PS3.7 C.4.2",
+                     "the modification list cannot be decoded, or the step changed meanwhile"),
+    "no_such_instance": _s(0x0112, "Failure", "No such object instance", "PS3.7 C.4.2",
+                           "no step with this SOP Instance UID"),
+    "missing": _s(0x0120, "Failure", "Missing attribute", "PS3.7 C.4.2",
+                  "COMPLETED / DISCONTINUED without the final-state attributes (End Date and Time; "
+                  "COMPLETED: Performed Series Sequence with Series Instance UIDs)"),
+    "resources": _s(0x0213, "Failure", "Resource limitation", "PS3.7 C.4.2",
+                    "the store could not commit: send again"),
+}
+# Storage Commitment Push Model SOP Class (PS3.4 J.3): the N-ACTION answer, then the result.
+COMMIT_ACTION = {
+    "success": _s(0x0000, "Success", "Request accepted", "PS3.4 J.3.2.1.1",
+                  "the request is readable; the result follows as an N-EVENT-REPORT"),
+    "invalid_value": _s(0x0106, "Failure", "Invalid attribute value", "PS3.7 C.4.4",
+                        "Transaction UID or a referenced UID is not a valid UID"),
+    "processing": _s(0x0110, "Failure", "Processing failure", "PS3.7 C.4.4",
+                     "the action information cannot be decoded"),
+    "no_such_action": _s(0x0123, "Failure", "No such action", "PS3.7 C.4.4", "Action Type ID other than 1"),
+    "missing": _s(0x0120, "Failure", "Missing attribute", "PS3.7 C.4.4",
+                  "no Transaction UID or no Referenced SOP Sequence"),
+    "resources": _s(0x0213, "Failure", "Resource limitation", "PS3.7 C.4.4",
+                    "more than `storage_commitment.max_instances` instances in one request"),
+}
+COMMIT_RESULT = {  # Failure Reason (0008,1197) of each Failed SOP Sequence item (PS3.4 J.3.2.1.2)
+    "no_such_instance": _s(0x0112, "Failure", "No such object instance", "PS3.4 J.3.2.1.2",
+                           "the instance is not in the archive index (never stored, rejected or deleted)"),
+    "processing": _s(0x0110, "Failure", "Processing failure", "PS3.4 J.3.2.1.2",
+                     "the instance is indexed but its stored bytes do not open (missing, or failing "
+                     "the AES-GCM check)"),
+    "class_conflict": _s(0x0119, "Failure", "Class / Instance conflict", "PS3.4 J.3.2.1.2",
+                         "the instance is stored under another SOP Class UID than the one referenced"),
+}
+
+TABLES = {"C-ECHO": ECHO, "C-STORE": STORE, "C-FIND": FIND, "C-MOVE": MOVE, "C-GET": GET,
+          "N-CREATE (MPPS)": MPPS_CREATE, "N-SET (MPPS)": MPPS_SET,
+          "N-ACTION (Storage Commitment)": COMMIT_ACTION,
+          "N-EVENT-REPORT Failure Reason (Storage Commitment)": COMMIT_RESULT}

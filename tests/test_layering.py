@@ -21,7 +21,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("engine.envelope", "engine.registry", "engine.components", "engine.logging", "engine.hl7", "engine.security",
      "engine.mapping"),
     # the store: database, schema (including the feature rooms' table modules), blobs, gc, key rotation
-    ("engine.store", "engine.store.dicom.tables", "engine.store.dicom.terms", "engine.store.dicom.upgrade",
+    ("engine.store", "engine.store.dicom.tables", "engine.store.dicom.workflow_tables", "engine.store.dicom.terms",
+     "engine.store.dicom.upgrade",
      "engine.store.fhir.tables", "engine.auth.tables", "engine.store.dicom.scan"),
     # the audit trail writes into the store
     ("engine.audit",),

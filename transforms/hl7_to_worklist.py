@@ -148,6 +148,10 @@ def build_item(msg: V2Message, g: _Group, cfg: Hl7ToWorklistConfig) -> tuple[Dat
     ds.PatientBirthDate = _digits(pid.get(7), 8)
     sex = pid.get(8).upper()
     ds.PatientSex = sex if sex in ("M", "F", "O") else ""
+    # The order numbers go with the item: a modality copies them into its images and its MPPS
+    # (Scheduled Step Attributes), which is how mpps_to_hl7 addresses the order back (ORC-2/3).
+    ds.PlacerOrderNumberImagingServiceRequest = _first(orc.get(2), ob(2))[:64]
+    ds.FillerOrderNumberImagingServiceRequest = filler[:64]
     ds.StudyInstanceUID = ip(3) or study_uid_for(key)
     ds.RequestedProcedureID = rp_id[:16]
     ds.RequestedProcedureDescription = ob(4, 2)[:64]

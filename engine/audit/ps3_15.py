@@ -42,6 +42,7 @@ INSTANCES_TRANSFERRED = Code("110104", DCM, "DICOM Instances Transferred")
 EXPORT = Code("110106", DCM, "Export")
 IMPORT = Code("110107", DCM, "Import")
 PATIENT_RECORD = Code("110110", DCM, "Patient Record")
+PROCEDURE_RECORD = Code("110111", DCM, "Procedure Record")
 QUERY = Code("110112", DCM, "Query")
 SECURITY_ALERT = Code("110113", DCM, "Security Alert")
 USER_AUTHENTICATION = Code("110114", DCM, "User Authentication")
@@ -86,6 +87,16 @@ def classify(action: str, kind: str | None = None) -> Event:
         return Event(APPLICATION_ACTIVITY, "E", (APPLICATION_STOP,), "local")
     if a.startswith("keys.") or a.startswith("tls."):
         return Event(SECURITY_ALERT, "E", (SECURITY_CONFIGURATION,), "local")
+    # The imaging workflow (issue 12), before the generic rules below ("reject" would read as a
+    # security alert): a performed procedure step, storage commitment, patient reconciliation, IOCM.
+    if a.startswith("dicom.mpps"):
+        return Event(PROCEDURE_RECORD, "C" if a.endswith("create") else "U", (), "in", "2")
+    if a.startswith("dicom.commitment"):
+        return Event(INSTANCES_ACCESSED, "R", (), "in", "6")
+    if a.startswith("dicom.patient"):
+        return Event(PATIENT_RECORD, "U", (), "in", "3")
+    if a.startswith("dicom.iocm"):
+        return Event(INSTANCES_ACCESSED, "D" if a.endswith("delete") else "U", (), "in", "3")
     if a.startswith("security.") or "integrity" in a:
         return Event(SECURITY_ALERT, "E", (), "local")
     if a.startswith("config."):

@@ -141,3 +141,7 @@ worklist_items = Table(
     Index("ix_worklist_station_date", "status", "station_aet", "start_date"),
     Index("ix_worklist_modality_date", "status", "modality", "start_date"),
 )
+
+# The workflow's tables (MPPS, IOCM rejections, patient reconciliation) are in a module of their
+# own; importing it here puts them in the schema wherever the archive's tables are.
+from engine.store.dicom import workflow_tables as _workflow_tables  # noqa: E402, F401

@@ -12,7 +12,9 @@ single value, wildcards ``*`` ``?`` (string VRs other than dates/UIDs), date/tim
 ranges (``20261122-20261130``, ``-20261130``, ``20261122-``), UID lists (``\\``).
 Keys inside ScheduledProcedureStepSequence are matched against the item's first
 scheduled step. Each answer holds only the keys the query asked for (plus
-SpecificCharacterSet). Cancelled items are never returned.
+SpecificCharacterSet). Only SCHEDULED and STARTED items are returned (cancelled, completed and
+discontinued ones are not; the step's MPPS sets the last three), with their current
+ScheduledProcedureStepStatus.
 
 Storage decision (PHI): the item dataset, which carries PatientName, PatientID and
 birth date, is stored only as an encrypted blob (``Store.put_blob``, AAD
@@ -52,7 +54,12 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 SCHEDULED, CANCELLED = "SCHEDULED", "CANCELLED"
-
+# Set by the performed procedure step (MPPS, engine.store.dicom.mpps): IN PROGRESS -> STARTED,
+# COMPLETED, DISCONTINUED. SCHEDULED and STARTED items are offered to modalities (a started step
+# can be resumed on the modality that crashed); completed and discontinued ones are not.
+STARTED, COMPLETED, DISCONTINUED = "STARTED", "COMPLETED", "DISCONTINUED"
+OFFERED = (SCHEDULED, STARTED)
+PERFORMED = (STARTED, COMPLETED)  # an order update does not put these back to SCHEDULED
 
 
 def _aad(item_key: str) -> str:
@@ -105,6 +112,8 @@ def apply(store: Store, conn: Connection, item_key: str, action: str, payload: b
     ds = read_item(payload)
     blob_id = store.put_blob(conn, payload, _aad(item_key))
     values = {**_columns(ds), "status": SCHEDULED, "blob_id": blob_id, "updated_at": now}
+    if old_blob is not None and _status(conn, item_key) in PERFORMED:
+        del values["status"]  # a re-sent or updated order keeps what the modality reported (MPPS)
     if old_blob is None:
         conn.execute(insert(worklist_items).values(item_key=item_key, created_at=now, **values))
         detail = "worklist:created"
@@ -114,6 +123,58 @@ def apply(store: Store, conn: Connection, item_key: str, action: str, payload: b
             conn.execute(delete(blobs).where(blobs.c.id == old_blob))
         detail = "worklist:updated"
     return detail
+
+
+def _status(conn: Connection, item_key: str) -> str | None:
+    return conn.execute(select(worklist_items.c.status).where(worklist_items.c.item_key == item_key)).scalar()
+
+
+def set_status(conn: Connection, item_keys: list[str], status: str) -> int:
+    """A performed procedure step's progress on its items (not on cancelled ones); returns how many."""
+    if not item_keys:
+        return 0
+    t = worklist_items.c
+    return conn.execute(update(worklist_items).where(t.item_key.in_(item_keys), t.status != CANCELLED)
+                        .values(status=status, updated_at=time.time())).rowcount
+
+
+def items_for_step(store: Store, conn: Connection, steps: list[dict[str, str]], *, station_aet: str = "",
+                   limit: int = 500) -> list[str]:
+    """The keys of the items a performed step names (its Scheduled Step Attributes Sequence).
+
+    ``steps`` hold AccessionNumber, RequestedProcedureID, ScheduledProcedureStepID and
+    StudyInstanceUID of each scheduled step. Items are narrowed in SQL by the accession number
+    (clear column), else by the performing station's items still offered; then decrypted and
+    compared: the scheduled step id when both have one, else the requested procedure id, else
+    the study instance UID. At most ``limit`` candidates are decrypted per step.
+    """
+    t = worklist_items.c
+    found: list[str] = []
+    for step in steps:
+        acc = step.get("AccessionNumber", "")
+        q = select(t.item_key, t.blob_id).where(t.status != CANCELLED)
+        if acc:
+            q = q.where(t.accession_number == acc[:16])
+        elif station_aet:
+            q = q.where(t.station_aet == station_aet[:16], t.status.in_(OFFERED))
+        else:
+            continue
+        for key, blob_id in conn.execute(q.order_by(t.item_key).limit(limit)).all():
+            item = read_item(store.get_blob(conn, blob_id, _aad(key)))
+            if _same_step(step, item) and key not in found:
+                found.append(key)
+    return found
+
+
+def _same_step(step: dict[str, str], item: Dataset) -> bool:
+    sps_id = str(_sps(item).get("ScheduledProcedureStepID", "") or "").strip()
+    rp_id = str(item.get("RequestedProcedureID", "") or "").strip()
+    study = str(item.get("StudyInstanceUID", "") or "").strip()
+    if step.get("ScheduledProcedureStepID") and sps_id:
+        return step["ScheduledProcedureStepID"] == sps_id
+    if step.get("RequestedProcedureID") and rp_id:
+        return step["RequestedProcedureID"] == rp_id
+    return bool(step.get("StudyInstanceUID")) and step["StudyInstanceUID"] == study
 
 
 @store_handler("worklist")
@@ -231,7 +292,7 @@ def find_worklist(store: Store, query: Dataset, *, case_insensitive_names: bool 
     """Answer a Modality Worklist C-FIND from the stored items (see module docstring)."""
     sps_q = _sps(query)
     t = worklist_items.c
-    stmt = select(t.item_key, t.blob_id).where(t.status == SCHEDULED)
+    stmt = select(t.item_key, t.blob_id, t.status).where(t.status.in_(OFFERED))
     aet = _text(sps_q.get("ScheduledStationAETitle", "")).strip()
     if aet and not any(c in aet for c in "*?\\"):
         stmt = stmt.where(t.station_aet == aet)
@@ -254,8 +315,10 @@ def find_worklist(store: Store, query: Dataset, *, case_insensitive_names: bool 
     stmt = stmt.order_by(t.start_date, t.start_time, t.item_key)
     out: list[Dataset] = []
     with store.engine.connect() as conn:
-        for key, blob_id in conn.execute(stmt).all():
+        for key, blob_id, status in conn.execute(stmt).all():
             item = read_item(store.get_blob(conn, blob_id, _aad(key)))
+            if status != SCHEDULED and item.get("ScheduledProcedureStepSequence"):
+                item.ScheduledProcedureStepSequence[0].ScheduledProcedureStepStatus = status
             if _matches(query, item, case_insensitive_names):
                 out.append(_answer(query, item))
                 if limit is not None and len(out) >= limit:
