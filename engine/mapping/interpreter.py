@@ -25,6 +25,8 @@ from engine.mapping.base import EMPTY_SCOPE, Kind, MappingError, RuleError, Scop
 from engine.mapping.conditions import Condition, compile_condition
 from engine.mapping.rules import (
     AddRule,
+    ComputeRule,
+    ComputeSpec,
     CopyRule,
     DeleteRule,
     DropRule,
@@ -36,6 +38,7 @@ from engine.mapping.rules import (
     WhenRule,
 )
 from engine.mapping.tables import Table
+from engine.mapping.values import InvalidValue, ValueFn, compile_chain, run_chain
 
 UID_ROOT = "2.25."
 
@@ -89,14 +92,20 @@ class _Fn(Step):
 
 
 class _Foreach(Step):
-    def __init__(self, group: str, steps: list[Step]) -> None:
+    def __init__(self, group: str, steps: list[Step], *, once_if_none: bool = False) -> None:
         self.group = group
         self.steps = steps
+        self.once_if_none = once_if_none  # no occurrence: run once unscoped (a `default` creates the group)
         self.reads = frozenset().union(*(s.reads for s in steps)) - {group}
         self.writes = frozenset().union(*(s.writes for s in steps)) - {group}
 
     def run(self, doc: Any, scope: Scope, ctx: RunContext) -> None:
-        for occ in list(doc.occurrences(self.group, scope)):
+        occs = list(doc.occurrences(self.group, scope))
+        if not occs and self.once_if_none:
+            for s in self.steps:
+                s.run(doc, scope, ctx)
+            return
+        for occ in occs:
             inner = {**scope, **doc.scope_for(self.group, occ)}
             for s in self.steps:
                 s.run(doc, inner, ctx)
@@ -116,10 +125,10 @@ class _When(Step):
             s.run(doc, scope, ctx)
 
 
-def _per_occurrence(step: Step) -> Step:
+def _per_occurrence(step: Step, *, once_if_none: bool = False) -> Step:
     """Wrap a step that reads and writes the same repeating group in a foreach over it."""
     shared = sorted(step.reads & step.writes)
-    return _Foreach(shared[0], [step]) if shared else step
+    return _Foreach(shared[0], [step], once_if_none=once_if_none) if shared else step
 
 
 @dataclass
@@ -200,6 +209,14 @@ class _Compiler:
                     doc.copy(src, dst, scope)
                 steps.append(_per_occurrence(_Fn(do_copy, reads=[src], writes=[dst], scoped=scoped)))
             return steps[0] if len(steps) == 1 else _Seq(steps)
+        if isinstance(r, ComputeRule):
+            steps = []
+            for j, spec in enumerate(r.compute):
+                where = (*loc, "compute") if len(r.compute) == 1 else (*loc, "compute", j)
+                step = self.compute(spec, where, scoped)
+                if step is not None:
+                    steps.append(step)
+            return steps[0] if len(steps) == 1 else _Seq(steps)
         if isinstance(r, DeleteRule):
             paths = [self.path((*loc, "delete", j), t, write=True) for j, t in enumerate(r.delete)]
 
@@ -262,9 +279,66 @@ class _Compiler:
         self.errors.append(RuleError(loc, f"unknown rule {type(r).__name__}"))
         return None
 
+    def chain(self, loc: tuple[Any, ...], functions: Sequence[Any]) -> list[ValueFn]:
+        out = []
+        for j, fn in enumerate(functions):
+            try:
+                out.extend(compile_chain([fn]))
+            except ValueError as e:
+                self.errors.append(RuleError((*loc, j), str(e)))
+        return out
+
+    def compute(self, spec: ComputeSpec, loc: tuple[Any, ...], scoped: frozenset[str]) -> Step | None:
+        """Read the ``from`` positions, join or format them, run the functions, write ``to``."""
+        srcs = [self.path((*loc, "from") if len(spec.from_) == 1 else (*loc, "from", j), t)
+                for j, t in enumerate(spec.from_)]
+        dst = self.path((*loc, "to"), spec.to, write=True)
+        chain = self.chain((*loc, "apply"), spec.apply)
+        template = spec.format
+        if template is not None:
+            import string
+
+            try:
+                names = [f for _, f, conv, _ in string.Formatter().parse(template) if f is not None or conv]
+            except ValueError as e:
+                self.errors.append(RuleError((*loc, "format"), f"{template!r}: {e}"))
+                names = []
+                template = None
+            bad = [n for n in names if not n.isdigit() or int(n) >= len(srcs)]
+            if bad:
+                self.errors.append(RuleError((*loc, "format"), f"{template!r}: takes {{0}}..{{{len(srcs) - 1}}} "
+                                             f"for the from positions, not {{{bad[0]}}}"))
+                template = None
+        sep = spec.join
+        invalid = spec.invalid
+        phi = dst is not None and self.kind.phi_path(dst)
+        where = spec.to
+
+        def do_compute(doc: Any, scope: Scope, ctx: RunContext) -> None:
+            vals = [doc.value(p, scope) for p in srcs]
+            if not any(vals) and not chain:
+                return
+            joined = template.format(*vals) if template is not None else sep.join(v for v in vals if v)
+            try:
+                out = run_chain(chain, joined)
+            except InvalidValue as e:
+                if invalid == "keep":
+                    return
+                if invalid == "drop":
+                    raise Drop(f"{where}: {e}") from None
+                if invalid == "error":
+                    shown = "" if phi else f" ({joined[:64]!r})"
+                    raise MappingError(f"{where}: {e}{shown}") from None
+                out = "" if invalid == "clear" else invalid
+            if not any(vals) and out == "":
+                return  # nothing to read and no default: the target stays as it is
+            doc.write(dst, out, scope)
+        return _per_occurrence(_Fn(do_compute, reads=srcs, writes=[dst], scoped=scoped), once_if_none=True)
+
     def lookup(self, r: LookupRule, loc: tuple[Any, ...], scoped: frozenset[str]) -> Step | None:
         spec = r.lookup
         src = self.path((*loc, "lookup", "field"), spec.field)
+        normalise = self.chain((*loc, "lookup", "apply"), spec.apply)
         name = spec.table
         table: Table | None = None
         if self.tables is not None:
@@ -302,6 +376,11 @@ class _Compiler:
 
         def do_lookup(doc: Any, scope: Scope, ctx: RunContext) -> None:
             code = doc.value(src, scope)
+            if normalise and code:
+                try:
+                    code = run_chain(normalise, code)
+                except InvalidValue:
+                    code = ""
             if not code:
                 return
             t = table if table is not None else _runtime_table(self.tables, name)
