@@ -3,13 +3,22 @@
 Config as code: an integration engineer keeps cases beside channels.yaml and runs
 them in CI before a config reaches production. Transforms run against a scratch
 store and key file, never the production ones, and nothing is sent anywhere.
+
+A mismatch is shown as a unified diff of the normalised outputs (HL7 one segment a line,
+FHIR indented JSON, DICOM one attribute a line). With ``update=True`` (``medrelay test
+--update``) the expected file of a case whose output changed is rewritten with what the
+route makes now, in the file's own style (line ends, indentation), so a deliberate change
+of a mapping is one command and a reviewable diff in git.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,18 +55,88 @@ def _norm_hl7(text: str) -> str:
     return _VOLATILE_HL7.sub(r"\1|\2", text.replace("\r\n", "\r").replace("\n", "\r")).strip()
 
 
-def _compare(kind: str, got: bytes, want: bytes) -> str | None:
+MAX_DIFF_LINES = 80
+
+
+def _dicom_lines(data: bytes) -> list[str]:
+    from pydicom import dcmread
+
+    try:
+        import io
+
+        ds = dcmread(io.BytesIO(data), force=True)
+    except Exception as e:  # a broken expected file is a difference, said plainly
+        return [f"(not readable as DICOM: {type(e).__name__})"]
+    return [str(el)[:200] for el in ds.iterall() if el.tag != 0x7FE00010]
+
+
+def _lines(kind: str, data: bytes) -> list[str]:
     if kind == "fhir":
-        a, b = _norm_json(json.loads(got)), _norm_json(json.loads(want))
-        return None if a == b else f"FHIR differs:\n got {json.dumps(a)[:800]}\nwant {json.dumps(b)[:800]}"
+        return json.dumps(_norm_json(json.loads(data)), indent=2, ensure_ascii=False, sort_keys=True).splitlines()
     if kind == "hl7v2":
-        a, b = _norm_hl7(got.decode("latin-1")), _norm_hl7(want.decode("latin-1"))
-        return None if a == b else f"HL7 differs:\n got {a!r}\nwant {b!r}"
-    return None if got == want else "bytes differ"
+        return _norm_hl7(data.decode("latin-1")).split("\r")
+    if kind == "dicom":
+        return _dicom_lines(data)
+    return data.decode("latin-1").splitlines()
 
 
-def run_cases(settings: Settings, folder: Path) -> list[tuple[str, bool, str]]:
-    results: list[tuple[str, bool, str]] = []
+def _compare(kind: str, got: bytes, want: bytes, name: str = "expected") -> str | None:
+    """None when equal (after normalising); otherwise a unified diff, expected -> got."""
+    if kind == "fhir":
+        if _norm_json(json.loads(got)) == _norm_json(json.loads(want)):
+            return None
+    elif kind == "hl7v2":
+        if _norm_hl7(got.decode("latin-1")) == _norm_hl7(want.decode("latin-1")):
+            return None
+    elif got == want:
+        return None
+    diff = list(difflib.unified_diff(_lines(kind, want), _lines(kind, got), f"{name} (expected)", "got",
+                                     lineterm="", n=1))
+    if not diff:  # same attributes, other bytes (encoding, pixel data)
+        return f"{kind} output differs from {name} (not in the attributes shown)"
+    more = len(diff) - MAX_DIFF_LINES
+    return "\n".join(diff[:MAX_DIFF_LINES] + ([f"... {more} more lines"] if more > 0 else []))
+
+
+def _rewrite(path: Path, kind: str, got: bytes) -> None:
+    """Write ``got`` as the expected output, in the style of the file it replaces."""
+    if kind == "fhir":
+        old = path.read_text() if path.exists() else "{\n"
+        compact = not old.lstrip().startswith("{\n") and "\n " not in old
+        doc = json.loads(got)
+        text = json.dumps(doc, ensure_ascii=False, separators=(",", ":")) if compact else \
+            json.dumps(doc, ensure_ascii=False, indent=2) + "\n"
+        data = text.encode("utf-8")
+    elif kind == "hl7v2":
+        old_bytes = path.read_bytes() if path.exists() else b""
+        data = got.replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+        if b"\r\n" in old_bytes:
+            data = data.replace(b"\r", b"\r\n")
+        elif b"\n" in old_bytes and b"\r" not in old_bytes:
+            data = data.replace(b"\r", b"\n")
+    else:
+        data = got
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+@dataclass
+class CaseResult:
+    """One case's outcome; unpacks as (name, ok, detail) like the tuples it replaced."""
+
+    name: str
+    ok: bool
+    detail: str = ""
+    updated: bool = False  # the expected file was rewritten (update=True)
+
+    def __iter__(self) -> Iterator[object]:
+        return iter((self.name, self.ok, self.detail))
+
+
+def run_cases(settings: Settings, folder: Path, *, update: bool = False) -> list[CaseResult]:
+    """Run every case in ``folder``; with ``update``, rewrite the expected file of each that differs."""
+    results: list[CaseResult] = []
     if not folder.is_dir():
         return results
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,11 +147,11 @@ def run_cases(settings: Settings, folder: Path) -> list[tuple[str, bool, str]]:
         for case_file in sorted(folder.glob("*/case.yaml")):
             name = case_file.parent.name
             try:
-                results.append((name, *_run_one(settings, store, audit, case_file)))
+                results.append(CaseResult(name, *_run_one(settings, store, audit, case_file, update)))
             except CaseError as e:
-                results.append((name, False, str(e)))
+                results.append(CaseResult(name, False, str(e)))
             except Exception as e:
-                results.append((name, False, f"{type(e).__name__}: {e}"))
+                results.append(CaseResult(name, False, f"{type(e).__name__}: {e}"))
         store.dispose()
     return results
 
@@ -109,7 +188,8 @@ def _load_case(settings: Settings, case_file: Path) -> tuple[dict[str, Any], Any
     return case, ch, route
 
 
-def _run_one(settings: Settings, store: Store, audit: Audit, case_file: Path) -> tuple[bool, str]:
+def _run_one(settings: Settings, store: Store, audit: Audit, case_file: Path,
+             update: bool = False) -> tuple[bool, str, bool]:
     case, ch, route = _load_case(settings, case_file)
     kind = source_kind(ch.source) or "hl7v2"
     payload = _file(case_file, case, "input")
@@ -121,19 +201,33 @@ def _run_one(settings: Settings, store: Store, audit: Audit, case_file: Path) ->
     env = Envelope(channel=case["channel"], kind=kind, payload=payload, headers=headers)  # type: ignore[arg-type]
     routed = matches(dict(route.when), env)
     if "expect_routed" in case and bool(case["expect_routed"]) != routed:
-        return False, f"route {'matched' if routed else 'did not match'}"
+        return False, f"route {'matched' if routed else 'did not match'}", False
     if not routed:
-        return (True, "") if case.get("expect_routed") is False else (False, "route did not match")
+        return (True, "", False) if case.get("expect_routed") is False else (False, "route did not match", False)
     ctx = ComponentContext(settings=settings, store=store, keyring=store.keyring, audit=audit,
                            channel=case["channel"], route=route.name)
     transforms = [registry.get("transform", t.type).factory(t, ctx) for t in route.transforms]
     try:
         outs = apply_transforms(transforms, env)
     except Drop as d:
-        return (True, "") if case.get("expect_dropped") else (False, f"dropped: {d.reason}")
+        return (True, "", False) if case.get("expect_dropped") else (False, f"dropped: {d.reason}", False)
+    if case.get("expect_dropped"):
+        return False, "expected the route to drop the message; it gave an output", False
     expect = case.get("expect")
     if expect is None:
-        return True, ""
+        return True, "", False
+    out = outs[0]
+    target = case_file.parent / str(expect)
+    if update and case_file.parent.resolve() not in target.resolve().parents:
+        raise CaseError(f"{case_file}: --update writes only inside the case folder, not {expect}")
+    if update and isinstance(expect, str) and expect and not target.exists():
+        _rewrite(target, out.kind, out.payload)
+        return True, f"{expect} written", True
     want = _file(case_file, case, "expect")
-    diff = _compare(outs[0].kind, outs[0].payload, want)
-    return (diff is None), (diff or "")
+    diff = _compare(out.kind, out.payload, want, str(expect))
+    if diff is None:
+        return True, "", False
+    if update:
+        _rewrite(target, out.kind, out.payload)
+        return True, f"{expect} rewritten", True
+    return False, diff, False

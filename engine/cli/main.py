@@ -842,12 +842,14 @@ def components(markdown: bool) -> None:
 @click.argument("config", default=lambda: os.environ.get("MEDRELAY_CONFIG", "channels.yaml"))
 @click.option("--cases", "cases_dir", default=None, type=click.Path(file_okay=False),
               help="folder of cases (default: channel-tests/ beside CONFIG)")
-def test_cmd(config: str, cases_dir: str | None) -> None:
+@click.option("--update", is_flag=True, help="rewrite the expected file of every case whose output changed")
+def test_cmd(config: str, cases_dir: str | None, update: bool) -> None:
     """Run the route cases kept beside the YAML (channel-tests/): input -> expected output, no network.
 
     A case is a folder in channel-tests/ with `case.yaml` ({channel, route, input,
-    expect}) naming files in the same folder. Exit 0 when all pass, 1 when one fails
-    or there is no case.
+    expect}) naming files in the same folder. A mismatch prints a diff; --update rewrites
+    the expected files that differ instead (and names them). Exit 0 when all pass, 1 when
+    one fails or there is no case.
     """
     from engine.cli.casetest import run_cases
 
@@ -856,12 +858,17 @@ def test_cmd(config: str, cases_dir: str | None) -> None:
     if not folder.is_dir() or not any(folder.glob("*/case.yaml")):
         click.echo(f"no cases in {folder}: each case is a folder there with a case.yaml", err=True)
         sys.exit(1)
-    results = run_cases(settings, folder)
-    failed = 0
-    for name, ok, detail in results:
-        click.echo(f"{'PASS' if ok else 'FAIL'} {name}" + ("" if ok else f": {detail}"))
-        failed += not ok
-    click.echo(f"{len(results) - failed} passed, {failed} failed")
+    results = run_cases(settings, folder, update=update)
+    failed = updated = 0
+    for r in results:
+        if r.updated:
+            click.echo(f"UPDATED {r.name}: {r.detail}")
+        else:
+            click.echo(f"{'PASS' if r.ok else 'FAIL'} {r.name}" + ("" if r.ok else f": {r.detail}"))
+        failed += not r.ok
+        updated += r.updated
+    tail = f", {updated} updated" if update else ""
+    click.echo(f"{len(results) - failed - updated} passed, {failed} failed{tail}")
     sys.exit(1 if failed or not results else 0)
 
 
