@@ -330,6 +330,9 @@ class DicomListener:
         self.ae = self._make_ae()
         self._sessions_lock = threading.Lock()
         self._handed = 0  # connections handed to pynetdicom and not ended yet
+        # Connections that end before association (ARTIM expired, an invalid first PDU) cost a
+        # peer nothing to repeat: one log line per 5 s, with the count of those not logged.
+        self._before_association = _Throttle()
         self._store: StoreSCP | None = None
         self._commitment: CommitmentSCP | None = None
 
@@ -456,10 +459,16 @@ class DicomListener:
         try:
             data = ul.read_request(sock, deadline)
         except ul.ArtimExpired:
-            log.info("dicom.association_timeout", channel=self.ctx.channel, peer=peer, seconds=c.acse_timeout)
+            quiet = self._before_association.hit()
+            if quiet is not None:
+                log.info("dicom.association_timeout", channel=self.ctx.channel, peer=peer, seconds=c.acse_timeout,
+                         also_before_association=quiet)
             return _close(sock)
         except ul.Refused as r:
-            log.warning("dicom.protocol_error", channel=self.ctx.channel, peer=peer, detail=str(r))
+            quiet = self._before_association.hit()
+            if quiet is not None:
+                log.warning("dicom.protocol_error", channel=self.ctx.channel, peer=peer, detail=str(r),
+                            also_before_association=quiet)
             if r.answer:
                 _send_quietly(sock, r.answer)
             return _close(sock)
