@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import structlog
-from sqlalchemy import Connection, and_, bindparam, insert, select, update
+from sqlalchemy import Connection, and_, insert, update
+from sqlalchemy.exc import IntegrityError
 
 from engine.envelope import Envelope
 from engine.match import MISSING, lookup
-from engine.store import message_terms, schema
+from engine.store import dedupe, leases, message_terms, schema
 from engine.store.prepared import Prepared
 
 log = structlog.get_logger()
@@ -33,18 +34,6 @@ Status = Literal["accepted", "duplicate", "rejected", "error"]
 TxHook = Callable[[Connection, Envelope], Any]
 MAX_BATCH = 512
 DURABLE_TIMEOUT = 60.0  # seconds the committer waits for a written-ahead file's fsync
-
-# Built once: the statement runs on every group commit. `received_at + 0` (in WHERE and
-# ORDER BY) keeps SQLite's planner off the (channel, received_at) index, which would scan
-# every message of the dedupe window per batch; ix_messages_dedupe finds the keys directly.
-_m = schema.messages
-_DEDUPE_LOOKUP = (
-    select(_m.c.dedupe_key, _m.c.id, _m.c.response)
-    .where(and_(_m.c.channel == bindparam("ch"), _m.c.dedupe_key.in_(bindparam("keys", expanding=True)),
-                (_m.c.received_at + 0) >= bindparam("since")))
-    .order_by(_m.c.received_at + 0)
-)
-
 
 @dataclass(frozen=True)
 class Duplicate:
@@ -347,6 +336,9 @@ class Intake:
     def _handle(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> None:
         try:
             outcomes = self._commit_batch(batch)
+        except IntegrityError as e:  # e.g. the same SOP instance stored by another engine a moment ago
+            log.info("intake.batch_conflict", size=len(batch), error=type(e.orig).__name__)
+            outcomes = self._commit_singly(batch, uncertain=self._commit_uncertain())
         except Exception as e:
             log.error("intake.batch_failed", size=len(batch), error=type(e).__name__)
             outcomes = self._commit_singly(batch, uncertain=self._commit_uncertain())
@@ -391,28 +383,35 @@ class Intake:
                     self._discard_files(item)
         return out
 
-    def _existing(self, conn: Connection, batch: list[_Item]) -> dict[tuple[str, str], tuple[str, bytes | None]]:
-        keyed = [(i.envelope.channel, i.dedupe_key) for i in batch if i.dedupe_key]
-        if not keyed:
-            return {}
-        found: dict[tuple[str, str], tuple[str, bytes | None]] = {}
-        now = time.time()
-        by_channel: dict[str, list[str]] = {}
-        for ch, k in keyed:
-            by_channel.setdefault(ch, []).append(k)  # type: ignore[arg-type]
-        for ch, keys in by_channel.items():
-            since = now - self.dedupe_window(ch)
-            rows = conn.execute(_DEDUPE_LOOKUP, {"ch": ch, "keys": keys, "since": since}).all()
-            for key, mid, resp in rows:
-                found.setdefault((ch, key), (mid, resp))
-        return found
+    def _claim_keys(self, conn: Connection, batch: list[_Item], now: float
+                    ) -> tuple[dict[tuple[str, str], tuple[str, bytes | None]], dict[tuple[str, str], str]]:
+        """Claim the batch's dedupe keys in ``dedupe_keys`` (engine/store/dedupe.py).
+
+        Returns the keys held by earlier messages (-> their id and stored response: these items
+        are duplicates) and the keys this batch won (-> the id they were claimed for: the first
+        item with the key). The claim is a unique row, so another engine storing the same key at
+        the same moment makes this wait for its commit and then lose, never both store it.
+        """
+        first: dict[tuple[str, str], tuple[str, float]] = {}
+        for i in batch:
+            if i.dedupe_key:
+                key = (i.envelope.channel, i.dedupe_key)
+                if key not in first:
+                    window = self.dedupe_window(key[0])
+                    if window > 0:
+                        first[key] = (i.envelope.id, now + window)
+        if not first:
+            return {}, {}
+        won = dedupe.claim(conn, [(ch, k, mid, exp) for (ch, k), (mid, exp) in first.items()], now)
+        lost = [k for k in first if k not in won]
+        return dedupe.originals(conn, lost), {k: first[k][0] for k in won}
 
     def _commit_batch(self, batch: list[_Item]) -> list[Outcome]:
         now = time.time()
         outcomes: list[Outcome] = []
         unused: list[str] = []  # files written ahead for what turned out to be duplicates
         with self._transaction() as conn:
-            existing = self._existing(conn, batch)
+            existing, claimed = self._claim_keys(conn, batch, now)
             msg_rows: list[dict[str, Any]] = []
             dlv_rows: list[dict[str, Any]] = []
             audit_rows: list[dict[str, Any]] = []
@@ -462,8 +461,12 @@ class Intake:
                         "attempts": 0, "next_attempt_at": due, "lease_until": 0.0, "last_error": None,
                         "detail": None, "updated_at": now, "coalesce_key": ck,
                     })
-                if key is not None:
+                if key is not None and key in claimed:
                     existing[key] = (env.id, item.response)
+                    if claimed[key] != env.id:  # the item it was claimed for was not stored: this one is
+                        dedupe.unclaim(conn, [(key[0], key[1], claimed[key])])
+                        dedupe.claim(conn, [(key[0], key[1], env.id, now + self.dedupe_window(key[0]))], now)
+                    claimed.pop(key)
                 outcomes.append(Outcome("accepted", env.id, response=item.response, result=result,
                                         routes=routes))
                 audit_rows.append(_receive_audit(env, now, env.id, None))
@@ -476,6 +479,8 @@ class Intake:
                     row["blob_id"] = blob["id"]
                 _INSERT_MESSAGES.run(conn, msg_rows)
                 message_terms.write(conn, self.store.keyring, [i.envelope for i in batch], {r["id"] for r in msg_rows})
+            if claimed:  # keys claimed for items a tx_hook found to be duplicates: free them again
+                dedupe.unclaim(conn, [(ch, k, mid) for (ch, k), mid in claimed.items()])
             if supersede:
                 _supersede(conn, supersede, dlv_rows, now)
             if dlv_rows:
@@ -500,8 +505,12 @@ def _supersede(conn: Connection, latest: dict[tuple[str, str, str], str], rows: 
     """Debounce: a newer message with the same key replaces the pending delivery of an older one.
 
     Older pending rows already in the store and older rows of this same batch become
+    Several engines: each key's lock (``leases.xact_lock``) is taken first, so an engine whose
+    transaction on the same key commits meanwhile is waited for and its row superseded too;
+    without it both kept a pending row (two ORUs for one study).
     `superseded`; only the newest stays pending, due when the key has been quiet long enough.
     """
+    leases.xact_lock(conn, "debounce", [f"{c}\x00{r}\x00{k}" for c, r, k in latest])
     d = schema.deliveries
     for (channel, route, ck), newest in latest.items():
         conn.execute(update(d).where(and_(d.c.channel == channel, d.c.route == route, d.c.coalesce_key == ck,

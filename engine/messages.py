@@ -30,7 +30,7 @@ import structlog
 from sqlalchemy import and_, or_, select
 
 from engine import queue
-from engine.store import attempts, message_terms, schema
+from engine.store import attempts, message_terms, outputs, schema
 
 _SUMMARY_KEYS = ("MSH-9", "MSH-9.1", "MSH-9.2", "MSH-10", "Modality", "SOPInstanceUID", "resourceType",
                  "interaction")
@@ -322,6 +322,8 @@ def show_message(store: Any, message_id: str, *, with_payload: bool = False) -> 
             "children": [dict(c._mapping) for c in conn.execute(
                 select(m.c.id, m.c.channel, m.c.kind, m.c.received_at).where(m.c.parent_id == message_id)
                 .order_by(m.c.received_at).limit(100))],
+            # what its deliveries produced: FHIR resources written (medrelay's store or a server), Provenance
+            "outputs": outputs.of_message(conn, message_id),
         }
         if with_payload:
             info["payload"] = store.get_blob(conn, r["blob_id"], aad=message_id)

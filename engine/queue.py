@@ -1,16 +1,28 @@
 """The delivery queue in the store: claim, complete, retry with backoff, dead letter.
 
-A claim takes a lease (``lease_until``) rather than a lock held across the send, so
-a worker that dies mid-send leaves the row to be claimed again once the lease ends:
-at-least-once. On PostgreSQL the claim uses ``FOR UPDATE SKIP LOCKED`` so several
-engine processes can share one queue.
+A claim takes a lease (``lease_until``, ``lease_owner``) rather than a lock held across the
+send, so a worker that dies mid-send leaves the row to be claimed again once the lease ends:
+at-least-once. The lease is short (``LEASE_SECONDS``) and renewed every second by its
+process (``engine.ops.singleton.Keeper``) for as long as the delivery is in hand, so a long
+send keeps its rows and a killed process's rows are free again within seconds. Lease times
+are the database's clock on PostgreSQL (``engine.store.leases.db_now``), so hosts whose
+clocks differ agree on when a lease ended.
 
-What a worker learned from one claim (delivered, failed, not sent) is written back by
-``settle`` in one transaction. When that write fails (the database is away) the worker
-keeps the ``Outcome`` and writes it again once the store answers, so its leases end
-within seconds of the store's return instead of at ``LEASE_SECONDS``. The lease value a
-claim wrote (``Lease.until``) doubles as the claim's token: releasing unsent rows only
-touches rows that still carry it, never a row another process has leased since.
+Unordered routes are claimed with ``FOR UPDATE SKIP LOCKED`` by whichever process is free,
+in parallel. An ordered route has one claimer at a time, the process holding its route lease
+(``route_lease_name``); its claim waits for locked rows rather than skipping them, and stops at
+the first row it may not send yet (head-of-line), so order holds across processes.
+
+A claim reads ids, headers and the blob rows, not payloads: ``open_payload`` decrypts one just
+before it is sent, so a retry at the head of a route, or the rows a failed send leaves
+behind, never load (and decrypt) what is not sent.
+
+What a worker learned from one delivery (delivered, failed, not sent) is an ``Outcome``,
+written by ``settle_all`` together with whatever other outcomes are waiting (the process's
+``Settler`` group-commits them): deliveries are marked done one by one as they complete.
+When that write fails (the database is away) the outcomes are kept and written once the
+store answers. Releasing unsent rows only touches rows that still carry this process's
+lease, never a row another process has leased since.
 """
 
 from __future__ import annotations
@@ -25,15 +37,21 @@ import structlog
 from sqlalchemy import and_, bindparam, insert, select, update
 
 from engine.security.crypto import IntegrityError
-from engine.store import attempts, schema
+from engine.store import attempts, leases, schema
 from engine.store.db import open_blob
 
 log = structlog.get_logger()
 
-LEASE_SECONDS = 120.0
+LEASE_SECONDS = 5.0  # a claimed delivery's lease on PostgreSQL; renewed while it is in hand
+_BLOB_FIELDS = ("aad", "kek_id", "wrapped_key", "nonce", "data", "in_file")
 
 
-@dataclass(frozen=True, slots=True)
+def route_lease_name(channel: str, route: str) -> str:
+    """The named lease an ordered route's claimer holds (engine.store.leases)."""
+    return f"route:{channel}/{route}"
+
+
+@dataclass(slots=True)
 class Claimed:
     delivery_id: int
     message_id: str
@@ -44,7 +62,25 @@ class Claimed:
     peer: str
     received_at: float
     parent_id: str | None
-    payload: bytes
+    blob_id: str
+    blob: dict[str, Any]  # the blobs row (sealed; inline ciphertext or in_file): see open_payload
+    size: int = 0
+
+    @property
+    def in_file(self) -> bool:
+        return bool(self.blob.get("in_file"))
+
+
+def open_payload(store: Any, c: Claimed) -> bytes:
+    """Check and decrypt one claimed delivery's payload (reads its file when it has one).
+
+    IntegrityError when the blob fails authentication or its file is gone: the caller
+    dead-letters the delivery (``quarantine``), retrying cannot help.
+    """
+    try:
+        return open_blob(store.keyring, c.blob_id, c.blob, c.message_id, store.blob_path(c.blob_id))
+    except FileNotFoundError:
+        raise IntegrityError(f"blob {c.blob_id}: file missing") from None
 
 
 @dataclass
@@ -53,7 +89,7 @@ class Lease:
     failed half-way (the commit's answer lost) still knows which rows may carry its lease."""
 
     ids: list[int] = field(default_factory=list)
-    until: float = 0.0  # the lease_until value written; 0.0 where no lease is written (SQLite)
+    owner: str = ""  # the lease_owner written; "" where no lease is written (SQLite)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +103,7 @@ class Failure:
 
 @dataclass
 class Outcome:
-    """The results of one claim, written back together by ``settle``."""
+    """Results to write back together (``settle_all``): of one delivery, or of a claim's rest."""
 
     lease: Lease
     done: list[tuple[int, str, str | None]] = field(default_factory=list)  # (id, state, detail)
@@ -80,114 +116,132 @@ class Outcome:
 
 
 def claim(store: Any, channel: str, route: str, limit: int, *, ordered: bool = True,
-          lease: Lease | None = None) -> list[Claimed]:
-    """Lease up to ``limit`` due deliveries of one route, oldest first, with payloads.
+          lease: Lease | None = None, owner: str = "") -> list[Claimed]:
+    """Lease up to ``limit`` due deliveries of one route, oldest first, without their payloads.
 
-    One query reads the oldest pending deliveries with their message and blob rows.
-    ``ordered``: while the oldest pending delivery waits for its retry, nothing behind
-    it is sent (head-of-line blocking, as an HL7 feed expects); dead letters do not block.
-    ``lease`` receives the leased ids and the lease value (see ``Lease``).
+    ``ordered``: while the oldest pending delivery waits for its retry (or is leased by
+    another process), nothing behind it is taken (head-of-line blocking, as an HL7 feed
+    expects); dead letters do not block. The caller must hold the route's lease
+    (``route_lease_name``) when several processes share the store. ``lease`` receives the
+    leased ids (see ``Lease``); ``owner`` is this process's holder id (PostgreSQL).
     """
     d, m, b = schema.deliveries, schema.messages, schema.blobs
     now = time.time()
-    q = (select(d.c.id, d.c.attempts, d.c.next_attempt_at, d.c.lease_until, m.c.id.label("mid"), m.c.channel,
-                m.c.kind, m.c.headers, m.c.peer, m.c.received_at, m.c.parent_id, m.c.blob_id,
-                b.c.aad, b.c.kek_id, b.c.wrapped_key, b.c.nonce, b.c.data, b.c.in_file)
-         .join(m, m.c.id == d.c.message_id).join(b, b.c.id == m.c.blob_id)
-         .where(and_(d.c.channel == channel, d.c.route == route, d.c.state == "pending"))
-         .order_by(d.c.id).limit(limit))
-    if not ordered:
-        q = q.where(and_(d.c.next_attempt_at <= now, d.c.lease_until <= now))
-    if not store.is_sqlite:
-        q = q.with_for_update(skip_locked=True, of=d)
+    shared = not store.is_sqlite
     with store.queue_tx() as conn:
+        clock = leases.db_now(conn) if shared else None
+        cols = [d.c.id, d.c.attempts, d.c.next_attempt_at, d.c.lease_until, m.c.id.label("mid"), m.c.channel,
+                m.c.kind, m.c.headers, m.c.peer, m.c.received_at, m.c.parent_id, m.c.blob_id, m.c.size,
+                b.c.aad, b.c.kek_id, b.c.wrapped_key, b.c.nonce, b.c.data, b.c.in_file]
+        if clock is not None:
+            cols.append(clock.label("lease_now"))
+        q = (select(*cols).join(m, m.c.id == d.c.message_id).join(b, b.c.id == m.c.blob_id)
+             .where(and_(d.c.channel == channel, d.c.route == route, d.c.state == "pending"))
+             .order_by(d.c.id).limit(limit))
+        if not ordered:
+            q = q.where(and_(d.c.next_attempt_at <= now, d.c.lease_until <= (clock if clock is not None else now)))
+        if shared:
+            # Unordered: skip rows another process is claiming. Ordered: this process is the
+            # route's only claimer; a locked row is one being settled, so wait for it.
+            q = q.with_for_update(skip_locked=not ordered, of=d)
         rows = conn.execute(q).mappings().all()
         due = []
         for r in rows:
-            if r["next_attempt_at"] > now or r["lease_until"] > now:
+            leased_until = r["lease_now"] if shared else now
+            if r["next_attempt_at"] > now or r["lease_until"] > leased_until:
                 if ordered:
                     break
                 continue
             due.append(r)
         if not due:
             return []
-        if not store.is_sqlite:
+        if shared:
             # Shared queue: lease the rows so other engine processes skip them. SQLite has a
             # single owner (the runtime holds a lock file), so no lease write is needed.
-            until = now + LEASE_SECONDS
+            ids = [r["id"] for r in due]
             if lease is not None:
-                lease.ids, lease.until = [r["id"] for r in due], until
-            conn.execute(update(d).where(d.c.id.in_([r["id"] for r in due])).values(lease_until=until))
-        out = []
-        for i, r in enumerate(due):
-            try:
-                payload = open_blob(store.keyring, r["blob_id"], r, r["mid"], store.blob_path(r["blob_id"]))
-            except IntegrityError as e:
-                _quarantine(conn, r, str(e), now)  # one bad blob must not stop the route
-                if ordered:  # keep the order: what follows goes in the next claim, unleased
-                    rest = [x["id"] for x in due[i + 1:]]
-                    if rest and not store.is_sqlite:
-                        conn.execute(update(d).where(d.c.id.in_(rest)).values(lease_until=0.0))
-                    break
-                continue
-            out.append(Claimed(r["id"], r["mid"], r["attempts"], r["channel"], r["kind"], dict(r["headers"] or {}),
-                               r["peer"], r["received_at"], r["parent_id"], payload))
-    return out
+                lease.ids, lease.owner = ids, owner
+            conn.execute(update(d).where(d.c.id.in_(ids)).values(lease_until=clock + LEASE_SECONDS,
+                                                                  lease_owner=owner or None))
+    return [Claimed(r["id"], r["mid"], r["attempts"], r["channel"], r["kind"], dict(r["headers"] or {}), r["peer"],
+                    r["received_at"], r["parent_id"], r["blob_id"], {k: r[k] for k in _BLOB_FIELDS}, r["size"] or 0)
+            for r in due]
 
 
-def _quarantine(conn: Any, r: Any, error: str, now: float) -> None:
+def renew_rows(conn: Any, owner: str, ids: Sequence[int]) -> int:
+    """Extend the leases ``owner`` holds on ``ids`` (deliveries in hand) by ``LEASE_SECONDS``."""
+    if not ids:
+        return 0
+    d = schema.deliveries
+    return conn.execute(update(d).where(and_(d.c.id.in_(sorted(ids)), d.c.lease_owner == owner,
+                                             d.c.state == "pending"))
+                        .values(lease_until=leases.db_now(conn) + LEASE_SECONDS)).rowcount or 0
+
+
+def quarantine(c: Claimed, error: str, out: Outcome) -> None:
     """Dead-letter a delivery whose payload fails authentication, with a security audit event.
 
     Tampering, a swapped or torn blob, or a missing key: retrying cannot help, and
     failing the whole claim would block every message behind it and spin. The row
     stays replayable once the blob or key file is restored from backup.
     """
-    conn.execute(update(schema.deliveries).where(schema.deliveries.c.id == r["id"]).values(
-        state="dead", last_error=f"integrity: {error}"[:2000], lease_until=0.0, updated_at=now))
-    conn.execute(insert(schema.audit_events), [{
-        "at": now, "action": "security.integrity_failure", "outcome": "error", "actor": "medrelay", "peer": "",
-        "channel": r["channel"], "message_id": r["mid"], "entity": {"blob_id": r["blob_id"]},
-        "detail": error[:500], "exported": 0}])
-    log.error("queue.integrity_failure", channel=r["channel"], message_id=r["mid"], error=error[:200])
+    out.failed.append(Failure(c.delivery_id, c.attempts, f"integrity: {error}", True, 0.0))
+    out.audit_rows.append({
+        "at": time.time(), "action": "security.integrity_failure", "outcome": "error", "actor": "medrelay",
+        "peer": "", "channel": c.channel, "message_id": c.message_id, "entity": {"blob_id": c.blob_id},
+        "detail": error[:500], "exported": 0})
+    log.error("queue.integrity_failure", channel=c.channel, message_id=c.message_id, error=error[:200])
 
 
 def settle(store: Any, outcome: Outcome) -> None:
-    """Write one claim's results in one transaction; safe to repeat after a failed attempt.
+    """Write one outcome (see ``settle_all``)."""
+    settle_all(store, [outcome])
+
+
+def settle_all(store: Any, outcomes: Sequence[Outcome]) -> None:
+    """Write outcomes in one transaction; safe to repeat after a failed attempt.
 
     Finished rows (id, state, detail) end their lease; the ``audit_rows`` (``message.send``,
     ``delivery.dead_letter``) go in the same transaction, so a delivery is marked done if and
     only if its audit event exists. Failed rows get their attempt count and next try, but only
     while still pending (a row finished meanwhile, e.g. by a replay, is not put back).
-    Unsent rows lose the lease only while it is still this claim's.
+    Unsent rows lose the lease only while it is still this process's.
     """
-    if not outcome:
+    outcomes = [o for o in outcomes if o]
+    if not outcomes:
         return
     d = schema.deliveries
     now = time.time()
+    done = sorted((x for o in outcomes for x in o.done), key=lambda x: x[0])
+    failed = sorted((f for o in outcomes for f in o.failed), key=lambda f: f.delivery_id)
     with store.queue_tx() as conn:
-        if outcome.done:
+        if done:
             conn.execute(
                 update(d).where(d.c.id == bindparam("did")).values(
-                    state=bindparam("st"), detail=bindparam("dt"), lease_until=0.0, updated_at=now),
-                [{"did": did, "st": state, "dt": (detail or "")[:256] or None} for did, state, detail in outcome.done])
-        if outcome.failed:
+                    state=bindparam("st"), detail=bindparam("dt"), lease_until=0.0, lease_owner=None, updated_at=now),
+                [{"did": did, "st": state, "dt": (detail or "")[:256] or None} for did, state, detail in done])
+        if failed:
             conn.execute(
                 update(d).where(and_(d.c.id == bindparam("did"), d.c.state == "pending")).values(
                     state=bindparam("st"), attempts=bindparam("att"), last_error=bindparam("err"),
-                    next_attempt_at=bindparam("nxt"), lease_until=0.0, updated_at=now),
+                    next_attempt_at=bindparam("nxt"), lease_until=0.0, lease_owner=None, updated_at=now),
                 [{"did": f.delivery_id, "st": "dead" if f.dead else "pending", "att": f.attempts,
-                  "err": f.error[:2000], "nxt": now + f.delay} for f in outcome.failed])
-        if outcome.release and outcome.lease.until:
-            conn.execute(update(d).where(and_(d.c.id.in_(outcome.release),
-                                              d.c.lease_until == outcome.lease.until)).values(lease_until=0.0))
-        if outcome.audit_rows:
-            conn.execute(insert(schema.audit_events), list(outcome.audit_rows))
-        attempts.record(conn, outcome, now)  # the per-try history the console shows
+                  "err": f.error[:2000], "nxt": now + f.delay} for f in failed])
+        for o in outcomes:
+            if o.release and o.lease.owner:
+                conn.execute(update(d).where(and_(d.c.id.in_(sorted(o.release)), d.c.lease_owner == o.lease.owner,
+                                                  d.c.state == "pending"))
+                             .values(lease_until=0.0, lease_owner=None))
+        audit_rows = [a for o in outcomes for a in o.audit_rows]
+        if audit_rows:
+            conn.execute(insert(schema.audit_events), audit_rows)
+        for o in outcomes:
+            attempts.record(conn, o, now)  # the per-try history the console shows
 
 
 def complete(store: Any, done: Sequence[tuple[int, str, str | None]],
              audit_rows: Sequence[dict[str, Any]] = ()) -> None:
-    """Mark deliveries finished in one transaction: (id, state, detail); see ``settle``."""
+    """Mark deliveries finished in one transaction: (id, state, detail); see ``settle_all``."""
     settle(store, Outcome(Lease(), done=list(done), audit_rows=list(audit_rows)))
 
 
@@ -224,7 +278,7 @@ def requeue(store: Any, *, message_ids: Sequence[str] | None = None, channel: st
         ids = list(conn.execute(q.order_by(d.c.id)).scalars().all())
         for i in range(0, len(ids), 500):
             conn.execute(update(d).where(d.c.id.in_(ids[i:i + 500])).values(
-                state="pending", attempts=0, next_attempt_at=now, lease_until=0.0, updated_at=now))
+                state="pending", attempts=0, next_attempt_at=now, lease_until=0.0, lease_owner=None, updated_at=now))
     return ids
 
 
@@ -232,7 +286,8 @@ def release_leases(store: Any) -> int:
     """At start on SQLite: leases of a killed process are void (one owner, lock held)."""
     d = schema.deliveries
     with store.engine.begin() as conn:
-        return conn.execute(update(d).where(d.c.lease_until > 0).values(lease_until=0.0)).rowcount or 0
+        return conn.execute(update(d).where(d.c.lease_until > 0)
+                            .values(lease_until=0.0, lease_owner=None)).rowcount or 0
 
 
 def next_due(store: Any, channel: str, route: str) -> float | None:
@@ -256,5 +311,6 @@ def states_of(store: Any, ids: Sequence[int]) -> dict[str, int]:
     return counts
 
 
-__all__ = ["Claimed", "Failure", "Lease", "Outcome", "backoff", "claim", "complete", "fail", "next_due", "requeue",
-           "settle", "states_of"]
+__all__ = ["LEASE_SECONDS", "Claimed", "Failure", "Lease", "Outcome", "backoff", "claim", "complete", "fail",
+           "next_due", "open_payload", "quarantine", "renew_rows", "requeue", "route_lease_name", "settle",
+           "settle_all", "states_of"]

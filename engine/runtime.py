@@ -23,11 +23,15 @@ from engine.intake import Intake
 from engine.match import matches
 from engine.metrics import Metrics
 from engine.ops.health import Readiness, readiness
+from engine.ops.singleton import Keeper, Settler, Singleton
 from engine.pipeline import Route, RouteWorker
 from engine.security.crypto import KeyRing
+from engine.store import dedupe
 from engine.store.db import Store
 
 log = structlog.get_logger()
+
+DEDUPE_SWEEP_EVERY = 300.0  # seconds between sweeps of expired duplicate-window keys
 
 
 class StartError(RuntimeError):
@@ -104,6 +108,9 @@ class Runtime:
         self.alerts: Any = None
         self.pruner: Any = None
         self.console: Any = None
+        self.keeper: Keeper | None = None  # this process's leases (ordered routes, singletons)
+        self.settler: Settler | None = None  # delivery outcomes, group-committed
+        self.singletons: list[Singleton] = []
 
     # -- helpers -------------------------------------------------------
     def _ctx(self, channel: str = "", route: str = "") -> ComponentContext:
@@ -133,12 +140,20 @@ class Runtime:
             released = await asyncio.to_thread(queue.release_leases, self.store)
             if released:
                 log.info("queue.leases_released", count=released)
+        self.keeper = Keeper(self.store)
+        self.keeper.start()
+        self.settler = Settler(self.store)
+        self.settler.start()
+        windows = {name: ch.dedupe_window for name, ch in s.channels.items()}
+        await asyncio.to_thread(dedupe.backfill, self.store, windows)
         self.audit = Audit(self.store)
         if s.audit.syslog is not None:
             from engine.audit.syslog import SyslogExporter
 
+            self.keeper.want("audit-export")  # one exporter at a time across engines
             self.audit_exporter = SyslogExporter(self.store, s.audit.syslog, source_id=s.audit.source_id,
-                                                 site_id=s.audit.site_id)
+                                                 site_id=s.audit.site_id,
+                                                 held=self._held("audit-export"))
             await self.audit_exporter.start()
         self.metrics = Metrics(self.store)
         if s.metrics.port is not None:
@@ -147,7 +162,6 @@ class Runtime:
             except Exception as e:
                 raise listen_error("metrics", s.metrics.host, s.metrics.port, e) from e
             log.info("metrics.listening", host=s.metrics.host, port=port)
-        windows = {name: ch.dedupe_window for name, ch in s.channels.items()}
         quiet = {(name, r.name): (r.debounce.key, r.debounce.seconds)
                  for name, ch in s.channels.items() for r in ch.routes if r.debounce is not None}
         self.intake = Intake(self.store, config_hash=s.config_hash, router=self._router,
@@ -167,7 +181,7 @@ class Runtime:
                 self.routes[(cname, rc.name)] = route
                 self._by_channel.setdefault(cname, []).append(route)
         for route in self.routes.values():
-            w = RouteWorker(route, self.store, self.metrics, self.audit)
+            w = RouteWorker(route, self.store, self.metrics, self.audit, keeper=self.keeper, settler=self.settler)
             w.start()
             self.workers.append(w)
         for cname, ch in s.channels.items():
@@ -187,15 +201,22 @@ class Runtime:
         if s.alerts is not None:
             from engine.ops.alerts import AlertMonitor
 
+            self.keeper.want("alerts")  # the store-wide checks: one engine; each watches its own listeners
             self.alerts = AlertMonitor(s.alerts, self.store, routes=lambda: list(self.routes),
-                                       down_channels=self._down_channels, attempts=self._attempt_counts)
+                                       down_channels=self._down_channels, attempts=self._attempt_counts,
+                                       shared=self._held("alerts"))
             self.alerts.start()
         limits = {name: ch.retention for name, ch in s.channels.items() if ch.retention is not None}
         if limits:
             from engine.ops.retention import Pruner
 
-            self.pruner = Pruner(self.store, limits, s.retention)
+            self.keeper.want("retention")  # one pruner at a time across engines
+            self.pruner = Pruner(self.store, limits, s.retention,
+                                 held=self._held("retention"))
             self.pruner.start()
+        sweep = Singleton(self.keeper, "dedupe-sweep", self._sweep_dedupe, interval=DEDUPE_SWEEP_EVERY)
+        sweep.start()
+        self.singletons.append(sweep)
         if s.console is not None:
             from engine.console.server import Console
 
@@ -208,6 +229,16 @@ class Runtime:
         self.audit.record("engine.start", actor="medrelay", detail=f"config {s.config_hash[:12]}")
         log.info("engine.started", channels=len(self.listeners), routes=len(self.routes),
                  config_hash=s.config_hash[:12])
+
+    def _held(self, name: str) -> Any:
+        """A callable telling whether this process holds the lease ``name`` now (a singleton's turn)."""
+        return lambda: self.keeper is not None and self.keeper.held(name)
+
+    async def _sweep_dedupe(self, held: Any) -> None:
+        """Delete expired duplicate-window keys in bounded batches while this process holds the job."""
+        assert self.store is not None
+        while held() and await asyncio.to_thread(dedupe.sweep, self.store):
+            await asyncio.sleep(0.05)
 
     def _down_channels(self) -> list[str]:
         """Enabled channels whose listener is not serving (never started, or says it stopped)."""
@@ -261,6 +292,11 @@ class Runtime:
             await self.intake.stop()
         await asyncio.gather(*(w.stop() for w in self.workers), return_exceptions=True)
         self.workers.clear()
+        if self.settler is not None:
+            await asyncio.to_thread(self.settler.stop)
+        for job in self.singletons:
+            await job.stop()
+        self.singletons.clear()
         for route in self.routes.values():
             try:
                 await route.destination.close()
@@ -275,6 +311,9 @@ class Runtime:
         if self.audit_exporter is not None:
             await self.audit_exporter.stop()  # flushes briefly; the rest stays queued in the store
             self.audit_exporter = None
+        if self.keeper is not None:
+            await asyncio.to_thread(self.keeper.stop)  # leases released: the other engines take over now
+            self.keeper = None
         if self.store is not None:
             self.store.dispose()
         if self._lock is not None:

@@ -30,6 +30,7 @@ from engine.context import ComponentContext
 from engine.envelope import Envelope
 from engine.registry import component
 from engine.security.tls import TLSConfig, client_context
+from routes import fhir_lineage
 
 log = structlog.get_logger()
 FHIR_JSON = "application/fhir+json"
@@ -52,6 +53,9 @@ class FhirDestinationConfig(ComponentConfig):
     tls: TLSConfig | None = Field(None, description="CA / client certificate for https base URLs")
     timeout: float = Field(30.0, gt=0, description="seconds one request may take in all (connect, TLS, send, "
                            "the whole answer); then the connection is closed and the delivery retried")
+    provenance: bool = Field(False, description="send a Provenance with the resources (target, recorded, agents "
+                             "medrelay and the source system, entity the source message, channel, route, transforms "
+                             "and config hash): one transaction Bundle (a batch: the Provenance follows it)")
 
 
 def _issue_codes(resp: httpx.Response) -> str:
@@ -113,6 +117,8 @@ class FhirDestination:
         return "POST", f"{self.base}/{rtype}", envelope.payload, None
 
     async def send(self, envelope: Envelope) -> str | None:
+        if self.config.provenance and envelope.headers.get("interaction") != "delete":
+            envelope = await fhir_lineage.traced(self, envelope)  # resources + Provenance in one transaction
         method, url, body, btype = self._request(envelope)
         headers = {"X-Request-ID": envelope.id}
         if btype is None and method != "DELETE":
@@ -133,6 +139,8 @@ class FhirDestination:
             raise DeliveryError(f"FHIR {method} HTTP {status}: redirects are not followed", permanent=True)
         if btype is not None:
             self._check_entries(resp, btype)
+        if method != "DELETE":
+            await fhir_lineage.after(self, envelope, resp, btype is not None)  # outputs (a batch's Provenance)
         log.info("fhir.delivered", channel=self.ctx.channel, route=self.ctx.route, method=method,
                  status=status, message_id=envelope.id)
         return f"HTTP {status}"

@@ -8,6 +8,7 @@ The handler for each lives in its room of engine/store/ (dicom/, fhir/).
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import Field
@@ -27,6 +28,9 @@ class StoreDestinationConfig(ComponentConfig):
 
     type: Literal["store"]
     as_: str | None = Field(None, alias="as", description="force a handler (dicom, fhir, worklist)")
+    provenance: bool = Field(False, description="FHIR: write a Provenance with the resources (target, recorded, "
+                             "agents medrelay and the source system, entity the source message, channel, route, "
+                             "transforms and config hash), in the same transaction")
 
 
 class StoreDestination:
@@ -37,6 +41,8 @@ class StoreDestination:
     def _store(self, envelope: Envelope) -> str:
         if self.config.as_:
             envelope = envelope.derive(headers={**envelope.headers, "store_as": self.config.as_})
+        if self.config.provenance:  # the fhir handler writes the Provenance (engine/store/fhir/handler.py)
+            envelope = replace(envelope, headers={**envelope.headers, "store_provenance": True})
         name, handler = handler_for(envelope)
         if handler is None:
             raise DeliveryError(f"no store handler for {name!r}", permanent=True)

@@ -30,7 +30,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("engine.config", "engine.context", "engine.intake", "engine.match", "engine.queue", "engine.pipeline",
      "engine.runtime", "engine.metrics", "engine.ops", "engine.auth", "engine.messages", "engine.routing_keys",
      # the admin API and console: started by the runtime, never importing it (it is handed the runtime)
-     "engine.console"),
+     "engine.console",
+     # FHIR Provenance of what destinations write (issue 15)
+     "engine.provenance"),
     # feature rooms of the store
     ("engine.store.dicom", "engine.store.fhir"),
     # the command line uses everything

@@ -21,6 +21,8 @@ from sqlalchemy.engine import make_url
 
 from engine.security.crypto import IntegrityError, KeyRing, Sealed
 from engine.store import outputs as _outputs  # noqa: F401  (message outputs, issue 15)
+from engine.store import dedupe as _dedupe  # noqa: F401  (cross-process duplicate windows)
+from engine.store import leases as _leases  # noqa: F401  (named leases: one doer at a time)
 from engine.store import schema
 from engine.store import sources as _sources  # noqa: F401  (polling sources' marks and cursors)
 from engine.store.dicom import tables as _dicom_tables  # noqa: F401  (their tables join the schema)
@@ -30,7 +32,7 @@ from engine.store.prepared import Prepared
 
 log = structlog.get_logger()
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 INLINE_MAX = 256 * 1024  # payloads above this go to files beside the database
 # Work that a feature room above this layer must do inside the migration transaction (under its
 # lock), registered when the room is imported: engine.store.fhir.reindex rebuilds the FHIR search
@@ -54,6 +56,29 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any, synchronous: str = "FULL") ->
 
 class Store:
     """The database engine, the blob folder and the key ring that seals what goes in."""
+# libpq settings so that a database that vanishes without closing its sockets (a host or
+# network gone, a failover) fails the statements waiting on it in about half a minute, not
+# after Linux's ~15 min of retransmissions: a bounded connect, TCP keepalives on idle
+# connections and TCP_USER_TIMEOUT on unacknowledged writes. A value in the URL's query
+# (``?connect_timeout=3``) wins.
+PG_CONNECT_ARGS: dict[str, Any] = {
+    "connect_timeout": 10, "keepalives": 1, "keepalives_idle": 15, "keepalives_interval": 5,
+    "keepalives_count": 3, "tcp_user_timeout": 30000, "application_name": "medrelay",
+}
+
+
+def pg_connect_args(query: Any) -> dict[str, Any]:
+    """``PG_CONNECT_ARGS`` minus what the store URL sets itself."""
+    return {k: v for k, v in PG_CONNECT_ARGS.items() if k not in (query or {})}
+
+
+def _pg_async_commit(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("SET synchronous_commit = off")
+    cur.close()
+    dbapi_conn.commit()
+
+
 
     def __init__(self, url: str, blob_dir: str | os.PathLike[str], keyring: KeyRing,
                  inline_max: int = INLINE_MAX) -> None:
@@ -65,19 +90,24 @@ class Store:
         if self.is_sqlite:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         else:
-            kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
+            kwargs.update(pool_size=5, max_overflow=10, pool_pre_ping=True,
+                          connect_args=pg_connect_args(self.url.query))
         self.engine: Engine = create_engine(self.url, **kwargs)
-        # Queue bookkeeping (claims, done, retry counts) does not need its own fsync: losing
-        # the last few such commits in a power cut only means a message is sent again, which
-        # at-least-once allows. So it writes through a second engine with synchronous=NORMAL
-        # (SQLite WAL: durable with the next FULL commit of intake) or, on PostgreSQL,
-        # synchronous_commit=off per transaction. Intake's commits stay fully synchronous.
-        self.queue_engine: Engine = self.engine
+        # Queue bookkeeping (claims, done, retry counts, lease renewals) does not need its own
+        # fsync: losing the last few such commits in a power cut only means a message is sent
+        # again, which at-least-once allows. So it writes through a second engine with
+        # synchronous=NORMAL (SQLite WAL: durable with the next FULL commit of intake) or, on
+        # PostgreSQL, synchronous_commit=off set once per connection (not a SET LOCAL round trip
+        # per transaction), and no pre-ping round trip per checkout: a worker whose connection
+        # died retries. Intake's commits stay fully synchronous.
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
-            self.queue_engine = create_engine(self.url, **kwargs)
+            self.queue_engine: Engine = create_engine(self.url, **kwargs)
             event.listen(self.queue_engine, "connect",
                          lambda c, r: _sqlite_pragmas(c, r, synchronous="NORMAL"))
+        else:
+            self.queue_engine = create_engine(self.url, **{**kwargs, "pool_pre_ping": False})
+            event.listen(self.queue_engine, "connect", _pg_async_commit)
         self.blob_dir = Path(blob_dir)
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self._make_fanout()
@@ -305,10 +335,7 @@ class _QueueTx:
 
     def __enter__(self) -> Connection:
         self._cm = self.store.queue_engine.begin()
-        conn = self._cm.__enter__()
-        if not self.store.is_sqlite:
-            conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
-        return conn
+        return self._cm.__enter__()  # PostgreSQL: synchronous_commit=off is the connection's setting
 
     def __exit__(self, *exc: Any) -> Any:
         return self._cm.__exit__(*exc)
@@ -325,4 +352,13 @@ def _step2_coalesce_key(conn: Connection) -> None:
                           "ON deliveries (channel, route, coalesce_key, state)"))
 
 
-_STEPS: dict[int, Any] = {2: _step2_coalesce_key}
+def _step3_lease_owner(conn: Connection) -> None:
+    """v3: deliveries.lease_owner (several engines: leases renewed and released by their holder)."""
+    from sqlalchemy import inspect, text
+
+    cols = {c["name"] for c in inspect(conn).get_columns("deliveries")}
+    if "lease_owner" not in cols:
+        conn.execute(text("ALTER TABLE deliveries ADD COLUMN lease_owner VARCHAR(80)"))
+
+
+_STEPS: dict[int, Any] = {2: _step2_coalesce_key, 3: _step3_lease_owner}

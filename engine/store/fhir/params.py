@@ -159,6 +159,9 @@ SEARCH_PARAMS: dict[str, dict[str, SearchParam]] = {
                                         "modality of the study or a series (DICOM DCM code)"),
                             SearchParam("started", "date", ("started",), "when the study started")),
     "Endpoint": _common(_STATUS, _string("name", ("name",), "endpoint name")),
+    # what medrelay records about the resources it writes (engine/provenance.py); also accepted from clients
+    "Provenance": _common(SearchParam("target", "reference", ("target",), "a resource it is about (Type/id)"),
+                          SearchParam("recorded", "date", ("recorded",), "when it was recorded")),
 }
 # Resource types the REST API serves. AuditEvent is read/search only, from the audit trail.
 STORED_TYPES: tuple[str, ...] = tuple(SEARCH_PARAMS)
