@@ -32,6 +32,7 @@ import structlog
 from pydicom import Dataset
 from pydicom.sequence import Sequence
 from pynetdicom import AE
+from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.presentation import build_context, build_role
 
 from engine.store.dicom import index as idx
@@ -50,6 +51,8 @@ COMMIT_INSTANCE = "1.2.840.10008.1.20.1.1"
 REQUEST_COMMIT = 1  # Action Type ID
 ALL_COMMITTED, SOME_FAILED = 1, 2  # Event Type IDs
 MAX_PENDING = 64  # requests waiting for their result at once; more are refused (0x0213)
+RELEASE_GRACE = 0.3  # seconds to see whether the requester releases before answering on its association
+SAME_ASSOCIATION_TIMEOUT = 10.0  # seconds to wait for the N-EVENT-REPORT response there
 
 
 @dataclass
@@ -221,9 +224,16 @@ class CommitmentSCP:
     def _deliver(self, req: Request, info: Dataset, event_type: int) -> str:
         """Same association when open, else a new one to the requester's configured AE, with retries."""
         assoc = req.assoc
-        if self.config.same_association and assoc is not None and assoc.is_established:
-            if _sent(assoc.send_n_event_report(info, event_type, COMMIT_CLASS, COMMIT_INSTANCE)):
-                return "same_association"
+        if self.config.same_association and assoc is not None and not self._releasing(assoc):
+            previous = assoc.dimse_timeout
+            assoc.dimse_timeout = min(previous or SAME_ASSOCIATION_TIMEOUT, SAME_ASSOCIATION_TIMEOUT)
+            try:
+                if _sent(assoc.send_n_event_report(info, event_type, COMMIT_CLASS, COMMIT_INSTANCE)):
+                    return "same_association"
+            except Exception as e:  # released or aborted meanwhile: a new association instead
+                log.info("dicom.commitment_same_association_gone", channel=self.ctx.channel, error=type(e).__name__)
+            finally:
+                assoc.dimse_timeout = previous
             log.info("dicom.commitment_same_association_failed", channel=self.ctx.channel,
                      transaction_uid=req.transaction_uid)
         dest = self.config.peers.get(req.calling_aet)
@@ -242,6 +252,18 @@ class CommitmentSCP:
                 log.warning("dicom.commitment_send_failed", channel=self.ctx.channel, error=type(e).__name__,
                             attempt=attempt + 1)
         return "undelivered"
+
+    def _releasing(self, assoc: Any) -> bool:
+        """Whether the requester has ended (or is ending) its association: many modalities release
+        right after the N-ACTION response and expect the result on a new one. Looked at for a
+        short grace period, by peeking at the next PDU without taking it (the association's own
+        reactor answers the A-RELEASE-RQ)."""
+        deadline = time.monotonic() + RELEASE_GRACE
+        while True:
+            if not assoc.is_established or isinstance(assoc.dul.peek_next_pdu(), A_RELEASE):
+                return True
+            if time.monotonic() >= deadline or self._closed.wait(0.02):
+                return not assoc.is_established
 
     def _send_new(self, req: Request, dest: Any, info: Dataset, event_type: int) -> bool:
         ae = AE(ae_title=self.ae_title)
@@ -267,18 +289,10 @@ class CommitmentSCP:
                 assoc.release()
 
 
-def _sent(status: Any) -> bool:
-    """The peer answered the N-EVENT-REPORT with success (an empty Dataset means no answer)."""
+def _sent(answer: Any) -> bool:
+    """The peer answered the N-EVENT-REPORT with success (pynetdicom gives (status, reply); an
+    empty status Dataset means no answer)."""
+    status = answer[0] if isinstance(answer, tuple) else answer
     code = getattr(status, "Status", None)
     return code is not None and (code == 0x0000 or 0xB000 <= code <= 0xBFFF)
 
-
-def wait_idle(scp: CommitmentSCP, timeout: float = 10.0) -> bool:
-    """For tests and shutdown: whether every pending result was dealt with within ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with scp._lock:
-            if scp._pending == 0:
-                return True
-        time.sleep(0.02)
-    return False
