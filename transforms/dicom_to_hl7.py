@@ -17,6 +17,10 @@ ProcedureCodeSequence, else StudyDescription as text.
 
 Every value is escaped (``\\F\\ \\S\\ \\R\\ \\E\\ \\T\\``), MSH-10 is a fresh random id and
 the message is validated with hl7apy (transforms.hl7_validate) before it leaves.
+
+``code_tables`` (``{OBR-4: procedures}``) replace local codes in coded fields through the
+top-level tables, with the rule engine's lookups (transforms/converter_tables.py), before
+validation.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from engine.context import ComponentContext
 from engine.envelope import Envelope
 from engine.hl7.message import Delimiters
 from engine.registry import component
+from transforms.converter_tables import apply_hl7, code_table_problems, code_table_program
 from transforms.dicom_common import first_code, read_dataset, request_attr, text
 from transforms.fhir_time import now_v2
 from transforms.hl7_escape import escape
@@ -77,6 +82,15 @@ class DicomToHl7Config(ComponentConfig):
     default_identifier_system: str = _id["default_identifier_system"]
     timezone: str = Field("UTC", description="IANA zone of MSH-7.")
     validate_output: bool = Field(True, description="Validate with hl7apy before sending.")
+    code_tables: dict[str, str] = Field(
+        default_factory=dict, description="Coded field (CE/CWE) -> table under top-level `tables:`: a code "
+        "found in the table is replaced by its row (components 1-3 from target_code, target_display, "
+        "target_system), e.g. {OBR-4: procedures} for local procedure codes to RadLex/LOINC; others are kept.",
+        examples=[{"OBR-4": "procedures"}])
+
+    def rule_problems(self, tables: dict[str, Any]) -> list[Any]:
+        """`medrelay check`: the code tables (transforms/converter_tables.py)."""
+        return code_table_problems("hl7v2", self.code_tables, tables)
 
     @field_validator("retrieve_url_template")
     @classmethod
@@ -123,8 +137,8 @@ def _xcn(pn: Any) -> str:
 
 
 def build_message(ds: Dataset, cfg: DicomToHl7Config, control_id: str | None = None,
-                  timestamp: str | None = None) -> tuple[str, str]:
-    """Dataset -> (message text with CR separators, MSH-10)."""
+                  timestamp: str | None = None, post: Callable[[str], str] | None = None) -> tuple[str, str]:
+    """Dataset -> (message text with CR separators, MSH-10); ``post`` (the code tables) runs before validation."""
     msg_type, event, structure = MESSAGES[cfg.message]
     control_id = control_id or uuid.uuid4().hex[:20]  # MSH-10 is ST(20) in v2.5.1
     study_uid = text(ds, "StudyInstanceUID")
@@ -163,6 +177,8 @@ def build_message(ds: Dataset, cfg: DicomToHl7Config, control_id: str | None = N
         rp = rp_id or acc
         segs.append(_seg("IPC", _e(acc), _e(rp), _e(study_uid), _e(sps_id or rp), _e(modality)))
     text_msg = "\r".join(segs)
+    if post is not None:
+        text_msg = post(text_msg)
     if cfg.validate_output:
         validate_v2(text_msg, structure)
     return text_msg, control_id
@@ -171,12 +187,16 @@ def build_message(ds: Dataset, cfg: DicomToHl7Config, control_id: str | None = N
 @component("transform", "dicom_to_hl7", config=DicomToHl7Config, kinds=("dicom",))
 def build(config: DicomToHl7Config, ctx: ComponentContext | None = None) -> Callable[[Envelope], Envelope]:
     """DICOM instance -> HL7 v2.5.1 ORU^R01 / ORM^O01 / OMI^O23 announcing the study."""
+    from engine.mapping.tables import tables_of
+
     msg_type, event, _structure = MESSAGES[config.message]
     codec = CODECS[config.charset]
+    program = code_table_program("hl7v2", config.code_tables, tables_of(ctx))
+    post = (lambda text_msg: apply_hl7(program, text_msg)) if program is not None else None
 
     def transform(env: Envelope) -> Envelope:
         ds = read_dataset(env.payload)
-        msg, control_id = build_message(ds, config)
+        msg, control_id = build_message(ds, config, post=post)
         log.debug("dicom_to_hl7.built", message_id=env.id, msh_10=control_id)
         return env.derive(kind="hl7v2", payload=msg.encode(codec, errors="replace"), headers={
             "MSH-9.1": msg_type, "MSH-9.2": event, "MSH-10": control_id, "MSH-12": "2.5.1",

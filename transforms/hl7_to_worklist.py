@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 from pydantic import Field
@@ -39,6 +39,7 @@ from engine.context import ComponentContext
 from engine.envelope import Drop, Envelope
 from engine.hl7.message import parse_path
 from engine.registry import component
+from transforms.converter_tables import apply_dicom, code_table_problems, code_table_program
 from transforms.hl7_text import Segment, V2Message
 from transforms.v2_tables import ORDER_CONTROL_ACTION
 
@@ -61,6 +62,15 @@ class Hl7ToWorklistConfig(ComponentConfig):
     default_station_ae_title: str | None = Field(None, description="AE title when nothing else gives one.")
     modality_map: dict[str, str] = Field(
         default_factory=dict, description="Extra OBR-24 / IPC-5 value -> DICOM modality mappings.")
+    code_tables: dict[str, str] = Field(
+        default_factory=dict, description="Code sequence -> table under top-level `tables:`: a CodeValue found "
+        "in the table is replaced by its row (CodeValue, CodeMeaning, CodingSchemeDesignator from target_code, "
+        "target_display, target_system), e.g. {RequestedProcedureCodeSequence: procedures}; others are kept.",
+        examples=[{"RequestedProcedureCodeSequence": "procedures"}])
+
+    def rule_problems(self, tables: dict[str, Any]) -> list[Any]:
+        """`medrelay check`: the code tables (transforms/converter_tables.py)."""
+        return code_table_problems("dicom", self.code_tables, tables)
 
 
 def _order_key(orc: Segment, obr: Segment | None) -> str:
@@ -190,6 +200,10 @@ def item_key(order_key: str) -> str:
 def build(config: Hl7ToWorklistConfig,
           ctx: ComponentContext | None = None) -> Callable[[Envelope], Envelope | list[Envelope]]:
     """ORM^O01 / OMI^O23 -> Modality Worklist items (store_as: worklist)."""
+    from engine.mapping.tables import tables_of
+
+    program = code_table_program("dicom", config.code_tables, tables_of(ctx))
+
     def transform(env: Envelope) -> Envelope | list[Envelope]:
         msg = V2Message.from_bytes(env.payload)
         if msg.message_type not in (("ORM", "O01"), ("OMI", "O23")):
@@ -206,6 +220,7 @@ def build(config: Hl7ToWorklistConfig,
                 ds, action, key = build_item(msg, g, config)
             except Drop:
                 continue
+            apply_dicom(program, ds)  # code_tables: local procedure codes to the site's standard ones
             out.append(env.derive(kind="dicom", payload=encode_item(ds), headers={
                 "store_as": "worklist", "action": action, "worklist_key": item_key(key),
                 "MSH-10": env.headers.get("MSH-10", "")}))
