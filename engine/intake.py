@@ -505,13 +505,13 @@ def _supersede(conn: Connection, latest: dict[tuple[str, str, str], str], rows: 
     """Debounce: a newer message with the same key replaces the pending delivery of an older one.
 
     Older pending rows already in the store and older rows of this same batch become
+    `superseded`; only the newest stays pending, due when the key has been quiet long enough.
     Several engines: each key's lock (``leases.xact_lock``) is taken first, so an engine whose
     transaction on the same key commits meanwhile is waited for and its row superseded too;
     without it both kept a pending row (two ORUs for one study).
-    `superseded`; only the newest stays pending, due when the key has been quiet long enough.
     """
-    leases.xact_lock(conn, "debounce", [f"{c}\x00{r}\x00{k}" for c, r, k in latest])
     d = schema.deliveries
+    leases.xact_lock(conn, "debounce", [f"{c}\x00{r}\x00{k}" for c, r, k in latest])
     for (channel, route, ck), newest in latest.items():
         conn.execute(update(d).where(and_(d.c.channel == channel, d.c.route == route, d.c.coalesce_key == ck,
                                           d.c.state == "pending"))

@@ -1,14 +1,19 @@
 """Route workers: claim deliveries, run the route's transforms, send, record the result.
 
-One worker per (channel, route). It wakes when intake commits work for its route,
-or when the earliest retry falls due, so an idle engine does not poll the store hot.
+One worker per (channel, route) in each engine process. It wakes when intake commits work
+for its route, or when the earliest retry falls due, so an idle engine does not poll the
+store hot. With several processes on one PostgreSQL store, an unordered route is worked by
+every process at once (claims skip each other's rows); an ordered route only by the process
+holding its route lease (``queue.route_lease_name``, kept by ``engine.ops.singleton.Keeper``),
+so its order holds, and the lease moves within seconds when that process dies.
 
 Two things bound a worker against the outside world. Every send is bounded by the
 destination's ``deadline`` (see ``RouteWorker._send``): a peer that never reads or never
 answers costs one failed attempt, retried with the route's backoff. And the store may
-fail at any step: the results of a claim are kept in memory until ``queue.settle`` has
-written them (retried with a short bounded backoff, nothing new claimed meanwhile), so a
-database outage neither loses an outcome nor leaves leases to run out after it.
+fail at any step: each delivery's result goes to the process's ``Settler`` as soon as it is
+known (marked done one by one, group-committed with other routes' results), which keeps it
+until written; the worker claims nothing new until its results are written, so a database
+outage neither loses an outcome nor leaves leases to run out after it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import random
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -27,11 +33,15 @@ import structlog
 from engine import queue
 from engine.components import DeliveryError
 from engine.envelope import Drop, Envelope
+from engine.ops.singleton import Keeper, Settler
+from engine.security.crypto import IntegrityError
 
 log = structlog.get_logger()
 
-BATCH = 64
+BATCH = 64  # deliveries per claim (payloads are loaded one at a time, when sent)
+SHARED_BATCH = 16  # on a shared store, for unordered routes: leave work for the other processes
 IDLE_POLL = 1.0
+DECRYPT_INLINE = 64 * 1024  # payloads up to this are decrypted on the loop; larger ones in a thread
 STORE_RETRY = (0.25, 2.0)  # seconds between store attempts while the store fails: first, most
 STORE_LOG_EVERY = 30.0  # seconds between "still unavailable" lines during one outage
 DEADLINE_GRACE = (1.0, 0.1)  # on top of a destination's deadline (at least, fraction), so its own
@@ -66,25 +76,37 @@ def apply_transforms(transforms: Sequence[Callable[[Envelope], Any]], env: Envel
 
 
 class RouteWorker:
-    def __init__(self, route: Route, store: Any, metrics: Any = None, audit: Any = None) -> None:
+    def __init__(self, route: Route, store: Any, metrics: Any = None, audit: Any = None, *,
+                 keeper: Keeper | None = None, settler: Settler | None = None) -> None:
         self.route = route
         self.store = store
         self.metrics = metrics
         self.audit = audit
+        self.keeper = keeper if keeper is not None else Keeper(store)
+        self.settler = settler if settler is not None else Settler(store)
+        self.lease_name = queue.route_lease_name(route.channel, route.name) if route.ordered else None
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
-        self._unsettled: list[queue.Outcome] = []  # outcomes the store has not taken yet, oldest first
+        self._unsettled: list[Future[None]] = []  # results handed to the settler, not yet written
         self._store_down_since: float | None = None
         self._store_logged = 0.0
         self._store_failures = 0
+        self._retrying = False  # the last send failed: claim one delivery at a time until one succeeds
 
     def start(self) -> None:
+        if self.lease_name is not None:
+            self.keeper.want(self.lease_name)
         self._task = asyncio.create_task(self._run(), name=f"route-{self.route.channel}-{self.route.name}")
 
     @property
     def alive(self) -> bool:
         """The worker's task is running (readiness: a worker that died takes the engine out of service)."""
         return self._task is not None and not self._task.done()
+
+    @property
+    def owns_route(self) -> bool:
+        """May this process claim the route now (always for unordered routes and on SQLite)."""
+        return self.lease_name is None or self.keeper.held(self.lease_name)
 
     async def stop(self) -> None:
         """Finish the delivery in hand, then stop; leases of unsent claims are released."""
@@ -95,6 +117,8 @@ class RouteWorker:
                 await asyncio.wait_for(self._task, timeout=30)
             except (TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
+        if self.lease_name is not None:
+            self.keeper.unwant(self.lease_name)
 
     async def _run(self) -> None:
         """Claim, deliver, settle, until stopped. Survives every error: a store error backs off
@@ -102,30 +126,35 @@ class RouteWorker:
         r = self.route
         while True:
             try:
-                if self._unsettled and not await self._settle():
-                    if self._stopping:
-                        log.warning("route.unsettled_at_stop", channel=r.channel, route=r.name,
-                                    claims=len(self._unsettled))
-                        return
-                    await self._store_pause()
-                    continue
                 if self._stopping:
                     return
+                if not self.owns_route:  # another process has this ordered route: wait for its lease
+                    r.wake.clear()
+                    await self.keeper.wait_changed(IDLE_POLL)
+                    continue
                 r.wake.clear()
                 lease = queue.Lease()
+                limit = 1 if self._retrying else (SHARED_BATCH if self.keeper.shared and not r.ordered else BATCH)
                 try:
-                    claimed = await asyncio.to_thread(queue.claim, self.store, r.channel, r.name, BATCH,
-                                                      ordered=r.ordered, lease=lease)
+                    claimed = await asyncio.to_thread(queue.claim, self.store, r.channel, r.name, limit,
+                                                      ordered=r.ordered, lease=lease, owner=self.keeper.holder)
                 except Exception as e:
                     if lease.ids:  # the lease may have been committed even though the claim failed
-                        self._unsettled.append(queue.Outcome(lease, release=list(lease.ids)))
+                        await self._wait_settled([self.settler.put(queue.Outcome(lease, release=list(lease.ids)))])
                     self._store_error("claim", e)
                     await self._store_pause()
                     continue
                 self._store_ok()
                 if claimed:
-                    self._unsettled.append(await self._process(claimed, lease))
-                    continue  # settled at the top of the loop, retried there while the store is away
+                    ids = [c.delivery_id for c in claimed]
+                    self.keeper.hold_rows(ids)
+                    try:
+                        await self._process(claimed, lease)
+                        await self._wait_settled(self._unsettled)
+                    finally:
+                        self._unsettled = []
+                        self.keeper.drop_rows(ids)
+                    continue
                 try:
                     due = await asyncio.to_thread(queue.next_due, self.store, r.channel, r.name)
                 except Exception:
@@ -140,17 +169,19 @@ class RouteWorker:
                           trace=traceback.format_exc()[-2000:])
                 await asyncio.sleep(IDLE_POLL)
 
-    async def _settle(self) -> bool:
-        """Write the outcomes held back (oldest first); False while the store does not take them."""
-        while self._unsettled:
+    async def _wait_settled(self, futures: list[Future[None]]) -> None:
+        """Until the settler has written these results (it retries while the store fails).
+
+        Nothing new is claimed meanwhile: a claim would see these rows still pending. At stop
+        the settler gives up after its own bound and the rows' leases run out instead.
+        """
+        for f in futures:
             try:
-                await asyncio.to_thread(queue.settle, self.store, self._unsettled[0])
+                await asyncio.wrap_future(f)
             except Exception as e:
-                self._store_error("settle", e)
-                return False
-            self._unsettled.pop(0)
-        self._store_ok()
-        return True
+                log.warning("route.unsettled_at_stop", channel=self.route.channel, route=self.route.name,
+                            error=str(e)[:200])
+                return
 
     def _store_error(self, op: str, e: Exception) -> None:
         r = self.route
@@ -158,13 +189,11 @@ class RouteWorker:
         self._store_failures += 1
         if self._store_down_since is None:
             self._store_down_since = self._store_logged = now
-            log.error("route.store_unavailable", channel=r.channel, route=r.name, op=op, error=_db_error(e),
-                      unsettled=len(self._unsettled))
+            log.error("route.store_unavailable", channel=r.channel, route=r.name, op=op, error=_db_error(e))
         elif now - self._store_logged >= STORE_LOG_EVERY:
             self._store_logged = now
             log.warning("route.store_still_unavailable", channel=r.channel, route=r.name, op=op,
-                        error=_db_error(e), seconds=round(now - self._store_down_since, 1),
-                        unsettled=len(self._unsettled))
+                        error=_db_error(e), seconds=round(now - self._store_down_since, 1))
 
     def _store_ok(self) -> None:
         if self._store_down_since is not None:
@@ -188,27 +217,36 @@ class RouteWorker:
         except TimeoutError:
             pass
 
-    async def _process(self, claimed: list[queue.Claimed], lease: queue.Lease) -> queue.Outcome:
-        """Deliver one claim; what happened is returned, for ``settle``, not written here."""
+    def _settle(self, out: queue.Outcome) -> None:
+        if out:
+            self._unsettled.append(self.settler.put(out))
+
+    async def _process(self, claimed: list[queue.Claimed], lease: queue.Lease) -> None:
+        """Deliver one claim, each result handed to the settler as soon as it is known."""
         r = self.route
-        out = queue.Outcome(lease)
         for i, c in enumerate(claimed):
-            if self._stopping:
-                out.release.extend(x.delivery_id for x in claimed[i:])
-                break
+            if self._stopping or not self.owns_route:  # stopping, or the route lease was lost: leave the rest
+                self._settle(queue.Outcome(lease, release=[x.delivery_id for x in claimed[i:]]))
+                return
+            out = queue.Outcome(lease)
             try:
                 ok = await self._deliver_one(c, out)
             except Exception as e:  # a bug around the delivery: fail this one (backoff), never spin on it
                 self._failed(c, f"internal error: {type(e).__name__}", out, permanent=False,
                              trace=traceback.format_exc())
                 ok = False
+            out.audit_rows.extend(_send_audit(r, c, detail) for _, state, detail in out.done if state == "done")
             if not ok and r.ordered:
                 out.release.extend(x.delivery_id for x in claimed[i + 1:])
-                break
-        by_id = {c.delivery_id: c for c in claimed}
-        out.audit_rows.extend(_send_audit(r, by_id[did], detail) for did, state, detail in out.done
-                              if state == "done")
-        return out
+            self._settle(out)
+            if not ok and r.ordered:
+                return
+
+    async def _payload(self, c: queue.Claimed) -> bytes:
+        """Decrypt one payload just before it is sent: small ones here, large ones (files) in a thread."""
+        if not c.in_file and c.size <= DECRYPT_INLINE:
+            return queue.open_payload(self.store, c)
+        return await asyncio.to_thread(queue.open_payload, self.store, c)
 
     async def _send(self, env: Envelope) -> str | None:
         """``destination.send`` within the destination's deadline (its ``deadline`` attribute).
@@ -231,7 +269,12 @@ class RouteWorker:
 
     async def _deliver_one(self, c: queue.Claimed, out: queue.Outcome) -> bool:
         r = self.route
-        env = Envelope(channel=c.channel, kind=c.kind, payload=c.payload, headers=c.headers,  # type: ignore[arg-type]
+        try:
+            payload = await self._payload(c)
+        except IntegrityError as e:  # dead-lettered with a security event; the route goes on
+            queue.quarantine(c, str(e), out)
+            return True
+        env = Envelope(channel=c.channel, kind=c.kind, payload=payload, headers=c.headers,  # type: ignore[arg-type]
                        peer=c.peer, id=c.message_id,
                        received_at=datetime.fromtimestamp(c.received_at, UTC),
                        lineage=(c.parent_id,) if c.parent_id else ())
@@ -261,6 +304,7 @@ class RouteWorker:
             self._failed(c, f"{type(e).__name__}: {e}", out, permanent=False, trace=traceback.format_exc())
             return False
         out.done.append((c.delivery_id, "done", "; ".join(d for d in details if d) or None))
+        self._retrying = False
         if self.metrics:
             self.metrics.delivered.labels(r.channel, r.name).inc()
         log.debug("route.delivered", channel=r.channel, route=r.name, message_id=c.message_id)
@@ -273,6 +317,7 @@ class RouteWorker:
         dead = permanent or attempts >= r.retry.max_attempts
         delay = queue.backoff(attempts, r.retry.initial_delay, r.retry.multiplier, r.retry.max_delay)
         out.failed.append(queue.Failure(c.delivery_id, attempts, error, dead, delay))
+        self._retrying = not dead
         if self.metrics:
             self.metrics.failed.labels(r.channel, r.name).inc()
             if dead:

@@ -13,6 +13,11 @@ that batch go again; every message carries its row id as structured data
 (``[medrelay@32473 id="N"]``) so a repository can drop repeats. A connection the
 repository closed is noticed before writing; one that dies silently can still swallow
 the batch in flight, which no TCP syslog transport can prevent (RFC 5425 has no acks).
+
+With several engines on one store, one exports at a time: the runtime passes ``held``, the
+process's hold of the ``audit-export`` lease (engine/ops/singleton.py). The others wait; when
+the exporting engine dies its lease runs out and another takes over within seconds, resending
+at most the batch that was in flight.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import os
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -81,8 +87,9 @@ class SyslogExporter:
     """One background task per engine: store -> syslog, in order, at least once."""
 
     def __init__(self, store: Any, config: SyslogConfig, *, source_id: str | None = None,
-                 site_id: str | None = None) -> None:
+                 site_id: str | None = None, held: Callable[[], bool] | None = None) -> None:
         self.store = store
+        self.held = held or (lambda: True)  # this process's turn to export (a lease, several engines)
         self.config = config
         self.host = socket.gethostname()
         self.source_id = source_id or self.host
@@ -186,6 +193,12 @@ class SyslogExporter:
     async def _run(self) -> None:
         delay = self.config.retry_initial
         while not self._stopping:
+            if not self.held():  # another engine exports; be ready to take over
+                await self._close()
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.config.poll_interval)
+                continue
             try:
                 rows = await asyncio.to_thread(self._fetch)
             except Exception as e:

@@ -213,13 +213,6 @@ def check(config: str) -> None:
                 line = settings.line_of.get((*path, attr)) or settings.line_of.get(path)
                 where = f"{config}:{line}" if line else config
                 problems.append(f"{where}: {dotted((*path, attr))}: file not found: {f}")
-    for cname, ch in settings.channels.items():  # sources that check their own surroundings (folders, databases)
-        env_check = getattr(ch.source, "environment_problems", None)
-        for sub, msg in env_check(settings) if env_check is not None and ch.enabled else ():
-            path = ("channels", cname, "source", *sub)
-            line = next((settings.line_of[path[:n]] for n in range(len(path), 0, -1) if path[:n] in settings.line_of),
-                        None)
-            problems.append(f"{config}:{line}: {dotted(path)}: {msg}" if line else f"{config}: {dotted(path)}: {msg}")
     for p in problems:
         click.echo(p, err=True)
     if problems:
@@ -722,9 +715,13 @@ def store_gc(config: str, older_than: float, dry_run: bool) -> None:
     """Remove encrypted blob files that no stored message refers to (left by a crash mid-commit)."""
     from engine.audit.trail import Audit
     from engine.store.gc import collect
+    from engine.store.leases import LeaseHeld
 
     st = _open_store(config)
-    n, size = collect(st, older_than=older_than, dry_run=dry_run)
+    try:
+        n, size = collect(st, older_than=older_than, dry_run=dry_run)
+    except LeaseHeld as e:
+        raise click.ClickException(f"another store gc is running ({e})") from None
     if not dry_run:
         Audit(st).record("store.gc", actor=os.environ.get("USER", "cli"), detail=f"{n} orphan files removed")
     click.echo(f"{'would remove' if dry_run else 'removed'} {n} orphan blob files ({size} bytes)")

@@ -15,9 +15,12 @@ suppression), and once more when it is resolved. What is watched:
 
 Payloads carry channel and route names, counts and thresholds, never message content.
 A webhook that is down loses nothing: what could not be sent is tried again at the next
-evaluation. With several engines on one store, each evaluates the shared queue; the
-webhook sees the same alert from each (an ``engine`` field says which) until singletons
-move to leases (issue 10).
+evaluation. With several engines on one store, the queue checks (depth, age, dead letters)
+are made by one engine at a time, the holder of the ``alerts`` lease (``shared``); each
+engine still watches its own listeners and its own error rate, and says which it is
+(``engine``). When the lease moves, the new holder starts with no firing set: an alert still
+over its threshold is sent again once (as "firing") and one that resolved in between is not
+sent as resolved.
 """
 
 from __future__ import annotations
@@ -78,6 +81,9 @@ class AlertsConfig(BaseModel):
                                           "thresholds replacing the defaults")
 
 
+STORE_WIDE = ("queue_depth", "oldest_pending_seconds", "dead_letters")  # one engine checks these
+
+
 @dataclass
 class _Firing:
     since: float
@@ -112,8 +118,9 @@ class AlertMonitor:
 
     def __init__(self, config: AlertsConfig, store: Any, *, routes: Callable[[], list[tuple[str, str]]],
                  down_channels: Callable[[], list[str]], attempts: Callable[[], dict[tuple[str, str], tuple[int, int]]],
-                 engine_id: str | None = None) -> None:
+                 engine_id: str | None = None, shared: Callable[[], bool] | None = None) -> None:
         self.config = config
+        self.shared = shared or (lambda: True)  # this engine makes the store-wide checks now
         self.store = store
         self.routes = routes
         self.down_channels = down_channels
@@ -132,7 +139,8 @@ class AlertMonitor:
         """The alerts over their threshold now: (kind, channel, route) -> (value, threshold)."""
         now = time.time() if now is None else now
         over: dict[tuple[str, str, str], tuple[float, float]] = {}
-        figures = queue_figures(self.store, now)
+        shared = self.shared()
+        figures = queue_figures(self.store, now) if shared else {}
         current = self.attempts()
         for channel, route in self.routes():
             t = self._limits(channel, route)
@@ -140,7 +148,7 @@ class AlertMonitor:
             checks = (("queue_depth", f["pending"], t.queue_depth),
                       ("oldest_pending_seconds", f["oldest_pending_seconds"], t.oldest_pending_seconds),
                       ("dead_letters", f["dead"], t.dead_letters))
-            for kind, value, limit in checks:
+            for kind, value, limit in checks if shared else ():
                 if limit is not None and value >= limit:
                     over[(kind, channel, route)] = (float(value), float(limit))
             failed, delivered = current.get((channel, route), (0, 0))
@@ -163,6 +171,10 @@ class AlertMonitor:
         """One evaluation: new alerts fire, old ones repeat or resolve."""
         now = time.time() if now is None else now
         over = await asyncio.to_thread(self.evaluate, now)
+        if not self.shared():  # the store-wide alerts are another engine's now: forget them, quietly
+            for key in [k for k in self.firing if k[0] in STORE_WIDE]:
+                del self.firing[key]
+                self._unsent_resolved.pop(key, None)
         for key, (value, limit) in over.items():
             f = self.firing.get(key)
             if f is None:

@@ -18,13 +18,16 @@ Work is done in batches of ``retention.batch`` messages, each in its own short t
 with a pause between, so intake (which shares the database) is never held up for long.
 Every batch is audited (``store.prune``, counts only). Blob files are deleted after their
 rows' deletion has committed; a crash in between leaves files that ``store gc`` removes.
-With several engines on one store, each prunes; the deletes are idempotent.
+With several engines on one store, one prunes at a time: the holder of the ``retention``
+lease (engine/ops/singleton.py), checked between batches; another engine takes over
+within seconds if it dies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,11 +143,14 @@ def _remove_files(store: Any, blob_ids: list[str]) -> None:
 
 
 def prune_once(store: Any, channels: dict[str, ChannelRetention], config: RetentionConfig,
-               now: float | None = None, sleep: Any = time.sleep) -> Pruned:
-    """One full pruning run over every channel with a limit (blocking; the runtime calls it in a thread)."""
+               now: float | None = None, sleep: Any = time.sleep, held: Callable[[], bool] | None = None) -> Pruned:
+    """One full pruning run over every channel with a limit (blocking; the runtime calls it in a thread).
+
+    ``held``: checked before each batch; the run stops when this engine no longer holds the job.
+    """
     total = Pruned()
     for channel, limit in channels.items():
-        while True:
+        while held is None or held():
             got, files = prune_channel_batch(store, channel, limit.days, limit.keep_dead, config.batch, now)
             _remove_files(store, files)
             total.add(got)
@@ -162,14 +168,19 @@ def prune_once(store: Any, channels: dict[str, ChannelRetention], config: Retent
 class Pruner:
     """Runs ``prune_once`` every ``interval`` seconds in a thread; store errors wait for the next run."""
 
-    def __init__(self, store: Any, channels: dict[str, ChannelRetention], config: RetentionConfig) -> None:
+    def __init__(self, store: Any, channels: dict[str, ChannelRetention], config: RetentionConfig,
+                 held: Callable[[], bool] | None = None) -> None:
         self.store, self.channels, self.config = store, channels, config
+        self.held = held or (lambda: True)  # this engine's turn (a lease, with several engines)
         self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
         while True:
+            if not self.held():
+                await asyncio.sleep(1.0)
+                continue
             try:
-                await asyncio.to_thread(prune_once, self.store, self.channels, self.config)
+                await asyncio.to_thread(prune_once, self.store, self.channels, self.config, held=self.held)
             except Exception as e:
                 log.warning("store.prune_failed", error=type(e).__name__)
             await asyncio.sleep(self.config.interval)

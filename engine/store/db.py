@@ -20,9 +20,9 @@ from sqlalchemy import Connection, Engine, create_engine, event, insert, select,
 from sqlalchemy.engine import make_url
 
 from engine.security.crypto import IntegrityError, KeyRing, Sealed
-from engine.store import outputs as _outputs  # noqa: F401  (message outputs, issue 15)
 from engine.store import dedupe as _dedupe  # noqa: F401  (cross-process duplicate windows)
 from engine.store import leases as _leases  # noqa: F401  (named leases: one doer at a time)
+from engine.store import outputs as _outputs  # noqa: F401  (message outputs, issue 15)
 from engine.store import schema
 from engine.store import sources as _sources  # noqa: F401  (polling sources' marks and cursors)
 from engine.store.dicom import tables as _dicom_tables  # noqa: F401  (their tables join the schema)
@@ -54,8 +54,6 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any, synchronous: str = "FULL") ->
     cur.close()
 
 
-class Store:
-    """The database engine, the blob folder and the key ring that seals what goes in."""
 # libpq settings so that a database that vanishes without closing its sockets (a host or
 # network gone, a failover) fails the statements waiting on it in about half a minute, not
 # after Linux's ~15 min of retransmissions: a bounded connect, TCP keepalives on idle
@@ -79,6 +77,8 @@ def _pg_async_commit(dbapi_conn: Any, _record: Any) -> None:
     dbapi_conn.commit()
 
 
+class Store:
+    """The database engine, the blob folder and the key ring that seals what goes in."""
 
     def __init__(self, url: str, blob_dir: str | os.PathLike[str], keyring: KeyRing,
                  inline_max: int = INLINE_MAX) -> None:

@@ -4,6 +4,10 @@ A large payload's file is written (and fsynced) before the transaction that name
 if the process dies in between, or the commit fails, the file is never referenced. It
 is harmless (encrypted, never read) but takes disk space, so `medrelay store gc`
 removes such files once they are older than any commit could still be in flight.
+
+Several engines (and hosts) share one blob folder on PostgreSQL: a `store gc` holds the
+``store-gc`` lease (engine/store/leases.py) while it runs, so two at once refuse rather than
+race each other (``leases.LeaseHeld``).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from engine.store import schema
+from engine.store import leases, schema
 
 CHUNK = 500
 
@@ -51,7 +55,14 @@ def orphan_files(store: Any, *, older_than: float = 3600.0) -> list[Path]:
 
 
 def collect(store: Any, *, older_than: float = 3600.0, dry_run: bool = False) -> tuple[int, int]:
-    """Remove unreferenced blob files older than ``older_than`` seconds; returns (files, bytes)."""
+    """Remove unreferenced blob files older than ``older_than`` seconds; returns (files, bytes).
+
+    One at a time per store (LeaseHeld when another `store gc` runs)."""
+    with leases.hold(store, "store-gc", seconds=120.0):
+        return _collect(store, older_than=older_than, dry_run=dry_run)
+
+
+def _collect(store: Any, *, older_than: float, dry_run: bool) -> tuple[int, int]:
     files = orphan_files(store, older_than=older_than)
     size = 0
     for f in files:

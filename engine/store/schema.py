@@ -83,6 +83,9 @@ deliveries = Table(
     Column("updated_at", Float, nullable=False),
     # debounced routes: the value of the route's `debounce.key` header (e.g. a StudyInstanceUID)
     Column("coalesce_key", String(256), nullable=True),
+    # PostgreSQL: which engine process holds the lease (engine.store.leases.holder_id), so a
+    # lease is renewed and released by its holder only; NULL when not leased (and on SQLite)
+    Column("lease_owner", String(80), nullable=True),
     Index("ix_deliveries_queue", "channel", "route", "state", "id"),
     Index("ix_deliveries_coalesce", "channel", "route", "coalesce_key", "state"),
 )

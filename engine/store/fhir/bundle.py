@@ -13,10 +13,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 from sqlalchemy import Connection
 
+from engine.store import leases
 from engine.store.fhir import jsontext, structure
 from engine.store.fhir.params import ID_RE, STORED_TYPES, FhirError, operation_outcome, validate_resource
 from engine.store.fhir.resources import FhirStore, Written
@@ -174,10 +175,22 @@ def precheck(fs: FhirStore, conn: Connection, op: Op) -> EntryResult | None:
     return None
 
 
-def _plan(fs: FhirStore, conn: Connection, op: Op) -> _Plan:
+def _condition_lock(conn: Connection, op: Op, query: list[tuple[str, str]]) -> None:
+    """Serialise conditional writes with one condition across engines (a transaction lock).
+
+    Two engines creating ``Patient?identifier=X`` at the same moment each search, see nothing
+    committed and both create; under the lock the second waits for the first's commit, and its
+    search then finds what the first created (issue 10). SQLite: one writer already.
+    """
+    leases.xact_lock(conn, "fhir-condition", [f"{op.type}?{urlencode(sorted(query))}"])
+
+
+def _plan(fs: FhirStore, conn: Connection, op: Op, lock: bool = False) -> _Plan:
     plan = _Plan(op)
     if op.method == "POST":
         if op.if_none_exist:
+            if lock:
+                _condition_lock(conn, op, parse_qsl(op.if_none_exist.lstrip("?"), keep_blank_values=True))
             rows = find(fs, conn, op.type, parse_qsl(op.if_none_exist.lstrip("?"), keep_blank_values=True))
             if len(rows) > 1:
                 raise FhirError(412, "duplicate", "ifNoneExist matched more than one resource")
@@ -189,6 +202,8 @@ def _plan(fs: FhirStore, conn: Connection, op: Op) -> _Plan:
                 return plan
         plan.id = op.assigned_id or fs.new_id()
     elif op.query is not None:  # conditional PUT / DELETE
+        if lock:
+            _condition_lock(conn, op, op.query)
         rows = find(fs, conn, op.type, op.query)
         if len(rows) > 1:
             raise FhirError(412, "multiple-matches", f"conditional {op.method} matched more than one resource")
@@ -266,7 +281,7 @@ def _execute(fs: FhirStore, conn: Connection, plan: _Plan, message_id: str | Non
     return EntryResult(201 if w.created else 200, w, w.resource)
 
 
-def prepare(fs: FhirStore, conn: Connection, ops: list[Op]) -> tuple[list[int], dict[int, _Plan]]:
+def prepare(fs: FhirStore, conn: Connection, ops: list[Op], lock: bool = False) -> tuple[list[int], dict[int, _Plan]]:
     """Resolve every target and reference without writing: all of a transaction's 4xx come from here.
 
     Also run read-only before submitting, so a bad transaction is refused without
@@ -288,7 +303,7 @@ def prepare(fs: FhirStore, conn: Connection, ops: list[Op]) -> tuple[list[int], 
             if key in conditions:
                 raise FhirError(400, "duplicate", f"two {op.method} entries for {op.type} share one condition")
             conditions.add(key)
-        plan = plans[i] = _plan(fs, conn, op)
+        plan = plans[i] = _plan(fs, conn, op, lock)
         if plan.id is not None and plan.matched is None:
             if (op.type, plan.id) in targets:
                 raise FhirError(400, "duplicate", f"{op.type}/{plan.id} is changed twice in one transaction")
@@ -305,7 +320,7 @@ def prepare(fs: FhirStore, conn: Connection, ops: list[Op]) -> tuple[list[int], 
 def run_transaction(fs: FhirStore, conn: Connection, ops: list[Op], *, message_id: str | None = None
                     ) -> list[EntryResult]:
     """All or nothing: any FhirError propagates and the caller's transaction rolls back."""
-    order, plans = prepare(fs, conn, ops)
+    order, plans = prepare(fs, conn, ops, lock=True)
     results: dict[int, EntryResult] = {}
     for i in order:
         plan = plans.get(i) or _Plan(ops[i])
@@ -337,7 +352,7 @@ def run_batch(fs: FhirStore, conn: Connection, entries: list[Any], *, message_id
             if isinstance(entry, FhirError):
                 raise entry
             op = entry if isinstance(entry, Op) else op_from_entry(entry, i)
-            plan = _plan(fs, conn, op)
+            plan = _plan(fs, conn, op, lock=True)
             if op.resource is not None and plan.matched is None:
                 plan.resource = _rewrite(op.resource, no_refs)
             results.append(_execute(fs, conn, plan, message_id))
