@@ -66,6 +66,18 @@ def test_the_expected_outputs_are_the_fixes():
                                                                  [None]]
 
 
+def test_the_value_function_fixes_say_what_the_docs_claim():
+    pid = segs(CASES / "11-dates-to-hl7" / "expected.hl7", "PID")[0]
+    pv1 = segs(CASES / "11-dates-to-hl7" / "expected.hl7", "PV1")[0]
+    assert pid[7] == "19801231" and pv1[44] == "20240302081500+0100"
+    assert segs(CASES / "11-dates-to-hl7" / "input.hl7", "PID")[0][7] == "31.12.1980"
+    assert segs(CASES / "11b-birth-date-no-date" / "expected.hl7", "PID")[0][7] == ""
+    pid = segs(CASES / "12-mrn-and-names-for-legacy-ris" / "expected.hl7", "PID")[0]
+    assert pid[3] == "00004711^^^HOSP^MR" and pid[5] == "MUSTERMANN^ERIKA"
+    assert segs(CASES / "12-mrn-and-names-for-legacy-ris" / "expected.hl7", "ZPD")[0][1] == "Mustermann, Erika"
+    assert segs(CASES / "12-mrn-and-names-for-legacy-ris" / "expected.hl7", "PV1")[0][2] == "U"
+
+
 def test_a_broken_mapping_fails_its_case(tmp_path):
     shutil.copytree(BOOK, tmp_path / "book")
     cfg = tmp_path / "book" / "channels.yaml"

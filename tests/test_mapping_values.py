@@ -104,6 +104,9 @@ def test_empty_sources_leave_the_target_unless_a_default_says_otherwise():
     doc = hl7(MSG, {"compute": {"from": "PV1-2", "to": "PV1-2", "apply": [{"default": "U"}]}},
               {"compute": {"from": "PID-19", "to": "PID-19", "apply": ["trim", {"default": "NONE"}]}})
     assert field(doc, "PV1-2") == "U" and field(doc, "PID-19") == "NONE"
+    # an empty field is no invalid date: nothing is written, nothing fails
+    doc = hl7(MSG, {"compute": {"from": "PID-29", "to": "PID-29", "apply": [{"date": {"from": "iso", "to": "hl7"}}]}})
+    assert field(doc, "PID-29") == ""
 
 
 def test_invalid_values_error_keep_clear_drop_or_default():
@@ -207,3 +210,30 @@ def test_bad_functions_are_check_errors_with_their_path(rule, loc, reason):
 def test_malformed_functions_are_refused_by_the_model(bad):
     with pytest.raises(ValidationError):
         TypeAdapter(RuleList).validate_python([{"compute": {"from": "PID-7", "to": "PID-7", "apply": bad}}])
+
+
+def test_medrelay_check_reports_a_bad_function_with_file_line_and_path(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    (tmp_path / "channels.yaml").write_text(textwrap.dedent("""\
+        store: {url: "sqlite:///data/m.db", blobs: data/blobs}
+        keys: {kek_file: data/keys.json}
+        channels:
+          in:
+            source: {type: mllp, host: 127.0.0.1, port: 0}
+            routes:
+              - name: r
+                transforms:
+                  - type: hl7_map
+                    rules:
+                      - compute: {from: PID-7, to: PID-7, apply: [trim, {date: {from: hl7, to: iso}}]}
+                      - compute: {from: PID-7, to: PID-7, apply: [trim, {replace: ['(a', '']}]}
+                to: {type: file, path: out}
+        """))
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "check", str(tmp_path / "channels.yaml")],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "channels.yaml:12: channels.in.routes[0].transforms[0].rules[1].compute.apply[1]: replace: " \
+           "pattern '(a'" in r.stdout + r.stderr, r.stdout + r.stderr

@@ -322,6 +322,8 @@ class _Compiler:
             try:
                 out = run_chain(chain, joined)
             except InvalidValue as e:
+                if not any(vals):
+                    return  # nothing to read: a date function has nothing to say about an empty field
                 if invalid == "keep":
                     return
                 if invalid == "drop":

@@ -219,7 +219,8 @@ class ComputeRule(_Rule):
                   {"from": ["PID-5.1", "PID-5.2"], "to": "ZPN-1", "format": "{0}, {1}", "apply": ["upper"]},
                   {"from": "PID-3.1", "to": "PID-3.1", "apply": ["trim", {"replace": ["^0+", ""]},
                                                                  {"pad": {"width": 8, "char": "0"}}]},
-                  {"from": ["StudyDate", "StudyTime"], "to": "ZDS-2", "apply": [{"date": {"to": "hl7"}}]}])
+                  {"from": "PatientBirthDate", "to": "PatientBirthDate",
+                   "apply": [{"date": {"from": "%d.%m.%Y", "to": "dicom-da"}}]}])
 
 
 class LookupSpec(_Spec):
