@@ -24,6 +24,7 @@ from ruamel.yaml.error import MarkedYAMLError
 
 from engine import registry
 from engine.audit.syslog import SyslogConfig
+from engine.components import secret_field
 from engine.console.config import ConsoleConfig
 from engine.mapping.conditions import When
 from engine.mapping.tables import TableSpec
@@ -38,11 +39,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class S3BlobConfig(_Strict):
+    """`store.s3:` the S3-compatible service holding the blobs (same encryption and names as the folder)."""
+
+    endpoint: str | None = Field(None, description="service URL (MinIO, Ceph, R2...); unset = AWS S3 by region")
+    region: str | None = Field(None, description="region (AWS_REGION when unset)")
+    access_key_id: str | None = secret_field(default=None, description="access key id (${ENV}); unset = "
+                                             "the AWS_* environment or instance role")
+    secret_access_key: str | None = secret_field(default=None, description="secret access key (${ENV})")
+    allow_http: bool = Field(False, description="allow a plain-HTTP endpoint (tests, a local gateway only)")
+
+
 class StoreConfig(_Strict):
     url: str = Field("sqlite:///data/medrelay.db", description="SQLAlchemy URL: sqlite:///path or "
                      "postgresql+psycopg://user@host/db; relative sqlite paths are relative to the YAML file")
-    blobs: str = Field("data/blobs", description="folder for large encrypted payloads")
+    blobs: str = Field("data/blobs", description="folder for large encrypted payloads, or s3://bucket/prefix "
+                       "for an S3-compatible object store shared by several hosts (see `s3`)")
     inline_max_bytes: int = Field(256 * 1024, ge=0, description="payloads up to this size live in the database")
+    s3: S3BlobConfig | None = Field(None, description="object storage settings when `blobs` is s3://...")
 
 
 class KeysConfig(_Strict):
@@ -149,6 +163,17 @@ class Settings:
     def resolve(self, p: str) -> Path:
         path = Path(p)
         return path if path.is_absolute() else self.base_dir / path
+
+    def blob_files(self) -> Any:
+        """The blob location: a folder (relative to the YAML file) or an S3 bucket."""
+        from engine.store.blobfiles import S3Settings, open_blob_files
+
+        loc = self.store.blobs
+        if loc.startswith("s3://"):
+            s3 = self.store.s3 or S3BlobConfig()
+            return open_blob_files(loc, S3Settings(s3.endpoint, s3.region, s3.access_key_id,
+                                                   s3.secret_access_key, s3.allow_http))
+        return open_blob_files(self.resolve(loc))
 
     def store_url(self) -> str:
         url = self.store.url

@@ -91,15 +91,15 @@ class Ahead:
 
     def run(self) -> None:
         try:
-            row, path, ct = self.store.seal_blob(self.payload, self.message_id)
+            row, key, ct = self.store.seal_blob(self.payload, self.message_id)
         except BaseException as e:
             self.sealed.set_exception(e)
             self.durable.set_exception(e)
             return
         self.sealed.set_result(row)
         try:
-            if path is not None:
-                self.store.write_blob_files([(path, ct)])
+            if key is not None:
+                self.store.write_blob_files([(key, ct)])
         except BaseException as e:
             self.durable.set_exception(e)
         else:
@@ -214,7 +214,7 @@ class Intake:
             return  # nothing was sealed, so no file was begun
         ahead.durable.exception()  # wait for the writer, whatever became of the write
         if row.get("in_file"):
-            self.store.blob_path(row["id"]).unlink(missing_ok=True)
+            self.store.delete_blob_files([row["id"]])
 
     def _discard_later(self, ahead: Ahead) -> None:
         """Discard once the writer thread is done with the file (it may still create it)."""
@@ -225,11 +225,11 @@ class Intake:
         row = item.blob_row
         if row is None or not row.get("in_file"):
             return
-        path = self.store.blob_path(row["id"])
+        ids = [row["id"]]
         if item.durable is not None and not item.durable.done():
-            item.durable.add_done_callback(lambda _f: path.unlink(missing_ok=True))
+            item.durable.add_done_callback(lambda _f: self.store.delete_blob_files(ids))
         else:
-            path.unlink(missing_ok=True)
+            self.store.delete_blob_files(ids)
 
     def submit_blocking(self, envelope: Envelope, *, dedupe_key: str | None = None,
                         response: bytes | None = None, tx_hook: TxHook | None = None,
@@ -490,8 +490,7 @@ class Intake:
             for item in batch:  # files written ahead must be durable before the rows naming them
                 if item.durable is not None:
                     item.durable.result(DURABLE_TIMEOUT)
-        for blob_id in unused:
-            self.store.blob_path(blob_id).unlink(missing_ok=True)
+        self.store.delete_blob_files(unused)
         return outcomes
 
 

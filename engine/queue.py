@@ -78,7 +78,7 @@ def open_payload(store: Any, c: Claimed) -> bytes:
     dead-letters the delivery (``quarantine``), retrying cannot help.
     """
     try:
-        return open_blob(store.keyring, c.blob_id, c.blob, c.message_id, store.blob_path(c.blob_id))
+        return open_blob(store.keyring, c.blob_id, c.blob, c.message_id, store.files)
     except FileNotFoundError:
         raise IntegrityError(f"blob {c.blob_id}: file missing") from None
 

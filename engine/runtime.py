@@ -69,7 +69,7 @@ def listen_error(what: str, host: str, port: int, error: BaseException) -> Start
 
 def open_store(settings: Settings) -> Store:
     keyring = KeyRing(settings.resolve(settings.keys.kek_file))
-    store = Store(settings.store_url(), settings.resolve(settings.store.blobs), keyring,
+    store = Store(settings.store_url(), settings.blob_files(), keyring,
                   inline_max=settings.store.inline_max_bytes)
     store.migrate()
     return store

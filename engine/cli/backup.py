@@ -78,7 +78,7 @@ def restore_cmd(config: str, src: Path) -> None:
         click.echo(f"restore: the key file {kek} is missing: copy it from its own backup first "
                    "(a new one cannot read the restored data)", err=True)
         sys.exit(4)
-    store = Store(settings.store_url(), settings.resolve(settings.store.blobs), KeyRing(kek),
+    store = Store(settings.store_url(), settings.blob_files(), KeyRing(kek),
                   inline_max=settings.store.inline_max_bytes)
     try:
         with tqdm(unit="blob", desc="restore", file=sys.stderr) as bar:

@@ -6,7 +6,8 @@ A backup is a folder:
                          SHA-256 of the database snapshot and of every blob file
     medrelay.db          SQLite: a copy made with SQLite's online backup API
     medrelay.pgdump      PostgreSQL: pg_dump (custom format) of an exported snapshot
-    blobs/xx/<id>        every blob file the snapshot refers to, byte for byte
+    blobs/xx/<id>        every blob file the snapshot refers to, byte for byte (from the blob
+                         folder or the S3 bucket of ``store.blobs``; restore writes them back there)
 
 Consistency: the database is snapshotted first (SQLite's backup API copies one consistent
 state while the engine keeps writing; on PostgreSQL a REPEATABLE READ transaction exports its
@@ -129,15 +130,18 @@ def backup(store: Any, dest: Path, *, progress: Callable[[int], Any] | None = No
     manifest["kek_ids"] = keks
     blobs: dict[str, str] = {}
     total = 0
+    local = store.blob_dir is not None  # a folder: copied file to file; an object store: read, written here
     for blob_id in ids:
-        src_file = store.blob_path(blob_id)
         target = dest / "blobs" / blob_id[:2] / blob_id
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            shutil.copyfile(src_file, target)
+            if local:
+                shutil.copyfile(store.blob_path(blob_id), target)
+            else:
+                target.write_bytes(store.files.read(blob_id))
         except FileNotFoundError:
             raise BackupError(f"blob file {blob_id} is referenced by the store but missing from "
-                              f"{store.blob_dir}: the store itself is damaged") from None
+                              f"{store.files.describe}: the store itself is damaged") from None
         blobs[blob_id] = _sha256(target)
         total += target.stat().st_size
         if progress is not None:
@@ -220,9 +224,8 @@ def restore(src: Path, store: Any, *, progress: Callable[[int], Any] | None = No
     backend = "sqlite" if store.is_sqlite else "postgresql"
     if backend != m["backend"]:
         raise BackupError(f"the backup is of a {m['backend']} store; the target store is {backend}")
-    blob_dir = Path(store.blob_dir)
-    if blob_dir.exists() and any(p for p in blob_dir.rglob("*") if p.is_file()):
-        raise BackupError(f"{blob_dir} holds blob files: restore goes into an empty location")
+    if not store.files.is_empty():
+        raise BackupError(f"{store.files.describe} holds blob files: restore goes into an empty location")
     if store.is_sqlite:
         target = Path(str(url.database))
         if target.exists() and target.stat().st_size > 0:
@@ -243,11 +246,9 @@ def restore(src: Path, store: Any, *, progress: Callable[[int], Any] | None = No
             raise BackupError(f"pg_restore failed: {r.stderr.strip()[:300]}")
     total = 0
     for blob_id in m["blobs"]:
-        target = blob_dir / blob_id[:2] / blob_id
-        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        shutil.copyfile(src / "blobs" / blob_id[:2] / blob_id, target)
-        os.chmod(target, 0o600)
-        total += target.stat().st_size
+        data = (src / "blobs" / blob_id[:2] / blob_id).read_bytes()
+        store.files.write([(blob_id, data)])  # a folder (0600, fsynced) or an object store, as intake writes
+        total += len(data)
         if progress is not None:
             progress(1)
     return Summary(len(m["blobs"]), total, src)

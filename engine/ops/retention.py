@@ -138,8 +138,7 @@ def prune_worklist(store: Any, days: float, now: float | None = None) -> tuple[i
 
 
 def _remove_files(store: Any, blob_ids: list[str]) -> None:
-    for blob_id in blob_ids:
-        store.blob_path(blob_id).unlink(missing_ok=True)
+    store.delete_blob_files(blob_ids)
 
 
 def prune_once(store: Any, channels: dict[str, ChannelRetention], config: RetentionConfig,

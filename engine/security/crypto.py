@@ -217,6 +217,14 @@ class KeyRing:
         kek = self._keks.get(kid) or self._retired[kid]  # a concurrent refresh may swap the dict
         return Sealed(kid, aes_key_wrap(kek, dek), nonce, ct)
 
+    def new_data_key(self) -> tuple[str, bytes, bytes]:
+        """A fresh data key for one blob: (kek id, wrapped key, the key), for chunked sealing
+        (engine/security/stream.py) where the ciphertext is made piece by piece."""
+        dek = AESGCM.generate_key(bit_length=256)
+        kid = self._active
+        kek = self._keks.get(kid) or self._retired[kid]
+        return kid, aes_key_wrap(kek, dek), dek
+
     def unwrap(self, kek_id: str, wrapped_key: bytes) -> bytes:
         kek = self._keks.get(kek_id) or self._retired.get(kek_id)
         if kek is None and self.refresh():  # rotated by another process since we read the file

@@ -19,12 +19,14 @@ import structlog
 from sqlalchemy import Connection, Engine, create_engine, event, insert, select, text, update
 from sqlalchemy.engine import make_url
 
+from engine.security import stream
 from engine.security.crypto import IntegrityError, KeyRing, Sealed
 from engine.store import dedupe as _dedupe  # noqa: F401  (cross-process duplicate windows)
 from engine.store import leases as _leases  # noqa: F401  (named leases: one doer at a time)
 from engine.store import outputs as _outputs  # noqa: F401  (message outputs, issue 15)
 from engine.store import schema
 from engine.store import sources as _sources  # noqa: F401  (polling sources' marks and cursors)
+from engine.store.blobfiles import BlobFiles, LocalFolder, open_blob_files
 from engine.store.dicom import tables as _dicom_tables  # noqa: F401  (their tables join the schema)
 from engine.store.dicom import upgrade as _dicom_upgrade
 from engine.store.fhir import tables as _fhir_tables  # noqa: F401
@@ -34,6 +36,11 @@ log = structlog.get_logger()
 
 SCHEMA_VERSION = 3
 INLINE_MAX = 256 * 1024  # payloads above this go to files beside the database
+# Payloads from this size on are sealed in authenticated 1 MiB chunks (engine/security/stream.py):
+# no 2 GiB cap of one AES-GCM call, and readable chunk by chunk. Smaller ones stay one-shot (the
+# DICOM/HL7 hot path is unchanged); both formats open, told apart by the nonce column.
+STREAM_MIN = 16 * 1024 * 1024
+STREAM_CHUNK = stream.CHUNK_SIZE
 # Work that a feature room above this layer must do inside the migration transaction (under its
 # lock), registered when the room is imported: engine.store.fhir.reindex rebuilds the FHIR search
 # index when its format or key changed. Called as hook(conn, store).
@@ -80,7 +87,7 @@ def _pg_async_commit(dbapi_conn: Any, _record: Any) -> None:
 class Store:
     """The database engine, the blob folder and the key ring that seals what goes in."""
 
-    def __init__(self, url: str, blob_dir: str | os.PathLike[str], keyring: KeyRing,
+    def __init__(self, url: str, blob_dir: str | os.PathLike[str] | BlobFiles, keyring: KeyRing,
                  inline_max: int = INLINE_MAX) -> None:
         self.url = make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
@@ -108,9 +115,9 @@ class Store:
         else:
             self.queue_engine = create_engine(self.url, **{**kwargs, "pool_pre_ping": False})
             event.listen(self.queue_engine, "connect", _pg_async_commit)
-        self.blob_dir = Path(blob_dir)
-        self.blob_dir.mkdir(parents=True, exist_ok=True)
-        self._make_fanout()
+        # Blob files: a folder (the default; LocalFolder) or an S3 bucket (ObjectStore).
+        self.files: BlobFiles = blob_dir if hasattr(blob_dir, "write") else open_blob_files(blob_dir)  # type: ignore[arg-type]
+        self.blob_dir: Path | None = self.files.root if isinstance(self.files, LocalFolder) else None
         self.keyring = keyring
         self.inline_max = inline_max
         self.metadata = schema.metadata
@@ -172,22 +179,20 @@ class Store:
 
     # -- blobs ---------------------------------------------------------
     def blob_path(self, blob_id: str) -> Path:
-        return self.blob_dir / blob_id[:2] / blob_id
+        """A local blob file's path (tests and tools; the engine goes through ``files``)."""
+        if not isinstance(self.files, LocalFolder):
+            raise TypeError(f"blobs are in {self.files.describe}, not in a folder")
+        return self.files.path(blob_id)
 
-    def _make_fanout(self) -> None:
-        """Create the 256 blob folders once, durably, so writing a blob never creates a folder."""
-        made = False
-        for i in range(256):
-            d = self.blob_dir / f"{i:02x}"
-            if not d.is_dir():
-                d.mkdir(mode=0o700, exist_ok=True)
-                made = True
-        if made:
-            _fsync_dir(self.blob_dir)
-
-    def seal_blob(self, data: bytes, aad: str) -> tuple[dict[str, Any], Path | None, bytes]:
-        """Encrypt; returns the blobs row, the file it must go to (or None) and the ciphertext."""
-        sealed = self.keyring.seal(data, aad)
+    def seal_blob(self, data: bytes, aad: str) -> tuple[dict[str, Any], str | None, bytes]:
+        """Encrypt; returns the blobs row, the blob file it must go to (its id, or None) and the ciphertext."""
+        if len(data) >= STREAM_MIN:
+            kid, wrapped, dek = self.keyring.new_data_key()
+            header = stream.new_header(STREAM_CHUNK)
+            ct = b"".join(stream.seal_chunks(dek, header, aad.encode(), [data]))
+            sealed = Sealed(kid, wrapped, header, ct)
+        else:
+            sealed = self.keyring.seal(data, aad)
         blob_id = blob_address(sealed.nonce, sealed.ciphertext)
         in_file = len(sealed.ciphertext) > self.inline_max
         row = {
@@ -195,44 +200,28 @@ class Store:
             "nonce": sealed.nonce, "size": len(data),
             "data": None if in_file else sealed.ciphertext, "in_file": int(in_file),
         }
-        return row, (self.blob_path(blob_id) if in_file else None), sealed.ciphertext
+        return row, (blob_id if in_file else None), sealed.ciphertext
 
-    def write_blob_files(self, files: Sequence[tuple[Path, bytes]]) -> None:
+    def write_blob_files(self, files: Sequence[tuple[str | Path, bytes]]) -> None:
         """Write ciphertext files durably before the row that names them commits.
 
-        Written under their final name with O_EXCL, no temporary and rename: the name is
-        the SHA-256 of the content, nothing refers to the file until the commit, and a
-        torn file left by a crash fails the hash check on read and is never referenced.
-        Then one fsync per folder for the new directory entries. A call that fails (disk
-        full, I/O error) removes the files it created, the partial one included: none of
-        them is referenced by anything yet.
+        A local folder: O_EXCL under the final name, fsync of file and folder; an object
+        store: every PUT answered. Either way nothing refers to them until the commit, and
+        a call that fails removes what it created (engine/store/blobfiles.py).
         """
-        dirs: set[Path] = set()
-        made: list[Path] = []
-        try:
-            for path, ct in files:
-                try:
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                except FileExistsError:
-                    if path.read_bytes() == ct:
-                        continue
-                    os.unlink(path)  # torn by an earlier crash, never referenced
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                made.append(path)
-                try:
-                    view = memoryview(ct)
-                    while view:
-                        view = view[os.write(fd, view):]
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                dirs.add(path.parent)
-            for d in dirs:
-                _fsync_dir(d)
-        except BaseException:
-            for path in made:
-                path.unlink(missing_ok=True)
-            raise
+        self.files.write([(Path(key).name, ct) for key, ct in files])
+
+    def delete_blob_files(self, blob_ids: Iterable[str]) -> None:
+        """Remove blob files no committed row refers to (refused messages, pruned rows).
+
+        Best effort: one that cannot be removed now (an object store down) is logged and
+        left to `store gc`, which removes unreferenced files later."""
+        for blob_id in blob_ids:
+            try:
+                self.files.delete(blob_id)
+            except Exception as e:
+                log.warning("blobs.delete_failed", store=self.files.describe, error=type(e).__name__,
+                            note="left for store gc")
 
     def prepare_blobs(self, items: Iterable[tuple[bytes, str]]) -> list[dict[str, Any]]:
         """Seal and write the file-backed ones now, outside any transaction.
@@ -242,10 +231,10 @@ class Store:
         """
         rows, files = [], []
         for data, aad in items:
-            row, path, ct = self.seal_blob(data, aad)
+            row, key, ct = self.seal_blob(data, aad)
             rows.append(row)
-            if path is not None:
-                files.append((path, ct))
+            if key is not None:
+                files.append((key, ct))
         if files:
             self.write_blob_files(files)
         return rows
@@ -284,7 +273,15 @@ class Store:
         row = conn.execute(select(schema.blobs).where(schema.blobs.c.id == blob_id)).mappings().first()
         if row is None:
             raise IntegrityError(f"blob {blob_id} missing")
-        return open_blob(self.keyring, blob_id, row, row["aad"] if aad is None else aad, self.blob_path(blob_id))
+        return open_blob(self.keyring, blob_id, row, row["aad"] if aad is None else aad, self.files)
+
+    def blob_chunks(self, conn: Connection, blob_id: str, aad: str | None = None) -> Iterator[bytes]:
+        """The plaintext as authenticated chunks, the ciphertext read by range: memory stays about
+        one chunk for a chunk-sealed blob (one piece for a one-shot blob)."""
+        row = conn.execute(select(schema.blobs).where(schema.blobs.c.id == blob_id)).mappings().first()
+        if row is None:
+            raise IntegrityError(f"blob {blob_id} missing")
+        return open_blob_chunks(self.keyring, blob_id, row, row["aad"] if aad is None else aad, self.files)
 
     def message_payload(self, conn: Connection, message_id: str) -> bytes:
         row = conn.execute(select(schema.messages.c.blob_id).where(schema.messages.c.id == message_id)).first()
@@ -295,14 +292,6 @@ class Store:
 
 _BLOB_COLUMNS = ("id", "aad", "kek_id", "wrapped_key", "nonce", "size", "data", "in_file")  # seal_blob's row
 _INSERT_BLOB = Prepared(insert(schema.blobs), _BLOB_COLUMNS)
-
-
-def _fsync_dir(d: Path) -> None:
-    dfd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def blob_address(nonce: bytes, ciphertext: bytes) -> str:
@@ -318,14 +307,51 @@ def blob_address(nonce: bytes, ciphertext: bytes) -> str:
     return hashlib.sha256(bytes(nonce) + bytes(ciphertext[-16:])).hexdigest()
 
 
-def open_blob(keyring: KeyRing, blob_id: str, row: Any, aad: str, path: Path) -> bytes:
-    """Check and decrypt one blob given its row (``id``, ``aad``, ``kek_id``, ...)."""
+def open_blob(keyring: KeyRing, blob_id: str, row: Any, aad: str, files: BlobFiles | Path) -> bytes:
+    """Check and decrypt one blob given its row (``id``, ``aad``, ``kek_id``, ...).
+
+    ``files``: where its file is (the store's ``files``), or the file's path itself."""
     if row["aad"] != aad:
         raise IntegrityError(f"blob {blob_id} does not belong to {aad}")
-    ct = row["data"] if not row["in_file"] else path.read_bytes()
+    if not row["in_file"]:
+        ct = row["data"]
+    else:
+        try:
+            ct = files.read_bytes() if isinstance(files, Path) else files.read(blob_id)
+        except FileNotFoundError:
+            raise IntegrityError(f"blob {blob_id}: its file is missing") from None
     if blob_address(row["nonce"], ct) != blob_id and hashlib.sha256(ct).hexdigest() != blob_id:
         raise IntegrityError(f"blob {blob_id}: content does not match its address")
+    if stream.is_stream_header(row["nonce"]):
+        dek = keyring.unwrap(row["kek_id"], row["wrapped_key"])
+        try:
+            return stream.open_bytes(dek, row["nonce"], aad.encode(), ct)
+        except stream.StreamError as e:
+            raise IntegrityError(f"blob {blob_id}: {e}") from None
     return keyring.open(Sealed(row["kek_id"], row["wrapped_key"], row["nonce"], ct), aad)
+
+
+def open_blob_chunks(keyring: KeyRing, blob_id: str, row: Any, aad: str, files: BlobFiles) -> Iterator[bytes]:
+    """``open_blob`` as an iterator of plaintext chunks; a chunk-sealed file is read by range.
+
+    The address check needs only the final tag (the last 16 bytes), so it is done before the
+    first chunk; every chunk is authenticated before it is yielded, truncation at the end."""
+    if row["aad"] != aad or not row["in_file"] or not stream.is_stream_header(row["nonce"]):
+        yield open_blob(keyring, blob_id, row, aad, files)
+        return
+    try:
+        size = files.size(blob_id)
+        tail = files.read_range(blob_id, max(0, size - 16), 16)
+    except FileNotFoundError:
+        raise IntegrityError(f"blob {blob_id}: its file is missing") from None
+    if blob_address(row["nonce"], tail) != blob_id:
+        raise IntegrityError(f"blob {blob_id}: content does not match its address")
+    dek = keyring.unwrap(row["kek_id"], row["wrapped_key"])
+    try:
+        yield from stream.open_chunks(dek, row["nonce"], aad.encode(),
+                                      lambda off, n: files.read_range(blob_id, off, n))
+    except stream.StreamError as e:
+        raise IntegrityError(f"blob {blob_id}: {e}") from None
 
 
 class _QueueTx:

@@ -3,7 +3,9 @@
 A large payload's file is written (and fsynced) before the transaction that names it;
 if the process dies in between, or the commit fails, the file is never referenced. It
 is harmless (encrypted, never read) but takes disk space, so `medrelay store gc`
-removes such files once they are older than any commit could still be in flight.
+removes such files once they are older than any commit could still be in flight. The
+files are reached through ``store.files`` (engine/store/blobfiles.py): a folder or an
+S3 bucket, listed the same way.
 
 Several engines (and hosts) share one blob folder on PostgreSQL: a `store gc` holds the
 ``store-gc`` lease (engine/store/leases.py) while it runs, so two at once refuse rather than
@@ -12,9 +14,7 @@ race each other (``leases.LeaseHeld``).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -24,25 +24,21 @@ from engine.store import leases, schema
 CHUNK = 500
 
 
-def _candidates(store: Any, older_than: float) -> Iterator[Path]:
-    cutoff = time.time() - older_than
-    for folder in sorted(store.blob_dir.iterdir()):
-        if not folder.is_dir() or len(folder.name) != 2:
-            continue
-        for f in folder.iterdir():
-            if len(f.name) == 64 and f.stat().st_mtime < cutoff:
-                yield f
+def _candidates(store: Any, older_than: float) -> Iterator[tuple[str, int]]:
+    """(blob id, size) of every blob file (folder or object store) older than ``older_than`` s."""
+    yield from store.files.iterate(older_than)
 
 
-def orphan_files(store: Any, *, older_than: float = 3600.0) -> list[Path]:
+def orphan_files(store: Any, *, older_than: float = 3600.0) -> list[tuple[str, int]]:
+    """(blob id, size) of blob files no ``blobs`` row names, older than ``older_than`` seconds."""
     b = schema.blobs
-    out: list[Path] = []
-    batch: list[Path] = []
+    out: list[tuple[str, int]] = []
+    batch: list[tuple[str, int]] = []
 
-    def check(paths: list[Path]) -> None:
+    def check(found: list[tuple[str, int]]) -> None:
         with store.engine.connect() as conn:
-            known = set(conn.execute(select(b.c.id).where(b.c.id.in_([p.name for p in paths]))).scalars())
-        out.extend(p for p in paths if p.name not in known)
+            known = set(conn.execute(select(b.c.id).where(b.c.id.in_([i for i, _ in found]))).scalars())
+        out.extend(f for f in found if f[0] not in known)
 
     for f in _candidates(store, older_than):
         batch.append(f)
@@ -65,8 +61,8 @@ def collect(store: Any, *, older_than: float = 3600.0, dry_run: bool = False) ->
 def _collect(store: Any, *, older_than: float, dry_run: bool) -> tuple[int, int]:
     files = orphan_files(store, older_than=older_than)
     size = 0
-    for f in files:
-        size += f.stat().st_size
+    for blob_id, n in files:
+        size += n
         if not dry_run:
-            f.unlink(missing_ok=True)
+            store.files.delete(blob_id)
     return len(files), size

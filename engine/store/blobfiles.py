@@ -1,0 +1,297 @@
+"""Where blob ciphertexts too large for the database live: a local folder or an S3 bucket.
+
+One small interface, ``BlobFiles``, for every place that touches blob files: the store's
+write before commit (durable when ``write`` returns), reads (``open_blob``), the unlink of
+a refused message's written-ahead file, retention, ``store gc`` and backup/restore.
+
+- ``LocalFolder`` (the default) is the folder beside the database, exactly as before:
+  ``<dir>/<id[:2]>/<id>``, written under the final name with O_EXCL, fsync of the file and
+  then of each folder, a partial write removed.
+- ``ObjectStore`` keeps the same names (``<prefix>/<id[:2]>/<id>``) in an S3-compatible
+  bucket through obstore (the Rust object_store crate: one well-kept client for S3, R2,
+  MinIO, Ceph...). A PUT that returned 200 is stored durably by the service, so ``write``
+  returns only after every PUT of the call has been answered: the committer waits for it
+  just as it waits for a local file's fsync. An object is the whole ciphertext or absent
+  (S3 has no torn objects); the name is the content address, so writing the same name twice
+  writes the same bytes.
+
+Content addressing and encryption are above this layer (engine/store/db.py): what goes
+in and comes out here is ciphertext, so nothing here sees PHI.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import structlog
+
+log = structlog.get_logger()
+
+BLOB_NAME_LEN = 64  # hex SHA-256
+
+
+class BlobFiles(Protocol):
+    """Ciphertext files by blob id."""
+
+    describe: str  # for logs and errors: a folder or s3://bucket/prefix (no credentials)
+
+    def write(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Store every item durably; on failure remove what this call created, then raise."""
+
+    def read(self, blob_id: str) -> bytes:
+        """The whole ciphertext; FileNotFoundError when absent."""
+
+    def read_range(self, blob_id: str, start: int, length: int) -> bytes:
+        """``length`` bytes from ``start`` (fewer at the end); FileNotFoundError when absent."""
+
+    def size(self, blob_id: str) -> int:
+        """Size in bytes; FileNotFoundError when absent."""
+
+    def delete(self, blob_id: str) -> None:
+        """Remove one; absent is fine."""
+
+    def exists(self, blob_id: str) -> bool: ...
+
+    def iterate(self, older_than: float = 0.0) -> Iterator[tuple[str, int]]:
+        """(blob id, size) of every file last written more than ``older_than`` seconds ago."""
+
+    def is_empty(self) -> bool: ...
+
+
+def _fsync_dir(d: Path) -> None:
+    dfd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class LocalFolder:
+    """Blob files in a local (or shared network) folder, 256 fan-out folders made once."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.describe = str(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._make_fanout()
+
+    def path(self, blob_id: str) -> Path:
+        return self.root / blob_id[:2] / blob_id
+
+    def _make_fanout(self) -> None:
+        """Create the 256 blob folders once, durably, so writing a blob never creates a folder."""
+        made = False
+        for i in range(256):
+            d = self.root / f"{i:02x}"
+            if not d.is_dir():
+                d.mkdir(mode=0o700, exist_ok=True)
+                made = True
+        if made:
+            _fsync_dir(self.root)
+
+    def write(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Written under their final name with O_EXCL, no temporary and rename: the name is
+        the SHA-256 of the content, nothing refers to the file until the commit, and a torn
+        file left by a crash fails the hash check on read and is never referenced. Then one
+        fsync per folder for the new directory entries. A call that fails (disk full, I/O
+        error) removes the files it created, the partial one included."""
+        dirs: set[Path] = set()
+        made: list[Path] = []
+        try:
+            for blob_id, ct in items:
+                path = self.path(blob_id)
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                except FileExistsError:
+                    if path.read_bytes() == ct:
+                        continue
+                    os.unlink(path)  # torn by an earlier crash, never referenced
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                made.append(path)
+                try:
+                    view = memoryview(ct)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                dirs.add(path.parent)
+            for d in dirs:
+                _fsync_dir(d)
+        except BaseException:
+            for path in made:
+                path.unlink(missing_ok=True)
+            raise
+
+    def read(self, blob_id: str) -> bytes:
+        return self.path(blob_id).read_bytes()
+
+    def read_range(self, blob_id: str, start: int, length: int) -> bytes:
+        with open(self.path(blob_id), "rb") as f:
+            f.seek(start)
+            return f.read(length)
+
+    def size(self, blob_id: str) -> int:
+        return self.path(blob_id).stat().st_size
+
+    def delete(self, blob_id: str) -> None:
+        self.path(blob_id).unlink(missing_ok=True)
+
+    def exists(self, blob_id: str) -> bool:
+        return self.path(blob_id).is_file()
+
+    def iterate(self, older_than: float = 0.0) -> Iterator[tuple[str, int]]:
+        cutoff = time.time() - older_than
+        for folder in sorted(self.root.iterdir()):
+            if not folder.is_dir() or len(folder.name) != 2:
+                continue
+            for f in folder.iterdir():
+                if len(f.name) != BLOB_NAME_LEN:
+                    continue
+                try:
+                    st = f.stat()
+                except FileNotFoundError:
+                    continue  # removed meanwhile (retention, another gc)
+                if st.st_mtime < cutoff:
+                    yield f.name, st.st_size
+
+    def is_empty(self) -> bool:
+        return not (self.root.exists() and any(p.is_file() for p in self.root.rglob("*")))
+
+
+@dataclass(frozen=True, slots=True)
+class S3Settings:
+    """What ``ObjectStore`` needs besides the URL; credentials come from ${ENV} in the YAML."""
+
+    endpoint: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    allow_http: bool = False
+
+
+class ObjectStore:
+    """Blob objects in an S3-compatible bucket (``s3://bucket/prefix``) through obstore."""
+
+    def __init__(self, url: str, settings: S3Settings | None = None) -> None:
+        import obstore  # imported here: a local-folder install never loads it
+        from obstore.store import S3Store
+
+        parts = urlsplit(url)
+        if parts.scheme != "s3" or not parts.netloc:
+            raise ValueError(f"object storage URL must be s3://bucket/prefix, not {url!r}")
+        self._ob = obstore
+        self.bucket = parts.netloc
+        self.prefix = parts.path.strip("/")
+        self.describe = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        s = settings or S3Settings()
+        config: dict[str, Any] = {}
+        if s.endpoint:
+            config["endpoint"] = s.endpoint
+        if s.region:
+            config["region"] = s.region
+        if s.access_key_id:
+            config["access_key_id"] = s.access_key_id
+        if s.secret_access_key:
+            config["secret_access_key"] = s.secret_access_key
+        client: dict[str, Any] = {"allow_http": True} if s.allow_http else {}
+        self.store = S3Store(self.bucket, prefix=self.prefix or None, config=config or None,
+                             client_options=client or None)
+
+    @staticmethod
+    def key(blob_id: str) -> str:
+        return f"{blob_id[:2]}/{blob_id}"
+
+    def write(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """PUT each object and return once every PUT was answered (the service's durability)."""
+        made: list[str] = []
+        try:
+            for blob_id, ct in items:
+                made.append(blob_id)
+                self._ob.put(self.store, self.key(blob_id), memoryview(ct), use_multipart=len(ct) > 64 << 20)
+        except BaseException:
+            for blob_id in made:
+                try:
+                    self.delete(blob_id)
+                except Exception as e:  # the service is down: store gc removes it later
+                    log.warning("blobs.cleanup_failed", store=self.describe, error=type(e).__name__)
+            raise
+
+    def read(self, blob_id: str) -> bytes:
+        try:
+            return bytes(self._ob.get(self.store, self.key(blob_id)).bytes())
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            if _not_found(e):
+                raise FileNotFoundError(blob_id) from e
+            raise
+
+    def read_range(self, blob_id: str, start: int, length: int) -> bytes:
+        size = self.size(blob_id)
+        end = min(size, start + length)
+        if start >= end:
+            return b""
+        try:
+            return bytes(self._ob.get_range(self.store, self.key(blob_id), start=start, end=end))
+        except Exception as e:
+            if _not_found(e):
+                raise FileNotFoundError(blob_id) from e
+            raise
+
+    def size(self, blob_id: str) -> int:
+        try:
+            return int(self._ob.head(self.store, self.key(blob_id))["size"])
+        except Exception as e:
+            if _not_found(e):
+                raise FileNotFoundError(blob_id) from e
+            raise
+
+    def delete(self, blob_id: str) -> None:
+        try:
+            self._ob.delete(self.store, self.key(blob_id))
+        except Exception as e:
+            if not _not_found(e):
+                raise
+
+    def exists(self, blob_id: str) -> bool:
+        try:
+            self.size(blob_id)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def iterate(self, older_than: float = 0.0) -> Iterator[tuple[str, int]]:
+        cutoff = time.time() - older_than
+        for batch in self._ob.list(self.store):
+            for meta in batch:
+                name = str(meta["path"]).rsplit("/", 1)[-1]
+                if len(name) != BLOB_NAME_LEN:
+                    continue
+                modified = meta.get("last_modified")
+                if modified is not None and modified.timestamp() >= cutoff:
+                    continue
+                yield name, int(meta["size"])
+
+    def is_empty(self) -> bool:
+        for batch in self._ob.list(self.store, chunk_size=1):
+            if batch:
+                return False
+        return True
+
+
+def _not_found(e: BaseException) -> bool:
+    return isinstance(e, FileNotFoundError) or type(e).__name__ == "NotFoundError"
+
+
+def open_blob_files(location: str | os.PathLike[str], settings: S3Settings | None = None) -> BlobFiles:
+    """``s3://bucket/prefix`` gives an ObjectStore, anything else a LocalFolder."""
+    if str(location).startswith("s3://"):
+        return ObjectStore(str(location), settings)
+    return LocalFolder(location)
