@@ -36,6 +36,7 @@ from starlette.routing import Route
 
 from engine.components import ComponentConfig
 from engine.context import ComponentContext
+from engine.http.protocol import HttpLimits, text_error_body
 from engine.registry import component
 from engine.security.tls import TLSConfig
 from engine.store.dicom import index as idx
@@ -49,7 +50,6 @@ from listeners.dicom_store import StoreSCP
 from listeners.dicomweb_json import DICOM_JSON
 from listeners.dicomweb_render import THUMBNAIL, RenderError, parse_viewport, parse_window, render
 from listeners.fhir_body import BodyBudget
-from listeners.fhir_http import HttpLimits
 from listeners.http_common import BearerAuth, BearerTokens, UvicornService
 from transforms.dicom_codec import TranscodeError
 
@@ -622,6 +622,7 @@ class DicomWebListener(UvicornService):
 
     kind = "dicomweb"
     label = "DICOMweb"
+    error_body = staticmethod(text_error_body)  # 408/431/503 outside a request: plain text, as its handlers
 
     def __init__(self, config: DicomWebSourceConfig, ctx: ComponentContext) -> None:
         super().__init__(config, ctx)

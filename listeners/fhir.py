@@ -19,7 +19,7 @@ from engine.context import ComponentContext
 from engine.registry import component
 from engine.security.tls import TLSConfig
 from listeners.fhir_app import FhirApi
-from listeners.fhir_http import HttpLimits
+from listeners.fhir_http import HttpLimits, outcome_error_body
 from listeners.http_common import BearerAuth, UvicornService
 
 log = structlog.get_logger()
@@ -84,6 +84,7 @@ class FhirListener(UvicornService):
 
     kind = "fhir"
     label = "FHIR"
+    error_body = staticmethod(outcome_error_body)  # 408/431/503 outside a request: OperationOutcome too
 
     def __init__(self, config: FhirSourceConfig, ctx: ComponentContext) -> None:
         super().__init__(config, ctx)

@@ -26,6 +26,9 @@ LAYERS: list[tuple[str, ...]] = [
      "engine.store.fhir.tables", "engine.auth.tables", "engine.store.dicom.scan"),
     # the audit trail writes into the store
     ("engine.audit",),
+    # the one HTTP serving stack (uvicorn in the loop, guarded h11, audited TLS, bearer tokens):
+    # under the console (core) and the HTTP listeners
+    ("engine.http",),
     # core: configuration, intake, routing, queue, workers, runtime, metrics, message queries
     ("engine.config", "engine.context", "engine.intake", "engine.match", "engine.queue", "engine.pipeline",
      "engine.runtime", "engine.metrics", "engine.ops", "engine.auth", "engine.messages", "engine.routing_keys",

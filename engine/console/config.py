@@ -71,9 +71,22 @@ class ConsoleConfig(_Strict):
     login: LoginLimits = Field(default_factory=LoginLimits, description="failed-login rate limit")
     search: SearchLimits = Field(default_factory=SearchLimits, description="content search (`q`) bounds")
     ldap: LdapConfig | None = Field(None, description="LDAP / Active Directory users (in addition to local ones)")
-    max_connections: int = Field(100, ge=1, description="open connections at once; more are refused")
+    max_connections: int = Field(100, ge=1, description=(
+        "open connections at once (TLS ones counted from accept); more are answered 503 with Retry-After "
+        "(TLS: closed before the handshake)"))
     handshake_timeout: float = Field(10.0, gt=0, description="seconds a TLS handshake may take (HTTPS only)")
-    idle_timeout: float = Field(15.0, gt=0, description="seconds an idle keep-alive connection stays open")
+    idle_timeout: float = Field(15.0, gt=0, description=(
+        "seconds a connection may stay open with no request in progress (after accept, the TLS handshake or "
+        "a response) before it is closed"))
+    header_timeout: float = Field(10.0, gt=0, description=(
+        "seconds from the first byte of a request to the end of its head; slower gets 408 and is closed"))
+    body_timeout: float = Field(60.0, gt=0, description=(
+        "seconds from the end of the head to the end of the body; slower gets 408 and is closed"))
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description=(
+        "largest request head (request line and header fields); larger gets 431"))
+    max_header_count: int = Field(100, ge=8, description="most header fields in a request; more gets 431")
+    max_url_bytes: int = Field(8 * 1024, ge=256, description=(
+        "longest request target (path and query string); longer gets 414"))
     reindex_pause: float = Field(0.5, ge=0, description="seconds between background batches that fill in the "
                                  "blind index of messages stored before it existed")
 

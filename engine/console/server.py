@@ -14,7 +14,8 @@ from ruamel.yaml import YAML
 from engine.audit.trail import Audit
 from engine.console.auth import LoginLimiter, Sessions
 from engine.console.config import ConsoleConfig
-from engine.security.http_server import AppServer
+from engine.http.protocol import HttpLimits, json_error_body
+from engine.http.server import HttpServer
 from engine.security.tls import report_handshake_failure
 from engine.store import message_terms
 
@@ -55,7 +56,7 @@ class Console:
             from engine.console.ldap import Directory
 
             self.ldap = Directory(config.ldap)
-        self._server: AppServer | None = None
+        self._server: HttpServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -66,10 +67,16 @@ class Console:
         from engine.console.app import build_app
 
         app = build_app(self)
-        self._server = AppServer(app, self.config.host, self.config.port, tls=self.config.tls, name="console",
-                                 max_connections=self.config.max_connections,
-                                 handshake_timeout=self.config.handshake_timeout,
-                                 idle_timeout=self.config.idle_timeout, on_tls_failure=self._tls_failed)
+        c = self.config
+        # the same stack as the HTTP listeners: slowloris timeouts, connection cap, head limits;
+        # protocol-level answers in the API's own {"error", "detail"} shape
+        limits = HttpLimits(max_header_bytes=c.max_header_bytes, max_header_count=c.max_header_count,
+                            max_url_bytes=c.max_url_bytes, idle_timeout=c.idle_timeout,
+                            header_timeout=c.header_timeout, body_timeout=c.body_timeout,
+                            max_connections=c.max_connections, channel="", kind="console",
+                            error_body=json_error_body)
+        self._server = HttpServer(app, c.host, c.port, limits, tls=c.tls, handshake_timeout=c.handshake_timeout,
+                                  on_tls_failure=self._tls_failed, label="console", graceful_timeout=3)
         await self._server.start()
         self._tasks = [asyncio.create_task(self._sample(), name="console-sampler"),
                        asyncio.create_task(self._reindex(), name="console-reindex")]

@@ -1,0 +1,132 @@
+"""An ASGI app served by uvicorn inside the engine's event loop, plain or over our TLS.
+
+uvicorn runs as a task in the running loop (no extra process, no second loop) with its
+signal handling off (SIGTERM belongs to the runtime, which stops listeners in order), on
+the guarded h11 protocol of ``engine.http.protocol`` also when httptools is installed, so
+the limits never depend on what else is in the venv. With TLS, uvicorn serves plain TCP
+and each connection is upgraded by ``engine.security.tls.upgrade`` first: given ``ssl=``,
+uvicorn lets asyncio do the handshake and asyncio reports a failed one only at debug
+level, so a refused client certificate would leave no audit trail.
+
+Used by the FHIR, DICOMweb and HTTP source listeners (through listeners/http_common.py)
+and by the console (engine/console/server.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import structlog
+import uvicorn
+
+from engine.http.protocol import GuardedH11Protocol, HttpLimits, protocol_class
+from engine.security.tls import PausedAccept, TLSConfig, server_context, upgrade
+
+log = structlog.get_logger()
+TlsFailure = Callable[[Any, BaseException], None]
+
+
+class InLoopServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # the engine's runtime owns SIGINT/SIGTERM
+
+
+def tls_protocol(inner_class: type[GuardedH11Protocol], context: ssl.SSLContext, *, handshake_timeout: float,
+                 on_failure: TlsFailure) -> type[asyncio.Protocol]:
+    """A uvicorn ``http`` protocol class: ``inner_class`` behind our own TLS upgrade.
+
+    The connection cap applies at accept (connections in their handshake count, through
+    ``inner_class.pending``), so connections over it cost no handshake; a handshake gets
+    ``handshake_timeout``; the HTTP timeouts start when it is done.
+    """
+    limits: HttpLimits = inner_class.limits
+    pending: set[Any] = inner_class.pending
+
+    class TLSHttpProtocol(PausedAccept):
+        def __init__(self, config: Any, server_state: Any, app_state: Any, _loop: Any = None) -> None:
+            self.inner = inner_class(config=config, server_state=server_state, app_state=app_state,
+                                     _loop=_loop, admitted=True)
+            self.connections = server_state.connections
+            super().__init__(self._upgrade)
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            if len(self.connections) + len(pending) >= limits.max_connections:
+                log.warning(f"{limits.kind}.connection_refused", channel=limits.channel, reason="max_connections",
+                            limit=limits.max_connections)
+                transport.abort()
+                return
+            pending.add(self)
+            super().connection_made(transport)
+
+        async def _upgrade(self, transport: asyncio.Transport) -> None:
+            try:
+                await upgrade(transport, self.inner, context, handshake_timeout=handshake_timeout,
+                              on_failure=on_failure)
+            finally:
+                pending.discard(self)
+
+    return TLSHttpProtocol
+
+
+class HttpServer:
+    """``app`` on ``host:port`` until stopped; ``address`` is the bound (host, port).
+
+    ``limits`` bound every connection (``engine.http.protocol``); ``on_tls_failure`` is
+    told of each refused handshake (the caller writes the audit row, it knows the actor).
+    The TLS context is built here: a bad certificate fails at start, not on a handshake.
+    """
+
+    def __init__(self, app: Any, host: str, port: int, limits: HttpLimits, *, tls: TLSConfig | None = None,
+                 handshake_timeout: float = 10.0, on_tls_failure: TlsFailure | None = None,
+                 label: str = "HTTP", graceful_timeout: int = 5) -> None:
+        self.label = label
+        self.limits = limits
+        http: type[asyncio.Protocol] = protocol_class(limits)
+        if tls is not None:
+            http = tls_protocol(protocol_class(limits), server_context(tls), handshake_timeout=handshake_timeout,
+                                on_failure=on_tls_failure or (lambda peer, e: None))
+        self.config = uvicorn.Config(
+            app, host=host, port=port, log_config=None,
+            access_log=False,  # request lines carry search values (identifiers): never logged
+            lifespan="off", server_header=False, proxy_headers=False, timeout_graceful_shutdown=graceful_timeout,
+            http=http, ws="none", timeout_keep_alive=limits.idle_timeout,  # type: ignore[arg-type]
+            h11_max_incomplete_event_size=limits.max_header_bytes)
+        self._server: InLoopServer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def _serve(self) -> None:
+        assert self._server is not None
+        try:
+            await self._server.serve()
+        except SystemExit:  # uvicorn exits the process on bind errors; turn that into an error
+            raise RuntimeError(f"{self.label} listener could not start") from None
+
+    async def start(self) -> None:
+        self._server = InLoopServer(self.config)
+        name = f"{self.limits.kind}-{self.limits.channel}" if self.limits.channel else f"{self.limits.kind}-http"
+        self._task = asyncio.create_task(self._serve(), name=name)
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+                raise RuntimeError(f"{self.label} listener stopped during startup")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        if self._server is None or self._task is None:
+            return
+        self._server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._task, timeout=10)
+        self._task = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._server is None or not self._server.servers:
+            return str(self.config.host), int(self.config.port)
+        name = self._server.servers[0].sockets[0].getsockname()
+        return str(name[0]), int(name[1])
