@@ -121,11 +121,13 @@ def open_chunks(dek: bytes, header: bytes, aad: bytes, read: Callable[[int, int]
     step = chunk_size_of(header) + TAG_BYTES
     i = 0
     while True:
-        ct = read(i * step, step)
+        # one read per chunk: a byte past it tells whether anything follows (the final chunk is
+        # the one followed by nothing; a full chunk may be final too)
+        got = read(i * step, step + 1)
+        last = len(got) <= step
+        ct = got if last else got[:step]
         if len(ct) < TAG_BYTES:
             raise StreamError("truncated: the final chunk is missing")
-        # the final chunk is the one followed by nothing; a full chunk may be final too
-        last = len(ct) < step or not read((i + 1) * step, 1)
         try:
             yield gcm.decrypt(_nonce(header, i, last), ct, full_aad)
         except InvalidTag:
@@ -139,7 +141,18 @@ def open_chunks(dek: bytes, header: bytes, aad: bytes, read: Callable[[int, int]
         i += 1
 
 
+def seal_bytes(dek: bytes, header: bytes, aad: bytes, data: bytes) -> bytearray:
+    """The whole ciphertext of ``data`` in one preallocated buffer (no list of chunks to join)."""
+    out = bytearray(stream_length(len(data), chunk_size_of(header)))
+    pos = 0
+    for ct in seal_chunks(dek, header, aad, [data]):
+        out[pos:pos + len(ct)] = ct
+        pos += len(ct)
+    return out
+
+
 def open_bytes(dek: bytes, header: bytes, aad: bytes, ciphertext: bytes) -> bytes:
-    """The whole plaintext of a small stream-sealed blob held in memory."""
+    """The whole plaintext of a stream-sealed blob held in memory (readers that can take chunks
+    should: this holds the ciphertext, the chunks and the joined plaintext at once)."""
     view = memoryview(ciphertext)
-    return b"".join(open_chunks(dek, header, aad, lambda off, n: bytes(view[off:off + n])))
+    return b"".join(open_chunks(dek, header, aad, lambda off, n: view[off:off + n]))
