@@ -301,3 +301,51 @@ def test_config_names_the_bucket_and_keeps_secrets_out_of_the_yaml(tmp_path):
     local = load_settings(cfg).blob_files()
     assert isinstance(local, LocalFolder) and local.root == tmp_path / "data/blobs"
     assert data_file("CT_small.dcm").exists()
+
+
+def test_object_store_down_refuses_large_messages_and_recovers(monkeypatch, medrelay_proc, tmp_path):
+    """The bucket unreachable: a message that needs a blob object is refused (AE or AR with ERR, never AA), one
+    small enough for the database is still accepted, the engine keeps serving; once the service
+    is back, large messages are accepted again. Uses its own server so it can stop and restart it."""
+    pytest.importorskip("obstore")
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    for k, v in CREDS.items():
+        monkeypatch.setenv(k, v)
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+
+    def up() -> ThreadedMotoServer:
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing-secret").create_bucket(Bucket=BUCKET)
+        return server
+
+    server = up()
+    mllp, dcm = free_port(), free_port()
+    p = medrelay_proc(_s3_yaml(endpoint, mllp, dcm), env=_env())
+    p.start()
+    p.wait_port(mllp)
+    c = RawClient("127.0.0.1", mllp)
+    c.send(_big_adt(1))
+    assert msa(c.recv_frame())[1] == "AA"
+    server.stop()
+    t = time.monotonic()
+    c.send(_big_adt(2))
+    ack = c.recv_frame()
+    assert msa(ack)[1] in ("AE", "AR") and time.monotonic() - t < 45  # refused in bounded time, not hung
+    assert b"ERR|" in ack
+    c.send(adt("SMALL0001"))  # inline in the database: no object needed
+    assert msa(c.recv_frame())[1] == "AA"
+    server = up()
+    try:
+        c.send(_big_adt(3))
+        assert msa(c.recv_frame())[1] == "AA"
+        c.close()
+        assert p.terminate() == 0
+    finally:
+        server.stop()
+    log = p.log_path.read_text()
+    assert "testing-secret" not in log and "Traceback" not in log

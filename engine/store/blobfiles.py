@@ -21,10 +21,12 @@ in and comes out here is ciphertext, so nothing here sees PHI.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -200,9 +202,14 @@ class ObjectStore:
             config["access_key_id"] = s.access_key_id
         if s.secret_access_key:
             config["secret_access_key"] = s.secret_access_key
-        client: dict[str, Any] = {"allow_http": True} if s.allow_http else {}
+        # Bounded waits: a service that is down must fail the write in seconds (intake then refuses
+        # the message and the peer resends), not after obstore's default of minutes of retries.
+        client: dict[str, Any] = {"connect_timeout": timedelta(seconds=5), "timeout": timedelta(seconds=300)}
+        if s.allow_http:
+            client["allow_http"] = True
+        retry: dict[str, Any] = {"max_retries": 2, "retry_timeout": timedelta(seconds=10)}
         self.store = S3Store(self.bucket, prefix=self.prefix or None, config=config or None,
-                             client_options=client or None)
+                             client_options=client, retry_config=retry)  # type: ignore[arg-type]
 
     @staticmethod
     def key(blob_id: str) -> str:
@@ -214,7 +221,10 @@ class ObjectStore:
         try:
             for blob_id, ct in items:
                 made.append(blob_id)
-                self._ob.put(self.store, self.key(blob_id), memoryview(ct), use_multipart=len(ct) > 64 << 20)
+                try:
+                    self._ob.put(self.store, self.key(blob_id), memoryview(ct), use_multipart=len(ct) > 64 << 20)
+                except Exception as e:
+                    raise _io_error("write", e) from e
         except BaseException:
             for blob_id in made:
                 try:
@@ -226,12 +236,10 @@ class ObjectStore:
     def read(self, blob_id: str) -> bytes:
         try:
             return bytes(self._ob.get(self.store, self.key(blob_id)).bytes())
-        except FileNotFoundError:
-            raise
         except Exception as e:
             if _not_found(e):
                 raise FileNotFoundError(blob_id) from e
-            raise
+            raise _io_error("read", e) from e
 
     def read_range(self, blob_id: str, start: int, length: int) -> bytes:
         size = self.size(blob_id)
@@ -243,7 +251,7 @@ class ObjectStore:
         except Exception as e:
             if _not_found(e):
                 raise FileNotFoundError(blob_id) from e
-            raise
+            raise _io_error("read", e) from e
 
     def size(self, blob_id: str) -> int:
         try:
@@ -251,14 +259,14 @@ class ObjectStore:
         except Exception as e:
             if _not_found(e):
                 raise FileNotFoundError(blob_id) from e
-            raise
+            raise _io_error("read", e) from e
 
     def delete(self, blob_id: str) -> None:
         try:
             self._ob.delete(self.store, self.key(blob_id))
         except Exception as e:
             if not _not_found(e):
-                raise
+                raise _io_error("delete", e) from e
 
     def exists(self, blob_id: str) -> bool:
         try:
@@ -284,6 +292,13 @@ class ObjectStore:
             if batch:
                 return False
         return True
+
+
+def _io_error(what: str, e: BaseException) -> OSError:
+    """The object store's failure as the OSError a disk would raise, so every caller that handles
+    a failed file write or read (intake refuses the message, a delivery retries) handles this too.
+    Only the exception's type goes into the message: the service's text may name the bucket's URL."""
+    return OSError(errno.EIO, f"object store {what} failed ({type(e).__name__})")
 
 
 def _not_found(e: BaseException) -> bool:
