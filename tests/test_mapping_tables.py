@@ -139,8 +139,8 @@ def test_rule_schema_errors_name_the_rule(tmp_path):
     r = check(path)
     assert r.returncode == 2
     rp = "channels.lab-in.routes[0].transforms[0].rules"
-    assert f"{path}:14: {rp}[0]: a rule needs one of the keys set, copy, compute, delete, add, lookup, when, foreach, " \
-           "regenerate_uids, drop, error" in r.stderr
+    assert f"{path}:14: {rp}[0]: a rule needs one of the keys set, copy, compute, delete, add, lookup, when, " \
+           "foreach, regenerate_uids, drop, error" in r.stderr
     assert f"{path}:15: {rp}[1].lookup.missin: Extra inputs are not permitted" in r.stderr
 
 
