@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:
 from pydicom.uid import UID  # noqa: E402
 
 from engine.store.dicom import index as idx  # noqa: E402
-from engine.store.dicom import terms  # noqa: E402
+from engine.store.dicom import iocm, terms  # noqa: E402
 from listeners import dicom_contexts as cx  # noqa: E402
 from listeners import dicom_dimse as dimse  # noqa: E402
 from listeners import dicom_mpps as mpps_scp  # noqa: E402
@@ -278,9 +278,9 @@ def render() -> str:
         "that named it: a later instance with the same Patient ID and issuer but another name is filed under "
         "that patient, does not rename it, and is not found by C-FIND for the other name. A study keeps the "
         "patient its first instance named: a later instance of the same Study Instance UID that names another "
-        "patient is filed under the study's patient. Neither is refused; the instance is stored as received, "
-        "and C-MOVE / C-GET send it unchanged. The archive does not apply patient updates or merges "
-        "(e.g. HL7 ADT A08 / A40).",
+        "patient is filed under the study's patient. Neither is refused; the instance is stored as received. "
+        "Patient updates and merges from the HIS change the archive's patient (section 3.6.3), not the "
+        "instances that arrive later.",
         "- An archive written by an earlier medrelay, which merged every instance without Patient ID into one "
         "patient, is split at the first start of this version: each study gets its own patient, with the "
         "patient attributes read again from its stored instance.",
@@ -378,6 +378,30 @@ def render() -> str:
         "Failure Reasons in the N-EVENT-REPORT:",
         "",
         *_status_table("N-EVENT-REPORT Failure Reason (Storage Commitment)"),
+        "",
+        "### 3.6.3 Patient Information Reconciliation and rejected instances (IOCM)",
+        "",
+        "- Patient updates (HL7 ADT A08 / A31, a FHIR Patient create or update) and merges (ADT A40 / A18, "
+        "a FHIR Patient `link` of type `replaces`) routed through the `patient_update` transform to "
+        "`{type: store}` change the archive's patient keyed by Patient ID and Issuer of Patient ID (PID-3.1 "
+        "and PID-3.4.1; with `also_without_issuer` also the same Patient ID stored without an issuer): its "
+        "name, birth date and sex as C-FIND and QIDO-RS return and match them (the old name no longer "
+        "matches). A merge moves the prior patient's studies to the surviving patient (which takes the prior "
+        "one's attributes when the archive did not know it) and removes the prior patient.",
+        "- Stored instances are not rewritten: C-MOVE, C-GET, WADO-RS and WADO-URI send an instance of a "
+        "patient changed since it was stored with its Patient module (Patient's Name, Patient ID, Issuer of "
+        "Patient ID, Birth Date and Time, Sex, Other Patient IDs, Ethnic Group, Patient Comments) as the "
+        "archive holds it now, the rest of the data set and the pixel data unchanged, in the stored transfer "
+        "syntax (Specific Character Set ISO_IR 192 when a new value needs it). Instances of patients never "
+        "changed are sent byte-identical. Instances that arrive after a merge with the prior Patient ID are "
+        "filed under that ID again (a new patient).",
+        "- A Key Object Selection Document whose Concept Name is a CID 7011 code "
+        f"({', '.join(f'{c} {t}' for c, t in iocm.REJECTION_TITLES.items())}, scheme DCM), routed through the "
+        "`iocm_rejection` transform to `{type: store}`, hides the instances of its Current Requested "
+        "Procedure Evidence Sequence from C-FIND, C-MOVE, C-GET, DICOMweb and storage commitment (a series "
+        "or study left empty goes too); with `delete: true` their stored bytes are also removed (their "
+        "encryption key with them). The note itself stays in the archive. A rejected SOP Instance UID sent "
+        "again is stored again.",
         "",
         "### 3.7 Storage SCU (`to: {type: dicom}` routes)",
         "",

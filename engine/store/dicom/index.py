@@ -53,7 +53,7 @@ from sqlalchemy import (
     update,
 )
 
-from engine.store.dicom import terms
+from engine.store.dicom import reconcile, terms
 from engine.store.dicom.scan import ScanError, scan
 from engine.store.dicom.tables import (  # noqa: F401  (the attribute lists are this module's API too)
     IMAGE_ATTRS,
@@ -498,10 +498,12 @@ def instances_below(conn: Connection, level: str, pks: Sequence[int]) -> list[In
 
 
 def load_instance(conn: Connection, store: Any, ref: InstanceRef) -> bytes:
-    """The stored Part-10 bytes of one instance, decrypted and checked (AAD = message id)."""
-    if ref.blob_id:
-        return store.get_blob(conn, ref.blob_id, aad=ref.message_id)
-    return store.message_payload(conn, ref.message_id)
+    """The stored Part-10 bytes of one instance, decrypted and checked (AAD = message id), with
+    the Patient module the archive holds now when the patient was updated or merged since
+    (``reconcile.current_instance``; otherwise byte-identical). Every retrieval reads through here."""
+    data = store.get_blob(conn, ref.blob_id, aad=ref.message_id) if ref.blob_id else \
+        store.message_payload(conn, ref.message_id)
+    return reconcile.current_instance(conn, store, ref.sop_uid, data)
 
 
 def split_part10(data: bytes) -> tuple[str, bytes]:
