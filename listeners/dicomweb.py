@@ -118,10 +118,7 @@ class DicomWebSourceConfig(ComponentConfig):
         return self
 
     def http_limits(self, channel: str) -> HttpLimits:
-        return HttpLimits(max_header_bytes=self.max_header_bytes, max_header_count=self.max_header_count,
-                          max_url_bytes=self.max_url_bytes, idle_timeout=self.idle_timeout,
-                          header_timeout=self.header_timeout, body_timeout=self.body_timeout,
-                          max_connections=self.max_connections, channel=channel)
+        return HttpLimits.of(self, channel)
 
     def base_url(self) -> str:
         """The service's base URL as configured (public_url, else scheme://host:port/base_path)."""
@@ -631,13 +628,6 @@ class DicomWebListener(UvicornService):
 
     def app(self) -> Any:
         return self.api.app()
-
-    async def start(self) -> None:
-        await self.start_serving()
-        host, port = self.address
-        log.info("dicomweb.listening", channel=self.ctx.channel, host=host, port=port,
-                 base_path=self.config.base_path, tls=self.config.tls is not None,
-                 auth="open" if self.config.auth.open else "bearer")
 
 
 @component("source", "dicomweb", config=DicomWebSourceConfig, kinds=("dicom",))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import structlog
 from pydantic import Field, model_validator
 
 from engine.components import ComponentConfig
@@ -21,8 +20,6 @@ from engine.security.tls import TLSConfig
 from listeners.fhir_app import FhirApi
 from listeners.fhir_http import HttpLimits, outcome_error_body
 from listeners.http_common import BearerAuth, UvicornService
-
-log = structlog.get_logger()
 
 
 class FhirAuth(BearerAuth):
@@ -73,10 +70,7 @@ class FhirSourceConfig(ComponentConfig):
         return self
 
     def http_limits(self, channel: str) -> HttpLimits:
-        return HttpLimits(max_header_bytes=self.max_header_bytes, max_header_count=self.max_header_count,
-                          max_url_bytes=self.max_url_bytes, idle_timeout=self.idle_timeout,
-                          header_timeout=self.header_timeout, body_timeout=self.body_timeout,
-                          max_connections=self.max_connections, channel=channel)
+        return HttpLimits.of(self, channel)
 
 
 class FhirListener(UvicornService):
@@ -93,13 +87,6 @@ class FhirListener(UvicornService):
 
     def app(self) -> Any:
         return self.api.app()
-
-    async def start(self) -> None:
-        await self.start_serving()
-        host, port = self.address
-        log.info("fhir.listening", channel=self.ctx.channel, host=host, port=port,
-                 base_path=self.config.base_path, tls=self.config.tls is not None,
-                 auth="open" if self.config.auth.open else "bearer")
 
 
 @component("source", "fhir", config=FhirSourceConfig, kinds=("fhir",))

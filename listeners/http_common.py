@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Protocol
 
+import structlog
+
 from engine.context import ComponentContext
 from engine.http.bearer import BearerAuth, BearerTokens, fingerprint
 from engine.http.protocol import ErrorBody, HttpLimits, json_error_body
@@ -19,6 +21,7 @@ from engine.http.server import HttpServer
 from engine.security.tls import TLSConfig, report_handshake_failure
 
 __all__ = ["BearerAuth", "BearerTokens", "HttpServiceConfig", "UvicornService", "fingerprint"]
+log = structlog.get_logger()
 
 
 class HttpServiceConfig(Protocol):
@@ -66,6 +69,15 @@ class UvicornService:
     async def start_serving(self) -> None:
         self._http = self.http_server()
         await self._http.start()
+
+    async def start(self) -> None:
+        """Serve, then log ``<kind>.listening`` with the address, TLS, auth mode and base path."""
+        await self.start_serving()
+        host, port = self.address
+        auth = getattr(self.config, "auth", None)
+        log.info(f"{self.kind}.listening", channel=self.ctx.channel, host=host, port=port,
+                 base_path=getattr(self.config, "base_path", None), tls=self.config.tls is not None,
+                 auth="open" if auth is None or auth.open else "bearer")
 
     async def stop(self) -> None:
         if self._http is not None:

@@ -22,6 +22,7 @@ import pytest
 import structlog
 from fhir.resources.R4B import get_fhir_model_class
 from fhir_support import TOKEN, FhirServer, adt_bundle
+from http_peers import until_closed
 from sqlalchemy import func, select, text
 
 from engine.store import schema
@@ -482,33 +483,6 @@ def slow(tmp_path_factory):
 def connect(server, *, tls: ssl.SSLContext | None = None) -> socket.socket:
     sock = socket.create_connection(server.listener.address, timeout=15)
     return tls.wrap_socket(sock, server_hostname="localhost") if tls is not None else sock
-
-
-def until_closed(sock: socket.socket, *, dribble: bytes = b"", every: float = 0.2, limit: float = 20.0
-                 ) -> tuple[bytes, float]:
-    """Read until the server closes (sending ``dribble`` a byte at a time meanwhile); the bytes
-    received and the seconds it took. Bounded by ``limit``."""
-    start, data, pending = time.monotonic(), b"", bytearray(dribble)
-    sock.settimeout(every)
-    while time.monotonic() - start < limit:
-        if pending:
-            try:
-                sock.sendall(bytes(pending[:1]))
-                del pending[:1]
-            except OSError:
-                pending.clear()
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            continue
-        except ssl.SSLWantReadError:
-            continue
-        except OSError:  # reset
-            break
-        if not chunk:
-            break
-        data += chunk
-    return data, time.monotonic() - start
 
 
 def response_outcome(data: bytes, status: int) -> dict:

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from conftest import EngineThread
 from console_support import start
+from http_peers import until_closed
 
 TIMEOUTS = {"header_timeout": 1.0, "idle_timeout": 1.0}
 MARGIN = 3.0  # the machine is shared and slow: a timeout must fire, not fire to the millisecond
@@ -30,31 +31,6 @@ channels:
     routes:
       - {name: archive, to: {type: store}}
 """
-
-
-def until_closed(sock: socket.socket, *, dribble: bytes = b"", every: float = 0.2, limit: float = 20.0
-                 ) -> tuple[bytes, float]:
-    """Read until the server closes (sending ``dribble`` a byte at a time meanwhile); the bytes
-    received and the seconds it took. Bounded by ``limit``."""
-    start_at, data, pending = time.monotonic(), b"", bytearray(dribble)
-    sock.settimeout(every)
-    while time.monotonic() - start_at < limit:
-        if pending:
-            try:
-                sock.sendall(bytes(pending[:1]))
-                del pending[:1]
-            except OSError:
-                pending.clear()
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            continue
-        except OSError:  # reset
-            break
-        if not chunk:
-            break
-        data += chunk
-    return data, time.monotonic() - start_at
 
 
 def answer(data: bytes, status: int) -> tuple[str, bytes]:

@@ -70,11 +70,7 @@ class Console:
         c = self.config
         # the same stack as the HTTP listeners: slowloris timeouts, connection cap, head limits;
         # protocol-level answers in the API's own {"error", "detail"} shape
-        limits = HttpLimits(max_header_bytes=c.max_header_bytes, max_header_count=c.max_header_count,
-                            max_url_bytes=c.max_url_bytes, idle_timeout=c.idle_timeout,
-                            header_timeout=c.header_timeout, body_timeout=c.body_timeout,
-                            max_connections=c.max_connections, channel="", kind="console",
-                            error_body=json_error_body)
+        limits = HttpLimits.of(c, "", kind="console", error_body=json_error_body)
         self._server = HttpServer(app, c.host, c.port, limits, tls=c.tls, handshake_timeout=c.handshake_timeout,
                                   on_tls_failure=self._tls_failed, label="console", graceful_timeout=3)
         await self._server.start()

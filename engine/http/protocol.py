@@ -81,6 +81,14 @@ class HttpLimits:
     kind: str = "http"
     error_body: ErrorBody = json_error_body
 
+    @classmethod
+    def of(cls, config: Any, channel: str, **extra: Any) -> HttpLimits:
+        """The limits from a config with fields of the same names (FHIR, DICOMweb, the console)."""
+        return cls(max_header_bytes=config.max_header_bytes, max_header_count=config.max_header_count,
+                   max_url_bytes=config.max_url_bytes, idle_timeout=config.idle_timeout,
+                   header_timeout=config.header_timeout, body_timeout=config.body_timeout,
+                   max_connections=config.max_connections, channel=channel, **extra)
+
 
 def raw_response(status: int, reason: str, code: str, text: str, headers: dict[str, str] | None = None, *,
                  error_body: ErrorBody = json_error_body) -> bytes:
