@@ -19,7 +19,7 @@ from conftest import ROOT
 LAYERS: list[tuple[str, ...]] = [
     # foundation: no engine imports but each other
     ("engine.envelope", "engine.registry", "engine.components", "engine.logging", "engine.hl7", "engine.security",
-     "engine.mapping"),
+     "engine.mapping", "engine.dimse"),
     # the store: database, schema (including the feature rooms' table modules), blobs, gc, key rotation
     ("engine.store", "engine.store.dicom.tables", "engine.store.dicom.workflow_tables", "engine.store.dicom.terms",
      "engine.store.dicom.upgrade",

@@ -91,6 +91,10 @@ def classify(action: str, kind: str | None = None) -> Event:
     # security alert): a performed procedure step, storage commitment, patient reconciliation, IOCM.
     if a.startswith("dicom.mpps"):
         return Event(PROCEDURE_RECORD, "C" if a.endswith("create") else "U", (), "in", "2")
+    if a.startswith("dicom.prefetch") or a.startswith("dicom.scu"):  # we asked another archive
+        if a.endswith("find"):
+            return Event(QUERY, "E", (), "out")
+        return Event(INSTANCES_TRANSFERRED, "R", (), "out", "6")
     if a.startswith("dicom.commitment"):
         return Event(INSTANCES_ACCESSED, "R", (), "in", "6")
     if a.startswith("dicom.patient"):
