@@ -17,6 +17,7 @@ if str(ROOT) not in sys.path:
 
 from pydicom.uid import UID  # noqa: E402
 
+from engine.dimse import qr_scu  # noqa: E402
 from engine.store.dicom import index as idx  # noqa: E402
 from engine.store.dicom import iocm, terms  # noqa: E402
 from listeners import dicom_contexts as cx  # noqa: E402
@@ -30,6 +31,7 @@ from listeners.dicomweb import DicomWebSourceConfig  # noqa: E402
 from listeners.dicomweb_json import BULK_THRESHOLD  # noqa: E402
 from listeners.dicomweb_render import MAX_VIEWPORT, THUMBNAIL  # noqa: E402
 from routes.dicom import PERMANENT_RANGES, DicomDestinationConfig  # noqa: E402
+from routes.dicom_prefetch import DicomPrefetchConfig, PrefetchSource  # noqa: E402
 from transforms import dicom_codec as codec  # noqa: E402
 
 OUT = ROOT / "conformance" / "dicom-conformance-statement.md"
@@ -160,15 +162,18 @@ def render() -> str:
         "",
         "## 1 Implementation model",
         "",
-        "One DICOM Application Entity per `source: {type: dicom}` channel (the listener AE) and one "
-        "requesting AE per `to: {type: dicom}` route (the C-STORE SCU). The listener stores what it "
+        "One DICOM Application Entity per `source: {type: dicom}` channel (the listener AE), one "
+        "requesting AE per `to: {type: dicom}` route (the C-STORE SCU) and one per `to: {type: dicom_prefetch}` "
+        "route and `medrelay dicom find|move` command (the Query/Retrieve SCU). The listener stores what it "
         "receives in medrelay's encrypted store, indexes it (patient / study / series / instance) and "
         "answers queries and retrievals from that archive. Every received instance is also routed through "
         "the channel's routes (forwarding, conversion, de-identification).",
         "",
         "Real-world activities: *store instance* (a modality or PACS sends), *query archive*, *retrieve "
         "from archive* (C-MOVE to a configured AE, C-GET on the same association), *verify*, *forward "
-        "instance* (a route sends to a remote Storage SCP).",
+        "instance* (a route sends to a remote Storage SCP), *report procedure step* (a modality's MPPS), "
+        "*commit storage* (a modality asks which instances the archive is responsible for), *prefetch priors* "
+        "(an order or a study makes medrelay ask remote archives for the patient's earlier studies).",
         "",
         "## 2 AE specifications",
         "",
@@ -207,6 +212,25 @@ def render() -> str:
         "Transfer syntaxes accepted for Verification, Query/Retrieve and Modality Worklist:",
         "",
         *_ts_table(cx.QUERY_TRANSFER_SYNTAXES),
+        "",
+        "### 2.2.1 Query/Retrieve SCU AE (`dicom_prefetch`, `medrelay dicom find|move`)",
+        "",
+        *_uid_table([*cx.QR_FIND, *cx.QR_MOVE, *cx.QR_GET], "SCU"),
+        "",
+        f"For C-GET the first {len(qr_scu.StoragePresentationContexts[:127])} storage SOP classes of pynetdicom's "
+        "`StoragePresentationContexts` are proposed with SCP/SCU Role Selection (SCP role), each with these "
+        "transfer syntaxes; the C-FIND / C-MOVE / C-GET contexts themselves with Explicit and Implicit VR "
+        "Little Endian:",
+        "",
+        *_ts_table(tuple(qr_scu.GET_SYNTAXES)),
+        "",
+        "The prefetch asks at STUDY level of Study Root (Patient ID, Study Date range `YYYYMMDD-`; Issuer of "
+        "Patient ID only with `match_issuer`; return keys Study Instance UID, Study Time, Accession Number, "
+        "Modalities in Study, Number of Study Related Instances, Study Description) and retrieves whole "
+        "studies. A C-GET instance is filed like a C-STORE to the configured channel's listener (the index "
+        "look-up answers a known SOP Instance UID as a duplicate); its C-STORE response is 0x0000, 0xA900 "
+        "(UIDs missing, not filed) or 0xA700 (not committed). Success and Warning final statuses without "
+        "failed sub-operations count as retrieved; anything else is retried.",
         "",
         "### 2.3 Association policies",
         "",
@@ -445,6 +469,14 @@ def render() -> str:
         "",
         *_config_table(DicomDestinationConfig),
         "",
+        "### 4.3 Query/Retrieve SCU (`to: {type: dicom_prefetch}`)",
+        "",
+        *_config_table(DicomPrefetchConfig),
+        "",
+        "`sources` entries:",
+        "",
+        *_config_table(PrefetchSource),
+        "",
         "## 5 Security",
         "",
         "- TLS (PS3.15 B.1 profiles, BCP 195 settings: TLS 1.2+, AEAD cipher suites) on the listener "
@@ -463,7 +495,10 @@ def render() -> str:
         "Date/Time, Series/Instance Number and the SOP Class, which narrow queries in SQL.",
         "- Audit: association rejections (with the reason), every stored instance, queries and retrieves "
         "(C-MOVE / C-GET with the instances matched, sent and failed, counted from the sub-operations' "
-        "responses) are audit events (no PHI).",
+        "responses), performed procedure steps (Procedure Record), storage commitment requests and results, "
+        "patient updates and merges (Patient Record), rejection notes, and the queries and retrieves medrelay "
+        "makes itself as an SCU are audit events (no PHI). The IHE actors and transactions: "
+        "conformance/ihe-integration-statement.md.",
         "",
         *_dicomweb_section(),
     ]
