@@ -9,6 +9,7 @@ surviving patient; a KOS rejection note hides the instances it names, or deletes
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -45,6 +46,10 @@ channels:
         when: {resourceType: Patient}
         transforms: [{type: patient_update}]
         to: {type: store}
+  web:
+    source: {type: dicomweb, host: 127.0.0.1, port: 0, base_path: /dicom-web,
+             auth: {bearer_tokens: ["${RECONCILE_TOKEN}"]}}
+    routes: []
   dcm:
     source: {type: dicom, port: 0, ae_title: MEDRELAY, calling_aets: [TESTSCU, GETSCU, FINDSCU]}
     routes:
@@ -160,6 +165,17 @@ def test_update_merge_and_fhir_update_reach_find_and_retrieve(eng, tmp_path):
     sent = got[str(ds_a1.SOPInstanceUID)]
     assert str(sent.PatientName) == "Doe^Janet^Q" and sent.PatientBirthDate == "19700215"
     assert sent.PixelData == ds_a1.PixelData and sent.StudyInstanceUID == study_a
+    # DICOMweb reads the same archive: QIDO-RS answers, WADO-URI retrieves with the new name
+    whost, wport = eng.address("web")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    base = f"http://{whost}:{wport}/dicom-web"
+    qido = httpx.get(f"{base}/studies", params={"PatientID": "PIR1", "includefield": "PatientName"},
+                     headers={**auth, "Accept": "application/dicom+json"})
+    assert qido.status_code == 200 and "Doe^Janet^Q" in qido.text and "Doe^Jane\"" not in qido.text
+    wado = httpx.get(base, params={"requestType": "WADO", "studyUID": study_a, "seriesUID": ds_a1.SeriesInstanceUID,
+                                   "objectUID": ds_a1.SOPInstanceUID, "contentType": "application/dicom"},
+                     headers=auth)
+    assert wado.status_code == 200 and str(dcmread(io.BytesIO(wado.content)).PatientName) == "Doe^Janet^Q"
     # ... and the archive's copy is still what the modality sent (stored, not rewritten)
     with eng.store.engine.connect() as conn:
         row = idx.existing_instance(conn, str(ds_a1.SOPInstanceUID))
