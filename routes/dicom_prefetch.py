@@ -303,4 +303,9 @@ class DicomPrefetch:
 @component("destination", "dicom_prefetch", config=DicomPrefetchConfig)
 def build(config: DicomPrefetchConfig, ctx: ComponentContext) -> DicomPrefetch:
     """Prior studies for an order or a received study: C-FIND at remote archives, then C-MOVE / C-GET."""
+    settings = getattr(ctx, "settings", None)
+    if config.channel and settings is not None:
+        ch = getattr(settings, "channels", {}).get(config.channel)
+        if ch is None or getattr(ch.source, "type", "") != "dicom":
+            raise ValueError(f"dicom_prefetch: channel {config.channel!r} is not a DICOM channel of this configuration")
     return DicomPrefetch(config, ctx)
