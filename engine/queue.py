@@ -235,8 +235,12 @@ def settle_all(store: Any, outcomes: Sequence[Outcome]) -> None:
         audit_rows = [a for o in outcomes for a in o.audit_rows]
         if audit_rows:
             conn.execute(insert(schema.audit_events), audit_rows)
-        for o in outcomes:
-            attempts.record(conn, o, now)  # the per-try history the console shows
+        tries = [row for o in outcomes for row in attempts.rows_of(o, now)]
+        if tries:  # the per-try history the console shows: one executemany for all outcomes
+            conn.execute(_INSERT_ATTEMPTS, tries)
+
+
+_INSERT_ATTEMPTS = insert(attempts.delivery_attempts)
 
 
 def complete(store: Any, done: Sequence[tuple[int, str, str | None]],

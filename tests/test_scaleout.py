@@ -356,3 +356,62 @@ def test_a_database_that_never_answers_fails_the_connect_within_its_timeout(tmp_
         s.dispose()
     finally:
         silent.close()
+
+
+# -- singletons: the audit export ------------------------------------------------------------------
+
+def test_audit_export_runs_in_one_engine_and_moves_when_it_stops(engine_factory, pg):
+    """Each audit row reaches the repository once with two engines exporting the same store (before
+    issue 10 both read and sent the same rows: 83-103 twice); when the exporting engine stops, the
+    other takes over within a lease period and exports what came after."""
+    import re
+
+    from conftest import free_port as free
+    from test_audit_syslog import SyslogReceiver
+
+    url, shared = pg
+    port = free()
+    rx = SyslogReceiver(port, None).start()
+    try:
+        cfg = _yaml(url, shared, """
+            adt:
+              source: {type: mllp, port: 0}
+              routes:
+                - name: sink
+                  to: {type: test_collect, name: audit-scale}
+            """).replace("log: {level: warning}\n", "log: {level: warning}\n"
+                         f"audit:\n  syslog: {{host: 127.0.0.1, port: {port}, transport: tcp, "
+                         "poll_interval: 0.1, batch: 5, retry_initial: 0.1, retry_max: 0.5}\n")
+        a, b = engine_factory(cfg), engine_factory(cfg)
+        ca, cb = RawClient("127.0.0.1", a.address("adt")[1]), RawClient("127.0.0.1", b.address("adt")[1])
+        try:
+            for i in range(40):
+                assert msa((ca if i % 2 else cb).request(_adt(f"AUD{i}", mrn=f"M{i}"), timeout=20))[1] == "AA"
+        finally:
+            ca.close()
+            cb.close()
+        a_exports = a.runtime.keeper.held("audit-export")
+        assert a_exports != b.runtime.keeper.held("audit-export")  # exactly one of them
+
+        def ids() -> list[int]:
+            return [int(re.search(rb'id="(\d+)"', f).group(1)) for f in list(rx.frames)]
+
+        a.wait_for(lambda: _count(a.store, schema.audit_events, schema.audit_events.c.exported == 0) == 0,
+                   timeout=30)
+        time.sleep(1.0)
+        sent = ids()
+        assert len(sent) == len(set(sent)) and len(sent) >= 80, f"{len(sent) - len(set(sent))} sent twice"
+        exporter, other = (a, b) if a_exports else (b, a)
+        exporter.stop()  # releases its leases: the other engine takes the export over
+        c = RawClient("127.0.0.1", other.address("adt")[1])
+        try:
+            assert msa(c.request(_adt("AUD-LATE", mrn="M-LATE"), timeout=20))[1] == "AA"
+        finally:
+            c.close()
+        other.wait_for(lambda: other.runtime.keeper.held("audit-export"), timeout=10)
+        other.wait_for(lambda: _count(other.store, schema.audit_events, schema.audit_events.c.exported == 0) == 0,
+                       timeout=30)
+        late = ids()
+        assert len(late) > len(sent) and len(late) == len(set(late))
+    finally:
+        rx.stop()

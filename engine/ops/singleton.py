@@ -11,8 +11,9 @@ process take over. Killed, its leases run out and move within ``LEASE + TICK`` s
 
 ``Settler`` (one per process) writes delivery outcomes as they come (each delivery is marked
 done when it completes, not after its batch), group-committing whatever the route workers
-produced meanwhile in one transaction; while the store fails it keeps them, in order, and
-tries again with a bounded backoff.
+produce within ``SETTLE_LINGER`` of the first one in one transaction (a transaction per
+delivery cost more CPU than the delivery); while the store fails it keeps them, in order,
+and tries again with a bounded backoff.
 
 ``Singleton`` runs an async job only while this process holds its lease.
 
@@ -44,6 +45,8 @@ LEASE = 5.0  # seconds a named lease lasts without renewal
 TICK = 1.0  # seconds between renewals
 MARGIN = 1.0  # held() says no this long before the lease could run out
 SETTLE_RETRY = (0.25, 2.0)  # seconds between settle attempts while the store fails: first, most
+SETTLE_LINGER = 0.01  # seconds the settler waits for more outcomes after the first (group commit)
+SETTLE_MAX = 256  # outcomes per transaction at most
 LOG_EVERY = 30.0
 
 
@@ -220,13 +223,18 @@ class Settler:
                 if item is None:
                     return
                 pending.append(item)
-            while True:
+                linger_until = time.monotonic() + SETTLE_LINGER
+            else:
+                linger_until = 0.0  # retrying after a failure: take what is there, no wait
+            while len(pending) < SETTLE_MAX:
                 try:
-                    item = self._q.get_nowait()
+                    left = linger_until - time.monotonic()
+                    item = self._q.get(timeout=left) if left > 0 else self._q.get_nowait()
                 except stdqueue.Empty:
                     break
                 if item is None:
                     stop_at = time.monotonic() + 10.0
+                    linger_until = 0.0
                 else:
                     pending.append(item)
             try:
