@@ -386,8 +386,11 @@ def test_fhir_server_that_does_not_answer(mode):
 
 
 class _Ctx:
+    """What a destination is given, without a store: recording outputs is best effort and is skipped."""
+
     channel = "c"
     route = "r"
+    store = None
 
 
 # -- file ------------------------------------------------------------------------------------

@@ -213,6 +213,13 @@ def check(config: str) -> None:
                 line = settings.line_of.get((*path, attr)) or settings.line_of.get(path)
                 where = f"{config}:{line}" if line else config
                 problems.append(f"{where}: {dotted((*path, attr))}: file not found: {f}")
+    for cname, ch in settings.channels.items():  # sources that check their own surroundings (folders, databases)
+        env_check = getattr(ch.source, "environment_problems", None)
+        for sub, msg in env_check(settings) if env_check is not None and ch.enabled else ():
+            path = ("channels", cname, "source", *sub)
+            line = next((settings.line_of[path[:n]] for n in range(len(path), 0, -1) if path[:n] in settings.line_of),
+                        None)
+            problems.append(f"{config}:{line}: {dotted(path)}: {msg}" if line else f"{config}: {dotted(path)}: {msg}")
     for p in problems:
         click.echo(p, err=True)
     if problems:

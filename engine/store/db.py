@@ -19,6 +19,7 @@ import structlog
 from sqlalchemy import Connection, Engine, create_engine, event, insert, select, text, update
 from sqlalchemy.engine import make_url
 
+from engine.auth import tables as _auth_tables  # noqa: F401  (their tables join the schema)
 from engine.security import stream
 from engine.security.crypto import IntegrityError, KeyRing, Sealed
 from engine.store import dedupe as _dedupe  # noqa: F401  (cross-process duplicate windows)
@@ -27,7 +28,7 @@ from engine.store import outputs as _outputs  # noqa: F401  (message outputs, is
 from engine.store import schema
 from engine.store import sources as _sources  # noqa: F401  (polling sources' marks and cursors)
 from engine.store.blobfiles import BlobFiles, LocalFolder, open_blob_files
-from engine.store.dicom import tables as _dicom_tables  # noqa: F401  (their tables join the schema)
+from engine.store.dicom import tables as _dicom_tables  # noqa: F401
 from engine.store.dicom import upgrade as _dicom_upgrade
 from engine.store.fhir import tables as _fhir_tables  # noqa: F401
 from engine.store.prepared import Prepared
