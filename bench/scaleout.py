@@ -74,6 +74,17 @@ def pg_backends(url: str) -> list[int]:
     return pids
 
 
+def pg_commits(url: str) -> int:
+    """Transactions committed in the database so far (all clients: the engines dominate during a case)."""
+    from sqlalchemy import create_engine, text
+
+    eng = create_engine(url)
+    with eng.connect() as c:
+        n = c.execute(text("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")).scalar()
+    eng.dispose()
+    return int(n or 0)
+
+
 def machine_busy() -> tuple[float, float]:
     """(busy, total) jiffies of all CPUs so far, from /proc/stat."""
     v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -140,6 +151,7 @@ def run_case(name: str, engines: int, url: str, args: argparse.Namespace, tag: i
         backends = [] if url.startswith("sqlite") else pg_backends(url)
         engine_pids = [p.pid for p in procs]
         cpu0, pg0, m0 = cpu_seconds(engine_pids), cpu_seconds(backends), machine_busy()
+        x0 = pg_commits(url) if backends else 0
         t_start = time.perf_counter()
         elapsed = asyncio.run(_spread(ports, args.connections, per, tag=tag))
         deadline = time.monotonic() + 180
@@ -150,13 +162,15 @@ def run_case(name: str, engines: int, url: str, args: argparse.Namespace, tag: i
         if backends:
             backends = sorted(set(backends) | set(pg_backends(url)))
         pg1 = cpu_seconds(backends)
+        commits = (pg_commits(url) - x0) if backends else 0
         time.sleep(0.5)
         got = received.value - before
         engine_cpu = sum(cpu1.get(p, 0.0) - cpu0.get(p, 0.0) for p in engine_pids)
         pg_cpu = sum(pg1.get(p, 0.0) - pg0.get(p, 0.0) for p in backends)
         busy = (m1[0] - m0[0]) / max(m1[1] - m0[1], 1)
         return {"acked": n / elapsed, "forwarded": n / t_fwd if got >= n else 0.0, "extra": max(got - n, 0),
-                "n": n, "engine_ms": 1000 * engine_cpu / n, "pg_ms": 1000 * pg_cpu / n, "busy": busy}
+                "n": n, "engine_ms": 1000 * engine_cpu / n, "pg_ms": 1000 * pg_cpu / n, "busy": busy,
+                "commits": commits / n}
     finally:
         for p in procs:
             p.terminate()
@@ -198,13 +212,14 @@ def main() -> None:
           f"engines, {args.messages} messages per case, best of {args.rounds}; {os.cpu_count()} cores, "
           f"load average {load[0]:.1f} at the end")
     print(f"{'setup':<16} {'ACKed msg/s':>12} {'vs SQLite':>10} {'forwarded msg/s':>16} {'extra':>6} "
-          f"{'engine CPU ms/msg':>18} {'PG backend ms/msg':>18} {'machine busy':>13}")
+          f"{'engine CPU ms/msg':>18} {'PG backend ms/msg':>18} {'PG commits/msg':>15} {'machine busy':>13}")
     sqlite = max((r["acked"] for r in results.get("sqlite", [])), default=0.0)
     for key in args.cases.split(","):
         best = max(results[key], key=lambda r: r["acked"])
         ratio = f"{best['acked'] / sqlite:.2f}" if sqlite else "-"
         print(f"{CASES[key][0]:<16} {best['acked']:>12.0f} {ratio:>10} {best['forwarded']:>16.0f} "
-              f"{int(best['extra']):>6} {best['engine_ms']:>18.2f} {best['pg_ms']:>18.2f} {best['busy']:>12.0%}")
+              f"{int(best['extra']):>6} {best['engine_ms']:>18.2f} {best['pg_ms']:>18.2f} {best['commits']:>15.2f} "
+              f"{best['busy']:>12.0%}")
 
 
 if __name__ == "__main__":

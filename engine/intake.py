@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future as ConcurrentFuture
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -328,7 +328,7 @@ class Intake:
                 yield conn
                 self._committing = True  # the statements ran; what fails now is the COMMIT itself
         except BaseException:
-            if conn.invalidated or conn.closed:
+            if conn.invalidated or conn.closed or _broken(conn):
                 self._conn = None
                 conn.close()
             raise
@@ -410,7 +410,7 @@ class Intake:
         now = time.time()
         outcomes: list[Outcome] = []
         unused: list[str] = []  # files written ahead for what turned out to be duplicates
-        with self._transaction() as conn:
+        with self._transaction() as conn, ExitStack() as tail:
             existing, claimed = self._claim_keys(conn, batch, now)
             msg_rows: list[dict[str, Any]] = []
             dlv_rows: list[dict[str, Any]] = []
@@ -470,6 +470,7 @@ class Intake:
                 outcomes.append(Outcome("accepted", env.id, response=item.response, result=result,
                                         routes=routes))
                 audit_rows.append(_receive_audit(env, now, env.id, None))
+            tail.enter_context(_pipeline(conn))  # the inserts below need no answers: sent together
             if msg_rows:
                 sealed = self.store.prepare_blobs([(data, aad) for _, data, aad in to_seal])
                 for (i, _, _), row in zip(to_seal, sealed, strict=True):
@@ -484,14 +485,34 @@ class Intake:
             if supersede:
                 _supersede(conn, supersede, dlv_rows, now)
             if dlv_rows:
-                conn.execute(insert(schema.deliveries), dlv_rows)
+                _INSERT_DELIVERIES.run(conn, dlv_rows)
             if audit_rows:  # one executemany per group commit: the trail costs no extra fsync
                 _INSERT_AUDIT.run(conn, audit_rows)
+            tail.close()  # their errors, if any, are raised here: before the COMMIT
             for item in batch:  # files written ahead must be durable before the rows naming them
                 if item.durable is not None:
                     item.durable.result(DURABLE_TIMEOUT)
         self.store.delete_blob_files(unused)
         return outcomes
+
+
+def _broken(conn: Connection) -> bool:
+    """The driver connection died under us, unseen by SQLAlchemy (an error raised by psycopg
+    itself, as a pipeline's end raises it): drop it rather than reuse it for the next batch."""
+    try:
+        raw = conn.connection.dbapi_connection
+    except Exception:
+        return True
+    return bool(getattr(raw, "broken", False) or getattr(raw, "closed", False))
+
+
+def _pipeline(conn: Connection) -> Any:
+    """PostgreSQL: psycopg's pipeline mode, so the batch's inserts (blobs, messages, terms,
+    deliveries, audit) go to the server without a round trip each; one wait at the end instead
+    of six. A statement whose result is read (a lock, a look-up) still waits for it."""
+    if conn.dialect.name != "postgresql":
+        return nullcontext()
+    return conn.connection.dbapi_connection.pipeline()  # type: ignore[union-attr]
 
 
 def _header_value(env: Envelope, key: str) -> str | None:
@@ -524,6 +545,9 @@ def _supersede(conn: Connection, latest: dict[tuple[str, str, str], str], rows: 
 _INSERT_MESSAGES = Prepared(insert(schema.messages), (
     "id", "channel", "kind", "received_at", "peer", "headers", "blob_id", "size", "config_hash", "dedupe_key",
     "response", "parent_id"), json_columns=("headers",))
+_INSERT_DELIVERIES = Prepared(insert(schema.deliveries), (  # the rows _commit_batch makes (no RETURNING)
+    "message_id", "channel", "route", "state", "attempts", "next_attempt_at", "lease_until", "last_error", "detail",
+    "updated_at", "coalesce_key"))
 _INSERT_AUDIT = Prepared(insert(schema.audit_events), (  # the rows _receive_audit makes
     "at", "action", "outcome", "actor", "peer", "channel", "message_id", "entity", "detail", "exported"),
     json_columns=("entity",))

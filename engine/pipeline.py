@@ -146,7 +146,7 @@ class RouteWorker:
                     continue
                 self._store_ok()
                 if claimed:
-                    ids = [c.delivery_id for c in claimed]
+                    ids = list(lease.ids)  # rows leased by this claim: renewed while in hand (unordered)
                     self.keeper.hold_rows(ids)
                     try:
                         await self._process(claimed, lease)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from sqlalchemy import and_, bindparam, insert, select, update
+from sqlalchemy import Float, and_, bindparam, insert, literal_column, select, update
 
 from engine.security.crypto import IntegrityError
 from engine.store import attempts, leases, schema
@@ -117,37 +117,26 @@ class Outcome:
 
 def claim(store: Any, channel: str, route: str, limit: int, *, ordered: bool = True,
           lease: Lease | None = None, owner: str = "") -> list[Claimed]:
-    """Lease up to ``limit`` due deliveries of one route, oldest first, without their payloads.
+    """Take up to ``limit`` due deliveries of one route, oldest first, without their payloads.
 
     ``ordered``: while the oldest pending delivery waits for its retry (or is leased by
     another process), nothing behind it is taken (head-of-line blocking, as an HL7 feed
-    expects); dead letters do not block. The caller must hold the route's lease
-    (``route_lease_name``) when several processes share the store. ``lease`` receives the
-    leased ids (see ``Lease``); ``owner`` is this process's holder id (PostgreSQL).
+    expects); dead letters do not block. With several processes the caller of an ordered
+    claim holds the route's lease (``route_lease_name``): that lease is the fence, so the rows
+    get no lease of their own (it would end with the route lease anyway, both being renewed by
+    the same keeper tick) and the claim is one SELECT. Unordered claims lease their rows
+    (``lease`` receives the ids; ``owner`` is this process's holder id) and skip rows other
+    processes are claiming. SQLite (one engine per store) writes no lease.
     """
-    d, m, b = schema.deliveries, schema.messages, schema.blobs
     now = time.time()
     shared = not store.is_sqlite
     with store.queue_tx() as conn:
-        clock = leases.db_now(conn) if shared else None
-        cols = [d.c.id, d.c.attempts, d.c.next_attempt_at, d.c.lease_until, m.c.id.label("mid"), m.c.channel,
-                m.c.kind, m.c.headers, m.c.peer, m.c.received_at, m.c.parent_id, m.c.blob_id, m.c.size,
-                b.c.aad, b.c.kek_id, b.c.wrapped_key, b.c.nonce, b.c.data, b.c.in_file]
-        if clock is not None:
-            cols.append(clock.label("lease_now"))
-        q = (select(*cols).join(m, m.c.id == d.c.message_id).join(b, b.c.id == m.c.blob_id)
-             .where(and_(d.c.channel == channel, d.c.route == route, d.c.state == "pending"))
-             .order_by(d.c.id).limit(limit))
-        if not ordered:
-            q = q.where(and_(d.c.next_attempt_at <= now, d.c.lease_until <= (clock if clock is not None else now)))
-        if shared:
-            # Unordered: skip rows another process is claiming. Ordered: this process is the
-            # route's only claimer; a locked row is one being settled, so wait for it.
-            q = q.with_for_update(skip_locked=not ordered, of=d)
-        rows = conn.execute(q).mappings().all()
+        pg = conn.dialect.name == "postgresql"
+        rows = conn.execute(_claim_query(pg, ordered, shared),
+                            {"ch": channel, "rt": route, "lim": limit, "now": now}).mappings().all()
         due = []
         for r in rows:
-            leased_until = r["lease_now"] if shared else now
+            leased_until = r["lease_now"] if pg else now
             if r["next_attempt_at"] > now or r["lease_until"] > leased_until:
                 if ordered:
                     break
@@ -155,17 +144,47 @@ def claim(store: Any, channel: str, route: str, limit: int, *, ordered: bool = T
             due.append(r)
         if not due:
             return []
-        if shared:
-            # Shared queue: lease the rows so other engine processes skip them. SQLite has a
-            # single owner (the runtime holds a lock file), so no lease write is needed.
+        if shared and not ordered:
+            # Shared queue: lease the rows so other engine processes skip them.
             ids = [r["id"] for r in due]
             if lease is not None:
                 lease.ids, lease.owner = ids, owner
-            conn.execute(update(d).where(d.c.id.in_(ids)).values(lease_until=clock + LEASE_SECONDS,
-                                                                  lease_owner=owner or None))
+            conn.execute(_LEASE_ROWS, {"ids": ids, "owner": owner or None, "secs": LEASE_SECONDS})
     return [Claimed(r["id"], r["mid"], r["attempts"], r["channel"], r["kind"], dict(r["headers"] or {}), r["peer"],
                     r["received_at"], r["parent_id"], r["blob_id"], {k: r[k] for k in _BLOB_FIELDS}, r["size"] or 0)
             for r in due]
+
+
+_CLAIMS: dict[tuple[bool, bool, bool], Any] = {}
+
+
+def _claim_query(pg: bool, ordered: bool, shared: bool) -> Any:
+    """The claim's SELECT, built once per variant (a claim per delivery is common when a route keeps up)."""
+    key = (pg, ordered, shared)
+    q = _CLAIMS.get(key)
+    if q is None:
+        d, m, b = schema.deliveries, schema.messages, schema.blobs
+        clock = literal_column("(extract(epoch from now())::float8)", Float) if pg else bindparam("now")
+        cols = [d.c.id, d.c.attempts, d.c.next_attempt_at, d.c.lease_until, m.c.id.label("mid"), m.c.channel,
+                m.c.kind, m.c.headers, m.c.peer, m.c.received_at, m.c.parent_id, m.c.blob_id, m.c.size,
+                b.c.aad, b.c.kek_id, b.c.wrapped_key, b.c.nonce, b.c.data, b.c.in_file]
+        if pg:
+            cols.append(clock.label("lease_now"))
+        q = (select(*cols).join(m, m.c.id == d.c.message_id).join(b, b.c.id == m.c.blob_id)
+             .where(and_(d.c.channel == bindparam("ch"), d.c.route == bindparam("rt"), d.c.state == "pending"))
+             .order_by(d.c.id).limit(bindparam("lim")))
+        if not ordered:
+            q = q.where(and_(d.c.next_attempt_at <= bindparam("now"), d.c.lease_until <= clock))
+            if shared:
+                q = q.with_for_update(skip_locked=True, of=d)  # skip rows another process is claiming
+        q = _CLAIMS[key] = q
+    return q
+
+
+_LEASE_ROWS = (update(schema.deliveries)
+               .where(schema.deliveries.c.id.in_(bindparam("ids", expanding=True)))
+               .values(lease_until=literal_column("(extract(epoch from now())::float8)", Float) + bindparam("secs"),
+                       lease_owner=bindparam("owner")))
 
 
 def renew_rows(conn: Any, owner: str, ids: Sequence[int]) -> int:
