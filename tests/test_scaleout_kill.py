@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import IN_CI, _reset_pg, free_port
-from dicom_peers import StoreSCP, data_file, store_statuses, storescu, tool
+from dicom_peers import ENV, data_file, store_statuses, storescu, tool, wait_port
 from mllp_peers import MLLPReceiver, RawClient, make_ack, msa
 from sqlalchemy import create_engine, text
 
@@ -191,6 +192,31 @@ class DicomSender(threading.Thread):
                 time.sleep(0.2)
 
 
+class Pacs:
+    """DCMTK storescp, one process per association (three engines send in parallel; in its default
+    single-process mode the others' associations time out), files named by SOP Instance UID."""
+
+    def __init__(self, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = out_dir
+        self.port = free_port()
+        self.proc = subprocess.Popen([tool("storescp"), "--fork", "-aet", "STORESCP", "-od", str(out_dir), "+B",
+                                      "-uf", str(self.port)], env=ENV, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.out_dir.iterdir() if p.is_file())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
 def _owner_pid(url: str) -> int | None:
     eng = create_engine(url)
     try:
@@ -218,7 +244,7 @@ def test_sigkill_at_random_under_mixed_load(medrelay_proc, tmp_path):
             arrivals.append((cid, time.monotonic()))
         return make_ack(msg)
 
-    scp = StoreSCP(tmp_path / "pacs")
+    scp = Pacs(tmp_path / "pacs")
     rx = MLLPReceiver(record).start()
     try:
         engines = _start_all(medrelay_proc, url, shared, rx.port, scp.port)
@@ -305,6 +331,6 @@ def test_sigkill_at_random_under_mixed_load(medrelay_proc, tmp_path):
         scp.stop()
 
 
-def _received_sops(scp: StoreSCP) -> set[str]:
+def _received_sops(scp: Pacs) -> set[str]:
     """storescp -uf names each file after its SOP Instance UID (with a modality prefix)."""
     return {p.name.split(".", 1)[1] if "." in p.name else p.name for p in scp.files()}
