@@ -17,6 +17,7 @@ version starts on a store that had none.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -29,7 +30,6 @@ from sqlalchemy import (
     String,
     Table,
     and_,
-    bindparam,
     delete,
     func,
     select,
@@ -88,22 +88,27 @@ _PG_CLAIM = text(
     "ON CONFLICT (channel, key) DO UPDATE SET message_id = excluded.message_id, expires_at = excluded.expires_at "
     "WHERE dedupe_keys.expires_at <= :now "
     "RETURNING channel, key")
-_SQLITE_HELD = (select(dedupe_keys.c.channel, dedupe_keys.c.key)
-                .where(tuple_(dedupe_keys.c.channel, dedupe_keys.c.key).in_(bindparam("pairs", expanding=True)),
-                       dedupe_keys.c.expires_at > bindparam("now")))
+# SQLite: driver-level SQL, one look-up per channel with the keys as one JSON array (json_each),
+# so neither statement is compiled per batch.
+_SQLITE_HELD = ("SELECT key FROM dedupe_keys WHERE channel = ? AND expires_at > ? "
+                "AND key IN (SELECT value FROM json_each(?))")
+_SQLITE_UPSERT = ("INSERT INTO dedupe_keys (channel, key, message_id, expires_at) VALUES (?, ?, ?, ?) "
+                  "ON CONFLICT (channel, key) DO UPDATE SET message_id = excluded.message_id, "
+                  "expires_at = excluded.expires_at")
 
 
 def _claim_sqlite(conn: Connection, rows: list[tuple[str, str, str, float]], now: float) -> set[tuple[str, str]]:
     """SQLite has one writer at a time (the committer holds the write lock), so a look-up and an
-    upsert of what is free cannot race; both statements are compiled once (expanding IN)."""
-    held = {(c, k) for c, k in conn.execute(_SQLITE_HELD, {"pairs": [(r[0], r[1]) for r in rows], "now": now})}
+    upsert of what is free cannot race."""
+    by_channel: dict[str, list[str]] = {}
+    for c, k, _, _ in rows:
+        by_channel.setdefault(c, []).append(k)
+    held = set()
+    for channel, keys in by_channel.items():
+        held.update((channel, k) for (k,) in conn.exec_driver_sql(_SQLITE_HELD, (channel, now, json.dumps(keys))))
     free = [r for r in rows if (r[0], r[1]) not in held]
     if free:
-        ins = _insert(conn)
-        conn.execute(ins.on_conflict_do_update(index_elements=["channel", "key"],
-                                               set_={"message_id": ins.excluded.message_id,
-                                                     "expires_at": ins.excluded.expires_at}),
-                     [{"channel": c, "key": k, "message_id": m, "expires_at": e} for c, k, m, e in free])
+        conn.exec_driver_sql(_SQLITE_UPSERT, [tuple(r) for r in free])
     return {(r[0], r[1]) for r in free}
 
 
