@@ -336,11 +336,11 @@ class Intake:
     def _handle(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> None:
         try:
             outcomes = self._commit_batch(batch)
-        except IntegrityError as e:  # e.g. the same SOP instance stored by another engine a moment ago
-            log.info("intake.batch_conflict", size=len(batch), error=type(e.orig).__name__)
-            outcomes = self._commit_singly(batch, uncertain=self._commit_uncertain())
         except Exception as e:
-            log.error("intake.batch_failed", size=len(batch), error=type(e).__name__)
+            if _conflict(e):  # e.g. the same SOP instance stored by another engine a moment ago
+                log.info("intake.batch_conflict", size=len(batch), error=type(getattr(e, "orig", e)).__name__)
+            else:
+                log.error("intake.batch_failed", size=len(batch), error=type(e).__name__)
             outcomes = self._commit_singly(batch, uncertain=self._commit_uncertain())
         woken: set[tuple[str, str]] = set()
         for item, outcome in zip(batch, outcomes, strict=True):
@@ -494,6 +494,13 @@ class Intake:
                     item.durable.result(DURABLE_TIMEOUT)
         self.store.delete_blob_files(unused)
         return outcomes
+
+
+def _conflict(e: BaseException) -> bool:
+    """A unique constraint hit (SQLSTATE class 23), through SQLAlchemy or from the driver itself
+    (prepared statements run on the DBAPI cursor): another engine committed the same row first."""
+    orig = getattr(e, "orig", None) or e
+    return isinstance(e, IntegrityError) or str(getattr(orig, "sqlstate", "") or "").startswith("23")
 
 
 def _broken(conn: Connection) -> bool:
