@@ -351,6 +351,7 @@ class FileListener:
 
     async def _recover(self) -> None:
         """Claims a previous run left in flight: submitted again (marks answer what was committed)."""
+        await self.folder.remove_temporaries(self.inflight)  # half-written records of a killed run
         entries = {e.name: e for e in await self.folder.files(self.inflight)}
         records = sorted(n[:-5] for n in entries if n.endswith(".json") and not n.startswith("."))
         recovered = 0

@@ -61,6 +61,9 @@ class Folder(Protocol):
 
     async def unlink(self, path: str) -> None: ...
 
+    async def remove_temporaries(self, path: str) -> int:
+        """Delete the ``.*.tmp`` files ``write`` leaves in ``path`` when killed mid-write; how many."""
+
     async def mkdir(self, path: str) -> None: ...
 
     async def sync(self, path: str) -> None:
@@ -123,6 +126,19 @@ class LocalFolder:
     async def unlink(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             await asyncio.to_thread(os.unlink, path)
+
+    async def remove_temporaries(self, path: str) -> int:
+        def work() -> int:
+            n = 0
+            with os.scandir(path) as it:
+                for e in it:
+                    if e.name.startswith(".") and e.name.endswith(".tmp") and e.is_file(follow_symlinks=False):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(e.path)
+                            n += 1
+            return n
+
+        return await asyncio.to_thread(work)
 
     async def mkdir(self, path: str) -> None:
         await asyncio.to_thread(os.makedirs, path, exist_ok=True)

@@ -201,6 +201,19 @@ class SftpFolder:
         with contextlib.suppress(FileNotFoundError):
             await self._op(lambda s: s.remove(path))
 
+    async def remove_temporaries(self, path: str) -> int:
+        async def work(s: Any) -> int:
+            n = 0
+            for e in await s.readdir(path):
+                name = e.filename if isinstance(e.filename, str) else e.filename.decode("utf-8", "replace")
+                if name.startswith(".") and name.endswith(".tmp"):
+                    with contextlib.suppress(FileNotFoundError):
+                        await s.remove(posixpath.join(path, name))
+                        n += 1
+            return n
+
+        return await self._op(work)
+
     async def mkdir(self, path: str) -> None:
         await self._op(lambda s: s.makedirs(path, exist_ok=True))
 

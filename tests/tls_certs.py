@@ -149,8 +149,11 @@ def s_client_exchange(port: int, pki: PKI, payload: bytes, until: bytes, *args: 
     t.start()
     try:
         assert p.stdin is not None
-        p.stdin.write(payload)
-        p.stdin.flush()
+        try:
+            p.stdin.write(payload)
+            p.stdin.flush()
+        except BrokenPipeError:  # the server refused the handshake and s_client has already exited
+            pass
         deadline = time.monotonic() + timeout
         while until not in got and time.monotonic() < deadline and p.poll() is None:
             time.sleep(0.02)
