@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """
 store: {{url: "{url}", blobs: "{shared}/blobs"}}
 keys: {{kek_file: "{shared}/keys.json"}}
-log: {{level: warning}}
+log: {{level: {level}}}
 channels:
   adt:
     source: {{type: mllp, port: {port}}}
@@ -48,6 +48,7 @@ channels:
 
 
 TICK = os.sysconf("SC_CLK_TCK")
+LOG_LEVEL = os.environ.get("MEDRELAY_BENCH_LOG", "warning")  # the engines' log level
 
 
 def cpu_seconds(pids: list[int]) -> dict[int, float]:
@@ -114,7 +115,8 @@ def start_engines(n: int, url: str, rx: int, work: Path) -> tuple[list[subproces
         d = work / f"e{i}"
         d.mkdir(parents=True, exist_ok=True)
         port = base.free_port()
-        (d / "channels.yaml").write_text(textwrap.dedent(CONFIG.format(url=url, shared=shared, port=port, rx=rx)))
+        (d / "channels.yaml").write_text(textwrap.dedent(CONFIG.format(url=url, shared=shared, port=port, rx=rx,
+                                                                       level=LOG_LEVEL)))
         log = open(d / "medrelay.log", "ab")
         procs.append(subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(d / "channels.yaml")],
                                       cwd=d, stdout=log, stderr=log, env=env))

@@ -239,12 +239,13 @@ class Settler:
                     pending.append(item)
             try:
                 queue.settle_all(self.store, [o for o, _ in pending])
-            except OperationalError as e:  # the store is away: keep everything, try again
-                error = _db_error(e)
-            except Exception as e:  # one outcome the database refuses must not hold the others
-                log.error("queue.settle_failed", error=_db_error(e), outcomes=len(pending))
-                pending = self._one_by_one(pending)
-                error = "see queue.settle_failed"
+            except Exception as e:
+                if _transient(e):  # the store is away: keep everything, try again
+                    error = _db_error(e)
+                else:  # one outcome the database refuses must not hold the others
+                    log.error("queue.settle_failed", error=_db_error(e), outcomes=len(pending))
+                    pending = self._one_by_one(pending)
+                    error = "see queue.settle_failed"
             else:
                 for _, f in pending:
                     f.set_result(None)
@@ -279,9 +280,11 @@ class Settler:
         for o, f in pending:
             try:
                 queue.settle_all(self.store, [o])
-            except OperationalError:
-                keep.append((o, f))
-            except Exception as e:  # refused for good: the rows' leases run out, the deliveries are tried again
+            except Exception as e:
+                if _transient(e):
+                    keep.append((o, f))
+                    continue
+                # refused for good: the rows' leases run out, the deliveries are tried again
                 log.error("queue.outcome_refused", error=_db_error(e),
                           deliveries=[x[0] for x in o.done] + [x.delivery_id for x in o.failed])
                 f.set_result(None)
@@ -325,6 +328,15 @@ class Singleton:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         self.keeper.unwant(self.name)
+
+
+def _transient(e: BaseException) -> bool:
+    """The store is unreachable or failing (try again later), not refusing this data: SQLAlchemy's
+    OperationalError, or the driver's own (psycopg raises it directly at a pipeline's end)."""
+    if isinstance(e, OperationalError):
+        return True
+    orig = getattr(e, "orig", None) or e
+    return any(c.__name__ in ("OperationalError", "InterfaceError") for c in type(orig).__mro__)
 
 
 def _db_error(e: Exception) -> str:
