@@ -31,7 +31,10 @@ def test_metrics_endpoint_counts(engine_factory):
     port = eng.runtime.metrics.port
     def scrape():
         text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-        return text if 'medrelay_deliveries_dead_lettered_total{channel="in",route="a"} 1.0' in text else None
+        # the dead-letter gauge is read from the store and cached for 1 s, so it may lag the counter
+        done = ('medrelay_deliveries_dead_lettered_total{channel="in",route="a"} 1.0' in text
+                and 'medrelay_dead_letters{channel="in",route="a"} 1.0' in text)
+        return text if done else None
     text = eng.wait_for(scrape)
     assert 'medrelay_messages_acked_total{channel="in"} 2.0' in text
     assert 'medrelay_deliveries_delivered_total{channel="in",route="a"} 1.0' in text
