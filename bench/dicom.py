@@ -1,23 +1,31 @@
-"""DICOM C-STORE throughput: medrelay's full path against DCMTK storescp and a bare pynetdicom SCP.
+"""DICOM C-STORE throughput: medrelay's full path against DCMTK storescp, Orthanc and a bare pynetdicom SCP.
 
 DCMTK storescu sends N CT instances of ~0.5 MB (copies of pydicom-data 693_UNCI.dcm
 with new SOP Instance UIDs) over one association, then over 4 associations in
 parallel, to:
   (a) DCMTK storescp writing files to disk,
   (b) a bare pynetdicom SCP writing event.encoded_dataset() to disk,
-  (c) `medrelay run` with a DICOM listener: commit (WAL, synchronous=FULL), index, encryption.
-All three in the same run, so the ratios compare like with like on this machine.
+  (c) Orthanc (Debian package ``orthanc``): SQLite index, SyncStorageArea true (each file
+      fsynced before the C-STORE answer), a fresh storage folder under the bench's tmp dir,
+  (d) `medrelay run` with a DICOM listener: commit (WAL, synchronous=FULL), index, encryption.
+All in the same run, so the ratios compare like with like on this machine.
+Orthanc listens on every interface and has no bind option, so with Orthanc among the
+receivers (the default when /usr/sbin/Orthanc exists) the bench re-runs itself inside a
+network namespace of its own (``unshare -n``, loopback up; needs root): every receiver and
+every storescu then talks over that namespace's loopback only, nothing is reachable from outside.
 A shared VM swings by +-30 % from one minute to the next, so the receivers take
 turns for --rounds rounds (with an untimed sync between runs, so no receiver pays
 for the writeback of the one before) and the medians are printed, with each receiver's CPU
 time per instance (user + system, from /proc) as a steadier second figure.
 
     .venv/bin/python bench/dicom.py [--count 500] [--parallel 4] [--rounds 3]
+        [--receivers dcmtk,pynetdicom,orthanc,medrelay]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -34,6 +42,9 @@ sys.path.insert(0, str(ROOT))
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 STORESCU, STORESCP = "/usr/bin/storescu", "/usr/bin/storescp"
+ORTHANC = "/usr/sbin/Orthanc"
+KINDS = ("dcmtk", "pynetdicom", "orthanc", "medrelay")
+NETNS_FLAG = "MEDRELAY_BENCH_NETNS"
 
 BARE_SCP = textwrap.dedent("""
     import sys, os
@@ -50,6 +61,30 @@ BARE_SCP = textwrap.dedent("""
         ae.add_supported_context(cx.abstract_syntax, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
     ae.start_server(("127.0.0.1", int(sys.argv[1])), evt_handlers=[(evt.EVT_C_STORE, handle)])
 """)
+
+
+def in_namespace() -> None:
+    """Re-run this script inside a new network namespace with only loopback up (Orthanc binds
+    every interface); the receivers and their storescu clients all run in it."""
+    if os.environ.get(NETNS_FLAG) == "1":
+        return
+    if not shutil.which("unshare") or os.geteuid() != 0:
+        raise SystemExit("Orthanc needs a network namespace of its own (root and unshare); "
+                         "or leave it out: --receivers dcmtk,pynetdicom,medrelay")
+    cmd = " ".join([sys.executable, *map(repr, sys.argv)])
+    env = {**os.environ, NETNS_FLAG: "1"}
+    raise SystemExit(subprocess.call(["unshare", "-n", "sh", "-c", f"ip link set lo up && exec {cmd}"], env=env))
+
+
+def orthanc_config(port: int, d: Path, max_pdu: int) -> dict[str, object]:
+    """What the issue measured Orthanc with: SQLite index, SyncStorageArea, no compression."""
+    return {
+        "Name": "bench", "DicomAet": "ORTHANC", "DicomPort": port, "HttpServerEnabled": False,
+        "StorageDirectory": str(d / "storage"), "IndexDirectory": str(d / "index"),
+        "SyncStorageArea": True, "StorageCompression": False, "DicomCheckCalledAet": False,
+        "DicomAlwaysAllowStore": True, "MaximumPduLength": min(max_pdu, 131072),  # its allowed range
+        "DicomThreadsCount": 4, "SaveJobs": False, "Plugins": [],
+    }
 
 
 def free_port() -> int:
@@ -137,6 +172,10 @@ def start(kind: str, work: Path, max_pdu: int) -> Target:
         pdu = str(min(max_pdu, 131072))  # storescp's upper limit
         return Target("DCMTK storescp", "STORESCP",
                       [STORESCP, "-aet", "STORESCP", "-od", str(d), "--max-pdu", pdu, str(port)], port, d)
+    if kind == "orthanc":
+        cfg = d / "orthanc.json"
+        cfg.write_text(json.dumps(orthanc_config(port, d, max_pdu)))
+        return Target("Orthanc", "ORTHANC", [ORTHANC, str(cfg)], port, d)
     if kind == "pynetdicom":
         script = d / "bare.py"
         script.write_text(BARE_SCP)
@@ -153,21 +192,27 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--max-pdu", type=int, default=262144, help="max PDU every receiver announces")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of all receivers, for medians")
+    ap.add_argument("--receivers", default=",".join(k for k in KINDS if k != "orthanc" or Path(ORTHANC).exists()),
+                    help="comma-separated, from " + ",".join(KINDS))
     args = ap.parse_args()
-    for tool in (STORESCU, STORESCP):
+    kinds = [k for k in KINDS if k in args.receivers.split(",")]
+    for tool in (STORESCU, STORESCP) + ((ORTHANC,) if "orthanc" in kinds else ()):
         if not Path(tool).exists():
-            raise SystemExit(f"{tool} missing: install DCMTK")
+            raise SystemExit(f"{tool} missing: install DCMTK (and the orthanc package for Orthanc)")
+    if "orthanc" in kinds:
+        in_namespace()
     work = Path(tempfile.mkdtemp(prefix="medrelay-bench-"))
     try:
         files = make_files(args.count, work)
         mb = sum(f.stat().st_size for f in files) / 1e6
-        print(f"{args.count} instances, {mb:.0f} MB, max PDU {args.max_pdu}, {os.cpu_count()} CPUs")
+        print(f"{args.count} instances, {mb:.0f} MB, max PDU {args.max_pdu}, {os.cpu_count()} CPUs"
+              + (" (in a network namespace of its own)" if os.environ.get(NETNS_FLAG) == "1" else ""))
         rates: dict[tuple[str, int], list[float]] = {}
         cpu: dict[tuple[str, int], list[float]] = {}
         names = {}
         for _ in range(args.rounds):
             for par in (1, args.parallel):
-                for kind in ("dcmtk", "pynetdicom", "medrelay"):
+                for kind in kinds:
                     # Untimed: flush what the previous receiver left dirty (DCMTK and the bare SCP
                     # do not fsync), or its writeback lands in the next receiver's run.
                     os.sync()
@@ -184,17 +229,19 @@ def main() -> None:
         print(f"medians of {args.rounds} rounds")
         print(f"{'receiver':16} {'assoc':>5} {'inst/s':>8} {'MB/s':>7} {'CPU ms/inst':>11}   inst/s per round")
         for par in (1, args.parallel):
-            for kind in ("dcmtk", "pynetdicom", "medrelay"):
+            for kind in kinds:
                 r = statistics.median(rates[(kind, par)])
                 each = " ".join(f"{x:.0f}" for x in rates[(kind, par)])
                 print(f"{names[kind]:16} {par:5} {r:8.1f} {r * mb / args.count:7.1f} "
                       f"{statistics.median(cpu[(kind, par)]):11.2f}   {each}")
+
         def ratio(base: str, par: int) -> float:  # median of the per-round ratios
             return statistics.median(m / b for m, b in zip(rates[("medrelay", par)], rates[(base, par)], strict=True))
 
-        for par in (1, args.parallel):
-            print(f"medrelay / DCMTK ({par} assoc): {ratio('dcmtk', par):.2f}   "
-                  f"medrelay / pynetdicom ({par} assoc): {ratio('pynetdicom', par):.2f}")
+        if "medrelay" in kinds:
+            for par in (1, args.parallel):
+                print(f"{par} assoc: " + "   ".join(f"medrelay / {names[b]}: {ratio(b, par):.2f}"
+                                                    for b in kinds if b != "medrelay"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
