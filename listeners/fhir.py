@@ -40,6 +40,10 @@ class FhirSourceConfig(ComponentConfig):
         "largest request body; a larger declared Content-Length gets 413 before any byte is read, a "
         "streamed body gets 413 as soon as it passes the limit; a body whose JSON would parse into "
         "more than 16x this in memory (e.g. [{},{},...]) gets 413 before parsing"))
+    max_binary_bytes: int = Field(64 * 1024 * 1024, gt=0, description=(
+        "largest raw Binary body (POST /Binary, PUT /Binary/{id} with the content's own Content-Type); "
+        "read in pieces and sealed into a blob of its own, 413 OperationOutcome past it. FHIR JSON "
+        "bodies (a Binary with base64 data included) stay within max_body_bytes"))
     body_budget_bytes: int = Field(64 * 1024 * 1024, gt=0, description=(
         "request bodies held in memory at once, all connections together (each reserves its "
         "Content-Length, or max_body_bytes when chunked); a request that does not fit waits up to "

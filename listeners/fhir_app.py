@@ -8,6 +8,7 @@ Reads run in a worker thread on their own connection and are audited.
 
 from __future__ import annotations
 
+import json
 import re
 import traceback
 import uuid
@@ -26,7 +27,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from engine.envelope import Envelope
-from engine.store.fhir import jsontext
+from engine.store.fhir import binary, jsontext
 from engine.store.fhir.bundle import (
     Op,
     check_op,
@@ -41,7 +42,7 @@ from engine.store.fhir.bundle import (
 from engine.store.fhir.params import ID_RE, READ_ONLY_TYPES, STORED_TYPES, FhirError
 from engine.store.fhir.resources import FhirStore
 from engine.store.fhir.search import history, search
-from listeners import fhir_audit
+from listeners import fhir_audit, fhir_binary
 from listeners.fhir_body import RETRY_AFTER, BodyBudget, HeavyGate, read_body, release_body
 from listeners.fhir_bundles import (
     FHIR_JSON,
@@ -168,6 +169,8 @@ class FhirApi:
 
     @staticmethod
     def _check_accept(request: Request) -> None:
+        if fhir_binary.is_data_type(request.path_params.get("type", "")):
+            return  # a Binary is served as its own contentType too (listeners.fhir_binary)
         fmt = request.query_params.get("_format")
         accept = request.headers.get("accept", "")
         if fmt and "json" not in fmt:
@@ -250,13 +253,18 @@ class FhirApi:
                     else:
                         row, body = self.fs.read(conn, rtype, rid)
                         headers = version_headers(row.version, row.last_updated)
+                    if headers and request.headers.get("if-none-match") == headers["ETag"]:
+                        response = Response(status_code=304, headers=headers)
+                    elif fhir_binary.is_data_type(rtype):
+                        response = fhir_binary.read_response(self.fs, conn, request, rtype, rid, row.version, body,
+                                                             headers)
+                    else:
+                        response = fhir_response(body, 200, headers)
             except FhirError:
                 self._audit("fhir.read", request, actor, what, outcome="failure")
                 raise
             self._audit("fhir.read", request, actor, what)
-            if headers and request.headers.get("if-none-match") == headers["ETag"]:
-                return Response(status_code=304, headers=headers)
-            return fhir_response(body, 200, headers)
+            return response
 
         return await run_in_threadpool(work)
 
@@ -270,8 +278,13 @@ class FhirApi:
         def work() -> Response:
             with self.ctx.store.engine.connect() as conn:
                 body, last_updated = self.fs.vread(conn, rtype, rid, int(vid))
+                headers = version_headers(int(vid), last_updated)
+                if fhir_binary.is_data_type(rtype):
+                    response = fhir_binary.read_response(self.fs, conn, request, rtype, rid, int(vid), body, headers)
+                else:
+                    response = fhir_response(body, 200, headers)
             self._audit("fhir.read", request, actor, {"what": f"{rtype}/{rid}/_history/{vid}"})
-            return fhir_response(body, 200, version_headers(int(vid), last_updated))
+            return response
 
         return await run_in_threadpool(work)
 
@@ -338,6 +351,9 @@ class FhirApi:
         query = list(request.query_params.multi_items())
         query = [(k, v) for k, v in query if k not in ("_format", "_pretty")]
         if request.method == "POST":
+            ctype = fhir_binary.raw_content_type(request) if fhir_binary.is_data_type(rtype) else None
+            if ctype is not None:
+                return await self._raw_write(request, actor, "POST", rtype, self.fs.new_id(), ctype)
             raw, resource = await self._json(request)
             op = Op("POST", rtype, resource=resource, if_none_exist=request.headers.get("if-none-exist"))
             op.assigned_id = self.fs.new_id()
@@ -352,6 +368,9 @@ class FhirApi:
 
     async def update(self, request: Request, actor: str) -> Response:
         rtype, rid = self._type(request, write=True), self._id(request)
+        ctype = fhir_binary.raw_content_type(request) if fhir_binary.is_data_type(rtype) else None
+        if ctype is not None:
+            return await self._raw_write(request, actor, "PUT", rtype, rid, ctype)
         raw, resource = await self._json(request)
         op = Op("PUT", rtype, rid, resource=resource, if_match=request.headers.get("if-match"))
         return await self._write(request, actor, op, raw)
@@ -359,6 +378,33 @@ class FhirApi:
     async def delete(self, request: Request, actor: str) -> Response:
         rtype, rid = self._type(request, write=True), self._id(request)
         return await self._write(request, actor, Op("DELETE", rtype, rid), b"")
+
+    async def _raw_write(self, request: Request, actor: str, method: str, rtype: str, rid: str,
+                         content_type: str) -> Response:
+        """Create/update a Binary from a body that is the content itself (listeners.fhir_binary).
+
+        The bytes are sealed into their own blob before the write is submitted; the message the
+        intake stores is the Binary resource without ``data`` (the FHIR store keeps the bytes)."""
+        pieces = await fhir_binary.receive(request, limit=self.config.max_binary_bytes, budget=self.budget,
+                                           wait=self.config.body_timeout / 2)
+        size = sum(len(p) for p in pieces)
+        await self.heavy.enter(request, size, self.config.body_timeout / 2)
+        resource = {"resourceType": rtype, "contentType": content_type}
+        if method == "PUT":
+            resource["id"] = rid
+        sealed = await run_in_threadpool(binary.seal_pieces, self.ctx.store, pieces, binary.data_aad(rtype, rid),
+                                         self.fs.hash_key)
+        op = Op(method, rtype, rid if method == "PUT" else None, resource=resource, data=sealed,
+                if_match=request.headers.get("if-match"))
+        if method == "POST":
+            op.assigned_id = rid
+        raw = json.dumps(resource, separators=(",", ":")).encode()
+        try:
+            return await self._write(request, actor, op, raw)
+        except BaseException:
+            if sealed.file_written:  # not referenced by any committed row: remove now, not at the next gc
+                await run_in_threadpool(self.ctx.store.delete_blob_files, [sealed.blob_id])
+            raise
 
     async def _write(self, request: Request, actor: str, op: Op, raw: bytes) -> Response:
         def pre() -> Any:

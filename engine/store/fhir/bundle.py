@@ -19,6 +19,7 @@ from sqlalchemy import Connection
 
 from engine.store import leases
 from engine.store.fhir import jsontext, structure
+from engine.store.fhir.binary import SealedData
 from engine.store.fhir.params import ID_RE, STORED_TYPES, FhirError, operation_outcome, validate_resource
 from engine.store.fhir.resources import FhirStore, Written
 from engine.store.fhir.search import find
@@ -46,6 +47,7 @@ class Op:
     full_url: str | None = None
     version: int | None = None  # GET .../_history/{vid}
     assigned_id: str | None = None  # POST: the id the server chose before submitting
+    data: SealedData | None = None  # a Binary's bytes, sealed by the listener from a raw body
 
 
 @dataclass
@@ -277,7 +279,7 @@ def _execute(fs: FhirStore, conn: Connection, plan: _Plan, message_id: str | Non
     body = plan.resource if plan.resource is not None else op.resource
     assert body is not None
     w = fs.write(conn, op.type, plan.id, body, if_match=op.if_match, message_id=message_id,
-                 method=op.method)
+                 method=op.method, data=op.data)
     return EntryResult(201 if w.created else 200, w, w.resource)
 
 

@@ -159,6 +159,21 @@ SEARCH_PARAMS: dict[str, dict[str, SearchParam]] = {
                                         "modality of the study or a series (DICOM DCM code)"),
                             SearchParam("started", "date", ("started",), "when the study started")),
     "Endpoint": _common(_STATUS, _string("name", ("name",), "endpoint name")),
+    # documents (e.g. a PDF report from an ORU's OBX ED value): the bytes in a Binary, streamed
+    "DocumentReference": {
+        "identifier": SearchParam("identifier", "token", ("masterIdentifier", "identifier"),
+                                  "masterIdentifier or identifier, system|value, value, |value or system|; exact "
+                                  "match (kept as keyed hashes)", blind=True, value="identifier"),
+        **{p.name: p for p in (_STATUS, _SUBJECT, _PATIENT)},
+        "type": SearchParam("type", "token", ("type",), "system|code of the document type"),
+        "category": SearchParam("category", "token", ("category",), "system|code of the document category"),
+        "date": SearchParam("date", "date", ("date",), "when the document reference was created"),
+        "period": SearchParam("period", "date", ("context.period",), "time of service documented"),
+        "contenttype": SearchParam("contenttype", "token", ("content.attachment.contentType",),
+                                   "MIME type of an attachment"),
+    },
+    # raw content (PDFs, images): read back as its own bytes; no search parameters of its own in R4
+    "Binary": {},
     # what medrelay records about the resources it writes (engine/provenance.py); also accepted from clients
     "Provenance": _common(SearchParam("target", "reference", ("target",), "a resource it is about (Type/id)"),
                           SearchParam("recorded", "date", ("recorded",), "when it was recorded")),

@@ -9,6 +9,8 @@ Tables:
   fhir_resources  one row per logical resource (current version; ``rid`` orders search pages)
   fhir_versions   one row per version (history, vread), DELETE versions without a body
   fhir_index      search keys of the current version (see engine.store.fhir.params)
+  fhir_binary_data  a Binary version's bytes: a blob of their own (engine.store.fhir.binary), the
+                  resource JSON is kept without ``data``
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from sqlalchemy import (
     update,
 )
 
+from engine.store.fhir import binary
 from engine.store.fhir.params import FhirError, index_entries
 from engine.store.fhir.tables import fhir_index, fhir_resources, fhir_versions
 
@@ -37,10 +40,8 @@ if TYPE_CHECKING:
     pass
 
 log = structlog.get_logger()
-
-
-
-
+# Types whose ``data`` is kept as a blob of its own (engine.store.fhir.binary), not in the JSON.
+DATA_TYPES = ("Binary",)
 HMAC_KEY_NAME = "fhir-index"
 
 
@@ -144,9 +145,17 @@ class FhirStore:
     def new_id(self) -> str:
         return uuid.uuid4().hex
 
+    def data_of(self, conn: Connection, rtype: str, rid: str, version: int) -> binary.StoredData | None:
+        """Where a Binary version's bytes are (None: not a data type, or a Binary without data)."""
+        return binary.stored(conn, rtype, rid, version) if rtype in DATA_TYPES else None
+
     def write(self, conn: Connection, rtype: str, rid: str | None, resource: dict[str, Any], *,
-              if_match: str | None = None, message_id: str | None = None, method: str = "PUT") -> Written:
-        """Create (``rid`` None or unknown) or update; checks If-Match before writing anything."""
+              if_match: str | None = None, message_id: str | None = None, method: str = "PUT",
+              data: binary.SealedData | None = None) -> Written:
+        """Create (``rid`` None or unknown) or update; checks If-Match before writing anything.
+
+        A Binary's bytes come either as ``data`` (sealed already, by the listener's raw upload)
+        or in the resource's ``data`` element; either way they are stored apart from the JSON."""
         if rid is None:
             rid, method = self.new_id(), "POST"
         row = self.current(conn, rtype, rid)
@@ -157,9 +166,17 @@ class FhirStore:
                 raise FhirError(412, "conflict", f"If-Match {want} does not match current version {have}")
         body = dict(resource)
         body["id"] = rid
+        if rtype in DATA_TYPES and "data" in body:
+            raw = binary.decode_data(body.pop("data"), f"{rtype}.data")
+            data = binary.seal_pieces(self.store, [raw], binary.data_aad(rtype, rid), self.hash_key)
+            del raw
         if row is not None and not row.deleted and row.blob_id is not None:
             current = self.body(conn, rtype, rid, row.version, row.blob_id)
-            if _without_meta(current) == _without_meta(body):  # no-op update: no new version
+            old = self.data_of(conn, rtype, rid, row.version)
+            same_data = (old.digest if old else None) == (data.digest if data else None)
+            if _without_meta(current) == _without_meta(body) and same_data:  # no-op update: no new version
+                if data is not None and data.file_written:
+                    self.store.delete_blob_files([data.blob_id])
                 return Written(rtype, rid, row.version, row.last_updated, False, current, changed=False)
         version = 1 if row is None else row.version + 1
         now = round(time.time(), 3)
@@ -168,11 +185,13 @@ class FhirStore:
         meta["lastUpdated"] = iso_instant(now)
         body["meta"] = meta
         body = {"resourceType": rtype, **{k: v for k, v in body.items() if k != "resourceType"}}
-        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-        blob_id = self.store.put_blob(conn, data, aad=blob_aad(rtype, rid, version))
+        doc = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        blob_id = self.store.put_blob(conn, doc, aad=blob_aad(rtype, rid, version))
         created = row is None or row.deleted
         pk = self._set_current(conn, row, rtype, rid, version, now, blob_id)
         self._add_version(conn, pk, rtype, rid, version, now, method, blob_id, message_id)
+        if data is not None:
+            binary.record(conn, self.store, rtype, rid, version, str(body.get("contentType") or ""), data)
         conn.execute(delete(fhir_index).where(fhir_index.c.rid == pk))
         entries = index_entries(body, self.hash_key)
         if entries:

@@ -8,13 +8,26 @@ schema without importing the FHIR code above it.
   fhir_index      search keys of the current version (see engine.store.fhir.params): clear keys
                   (status, codes, clinical dates, references) or keyed HMAC terms (names,
                   identifiers, telecoms, addresses, birth date) in ``token``
+  fhir_binary_data  the bytes of a Binary version (and its contentType): an encrypted blob of their
+                  own, never inside the resource JSON, so a 50 MiB PDF is streamed back chunk by chunk
   fhir_index_state  what the index was built with (engine.store.fhir.reindex rebuilds it on start
                   when the parameters, the term format or the HMAC key changed)
 """
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Float, ForeignKey, Index, Integer, String, Table, Text, UniqueConstraint  # noqa: F401
+from sqlalchemy import (  # noqa: F401
+    BigInteger,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
 
 from engine.store.schema import metadata
 
@@ -68,4 +81,19 @@ fhir_index_state = Table(
     Column("name", String(32), primary_key=True),
     Column("value", String(128), nullable=False),
     Column("applied_at", Float, nullable=False),
+)
+
+fhir_binary_data = Table(
+    "fhir_binary_data",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("type", String(64), nullable=False),
+    Column("id", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("blob_id", String(64), nullable=False),
+    Column("aad", String(64), nullable=False),
+    Column("content_type", String(255), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("digest", String(64), nullable=False),  # keyed HMAC of the bytes: no-op updates, never the content
+    UniqueConstraint("type", "id", "version", name="uq_fhir_binary_data_version"),
 )

@@ -1,0 +1,125 @@
+"""FHIR ``Binary`` over REST (R4 binary.html): raw bodies in, raw bytes or the resource out.
+
+Content negotiation as the specification has it: a read whose Accept (or ``_format``) asks
+for FHIR JSON gets the Binary resource with ``data`` in base64; any other read gets the
+bytes themselves with the Binary's contentType (an Accept naming another type is 406). A
+create or update whose Content-Type is not FHIR JSON is the content itself.
+
+Both directions stream: a raw body is read in the pieces the server hands over, within
+``max_binary_bytes`` (413 OperationOutcome past it) and the listener's body budget, and
+sealed piece by piece into a blob of its own (engine.store.fhir.binary); a read sends the
+blob's chunks as they are decrypted (``Store.blob_chunks``), base64-encoded on the fly for
+the JSON form. Memory stays about the size of one body for an upload and a few chunks for a
+download, never the JSON of a 50 MiB document.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from engine.store.fhir import binary
+from engine.store.fhir.params import FhirError
+from engine.store.fhir.resources import DATA_TYPES, FhirStore
+from listeners.fhir_body import BodyBudget
+
+FHIR_JSON_TYPES = ("application/fhir+json", "application/json+fhir", "application/json", "text/json")
+CONTENT_TYPE = "application/fhir+json; charset=utf-8"
+MEDIA_TYPE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$&^_.+-/;= \"*")
+
+
+def is_data_type(rtype: str) -> bool:
+    return rtype in DATA_TYPES
+
+
+def _media(value: str) -> str:
+    return value.split(";")[0].strip().lower()
+
+
+def wants_resource(request: Request) -> bool:
+    """Accept or ``_format`` asks for FHIR JSON (then the resource, else the raw bytes)."""
+    fmt = request.query_params.get("_format", "")
+    if fmt and "json" in fmt:
+        return True
+    return any(_media(a) in FHIR_JSON_TYPES for a in request.headers.get("accept", "").split(","))
+
+
+def check_raw_accept(request: Request, content_type: str) -> None:
+    """406 unless Accept is absent, ``*/*``, ``type/*`` or the Binary's own type."""
+    accept = request.headers.get("accept", "")
+    if not accept.strip():
+        return
+    own = _media(content_type)
+    for a in accept.split(","):
+        m = _media(a)
+        if m in ("*/*", own) or (m.endswith("/*") and own.startswith(m[:-1])):
+            return
+    raise FhirError(406, "not-supported", "this Binary is available as its own contentType or as "
+                                          "application/fhir+json")
+
+
+def raw_content_type(request: Request) -> str | None:
+    """The upload's content type when the body is the content itself (None: a FHIR JSON body)."""
+    ctype = request.headers.get("content-type", "").strip()
+    if not ctype or _media(ctype) in FHIR_JSON_TYPES:
+        return None
+    if len(ctype) > 255 or not set(ctype) <= MEDIA_TYPE_CHARS:
+        raise FhirError(400, "invalid", "Content-Type is not a media type")
+    return " ".join(ctype.split())
+
+
+async def receive(request: Request, *, limit: int, budget: BodyBudget, wait: float) -> deque[bytes]:
+    """The raw body as the pieces it arrived in, within ``limit`` (413 past it).
+
+    The budget reservation (the declared length, or the limit when chunked; capped at the
+    budget itself) is released by ``release_body`` in the endpoint's ``finally``."""
+    length = request.headers.get("content-length", "").strip()
+    if length and not (length.isascii() and length.isdigit()):
+        raise FhirError(400, "invalid", "Content-Length is not a number")
+    declared = int(length) if length else None
+    if declared is not None and declared > limit:
+        raise FhirError(413, "too-long", f"body larger than {limit} bytes")
+    want = min(limit if declared is None else declared, budget.limit)
+    if want:
+        await budget.reserve(want, wait)
+        request.state.body_reserved = want
+    pieces: deque[bytes] = deque()
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            pieces.clear()
+            raise FhirError(413, "too-long", f"body larger than {limit} bytes")
+        if chunk:
+            pieces.append(chunk)
+    return pieces
+
+
+def read_response(fs: FhirStore, conn: Any, request: Request, rtype: str, rid: str, version: int,
+                  body: dict[str, Any], headers: dict[str, str]) -> Response:
+    """The read of a Binary version: its bytes, or the resource with them as base64 (both streamed)."""
+    data = fs.data_of(conn, rtype, rid, version)
+    content_type = str(body.get("contentType") or "application/octet-stream")
+    if wants_resource(request):
+        doc = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        if data is None:
+            return Response(doc, 200, headers={**headers, "Content-Type": CONTENT_TYPE})
+        return StreamingResponse(binary.json_with_data(doc, binary.chunks(conn, fs.store, data)), 200,
+                                 headers={**headers, "Content-Type": CONTENT_TYPE})
+    check_raw_accept(request, content_type)
+    out = {**headers, "Content-Type": content_type, "X-Content-Type-Options": "nosniff"}
+    if data is None:
+        return Response(b"", 200, headers=out)
+    out["Content-Length"] = str(data.size)
+    return StreamingResponse(_iterate(binary.chunks(conn, fs.store, data)), 200, headers=out)
+
+
+def _iterate(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """The chunks as they are authenticated; a failure mid-stream ends the response short (the
+    client sees fewer bytes than Content-Length), since the status is out already."""
+    yield from chunks
