@@ -40,6 +40,8 @@ sys.path.insert(0, str(ROOT))
 import structlog  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 
+from tests.ports import free_port, wait_port  # noqa: E402
+
 CT = "1.2.840.10008.5.1.4.1.1.2"
 TS = "1.2.840.10008.1.2.1"
 GIVEN = ("JOHN", "JANE", "ANNA", "PETER", "MARIA")
@@ -118,23 +120,6 @@ def in_process(store: Any, keys: dict[str, str], *, narrowing: bool) -> int:
         terms.condition = real  # type: ignore[assignment]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"nothing listening on {port}")
-
-
 def start_medrelay(d: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     cfg = d / "channels.yaml"
@@ -148,7 +133,7 @@ def start_medrelay(d: Path) -> tuple[subprocess.Popen[bytes], int]:
         """))
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(cfg)], cwd=d,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port(port)
+    wait_port(port, 60, proc)
     return proc, port
 
 

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from tests.ports import free_port, wait_port  # noqa: E402
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 STORESCU, STORESCP = "/usr/bin/storescu", "/usr/bin/storescp"
@@ -85,23 +86,6 @@ def orthanc_config(port: int, d: Path, max_pdu: int) -> dict[str, object]:
         "DicomAlwaysAllowStore": True, "MaximumPduLength": min(max_pdu, 131072),  # its allowed range
         "DicomThreadsCount": 4, "SaveJobs": False, "Plugins": [],
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 30) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            with socket.create_connection(("127.0.0.1", port), 0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listening on {port}")
 
 
 def make_files(n: int, out: Path) -> list[Path]:

@@ -29,6 +29,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.ports import free_port, wait_port  # noqa: E402
+
+__all__ = ["free_port", "wait_port"]  # bench/scaleout.py uses them from here
+
 SB, EB, CR = b"\x0b", b"\x1c", b"\r"
 
 
@@ -37,12 +43,6 @@ def adt(i: int, conn: int) -> bytes:
     return (f"MSH|^~\\&|HIS|HOSP|RIS|RAD|20240102030405||ADT^A01^ADT_A01|{cid}|P|2.5\r"
             f"EVN|A01|20240102030405\rPID|1||{100000 + i}^^^HOSP^MR||DOE^JOHN^Q||19800101|M|||"
             f"1 MAIN ST^^TOWN^ST^12345\rPV1|1|I|W^389^1^^^^^^WARD|||||1234^DOC^A|||||||||||{i}\r").encode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- peers in their own processes (no GIL shared with the clients) -------------------------
@@ -89,19 +89,6 @@ def start_peer(port: int) -> tuple[mp.Process, mp.Value]:  # type: ignore[valid-
     p.start()
     wait_port(port)
     return p, counter
-
-
-def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"process exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"port {port} not listening")
 
 
 # -- clients ------------------------------------------------------------------------------

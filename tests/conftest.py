@@ -6,7 +6,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,18 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
+from ports import free_port as free_port  # re-exported: tests import it from here
+from ports import wait_port
 
 from engine.config import parse_settings
 from engine.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def need_tool(path: str) -> str:
@@ -70,6 +65,8 @@ class EngineThread:
             finally:
                 self.loop.call_soon_threadsafe(self.loop.stop)
                 self._thread.join(10)
+        if not self._thread.is_alive() and not self.loop.is_closed():
+            self.loop.close()  # else the collector closes it later, inside whichever test runs then
 
     def wait_for(self, predicate, timeout: float = 20.0, interval: float = 0.05):
         deadline = time.monotonic() + timeout
@@ -114,16 +111,10 @@ class MedrelayProc:
                                      cwd=self.data_dir, env=self.env, stdout=self._log, stderr=self._log)
 
     def wait_port(self, port: int, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"medrelay exited: {self.log_path.read_text()[-3000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError(f"port {port} not listening; log: {self.log_path.read_text()[-3000:]}")
+        try:
+            wait_port(port, timeout, self.proc)
+        except AssertionError as e:
+            raise AssertionError(f"medrelay: {e}; log: {self.log_path.read_text()[-3000:]}") from None
 
     def kill9(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pydicom
@@ -18,6 +16,7 @@ import pydicom.data
 from pydicom import dcmread
 
 from tests.conftest import need_tool
+from tests.ports import free_port, wait_port
 
 DCMTK = Path("/usr/bin")
 ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -150,7 +149,7 @@ class StoreSCP:
         self.port = free_port()
         self.proc = subprocess.Popen(
             [tool("storescp"), "-aet", aet, "-od", str(out_dir), "+B", "-uf", *extra, str(self.port)],
-            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # a pipe nobody reads could fill
         wait_port(self.port)
 
     def files(self) -> list[Path]:
@@ -163,23 +162,6 @@ class StoreSCP:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listening on {port}")
 
 
 def dataset_bytes(path: Path) -> bytes:

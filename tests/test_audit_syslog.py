@@ -7,6 +7,7 @@ sender code, so framing and header mistakes would show up as parse failures.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import ssl
 import threading
@@ -28,7 +29,12 @@ HEADER = re.compile(rb"^<(\d{1,3})>1 (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6}
 
 
 class SyslogReceiver:
-    """RFC 5425 receiver in its own thread: TLS (optionally mutual), octet counting."""
+    """RFC 5425 receiver in its own thread: TLS (optionally mutual), octet counting.
+
+    ``stop`` cancels and awaits the connection handlers and closes the loop, so no handler
+    coroutine is left to be closed by the garbage collector after its loop is gone (that
+    surfaced as PytestUnraisableExceptionWarning in whichever test ran next).
+    """
 
     def __init__(self, port: int, ssl_ctx: ssl.SSLContext | None) -> None:
         self.port = port
@@ -38,6 +44,7 @@ class SyslogReceiver:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task] = set()
 
     def start(self) -> SyslogReceiver:
         self._thread.start()
@@ -49,6 +56,9 @@ class SyslogReceiver:
                                                   reuse_address=True)
 
     async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
         try:
             while True:
                 digits = await reader.readuntil(b" ")
@@ -62,16 +72,29 @@ class SyslogReceiver:
         except (ConnectionError, ssl.SSLError) as e:
             self.errors.append(type(e).__name__)
         finally:
+            self._handlers.discard(task)
             writer.close()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(writer.wait_closed(), 5)
 
     def stop(self) -> None:
         async def _stop() -> None:
             if self._server is not None:
                 self._server.close()
+            handlers = list(self._handlers)
+            for t in handlers:
+                t.cancel()
+            await asyncio.gather(*handlers, return_exceptions=True)
+            if self._server is not None:
                 await self._server.wait_closed()
-        asyncio.run_coroutine_threadsafe(_stop(), self.loop).result(10)
+
+        if self.loop.is_closed():
+            return
+        asyncio.run_coroutine_threadsafe(_stop(), self.loop).result(15)
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
+        self._thread.join(10)
+        if not self._thread.is_alive():
+            self.loop.close()
 
 
 def parse_frame(frame: bytes) -> tuple[dict, ET.Element]:
@@ -144,9 +167,10 @@ def test_receiver_down_then_up_delivers_everything_once_in_order(engine_factory,
         env = Envelope(channel="in", kind="hl7v2", payload=f"m{i}".encode(), headers={"MSH-9.1": "ADT"})
         assert eng.call(eng.runtime.intake.submit(env)).status == "accepted"
     eng.wait_for(lambda: len(engine_fakes.OUTBOX.get("syslogtest", [])) >= 20)
+    # engine.start + 20 receive + 20 send, all still waiting in the store (the send events are
+    # written when the outcomes settle, which may be after the destination has the messages)
+    eng.wait_for(lambda: pending(eng.store) >= 41, timeout=30)
     time.sleep(1.0)  # several failed connection attempts with backoff
-    buffered = pending(eng.store)
-    assert buffered >= 41  # engine.start + 20 receive + 20 send, all still waiting in the store
     assert eng.runtime.audit_exporter.sent == 0
 
     rx = SyslogReceiver(port, server_ctx(pki, mutual=True)).start()
@@ -208,7 +232,10 @@ def test_plain_tcp_transport_rfc6587(engine_factory, store_url):
         head, root = parse_frame(rx.frames[0])
         assert root.find("EventIdentification/EventID").get("csd-code") == "110100"
         eng.stop()  # engine.stop is flushed before the store closes
-        assert parse_frame(rx.frames[-1])[1].find(
-            "EventIdentification/EventTypeCode").get("csd-code") == "110121"
+
+        def last_is_stop() -> bool:  # written before stop returns, read by the receiver's own thread
+            return bool(rx.frames) and parse_frame(rx.frames[-1])[1].find(
+                "EventIdentification/EventTypeCode").get("csd-code") == "110121"
+        eng.wait_for(last_is_stop, timeout=30)
     finally:
         rx.stop()

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import IN_CI, _reset_pg, free_port
-from dicom_peers import ENV, data_file, store_statuses, storescu, tool, wait_port
+from dicom_peers import StoreSCP, data_file, store_statuses, storescu, tool
 from mllp_peers import MLLPReceiver, RawClient, make_ack, msa
 from sqlalchemy import create_engine, text
 
@@ -192,29 +191,12 @@ class DicomSender(threading.Thread):
                 time.sleep(0.2)
 
 
-class Pacs:
+class Pacs(StoreSCP):
     """DCMTK storescp, one process per association (three engines send in parallel; in its default
     single-process mode the others' associations time out), files named by SOP Instance UID."""
 
     def __init__(self, out_dir: Path) -> None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.out_dir = out_dir
-        self.port = free_port()
-        self.proc = subprocess.Popen([tool("storescp"), "--fork", "-aet", "STORESCP", "-od", str(out_dir), "+B",
-                                      "-uf", str(self.port)], env=ENV, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        wait_port(self.port)
-
-    def files(self) -> list[Path]:
-        return sorted(p for p in self.out_dir.iterdir() if p.is_file())
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        super().__init__(out_dir, aet="STORESCP", extra=("--fork",))
 
 
 def _owner_pid(url: str) -> int | None:
