@@ -162,6 +162,8 @@ def test_extract_matches_pydicom():
      "PatientWeight": b"71.50 ", "PatientSize": b"1.7e0", "InstanceNumber": b"1.0", "AcquisitionNumber": b"x",
      "StudyInstanceUID": b"1.2.3\x00", "NameOfPhysiciansReadingStudy": b"A^B\\C^D ", "PatientComments": b"a\\b ",
      "Rows": b"\x00\x02", "StudyID": b"\\"},
+    {"PatientName": b"", "PatientID": b"", "StudyDate": b"", "StudyTime": b"", "AccessionNumber": b"",
+     "SeriesNumber": b"", "PatientWeight": b"", "Rows": b"", "ImageType": b"", "SOPInstanceUID": b"1.2.3"},
 ])
 def test_extract_fast_path_edge_values(vr_values):
     """Padding, multiplicity, signs, exponents and values pydicom rejects: both paths agree."""
