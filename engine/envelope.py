@@ -8,7 +8,7 @@ sees: it derives a new envelope and the lineage records where it came from.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -45,6 +45,10 @@ class Envelope:
     id: str = field(default_factory=new_id)
     received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     lineage: tuple[str, ...] = ()
+    # Set only by the pipeline for a destination that ``streams_payload`` (no transforms on the
+    # route) when the payload is a large chunk-sealed blob: ``payload`` is then b"" and this gives
+    # a fresh iterator of its plaintext chunks per call, so it is never whole in memory.
+    payload_chunks: Callable[[], Iterator[bytes]] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "headers", _freeze(self.headers))
@@ -62,6 +66,7 @@ class Envelope:
             id=new_id(),
             kind=kind or self.kind,
             payload=self.payload if payload is None else payload,
+            payload_chunks=self.payload_chunks if payload is None else None,
             headers=self.headers if headers is None else headers,
             lineage=(*self.lineage, self.id),
         )

@@ -269,15 +269,19 @@ class RouteWorker:
 
     async def _deliver_one(self, c: queue.Claimed, out: queue.Outcome) -> bool:
         r = self.route
+        # A large chunk-sealed payload goes to a destination that can send it piece by piece
+        # as it is decrypted (routes/dicom.py); transforms need the whole message, so not then.
+        lazy = None if r.transforms or not getattr(r.destination, "streams_payload", False) else \
+            queue.payload_chunks(self.store, c)
         try:
-            payload = await self._payload(c)
+            payload = b"" if lazy is not None else await self._payload(c)
         except IntegrityError as e:  # dead-lettered with a security event; the route goes on
             queue.quarantine(c, str(e), out)
             return True
         env = Envelope(channel=c.channel, kind=c.kind, payload=payload, headers=c.headers,  # type: ignore[arg-type]
                        peer=c.peer, id=c.message_id,
                        received_at=datetime.fromtimestamp(c.received_at, UTC),
-                       lineage=(c.parent_id,) if c.parent_id else ())
+                       lineage=(c.parent_id,) if c.parent_id else (), payload_chunks=lazy)
         try:
             outs = await asyncio.to_thread(apply_transforms, r.transforms, env) if r.transforms else [env]
         except Drop as d:
@@ -300,6 +304,9 @@ class RouteWorker:
         except DeliveryError as e:
             self._failed(c, str(e), out, permanent=e.permanent)
             return False
+        except IntegrityError as e:  # a streamed payload's damaged chunk, found while sending
+            queue.quarantine(c, str(e), out)
+            return True
         except Exception as e:
             self._failed(c, f"{type(e).__name__}: {e}", out, permanent=False, trace=traceback.format_exc())
             return False

@@ -28,17 +28,18 @@ lease, never a row another process has leased since.
 from __future__ import annotations
 
 import random
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from sqlalchemy import Float, and_, bindparam, insert, literal_column, select, text, update
+from sqlalchemy import Float, and_, bindparam, insert, literal_column, select, update
 
 from engine.security.crypto import IntegrityError
-from engine.store import attempts, leases, schema
-from engine.store.db import open_blob
+from engine.store import attempts, leases, prepared, schema
+from engine.store.db import is_chunked, open_blob, open_blob_chunks
 
 log = structlog.get_logger()
 
@@ -81,6 +82,14 @@ def open_payload(store: Any, c: Claimed) -> bytes:
         return open_blob(store.keyring, c.blob_id, c.blob, c.message_id, store.files)
     except FileNotFoundError:
         raise IntegrityError(f"blob {c.blob_id}: file missing") from None
+
+
+def payload_chunks(store: Any, c: Claimed) -> Callable[[], Iterator[bytes]] | None:
+    """For a chunk-sealed payload: a function giving its plaintext chunks (read and checked by
+    range, one chunk in memory), else None. IntegrityError comes from the iteration."""
+    if not is_chunked(c.blob):
+        return None
+    return lambda: open_blob_chunks(store.keyring, c.blob_id, c.blob, c.message_id, store.files)
 
 
 @dataclass
@@ -132,8 +141,9 @@ def claim(store: Any, channel: str, route: str, limit: int, *, ordered: bool = T
     shared = not store.is_sqlite
     with store.queue_tx() as conn:
         pg = conn.dialect.name == "postgresql"
-        rows = conn.execute(_claim_query(pg, ordered, shared),
-                            {"ch": channel, "rt": route, "lim": limit, "now": now}).mappings().all()
+        params = {"ch": channel, "rt": route, "lim": limit, "now": now}
+        q = _claim_query(pg, ordered, shared)
+        rows: Sequence[Any] = q.all(conn, params) if pg else conn.execute(q.statement, params).mappings().all()
         due = []
         for r in rows:
             leased_until = r["lease_now"] if pg else now
@@ -155,11 +165,12 @@ def claim(store: Any, channel: str, route: str, limit: int, *, ordered: bool = T
             for r in due]
 
 
-_CLAIMS: dict[tuple[bool, bool, bool], Any] = {}
+_CLAIMS: dict[tuple[bool, bool, bool], prepared.Prepared] = {}
 
 
-def _claim_query(pg: bool, ordered: bool, shared: bool) -> Any:
-    """The claim's SELECT, built once per variant (a claim per delivery is common when a route keeps up)."""
+def _claim_query(pg: bool, ordered: bool, shared: bool) -> prepared.Prepared:
+    """The claim's SELECT, built once per variant (a claim per delivery is common when a route keeps
+    up); on PostgreSQL run on the DBAPI cursor (``Prepared.all``: no SQLAlchemy result processing)."""
     key = (pg, ordered, shared)
     q = _CLAIMS.get(key)
     if q is None:
@@ -177,7 +188,7 @@ def _claim_query(pg: bool, ordered: bool, shared: bool) -> Any:
             q = q.where(and_(d.c.next_attempt_at <= bindparam("now"), d.c.lease_until <= clock))
             if shared:
                 q = q.with_for_update(skip_locked=True, of=d)  # skip rows another process is claiming
-        q = _CLAIMS[key] = q
+        q = _CLAIMS[key] = prepared.Prepared(q)
     return q
 
 
@@ -266,28 +277,35 @@ _INSERT_ATTEMPTS = insert(attempts.delivery_attempts)
 
 # PostgreSQL: each of settle's writes is one statement over arrays (unnest), whatever the number
 # of outcomes, sent together in pipeline mode: a row each through the driver cost more CPU than
-# the delivery it records.
-_PG_DONE = text(
+# the delivery it records. They run on the DBAPI cursor, server-prepared (``prepared.pg_run``).
+
+
+def _pg_sql(sql: str) -> str:
+    """``:name`` placeholders written as psycopg's ``%(name)s``."""
+    return re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", sql)
+
+
+_PG_DONE = _pg_sql(
     "UPDATE deliveries AS d SET state = v.st, detail = v.dt, lease_until = 0, lease_owner = NULL, updated_at = :now "
     "FROM unnest(CAST(:ids AS integer[]), CAST(:st AS varchar[]), CAST(:dt AS varchar[])) AS v(id, st, dt) "
     "WHERE d.id = v.id")
-_PG_FAILED = text(
+_PG_FAILED = _pg_sql(
     "UPDATE deliveries AS d SET state = v.st, attempts = v.att, last_error = v.err, next_attempt_at = v.nxt, "
     "lease_until = 0, lease_owner = NULL, updated_at = :now "
     "FROM unnest(CAST(:ids AS integer[]), CAST(:st AS varchar[]), CAST(:att AS integer[]), CAST(:err AS text[]), "
     "CAST(:nxt AS float8[])) AS v(id, st, att, err, nxt) "
     "WHERE d.id = v.id AND d.state = 'pending'")
-_PG_RELEASE = text(
+_PG_RELEASE = _pg_sql(
     "UPDATE deliveries SET lease_until = 0, lease_owner = NULL "
     "WHERE id = ANY(CAST(:ids AS integer[])) AND lease_owner = :owner AND state = 'pending'")
-_PG_AUDIT = text(
+_PG_AUDIT = _pg_sql(
     "INSERT INTO audit_events (at, action, outcome, actor, peer, channel, message_id, entity, detail, exported) "
     "SELECT at, action, outcome, actor, peer, channel, message_id, CAST(entity AS json), detail, exported "
     "FROM unnest(CAST(:at AS float8[]), CAST(:action AS varchar[]), CAST(:outcome AS varchar[]), "
     "CAST(:actor AS varchar[]), CAST(:peer AS varchar[]), CAST(:channel AS varchar[]), CAST(:mid AS varchar[]), "
     "CAST(:entity AS text[]), CAST(:detail AS text[]), CAST(:exported AS integer[])) "
     "AS v(at, action, outcome, actor, peer, channel, message_id, entity, detail, exported)")
-_PG_ATTEMPTS = text(
+_PG_ATTEMPTS = _pg_sql(
     "INSERT INTO delivery_attempts (delivery_id, at, outcome, error, detail) "
     "SELECT * FROM unnest(CAST(:ids AS integer[]), CAST(:at AS float8[]), CAST(:outcome AS varchar[]), "
     "CAST(:error AS text[]), CAST(:detail AS varchar[]))")
@@ -299,19 +317,21 @@ def _settle_pg(conn: Any, outcomes: Sequence[Outcome], done: list[tuple[int, str
 
     with conn.connection.dbapi_connection.pipeline():
         if done:
-            conn.execute(_PG_DONE, {"now": now, "ids": [x[0] for x in done], "st": [x[1] for x in done],
-                                    "dt": [(x[2] or "")[:256] or None for x in done]})
+            prepared.pg_run(conn, _PG_DONE, {
+                "now": now, "ids": [x[0] for x in done], "st": [x[1] for x in done],
+                "dt": [(x[2] or "")[:256] or None for x in done]})
         if failed:
-            conn.execute(_PG_FAILED, {"now": now, "ids": [f.delivery_id for f in failed],
-                                      "st": ["dead" if f.dead else "pending" for f in failed],
-                                      "att": [f.attempts for f in failed], "err": [f.error[:2000] for f in failed],
-                                      "nxt": [now + f.delay for f in failed]})
+            prepared.pg_run(conn, _PG_FAILED, {
+                "now": now, "ids": [f.delivery_id for f in failed],
+                "st": ["dead" if f.dead else "pending" for f in failed],
+                "att": [f.attempts for f in failed], "err": [f.error[:2000] for f in failed],
+                "nxt": [now + f.delay for f in failed]})
         for o in outcomes:
             if o.release and o.lease.owner:
-                conn.execute(_PG_RELEASE, {"ids": sorted(o.release), "owner": o.lease.owner})
+                prepared.pg_run(conn, _PG_RELEASE, {"ids": sorted(o.release), "owner": o.lease.owner})
         audit_rows = [a for o in outcomes for a in o.audit_rows]
         if audit_rows:
-            conn.execute(_PG_AUDIT, {
+            prepared.pg_run(conn, _PG_AUDIT, {
                 "at": [a["at"] for a in audit_rows], "action": [a["action"] for a in audit_rows],
                 "outcome": [a["outcome"] for a in audit_rows], "actor": [a["actor"] for a in audit_rows],
                 "peer": [a["peer"] for a in audit_rows], "channel": [a["channel"] for a in audit_rows],
@@ -320,9 +340,10 @@ def _settle_pg(conn: Any, outcomes: Sequence[Outcome], done: list[tuple[int, str
                 "detail": [a["detail"] for a in audit_rows], "exported": [a["exported"] for a in audit_rows]})
         tries = [row for o in outcomes for row in attempts.rows_of(o, now)]
         if tries:
-            conn.execute(_PG_ATTEMPTS, {"ids": [t["delivery_id"] for t in tries], "at": [t["at"] for t in tries],
-                                        "outcome": [t["outcome"] for t in tries], "error": [t["error"] for t in tries],
-                                        "detail": [t["detail"] for t in tries]})
+            prepared.pg_run(conn, _PG_ATTEMPTS, {
+                "ids": [t["delivery_id"] for t in tries], "at": [t["at"] for t in tries],
+                "outcome": [t["outcome"] for t in tries], "error": [t["error"] for t in tries],
+                "detail": [t["detail"] for t in tries]})
 
 
 def complete(store: Any, done: Sequence[tuple[int, str, str | None]],

@@ -2,8 +2,10 @@
 
 The instance goes out as it was received: its stored transfer syntax is proposed in
 a presentation context of its own and the encoded data set is sent without decoding
-(routes/dicom_scu.py). A peer that refuses that syntax gets it converted to one it
-accepted (uncompressed first; transforms/dicom_codec.py), or, with
+(routes/dicom_scu.py); a large one (a chunk-sealed blob) is sent from its chunks as they
+are decrypted (engine/dimse/stream_send.py), unless it must be converted. A peer that
+refuses that syntax gets it converted to one it accepted (uncompressed first;
+transforms/dicom_codec.py), or, with
 ``transfer_syntax:``, every image goes in that syntax. One association is kept open across
 sends and re-opened when an instance needs a context it lacks or the peer dropped it.
 
@@ -36,7 +38,7 @@ from engine.envelope import Envelope
 from engine.registry import component
 from engine.security.tls import TLSConfig, client_context
 from routes.blocking import BlockingCalls
-from routes.dicom_scu import RawInstance, check_ae_title, instance_from_part10, send_raw, transcoded
+from routes.dicom_scu import RawInstance, check_ae_title, instance_from_part10, send_raw, streamed_part10, transcoded
 from transforms import dicom_codec as codec
 
 log = structlog.get_logger()
@@ -95,6 +97,10 @@ class DicomDestinationConfig(ComponentConfig):
 
 
 class DicomDestination:
+    # The pipeline may hand a large stored instance as ``payload_chunks`` instead of bytes (no
+    # transforms on the route): it is sent as it is decrypted, never whole in memory.
+    streams_payload = True
+
     def __init__(self, config: DicomDestinationConfig, ctx: ComponentContext) -> None:
         self.config = config
         self.ctx = ctx
@@ -179,7 +185,10 @@ class DicomDestination:
     def _send(self, envelope: Envelope) -> str:
         sop_class = envelope.headers.get("SOPClassUID")
         sop_uid = envelope.headers.get("SOPInstanceUID")
-        inst = instance_from_part10(envelope.payload, sop_class and str(sop_class), sop_uid and str(sop_uid))
+        if envelope.payload_chunks is not None:  # a large stored instance: sent from its blob's chunks
+            inst = streamed_part10(envelope.payload_chunks, sop_class and str(sop_class), sop_uid and str(sop_uid))
+        else:
+            inst = instance_from_part10(envelope.payload, sop_class and str(sop_class), sop_uid and str(sop_uid))
         want = self.config.transfer_syntax
         if want is not None and str(inst.raw_transfer_syntax) != want:
             lossy = codec.Lossy(self.config.lossy_ratio) if self.config.lossy_ratio else None

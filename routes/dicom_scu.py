@@ -18,9 +18,11 @@ listener's C-MOVE / C-GET sub-operations.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import queue
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import structlog
@@ -30,6 +32,7 @@ from pydicom.uid import UID
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 
+from engine.dimse import stream_send
 from transforms import dicom_codec as codec
 
 log = structlog.get_logger()
@@ -67,6 +70,45 @@ class RawInstance(Dataset):
     @property
     def raw_transfer_syntax(self) -> UID:
         return self._raw_ts
+
+
+class StreamedInstance(RawInstance):
+    """A stored instance sent from its blob's chunks as they are decrypted (a large one).
+
+    ``open_dataset()`` gives a fresh iterator of the encoded data set each call (a retry, a
+    second association). ``raw`` joins it: only a conversion (transcoding, or pynetdicom's
+    own for an uncompressed syntax the peer did not take) needs the whole data set.
+    """
+
+    def __init__(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
+                 open_dataset: Callable[[], Iterator[bytes]]) -> None:
+        super().__init__(sop_class_uid, sop_instance_uid, transfer_syntax, b"")
+        self._open_dataset = open_dataset
+
+    def open_dataset(self) -> Iterator[bytes]:
+        return self._open_dataset()
+
+    @property
+    def raw(self) -> bytes:
+        return b"".join(self._open_dataset())
+
+
+def streamed_part10(open_part10: Callable[[], Iterator[bytes]], sop_class_uid: str | None = None,
+                    sop_instance_uid: str | None = None, transfer_syntax: str | None = None) -> StreamedInstance:
+    """A StreamedInstance from a factory of stored Part-10 chunks (engine/store/db.py
+    ``blob_chunks``); the file meta is read here only for what is not given (the archive
+    index knows all three; a route's envelope headers lack the transfer syntax)."""
+    if not (sop_class_uid and sop_instance_uid and transfer_syntax):
+        meta, body = stream_send.split_part10(open_part10())
+        body.close()  # type: ignore[attr-defined]
+        sop_class_uid = sop_class_uid or str(meta.MediaStorageSOPClassUID)
+        sop_instance_uid = sop_instance_uid or str(meta.MediaStorageSOPInstanceUID)
+        transfer_syntax = transfer_syntax or str(meta.TransferSyntaxUID)
+
+    def open_dataset() -> Iterator[bytes]:
+        return stream_send.split_part10(open_part10())[1]
+
+    return StreamedInstance(sop_class_uid, sop_instance_uid, transfer_syntax, open_dataset)
 
 
 def _decoded(inst: RawInstance) -> Dataset:
@@ -113,7 +155,9 @@ def send_raw(assoc: Association, inst: RawInstance, *, msg_id: int = 1, priority
     req.MoveOriginatorMessageID = originator_id
     req.AffectedSOPClassUID = inst.SOPClassUID
     req.AffectedSOPInstanceUID = inst.SOPInstanceUID
-    req.DataSet = io.BytesIO(inst.raw)
+    streamed = isinstance(inst, StreamedInstance)
+    if not streamed:
+        req.DataSet = io.BytesIO(inst.raw)
     assoc._reactor_checkpoint.clear()
     try:
         paused_by = time.monotonic() + PAUSE_WAIT
@@ -121,14 +165,37 @@ def send_raw(assoc: Association, inst: RawInstance, *, msg_id: int = 1, priority
             time.sleep(0.0001)
         rsp = None
         if assoc._is_paused:
-            assoc.dimse.send_msg(req, context.context_id)
+            if streamed:
+                _send_streamed(assoc, req, context.context_id, inst)  # type: ignore[arg-type]
+            else:
+                assoc.dimse.send_msg(req, context.context_id)
             rsp = _response(assoc)
+    except stream_send.StreamAborted as e:
+        log.warning("dicom.stream_aborted", reason=str(e), outcome="not sent")
+        rsp = None
     finally:
         assoc._reactor_checkpoint.set()
     if rsp is None:
         assoc._handle_no_response()
         return Dataset()
     return assoc._check_received_status(rsp)
+
+
+def _send_streamed(assoc: Association, req: C_STORE, context_id: int, inst: StreamedInstance) -> None:
+    """The data set from the blob's chunks; a send that stops half-way (the peer gone, a damaged
+    chunk) leaves a partial message on the association, so it is aborted before the error goes on."""
+    chunks = inst.open_dataset()
+    try:
+        stream_send.send_c_store(assoc, req, context_id, chunks,
+                                 stall_timeout=float(assoc.network_timeout or assoc.dimse_timeout or 60.0))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            assoc.abort()
+        raise
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
 
 
 def accepted_syntaxes(assoc: Association, sop_class: str) -> list[str]:

@@ -332,6 +332,11 @@ def open_blob(keyring: KeyRing, blob_id: str, row: Any, aad: str, files: BlobFil
     return keyring.open(Sealed(row["kek_id"], row["wrapped_key"], row["nonce"], ct), aad)
 
 
+def is_chunked(row: Any) -> bool:
+    """A blob sealed in chunks in a file of its own (``STREAM_MIN`` and up): readable piece by piece."""
+    return bool(row["in_file"]) and stream.is_stream_header(row["nonce"])
+
+
 def open_blob_chunks(keyring: KeyRing, blob_id: str, row: Any, aad: str, files: BlobFiles) -> Iterator[bytes]:
     """``open_blob`` as an iterator of plaintext chunks; a chunk-sealed file is read by range.
 

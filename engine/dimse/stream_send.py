@@ -1,0 +1,142 @@
+"""A C-STORE whose data set comes from an iterator of chunks, never held whole (issue 13 item 3).
+
+pynetdicom sends a DIMSE message from a data set in memory (``BytesIO``) or from a file on
+disk; a large stored instance is neither: it is an encrypted blob that decrypts chunk by
+chunk (engine/store/db.py ``open_blob_chunks``), and writing its plaintext to a temporary file
+would put PHI on disk. So the command set is encoded by pynetdicom as usual
+(``C_STORE_RQ.encode_msg`` with no data set gives exactly the command fragments) and the data
+set follows as P-DATA PDVs cut from the chunks at the peer's maximum PDU length, the last
+marked as such (PS3.8 E.2). Nothing else about the message differs from pynetdicom's own.
+
+pynetdicom's DUL thread takes P-DATA from an unbounded queue: fed from a fast iterator it
+would queue the whole instance. Here at most ``QUEUE_BYTES`` wait in it; the producer
+waits for the DUL thread to write them out, and gives up (``StreamAborted``) when the
+association is gone or the peer has read nothing for ``stall_timeout`` seconds.
+
+The caller holds the association's reactor paused, as pynetdicom's own ``send_c_store`` does
+(routes/dicom_scu.py ``send_raw``), and reads the response itself.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterable, Iterator
+
+from pydicom import dcmread
+from pydicom.dataset import FileMetaDataset
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
+
+FRAGMENT_CAP = 1 << 20  # bytes per PDV at most, also when the peer announces no limit (0) or a huge one
+QUEUE_BYTES = 4 << 20  # P-DATA bytes waiting for the DUL thread at most
+POLL = 0.0005  # seconds between looks at the DUL queue while it is full
+PDV_OVERHEAD = 6  # item length (4), presentation context id (1), message control header (1)
+
+
+class StreamAborted(Exception):
+    """The data set could not be sent whole: the association ended or the peer stopped reading."""
+
+
+def fragment_size(max_pdu: int) -> int:
+    """Bytes of data set per PDV for a peer that receives PDUs of ``max_pdu`` (0: no limit); even."""
+    limit = FRAGMENT_CAP if not max_pdu else min(max_pdu, FRAGMENT_CAP)
+    size = limit - PDV_OVERHEAD
+    return size - size % 2
+
+
+def fragments(chunks: Iterable[bytes], size: int) -> Iterator[tuple[bool, bytes]]:
+    """(is last, bytes) pieces of ``size`` cut from ``chunks``; the last one may be shorter.
+
+    One piece is held back until the next chunk shows whether it is the last: the final
+    PDV must carry the "last fragment" bit, and the total length is not known up front.
+    """
+    buf = bytearray()
+    for chunk in chunks:
+        buf += chunk
+        while len(buf) > size:
+            piece = bytes(buf[:size])
+            del buf[:size]  # O(1) at the front of a bytearray
+            yield False, piece
+    yield True, bytes(buf)
+
+
+def split_part10(chunks: Iterable[bytes]) -> tuple[FileMetaDataset, Iterator[bytes]]:
+    """The file meta of a stored Part-10 stream and the encoded data set after it, still lazy.
+
+    medrelay writes the file meta itself (explicit VR LE group 0002, its group length first),
+    so where the data set starts is known from the first 144 bytes (as in
+    engine/store/dicom/index.py ``split_part10``, which does this on whole bytes).
+    """
+    it = iter(chunks)
+    buf = bytearray()
+
+    def need(n: int) -> None:
+        while len(buf) < n:
+            try:
+                buf.extend(next(it))
+            except StopIteration:
+                raise ValueError("not a DICOM Part-10 file (too short)") from None
+
+    need(144)
+    if buf[128:132] != b"DICM":
+        raise ValueError("not a DICOM Part-10 file")
+    if buf[132:136] != b"\x02\x00\x00\x00":
+        raise ValueError("file meta does not start with its group length")
+    end = 144 + int.from_bytes(buf[140:144], "little")
+    need(end)
+    meta = dcmread(io.BytesIO(bytes(buf[:end])), stop_before_pixels=True).file_meta
+    rest = bytes(buf[end:])
+    del buf[:]
+
+    def body() -> Iterator[bytes]:
+        if rest:
+            yield rest
+        yield from it
+
+    return meta, body()
+
+
+def send_c_store(assoc: object, req: C_STORE, context_id: int, chunks: Iterable[bytes], *,
+                 stall_timeout: float = 60.0) -> None:
+    """Send C-STORE-RQ ``req`` (its ``DataSet`` unset) with the data set read from ``chunks``.
+
+    Returns once every P-DATA is queued to the DUL (at most ``QUEUE_BYTES`` behind the socket).
+    ``StreamAborted`` when the association went away or the peer stopped reading; any error
+    from ``chunks`` (an IntegrityError of a damaged blob) is raised as it is. In both cases
+    the peer holds a partial message: the caller must abort the association.
+    """
+    dul = assoc.dul  # type: ignore[attr-defined]
+    max_pdu = int(assoc.dimse.maximum_pdu_size or 0)  # type: ignore[attr-defined]
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    msg.command_set.CommandDataSetType = 0x0001  # a data set follows (set from req.DataSet otherwise)
+    msg.data_set = None  # only the command fragments come out of encode_msg
+    msg._data_set_path = None
+    for pdata in msg.encode_msg(context_id, max_pdu):
+        dul.send_pdu(pdata)
+    size = fragment_size(max_pdu)
+    limit = max(2, QUEUE_BYTES // size)
+    for last, piece in fragments(chunks, size):
+        _wait_for_room(assoc, limit, stall_timeout)
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, (b"\x02" if last else b"\x00") + piece))
+        dul.send_pdu(pdata)
+
+
+def _wait_for_room(assoc: object, limit: int, stall_timeout: float) -> None:
+    dul = assoc.dul  # type: ignore[attr-defined]
+    q = dul.to_provider_queue
+    if q.qsize() < limit:
+        return
+    seen, since = q.qsize(), time.monotonic()
+    while q.qsize() >= limit:
+        if not dul.is_alive() or not assoc.is_established or assoc.is_aborted:  # type: ignore[attr-defined]
+            raise StreamAborted("the association ended during the data set")
+        now = time.monotonic()
+        if q.qsize() < seen:
+            seen, since = q.qsize(), now
+        elif now - since > stall_timeout:
+            raise StreamAborted(f"the peer read nothing for {stall_timeout:g}s")
+        time.sleep(POLL)

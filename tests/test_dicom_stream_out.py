@@ -1,0 +1,294 @@
+"""Large instances streamed OUT over DIMSE (issue 13 item 3): C-GET, C-MOVE sub-operations and
+the C-STORE route send a chunk-sealed stored instance from its blob's chunks as they are
+decrypted (engine/dimse/stream_send.py), byte-identical, without the data set whole in memory.
+
+Peers: DCMTK getscu / movescu / storescp, a pynetdicom Storage SCP that can abort mid-instance.
+The memory test runs `medrelay run` in a subprocess and reads its VmHWM (peak RSS): the
+instance is stored by a first engine process, retrieved from a second one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from dicom_peers import StoreSCP, free_port, run, storescu
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage
+from sqlalchemy import select
+
+from engine.dimse import stream_send
+from engine.store import schema
+
+pytestmark = pytest.mark.dcmtk
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def big_instance(path: Path, megabytes: int) -> tuple[str, str]:
+    """A CT instance of about ``megabytes`` MB (random 16-bit pixels); (SOP Instance UID, data set SHA-256)."""
+    side = int((megabytes * 1024 * 1024 / 2) ** 0.5) // 2 * 2
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CT
+    ds.SOPClassUID = CT
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.PatientName, ds.Modality = "BIG1", "Large^Instance", "CT"
+    ds.Rows = ds.Columns = side
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelData = os.urandom(side * side * 2)
+    ds.save_as(path, enforce_file_format=True)
+    uid = str(ds.SOPInstanceUID)
+    del ds
+    return uid, dataset_sha(path)
+
+
+def dataset_sha(path: Path) -> str:
+    """SHA-256 of a Part-10 file's encoded data set (after the file meta), read in pieces."""
+    with open(path, "rb") as f:
+        head = f.read(132)
+        assert head[128:132] == b"DICM"
+        end = 132
+        while True:
+            f.seek(end)
+            el = f.read(12)
+            if el[:2] != b"\x02\x00":
+                break
+            vr = el[4:6]
+            end += (12 + int.from_bytes(el[8:12], "little")) if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT") \
+                else (8 + int.from_bytes(el[6:8], "little"))
+        f.seek(end)
+        h = hashlib.sha256()
+        while piece := f.read(1 << 20):
+            h.update(piece)
+    return h.hexdigest()
+
+
+class StoreSCPeer:
+    """A pynetdicom Storage SCP that hashes what it receives; ``abort_after`` P-DATA PDUs of the
+    data set it sends an A-ABORT and drops the connection, mid-instance."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, str, int]] = []  # (SOP Instance UID, SHA-256, bytes)
+        self.abort_after: int | None = None
+        self.aborted = 0
+        self.pdata: dict[int, int] = {}  # P-DATA PDUs per association
+        ae = AE(ae_title="PEER")
+        ae.maximum_pdu_size = 65536
+        ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian, "1.2.840.10008.1.2"])
+        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
+            (evt.EVT_C_STORE, self._store), (evt.EVT_PDU_RECV, self._pdu)])
+        self.port = self.server.server_address[1]
+
+    def _pdu(self, event) -> None:
+        if type(event.pdu).__name__ != "P_DATA_TF":
+            return
+        n = self.pdata[id(event.assoc)] = self.pdata.get(id(event.assoc), 0) + 1
+        if self.abort_after is not None and n == self.abort_after:
+            self.aborted += 1
+            sock = event.assoc.dul.socket.socket
+            sock.sendall(b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00")  # A-ABORT, service user
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def _store(self, event) -> int:
+        data = event.request.DataSet.getvalue()
+        self.received.append((str(event.request.AffectedSOPInstanceUID), hashlib.sha256(data).hexdigest(),
+                              len(data)))
+        return 0x0000
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def _yaml(port: int, move_port: int, route_port: int, *, retry: str = "{max_attempts: 20, initial_delay: 0.5, "
+          "max_delay: 1}", route_ae: str = "STORESCP") -> str:
+    return f"""
+store: {{url: "sqlite:///data/medrelay.db", blobs: data/blobs}}
+keys: {{kek_file: data/keys.json}}
+channels:
+  dcm:
+    source:
+      type: dicom
+      port: {port}
+      ae_title: MEDRELAY
+      calling_aets: [TESTSCU, GETSCU]
+      move_destinations:
+        STORESCP: {{host: 127.0.0.1, port: {move_port}}}
+    routes:
+      - name: fwd
+        to: {{type: dicom, host: 127.0.0.1, port: {route_port}, called_ae_title: {route_ae}}}
+        retry: {retry}
+"""
+
+
+def deliveries(store, route: str) -> list[tuple[str, int, str | None]]:
+    d = schema.deliveries
+    with store.engine.connect() as c:
+        return [tuple(r) for r in c.execute(select(d.c.state, d.c.attempts, d.c.last_error)
+                                            .where(d.c.route == route).order_by(d.c.id))]
+
+
+def sent_audits(store) -> int:
+    a = schema.audit_events
+    with store.engine.connect() as c:
+        return len(c.execute(select(a.c.id).where(a.c.action == "message.send")).all())
+
+
+def getscu(port: int, study: str, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    g = run("getscu", "-v", "-S", "+B", "-aet", "GETSCU", "-aec", "MEDRELAY", "-od", str(out),
+            "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(port),
+            timeout=300)
+    assert g.returncode == 0 and re.search(r"Completed Suboperations\s*:\s*1\b", g.stdout), g.stdout[-3000:]
+
+
+def movescu(port: int, study: str) -> None:
+    mv = run("movescu", "-v", "-S", "-aet", "TESTSCU", "-aec", "MEDRELAY", "-aem", "STORESCP",
+             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(port),
+             timeout=300)
+    assert mv.returncode == 0 and "Final Move Response (Success)" in mv.stdout, mv.stdout[-3000:]
+
+
+# -- the PDV cutting itself ------------------------------------------------------------------------
+
+def test_fragments_cut_any_chunking_into_pdvs_with_the_last_marked():
+    data = os.urandom(10_000)
+    for pieces in ([data], [data[:1], data[1:4096], data[4096:]], [data[i:i + 333] for i in range(0, 10_000, 333)]):
+        out = list(stream_send.fragments(pieces, 1000))
+        assert [last for last, _ in out] == [False] * 9 + [True]
+        assert all(len(p) == 1000 for _l, p in out)
+        assert b"".join(p for _l, p in out) == data
+    assert list(stream_send.fragments([b"abc"], 1000)) == [(True, b"abc")]
+    assert stream_send.fragment_size(16384) == 16378 and stream_send.fragment_size(0) == (1 << 20) - 6
+    assert stream_send.fragment_size(4097) % 2 == 0
+
+
+# -- C-GET, C-MOVE, the route, an aborting peer (engine in this process, 40 MB) ------------------
+
+def test_stream_out_byte_identical_and_aborted_peer_is_a_retried_failure(engine_factory, tmp_path):
+    peer = StoreSCPeer()
+    scp = StoreSCP(tmp_path / "moved")
+    try:
+        peer.abort_after = 20  # the route's first attempts end mid-instance
+        e = engine_factory(_yaml(0, scp.port, peer.port, route_ae="PEER"))
+        port = e.address("dcm")[1]
+        src = tmp_path / "big.dcm"
+        uid, sha = big_instance(src, 40)
+        r = storescu(port, [src])
+        assert "Success" in r.stdout, r.stdout[-2000:]
+        with e.store.engine.connect() as c:  # it is stored chunk-sealed: the streamed path is the one tested
+            nonce = c.execute(select(schema.blobs.c.nonce).where(schema.blobs.c.size > 30_000_000)).scalar()
+        assert nonce is not None and nonce[:4] == b"MRS1"
+
+        e.wait_for(lambda: deliveries(e.store, "fwd") and deliveries(e.store, "fwd")[0][1] >= 2, timeout=60)
+        state, attempts, error = deliveries(e.store, "fwd")[0]
+        assert state == "pending" and error, (state, error)
+        assert peer.aborted >= 2 and peer.received == []
+        assert sent_audits(e.store) == 0  # nothing reported as sent
+        peer.abort_after = None
+        e.wait_for(lambda: deliveries(e.store, "fwd")[0][0] == "done", timeout=60)
+        assert peer.received == [(uid, sha, peer.received[0][2])]
+        assert sent_audits(e.store) == 1
+
+        study = _study(src)
+        getscu(port, study, tmp_path / "got")
+        got = list((tmp_path / "got").iterdir())
+        assert len(got) == 1 and dataset_sha(got[0]) == sha
+        movescu(port, study)
+        assert len(scp.files()) == 1 and dataset_sha(scp.files()[0]) == sha
+    finally:
+        peer.stop()
+        scp.stop()
+
+
+def _study(path: Path) -> str:
+    from pydicom import dcmread
+
+    return str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+
+
+# -- the memory bound: `medrelay run` in a subprocess, a 400 MB instance --------------------------
+
+def _status(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+@pytest.mark.slow
+def test_large_instance_retrieved_and_forwarded_under_300_mb(medrelay_proc, tmp_path):
+    port, route_port = free_port(), free_port()
+    moved = StoreSCP(tmp_path / "moved")
+    yaml = _yaml(port, moved.port, route_port)
+    first = medrelay_proc(yaml)
+    src = tmp_path / "big.dcm"
+    uid, sha = big_instance(src, int(os.environ.get("MEDRELAY_TEST_BIG_MB", "400")))
+    study = _study(src)
+    first.start()
+    try:
+        first.wait_port(port, 60)
+        r = storescu(port, [src])
+        assert "Success" in r.stdout, r.stdout[-2000:]
+    finally:
+        assert first.terminate(60) == 0
+    # the second process serves it (the route's destination is up now): its peak RSS is retrieval only
+    routed = tmp_path / "routed"
+    routed.mkdir()
+    route_scp = _storescp_on(route_port, routed)
+    second = first
+    second.start()
+    try:
+        second.wait_port(port, 60)
+        pid = second.proc.pid
+        t0 = time.monotonic()
+        getscu(port, study, tmp_path / "got")
+        got = list((tmp_path / "got").iterdir())
+        assert len(got) == 1 and dataset_sha(got[0]) == sha
+        movescu(port, study)
+        assert len(moved.files()) == 1 and dataset_sha(moved.files()[0]) == sha
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (list(routed.iterdir()) and _settled(routed)):
+            time.sleep(0.5)
+        files = list(routed.iterdir())
+        assert len(files) == 1 and dataset_sha(files[0]) == sha
+        peak = _status(pid, "VmHWM")
+        print(f"retrieval and forward of {src.stat().st_size >> 20} MiB in {time.monotonic() - t0:.1f}s, "
+              f"engine peak RSS {peak >> 20} MiB")
+        assert peak < 300 * 1024 * 1024, f"peak RSS {peak >> 20} MiB"
+    finally:
+        second.terminate(60)
+        moved.stop()
+        route_scp.stop()
+    del uid
+
+
+def _settled(folder: Path) -> bool:
+    """storescp writes under a temporary name and renames; a file whose size stays put is complete."""
+    sizes = [p.stat().st_size for p in folder.iterdir()]
+    time.sleep(0.5)
+    return sizes == [p.stat().st_size for p in folder.iterdir()]
+
+
+def _storescp_on(port: int, out: Path) -> StoreSCP:
+    scp = StoreSCP.__new__(StoreSCP)
+    import subprocess
+
+    from dicom_peers import ENV, tool, wait_port
+
+    scp.out_dir, scp.port = out, port
+    scp.proc = subprocess.Popen([tool("storescp"), "-aet", "STORESCP", "-od", str(out), "+B", "-uf", str(port)],
+                                env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_port(port)
+    return scp
+
