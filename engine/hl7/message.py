@@ -379,8 +379,11 @@ class Header:
 
 def _first(value: str, d: Delimiters) -> str:
     """First repetition, first component, unescaped."""
-    v = value.split(d.repetition, 1)[0].split(d.component, 1)[0]
-    return unescape(v, d).strip()
+    if d.repetition in value:
+        value = value.split(d.repetition, 1)[0]
+    if d.component in value:
+        value = value.split(d.component, 1)[0]
+    return (unescape(value, d) if d.escape in value else value).strip()
 
 
 def _component(value: str, n: int, d: Delimiters) -> str:
@@ -403,6 +406,36 @@ def _sniff_codec(data: bytes) -> str:
         return "iso8859-1"
 
 
+_DELIMITERS: dict[tuple[str, str], Delimiters] = {}
+
+
+def _delimiters(fs: str, enc: str) -> Delimiters:
+    """MSH-1 and MSH-2 checked and made a ``Delimiters``; the few distinct ones seen are kept
+    (every message of a feed has the same, and this runs for each message read)."""
+    key = (fs, enc[:4])
+    d = _DELIMITERS.get(key)
+    if d is None:
+        if len(enc) < 4 or len(set(enc[:4])) != 4 or fs in enc[:4]:
+            raise HL7Error(DATA_TYPE_ERROR, "MSH-2 encoding characters are invalid", location="MSH^1^2")
+        d = Delimiters(fs, enc[0], enc[1], enc[2], enc[3])
+        if len(_DELIMITERS) < 64:  # bounded: a peer sending odd MSH-2 values cannot grow it
+            _DELIMITERS[key] = d
+    return d
+
+
+def delimiters_of(payload: bytes) -> Delimiters:
+    """The delimiters of a message that starts with MSH (MSH-1 and MSH-2), without reading the
+    rest of the header: for readers of a payload whose header was read and checked at intake."""
+    if payload[:3] != b"MSH" or len(payload) < 8:
+        raise HL7Error(SEGMENT_SEQUENCE_ERROR, "message does not start with an MSH segment", location="MSH^1")
+    return _delimiters(payload[3:4].decode("latin-1"), payload[4:8].decode("latin-1"))
+
+
+def sniff_codec(data: bytes) -> str:
+    """The codec of a message without MSH-18 and without a BOM (see ``Header.decode``)."""
+    return _sniff_codec(data)
+
+
 def read_header(payload: bytes, *, require: bool = True) -> Header:
     """Read the MSH segment of ``payload`` (raw bytes as received).
 
@@ -412,7 +445,8 @@ def read_header(payload: bytes, *, require: bool = True) -> Header:
     without (MSH-9.1 message type, MSH-10 control id) must be present, else
     ``HL7Error(101)`` carrying the partial header.
     """
-    wide = wide_encoding(payload)
+    # A message that starts with "MS" (the usual case) is in a byte encoding: no wide check.
+    wide = None if payload[:2] == b"MS" else wide_encoding(payload)
     if wide is not None:
         raise HL7Error(TABLE_VALUE_NOT_FOUND, f"message is encoded in {wide}; HL7 v2 over MLLP needs a "
                        "charset whose delimiters are single bytes: send UTF-8 (MSH-18 UNICODE UTF-8)",
@@ -426,13 +460,14 @@ def read_header(payload: bytes, *, require: bool = True) -> Header:
     if fs.isalnum() or fs in b" \r\n":
         raise HL7Error(DATA_TYPE_ERROR, "MSH-1 field separator is not a delimiter character",
                        location="MSH^1^1")
-    m = _SEGMENT_END.search(payload, start)
-    msh_bytes = payload[start:m.start() if m else len(payload)]
+    end = payload.find(b"\r", start)  # the MSH ends at the first CR or LF (memchr, not a regex)
+    lf = payload.find(b"\n", start, end if end >= 0 else len(payload))
+    if lf >= 0:
+        end = lf
+    msh_bytes = payload[start:end if end >= 0 else len(payload)]
     raw = msh_bytes.split(fs)
     enc = raw[1].decode("latin-1") if len(raw) > 1 else ""
-    if len(enc) < 4 or len(set(enc[:4])) != 4 or fs.decode("latin-1") in enc[:4]:
-        raise HL7Error(DATA_TYPE_ERROR, "MSH-2 encoding characters are invalid", location="MSH^1^2")
-    d = Delimiters(fs.decode("latin-1"), enc[0], enc[1], enc[2], enc[3])
+    d = _delimiters(fs.decode("latin-1"), enc)
 
     # MSH-18 first, in ASCII: the charset names are ASCII in every charset we accept.
     charset = ""

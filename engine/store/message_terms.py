@@ -29,6 +29,7 @@ fails on odd bytes indexes what it got and never fails the commit.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import struct
@@ -38,7 +39,7 @@ from typing import Any
 import structlog
 from sqlalchemy import Column, Connection, Index, String, Table, delete, exists, insert, select, text
 
-from engine.hl7.message import read_header, unescape
+from engine.hl7.message import codec_for, delimiters_of, read_header, sniff_codec, unescape
 from engine.security import blind_index as bi
 from engine.store import schema
 from engine.store.db import MIGRATION_HOOKS
@@ -66,6 +67,7 @@ def value_term(key: bytes, field: str, value: str) -> str:
     return bi.term(key, f"message.{field}", "id", value.strip().casefold())
 
 
+@functools.lru_cache(maxsize=8)
 def marker_term(key: bytes) -> str:
     """Every indexed message has this term: it names the format and (through the HMAC) the key."""
     return bi.term(key, "message", "indexed", FORMAT)
@@ -90,7 +92,7 @@ def terms_of(key: bytes, kind: str, payload: bytes, headers: dict[str, Any] | No
 def identifiers(kind: str, payload: bytes, headers: dict[str, Any]) -> dict[str, set[str]]:
     """field -> values found in the payload (see the module text for which fields)."""
     if kind == "hl7v2":
-        return _hl7(payload)
+        return _hl7(payload, headers)
     if kind == "dicom":
         return _dicom(payload, headers)
     if kind == "fhir":
@@ -109,15 +111,26 @@ _HL7_FIELDS: dict[str, tuple[tuple[int, str], ...]] = {
 }
 
 
-def _hl7(payload: bytes) -> dict[str, set[str]]:
+def _hl7(payload: bytes, headers: dict[str, Any] | None = None) -> dict[str, set[str]]:
     """Reads the fields above with the header's delimiters and charset, without a full parse
-    (python-hl7's costs ~100 us a message; this runs in the committer for every message)."""
-    header = read_header(payload, require=False)
-    d = header.delimiters
+    (python-hl7's costs ~100 us a message; this runs in the committer for every message).
+
+    The listener has read the MSH already and its envelope headers carry what this needs
+    (MSH-10, MSH-18), so the header is not read a second time here: the delimiters are MSH-1
+    and MSH-2 (payload bytes 3-7, the stored payload starts at MSH). Without those headers
+    (a payload from elsewhere) the MSH is read."""
+    headers = headers or {}
     out: dict[str, set[str]] = {f: set() for f in FIELDS}
-    if header.control_id:
-        out["control_id"].add(header.control_id)
-    text_ = header.decode(payload)
+    if payload[:3] == b"MSH" and "MSH-10" in headers and "MSH-18" in headers:
+        d = delimiters_of(payload)
+        control_id, charset = str(headers["MSH-10"] or ""), str(headers["MSH-18"] or "")
+        text_ = payload.decode(codec_for(charset) if charset else sniff_codec(payload))
+    else:
+        header = read_header(payload, require=False)
+        d, control_id = header.delimiters, header.control_id
+        text_ = header.decode(payload)
+    if control_id:
+        out["control_id"].add(control_id)
     for seg in text_.replace("\r\n", "\r").replace("\n", "\r").split("\r"):
         wanted = _HL7_FIELDS.get(seg[:3])
         if not wanted or len(seg) < 4 or seg[3] != d.field:

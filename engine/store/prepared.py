@@ -31,6 +31,7 @@ class Prepared:
         self.columns = list(columns) if columns is not None else None
         self.json_columns = frozenset(json_columns)
         self._compiled: dict[str, tuple[str, tuple[str, ...] | None]] = {}
+        self._defaults: dict[str, Any] = {}  # values bound in the statement itself (``x == "pending"``)
 
     def _for(self, conn: Connection) -> tuple[str, tuple[str, ...] | None]:
         name = f"{conn.dialect.name}+{conn.dialect.driver}"  # paramstyle differs per driver
@@ -38,6 +39,7 @@ class Prepared:
         if hit is None:
             compiled = self.statement.compile(dialect=conn.dialect, column_keys=self.columns)
             order = tuple(compiled.positiontup or ()) if compiled.positional else None
+            self._defaults = {k: v for k, v in compiled.params.items() if v is not None}
             hit = self._compiled[name] = (str(compiled), order)
         return hit
 
@@ -45,6 +47,8 @@ class Prepared:
         if self.json_columns:
             params = {k: (json.dumps(v) if k in self.json_columns and v is not None else v)
                       for k, v in params.items()}
+        if self._defaults:
+            params = {**self._defaults, **params}
         return tuple(params[k] for k in order) if order is not None else params
 
     def one(self, conn: Connection, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
@@ -55,6 +59,18 @@ class Prepared:
             cur.execute(sql, self._args(order, params))
             row = cur.fetchone()
             return tuple(row) if row is not None else None
+        finally:
+            cur.close()
+
+    def all(self, conn: Connection, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Run a SELECT; its rows as dicts of what the driver returns (psycopg: JSON already loaded,
+        bytea as bytes; so for PostgreSQL, where no column needs SQLAlchemy's processing)."""
+        sql, order = self._for(conn)
+        cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cur.execute(sql, self._args(order, params))
+            names = [c[0] for c in cur.description or ()]
+            return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
         finally:
             cur.close()
 
@@ -72,3 +88,17 @@ class Prepared:
             return int(cur.rowcount)
         finally:
             cur.close()
+
+
+def pg_run(conn: Connection, sql: str, params: Mapping[str, Any]) -> None:
+    """PostgreSQL: one fixed statement in psycopg's own ``%(name)s`` placeholders, prepared by the
+    server, on the caller's connection (its transaction, its pipeline when one is open).
+
+    For the queue's bookkeeping statements, run for every group of outcomes: SQLAlchemy's
+    ``text()`` execution (bind processing, result set-up) cost more than the statement.
+    """
+    cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cur.execute(sql, params, prepare=True)
+    finally:
+        cur.close()
