@@ -307,6 +307,7 @@ class Runtime:
         if self.metrics is not None:
             self.metrics.close()
         if self.audit is not None:
+            await asyncio.to_thread(self.audit.close)  # the queued rows of reads, before the store closes
             self.audit.record("engine.stop", actor="medrelay")
         if self.audit_exporter is not None:
             await self.audit_exporter.stop()  # flushes briefly; the rest stays queued in the store

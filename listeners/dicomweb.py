@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -241,8 +241,8 @@ class DicomWebApi:
         if actor is not None:
             return actor
         assert reason is not None
-        await run_in_threadpool(self.ctx.audit.record, "login.failure", outcome="failure",
-                                peer=self._peer(request), channel=self.ctx.channel, detail=reason)
+        self.ctx.audit.record_soon("login.failure", outcome="failure", peer=self._peer(request),
+                                   channel=self.ctx.channel, detail=reason)
         log.info("dicomweb.auth_failed", channel=self.ctx.channel, reason=reason)
         raise DicomWebError(401, reason, {"WWW-Authenticate": BearerTokens.challenge(reason)})
 
@@ -270,8 +270,9 @@ class DicomWebApi:
     def _audit(self, action: str, request: Request, actor: str, entity: dict[str, Any],
                outcome: str = "success") -> None:
         """Query and retrieve rows like C-FIND / C-MOVE (PS3.15 A.5 Query, Instances Transferred):
-        who, from where, what level and how much; UIDs and PHI are not recorded."""
-        self.ctx.audit.record(action, outcome=outcome, actor=actor, peer=self._peer(request),
+        who, from where, what level and how much; UIDs and PHI are not recorded. Group-committed
+        off the request path (``Audit.record_soon``): committed just after the response."""
+        self.ctx.audit.record_soon(action, outcome=outcome, actor=actor, peer=self._peer(request),
                               channel=self.ctx.channel, entity=entity)
 
     # -- QIDO-RS ---------------------------------------------------------------
@@ -314,8 +315,8 @@ class DicomWebApi:
             return qido.results_json(responses, q, base), len(responses)
 
         results, total = await run_in_threadpool(work)
-        await run_in_threadpool(self._audit, "dicomweb.query", request, actor,
-                                {"level": level, "matches": len(results)})
+        self._audit("dicomweb.query", request, actor,
+                    {"level": level, "matches": len(results)})
         log.info("dicomweb.query", channel=self.ctx.channel, level=level, matches=len(results))
         headers = {}
         if total > q.offset + len(results):
@@ -365,33 +366,77 @@ class DicomWebApi:
     async def retrieve(self, request: Request, actor: str) -> Response:
         ranges = media.parse_accept(request.headers.get("accept"))
         accepted = wado.accepted_syntaxes(media.wanted_parts(ranges, "application/dicom"))
-        refs, level = await self._refs(request)
         boundary = media.new_boundary()
         ctype = media.multipart_type(boundary, "application/dicom")
-        if level == "IMAGE":  # one instance: converted before answering, so a failure is a status
-            inst = await run_in_threadpool(wado.read_part10, self.ctx, refs[0])
+        if "instance" in request.path_params:  # one instance: converted before answering, so a failure is a status
+            got = await self._fetch(request, accepted)
+            if got.chunks is not None:  # large, as stored: part by part from the blob
+                return StreamingResponse(self._stream_one(request, actor, got, boundary), media_type=ctype)
+            assert got.whole is not None
             try:
-                data, ts = await run_in_threadpool(wado.as_part10, inst, accepted)
+                data, ts = await run_in_threadpool(wado.as_part10, got.whole, accepted)
             except TranscodeError as e:
-                self._transcode_failed(refs[0], str(e))
-                await run_in_threadpool(self._audit, "dicomweb.retrieve", request, actor,
-                                        {"level": level, "instances": 0, "failed": 1}, "failure")
+                self._transcode_failed(got.ref, str(e))
+                self._audit("dicomweb.retrieve", request, actor,
+                            {"level": "IMAGE", "instances": 0, "failed": 1}, "failure")
                 raise DicomWebError(406, "the instance cannot be given in any transfer syntax of Accept") from None
-            await run_in_threadpool(self._audit, "dicomweb.retrieve", request, actor,
-                                    {"level": level, "instances": 1})
+            self._audit("dicomweb.retrieve", request, actor,
+                        {"level": "IMAGE", "instances": 1})
             body = media.part_head(boundary, f"application/dicom; transfer-syntax={ts}") + data + b"\r\n" + \
                 media.closing(boundary)
             return Response(body, media_type=ctype)
+        refs, level = await self._refs(request)
         return StreamingResponse(self._stream(request, actor, refs, level, accepted, boundary), media_type=ctype)
+
+    async def _fetch(self, request: Request, accepted: list[str]) -> wado.Fetched:
+        """The instance of the path (study, series, instance), streamed or whole (``wado.fetch``)."""
+        pp = request.path_params
+        study, series, sop = self._uid(pp["study"]), self._uid(pp["series"]), self._uid(pp["instance"])
+        got = await run_in_threadpool(wado.fetch, self.ctx, sop, accepted, study_uid=study, series_uid=series)
+        if got is None:
+            raise DicomWebError(404, "no such instance")
+        return got
+
+    @staticmethod
+    async def _chunks(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+        """Decrypt and authenticate each chunk on a worker thread; the event loop only writes them
+        (uvicorn waits for the socket to drain, so a slow client holds about a chunk, not the instance)."""
+        while (chunk := await run_in_threadpool(next, chunks, None)) is not None:
+            yield chunk
+
+    async def _stream_one(self, request: Request, actor: str, got: wado.Fetched,
+                          boundary: str) -> AsyncIterator[bytes]:
+        assert got.chunks is not None
+        done = False
+        try:
+            yield media.part_head(boundary, f"application/dicom; transfer-syntax={got.ref.transfer_syntax}")
+            async for chunk in self._chunks(got.chunks):
+                yield chunk
+            yield b"\r\n" + media.closing(boundary)
+            done = True
+        finally:  # not done: the client went away, or a chunk failed its check (the connection is cut)
+            self._audit("dicomweb.retrieve", request, actor,
+                        {"level": "IMAGE", "instances": int(done), "failed": int(not done)},
+                        "success" if done else "failure")
 
     async def _stream(self, request: Request, actor: str, refs: list[idx.InstanceRef], level: str,
                       accepted: list[str], boundary: str) -> AsyncIterator[bytes]:
         sent = failed = 0
         try:
             for ref in refs:
-                inst = await run_in_threadpool(wado.read_part10, self.ctx, ref)
+                got = await run_in_threadpool(wado.fetch, self.ctx, ref.sop_uid, accepted)
+                if got is None:  # removed (IOCM) since the look-up
+                    continue
+                if got.chunks is not None:
+                    yield media.part_head(boundary, f"application/dicom; transfer-syntax={ref.transfer_syntax}")
+                    async for chunk in self._chunks(got.chunks):
+                        yield chunk
+                    yield b"\r\n"
+                    sent += 1
+                    continue
+                assert got.whole is not None
                 try:
-                    data, ts = await run_in_threadpool(wado.as_part10, inst, accepted)
+                    data, ts = await run_in_threadpool(wado.as_part10, got.whole, accepted)
                 except TranscodeError as e:
                     failed += 1
                     self._transcode_failed(ref, str(e))
@@ -401,9 +446,9 @@ class DicomWebApi:
             yield media.closing(boundary)
         finally:
             log.info("dicomweb.retrieve", channel=self.ctx.channel, level=level, instances=sent, failed=failed)
-            await run_in_threadpool(self._audit, "dicomweb.retrieve", request, actor,
-                                    {"level": level, "instances": sent, "failed": failed},
-                                    "success" if not failed else "failure")
+            self._audit("dicomweb.retrieve", request, actor,
+                        {"level": level, "instances": sent, "failed": failed},
+                        "success" if not failed else "failure")
 
     def _transcode_failed(self, ref: idx.InstanceRef, reason: str) -> None:
         log.warning("dicomweb.transcode_failed", channel=self.ctx.channel, stored=ref.transfer_syntax,
@@ -424,8 +469,8 @@ class DicomWebApi:
             return out
 
         body = await run_in_threadpool(work)
-        await run_in_threadpool(self._audit, "dicomweb.retrieve", request, actor,
-                                {"level": level, "what": "metadata", "instances": len(body)})
+        self._audit("dicomweb.retrieve", request, actor,
+                    {"level": level, "what": "metadata", "instances": len(body)})
         return JSONResponse(body, media_type=DICOM_JSON)
 
     def _series_uids(self, refs: list[idx.InstanceRef]) -> dict[str, str]:
@@ -442,8 +487,9 @@ class DicomWebApi:
             return out
 
     async def _one(self, request: Request) -> wado.Stored:
-        refs, _level = await self._refs(request)
-        return await run_in_threadpool(wado.read_part10, self.ctx, refs[0])
+        got = await self._fetch(request, [])  # nothing "as stored": read whole, for the data set
+        assert got.whole is not None
+        return got.whole
 
     async def bulkdata(self, request: Request, actor: str) -> Response:
         tag_s = request.path_params["tag"]
@@ -454,8 +500,8 @@ class DicomWebApi:
             value, _vr = await run_in_threadpool(wado.bulk_value, inst, int(tag_s, 16))
         except KeyError:
             raise DicomWebError(404, "the instance has no such bulk data") from None
-        await run_in_threadpool(self._audit, "dicomweb.retrieve", request, actor,
-                                {"level": "IMAGE", "what": "bulkdata", "instances": 1})
+        self._audit("dicomweb.retrieve", request, actor,
+                    {"level": "IMAGE", "what": "bulkdata", "instances": 1})
         ranges = media.parse_accept(request.headers.get("accept"))
         try:
             wanted = media.wanted_parts(ranges, wado.OCTET)
@@ -495,8 +541,8 @@ class DicomWebApi:
         except TranscodeError as e:
             self._transcode_failed(inst.ref, str(e))
             raise DicomWebError(406, "the frames cannot be decoded for the media type asked") from None
-        await run_in_threadpool(self._audit, "dicomweb.retrieve", request, actor,
-                                {"level": "IMAGE", "what": "frames", "instances": 1, "frames": len(got)})
+        self._audit("dicomweb.retrieve", request, actor,
+                    {"level": "IMAGE", "what": "frames", "instances": 1, "frames": len(got)})
         boundary = media.new_boundary()
         head = media.part_head(boundary, f"{part_type}; transfer-syntax={ts}")
         body = b"".join(head + f + b"\r\n" for f in got) + media.closing(boundary)
@@ -524,8 +570,8 @@ class DicomWebApi:
                                                            window=window, viewport=viewport, quality=quality))
         except RenderError as e:
             raise DicomWebError(404 if "frame" in str(e) and "exist" in str(e) else 406, str(e)) from None
-        await run_in_threadpool(self._audit, "dicomweb.retrieve", request, actor,
-                                {"level": level, "what": "thumbnail" if thumbnail else "rendered", "instances": 1})
+        self._audit("dicomweb.retrieve", request, actor,
+                    {"level": level, "what": "thumbnail" if thumbnail else "rendered", "instances": 1})
         return Response(image, media_type=out_type)
 
     async def thumbnail(self, request: Request, actor: str) -> Response:
@@ -544,14 +590,18 @@ class DicomWebApi:
         content = [c.strip().split(";")[0] for c in qp.get("contentType", "image/jpeg").split(",")]
         if "application/dicom" in content:
             ts = qp.get("transferSyntax") or wado.EXPLICIT_LE
-            inst = await self._one(request)
+            got = await self._fetch(request, [ts])
+            if got.chunks is not None:  # large, in its stored syntax: streamed
+                return StreamingResponse(self._stream_uri(request, actor, got.chunks), media_type="application/dicom")
+            assert got.whole is not None
+            inst = got.whole
             try:
                 data, _ts = await run_in_threadpool(wado.as_part10, inst, [ts])
             except TranscodeError as e:
                 self._transcode_failed(inst.ref, str(e))
                 raise DicomWebError(406, "the instance cannot be given in that transfer syntax") from None
-            await run_in_threadpool(self._audit, "dicomweb.retrieve", request, actor,
-                                    {"level": "IMAGE", "what": "wado-uri", "instances": 1})
+            self._audit("dicomweb.retrieve", request, actor,
+                        {"level": "IMAGE", "what": "wado-uri", "instances": 1})
             return Response(data, media_type="application/dicom")
         image_type = next((c for c in content if c in IMAGE_TYPES), None)
         if image_type is None:
@@ -573,9 +623,20 @@ class DicomWebApi:
                                                            quality=max(1, min(quality, 100))))
         except RenderError as e:
             raise DicomWebError(406, str(e)) from None
-        await run_in_threadpool(self._audit, "dicomweb.retrieve", request, actor,
-                                {"level": "IMAGE", "what": "wado-uri", "instances": 1})
+        self._audit("dicomweb.retrieve", request, actor,
+                    {"level": "IMAGE", "what": "wado-uri", "instances": 1})
         return Response(image, media_type=image_type)
+
+    async def _stream_uri(self, request: Request, actor: str, chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+        done = False
+        try:
+            async for chunk in self._chunks(chunks):
+                yield chunk
+            done = True
+        finally:
+            self._audit("dicomweb.retrieve", request, actor,
+                        {"level": "IMAGE", "what": "wado-uri", "instances": int(done), "failed": int(not done)},
+                        "success" if done else "failure")
 
     # -- STOW-RS ---------------------------------------------------------------------
     async def store(self, request: Request, actor: str, study: str | None) -> Response:

@@ -12,7 +12,7 @@ and the audit row, or answered 406 when it was asked for alone.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 OCTET = "application/octet-stream"
 MAX_FRAMES_PER_REQUEST = 4096
+STREAM_FROM = 4 * 1024 * 1024  # stored instances from this size go out chunk by chunk
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,33 @@ def read_part10(ctx: ComponentContext, ref: idx.InstanceRef) -> Stored:
     """The one read of the archive for DICOMweb (decrypted, checked against its message id)."""
     with ctx.store.engine.connect() as conn:
         return Stored(ref, idx.load_instance(conn, ctx.store, ref))
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """An instance on its way out: in one piece (``whole``), or as stored chunk by chunk
+    (``chunks``: decrypted and authenticated as they are read, memory about one chunk)."""
+
+    ref: idx.InstanceRef
+    whole: Stored | None
+    chunks: Iterator[bytes] | None
+
+
+def fetch(ctx: ComponentContext, sop_uid: str, accepted: Sequence[str], *, study_uid: str | None = None,
+          series_uid: str | None = None) -> Fetched | None:
+    """Locate an instance and read it: streamed when it goes out as stored (``*`` or its own
+    syntax accepted) and is at least STREAM_FROM bytes, else read whole (small ones: one read is
+    cheaper than a hop per chunk; converted ones: the codec needs the data set). None: no such
+    instance (in that series of that study)."""
+    with ctx.store.engine.connect() as conn:
+        found = idx.locate(conn, sop_uid, study_uid, series_uid)
+        if found is None:
+            return None
+        as_stored = ANY in accepted or found.ref.transfer_syntax in accepted
+        chunks = idx.instance_chunks(conn, ctx.store, found)
+        if as_stored and found.size >= STREAM_FROM and not found.revised:
+            return Fetched(found.ref, None, chunks)
+        return Fetched(found.ref, Stored(found.ref, b"".join(chunks)), None)
 
 
 def accepted_syntaxes(wanted: Sequence[tuple[str, str | None]]) -> list[str]:

@@ -1,0 +1,153 @@
+"""A large instance out over DICOMweb (issue 13 item 3, WADO part): WADO-RS instance and study
+retrieval and WADO-URI send a chunk-sealed stored instance from its blob's chunks as they are
+decrypted (multipart/related written part by part), byte-identical, while `medrelay run`'s peak
+RSS stays under 300 MB.
+
+The instance (random pixels, MEDRELAY_TEST_BIG_MB, default 400 MB) is stored with DCMTK
+storescu by a first engine process; a second process on the same data serves it, so its VmHWM
+(peak RSS, from /proc) is the retrieval alone. The client is httpx streaming the body to disk;
+the data set after the file meta (which the listener writes itself) is compared by SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import struct
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from dicom_peers import free_port, storescu
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+pytestmark = pytest.mark.dcmtk
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+TOKEN = "dicomweb-large-token-0123456789"
+LIMIT = 300 * 1024 * 1024
+
+
+def make_big(path: Path, megabytes: int) -> Dataset:
+    """A CT instance of about ``megabytes`` MB of random 16-bit pixels, written to ``path``: the
+    header by pydicom, the Pixel Data element appended in pieces (never whole in memory)."""
+    side = int((megabytes * 1024 * 1024 / 2) ** 0.5) // 2 * 2
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = CT
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.update({"PatientID": "BIGWEB1", "PatientName": "Large^Web", "Modality": "CT", "Rows": side,
+               "Columns": side, "BitsAllocated": 16, "BitsStored": 16, "HighBit": 15, "PixelRepresentation": 0,
+               "SamplesPerPixel": 1, "PhotometricInterpretation": "MONOCHROME2"})
+    ds.save_as(path, enforce_file_format=True)
+    size = side * side * 2
+    with open(path, "ab") as f:  # (7FE0,0010) OW, explicit VR little endian
+        f.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, size))
+        for off in range(0, size, 8 << 20):
+            f.write(os.urandom(min(8 << 20, size - off)))
+    return ds
+
+
+def data_set_sha(path: Path, start: int = 0, end: int | None = None) -> str:
+    """SHA-256 of the encoded data set of the Part-10 bytes in ``path[start:end]`` (after its file
+    meta, whose group length element comes first), read in pieces."""
+    end = path.stat().st_size if end is None else end
+    with open(path, "rb") as f:
+        f.seek(start)
+        head = f.read(144)
+        assert head[128:132] == b"DICM" and head[132:136] == b"\x02\x00\x00\x00", head[:160]
+        pos = start + 144 + int.from_bytes(head[140:144], "little")
+        f.seek(pos)
+        h = hashlib.sha256()
+        while pos < end:
+            piece = f.read(min(1 << 20, end - pos))
+            assert piece
+            h.update(piece)
+            pos += len(piece)
+    return h.hexdigest()
+
+
+def fetch_to(url: str, out: Path, accept: str) -> httpx.Headers:
+    """GET ``url`` streaming the body into ``out`` (never the whole body in this process)."""
+    headers = {"Authorization": f"Bearer {TOKEN}", "Accept": accept}
+    with httpx.stream("GET", url, headers=headers, timeout=120) as r, open(out, "wb") as f:
+        assert r.status_code == 200, r.read()[:300]
+        for piece in r.iter_bytes(1 << 20):
+            f.write(piece)
+        return r.headers
+
+
+def one_part(path: Path, content_type: str) -> tuple[str, int, int]:
+    """(part Content-Type, start, end) of the single part of a multipart/related body in ``path``."""
+    boundary = content_type.split("boundary=")[1].split(";")[0].strip().strip('"')
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4096)
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        f.seek(size - len(tail))
+        assert f.read() == tail, "the body does not end with the closing delimiter"
+    assert head.startswith(f"--{boundary}\r\n".encode())
+    header_end = head.index(b"\r\n\r\n") + 4
+    part_type = head[:header_end].decode().split("Content-Type:")[1].split("\r\n")[0].strip()
+    return part_type, header_end, size - len(tail)
+
+
+def peak_rss(pid: int) -> int:
+    """VmHWM of a process, in bytes."""
+    return int(re.search(r"^VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)[1]) * 1024
+
+
+@pytest.mark.slow
+def test_large_instance_streamed_by_wado_rs_and_wado_uri_under_300_mb(medrelay_proc, tmp_path):
+    dport, wport = free_port(), free_port()
+    yaml = f"""
+store: {{url: "sqlite:///data/medrelay.db", blobs: data/blobs}}
+keys: {{kek_file: data/keys.json}}
+channels:
+  dcm:
+    source: {{type: dicom, port: {dport}, ae_title: MEDRELAY, calling_aets: [TESTSCU]}}
+    routes: []
+  web:
+    source: {{type: dicomweb, host: 127.0.0.1, port: {wport}, base_path: /dicom-web,
+             auth: {{bearer_tokens: ["${{DW_TOKEN}}"]}}}}
+    routes: []
+"""
+    proc = medrelay_proc(yaml, env={"DW_TOKEN": TOKEN})
+    src = tmp_path / "big.dcm"
+    ds = make_big(src, int(os.environ.get("MEDRELAY_TEST_BIG_MB", "400")))
+    want = data_set_sha(src)
+    proc.start()
+    try:
+        proc.wait_port(dport, 60)
+        r = storescu(dport, [src])
+        assert "Success" in r.stdout, r.stdout[-2000:]
+    finally:
+        assert proc.terminate(60) == 0
+    proc.start()  # a fresh process: its peak RSS is the retrievals alone
+    try:
+        proc.wait_port(wport, 60)
+        pid = proc.proc.pid
+        base = f"http://127.0.0.1:{wport}/dicom-web/studies/{ds.StudyInstanceUID}"
+        instance = f"{base}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+        body = tmp_path / "body"
+        t0 = time.monotonic()
+        for url in (instance, base):  # one instance; the whole study
+            got = fetch_to(url, body, 'multipart/related; type="application/dicom"; transfer-syntax=*')
+            part_type, start, end = one_part(body, got["content-type"])
+            assert part_type == f"application/dicom; transfer-syntax={ExplicitVRLittleEndian}"
+            assert data_set_sha(body, start, end) == want
+        uri = (f"http://127.0.0.1:{wport}/dicom-web/wado?requestType=WADO&studyUID={ds.StudyInstanceUID}"
+               f"&seriesUID={ds.SeriesInstanceUID}&objectUID={ds.SOPInstanceUID}&contentType=application/dicom")
+        got = fetch_to(uri, body, "application/dicom")
+        assert got["content-type"] == "application/dicom" and data_set_sha(body) == want
+        peak = peak_rss(pid)
+        print(f"3 retrievals of {src.stat().st_size >> 20} MiB in {time.monotonic() - t0:.1f}s, "
+              f"engine peak RSS {peak >> 20} MiB")
+        assert peak < LIMIT, f"peak RSS {peak >> 20} MiB"
+    finally:
+        proc.terminate(60)
