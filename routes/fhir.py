@@ -8,6 +8,15 @@ Failure classes follow HTTP: 408/429/5xx and network errors are retried, any oth
 the per-entry statuses are checked too, since a batch answers 200 even when some
 entries failed.
 
+A ``Binary`` with ``data`` (e.g. the PDF hl7_to_fhir takes from an ORU's OBX ED value) goes
+first, on its own, as its raw bytes with its contentType (``PUT Binary/{id}``, or ``POST
+Binary`` whose Location then replaces the entry's fullUrl wherever the rest refers to it),
+and the rest of the Bundle follows without it: HAPI and most servers expect attachments that
+way, and the JSON request stays small (a 20 MiB PDF is 27 MiB of base64 inside a Bundle).
+``max_request_bytes`` is the largest body one request may carry (set it to what the server
+takes): a larger one fails permanently before anything is sent, instead of a 413 after the
+upload.
+
 ``timeout`` bounds the whole request (connect, TLS, sending the body, the complete
 answer): httpx's own timeouts apply to each read or write separately, so a server that
 answers a byte at a time would never trip them. A request cut short closes its
@@ -17,7 +26,10 @@ connection (httpx does not return a half-used connection to its pool).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
+from dataclasses import replace
 from typing import Any, Literal
 from urllib.parse import urlparse
 
@@ -53,6 +65,13 @@ class FhirDestinationConfig(ComponentConfig):
     tls: TLSConfig | None = Field(None, description="CA / client certificate for https base URLs")
     timeout: float = Field(30.0, gt=0, description="seconds one request may take in all (connect, TLS, send, "
                            "the whole answer); then the connection is closed and the delivery retried")
+    max_request_bytes: int = Field(64 * 1024 * 1024, gt=0, description=(
+        "largest body one request may carry (a JSON request, or one Binary's raw bytes); a larger one "
+        "fails permanently without being sent. Set it to the server's own limit"))
+    binaries: Literal["separate", "inline"] = Field("separate", description=(
+        "separate: a Binary with data is sent first as its raw bytes (PUT Binary/{id}, or POST Binary and "
+        "its new id replaces the entry's fullUrl in the rest), then the Bundle without it; "
+        "inline: sent inside the Bundle as base64"))
     provenance: bool = Field(False, description="send a Provenance with the resources (target, recorded, agents "
                              "medrelay and the source system, entity the source message, channel, route, transforms "
                              "and config hash): one transaction Bundle (a batch: the Provenance follows it)")
@@ -117,9 +136,14 @@ class FhirDestination:
         return "POST", f"{self.base}/{rtype}", envelope.payload, None
 
     async def send(self, envelope: Envelope) -> str | None:
+        if self.config.binaries == "separate" and envelope.headers.get("interaction") != "delete":
+            envelope = await self._send_binaries(envelope)
+            if envelope.payload == b"":
+                return "HTTP 2xx (Binary only)"
         if self.config.provenance and envelope.headers.get("interaction") != "delete":
             envelope = await fhir_lineage.traced(self, envelope)  # resources + Provenance in one transaction
         method, url, body, btype = self._request(envelope)
+        self._check_size(body)
         headers = {"X-Request-ID": envelope.id}
         if btype is None and method != "DELETE":
             headers["Prefer"] = "return=minimal"
@@ -145,6 +169,79 @@ class FhirDestination:
                  status=status, message_id=envelope.id)
         return f"HTTP {status}"
 
+    def _check_size(self, body: bytes | None) -> None:
+        if body is not None and len(body) > self.config.max_request_bytes:
+            raise DeliveryError(f"request of {len(body)} bytes is over max_request_bytes "
+                                f"({self.config.max_request_bytes})", permanent=True)
+
+    async def _send_binaries(self, envelope: Envelope) -> Envelope:
+        """Send each Binary with data on its own as raw bytes; the envelope to send after them
+        (its payload empty when nothing is left)."""
+        if b'"Binary"' not in envelope.payload:  # cheap test: most payloads have none
+            return envelope
+        try:
+            doc = json.loads(envelope.payload)
+        except ValueError:
+            return envelope  # _request refuses it
+        if not isinstance(doc, dict):
+            return envelope
+        if doc.get("resourceType") == "Binary" and "data" in doc:
+            await self._put_binary(envelope, doc, None)
+            return replace(envelope, payload=b"")
+        entries = doc.get("entry") if doc.get("resourceType") == "Bundle" else None
+        if not isinstance(entries, list):
+            return envelope
+        kept, renamed = [], {}
+        for entry in entries:
+            res = entry.get("resource") if isinstance(entry, dict) else None
+            if not (isinstance(res, dict) and res.get("resourceType") == "Binary" and "data" in res):
+                kept.append(entry)
+                continue
+            request = entry.get("request") or {}
+            url = str(request.get("url") or "")
+            rid = url.split("/", 1)[1] if str(request.get("method")).upper() == "PUT" and \
+                url.startswith("Binary/") else None
+            ref = await self._put_binary(envelope, res, rid)
+            if entry.get("fullUrl"):
+                renamed[str(entry["fullUrl"])] = ref
+        if not kept:
+            return replace(envelope, payload=b"")
+        doc["entry"] = [_renamed(e, renamed) for e in kept] if renamed else kept
+        return replace(envelope, payload=json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode())
+
+    async def _put_binary(self, envelope: Envelope, res: dict[str, Any], rid: str | None) -> str:
+        """PUT (with an id) or POST one Binary's bytes; returns its ``Binary/{id}``."""
+        try:
+            data = base64.b64decode(str(res.get("data") or ""), validate=True)
+        except (binascii.Error, ValueError):
+            raise DeliveryError("a Binary's data is not base64", permanent=True) from None
+        self._check_size(data)
+        rid = rid or (str(res["id"]) if res.get("id") else None)
+        method, url = ("PUT", f"{self.base}/Binary/{rid}") if rid else ("POST", f"{self.base}/Binary")
+        headers = {"X-Request-ID": envelope.id, "Content-Type": str(res.get("contentType") or
+                                                                    "application/octet-stream"),
+                   "Prefer": "return=minimal"}
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                resp = await self.client.request(method, url, content=data, headers=headers)
+        except TimeoutError:
+            raise DeliveryError(f"FHIR {method} Binary: no complete answer within {self.config.timeout:g}s") from None
+        except httpx.HTTPError as e:
+            raise DeliveryError(f"FHIR {method} Binary failed: {type(e).__name__}") from None
+        status = resp.status_code
+        if status >= 500 or status in RETRYABLE_4XX:
+            raise DeliveryError(f"FHIR {method} Binary HTTP {status}{_issue_codes(resp)}")
+        if status >= 300:
+            raise DeliveryError(f"FHIR {method} Binary HTTP {status}{_issue_codes(resp)}", permanent=True)
+        if rid is None:
+            parts = urlparse(resp.headers.get("location", "")).path.split("/")
+            if "Binary" not in parts or parts.index("Binary") + 1 >= len(parts):
+                raise DeliveryError("POST Binary: the answer has no Location", permanent=True)
+            rid = parts[parts.index("Binary") + 1]
+        log.info("fhir.binary_delivered", channel=self.ctx.channel, route=self.ctx.route, method=method,
+                 status=status, size=len(data), message_id=envelope.id)
+        return f"Binary/{rid}"
+
     @staticmethod
     def _check_entries(resp: httpx.Response, btype: str) -> None:
         try:
@@ -162,6 +259,18 @@ class FhirDestination:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def _renamed(node: Any, names: dict[str, str]) -> Any:
+    """``node`` with every string equal to a sent Binary's fullUrl replaced by its ``Binary/{id}``
+    (references and Attachment.url alike)."""
+    if isinstance(node, dict):
+        return {k: _renamed(v, names) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_renamed(v, names) for v in node]
+    if isinstance(node, str):
+        return names.get(node, node)
+    return node
 
 
 @component("destination", "fhir", config=FhirDestinationConfig, kinds=("fhir",))

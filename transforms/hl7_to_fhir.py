@@ -1,7 +1,8 @@
 """HL7 v2 -> FHIR R4 transaction Bundle, after the HL7 v2-to-FHIR IG (segment maps).
 
 Supported: ADT^A01/A04/A08 (Patient, Encounter from PV1), ADT^A40 (merge: Patient.link
-replaces / replaced-by), ORU^R01 (DiagnosticReport per OBR, Observation per OBX),
+replaces / replaced-by), ORU^R01 (DiagnosticReport per OBR, Observation per OBX; an OBX of
+type ED, e.g. a PDF report, becomes a Binary and a DocumentReference instead: transforms/hl7_documents.py),
 ORM^O01 and OMI^O23 (ServiceRequest per ORC). Every entry is a conditional request on
 a business identifier so that a re-sent message creates nothing new:
 
@@ -29,8 +30,9 @@ from engine.components import ComponentConfig
 from engine.context import ComponentContext
 from engine.envelope import Drop, Envelope
 from engine.registry import component
+from transforms import hl7_documents
 from transforms.converter_tables import ExtensionSpec, build_post, problems
-from transforms.fhir_bundle import TransactionBuilder, dumps, prune, validate_bundle
+from transforms.fhir_bundle import TransactionBuilder, dumps, local_url, prune, validate_bundle
 from transforms.fhir_time import v2_datetime
 from transforms.hl7_text import Segment, V2Message
 from transforms.patient import (
@@ -295,6 +297,10 @@ def _oru(msg: V2Message, c: _Ctx) -> None:
             c.tx.update(report, system, value)
             reports.append(report)
             last_obs, n_obx, orc = None, 0, None
+        elif seg.name == "OBX" and report is not None and seg.get(2).upper() == "ED" and seg.reps(5):
+            n_obx += 1
+            _document(seg, report, report_key, patient_ref, n_obx, c)
+            last_obs = None
         elif seg.name == "OBX" and report is not None:
             n_obx += 1
             obs, system, value = _observation(seg, report_key, report.get("effectiveDateTime"),
@@ -310,6 +316,23 @@ def _oru(msg: V2Message, c: _Ctx) -> None:
     for res in reports:
         if not res["result"]:
             del res["result"]
+
+
+def _document(obx: Segment, report: dict[str, Any], report_key: tuple[str, str], patient_ref: str, index: int,
+              c: _Ctx) -> None:
+    """OBX ED: Binary (PUT Binary/{stable id}) + DocumentReference (conditional PUT on the OBX
+    identifier, as an Observation would be) + the report's presentedForm by URL."""
+    system, report_value = report_key
+    value = f"{report_value}-{obx.get(1) or index}" + (f"-{obx.get(4)}" if obx.get(4) else "")
+    code = codeable(obx.reps(3)[0]) if obx.reps(3) else {}
+    date = _instant(v2_datetime(obx.get(14), c.cfg.timezone)) or _instant(report.get("effectiveDateTime"))
+    binary, doc, form = hl7_documents.document(
+        obx.reps(5)[0], system=system, value=value, code=code, patient_ref=patient_ref,
+        status=obx.get(11).upper(), date=date, report_url=c.tx.tx_url("DiagnosticReport", system, report_value))
+    c.tx.entries.append({"fullUrl": local_url("Binary", system, value), "resource": binary,
+                         "request": {"method": "PUT", "url": f"Binary/{binary['id']}"}})
+    c.tx.update(doc, system, value)
+    report.setdefault("presentedForm", []).append(form)
 
 
 def _instant(dt: str | None) -> str | None:
