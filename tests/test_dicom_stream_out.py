@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from dicom_peers import StoreSCP, free_port, run, storescu
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
@@ -111,9 +112,10 @@ class StoreSCPeer:
 
 
 def _yaml(port: int, move_port: int, route_port: int, *, retry: str = "{max_attempts: 20, initial_delay: 0.5, "
-          "max_delay: 1}", route_ae: str = "STORESCP") -> str:
+          "max_delay: 1}", route_ae: str = "STORESCP", store_url: str = "sqlite:///data/medrelay.db",
+          more_destinations: str = "") -> str:
     return f"""
-store: {{url: "sqlite:///data/medrelay.db", blobs: data/blobs}}
+store: {{url: "{store_url}", blobs: data/blobs}}
 keys: {{kek_file: data/keys.json}}
 channels:
   dcm:
@@ -124,6 +126,7 @@ channels:
       calling_aets: [TESTSCU, GETSCU]
       move_destinations:
         STORESCP: {{host: 127.0.0.1, port: {move_port}}}
+{more_destinations}
     routes:
       - name: fwd
         to: {{type: dicom, host: 127.0.0.1, port: {route_port}, called_ae_title: {route_ae}}}
@@ -152,11 +155,12 @@ def getscu(port: int, study: str, out: Path) -> None:
     assert g.returncode == 0 and re.search(r"Completed Suboperations\s*:\s*1\b", g.stdout), g.stdout[-3000:]
 
 
-def movescu(port: int, study: str) -> None:
-    mv = run("movescu", "-v", "-S", "-aet", "TESTSCU", "-aec", "MEDRELAY", "-aem", "STORESCP",
+def movescu(port: int, study: str, dest: str = "STORESCP", *, ok: bool = True) -> str:
+    mv = run("movescu", "-v", "-S", "-aet", "TESTSCU", "-aec", "MEDRELAY", "-aem", dest,
              "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(port),
              timeout=300)
-    assert mv.returncode == 0 and "Final Move Response (Success)" in mv.stdout, mv.stdout[-3000:]
+    assert (mv.returncode == 0) == ok and ("Final Move Response (Success)" in mv.stdout) == ok, mv.stdout[-3000:]
+    return mv.stdout
 
 
 # -- the PDV cutting itself ------------------------------------------------------------------------
@@ -175,12 +179,16 @@ def test_fragments_cut_any_chunking_into_pdvs_with_the_last_marked():
 
 # -- C-GET, C-MOVE, the route, an aborting peer (engine in this process, 40 MB) ------------------
 
-def test_stream_out_byte_identical_and_aborted_peer_is_a_retried_failure(engine_factory, tmp_path):
+def test_stream_out_byte_identical_and_aborted_peer_is_a_retried_failure(engine_factory, tmp_path, store_url):
     peer = StoreSCPeer()
     scp = StoreSCP(tmp_path / "moved")
+    implicit = StoreSCP(tmp_path / "implicit", aet="IMPLICIT", extra=("+xi",))  # refuses the stored syntax
+    more = (f"        IMPLICIT: {{host: 127.0.0.1, port: {implicit.port}}}\n"
+            f"        PEER: {{host: 127.0.0.1, port: {peer.port}}}")
     try:
         peer.abort_after = 20  # the route's first attempts end mid-instance
-        e = engine_factory(_yaml(0, scp.port, peer.port, route_ae="PEER"))
+        e = engine_factory(_yaml(0, scp.port, peer.port, route_ae="PEER", store_url=store_url,
+                                 more_destinations=more))
         port = e.address("dcm")[1]
         src = tmp_path / "big.dcm"
         uid, sha = big_instance(src, 40)
@@ -206,14 +214,28 @@ def test_stream_out_byte_identical_and_aborted_peer_is_a_retried_failure(engine_
         assert len(got) == 1 and dataset_sha(got[0]) == sha
         movescu(port, study)
         assert len(scp.files()) == 1 and dataset_sha(scp.files()[0]) == sha
+
+        # a destination that does not take the stored syntax: decoded whole, converted, same pixels
+        movescu(port, study, "IMPLICIT")
+        [conv] = implicit.files()
+        got_ds, src_ds = dcmread(conv), dcmread(src)
+        assert str(got_ds.file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2"
+        assert got_ds.PixelData == src_ds.PixelData and str(got_ds.SOPInstanceUID) == uid
+        del got_ds, src_ds
+
+        # a C-MOVE destination that aborts mid-instance: a failed sub-operation, not a sent one
+        peer.abort_after = 20
+        before = list(peer.received)
+        out = movescu(port, study, "PEER", ok=False)
+        assert peer.received == before
+        assert "Final Move Response (Refused: OutOfResourcesSubOperations)" in out, out[-2000:]  # 0xA702
     finally:
         peer.stop()
         scp.stop()
+        implicit.stop()
 
 
 def _study(path: Path) -> str:
-    from pydicom import dcmread
-
     return str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
 
 
