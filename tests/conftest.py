@@ -24,6 +24,21 @@ ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05):
+    """Poll ``predicate`` until it returns something true (returned) or ``timeout`` passes.
+
+    Wait for the very condition a test asserts next, never for a neighbour of it: on a
+    loaded machine the two part by more than any fixed sleep.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
 def need_tool(path: str) -> str:
     """A peer tool the test needs: fail under CI when missing, skip only on a dev box."""
     if Path(path).exists() or shutil.which(path):
@@ -68,14 +83,8 @@ class EngineThread:
         if not self._thread.is_alive() and not self.loop.is_closed():
             self.loop.close()  # else the collector closes it later, inside whichever test runs then
 
-    def wait_for(self, predicate, timeout: float = 20.0, interval: float = 0.05):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(interval)
-        raise AssertionError(f"condition not met within {timeout}s")
+    def wait_for(self, predicate, timeout: float = 30.0, interval: float = 0.05):
+        return wait_until(predicate, timeout, interval)
 
 
 @pytest.fixture
