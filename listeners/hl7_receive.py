@@ -1,8 +1,10 @@
-"""HL7 v2 receiving for the sources that are not MLLP (file, http, database).
+"""HL7 v2 receiving: the steps every HL7 source takes (MLLP, file, http, database).
 
-The same steps as the MLLP listener, on the same shared pieces (engine.hl7.message for
-the header, charset and version; engine.hl7.ack for the ACK; engine.hl7.batch for
-FHS/BHS batches; intake for the commit):
+One implementation of the receiver's checks and of storing, on the shared pieces
+(engine.hl7.message for the header, charset and version; engine.hl7.ack for the ACK;
+engine.hl7.batch for FHS/BHS batches; intake for the commit). The MLLP listener adds its
+framing, MSH-15 (``should_send``) and hl7apy validation around these; the others their
+transport:
 
 1. read the MSH without a full parse, cut a BOM or blank lines before it;
 2. the receiver checks of HL7 v2.5 2.9.2.1 that need no parse: the whole message valid
@@ -20,6 +22,7 @@ and submitted together (bounded), so they share group commits and keep their ord
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +64,8 @@ class Hl7Answer:
     control_id: str = ""
     reason: str = ""  # why it was refused (no PHI: codes and field positions)
     retryable: bool = False  # not stored for the engine's reasons (store, shutdown): send again later
+    code: str = ""  # the ACK's MSA-1 (table 0008)
+    header: Header | None = None  # the message's MSH when it could be read (MLLP: MSH-15 decides)
 
 
 @dataclass
@@ -136,26 +141,33 @@ class Hl7Receiver:
         return build_batch_ack(result.batch, per_batch, comments=comments)
 
     # -- one message ----------------------------------------------------------------
-    def check(self, payload: bytes) -> _Checked | Hl7Answer:
-        """Steps 1-2; a refusal is an ``Hl7Answer``."""
+    def check(self, payload: bytes, peer: str = "") -> _Checked | Hl7Answer:
+        """Steps 1-2; a refusal is an ``Hl7Answer``. The header read here is the one every later
+        step uses (the ACK, the envelope headers that intake's search terms read)."""
+        t0 = time.perf_counter()
         header: Header | None = None
         try:
             header = read_header(payload)
             if header.start:
+                # A UTF-8 BOM or blank lines before MSH: not part of the HL7 message. Stored,
+                # routed and de-duplicated from MSH on, so every reader and every downstream
+                # system sees the message itself (docs/notes/issue-9-hl7.md).
                 payload = payload[header.start:]
             self._check(header, payload)
         except HL7Error as e:
-            return self.refuse(e.header or header, e)
+            return self.refuse(e.header or header, e, peer=peer)
         except Exception:
-            log.exception("hl7.check_failed", channel=self.channel)
-            return self.refuse(header, HL7Error(APPLICATION_INTERNAL_ERROR, "message could not be checked"))
-        return _Checked(header, payload)
+            log.exception("hl7.check_failed", channel=self.channel, peer=peer or None)
+            return self.refuse(header, HL7Error(APPLICATION_INTERNAL_ERROR, "message could not be checked"),
+                               peer=peer)
+        return _Checked(header, payload, t0)
 
     async def store(self, checked: _Checked, peer: str, tx_hook: TxHook | None = None,
                     extra_headers: dict[str, str] | None = None) -> Hl7Answer:
         """Steps 3-4."""
         header, payload = checked.header, checked.payload
-        ok_ack = build_ack(header, ack_code(enhanced=header.enhanced_mode, ok=True))
+        ok_code = ack_code(enhanced=header.enhanced_mode, ok=True)
+        ok_ack = build_ack(header, ok_code)
         headers: dict[str, Any] = header.as_headers()
         if header.bom:
             headers["received_bom"] = "utf-8"
@@ -166,27 +178,32 @@ class Hl7Receiver:
         try:
             outcome = await self.ctx.intake.submit(env, dedupe_key=dedupe_key, response=ok_ack, tx_hook=tx_hook)
         except Exception:
-            log.exception("hl7.submit_failed", channel=self.channel)
+            log.exception("hl7.submit_failed", channel=self.channel, peer=peer)
             return self.refuse(header, HL7Error(APPLICATION_INTERNAL_ERROR, "message could not be stored"),
-                               retryable=True)
+                               peer=peer, retryable=True)
         cid = header.control_id
         if outcome.status == "accepted":
             log.info("hl7.accepted", channel=self.channel, message_id=outcome.message_id, msh_10=cid,
-                     message_type=header.message_code, peer=peer, routes=len(outcome.routes))
-            return Hl7Answer(ok_ack, True, outcome.message_id, "accepted", cid)
+                     message_type=header.message_code, peer=peer, routes=len(outcome.routes),
+                     ms=round((time.perf_counter() - checked.t0) * 1000, 2) if checked.t0 else None)
+            return Hl7Answer(ok_ack, True, outcome.message_id, "accepted", cid, code=ok_code, header=header)
         if outcome.status == "duplicate":
             log.info("hl7.duplicate", channel=self.channel, message_id=outcome.message_id, msh_10=cid,
                      message_type=header.message_code, peer=peer)
-            return Hl7Answer(outcome.response or ok_ack, True, outcome.message_id, "duplicate", cid)
+            return Hl7Answer(outcome.response or ok_ack, True, outcome.message_id, "duplicate", cid,
+                             code=ok_code, header=header)
+        # rejected / error: not stored, the sender must keep the message and may retry.
         shutting_down = "shutting down" in (outcome.error or "")
         text = "receiver is shutting down, resend later" if shutting_down else "message could not be stored"
         if outcome.status == "rejected":
             text = "message rejected by the engine"
-        return self.refuse(header, HL7Error(APPLICATION_INTERNAL_ERROR, text), internal=outcome.error,
-                           retryable=outcome.status == "error")
+        return self.refuse(header, HL7Error(APPLICATION_INTERNAL_ERROR, text), peer=peer,
+                           internal=outcome.error or outcome.status, retryable=outcome.status == "error")
 
     def _check(self, header: Header, payload: bytes) -> None:
-        header.decode(payload)
+        """Receiver checks of HL7 v2.5 2.9.2.1 that need no parse: charset, version, processing
+        id, acknowledgment types. Cheap on purpose: every message on the hot path goes through."""
+        header.decode(payload)  # the whole message must be valid in its MSH-18 charset
         version = header.version
         if not version:
             raise HL7Error(REQUIRED_FIELD_MISSING, "MSH-12 version id is empty", location="MSH^1^12",
@@ -206,20 +223,26 @@ class Hl7Receiver:
                 raise HL7Error(TABLE_VALUE_NOT_FOUND, f"MSH-{n} {value[:8]!r} is not an acknowledgment "
                                "type of table 0155 (AL, NE, ER, SU)", location=f"MSH^1^{n}", header=header)
 
-    def refuse(self, header: Header | None, err: HL7Error, *, internal: str | None = None,
+    def refuse(self, header: Header | None, err: HL7Error, *, peer: str = "", internal: str | None = None,
                retryable: bool = False) -> Hl7Answer:
+        """An AE/AR (CE/CR) with ERR for ``err``; no readable MSH is a reject (AR): not even HL7."""
         enhanced = header is not None and header.enhanced_mode
         code = ack_code(enhanced=enhanced, ok=False, error=err) if header is not None else "AR"
         cid = header.control_id if header is not None else ""
-        log.warning("hl7.refused", channel=self.channel, ack=code, err_code=err.code, msh_10=cid or None,
+        log.warning("hl7.refused", channel=self.channel, peer=peer or None, ack=code, err_code=err.code,
+                    msh_10=cid or None, message_type=header.message_code if header is not None else None,
                     internal=internal)
+        # PHI-bearing detail (validator messages may quote values) only at debug.
         log.debug("hl7.refused_detail", channel=self.channel, detail=err.text)
         reason = f"{code} {err.code} {err.code_text}" + (f" at {err.location}" if err.location else "")
         return Hl7Answer(build_ack(header, code, error=err), False, None, "error" if retryable else "refused",
-                         cid, reason, retryable)
+                         cid, reason, retryable, code=code, header=header)
 
 
 @dataclass(frozen=True, slots=True)
 class _Checked:
+    """A message that passed the receiver's checks, ready for intake."""
+
     header: Header
     payload: bytes
+    t0: float = 0.0  # perf_counter when it was received (the accepted log line's ms)

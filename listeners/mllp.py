@@ -16,6 +16,10 @@ that pipeline). For every frame:
    committed (group commit);
 5. answer from the outcome. Nothing positive is sent before step 4 returns.
 
+Steps 1, 2 (but validation), 3 and 4 are ``listeners.hl7_receive.Hl7Receiver``'s, the same
+code the file, http and database sources run; this module adds MLLP's framing, hl7apy
+validation and MSH-15 (an ACK the sender asked not to get is not sent).
+
 A frame that starts with FHS or BHS is an HL7 batch (v2.5 2.10.3): each of its messages
 goes through 1-5 on its own and the frame is answered with one batch ACK listing the
 messages in error (``_handle_batch``).
@@ -34,7 +38,6 @@ import asyncio
 import contextlib
 import socket
 import time
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import structlog
@@ -42,23 +45,18 @@ from pydantic import Field
 
 from engine.components import ComponentConfig
 from engine.context import ComponentContext
-from engine.envelope import Envelope
-from engine.hl7.ack import ack_code, build_ack, should_send
+from engine.hl7.ack import build_ack, should_send
 from engine.hl7.batch import build_batch_ack, is_batch, read_batch
 from engine.hl7.message import (
     APPLICATION_INTERNAL_ERROR,
-    REQUIRED_FIELD_MISSING,
-    TABLE_VALUE_NOT_FOUND,
-    UNSUPPORTED_PROCESSING_ID,
-    UNSUPPORTED_VERSION_ID,
     Header,
     HL7Error,
-    is_hl7_version,
     read_header,
 )
 from engine.hl7.mllp import Frame, FrameParser, Oversized, Restarted, Unframed, frame
 from engine.registry import component
 from engine.security.tls import TLSConfig, report_handshake_failure, server_context, start_tls_server
+from listeners.hl7_receive import Hl7Answer, Hl7Receiver, _Checked
 from listeners.hl7_validation import ValidatorPool
 from transforms.hl7_validate import Limits, check_limits
 
@@ -66,7 +64,6 @@ log = structlog.get_logger()
 
 READ_CHUNK = 64 * 1024
 BATCH_SUBMIT = 256  # messages of a batch in flight to intake at once (bounded; they share commits)
-ACK_TYPES = frozenset({"AL", "NE", "ER", "SU"})  # HL7 table 0155 (MSH-15, MSH-16)
 
 
 class ValidationConfig(ComponentConfig):
@@ -125,23 +122,6 @@ class MLLPSourceConfig(ComponentConfig):
     model_config = {**ComponentConfig.model_config, "populate_by_name": True}
 
 
-@dataclass(frozen=True, slots=True)
-class _Checked:
-    """A message that passed the receiver's checks, ready for intake."""
-
-    header: Header
-    payload: bytes
-    t0: float
-
-
-@dataclass(frozen=True, slots=True)
-class _Answer:
-    """What one message gets back: its ACK (None: MSH-15 asks for none) and whether it was taken."""
-
-    ack: bytes | None
-    ok: bool
-
-
 class MLLPListener:
     """The running server. ``address`` is the bound (host, port): tests use port 0."""
 
@@ -155,8 +135,8 @@ class MLLPListener:
         self._conns: set[asyncio.Task[None]] = set()
         self._ssl = server_context(config.tls) if config.tls is not None else None
         self._address: tuple[str, int] = (config.host, config.port)
-        self._versions = frozenset(config.accept_versions)
-        self._pids = frozenset(p.upper() for p in config.accept_processing_ids)
+        self.hl7 = Hl7Receiver(ctx, accept_versions=config.accept_versions,
+                               accept_processing_ids=config.accept_processing_ids)
         v = config.validation
         self._limits = Limits(max_bytes=v.max_bytes, max_segments=v.max_segments,
                               max_repetitions=v.max_repetitions)
@@ -322,70 +302,26 @@ class MLLPListener:
         if is_batch(payload):
             return await self._handle_batch(payload, peer)
         checked = await self._check_message(payload, peer)
-        if isinstance(checked, _Answer):
-            return checked.ack
-        return (await self._store_message(checked, peer)).ack
+        if isinstance(checked, Hl7Answer):
+            return _wire(checked)
+        return _wire(await self.hl7.store(checked, peer))
 
-    async def _check_message(self, payload: bytes, peer: str) -> _Checked | _Answer:
-        """Steps 1-2: the header, the receiver checks, validation; a refusal is an ``_Answer``."""
-        t0 = time.perf_counter()
-        header: Header | None = None
+    async def _check_message(self, payload: bytes, peer: str) -> _Checked | Hl7Answer:
+        """Steps 1-2: the receiver's checks (listeners/hl7_receive.py, shared by every HL7 source),
+        then validation when configured; a refusal is an ``Hl7Answer``."""
+        checked = self.hl7.check(payload, peer)
+        if isinstance(checked, Hl7Answer) or self._validator is None:
+            return checked
         try:
-            header = read_header(payload)
-            if header.start:
-                # A UTF-8 BOM or blank lines before MSH: not part of the HL7 message. Stored,
-                # routed and de-duplicated from MSH on, so every reader and every downstream
-                # system sees the message itself (docs/notes/issue-9-hl7.md).
-                payload = payload[header.start:]
-            self._check(header, payload)
-            if self._validator is not None:
-                check_limits(header, payload, self._limits)
-                await self._validator.validate(header, payload)
+            check_limits(checked.header, checked.payload, self._limits)
+            await self._validator.validate(checked.header, checked.payload)
         except HL7Error as e:
-            return _Answer(self._refuse(e.header or header, e, peer), False)
+            return self.hl7.refuse(e.header or checked.header, e, peer=peer)
         except Exception:
             log.exception("mllp.check_failed", channel=self.channel, peer=peer)
-            err = HL7Error(APPLICATION_INTERNAL_ERROR, "message could not be checked")
-            return _Answer(self._refuse(header, err, peer), False)
-        return _Checked(header, payload, t0)
-
-    async def _store_message(self, checked: _Checked, peer: str, batch: str = "") -> _Answer:
-        """Steps 3-5: the positive ACK built first, intake, the answer from the outcome."""
-        header, payload, t0 = checked.header, checked.payload, checked.t0
-        enhanced = header.enhanced_mode
-        ok_ack = build_ack(header, ack_code(enhanced=enhanced, ok=True))
-        headers = header.as_headers()
-        if header.bom:
-            headers["received_bom"] = "utf-8"  # what was cut off, for the record (not PHI)
-        if batch:
-            headers["batch"] = batch  # the request's BHS-11 / FHS-11 (a control id, not PHI)
-        env = Envelope(channel=self.channel, kind="hl7v2", payload=payload, headers=headers, peer=peer)
-        dedupe_key = f"{header.sending_application}|{header.sending_facility}|{header.control_id}"
-        assert self.ctx.intake is not None
-        try:
-            outcome = await self.ctx.intake.submit(env, dedupe_key=dedupe_key, response=ok_ack)
-        except Exception:
-            log.exception("mllp.submit_failed", channel=self.channel, peer=peer)
-            return _Answer(self._refuse(header, HL7Error(APPLICATION_INTERNAL_ERROR, "message could not be stored"),
-                                        peer), False)
-        if outcome.status == "accepted":
-            log.info("hl7.accepted", channel=self.channel, message_id=outcome.message_id,
-                     msh_10=header.control_id, message_type=header.message_code, peer=peer,
-                     routes=len(outcome.routes), ms=round((time.perf_counter() - t0) * 1000, 2))
-            return _Answer(ok_ack if should_send(header, "CA" if enhanced else "AA") else None, True)
-        if outcome.status == "duplicate":
-            log.info("hl7.duplicate", channel=self.channel, message_id=outcome.message_id,
-                     msh_10=header.control_id, message_type=header.message_code, peer=peer)
-            if not should_send(header, "CA" if enhanced else "AA"):
-                return _Answer(None, True)
-            return _Answer(outcome.response or ok_ack, True)
-        # rejected / error: not stored, the sender must keep the message and may retry.
-        shutting_down = "shutting down" in (outcome.error or "")
-        text = "receiver is shutting down, resend later" if shutting_down else "message could not be stored"
-        if outcome.status == "rejected":
-            text = "message rejected by the engine"
-        return _Answer(self._refuse(header, HL7Error(APPLICATION_INTERNAL_ERROR, text), peer,
-                                    internal=outcome.error or outcome.status), False)
+            return self.hl7.refuse(checked.header, HL7Error(APPLICATION_INTERNAL_ERROR,
+                                                            "message could not be checked"), peer=peer)
+        return checked
 
     # -- a batch (HL7 v2.5 2.10.3) ------------------------------------------------------
     async def _handle_batch(self, payload: bytes, peer: str) -> bytes:
@@ -406,65 +342,28 @@ class MLLPListener:
         comments: list[str] = []
         totals = {"messages": 0, "errors": 0}
         for b in request.batches:
-            checked: list[_Checked | _Answer] = []
+            checked: list[_Checked | Hl7Answer] = []
             for msg in b.messages:
                 checked.append(await self._check_message(msg, peer))
-            stored: dict[int, _Answer] = {}
+            stored: dict[int, Hl7Answer] = {}
             todo = [(i, c) for i, c in enumerate(checked) if isinstance(c, _Checked)]
+            label = {"batch": b.control_id or ref} if b.control_id or ref else None
             for k in range(0, len(todo), BATCH_SUBMIT):
                 chunk = todo[k:k + BATCH_SUBMIT]
-                done = await asyncio.gather(*(self._store_message(c, peer, b.control_id or ref)
-                                              for _, c in chunk))
+                done = await asyncio.gather(*(self.hl7.store(c, peer, extra_headers=label) for _, c in chunk))
                 stored.update((i, a) for (i, _), a in zip(chunk, done, strict=True))
             answers = [stored[i] if isinstance(c, _Checked) else c for i, c in enumerate(checked)]
             errors = sum(1 for a in answers if not a.ok)
             totals["messages"] += len(answers)
             totals["errors"] += errors
             keep = self.config.batch_ack == "all"
-            per_batch.append([a.ack for a in answers if a.ack is not None and (keep or not a.ok)])
+            per_batch.append([ack for a in answers if (ack := _wire(a)) is not None and (keep or not a.ok)])
             comments.append(f"{len(answers)} messages, {len(answers) - errors} accepted, {errors} in error")
         problems = request.all_problems()
         log.info("hl7.batch", channel=self.channel, peer=peer, batch=ref[:20] or None,
                  batches=len(request.batches), problems=problems or None,
                  ms=round((time.perf_counter() - t0) * 1000, 2), **totals)
         return build_batch_ack(request, per_batch, comments=comments)
-
-    def _check(self, header: Header, payload: bytes) -> None:
-        """Receiver checks of HL7 v2.5 2.9.2.1 that need no parse: charset, version, processing
-        id, acknowledgment types. Cheap on purpose: every message on the hot path goes through."""
-        header.decode(payload)  # the whole message must be valid in its MSH-18 charset
-        version = header.version
-        if not version:
-            raise HL7Error(REQUIRED_FIELD_MISSING, "MSH-12 version id is empty", location="MSH^1^12",
-                           header=header)
-        if not is_hl7_version(version):
-            raise HL7Error(UNSUPPORTED_VERSION_ID, f"MSH-12 {version[:16]!r} is not an HL7 v2 version",
-                           location="MSH^1^12", header=header)
-        if self._versions and version not in self._versions:
-            raise HL7Error(UNSUPPORTED_VERSION_ID, f"MSH-12 version {version[:16]!r} is not accepted",
-                           location="MSH^1^12", header=header)
-        if self._pids and header.processing_id.upper() not in self._pids:
-            raise HL7Error(UNSUPPORTED_PROCESSING_ID,
-                           f"MSH-11 processing id {header.processing_id[:8]!r} is not accepted",
-                           location="MSH^1^11", header=header)
-        for n, value in ((15, header.accept_ack_type), (16, header.application_ack_type)):
-            if value and value not in ACK_TYPES:
-                raise HL7Error(TABLE_VALUE_NOT_FOUND, f"MSH-{n} {value[:8]!r} is not an acknowledgment "
-                               "type of table 0155 (AL, NE, ER, SU)", location=f"MSH^1^{n}", header=header)
-
-    def _refuse(self, header: Header | None, err: HL7Error, peer: str, internal: str | None = None) -> bytes | None:
-        enhanced = header is not None and header.enhanced_mode
-        # No readable MSH: not even an HL7 message, a reject (AR) rather than a content error.
-        code = ack_code(enhanced=enhanced, ok=False, error=err) if header is not None else "AR"
-        log.warning("hl7.refused", channel=self.channel, peer=peer, ack=code, err_code=err.code,
-                    msh_10=header.control_id if header is not None else None,
-                    message_type=header.message_code if header is not None else None,
-                    internal=internal)
-        # PHI-bearing detail (validator messages may quote values) only at debug.
-        log.debug("hl7.refused_detail", channel=self.channel, detail=err.text)
-        if not should_send(header, code):
-            return None
-        return build_ack(header, code, error=err)
 
     def _oversized(self, ev: Oversized, peer: str) -> bytes | None:
         err = HL7Error(APPLICATION_INTERNAL_ERROR,
@@ -487,7 +386,12 @@ class MLLPListener:
             header: Header | None = read_header(ev.prefix, require=False)
         except HL7Error:
             header = None
-        return self._refuse(header, err, peer, internal=f"oversized:{ev.size}")
+        return _wire(self.hl7.refuse(header, err, peer=peer, internal=f"oversized:{ev.size}"))
+
+
+def _wire(answer: Hl7Answer) -> bytes | None:
+    """The bytes to send for an answer: none when the message's MSH-15 asks for no such ACK."""
+    return answer.ack if should_send(answer.header, answer.code) else None
 
 
 @component("source", "mllp", config=MLLPSourceConfig)
