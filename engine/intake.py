@@ -89,6 +89,16 @@ class Ahead:
         self.sealed: ConcurrentFuture[dict[str, Any]] = ConcurrentFuture()
         self.durable: ConcurrentFuture[None] = ConcurrentFuture()
 
+    @classmethod
+    def presealed(cls, store: Any, message_id: str, row: dict[str, Any]) -> Ahead:
+        """A payload already sealed and durable as blob ``row`` (streamed in as it arrived,
+        engine/store/blob_writer.py): ``submit_blocking`` commits the message naming it, and
+        ``discard_ahead`` removes its file when the message is refused or a duplicate."""
+        ahead = cls(store, message_id, b"")
+        ahead.sealed.set_result(row)
+        ahead.durable.set_result(None)
+        return ahead
+
     def run(self) -> None:
         try:
             row, key, ct = self.store.seal_blob(self.payload, self.message_id)
@@ -444,7 +454,8 @@ class Intake:
                 msg_rows.append({
                     "id": env.id, "channel": env.channel, "kind": env.kind,
                     "received_at": env.received_at.timestamp(), "peer": env.peer,
-                    "headers": dict(env.headers), "blob_id": "", "size": len(env.payload),
+                    "headers": dict(env.headers), "blob_id": "",  # a presealed payload: its blob's size
+                    "size": item.blob_row["size"] if item.blob_row else len(env.payload),
                     "config_hash": self.config_hash, "dedupe_key": item.dedupe_key,
                     "response": item.response, "parent_id": env.lineage[-1] if env.lineage else None,
                 })

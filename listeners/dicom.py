@@ -12,6 +12,7 @@ ours, otherwise A-ASSOCIATE-RJ. Handlers are bound as data (pynetdicom
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import ssl
 import sys
@@ -29,6 +30,8 @@ from engine.components import ComponentConfig
 from engine.context import ComponentContext
 from engine.registry import component
 from engine.security.tls import TLSConfig, report_handshake_failure, server_context
+from engine.store.db import STREAM_MIN
+from listeners import dicom_store_stream
 from listeners import dicom_ul as ul
 from listeners.dicom_commit import CommitmentSCP
 from listeners.dicom_contexts import STORAGE_SOP_CLASSES, VERIFICATION, add_contexts, add_workflow_contexts
@@ -542,7 +545,8 @@ class DicomListener:
         assert self._store is not None and server is not None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         hooks = ul.Hooks(store=self._store.handle, accepted=self.accepted, rejected=self.rejected,
-                         ended=self.ended)
+                         ended=self.ended, stream=functools.partial(dicom_store_stream.begin, self._store),
+                         stream_min=STREAM_MIN)  # large data sets go to their blob as they arrive
         session = ul.StorageAssociation(sock, address, rq, contexts=self.ae.supported_contexts,
                                         max_pdu=c.max_pdu, idle_timeout=c.idle_timeout, hooks=hooks)
         if not self._reserve(session):  # rejected-transient, local limit exceeded (PS3.8 9.3.4)

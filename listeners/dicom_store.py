@@ -120,6 +120,16 @@ def request_of(event: Any) -> StoreRequest:
                         part10=blob, meta_end=144 + int.from_bytes(blob[140:144], "little"))
 
 
+def check_attrs(attrs: dict[str, Any], sop_class: str, sop_uid: str) -> tuple[int, str] | None:
+    """The checks of an instance's index attributes against its command: a refusal, or None."""
+    im, st, se = attrs["IMAGE"], attrs["STUDY"], attrs["SERIES"]
+    if im.get("SOPInstanceUID") != sop_uid or im.get("SOPClassUID") != sop_class:
+        return STORE["mismatch"].code, "SOP Class/Instance UID differ from the command"
+    if not valid_uid(st.get("StudyInstanceUID")) or not valid_uid(se.get("SeriesInstanceUID")):
+        return STORE["mismatch"].code, "Study/Series Instance UID missing or invalid"
+    return None
+
+
 class StoreSCP:
     """The Storage SCP of one listener: pynetdicom's EVT_C_STORE handler (``__call__``) and
     the fast storage path's handler (``handle``) are the same code."""
@@ -160,12 +170,8 @@ class StoreSCP:
         except Exception as e:
             log.info("dicom.store_undecodable", channel=self.ctx.channel, error=type(e).__name__)
             return STORE["cannot_understand"].code, "data set cannot be decoded"
-        im, st, se = attrs["IMAGE"], attrs["STUDY"], attrs["SERIES"]
-        if im.get("SOPInstanceUID") != req.sop_uid or im.get("SOPClassUID") != req.sop_class:
-            return STORE["mismatch"].code, "SOP Class/Instance UID differ from the command"
-        if not valid_uid(st.get("StudyInstanceUID")) or not valid_uid(se.get("SeriesInstanceUID")):
-            return STORE["mismatch"].code, "Study/Series Instance UID missing or invalid"
-        return dataset, attrs
+        refused = check_attrs(attrs, req.sop_class, req.sop_uid)
+        return refused if refused is not None else (dataset, attrs)
 
     def store(self, req: StoreRequest) -> tuple[int, str | None]:
         if not valid_uid(req.sop_uid) or not valid_uid(req.sop_class):
@@ -192,9 +198,14 @@ class StoreSCP:
         if isinstance(checked[0], int):
             return checked  # type: ignore[return-value]
         dataset, attrs = checked
-        ts = req.transfer_syntax
+        return self.submit(message_id, attrs, req.transfer_syntax, req, req.part10, ahead,
+                           hashlib.sha256(dataset).hexdigest(), len(dataset))
+
+    def submit(self, message_id: str, attrs: dict[str, Any], ts: str, req: Any, payload: bytes, ahead: Any,
+               digest: str, size: int) -> Outcome:
+        """Commit a checked instance (``req``: its ``calling_aet`` and ``peer``); ``payload`` is
+        the Part-10 bytes, or only their header when ``ahead`` holds the streamed blob."""
         sop_uid = attrs["IMAGE"]["SOPInstanceUID"]
-        digest = hashlib.sha256(dataset).hexdigest()
         channel = self.ctx.channel
         headers = {
             "SOPClassUID": attrs["IMAGE"]["SOPClassUID"], "SOPInstanceUID": sop_uid,
@@ -203,12 +214,12 @@ class StoreSCP:
             "Modality": str(attrs["SERIES"].get("Modality", "")), "TransferSyntaxUID": ts,
             "CallingAETitle": req.calling_aet, "CalledAETitle": self.ae_title,
         }
-        env = Envelope(channel=channel, kind="dicom", payload=req.part10, headers=headers, peer=req.peer,
+        env = Envelope(channel=channel, kind="dicom", payload=payload, headers=headers, peer=req.peer,
                        id=message_id)
         # No intake dedupe key: the index itself recognises a re-sent SOP Instance UID of any
         # age (the hook answers Duplicate), in the same transaction and with no extra query.
         assert self.ctx.intake is not None
-        hook = self._hook(attrs, ts, digest, len(dataset))
+        hook = self._hook(attrs, ts, digest, size)
         return self.ctx.intake.submit_blocking(env, ahead=ahead, tx_hook=hook)
 
     def _hook(self, attrs: dict[str, Any], ts: str, digest: str,

@@ -265,6 +265,12 @@ class Hooks:
     accepted: Callable[[str, str], None]
     rejected: Callable[[str, str, str], None]  # calling AET, peer, reason
     ended: Callable[[str, str, str], None]  # calling AET, peer, how: released | aborted | closed
+    # A large data set (``stream_min`` bytes and more) goes to a sink as its fragments arrive
+    # (listeners/dicom_store_stream.py): stream(sop_class, sop_uid, transfer_syntax, calling_aet,
+    # peer) gives one with ``add(fragment)``, ``store() -> (status, comment)`` and ``abort()``,
+    # or None to keep the instance in memory.
+    stream: Callable[[str, str, str, str, str], Any] | None = None
+    stream_min: int = 0
 
 
 class StorageAssociation:
@@ -334,9 +340,20 @@ class StorageAssociation:
         command: list[Any] = []
         command_len = 0
         data: list[Any] = []
+        self._data_len = 0
+        self._sink: Any = None  # a large data set being streamed to its blob
         cmd: dict[int, bytes] | None = None
         refusal: StoreRefusal | None = None
         cmd_cx = 0
+        try:
+            return self._read_pdus(limit, command, command_len, data, cmd, refusal, cmd_cx)
+        finally:
+            if self._sink is not None:  # ended mid-instance: nothing stored, nothing answered
+                self._sink.abort()
+                self._sink = None
+
+    def _read_pdus(self, limit: int, command: list[Any], command_len: int, data: list[Any],
+                   cmd: dict[int, bytes] | None, refusal: StoreRefusal | None, cmd_cx: int) -> str:
         while True:
             head = self._read_exact(6, eof_ok=True)
             if head is None:
@@ -365,10 +382,17 @@ class StorageAssociation:
                         if control & 0x01 or cx_id != cmd_cx:
                             raise ProtocolError(UNEXPECTED_PDU, "command fragment inside a data set")
                         if refusal is None:  # a refused instance's data set is read past, not kept
-                            data.append(value)
+                            if self._sink is not None:
+                                self._sink.add(value)
+                            else:
+                                data.append(value)
+                                self._data_len += len(value)
+                                if self._data_len >= self.hooks.stream_min and self.hooks.stream is not None:
+                                    data = self._start_stream(cmd, cmd_cx, data)
                         if control & 0x02:
                             self._dispatch(cmd, cmd_cx, data, refusal)
                             cmd, data, refusal = None, [], None
+                            self._data_len = 0
             elif kind == A_RELEASE_RQ:
                 if length != FIXED_PDU_LENGTH:  # never allocate what a peer announces (PS3.8 9.3.6)
                     raise ProtocolError(INVALID_PARAMETER, f"A-RELEASE-RQ of {length} bytes")
@@ -379,6 +403,21 @@ class StorageAssociation:
                 return "aborted"
             else:
                 raise ProtocolError(UNEXPECTED_PDU, f"PDU type 0x{kind:02x} on an established association")
+
+    def _start_stream(self, cmd: dict[int, bytes], cx_id: int, data: list[Any]) -> list[Any]:
+        """The data set reached ``stream_min``: hand what came so far, and all that follows, to a
+        sink writing the blob; returns what stays in memory (nothing, or all when no sink)."""
+        assert self.hooks.stream is not None
+        ts = str(self.accepted[cx_id].transfer_syntax[0])
+        sink = self.hooks.stream(ui(cmd, 0x00000002), ui(cmd, 0x00001000), ts, self.calling_aet,
+                                 f"{self.calling_aet}@{self.peer}")
+        if sink is None:
+            self._data_len = -(1 << 62)  # not streamable: stays in memory, asked once
+            return data
+        self._sink = sink
+        for value in data:
+            sink.add(value)
+        return []
 
     def _command(self, encoded: bytes, cx_id: int) -> tuple[dict[int, bytes], StoreRefusal | None]:
         """A complete command set, decoded; a C-STORE-RQ gets the shared check of both paths."""
@@ -419,6 +458,10 @@ class StorageAssociation:
         cx = self.accepted[cx_id]
         if field == C_ECHO_RQ:
             rsp = encode_response(C_ECHO_RSP, msg_id, ui(cmd, 0x00000002) or str(cx.abstract_syntax), 0x0000)
+        elif field == C_STORE_RQ and self._sink is not None:
+            sink, self._sink = self._sink, None
+            status, comment = sink.store()  # the blob is finished and committed (or removed) first
+            rsp = store_response(cmd, status, comment)
         elif field == C_STORE_RQ:
             status, comment = (refusal.status, refusal.detail) if refusal is not None else self._store(cx, cmd, data)
             rsp = store_response(cmd, status, comment)

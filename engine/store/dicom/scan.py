@@ -173,3 +173,41 @@ def _skip_sequence(buf: bytes | memoryview, pos: int, implicit: bool, depth: int
     """Offset after an undefined-length sequence's delimiter, starting at its first item (the former
     recursive helper's signature, kept for callers such as ``engine.store.message_terms``)."""
     return sequence_end(buf, pos, None, implicit, MAX_SEQUENCE_DEPTH - depth)
+
+
+BULK_START = 0x7FE00008  # Float Pixel Data, Double Float Pixel Data, Pixel Data: the bulk of an image
+
+
+def header_length(buf: bytes | memoryview, *, implicit: bool, last_wanted: int) -> int | None:
+    """Where the header of a data set ends within ``buf``, its first bytes: the offset of the
+    first top-level element that is pixel data (tag >= ``BULK_START``), or of one past
+    ``last_wanted`` (the highest tag the index reads) whose value runs past ``buf`` (a large
+    encapsulated document or waveform). None when ``buf`` ends before either: the header is
+    longer than what was kept of it.
+
+    A large instance is streamed to its blob as it arrives (listeners/dicom_store_stream.py) and
+    only its first bytes are kept; the index attributes are read from ``buf[:header_length]``,
+    which holds every element before the bulk whole (their sequences walked for their depth, as
+    ``scan`` does), so the index gets what a read of the whole instance would give.
+    """
+    pos, end = 0, len(buf)
+    while pos + 8 <= end:
+        try:
+            tag, vr, length, start = _header(buf, pos, implicit)
+        except struct.error:
+            return None
+        if tag >= BULK_START:
+            return pos
+        if length == UNDEFINED:
+            try:
+                pos = sequence_end(buf, start, None, implicit or vr == "UN")
+            except ScanError:
+                return None  # its end is past what was kept
+            continue
+        stop = start + length
+        if stop > end:
+            return pos if tag > last_wanted else None
+        if length and (vr == "SQ" or (vr is None and tag in _SQ_TAGS)):
+            sequence_end(buf, start, stop, implicit)
+        pos = stop
+    return None

@@ -1,0 +1,318 @@
+"""Large instances streamed in (issue 13 item 3): P-DATA fragments go to the blob as they arrive.
+
+`medrelay run` in a subprocess receives a generated multi-frame instance of several hundred MB
+from DCMTK storescu and from pynetdicom; its RSS is read from /proc/<pid>/status. The stored
+blob is read back chunk by chunk (``Store.blob_chunks``) and compared with the file sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE, _config
+from sqlalchemy import func, select
+
+from bench.large import MF_GRAYSCALE_BYTE_SC, data_set_offset, proc_status, write_large_instance
+from engine.security.crypto import IntegrityError, KeyRing
+from engine.store import gc, schema
+from engine.store.db import STREAM_MIN, Store
+from engine.store.dicom import index as idx
+from listeners import dicom_dimse as dimse
+from listeners import dicom_ul as ul
+from tests.dicom_peers import ENV, findscu, free_port, store_statuses, tool
+
+pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
+
+SIZE = 400 << 20
+RSS_LIMIT = 300 << 20
+MiB = 1 << 20
+
+
+def _yaml(data: Path, port: int) -> str:
+    return f"""
+store: {{url: "sqlite:///{data}/medrelay.db", blobs: "{data}/blobs"}}
+keys: {{kek_file: "{data}/keys.json"}}
+channels:
+  dcm:
+    source: {{type: dicom, port: {port}, ae_title: MEDRELAY, calling_aets: [TESTSCU]}}
+"""
+
+
+class Engine:
+    """`medrelay run` with a sampler of its RSS (VmRSS every 50 ms; VmHWM is the kernel's peak)."""
+
+    def __init__(self, medrelay_proc, tmp_path: Path) -> None:
+        self.data = tmp_path / "data"
+        self.port = free_port()
+        self.proc = medrelay_proc(_yaml(self.data, self.port))
+        self.proc.start()
+        self.proc.wait_port(self.port)
+        assert self.proc.proc is not None
+        self.pid = self.proc.proc.pid
+
+    def store(self) -> Store:
+        return Store(f"sqlite:///{self.data}/medrelay.db", self.data / "blobs", KeyRing(self.data / "keys.json"))
+
+    def blob_files(self) -> list[Path]:
+        return [p for p in (self.data / "blobs").rglob("*") if p.is_file()]
+
+    def rss(self) -> dict[str, int]:
+        return proc_status(self.pid)
+
+
+def _file_data_set_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(data_set_offset(path))
+        while piece := f.read(8 << 20):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def _stored(store: Store, sop_uid: str) -> tuple[str, str, int]:
+    """(message id, blob id, meta_end) of a stored instance; its blob must be chunk-sealed in a file."""
+    with store.engine.connect() as conn:
+        row = idx.existing_instance(conn, sop_uid)
+        assert row is not None, "instance not indexed"
+        mid = row["message_id"]
+        blob_id = conn.execute(select(schema.messages.c.blob_id).where(schema.messages.c.id == mid)).scalar_one()
+        b = conn.execute(select(schema.blobs).where(schema.blobs.c.id == blob_id)).mappings().one()
+        assert b["in_file"] == 1 and len(b["nonce"]) == 15, "a streamed blob is chunk-sealed in a file"
+        first = next(iter(store.blob_chunks(conn, blob_id)))
+    return mid, blob_id, 144 + int.from_bytes(first[140:144], "little")
+
+
+def _blob_data_set_digest(store: Store, blob_id: str, meta_end: int) -> tuple[str, int]:
+    h, skip, n = hashlib.sha256(), meta_end, 0
+    with store.engine.connect() as conn:
+        for chunk in store.blob_chunks(conn, blob_id):
+            view = memoryview(chunk)[skip:]
+            skip = max(0, skip - len(chunk))
+            h.update(view)
+            n += len(chunk)
+    return h.hexdigest(), n
+
+
+def _messages(store: Store) -> int:
+    with store.engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(schema.messages)).scalar_one())
+
+
+def test_storescu_large_instance_is_streamed_bounded_and_byte_identical(medrelay_proc, tmp_path):
+    src = tmp_path / "large.dcm"
+    uids = write_large_instance(src, SIZE, patient_id="STREAM^ONE")
+    eng = Engine(medrelay_proc, tmp_path)
+    idle = eng.rss()["VmRSS"]
+    r = subprocess.run([tool("storescu"), "-v", "-aet", "TESTSCU", "-aec", "MEDRELAY", "127.0.0.1", str(eng.port),
+                        str(src)], env=ENV, capture_output=True, text=True, timeout=600)
+    assert store_statuses(r.stdout + r.stderr) == ["Success"], r.stdout + r.stderr
+    rss = eng.rss()
+    assert rss["VmHWM"] < RSS_LIMIT, f"peak RSS {rss['VmHWM'] / MiB:.0f} MiB (idle {idle / MiB:.0f})"
+    time.sleep(1.0)
+    after = eng.rss()["VmRSS"]
+    assert after < idle + 100 * MiB, f"RSS after the store {after / MiB:.0f} MiB, idle {idle / MiB:.0f}"
+    # C-FIND finds it by the attributes of its header
+    _, found = findscu(eng.port, "IMAGE", {"PatientID": "STREAM^ONE", "StudyInstanceUID": uids["StudyInstanceUID"],
+                                            "SeriesInstanceUID": uids["SeriesInstanceUID"], "SOPInstanceUID": "",
+                                            "NumberOfFrames": ""}, out_dir=tmp_path / "find")
+    assert [str(ds.SOPInstanceUID) for ds in found] == [uids["SOPInstanceUID"]]
+    _, studies = findscu(eng.port, "STUDY", {"AccessionNumber": "LARGE1", "StudyInstanceUID": ""},
+                         out_dir=tmp_path / "find2")
+    assert [str(ds.StudyInstanceUID) for ds in studies] == [uids["StudyInstanceUID"]]
+    store = eng.store()
+    _mid, blob_id, meta_end = _stored(store, uids["SOPInstanceUID"])
+    digest, n = _blob_data_set_digest(store, blob_id, meta_end)
+    assert digest == _file_data_set_digest(src)
+    assert n - meta_end == src.stat().st_size - data_set_offset(src)
+    assert not [p for p in eng.blob_files() if p.name.endswith(".part")]
+    with store.engine.connect() as conn:  # the index keeps the digest of the whole data set
+        assert conn.execute(select(func.count()).select_from(schema.audit_events)
+                            .where(schema.audit_events.c.action == "message.receive")).scalar_one() == 1
+    # the same instance again: a duplicate (Success), its second blob removed, nothing new stored
+    r = subprocess.run([tool("storescu"), "-v", "-aet", "TESTSCU", "-aec", "MEDRELAY", "127.0.0.1", str(eng.port),
+                        str(src)], env=ENV, capture_output=True, text=True, timeout=600)
+    assert store_statuses(r.stdout + r.stderr) == ["Success"]
+    assert _messages(store) == 1
+    assert [p.name for p in eng.blob_files()] == [blob_id]
+    # a tampered chunk in the middle is detected when read, after the good chunks before it
+    path = eng.data / "blobs" / blob_id[:2] / blob_id
+    with open(path, "r+b") as f:
+        f.seek(100 * ((1 << 20) + 16) + 5)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 1]))
+    got = 0
+    with store.engine.connect() as conn, pytest.raises(IntegrityError, match="chunk 100"):
+        for _chunk in store.blob_chunks(conn, blob_id):
+            got += 1
+    assert got == 100
+    store.dispose()
+
+
+def test_pynetdicom_scu_large_instance_and_a_refused_one_leaves_no_blob(medrelay_proc, tmp_path):
+    src = tmp_path / "large.dcm"
+    uids = write_large_instance(src, 300 << 20, patient_id="STREAM^PYN")
+    bad = tmp_path / "bad.dcm"  # its header holds an invalid Study Instance UID: refused (0xA900)
+    write_large_instance(bad, 100 << 20, study_uid="1.2.x")
+    eng = Engine(medrelay_proc, tmp_path)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(MF_GRAYSCALE_BYTE_SC, "1.2.840.10008.1.2.1")
+    old = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True  # pynetdicom sends the file in pieces, never whole
+    try:
+        assoc = ae.associate("127.0.0.1", eng.port, ae_title="MEDRELAY", max_pdu=65536)
+        assert assoc.is_established
+        st = assoc.send_c_store(src)
+        assert st.Status == 0x0000
+        st = assoc.send_c_store(bad)
+        assert st.Status == 0xA900, hex(st.Status)
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
+    assert eng.rss()["VmHWM"] < RSS_LIMIT
+    store = eng.store()
+    _mid, blob_id, meta_end = _stored(store, uids["SOPInstanceUID"])
+    assert _blob_data_set_digest(store, blob_id, meta_end)[0] == _file_data_set_digest(src)
+    assert _messages(store) == 1
+    assert [p.name for p in eng.blob_files()] == [blob_id], "the refused instance's blob was removed"
+    store.dispose()
+
+
+def _command(sop_uid: str) -> bytes:
+    el, uid = dimse.element, dimse.ui_value
+    body = [el(0x00000002, uid(MF_GRAYSCALE_BYTE_SC)), el(0x00000100, struct.pack("<H", 0x0001)),
+            el(0x00000110, struct.pack("<H", 1)), el(0x00000700, struct.pack("<H", 0)),
+            el(0x00000800, struct.pack("<H", 0x0000)), el(0x00001000, uid(sop_uid))]
+    rest = b"".join(body)
+    return dimse.element(0x00000000, struct.pack("<I", len(rest))) + rest
+
+
+def _associate(port: int) -> socket.socket:
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+    from pynetdicom.presentation import build_context
+
+    prim = A_ASSOCIATE()
+    prim.application_context_name = ul.APPLICATION_CONTEXT
+    prim.calling_ae_title, prim.called_ae_title = "TESTSCU", "MEDRELAY"
+    cx = build_context(MF_GRAYSCALE_BYTE_SC, [ExplicitVRLittleEndian])
+    cx.context_id = 1
+    prim.presentation_context_definition_list = [cx]
+    ml = MaximumLengthNotification()
+    ml.maximum_length_received = 16384
+    prim.user_information = [ml]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(prim)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(bytes(pdu.encode()))
+    head = sock.recv(6)
+    assert head[0] == 0x02, "expected A-ASSOCIATE-AC"
+    n = int.from_bytes(head[2:6], "big")
+    while n:
+        n -= len(sock.recv(n))
+    return sock
+
+
+def _send_part(sock: socket.socket, src: Path, upto: int) -> None:
+    """The data set of ``src`` as P-DATA-TF fragments (none flagged last) up to ``upto`` bytes."""
+    with open(src, "rb") as f:
+        f.seek(data_set_offset(src))
+        sent = 0
+        while sent < upto:
+            piece = f.read(min(200_000, upto - sent))
+            item = struct.pack(">IBB", len(piece) + 2, 1, 0x00) + piece
+            sock.sendall(struct.pack(">BBI", 0x04, 0, len(item)) + item)
+            sent += len(piece)
+
+
+def _wait_part_file(eng: Engine, at_least: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        parts = [p for p in eng.blob_files() if p.name.endswith(".part")]
+        if parts and parts[0].stat().st_size >= at_least:
+            return
+        time.sleep(0.05)
+    raise AssertionError("no .part file grew: the data set is not being streamed")
+
+
+@pytest.mark.parametrize("how", ["a-abort", "closed", "storescu-killed"])
+def test_association_ending_mid_instance_commits_nothing_and_leaves_no_file(medrelay_proc, tmp_path, how):
+    src = tmp_path / "large.dcm"
+    uids = write_large_instance(src, 200 << 20)
+    eng = Engine(medrelay_proc, tmp_path)
+    answered: list[bytes] = []
+    if how == "storescu-killed":
+        scu = subprocess.Popen([tool("storescu"), "-v", "-aet", "TESTSCU", "-aec", "MEDRELAY", "127.0.0.1",
+                                str(eng.port), str(src)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        _wait_part_file(eng, 2 * STREAM_MIN)
+        scu.send_signal(signal.SIGKILL)
+        out = scu.communicate(timeout=30)[0].decode(errors="replace")
+        assert "Received Store Response" not in out
+    else:
+        sock = _associate(eng.port)
+        sock.sendall(ul.pdata_pdus(1, _command(uids["SOPInstanceUID"]), 16384))
+        _send_part(sock, src, 3 * STREAM_MIN)
+        _wait_part_file(eng, 2 * STREAM_MIN)
+        if how == "a-abort":
+            sock.sendall(ul.abort_pdu(0x00, 0x00))
+        sock.settimeout(5)
+
+        def read_rest() -> None:
+            try:
+                while chunk := sock.recv(65536):
+                    answered.append(chunk)
+            except OSError:
+                pass
+
+        t = threading.Thread(target=read_rest)
+        t.start()
+        if how == "closed":
+            sock.shutdown(socket.SHUT_WR)
+        t.join(10)
+        sock.close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and eng.blob_files():
+        time.sleep(0.1)
+    assert eng.blob_files() == [], "the half-written blob file was removed"
+    assert not any(b and b[0] == 0x04 for b in answered), "no C-STORE response for a partial data set"
+    store = eng.store()
+    assert _messages(store) == 0
+    with store.engine.connect() as conn:
+        assert idx.existing_instance(conn, uids["SOPInstanceUID"]) is None
+    store.dispose()
+
+
+def test_engine_killed_mid_instance_leaves_a_part_file_that_store_gc_removes(medrelay_proc, tmp_path):
+    src = tmp_path / "large.dcm"
+    uids = write_large_instance(src, 200 << 20)
+    eng = Engine(medrelay_proc, tmp_path)
+    sock = _associate(eng.port)
+    sock.sendall(ul.pdata_pdus(1, _command(uids["SOPInstanceUID"]), 16384))
+    _send_part(sock, src, 3 * STREAM_MIN)
+    _wait_part_file(eng, 2 * STREAM_MIN)
+    eng.proc.kill9()
+    sock.close()
+    parts = [p for p in eng.blob_files() if p.name.endswith(".part")]
+    assert len(parts) == 1
+    store = eng.store()
+    store.migrate()
+    assert _messages(store) == 0
+    assert gc.orphan_files(store, older_than=3600) == []  # young: may belong to a store in flight
+    old = time.time() - 7200
+    os.utime(parts[0], (old, old))
+    assert [n for n, _ in gc.orphan_files(store, older_than=3600)] == [parts[0].name]
+    r = eng.proc.cli("store", "gc", "-c", str(eng.proc.config_path))
+    assert r.returncode == 0, r.stderr
+    assert "removed 1 orphan" in r.stdout
+    assert eng.blob_files() == []
+    store.dispose()
