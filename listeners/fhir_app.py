@@ -385,15 +385,12 @@ class FhirApi:
 
         The bytes are sealed into their own blob before the write is submitted; the message the
         intake stores is the Binary resource without ``data`` (the FHIR store keeps the bytes)."""
-        pieces = await fhir_binary.receive(request, limit=self.config.max_binary_bytes, budget=self.budget,
+        sealer = binary.PieceSealer(self.ctx.store, binary.data_aad(rtype, rid), self.fs.hash_key)
+        sealed = await fhir_binary.receive(request, sealer, limit=self.config.max_binary_bytes, budget=self.budget,
                                            wait=self.config.body_timeout / 2)
-        size = sum(len(p) for p in pieces)
-        await self.heavy.enter(request, size, self.config.body_timeout / 2)
         resource = {"resourceType": rtype, "contentType": content_type}
         if method == "PUT":
             resource["id"] = rid
-        sealed = await run_in_threadpool(binary.seal_pieces, self.ctx.store, pieces, binary.data_aad(rtype, rid),
-                                         self.fs.hash_key)
         op = Op(method, rtype, rid if method == "PUT" else None, resource=resource, data=sealed,
                 if_match=request.headers.get("if-match"))
         if method == "POST":

@@ -6,8 +6,8 @@ bytes themselves with the Binary's contentType (an Accept naming another type is
 create or update whose Content-Type is not FHIR JSON is the content itself.
 
 Both directions stream: a raw body is read in the pieces the server hands over, within
-``max_binary_bytes`` (413 OperationOutcome past it) and the listener's body budget, and
-sealed piece by piece into a blob of its own (engine.store.fhir.binary); a read sends the
+``max_binary_bytes`` (413 OperationOutcome past it) and the listener's body budget, each
+piece encrypted as it arrives into a blob of its own (engine.store.fhir.binary); a read sends the
 blob's chunks as they are decrypted (``Store.blob_chunks``), base64-encoded on the fly for
 the JSON form. Memory stays about the size of one body for an upload and a few chunks for a
 download, never the JSON of a 50 MiB document.
@@ -15,11 +15,13 @@ download, never the JSON of a 50 MiB document.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -73,11 +75,14 @@ def raw_content_type(request: Request) -> str | None:
     return " ".join(ctype.split())
 
 
-async def receive(request: Request, *, limit: int, budget: BodyBudget, wait: float) -> deque[bytes]:
-    """The raw body as the pieces it arrived in, within ``limit`` (413 past it).
+async def receive(request: Request, sealer: binary.PieceSealer, *, limit: int, budget: BodyBudget,
+                  wait: float) -> binary.SealedData:
+    """The raw body sealed into its blob as it arrives, within ``limit`` (413 past it).
 
-    The budget reservation (the declared length, or the limit when chunked; capped at the
-    budget itself) is released by ``release_body`` in the endpoint's ``finally``."""
+    Each piece goes to the sealing thread at once, so only the ciphertext accumulates. The
+    budget reservation (the declared length, or the limit when chunked; capped at the budget
+    itself) is released by ``release_body`` in the endpoint's ``finally``; an upload given up
+    (413, the client gone) stops the thread and leaves no file."""
     length = request.headers.get("content-length", "").strip()
     if length and not (length.isascii() and length.isdigit()):
         raise FhirError(400, "invalid", "Content-Length is not a number")
@@ -88,16 +93,22 @@ async def receive(request: Request, *, limit: int, budget: BodyBudget, wait: flo
     if want:
         await budget.reserve(want, wait)
         request.state.body_reserved = want
-    pieces: deque[bytes] = deque()
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            pieces.clear()
-            raise FhirError(413, "too-long", f"body larger than {limit} bytes")
-        if chunk:
-            pieces.append(chunk)
-    return pieces
+    task = asyncio.ensure_future(run_in_threadpool(sealer.run))
+    try:
+        async for chunk in request.stream():
+            if sealer.received + len(chunk) > limit:
+                raise FhirError(413, "too-long", f"body larger than {limit} bytes")
+            if chunk:
+                sealer.put(chunk)
+        sealer.close()
+        return await task
+    except BaseException:
+        sealer.abort()
+        with contextlib.suppress(Exception):
+            sealed = await asyncio.shield(task)
+            if sealed.file_written:  # it finished before the abort arrived: nothing refers to it
+                sealer.store.delete_blob_files([sealed.blob_id])
+        raise
 
 
 def read_response(fs: FhirStore, conn: Any, request: Request, rtype: str, rid: str, version: int,

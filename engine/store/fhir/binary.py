@@ -8,10 +8,11 @@ one chunk at a time (``Store.blob_chunks``), and ``fhir_binary_data`` names the 
 version together with the contentType, the size and a keyed HMAC of the bytes (to see
 that a re-sent PUT changes nothing, without keeping anything that reveals the content).
 
-``seal_pieces`` seals a body received in pieces (the listener's raw upload): the pieces
-are consumed as they are sealed, so the plaintext and the ciphertext are not both held
-whole. It builds the same ``blobs`` row ``Store.seal_blob`` builds; that one takes the
-payload as one ``bytes`` (it is the intake's path), which is what this avoids.
+``seal_pieces`` seals bytes given in pieces; ``PieceSealer`` runs it in a worker thread fed
+while the listener is still receiving (a raw upload), so each piece is encrypted as it
+arrives and only the ciphertext accumulates (``BlobFiles.write`` takes one buffer), never
+the plaintext and the ciphertext both whole. It builds the same ``blobs`` row
+``Store.seal_blob`` builds; that one takes the payload as one ``bytes`` (the intake's path).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import queue
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -96,6 +98,46 @@ def seal_pieces(store: Any, pieces: Iterable[bytes] | deque[bytes], aad: str, ha
     if in_file:
         store.write_blob_files([(blob_id, ct)])
     return SealedData(row, mac.hexdigest(), size, in_file)
+
+
+class Aborted(Exception):
+    """The upload was given up (413, a disconnect): the sealing thread stops, nothing is written."""
+
+
+_END, _ABORT = object(), object()
+
+
+class PieceSealer:
+    """``seal_pieces`` over pieces handed in from another thread (the event loop) as they arrive.
+
+    ``run`` is the worker thread's side; ``put``/``close``/``abort`` never block the caller."""
+
+    def __init__(self, store: Any, aad: str, hash_key: bytes) -> None:
+        self.store, self.aad, self.hash_key = store, aad, hash_key
+        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.received = 0
+
+    def put(self, piece: bytes) -> None:
+        self.received += len(piece)
+        self._q.put(piece)
+
+    def close(self) -> None:
+        self._q.put(_END)
+
+    def abort(self) -> None:
+        self._q.put(_ABORT)
+
+    def _pieces(self) -> Iterator[bytes]:
+        while True:
+            item = self._q.get()
+            if item is _END:
+                return
+            if item is _ABORT:
+                raise Aborted()
+            yield item
+
+    def run(self) -> SealedData:
+        return seal_pieces(self.store, self._pieces(), self.aad, self.hash_key)
 
 
 def decode_data(value: Any, expression: str) -> bytes:

@@ -19,9 +19,9 @@ from sqlalchemy import Connection
 
 from engine.store import leases
 from engine.store.fhir import jsontext, structure
-from engine.store.fhir.binary import SealedData
+from engine.store.fhir.binary import SealedData, decode_data
 from engine.store.fhir.params import ID_RE, STORED_TYPES, FhirError, operation_outcome, validate_resource
-from engine.store.fhir.resources import FhirStore, Written
+from engine.store.fhir.resources import DATA_TYPES, FhirStore, Written
 from engine.store.fhir.search import find
 
 # FHIR R4 3.1.0.11.2: DELETE, then POST, then PUT/PATCH, then GET.
@@ -152,6 +152,8 @@ def check_op(op: Op) -> None:
         if op.resource is None:
             raise FhirError(400, "required", f"{op.method} needs a resource")
         validate_resource(op.resource, op.type)
+        if op.type in DATA_TYPES and "data" in op.resource:  # refused here, not inside the write's transaction
+            decode_data(op.resource["data"], f"{op.type}.data")
         if op.method == "POST" and (op.id is not None or op.query is not None):
             raise FhirError(400, "invalid", "POST goes to the type (Type), not an instance or a query")
         if op.method == "PUT" and op.id is None and op.query is None:
@@ -231,14 +233,22 @@ def _plan(fs: FhirStore, conn: Connection, op: Op, lock: bool = False) -> _Plan:
     return plan
 
 
-def _rewrite(node: Any, resolve: Any) -> Any:
+def _rewrite(node: Any, resolve: Any, urls: dict[str, str] | None = None) -> Any:
+    """References resolved; an Attachment ``url`` naming an entry's fullUrl becomes that entry's
+    ``Type/id`` too (R4 3.1.0.11.2: matching uri/url elements are replaced like references), so a
+    DocumentReference can point at the Binary created in the same transaction."""
     if isinstance(node, dict):
         out = {}
         for k, v in node.items():
-            out[k] = resolve(v) if k == "reference" and isinstance(v, str) else _rewrite(v, resolve)
+            if k == "reference" and isinstance(v, str):
+                out[k] = resolve(v)
+            elif k == "url" and urls and isinstance(v, str) and v in urls:
+                out[k] = urls[v]
+            else:
+                out[k] = _rewrite(v, resolve, urls)
         return out
     if isinstance(node, list):
-        return [_rewrite(v, resolve) for v in node]
+        return [_rewrite(v, resolve, urls) for v in node]
     return node
 
 
@@ -315,7 +325,7 @@ def prepare(fs: FhirStore, conn: Connection, ops: list[Op], lock: bool = False) 
     resolve = _resolver(fs, conn, mapping)
     for plan in plans.values():
         if plan.op.resource is not None and plan.matched is None:
-            plan.resource = _rewrite(plan.op.resource, resolve)
+            plan.resource = _rewrite(plan.op.resource, resolve, mapping)
     return order, plans
 
 
