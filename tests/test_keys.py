@@ -305,3 +305,85 @@ def test_tampered_blob_is_dead_lettered_loudly_and_the_route_goes_on(engine_fact
         alerts = c.execute(select(a.c.message_id, a.c.outcome)
                            .where(a.c.action == "security.integrity_failure")).all()
     assert alerts == [(ids[1], "error")]
+
+
+# -- medrelay keys init (issue 10: multi-host key files) --------------------------------------------
+PATIENT_MSG = (b"MSH|^~\\&|HIS|HOSP|RIS|RAD|20240102030405||ADT^A01|KEYS-INIT-1|P|2.5\r"
+               b"PID|1||MRN-77^^^HOSP^MR||DOE^JANE||19800101|F\r")
+
+
+def _host_yaml(url: str, key_file: Path, name: str) -> str:
+    text = engine_fakes.collect_yaml(max_attempts=1).format(name=name, url=url)
+    return text.replace("kek_file: data/keys.json", f'kek_file: "{key_file}"')
+
+
+def test_keys_init_creates_every_secret_once(tmp_path):
+    from engine.cli.keys_init import SECRETS
+
+    cfg = tmp_path / "channels.yaml"
+    cfg.write_text(_host_yaml(f"sqlite:///{tmp_path}/db.sqlite", tmp_path / "k" / "keys.json", "x"))
+    r = cli("keys", "init", "-c", str(cfg), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "created, active key" in r.stdout and "created" in r.stdout.split(";")[1]
+    first = key_file(tmp_path / "k" / "keys.json")
+    assert set(first["secrets"]) == set(SECRETS)
+    assert (tmp_path / "k" / "keys.json").stat().st_mode & 0o777 == 0o600
+    r = cli("keys", "init", "-c", str(cfg), cwd=tmp_path)  # again: nothing changes
+    assert r.returncode == 0 and "exists" in r.stdout and "all present" in r.stdout, r.stdout + r.stderr
+    assert key_file(tmp_path / "k" / "keys.json") == first
+    assert not (tmp_path / "db.sqlite").exists()  # the key file only: runs before any database exists
+
+
+def test_keys_init_knows_every_secret_the_code_asks_for():
+    """SECRETS must name every secret asked for by name anywhere (engine, listeners, routes, transforms)."""
+    import re
+
+    from engine.cli.keys_init import SECRETS
+    from transforms.hl7_map import UID_KEY
+
+    assert UID_KEY in SECRETS
+    literal = re.compile(r"hmac_key\(\s*\"([^\"]+)\"")
+    for folder in ("engine", "listeners", "routes", "transforms"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for name in literal.findall(path.read_text()):
+                assert name in SECRETS, f"{path}: secret {name!r} is not pre-created by keys init"
+
+
+@pytest.mark.parametrize("init", [True, False], ids=["keys-init", "fresh-file-copied"])
+def test_hosts_with_a_copied_key_file_find_each_others_messages_after_keys_init(engine_factory, tmp_path, init):
+    """Two engines on one PostgreSQL store, each with its own copy of the key file (two hosts). After
+    `keys init` a message stored through one is found by patient id through the other. Copying a
+    fresh file instead (what the docs said before) gives each host its own index secret: not found."""
+    from conftest import IN_CI, _reset_pg
+
+    from engine.envelope import Envelope
+    from engine.hl7.message import read_header
+    from engine.messages import MessageFilter, query_messages, show_message
+
+    url = os.environ.get("MEDRELAY_TEST_PG_URL")
+    if not url:
+        if IN_CI:
+            pytest.fail("MEDRELAY_TEST_PG_URL not set: PostgreSQL is required under CI")
+        pytest.skip("PostgreSQL not available (run scripts/test.sh)")
+    _reset_pg(url)
+    key_a, key_b = tmp_path / "host-a" / "keys.json", tmp_path / "host-b" / "keys.json"
+    cfg = tmp_path / "a.yaml"
+    cfg.write_text(_host_yaml(url, key_a, "host-a"))
+    if init:
+        r = cli("keys", "init", "-c", str(cfg), cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+    else:
+        KeyRing(key_a)  # the file as a first engine start creates it: KEKs, no secrets yet
+    key_b.parent.mkdir()
+    key_b.write_bytes(key_a.read_bytes())
+    os.chmod(key_b, 0o600)
+    a = engine_factory(_host_yaml(url, key_a, "host-a"))
+    b = engine_factory(_host_yaml(url, key_b, "host-b"))
+    env = Envelope(channel="in", kind="hl7v2", payload=PATIENT_MSG, headers=read_header(PATIENT_MSG).as_headers())
+    out = a.call(a.runtime.intake.submit(env))
+    assert out.status == "accepted"
+    found = [r["id"] for r in query_messages(b.store, MessageFilter(patient_id="MRN-77")).rows]
+    assert found == ([out.message_id] if init else [])
+    assert [r["id"] for r in query_messages(a.store, MessageFilter(patient_id="MRN-77")).rows] == [out.message_id]
+    shown = show_message(b.store, out.message_id, with_payload=True)  # the KEK is shared either way
+    assert shown is not None and "MRN-77" in str(shown.get("payload", ""))

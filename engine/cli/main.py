@@ -569,7 +569,7 @@ def _replay_diff(new_config: str, against: str, message_ids: tuple[str, ...], ch
 # -- keys -------------------------------------------------------------------
 @main.group()
 def keys() -> None:
-    """Key-encryption keys: create, list, rotate."""
+    """Key-encryption keys: init, create, list, rotate."""
 
 
 @keys.command("list")
@@ -598,6 +598,20 @@ def keys_create(config: str) -> None:
     Audit(store).record("keys.create", actor=os.environ.get("USER", "cli"),
                         detail=f"{'existing' if existed else 'new'} key file, active {store.keyring.active_id}")
     click.echo(f"{path}: {'exists' if existed else 'created'}, active key {store.keyring.active_id}")
+
+
+@keys.command("init")
+@_config_option
+def keys_init(config: str) -> None:
+    """Create the key file and every secret engines would create on first use (multi-host: run
+    once, then copy or mount that one file on every host before starting them)."""
+    from engine.cli.keys_init import SECRETS, init_key_file
+
+    settings = _load(config, need_env=False)
+    path = settings.resolve(settings.keys.kek_file)
+    existed, ring, created = init_key_file(path)
+    click.echo(f"{path}: {'exists' if existed else 'created'}, active key {ring.active_id}; secrets "
+               f"{', '.join(SECRETS)}: {', '.join(created) + ' created' if created else 'all present'}")
 
 
 @keys.command("rotate")

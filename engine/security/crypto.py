@@ -170,6 +170,10 @@ class KeyRing:
         """KEKs in the key file (not the unwrap-only ones another process retired)."""
         return list(self._keks)
 
+    def secret_names(self) -> list[str]:
+        """Names of the HMAC secrets in the key file (``medrelay keys init``); never their values."""
+        return sorted(self._secrets)
+
     def in_file(self, kid: str) -> bool:
         return kid in self._keks
 
