@@ -124,7 +124,9 @@ def test_refused_files_go_to_error_with_a_report_and_good_ones_are_unaffected(fo
 
 
 def test_a_file_still_being_written_is_not_taken_until_its_size_is_stable(folder_engine):
-    e, d = folder_engine(", stable_seconds: 1.0", ready="stable")
+    # stable_seconds 3 against a byte every 0.2 s: a writer stalled by a loaded machine (it shares
+    # the GIL with the engine's thread) must not make the file look stable
+    e, d = folder_engine(", stable_seconds: 3.0", ready="stable")
     f = d / "growing.hl7"
     msg = hl7("W1")
     with open(f, "wb") as out:
@@ -132,7 +134,7 @@ def test_a_file_still_being_written_is_not_taken_until_its_size_is_stable(folder
         out.flush()
         t_end = time.monotonic() + 2.5
         i = 20
-        while time.monotonic() < t_end:  # a byte every 0.2 s: never stable for 1 s
+        while time.monotonic() < t_end:  # a byte every 0.2 s: never stable for 3 s
             if i < len(msg) - 1:
                 out.write(msg[i:i + 1])
                 out.flush()

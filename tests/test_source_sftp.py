@@ -21,6 +21,7 @@ from engine.store import schema
 from listeners.file import INFLIGHT
 from tests.conftest import free_port, need_tool
 from tests.dicom_peers import data_file
+from tests.ports import wait_port
 from tests.test_source_file import hl7
 
 
@@ -58,17 +59,10 @@ LogLevel ERROR
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation folder
         self.log = open(root / "sshd.log", "wb")
         self.proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(cfg)], stdout=self.log, stderr=self.log)
-        deadline = time.monotonic() + 10
-        import socket
-
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError("sshd exited: " + (root / "sshd.log").read_text())
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    break
-            except OSError:
-                time.sleep(0.05)
+        try:  # a deadline that ran out used to fall through silently, to fail later and elsewhere
+            wait_port(self.port, 30, self.proc)
+        except AssertionError as e:
+            raise AssertionError(f"sshd: {e}: " + (root / "sshd.log").read_text()) from None
         self.known_hosts = root / "known_hosts"
         key = self.host_key.with_suffix(".pub").read_text().split()
         self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {key[0]} {key[1]}\n")
