@@ -14,7 +14,11 @@ indexes at intake; an archive route would still be marking instances archived in
 background while the reads are timed); Orthanc:
 SQLite index, SyncStorageArea true, no authentication (its default on loopback).
 
-    .venv/bin/python bench/dicomweb.py [--counts 1000,5000] [--seconds 10]
+    .venv/bin/python bench/dicomweb.py [--counts 1000,10000] [--seconds 10]
+
+Prints each server's rates, the server's CPU milliseconds per request (/proc: what the
+request costs the server, apart from the load generator sharing the machine) and the
+medrelay / Orthanc ratios.
 """
 
 from __future__ import annotations
@@ -156,9 +160,17 @@ def stow(server, instances) -> float:
     return len(instances) / (time.perf_counter() - start)
 
 
-def rate(server, request, seconds: float, clients: int) -> float:
-    """Requests per second of ``request(client, rng)`` from ``clients`` threads for ``seconds``."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rate(server, request, seconds: float, clients: int) -> tuple[float, float]:
+    """Requests per second of ``request(client, rng)`` from ``clients`` threads for ``seconds``,
+    and the server's CPU milliseconds per request."""
     counts = [0] * clients
+    cpu0 = cpu_seconds(server.proc.pid)
     stop_at = time.perf_counter() + seconds
 
     def run(k: int) -> None:
@@ -174,7 +186,8 @@ def rate(server, request, seconds: float, clients: int) -> float:
         t.start()
     for t in threads:
         t.join()
-    return sum(counts) / (time.perf_counter() - start)
+    done = sum(counts)
+    return done / (time.perf_counter() - start), (cpu_seconds(server.proc.pid) - cpu0) * 1000 / max(done, 1)
 
 
 def measure(server, instances, seconds: float) -> dict[str, float]:
@@ -192,14 +205,14 @@ def measure(server, instances, seconds: float) -> dict[str, float]:
         assert r.status_code == 200 and len(r.content) > 1000, (server.name, r.status_code)
 
     for clients in (1, 4):
-        out[f"qido{clients}"] = rate(server, qido, seconds, clients)
-        out[f"wado{clients}"] = rate(server, wado, seconds, clients)
+        out[f"qido{clients}"], out[f"qido{clients}_cpu"] = rate(server, qido, seconds, clients)
+        out[f"wado{clients}"], out[f"wado{clients}_cpu"] = rate(server, wado, seconds, clients)
     return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--counts", default="1000,5000")
+    ap.add_argument("--counts", default="1000,10000")
     ap.add_argument("--seconds", type=float, default=10.0)
     args = ap.parse_args()
     in_namespace()
@@ -218,12 +231,22 @@ def main() -> int:
                 print(n, server.name, {k: round(v, 1) for k, v in got.items()}, flush=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+    cols = ("stow", "qido1", "qido4", "wado1", "wado4")
     print("\n| instances | server | STOW-RS inst/s | QIDO studies/s (1 client) | QIDO (4) | "
-          "WADO-RS instances/s (1 client) | WADO (4) |")
-    print("|---|---|---|---|---|---|---|")
-    for n, name, g in rows:
-        print(f"| {n} | {name} | {g['stow']:.0f} | {g['qido1']:.0f} | {g['qido4']:.0f} | {g['wado1']:.0f} | "
-              f"{g['wado4']:.0f} |")
+          "WADO-RS instances/s (1 client) | WADO (4) | server CPU ms per QIDO / WADO (1 client) |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    by = {(n, name): g for n, name, g in rows}
+    for n in dict.fromkeys(n for n, _name, _g in rows):
+        for name in ("medrelay", "Orthanc"):
+            g = by.get((n, name))
+            if g is not None:
+                print(f"| {n:,} | {name} | " + " | ".join(f"{g[c]:.0f}" for c in cols)
+                      + f" | {g['qido1_cpu']:.2f} / {g['wado1_cpu']:.2f} |")
+        mine, theirs = by.get((n, "medrelay")), by.get((n, "Orthanc"))
+        if mine and theirs:  # medrelay / Orthanc, same data, same run
+            print(f"| {n:,} | ratio | " + " | ".join(f"{mine[c] / theirs[c]:.2f}x" for c in cols)
+                  + f" | {mine['qido1_cpu'] / theirs['qido1_cpu']:.2f}x / "
+                    f"{mine['wado1_cpu'] / theirs['wado1_cpu']:.2f}x |")
     return 0
 
 

@@ -277,7 +277,7 @@ class DicomWebApi:
 
     # -- QIDO-RS ---------------------------------------------------------------
     def _level_of(self, request: Request) -> tuple[str, dict[str, str]]:
-        path = request.url.path
+        path = request.scope["path"]
         pp = request.path_params
         uids = {}
         if "study" in pp:
@@ -373,8 +373,9 @@ class DicomWebApi:
             if got.chunks is not None:  # large, as stored: part by part from the blob
                 return StreamingResponse(self._stream_one(request, actor, got, boundary), media_type=ctype)
             assert got.whole is not None
-            try:
-                data, ts = await run_in_threadpool(wado.as_part10, got.whole, accepted)
+            try:  # as stored: nothing to do, no hop to a worker thread
+                data, ts = wado.as_part10(got.whole, accepted) if wado.as_stored(got.ref, accepted) else \
+                    await run_in_threadpool(wado.as_part10, got.whole, accepted)
             except TranscodeError as e:
                 self._transcode_failed(got.ref, str(e))
                 self._audit("dicomweb.retrieve", request, actor,
@@ -436,7 +437,8 @@ class DicomWebApi:
                     continue
                 assert got.whole is not None
                 try:
-                    data, ts = await run_in_threadpool(wado.as_part10, got.whole, accepted)
+                    data, ts = wado.as_part10(got.whole, accepted) if wado.as_stored(ref, accepted) else \
+                        await run_in_threadpool(wado.as_part10, got.whole, accepted)
                 except TranscodeError as e:
                     failed += 1
                     self._transcode_failed(ref, str(e))

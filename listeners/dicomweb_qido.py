@@ -12,6 +12,7 @@ and the DICOM JSON encoding.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -78,8 +79,13 @@ def _count(name: str, value: str) -> int:
     return int(value)
 
 
+@functools.lru_cache(maxsize=4096)
+def _vr(tag: int) -> str:
+    return str(dictionary_VR(tag))
+
+
 def _add(ds: Dataset, tag: int, value: str | None) -> None:
-    vr = dictionary_VR(tag)
+    vr = _vr(tag)
     if vr == "SQ":
         if value:
             raise QueryError(f"{keyword_for_tag(tag)}: sequence attributes cannot be matched")
@@ -105,12 +111,15 @@ def _level_keywords(level: str) -> list[str]:
     return out
 
 
+_DEFAULT_TAGS = {level: tuple(int(tag_for_keyword(kw)) for kw in kws) for level, kws in DEFAULTS.items()}
+
+
 def parse(params: Sequence[tuple[str, str]], level: str, path_uids: dict[str, str]) -> Query:
     """Query parameters (and the UIDs of the path) -> the C-FIND identifier at ``level``."""
     q = Query(level=level, identifier=Dataset())
     ds = q.identifier
     ds.QueryRetrieveLevel = level
-    include: list[int] = [int(tag_for_keyword(kw)) for kw in DEFAULTS[level]]
+    include: list[int] = list(_DEFAULT_TAGS[level])
     matching: dict[int, str] = {}
     for name, value in params:
         if name == "limit":

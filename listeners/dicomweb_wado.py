@@ -1,10 +1,12 @@
 """WADO-RS (PS3.18 10.4) and WADO-URI (PS3.18 9): stored instances, metadata, bulk data, frames.
 
-Instances are found with the C-MOVE/C-GET matching (``QueryRetrieve.instances``) and
-read through ``read_part10``, the one place that opens the archive (so a streaming
-blob reader replaces one function). An instance goes out in its stored syntax when
-the client accepts it (``transfer-syntax=*`` or that UID): the stored bytes, not
-re-encoded. Otherwise it is converted by ``transforms.dicom_codec``; one that cannot be
+A study or series is resolved with the C-MOVE/C-GET matching (``QueryRetrieve.instances``),
+one instance by its UIDs with one prepared statement (``index.locate``); ``fetch`` reads
+it: from ``STREAM_FROM`` bytes, when it goes out as stored, chunk by chunk from
+``Store.blob_chunks`` (the response is written part by part, memory about one chunk),
+else whole (``read_part10`` for the rest: metadata, rendered). An instance goes out in
+its stored syntax when the client accepts it (``transfer-syntax=*`` or that UID): the
+stored bytes, not re-encoded. Otherwise it is converted by ``transforms.dicom_codec``; one that cannot be
 converted is left out of a study/series response and counted as a failure in the log
 and the audit row, or answered 406 when it was asked for alone.
 """
@@ -77,9 +79,8 @@ def fetch(ctx: ComponentContext, sop_uid: str, accepted: Sequence[str], *, study
         found = idx.locate(conn, sop_uid, study_uid, series_uid)
         if found is None:
             return None
-        as_stored = ANY in accepted or found.ref.transfer_syntax in accepted
         chunks = idx.instance_chunks(conn, ctx.store, found)
-        if as_stored and found.size >= STREAM_FROM and not found.revised:
+        if as_stored(found.ref, accepted) and found.size >= STREAM_FROM and not found.revised:
             return Fetched(found.ref, None, chunks)
         return Fetched(found.ref, Stored(found.ref, b"".join(chunks)), None)
 
@@ -95,13 +96,18 @@ def accepted_syntaxes(wanted: Sequence[tuple[str, str | None]]) -> list[str]:
     return out
 
 
+def as_stored(ref: idx.InstanceRef, accepted: Sequence[str]) -> bool:
+    """The instance goes out in its stored syntax, bytes unchanged (``*`` or that syntax accepted)."""
+    return ANY in accepted or ref.transfer_syntax in accepted
+
+
 def as_part10(inst: Stored, accepted: Sequence[str]) -> tuple[bytes, str]:
     """The instance in the first acceptable syntax: (Part-10 bytes, transfer syntax).
 
     Raises TranscodeError when no acceptable syntax can be produced.
     """
     stored = inst.transfer_syntax
-    if ANY in accepted or stored in accepted:
+    if as_stored(inst.ref, accepted):
         return inst.part10, stored
     target = codec.send_plan(stored, accepted)
     raw = codec.convert(inst.data_set(), stored, target)

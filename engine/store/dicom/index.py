@@ -400,6 +400,7 @@ class Candidates:
         self.depth = LEVELS.index(level)
         self.narrow: list[Any] = []
         self._blob_cache: dict[str, dict[str, Any]] = {}
+        self._summaries: dict[int, dict[str, Any]] = {}
 
     def tables(self) -> list[Table]:
         return [patients, studies, series, instances][: self.depth + 1]
@@ -453,37 +454,53 @@ class Candidates:
             yield int(r[f"pk{self.depth}"]), attrs
 
     def derived(self, pk: int, keyword: str) -> Any:
-        """ModalitiesInStudy, NumberOfStudyRelatedInstances, ... for one row at this level."""
-        c = self.conn
-        i, se, st = instances, series, studies
-        if keyword == "NumberOfPatientRelatedStudies":
-            return c.execute(select(func.count()).where(st.c.patient_pk == pk)).scalar_one()
-        if keyword == "NumberOfPatientRelatedSeries":
-            return c.execute(select(func.count()).select_from(se.join(st, se.c.study_pk == st.c.pk))
-                             .where(st.c.patient_pk == pk)).scalar_one()
-        if keyword == "NumberOfPatientRelatedInstances":
-            return c.execute(select(func.count()).select_from(
-                i.join(se, i.c.series_pk == se.c.pk).join(st, se.c.study_pk == st.c.pk))
-                .where(st.c.patient_pk == pk)).scalar_one()
-        if keyword == "ModalitiesInStudy":
-            return sorted(m for m in c.execute(select(se.c.modality).distinct()
-                                               .where(se.c.study_pk == pk)).scalars() if m)
+        """ModalitiesInStudy, NumberOfStudyRelatedInstances, ... for one row at this level.
+
+        Counted from the index rows themselves (exact whatever added or removed instances:
+        intake, IOCM, retention, merges) with prepared statements; a study's three usual
+        values (series, instances, modalities: QIDO-RS returns them for every study) come
+        from one statement, kept for the other two."""
+        if keyword in _STUDY_SUMMARY_KEYS:
+            got = self._summaries.get(pk)
+            if got is None:
+                rows = _STUDY_SUMMARY.all(self.conn, {"pk": pk})
+                got = self._summaries[pk] = {
+                    "NumberOfStudyRelatedSeries": len(rows),
+                    "NumberOfStudyRelatedInstances": sum(int(r["n"]) for r in rows),
+                    "ModalitiesInStudy": sorted({r["modality"] for r in rows if r["modality"]})}
+            return got[keyword]
         if keyword == "SOPClassesInStudy":
-            return sorted(c.execute(select(i.c.sop_class_uid).distinct()
-                                    .select_from(i.join(se, i.c.series_pk == se.c.pk))
-                                    .where(se.c.study_pk == pk)).scalars())
-        if keyword == "NumberOfStudyRelatedSeries":
-            return c.execute(select(func.count()).where(se.c.study_pk == pk)).scalar_one()
-        if keyword == "NumberOfStudyRelatedInstances":
-            return c.execute(select(func.count()).select_from(i.join(se, i.c.series_pk == se.c.pk))
-                             .where(se.c.study_pk == pk)).scalar_one()
-        if keyword == "NumberOfSeriesRelatedInstances":
-            return c.execute(select(func.count()).where(i.c.series_pk == pk)).scalar_one()
-        raise KeyError(keyword)
+            return sorted(r["c"] for r in _SOP_CLASSES_IN_STUDY.all(self.conn, {"pk": pk}))
+        prepared = _COUNTS.get(keyword)
+        if prepared is None:
+            raise KeyError(keyword)
+        row = prepared.one(self.conn, {"pk": pk})
+        return int(row[0]) if row else 0
 
     def instances_under(self, pks: Sequence[int]) -> list[InstanceRef]:
         """Every stored instance below the given rows of this level (C-MOVE / C-GET)."""
         return instances_below(self.conn, self.level, pks)
+
+
+_i, _se, _st = instances, series, studies
+_STUDY_SUMMARY_KEYS = frozenset(("NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances", "ModalitiesInStudy"))
+_STUDY_SUMMARY = Prepared(  # one row per series of the study: its modality and instance count
+    select(_se.c.modality.label("modality"), func.count(_i.c.pk).label("n"))
+    .select_from(_se.outerjoin(_i, _i.c.series_pk == _se.c.pk))
+    .where(_se.c.study_pk == bindparam("pk")).group_by(_se.c.pk, _se.c.modality))
+_SOP_CLASSES_IN_STUDY = Prepared(
+    select(_i.c.sop_class_uid.label("c")).distinct().select_from(_i.join(_se, _i.c.series_pk == _se.c.pk))
+    .where(_se.c.study_pk == bindparam("pk")))
+_COUNTS = {
+    "NumberOfPatientRelatedStudies": Prepared(select(func.count()).where(_st.c.patient_pk == bindparam("pk"))),
+    "NumberOfPatientRelatedSeries": Prepared(
+        select(func.count()).select_from(_se.join(_st, _se.c.study_pk == _st.c.pk))
+        .where(_st.c.patient_pk == bindparam("pk"))),
+    "NumberOfPatientRelatedInstances": Prepared(
+        select(func.count()).select_from(_i.join(_se, _i.c.series_pk == _se.c.pk).join(_st, _se.c.study_pk == _st.c.pk))
+        .where(_st.c.patient_pk == bindparam("pk"))),
+    "NumberOfSeriesRelatedInstances": Prepared(select(func.count()).where(_i.c.series_pk == bindparam("pk"))),
+}
 
 
 def instances_below(conn: Connection, level: str, pks: Sequence[int]) -> list[InstanceRef]:
