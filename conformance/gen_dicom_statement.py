@@ -134,7 +134,10 @@ def _dicomweb_section() -> list[str]:
         "the `window` parameter (center,width[,linear|linear-exact|sigmoid]) or the data set's first "
         "window or the frame's range, MONOCHROME1 inverted; `viewport=w,h` scales (at most "
         f"{MAX_VIEWPORT}), thumbnails fit {THUMBNAIL}x{THUMBNAIL}. At most "
-        f"{dicomweb_wado.MAX_FRAMES_PER_REQUEST} frames per request.",
+        f"{dicomweb_wado.MAX_FRAMES_PER_REQUEST} frames per request. An instance of "
+        f"{dicomweb_wado.STREAM_FROM // (1024 * 1024)} MiB or more that goes in its stored syntax (WADO-RS "
+        "instance, series, study; WADO-URI) is sent part by part as its chunks are read and decrypted, "
+        "never whole in memory; one that is converted is converted in memory.",
         "- STOW-RS: each part is a DICOM Part-10 instance stored through the Storage SCP's own path "
         "(section 3.1: the same checks, de-duplication and durability); the response is sent after every "
         "part is committed. Status: 200 all stored, 202 some stored, 409 none stored (PS3.18 Table "
