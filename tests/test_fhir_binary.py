@@ -212,6 +212,37 @@ def test_transaction_with_inline_binary_and_a_document_reference_pointing_at_it(
         assert any(f"Binary/{bid}" in str(e) for e in reads), "the Binary read is audited"
 
 
+def test_document_reference_with_large_inline_data_is_stored_as_a_binary(tmp_path):
+    """A DocumentReference with 5 MiB of inline attachment data: the bytes go into a Binary of their own
+    (the attachment keeps contentType and gets url and size), streamed back; sending it again changes
+    nothing (same Binary id, no new version)."""
+    s = FhirServer(tmp_path / "inline", max_body_bytes=16 * MIB).start()
+    pdf = pdf_bytes(5 * MIB, b"inline")
+    doc = {"resourceType": "DocumentReference", "status": "current",
+           "content": [{"attachment": {"contentType": "application/pdf", "title": "scan",
+                                       "data": base64.b64encode(pdf).decode()}},
+                       {"attachment": {"contentType": "text/plain", "data": base64.b64encode(b"small").decode()}}]}
+    try:
+        with httpx.Client(base_url=s.base_url, headers=AUTH, timeout=60) as c:
+            r = c.put("/DocumentReference/doc-inline-1", json=doc)
+            assert r.status_code == 201, r.text[:300]
+            stored = c.get("/DocumentReference/doc-inline-1").json()
+            DocumentReference.model_validate(stored)
+            att = stored["content"][0]["attachment"]
+            assert "data" not in att and att["size"] == len(pdf) and att["title"] == "scan"
+            assert att["url"].startswith("Binary/")
+            assert stored["content"][1]["attachment"]["data"] == base64.b64encode(b"small").decode()  # small: kept
+            r = c.get(f"/{att['url']}", headers={"Accept": "application/pdf"})
+            assert r.content == pdf and r.headers["content-type"] == "application/pdf"
+            again = c.put("/DocumentReference/doc-inline-1", json=doc)
+            assert again.status_code == 200 and again.headers["etag"] == 'W/"1"'
+            assert again.json()["content"][0]["attachment"]["url"] == att["url"]
+            _outcome(c.post("/DocumentReference", json={**doc, "content": [
+                {"attachment": {"contentType": "application/pdf", "data": "not base64!"}}]}), 400, "invalid")
+    finally:
+        s.stop()
+
+
 def test_document_reference_search_by_patient_type_date_status_identifier(server):
     with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=30) as c:
         pid = c.post("/Patient", json={"resourceType": "Patient", "name": [{"family": "Doc"}]}).json()["id"]

@@ -154,6 +154,11 @@ def check_op(op: Op) -> None:
         validate_resource(op.resource, op.type)
         if op.type in DATA_TYPES and "data" in op.resource:  # refused here, not inside the write's transaction
             decode_data(op.resource["data"], f"{op.type}.data")
+        if op.type == "DocumentReference" and isinstance(op.resource.get("content"), list):
+            for i, c in enumerate(op.resource["content"]):
+                att = c.get("attachment") if isinstance(c, dict) else None
+                if isinstance(att, dict) and "data" in att:
+                    decode_data(att["data"], f"DocumentReference.content[{i}].attachment.data")
         if op.method == "POST" and (op.id is not None or op.query is not None):
             raise FhirError(400, "invalid", "POST goes to the type (Type), not an instance or a query")
         if op.method == "PUT" and op.id is None and op.query is None:
