@@ -6,7 +6,8 @@ For each size: one multi-frame instance is generated on disk (random pixel data,
 pieces: the bench itself never holds it), then sent with DCMTK storescu (TCP_NODELAY=1) to
 storescp (writing to disk, no fsync) and to `medrelay run` (SQLite store, encrypted streamed
 blob, fsync before commit) in the same run. Printed per receiver: wall time of the storescu
-run, and for medrelay the engine's peak RSS during the store (VmHWM) and its RSS afterwards
+run (storescp twice: its default Maximum Length of 16 KiB, and its largest, 128 KiB; medrelay
+announces 256 KiB), and for medrelay the engine's peak RSS during the store (VmHWM) and its RSS afterwards
 (VmRSS), read from /proc/<pid>/status. The ratio is medrelay time / storescp time.
 """
 
@@ -40,7 +41,7 @@ def write_large_instance(path: Path, size: int, *, patient_id: str = "STREAM^IN"
     """A multi-frame instance of about ``size`` bytes of pixel data (whole 1 MiB frames), Explicit
     VR Little Endian, written in pieces. ``meta_sop_uid``, ``study_uid``: other UIDs for tests
     (a file meta that differs from the data set, an invalid Study Instance UID). Returns its UIDs."""
-    frames = max(1, size // FRAME)
+    frames = max(1, min(size, 0xFFFFFFFE) // FRAME)  # a defined-length OB holds < 4 GiB: 4 GiB is 4095 frames
     uids = {"SOPInstanceUID": sop_uid or generate_uid(), "StudyInstanceUID": study_uid or generate_uid(),
             "SeriesInstanceUID": generate_uid()}
     ds = Dataset()
@@ -106,11 +107,11 @@ def storescu(port: int, aec: str, path: Path) -> float:
     return dt
 
 
-def run_storescp(tmp: Path, path: Path) -> float:
+def run_storescp(tmp: Path, path: Path, *extra: str) -> float:
     out = tmp / "storescp"
     out.mkdir()
     port = free_port()
-    p = subprocess.Popen(["/usr/bin/storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
+    p = subprocess.Popen(["/usr/bin/storescp", *extra, "-aet", "STORESCP", "-od", str(out), str(port)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
@@ -162,8 +163,10 @@ def main() -> None:
             src = tmp / "large.dcm"
             write_large_instance(src, int(gib * (1 << 30)))
             scp = run_storescp(tmp, src)
+            scp_big = run_storescp(tmp, src, "--max-pdu", "131072")  # its largest; medrelay announces 256 KiB
             mr = run_medrelay(tmp, src)
-            print(f"{gib:g} GiB: storescp {scp:.1f} s, medrelay {mr['time']:.1f} s (ratio {mr['time'] / scp:.2f}); "
+            print(f"{gib:g} GiB: storescp {scp:.1f} s (with --max-pdu 131072: {scp_big:.1f} s), "
+                  f"medrelay {mr['time']:.1f} s (ratio {mr['time'] / scp:.2f} / {mr['time'] / scp_big:.2f}); "
                   f"medrelay RSS idle {mr['idle'] / mib:.0f} MiB, peak {mr['peak'] / mib:.0f} MiB, "
                   f"after {mr['after'] / mib:.0f} MiB", flush=True)
 

@@ -29,6 +29,7 @@ from engine.store.dicom import index as idx
 from listeners import dicom_dimse as dimse
 from listeners import dicom_ul as ul
 from tests.dicom_peers import ENV, findscu, free_port, store_statuses, tool
+from tests.test_blob_s3 import BUCKET, CREDS, _files, _objects, s3  # noqa: F401  (s3: the moto fixture)
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
 
@@ -315,4 +316,38 @@ def test_engine_killed_mid_instance_leaves_a_part_file_that_store_gc_removes(med
     assert r.returncode == 0, r.stderr
     assert "removed 1 orphan" in r.stdout
     assert eng.blob_files() == []
+    store.dispose()
+
+
+def test_large_instance_streamed_into_an_s3_bucket(medrelay_proc, tmp_path, s3):  # noqa: F811
+    """Blobs on S3 (moto's S3 server, a real HTTP S3 API): the instance goes up as a multipart upload
+    of a ``.part`` object while it arrives, renamed to its address; memory stays bounded."""
+    endpoint, client = s3
+    src = tmp_path / "large.dcm"
+    uids = write_large_instance(src, 120 << 20, patient_id="STREAM^S3")
+    port = free_port()
+    data = tmp_path / "data"
+    yaml = f"""
+store:
+  url: "sqlite:///{data}/medrelay.db"
+  blobs: s3://{BUCKET}/site1
+  s3: {{endpoint: "{endpoint}", region: us-east-1, access_key_id: "${{S3_KEY}}",
+        secret_access_key: "${{S3_SECRET}}", allow_http: true}}
+keys: {{kek_file: "{data}/keys.json"}}
+channels:
+  dcm:
+    source: {{type: dicom, port: {port}, ae_title: MEDRELAY, calling_aets: [TESTSCU]}}
+"""
+    proc = medrelay_proc(yaml, env={"S3_KEY": CREDS["AWS_ACCESS_KEY_ID"], "S3_SECRET": CREDS["AWS_SECRET_ACCESS_KEY"]})
+    proc.start()
+    proc.wait_port(port)
+    assert proc.proc is not None
+    r = subprocess.run([tool("storescu"), "-v", "-aet", "TESTSCU", "-aec", "MEDRELAY", "127.0.0.1", str(port),
+                        str(src)], env=ENV, capture_output=True, text=True, timeout=600)
+    assert store_statuses(r.stdout + r.stderr) == ["Success"], r.stdout + r.stderr
+    assert proc_status(proc.proc.pid)["VmHWM"] < RSS_LIMIT
+    store = Store(f"sqlite:///{data}/medrelay.db", _files(endpoint), KeyRing(data / "keys.json"))
+    _mid, blob_id, meta_end = _stored(store, uids["SOPInstanceUID"])
+    assert _blob_data_set_digest(store, blob_id, meta_end)[0] == _file_data_set_digest(src)
+    assert list(_objects(client, "site1/")) == [blob_id], "one object under its address, no .part left"
     store.dispose()

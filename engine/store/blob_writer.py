@@ -35,7 +35,8 @@ class BlobStreamError(OSError):
 
 
 def can_stream(store: Store) -> bool:
-    """Whether the store's blob files take a streamed write (a local folder; not yet S3)."""
+    """Whether the store's blob files take a streamed write (``open_stream``: a local folder, an
+    S3 bucket; a ``BlobFiles`` of another kind keeps the in-memory path)."""
     return hasattr(store.files, "open_stream")
 
 

@@ -106,7 +106,7 @@ class _LocalStreamFile:
 
     def __init__(self, folder: LocalFolder) -> None:
         self.folder = folder
-        name = secrets.token_hex(BLOB_NAME_LEN // 2) + PART_SUFFIX
+        name = _part_name()
         self.tmp = folder.root / name[:2] / name
         self.fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self.written = 0
@@ -140,6 +140,14 @@ class _LocalStreamFile:
             finally:
                 self.fd = None
         self.tmp.unlink(missing_ok=True)
+
+
+def _is_part(name: str) -> bool:
+    return name.endswith(PART_SUFFIX) and len(name) == BLOB_NAME_LEN + len(PART_SUFFIX)
+
+
+def _part_name() -> str:
+    return secrets.token_hex(BLOB_NAME_LEN // 2) + PART_SUFFIX
 
 
 def _fsync_dir(d: Path) -> None:
@@ -235,8 +243,7 @@ class LocalFolder:
                 continue
             for f in folder.iterdir():
                 # blob files, and streamed ones a crash left unnamed (``path`` finds both)
-                if len(f.name) != BLOB_NAME_LEN and not (
-                        f.name.endswith(PART_SUFFIX) and len(f.name) == BLOB_NAME_LEN + len(PART_SUFFIX)):
+                if len(f.name) != BLOB_NAME_LEN and not _is_part(f.name):
                     continue
                 try:
                     st = f.stat()
@@ -315,6 +322,11 @@ class ObjectStore:
                     log.warning("blobs.cleanup_failed", store=self.describe, error=type(e).__name__)
             raise
 
+    def open_stream(self) -> StreamFile:
+        """A blob uploaded piece by piece (``StreamFile``): a multipart upload to a ``.part`` key,
+        renamed (server-side copy, then delete) to its content address."""
+        return _ObjectStreamFile(self)
+
     def read(self, blob_id: str) -> bytes:
         try:
             return bytes(self._ob.get(self.store, self.key(blob_id)).bytes())
@@ -370,7 +382,7 @@ class ObjectStore:
         for batch in self._ob.list(self.store):
             for meta in batch:
                 name = str(meta["path"]).rsplit("/", 1)[-1]
-                if len(name) != BLOB_NAME_LEN:
+                if len(name) != BLOB_NAME_LEN and not _is_part(name):  # .part: a streamed one never named
                     continue
                 modified = meta.get("last_modified")
                 if modified is not None and modified.timestamp() >= cutoff:
@@ -382,6 +394,53 @@ class ObjectStore:
             if batch:
                 return False
         return True
+
+
+class _ObjectStreamFile:
+    """A streamed blob in a bucket: obstore's writer (a multipart upload of ``STREAM_PART`` parts,
+    at most ``STREAM_UPLOADS`` in flight: memory about 4 parts) to ``<id[:2]>/<id>.part``; on
+    ``commit`` the upload is completed (every part answered: stored durably) and the object
+    renamed to its address. S3 has no rename: a server-side copy, then a delete of the ``.part``
+    (CopyObject takes objects up to 5 GB). A crash or a failed delete leaves a ``.part`` object,
+    which ``store gc`` removes like any unreferenced one; an upload never completed is the
+    bucket's lifecycle rule's (AbortIncompleteMultipartUpload)."""
+
+    STREAM_PART = 8 << 20
+    STREAM_UPLOADS = 4
+
+    def __init__(self, objects: ObjectStore) -> None:
+        self.objects = objects
+        self.name = _part_name()
+        self.tmp_key = objects.key(self.name)
+        try:
+            self.writer: Any = objects._ob.open_writer(objects.store, self.tmp_key, buffer_size=self.STREAM_PART,
+                                                       max_concurrency=self.STREAM_UPLOADS)
+        except Exception as e:
+            raise _io_error("write", e) from e
+        self.closed = False
+
+    def write(self, data: bytes | memoryview) -> None:
+        try:
+            self.writer.write(data)
+        except Exception as e:
+            raise _io_error("write", e) from e
+
+    def commit(self, blob_id: str) -> None:
+        try:
+            self.writer.close()
+            self.closed = True
+            self.objects._ob.rename(self.objects.store, self.tmp_key, self.objects.key(blob_id))
+        except Exception as e:
+            raise _io_error("write", e) from e
+
+    def abort(self) -> None:
+        try:
+            if not self.closed:
+                self.closed = True
+                self.writer.close()  # completes what was sent; deleted next
+            self.objects.delete(self.name)
+        except Exception as e:  # the service is down: store gc removes the .part later
+            log.warning("blobs.cleanup_failed", store=self.objects.describe, error=type(e).__name__)
 
 
 def _io_error(what: str, e: BaseException) -> OSError:
