@@ -125,3 +125,109 @@ def test_error_rate_needs_enough_attempts_and_is_per_interval(sqlite_store):
     assert mon.evaluate() == {("error_rate", "c", "r"): (0.727, 0.5)}
     counts[("c", "r")] = (13, 20)  # this interval: 1 failed of 17
     assert mon.evaluate() == {}
+
+
+# -- the store-wide alerts across a lease handover (issue 10) ----------------------------------------
+def _dead_letter(store, mid: str = "m1") -> None:
+    from engine.store import schema
+
+    now = time.time()
+    with store.engine.begin() as c:
+        c.execute(schema.messages.insert().values(id=mid, channel="c", kind="hl7v2", received_at=now, peer="",
+                                                  headers={}, blob_id="b", size=1, config_hash="h"))
+        c.execute(schema.deliveries.insert().values(message_id=mid, channel="c", route="r", state="dead",
+                                                    attempts=1, next_attempt_at=now, updated_at=now))
+
+
+def _set_state(store, state: str) -> None:
+    from engine.store import schema
+
+    with store.engine.begin() as c:
+        c.execute(schema.deliveries.update().values(state=state))
+
+
+def _monitor(store, rx, shared, engine_id):
+    from engine.ops.alerts import AlertMonitor, AlertsConfig
+
+    cfg = AlertsConfig(webhook={"url": rx.url}, interval=0.2, repeat_after=3600,
+                       thresholds={"dead_letters": 1, "queue_depth": None, "oldest_pending_seconds": None,
+                                   "error_rate": None, "listener_down": False})
+    return AlertMonitor(cfg, store, routes=lambda: [("c", "r")], down_channels=lambda: [],
+                        attempts=lambda: {}, engine_id=engine_id, shared=shared)
+
+
+def test_lease_handover_neither_repeats_a_firing_alert_nor_loses_a_resolve(tmp_path):
+    """Three engines on one PostgreSQL store take the `alerts` lease in turn (real leases: the holder
+    stops and releases, the next one's keeper takes it). The second holder finds the dead-letter alert
+    the first one sent still firing and does not send it again; the delivery is replayed while the
+    lease moves on; the third holder sends the resolve. Before the state was kept in the store, the
+    second sent `firing` again and the resolve was never sent."""
+    import asyncio
+    import os
+
+    import pytest
+    from conftest import IN_CI, _reset_pg
+
+    from engine.ops.singleton import Keeper
+    from engine.security.crypto import KeyRing
+    from engine.store.db import Store
+
+    url = os.environ.get("MEDRELAY_TEST_PG_URL")
+    if not url:
+        if IN_CI:
+            pytest.fail("MEDRELAY_TEST_PG_URL not set: PostgreSQL is required under CI")
+        pytest.skip("PostgreSQL not available (run scripts/test.sh)")
+    _reset_pg(url)
+    rx = Receiver()
+    stores = [Store(url, tmp_path / "blobs", KeyRing(tmp_path / "keys.json")) for _ in range(3)]
+    try:
+        stores[0].migrate()
+        keepers = [Keeper(s) for s in stores]
+        monitors = [_monitor(s, rx, (lambda k=k: k.held("alerts")), f"engine-{i}")
+                    for i, (s, k) in enumerate(zip(stores, keepers, strict=True))]
+        for k in keepers:
+            k.want("alerts")
+        _dead_letter(stores[0])
+
+        def turn(i: int) -> None:
+            """Engine i takes the lease (the others do not hold it) and evaluates once."""
+            for j, k in enumerate(keepers):
+                if j != i and k.held("alerts"):
+                    k.stop()  # a clean stop releases at once; a kill would take a lease period
+            keepers[i].tick_once()
+            assert keepers[i].held("alerts") and not any(k.held("alerts") for j, k in enumerate(keepers) if j != i)
+            for m in monitors:  # everyone evaluates; only the holder makes the store-wide checks
+                asyncio.run(m.step())
+
+        turn(0)
+        assert [g["engine"] for g in rx.of("dead_letters", "firing")] == ["engine-0"]
+        turn(1)  # still firing: engine-1 knows engine-0 sent it
+        assert len(rx.of("dead_letters", "firing")) == 1 and rx.of("dead_letters", "resolved") == []
+        _set_state(stores[0], "done")  # replayed and delivered while the lease moves on
+        turn(2)
+        resolved = rx.of("dead_letters", "resolved")
+        assert [g["engine"] for g in resolved] == ["engine-2"] and len(rx.of("dead_letters", "firing")) == 1
+        turn(0)  # nothing left to say
+        assert len(rx.got) == 2
+    finally:
+        rx.server.shutdown()
+        for s in stores:
+            s.dispose()
+
+
+def test_one_engine_restarted_remembers_what_it_sent(sqlite_store):
+    """SQLite (one engine): the state survives a restart; a still-firing alert is not sent again,
+    a resolve that happened while the engine was down is sent."""
+    import asyncio
+
+    rx = Receiver()
+    try:
+        _dead_letter(sqlite_store)
+        asyncio.run(_monitor(sqlite_store, rx, lambda: True, "first").step())
+        asyncio.run(_monitor(sqlite_store, rx, lambda: True, "restarted").step())
+        assert len(rx.of("dead_letters", "firing")) == 1
+        _set_state(sqlite_store, "done")
+        asyncio.run(_monitor(sqlite_store, rx, lambda: True, "restarted-again").step())
+        assert [g["engine"] for g in rx.of("dead_letters", "resolved")] == ["restarted-again"]
+    finally:
+        rx.server.shutdown()

@@ -18,9 +18,14 @@ A webhook that is down loses nothing: what could not be sent is tried again at t
 evaluation. With several engines on one store, the queue checks (depth, age, dead letters)
 are made by one engine at a time, the holder of the ``alerts`` lease (``shared``); each
 engine still watches its own listeners and its own error rate, and says which it is
-(``engine``). When the lease moves, the new holder starts with no firing set: an alert still
-over its threshold is sent again once (as "firing") and one that resolved in between is not
-sent as resolved.
+(``engine``).
+
+The store-wide alerts' state (what is firing, when it was last sent, a resolve not yet
+delivered) is kept in the store (``engine.store.leases.lease_state`` under the ``alerts``
+lease), read by the holder before each evaluation and written after it. So when the lease
+moves (an engine stopped or died) the new holder knows what was already sent: an alert still
+over its threshold is not sent again before ``repeat_after``, and one that resolved during the
+handover is sent as resolved. With one engine (SQLite) the same holds across a restart.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 
 from engine.security.tls import TLSConfig, client_context
-from engine.store import schema
+from engine.store import leases, schema
 
 log = structlog.get_logger()
 
@@ -82,6 +87,7 @@ class AlertsConfig(BaseModel):
 
 
 STORE_WIDE = ("queue_depth", "oldest_pending_seconds", "dead_letters")  # one engine checks these
+LEASE = "alerts"  # the lease of the store-wide checks (taken by the runtime's keeper)
 
 
 @dataclass
@@ -129,6 +135,7 @@ class AlertMonitor:
         self.firing: dict[tuple[str, str, str], _Firing] = {}
         self._unsent_resolved: dict[tuple[str, str, str], dict[str, Any]] = {}
         self._last_attempts: dict[tuple[str, str], tuple[int, int]] = {}
+        self._saved: dict[str, Any] | None = None  # the store-wide state as last read or written
         self._task: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None
 
@@ -171,10 +178,58 @@ class AlertMonitor:
         """One evaluation: new alerts fire, old ones repeat or resolve."""
         now = time.time() if now is None else now
         over = await asyncio.to_thread(self.evaluate, now)
-        if not self.shared():  # the store-wide alerts are another engine's now: forget them, quietly
+        shared = self.shared()
+        if not shared:  # the store-wide alerts are another engine's now: forget them, quietly
             for key in [k for k in self.firing if k[0] in STORE_WIDE]:
                 del self.firing[key]
                 self._unsent_resolved.pop(key, None)
+        else:  # what the holders before this one sent (or this one, before a restart)
+            await asyncio.to_thread(self._load_shared)
+        await self._apply(over, now)
+        if shared and self.shared():
+            await asyncio.to_thread(self._save_shared)
+
+    # -- the store-wide alerts' state, handed over with the lease --------------------------
+    def _load_shared(self) -> None:
+        with self.store.engine.connect() as conn:
+            stored = leases.load_state(conn, LEASE)
+        firing: dict[tuple[str, str, str], _Firing] = {}
+        resolved: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for st in stored.values():
+            key = (st["alert"], st["channel"], st["route"])
+            if key[0] not in STORE_WIDE:
+                continue
+            if st.get("resolved") is not None:
+                resolved[key] = st["resolved"]
+            else:
+                firing[key] = _Firing(since=st["since"], sent_at=st["sent_at"], value=st["value"],
+                                      threshold=st["threshold"])
+        self.firing = {k: f for k, f in self.firing.items() if k[0] not in STORE_WIDE} | firing
+        self._unsent_resolved = {k: v for k, v in self._unsent_resolved.items() if k[0] not in STORE_WIDE} | resolved
+        self._saved = self._shared_state()
+
+    def _shared_state(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for (kind, channel, route), f in self.firing.items():
+            if kind in STORE_WIDE:
+                out[f"{kind}\x1f{channel}\x1f{route}"] = {
+                    "alert": kind, "channel": channel, "route": route, "since": f.since, "sent_at": f.sent_at,
+                    "value": f.value, "threshold": f.threshold, "resolved": None}
+        for (kind, channel, route), payload in self._unsent_resolved.items():
+            if kind in STORE_WIDE:
+                out[f"{kind}\x1f{channel}\x1f{route}"] = {"alert": kind, "channel": channel, "route": route,
+                                                           "resolved": payload}
+        return out
+
+    def _save_shared(self) -> None:
+        state = self._shared_state()
+        if state == self._saved:
+            return
+        with self.store.engine.begin() as conn:
+            leases.save_state(conn, LEASE, state)
+        self._saved = state
+
+    async def _apply(self, over: dict[tuple[str, str, str], tuple[float, float]], now: float) -> None:
         for key, (value, limit) in over.items():
             f = self.firing.get(key)
             if f is None:

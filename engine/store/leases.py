@@ -36,6 +36,7 @@ from collections.abc import Collection, Iterator
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     Column,
     Connection,
     Float,
@@ -44,6 +45,8 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    delete,
+    insert,
     literal_column,
     or_,
     select,
@@ -59,6 +62,17 @@ leases = Table(
     Column("holder", String(80), nullable=False, default=""),
     Column("until", Float, nullable=False, default=0.0),  # database clock (epoch seconds)
     Column("since", Float, nullable=False, default=0.0),  # when the current holder took it
+)
+
+
+# What a lease's holder has done that the next holder must know (the alerts already sent, so a
+# new holder neither repeats a firing alert nor misses a resolve): a few rows per lease, written
+# by the holder while it holds the lease, read by whoever takes it over.
+lease_state = Table(
+    "lease_state", schema.metadata,
+    Column("lease", String(200), primary_key=True),
+    Column("key", String(400), primary_key=True),
+    Column("state", JSON, nullable=False),
 )
 
 
@@ -167,6 +181,20 @@ def hold(store: Any, name: str, *, seconds: float = 60.0, holder: str | None = N
             release(conn, me, [name])
 
 
+def load_state(conn: Connection, lease: str) -> dict[str, Any]:
+    """key -> state the holders of ``lease`` left (``save_state``)."""
+    ls = lease_state
+    return {r.key: r.state for r in conn.execute(select(ls.c.key, ls.c.state).where(ls.c.lease == lease))}
+
+
+def save_state(conn: Connection, lease: str, states: dict[str, Any]) -> None:
+    """Replace what ``lease``'s holder leaves for the next one (call only while holding it)."""
+    ls = lease_state
+    conn.execute(delete(ls).where(ls.c.lease == lease))
+    if states:
+        conn.execute(insert(ls), [{"lease": lease, "key": k, "state": v} for k, v in sorted(states.items())])
+
+
 def xact_lock(conn: Connection, namespace: str, keys: Collection[str]) -> None:
     """Serialise this transaction with any other taking the same keys, until it ends (PostgreSQL).
 
@@ -189,4 +217,5 @@ def _lock_id(namespace: str, key: str) -> int:
     return int.from_bytes(h, "big", signed=True)
 
 
-__all__ = ["LeaseHeld", "db_now", "hold", "holder_id", "holders", "leases", "release", "tick", "xact_lock"]
+__all__ = ["LeaseHeld", "db_now", "hold", "holder_id", "holders", "lease_state", "leases", "load_state", "release",
+           "save_state", "tick", "xact_lock"]
