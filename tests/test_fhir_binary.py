@@ -376,3 +376,40 @@ def test_fhir_route_refuses_a_request_over_max_request_bytes_without_sending(ser
     r = httpx.get(f"{server.base_url}/Binary/toolarge1", headers=AUTH)
     assert r.status_code == 404
     time.sleep(0)
+
+
+def test_fhir_route_posts_a_binary_without_id_first_and_renames_its_full_url(server):
+    """binaries: separate with a POSTed Binary: sent raw first, its Location replaces the fullUrl in the
+    DocumentReference that follows in the transaction; the server never sees the base64."""
+    import asyncio
+
+    from engine.envelope import Envelope
+    from routes.fhir import FhirDestinationConfig, build
+
+    cfg = FhirDestinationConfig.model_validate({"type": "fhir", "base_url": server.base_url,
+                                                "auth": {"token": TOKEN}, "max_request_bytes": 4 * MIB})
+    dest = build(cfg, server.ctx)
+    pdf = pdf_bytes(3 * MIB, b"route")  # 4 MiB as base64: only sendable raw within max_request_bytes
+    urn = "urn:uuid:1c8e3f0a-5b7d-4e2a-9f61-0d2c4b6a8e10"
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": urn, "resource": {"resourceType": "Binary", "contentType": "application/pdf",
+                                      "data": base64.b64encode(pdf).decode()},
+         "request": {"method": "POST", "url": "Binary"}},
+        {"resource": {"resourceType": "DocumentReference", "status": "current",
+                      "identifier": [{"system": "urn:test:route", "value": "R1"}],
+                      "content": [{"attachment": {"contentType": "application/pdf", "url": urn}}]},
+         "request": {"method": "PUT", "url": "DocumentReference?identifier=urn:test:route|R1"}}]}
+    env = Envelope(channel="x", kind="fhir", payload=json.dumps(bundle).encode(), headers={})
+
+    async def go() -> str | None:
+        try:
+            return await dest.send(env)
+        finally:
+            await dest.close()
+
+    assert asyncio.run(go()) == "HTTP 200"
+    with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=30) as c:
+        doc = c.get("/DocumentReference", params={"identifier": "urn:test:route|R1"}).json()["entry"][0]["resource"]
+        url = doc["content"][0]["attachment"]["url"]
+        assert url.startswith("Binary/") and url != urn
+        assert c.get(f"/{url}", headers={"Accept": "application/pdf"}).content == pdf
