@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -37,6 +39,21 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05):
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+def stored_control_ids(db: Path) -> list[str]:
+    """MSH-10 of each message in a SQLite store file, read-only, while an engine writes it or after
+    it was killed; [] while the file or its tables do not exist yet."""
+    try:
+        c = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    except sqlite3.OperationalError:
+        return []
+    try:
+        return [json.loads(h)["MSH-10"] for (h,) in c.execute("SELECT headers FROM messages")]
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        c.close()
 
 
 def need_tool(path: str) -> str:
@@ -195,11 +212,8 @@ def sqlite_store(tmp_path):
     s.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_url(request, tmp_path):
-    """Each store test runs on SQLite and on PostgreSQL (MEDRELAY_TEST_PG_URL, set by scripts/test.sh)."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/store.db"
+def fresh_pg_url() -> str:
+    """MEDRELAY_TEST_PG_URL with an empty schema; a skip on a dev box without it, a failure under CI."""
     url = os.environ.get("MEDRELAY_TEST_PG_URL")
     if not url:
         if IN_CI:
@@ -207,3 +221,11 @@ def store_url(request, tmp_path):
         pytest.skip("PostgreSQL not available (run scripts/test.sh)")
     _reset_pg(url)
     return url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request, tmp_path):
+    """Each store test runs on SQLite and on PostgreSQL (MEDRELAY_TEST_PG_URL, set by scripts/test.sh)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/store.db"
+    return fresh_pg_url()

@@ -9,25 +9,16 @@ audited and rate limited, and every error is JSON ``{"error", "detail"}``.
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
+from conftest import wait_until
 from console_support import PASSWORD, login, start
 from sqlalchemy import select, text
 
 from engine.store import schema
 from engine.store.message_terms import message_terms
 
-
-def wait(predicate, timeout: float = 30.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = predicate()
-        if v:
-            return v
-        time.sleep(interval)
-    raise AssertionError("condition not met")
+wait = wait_until
 
 
 def audit_rows(eng, action: str) -> list:

@@ -12,7 +12,6 @@ import json
 import os
 import random
 import secrets
-import sqlite3
 import time
 
 import pytest
@@ -21,7 +20,7 @@ from sqlalchemy import create_engine, func, select, text
 from engine.hl7.message import field, read_header
 from engine.store import schema, sources
 from engine.store.fhir import tables as fhir_tables
-from tests.conftest import IN_CI
+from tests.conftest import IN_CI, stored_control_ids
 
 pytestmark = pytest.mark.postgres
 
@@ -266,19 +265,6 @@ def test_query_source_and_store_on_postgresql_too(engine_factory, source_table, 
 
 
 # -- kill -9 mid-poll ----------------------------------------------------------------
-def _mrns(db) -> list[str]:
-    try:
-        c = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    except sqlite3.OperationalError:
-        return []
-    try:
-        return [json.loads(h)["MSH-10"] for (h,) in c.execute("SELECT headers FROM messages")]
-    except sqlite3.OperationalError:
-        return []
-    finally:
-        c.close()
-
-
 @pytest.mark.slow
 def test_kill9_mid_poll_never_reads_a_row_twice_nor_skips_one(medrelay_proc, source_table, pg_url):
     table, eng = source_table
@@ -298,18 +284,18 @@ def test_kill9_mid_poll_never_reads_a_row_twice_nor_skips_one(medrelay_proc, sou
     rng = random.Random(1515)
     for _ in range(4):
         p.start()
-        before = len(_mrns(db))
+        before = len(stored_control_ids(db))
         target = min(before + rng.randint(10, 80), n)
         deadline = time.monotonic() + 60
-        while len(_mrns(db)) < target and time.monotonic() < deadline:
+        while len(stored_control_ids(db)) < target and time.monotonic() < deadline:
             time.sleep(0.005)
         p.kill9()
     p.start()
     deadline = time.monotonic() + 120
-    while len(_mrns(db)) < n and time.monotonic() < deadline:
+    while len(stored_control_ids(db)) < n and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(1.0)  # a few more polls: nothing more may come
     assert p.terminate() == 0
-    got = _mrns(db)
+    got = stored_control_ids(db)
     assert len(got) == len(set(got)), "a row read twice"
     assert sorted(got) == sorted(f"ROW{i}" for i in range(1, n + 1)), "a row skipped"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import sqlite3
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from engine.store import schema, sources
 from engine.store.dicom import tables as dicom_tables
 from engine.store.fhir import tables as fhir_tables
 from listeners.file import INFLIGHT
+from tests.conftest import stored_control_ids
 from tests.dicom_peers import data_file
 
 
@@ -248,19 +248,6 @@ def test_a_second_engine_on_the_same_folder_is_refused(engine_factory, tmp_path)
 
 
 # -- kill -9 ------------------------------------------------------------------------
-def _count(db: Path) -> list[str]:
-    try:
-        c = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    except sqlite3.OperationalError:
-        return []
-    try:
-        return [json.loads(h)["MSH-10"] for (h,) in c.execute("SELECT headers FROM messages")]
-    except sqlite3.OperationalError:
-        return []
-    finally:
-        c.close()
-
-
 @pytest.mark.slow
 def test_kill9_at_random_moments_loses_no_file_and_takes_none_twice(medrelay_proc, tmp_path):
     """60 files of 5 messages; `medrelay run` killed with SIGKILL four times while it works
@@ -283,10 +270,10 @@ def test_kill9_at_random_moments_loses_no_file_and_takes_none_twice(medrelay_pro
     total = n_files * per
     for _ in range(4):
         p.start()
-        before = len(_count(db))
+        before = len(stored_control_ids(db))
         deadline = time.monotonic() + 60
         target = before + rng.randint(3, 40)
-        while len(_count(db)) < min(target, total) and time.monotonic() < deadline:
+        while len(stored_control_ids(db)) < min(target, total) and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(rng.random() * 0.05)
         p.kill9()
@@ -295,11 +282,11 @@ def test_kill9_at_random_moments_loses_no_file_and_takes_none_twice(medrelay_pro
     while time.monotonic() < deadline:
         left = [x for x in d.iterdir() if x.is_file()]
         inflight = [x for x in (d / INFLIGHT).iterdir() if x.name != ".lock"]
-        if not left and not inflight and len(_count(db)) >= total:
+        if not left and not inflight and len(stored_control_ids(db)) >= total:
             break
         time.sleep(0.2)
     assert p.terminate() == 0
-    got = _count(db)
+    got = stored_control_ids(db)
     dupes = {m for m in got if got.count(m) > 1}
     assert not dupes, f"taken twice: {sorted(dupes)[:10]}"
     assert sorted(got) == sorted(f"K{i:03d}-{j}" for i in range(n_files) for j in range(per))
