@@ -5,7 +5,8 @@ for FHIR JSON gets the Binary resource with ``data`` in base64; any other read g
 bytes themselves with the Binary's contentType (an Accept naming another type is 406). A
 create or update whose Content-Type is not FHIR JSON is the content itself.
 
-Both directions stream: a raw body is read in the pieces the server hands over, within
+A raw read honours one byte range (``Range: bytes=a-b``, 206; pdf.js asks for them on large
+PDFs). Both directions stream: a raw body is read in the pieces the server hands over, within
 ``max_binary_bytes`` (413 OperationOutcome past it) and the listener's body budget, each
 piece encrypted as it arrives into a blob of its own (engine.store.fhir.binary); a read sends the
 blob's chunks as they are decrypted (``Store.blob_chunks``), base64-encoded on the fly for
@@ -123,14 +124,55 @@ def read_response(fs: FhirStore, conn: Any, request: Request, rtype: str, rid: s
         return StreamingResponse(binary.json_with_data(doc, binary.chunks(conn, fs.store, data)), 200,
                                  headers={**headers, "Content-Type": CONTENT_TYPE})
     check_raw_accept(request, content_type)
-    out = {**headers, "Content-Type": content_type, "X-Content-Type-Options": "nosniff"}
+    out = {**headers, "Content-Type": content_type, "X-Content-Type-Options": "nosniff", "Accept-Ranges": "bytes"}
     if data is None:
         return Response(b"", 200, headers=out)
+    span = byte_range(request.headers.get("range", ""), data.size)
+    if span == "unsatisfiable":
+        return Response(b"", 416, headers={**headers, "Content-Range": f"bytes */{data.size}"})
+    if isinstance(span, tuple):
+        start, end = span
+        out["Content-Range"] = f"bytes {start}-{end}/{data.size}"
+        out["Content-Length"] = str(end - start + 1)
+        return StreamingResponse(_window(binary.chunks(conn, fs.store, data), start, end + 1), 206, headers=out)
     out["Content-Length"] = str(data.size)
     return StreamingResponse(_iterate(binary.chunks(conn, fs.store, data)), 200, headers=out)
+
+
+def byte_range(header: str, size: int) -> tuple[int, int] | str | None:
+    """One ``bytes=a-b`` / ``a-`` / ``-n`` range (RFC 9110 14.1.2) as (first, last); None: send it
+    all (no header, another unit, several ranges, a malformed one); "unsatisfiable": 416."""
+    unit, _, spec = header.strip().partition("=")
+    if unit.strip().lower() != "bytes" or not spec or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash or not (first.isdigit() or last.isdigit()) or (first and not first.isdigit()) \
+            or (last and not last.isdigit()):
+        return None
+    if not first:  # the final n bytes
+        n = int(last)
+        return (max(0, size - n), size - 1) if n and size else "unsatisfiable"
+    start = int(first)
+    if start >= size:
+        return "unsatisfiable"
+    end = min(int(last), size - 1) if last else size - 1
+    return (start, end) if end >= start else None
 
 
 def _iterate(chunks: Iterator[bytes]) -> Iterator[bytes]:
     """The chunks as they are authenticated; a failure mid-stream ends the response short (the
     client sees fewer bytes than Content-Length), since the status is out already."""
     yield from chunks
+
+
+def _window(chunks: Iterator[bytes], start: int, stop: int) -> Iterator[bytes]:
+    """Bytes [start, stop) of the stream. Chunks before it are decrypted and dropped (each one is
+    authenticated in order, and a chunk cannot be opened on its own here), so memory stays one chunk."""
+    pos = 0
+    for chunk in chunks:
+        end = pos + len(chunk)
+        if end > start:
+            yield bytes(memoryview(chunk)[max(0, start - pos):min(len(chunk), stop - pos)])
+        pos = end
+        if pos >= stop:
+            return

@@ -107,6 +107,14 @@ def test_binary_50mib_round_trip_streamed_with_bounded_memory(medrelay_proc, sto
         del doc, r
 
         _outcome(c.get(f"/Binary/{bid}", headers={"Accept": "image/png"}), 406, "not-supported")
+        # byte ranges across chunk boundaries (1 MiB chunks), the last bytes, past the end
+        for rng, want in ((f"bytes={MIB - 5}-{3 * MIB + 4}", pdf[MIB - 5:3 * MIB + 5]), ("bytes=-10", pdf[-10:]),
+                          (f"bytes={len(pdf) - 3}-", pdf[-3:])):
+            r = c.get(f"/Binary/{bid}", headers={"Range": rng})
+            assert r.status_code == 206 and r.content == want, rng
+            assert r.headers["content-range"].endswith(f"/{len(pdf)}")
+        r = c.get(f"/Binary/{bid}", headers={"Range": f"bytes={len(pdf)}-"})
+        assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{len(pdf)}"
         growth = vm_hwm(proc.proc.pid) - baseline
 
         # too large: declared (refused before reading) and chunked (refused once past the limit)
