@@ -235,11 +235,15 @@ class FhirApi:
         return fhir_response(self.capability)
 
     async def instance(self, request: Request, actor: str) -> Response:
-        if request.method == "GET":
+        # Starlette routes HEAD wherever GET is allowed: HEAD is a read (it must never fall through
+        # to DELETE); the server sends the read's headers without its body.
+        if request.method in ("GET", "HEAD"):
             return await self.read(request, actor)
         if request.method == "PUT":
             return await self.update(request, actor)
-        return await self.delete(request, actor)
+        if request.method == "DELETE":
+            return await self.delete(request, actor)
+        raise FhirError(405, "not-supported", "method not allowed here")
 
     async def read(self, request: Request, actor: str) -> Response:
         rtype, rid = self._type(request), self._id(request)
@@ -345,8 +349,10 @@ class FhirApi:
 
     # -- writes --------------------------------------------------------------
     async def type_level(self, request: Request, actor: str) -> Response:
-        if request.method == "GET":
+        if request.method in ("GET", "HEAD"):  # HEAD: see ``instance``
             return await self._search(request, actor, list(request.query_params.multi_items()))
+        if request.method not in ("POST", "PUT", "DELETE"):
+            raise FhirError(405, "not-supported", "method not allowed here")
         rtype = self._type(request, write=True)
         query = list(request.query_params.multi_items())
         query = [(k, v) for k, v in query if k not in ("_format", "_pretty")]

@@ -178,6 +178,14 @@ def test_binary_crud_negotiation_and_json_data(server):
 
         r = c.put("/Binary/client-id-1", content=b"\x00\x01", headers={"Content-Type": "application/octet-stream"})
         assert r.status_code == 201
+        # HEAD is a read (Starlette routes it with GET): it once fell through to DELETE
+        r = c.head("/Binary/client-id-1")
+        assert r.status_code == 200 and r.headers["content-length"] == "2" and r.content == b""
+        assert c.head("/Binary", params={"_id": "client-id-1"}).status_code == 200
+        assert c.get("/Binary/client-id-1").content == b"\x00\x01"
+        pid = c.post("/Patient", json={"resourceType": "Patient", "name": [{"family": "Head"}]}).json()["id"]
+        assert c.head(f"/Patient/{pid}").status_code == 200
+        assert c.get(f"/Patient/{pid}").status_code == 200
         _outcome(c.post("/Binary", json={"resourceType": "Binary", "contentType": "x/y", "data": "!!"},
                         headers={"Content-Type": "application/fhir+json"}), 400, "invalid")
         assert c.delete(f"/Binary/{bid}").status_code == 204
