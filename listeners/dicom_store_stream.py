@@ -140,7 +140,7 @@ class IncomingDataSet:
         except BaseException:
             intake.discard_ahead(ahead)
             raise
-        log.info("dicom.stored_streamed", channel=self.scp.ctx.channel, message_id=self.message_id,
+        log.debug("dicom.stored_streamed", channel=self.scp.ctx.channel, message_id=self.message_id,
                  size=self.size, status=outcome.status)
         return outcome_status(self.scp.ctx.channel, self.message_id, outcome)
 
