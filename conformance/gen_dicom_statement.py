@@ -290,6 +290,16 @@ def render() -> str:
         "routing again; with `duplicates: replace` a data set with different content replaces the archive "
         "entry and is routed, an identical re-send is recognised and not routed twice.",
         "",
+        "Large data sets on medrelay's own Upper Layer (section 2.3: plain storage associations without "
+        "TLS) are not held in memory: from 16 MiB (`STREAM_MIN`) on, the P-DATA fragments are sealed in "
+        "authenticated 1 MiB chunks and written to the blob as they arrive, the index attributes are read"
+        " from the elements before the pixel data (at most the first 32 MiB of the data set: an instance "
+        "whose header is longer is refused with 0xC000), and the response follows the commit as for any "
+        "instance. An association that ends before the data set is complete (A-ABORT, a closed "
+        "connection, an idle timeout) gets no response and leaves nothing stored. Big Endian data sets, "
+        "and every association served by pynetdicom (TLS, extended negotiation, role selection, user "
+        "identity), are assembled in memory before they are stored.",
+        "",
         "#### Patient identity in the archive",
         "",
         "- Patients are keyed by Patient ID (0010,0020) together with Issuer of Patient ID (0010,0021). An "
