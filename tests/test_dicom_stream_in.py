@@ -28,6 +28,7 @@ from engine.store.db import STREAM_MIN, Store
 from engine.store.dicom import index as idx
 from listeners import dicom_dimse as dimse
 from listeners import dicom_ul as ul
+from tests.conftest import IN_CI, _reset_pg
 from tests.dicom_peers import ENV, findscu, free_port, store_statuses, tool
 from tests.test_blob_s3 import BUCKET, CREDS, _files, _objects, s3  # noqa: F401  (s3: the moto fixture)
 
@@ -38,9 +39,9 @@ RSS_LIMIT = 300 << 20
 MiB = 1 << 20
 
 
-def _yaml(data: Path, port: int) -> str:
+def _yaml(data: Path, port: int, url: str) -> str:
     return f"""
-store: {{url: "sqlite:///{data}/medrelay.db", blobs: "{data}/blobs"}}
+store: {{url: "{url}", blobs: "{data}/blobs"}}
 keys: {{kek_file: "{data}/keys.json"}}
 channels:
   dcm:
@@ -51,17 +52,18 @@ channels:
 class Engine:
     """`medrelay run` with a sampler of its RSS (VmRSS every 50 ms; VmHWM is the kernel's peak)."""
 
-    def __init__(self, medrelay_proc, tmp_path: Path) -> None:
+    def __init__(self, medrelay_proc, tmp_path: Path, url: str | None = None) -> None:
         self.data = tmp_path / "data"
         self.port = free_port()
-        self.proc = medrelay_proc(_yaml(self.data, self.port))
+        self.url = url or f"sqlite:///{self.data}/medrelay.db"
+        self.proc = medrelay_proc(_yaml(self.data, self.port, self.url))
         self.proc.start()
         self.proc.wait_port(self.port)
         assert self.proc.proc is not None
         self.pid = self.proc.proc.pid
 
     def store(self) -> Store:
-        return Store(f"sqlite:///{self.data}/medrelay.db", self.data / "blobs", KeyRing(self.data / "keys.json"))
+        return Store(self.url, self.data / "blobs", KeyRing(self.data / "keys.json"))
 
     def blob_files(self) -> list[Path]:
         return [p for p in (self.data / "blobs").rglob("*") if p.is_file()]
@@ -108,10 +110,19 @@ def _messages(store: Store) -> int:
         return int(conn.execute(select(func.count()).select_from(schema.messages)).scalar_one())
 
 
-def test_storescu_large_instance_is_streamed_bounded_and_byte_identical(medrelay_proc, tmp_path):
+@pytest.mark.parametrize("db", ["sqlite", "postgres"])
+def test_storescu_large_instance_is_streamed_bounded_and_byte_identical(medrelay_proc, tmp_path, db):
+    url = None
+    if db == "postgres":
+        url = os.environ.get("MEDRELAY_TEST_PG_URL")
+        if not url:
+            if IN_CI:
+                pytest.fail("MEDRELAY_TEST_PG_URL not set: PostgreSQL is required under CI")
+            pytest.skip("PostgreSQL not available (run scripts/test.sh)")
+        _reset_pg(url)
     src = tmp_path / "large.dcm"
     uids = write_large_instance(src, SIZE, patient_id="STREAM^ONE")
-    eng = Engine(medrelay_proc, tmp_path)
+    eng = Engine(medrelay_proc, tmp_path, url)
     idle = eng.rss()["VmRSS"]
     r = subprocess.run([tool("storescu"), "-v", "-aet", "TESTSCU", "-aec", "MEDRELAY", "127.0.0.1", str(eng.port),
                         str(src)], env=ENV, capture_output=True, text=True, timeout=600)
