@@ -79,7 +79,7 @@ class StoreSCPeer:
     """A pynetdicom Storage SCP that hashes what it receives; ``abort_after`` P-DATA PDUs of the
     data set it sends an A-ABORT and drops the connection, mid-instance."""
 
-    def __init__(self) -> None:
+    def __init__(self, ssl_context=None) -> None:
         self.received: list[tuple[str, str, int]] = []  # (SOP Instance UID, SHA-256, bytes)
         self.abort_after: int | None = None
         self.aborted = 0
@@ -87,7 +87,7 @@ class StoreSCPeer:
         ae = AE(ae_title="PEER")
         ae.maximum_pdu_size = 65536
         ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian, "1.2.840.10008.1.2"])
-        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
+        self.server = ae.start_server(("127.0.0.1", 0), block=False, ssl_context=ssl_context, evt_handlers=[
             (evt.EVT_C_STORE, self._store), (evt.EVT_PDU_RECV, self._pdu)])
         self.port = self.server.server_address[1]
 
@@ -233,6 +233,33 @@ def test_stream_out_byte_identical_and_aborted_peer_is_a_retried_failure(engine_
         peer.stop()
         scp.stop()
         implicit.stop()
+
+
+def test_route_over_tls_streams_through_the_dul_queue(engine_factory, tmp_path):
+    """TLS: the data set PDUs go through pynetdicom's DUL (an SSL object is written by one thread)."""
+    import ssl
+
+    from tls_certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pki.server.cert, pki.server.key)
+    ctx.load_verify_locations(pki.ca)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    peer = StoreSCPeer(ssl_context=ctx)
+    try:
+        tls = (f'{{host: 127.0.0.1, port: {peer.port}, called_ae_title: PEER, tls: {{ca: "{pki.ca}", '
+               f'cert: "{pki.client.cert}", key: "{pki.client.key}", server_name: localhost}}}}')
+        yaml = _yaml(0, peer.port, peer.port, route_ae="PEER").replace(
+            f"{{type: dicom, host: 127.0.0.1, port: {peer.port}, called_ae_title: PEER}}", "{type: dicom, " + tls[1:])
+        e = engine_factory(yaml)
+        src = tmp_path / "big.dcm"
+        uid, sha = big_instance(src, 24)
+        assert "Success" in storescu(e.address("dcm")[1], [src]).stdout
+        e.wait_for(lambda: deliveries(e.store, "fwd")[0][0] == "done", timeout=60)
+        assert [(u, h) for u, h, _n in peer.received] == [(uid, sha)]
+    finally:
+        peer.stop()
 
 
 def _study(path: Path) -> str:
