@@ -129,6 +129,10 @@ class RouteWorker:
                 if self._stopping:
                     return
                 if not self.owns_route:  # another process has this ordered route: wait for its lease
+                    if self.lease_name is not None and self.keeper.yielding(self.lease_name):
+                        # balancing gives it to another engine: everything in hand is settled, so
+                        # the next holder sees every outcome (order kept, nothing sent twice)
+                        await asyncio.to_thread(self.keeper.yielded, self.lease_name)
                     r.wake.clear()
                     await self.keeper.wait_changed(IDLE_POLL)
                     continue

@@ -47,9 +47,12 @@ LEASE_SECONDS = 5.0  # a claimed delivery's lease on PostgreSQL; renewed while i
 _BLOB_FIELDS = ("aad", "kek_id", "wrapped_key", "nonce", "data", "in_file")
 
 
+ROUTE_LEASE_PREFIX = "route:"  # ordered routes' leases: spread over the engines (engine.ops.singleton.Keeper)
+
+
 def route_lease_name(channel: str, route: str) -> str:
     """The named lease an ordered route's claimer holds (engine.store.leases)."""
-    return f"route:{channel}/{route}"
+    return f"{ROUTE_LEASE_PREFIX}{channel}/{route}"
 
 
 @dataclass(slots=True)
@@ -418,6 +421,6 @@ def states_of(store: Any, ids: Sequence[int]) -> dict[str, int]:
     return counts
 
 
-__all__ = ["LEASE_SECONDS", "Claimed", "Failure", "Lease", "Outcome", "backoff", "claim", "complete", "fail",
-           "next_due", "open_payload", "quarantine", "renew_rows", "requeue", "route_lease_name", "settle",
-           "settle_all", "states_of"]
+__all__ = ["LEASE_SECONDS", "ROUTE_LEASE_PREFIX", "Claimed", "Failure", "Lease", "Outcome", "backoff", "claim",
+           "complete", "fail", "next_due", "open_payload", "quarantine", "renew_rows", "requeue", "route_lease_name",
+           "settle", "settle_all", "states_of"]

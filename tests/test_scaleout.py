@@ -415,3 +415,93 @@ def test_audit_export_runs_in_one_engine_and_moves_when_it_stops(engine_factory,
         assert len(late) > len(sent) and len(late) == len(set(late))
     finally:
         rx.stop()
+
+
+# -- ordered route leases spread over the engines ------------------------------------------------------
+def _route_holders(store) -> dict[str, str]:
+    with store.engine.connect() as c:
+        return {n: h for n, (h, _) in leases.holders(c).items() if n.startswith("route:")}
+
+
+def test_ordered_route_leases_spread_over_engines_and_the_handover_keeps_order(engine_factory, pg):
+    """Six ordered routes; engine A starts alone and takes all six leases; engine B starts while
+    messages flow: A gives three up at renewal (each once its worker has settled what it had), B
+    takes them. Every route's receiver gets every message once, in the order sent. Before, the
+    first engine kept every ordered route's lease for as long as it ran."""
+    url, shared = pg
+    names = [f"bal{i}" for i in range(6)]
+    for n in names:
+        engine_fakes.OUTBOX.pop(n, None)
+    routes = "".join(f"\n    - name: r{i}\n      to: {{type: test_collect, name: {n}}}" for i, n in enumerate(names))
+    cfg = _yaml(url, shared, "adt:\n  source: {type: mllp, port: 0}\n  routes:" + routes)
+    a = engine_factory(cfg)
+    a.wait_for(lambda: len([h for h in _route_holders(a.store).values() if h == a.runtime.keeper.holder]) == 6,
+               timeout=20)
+    sent: list[bytes] = []
+    client = RawClient("127.0.0.1", a.address("adt")[1])
+    b = None
+    try:
+        for i in range(150):
+            cid = f"BAL{i:04}".encode()
+            assert msa(client.request(_adt(cid.decode(), mrn=f"M{i}"), timeout=20))[1] == "AA"
+            sent.append(cid)
+            if i == 30:
+                b = engine_factory(cfg)
+            time.sleep(0.02)
+    finally:
+        client.close()
+    assert b is not None
+
+    def split() -> tuple[int, int]:
+        held = list(_route_holders(a.store).values())
+        return held.count(a.runtime.keeper.holder), held.count(b.runtime.keeper.holder)
+
+    a.wait_for(lambda: split() == (3, 3), timeout=30)
+    a.wait_for(lambda: all(len(engine_fakes.OUTBOX.get(n, [])) >= len(sent) for n in names), timeout=60)
+    time.sleep(1.0)
+    for n in names:
+        got = [p.split(b"\r", 1)[0].split(b"|")[9] for p in engine_fakes.OUTBOX[n]]
+        assert got == sent, f"{n}: out of order or duplicated"
+    assert split() == (3, 3)  # stable: nobody takes back what it gave up
+
+
+def test_a_route_lease_nobody_else_wants_is_taken_after_the_grace(pg):
+    """Balancing never strands a route: engine A wants four route leases, engine B another one (another
+    configuration). A's share is two; it gives two up, and since nobody takes them it takes them back
+    once they have been free for the grace period, and then gives nothing up any more."""
+    from engine.ops.singleton import Keeper
+    from engine.security.crypto import KeyRing
+
+    url, shared = pg
+    sa = Store(url, shared / "blobs", KeyRing(shared / "keys.json"))
+    sb = Store(url, shared / "blobs", KeyRing(shared / "keys.json"))
+    try:
+        sa.migrate()
+        ka, kb = Keeper(sa, lease=2.0, tick=0.2), Keeper(sb, lease=2.0, tick=0.2)
+        ka.start()
+        kb.start()
+        routes = [f"route:c/r{i}" for i in range(4)]
+        kb.want("route:other/x")
+        for r in routes:
+            ka.want(r)
+        deadline = time.monotonic() + 10
+        while sum(ka.yielding(r) for r in routes) != 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        given = [r for r in routes if ka.yielding(r)]
+        assert len(given) == 2 and ka.engines == 2
+        assert sum(ka.held(r) for r in routes) == 2
+        for r in given:  # what a route worker does once it has nothing in hand
+            ka.yielded(r)
+        time.sleep(1.0)  # within the grace (lease + 2 ticks = 2.4 s): left for others
+        assert sum(ka.held(r) for r in routes) == 2
+        deadline = time.monotonic() + 10
+        while sum(ka.held(r) for r in routes) != 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sum(ka.held(r) for r in routes) == 4  # taken back, over its share
+        time.sleep(1.0)  # and kept: not yielded again (every try would pause the route for the grace)
+        assert sum(ka.held(r) for r in routes) == 4 and not any(ka.yielding(r) for r in routes)
+        ka.stop()
+        kb.stop()
+    finally:
+        sa.dispose()
+        sb.dispose()

@@ -17,6 +17,19 @@ and tries again with a bounded backoff.
 
 ``Singleton`` runs an async job only while this process holds its lease.
 
+Ordered routes' leases are spread over the engines: every engine with ordered routes holds a
+presence lease (``engine:<holder>``), so each knows how many such engines run; one that holds
+more than its share of the route leases it wants (``ceil(routes / engines)``) gives the
+surplus up. Not at once: the
+route's worker first finishes and settles what it has in hand (``held`` says no to a yielding
+lease, so it claims nothing more) and then calls ``yielded``, which releases the lease; the
+next holder's claims see every outcome written, so the order holds and nothing is sent twice.
+An engine that has its share takes a free route lease only once it has been free for a
+while (``tick``'s ``patient``), leaving it to engines with less; so the yielded lease goes
+elsewhere, yet a route nobody else wants (other engines without it in their configuration)
+is still taken, after that grace (a pause of a few seconds); having seen that, the engine
+gives nothing up for ``KEEP_FOR`` (the engines' routes differ; each try would pause a route).
+
 On SQLite there is one engine per store (lock file): every lease is held at once and no
 thread runs; the settler is the same.
 """
@@ -48,6 +61,15 @@ SETTLE_RETRY = (0.25, 2.0)  # seconds between settle attempts while the store fa
 SETTLE_LINGER = 0.01  # seconds the settler waits for more outcomes after the first (group commit)
 SETTLE_MAX = 256  # outcomes per transaction at most
 LOG_EVERY = 30.0
+FORGET_EVERY = 60  # ticks between sweeps of presence leases of engines gone long ago
+FORGET_AFTER = 3600.0  # seconds a dead engine's presence row is kept
+TAKEN_BACK = 60.0  # a yielded route lease this process takes again within this long: nobody else wanted it
+KEEP_FOR = 600.0  # ... and it is not yielded again for this long (each try stalls the route for the grace)
+
+
+def _share(routes: int, engines: int) -> int:
+    """The route leases one engine should hold: an even split, rounded up."""
+    return -(-routes // max(engines, 1))
 
 
 class Keeper:
@@ -69,6 +91,11 @@ class Keeper:
         self._failing_since: float | None = None
         self._logged = 0.0
         self.ticks = 0
+        self._yielding: set[str] = set()  # route leases being given up once their worker is idle
+        self._given: dict[str, float] = {}  # route lease -> when this process yielded it (monotonic)
+        self._keep: dict[str, float] = {}  # route lease -> until when not to yield it (nobody else took it)
+        self.engines = 1  # engine processes on the store, as of the last tick (route lease balancing)
+        self.presence = f"{leases.ENGINE_PREFIX}{self.holder}"
 
     # -- what workers ask ---------------------------------------------------------
     def want(self, name: str) -> None:
@@ -90,7 +117,26 @@ class Keeper:
     def held(self, name: str) -> bool:
         if not self.shared:
             return name in self._wanted
-        return time.monotonic() < self._deadline.get(name, 0.0)
+        return time.monotonic() < self._deadline.get(name, 0.0) and name not in self._yielding
+
+    def yielding(self, name: str) -> bool:
+        """This process is giving ``name`` up (balancing): its worker should finish and call ``yielded``."""
+        return name in self._yielding
+
+    def yielded(self, name: str) -> None:
+        """The worker of a yielding lease has nothing in hand (all settled): release it now."""
+        with self._lock:
+            if name not in self._yielding:
+                return
+            self._yielding.discard(name)
+            self._deadline.pop(name, None)
+            self._given[name] = time.monotonic()
+        try:
+            with self.store.queue_tx() as conn:
+                leases.release(conn, self.holder, [name])
+        except Exception as e:  # not renewed any more either way: it runs out within LEASE
+            log.warning("lease.release_failed", lease=name, error=_db_error(e))
+        log.info("lease.yielded", lease=name, holder=self.holder, engines=self.engines)
 
     def held_names(self) -> set[str]:
         now = time.monotonic()
@@ -142,16 +188,28 @@ class Keeper:
             self._wake.clear()
 
     def tick_once(self) -> None:
-        """Renew and take leases, extend row leases: one transaction."""
+        """Renew and take leases, extend row leases, balance route leases: one transaction."""
         with self._lock:
             wanted = set(self._wanted)
             rows = list(self._rows)
+            routes = sorted(n for n in wanted if n.startswith(queue.ROUTE_LEASE_PREFIX))
+            if routes:  # counted by the other engines with ordered routes (balancing)
+                wanted.add(self.presence)
+            now = time.monotonic()
+            mine = [n for n in routes if self._deadline.get(n, 0.0) > now]
+        # with its share already, this engine leaves free route leases to the others for a while
+        patient = [n for n in routes if n not in mine] if len(mine) >= _share(len(routes), self.engines) else []
         sent = time.monotonic()
         try:
             with self.store.queue_tx() as conn:
-                got = leases.tick(conn, self.holder, wanted, self.lease, self._known)
+                got = leases.tick(conn, self.holder, wanted, self.lease, self._known, patient=patient,
+                                  grace=self.lease + 2 * self.every)
                 if rows:
                     queue.renew_rows(conn, self.holder, rows)
+                if routes:
+                    self.engines = max(1, leases.live_engines(conn))
+                if self.ticks % FORGET_EVERY == 0:
+                    leases.forget_engines(conn, FORGET_AFTER)
         except Exception as e:
             self._known.clear()  # the rows may be gone (a restored database): create them again
             now = time.monotonic()
@@ -174,8 +232,33 @@ class Keeper:
                     self._deadline.pop(n, None)
         for n in sorted(set(got) - before):
             log.info("lease.acquired", lease=n, holder=self.holder)
+            given = self._given.pop(n, None)
+            if given is not None and sent - given < TAKEN_BACK:
+                # yielded and nobody took it (the other engines do not have this route): keep it
+                self._keep[n] = sent + KEEP_FOR
         for n in sorted(before - set(got)):
             log.warning("lease.lost", lease=n, holder=self.holder)
+        if routes:
+            self._balance(sorted(n for n in got if n in routes), _share(len(routes), self.engines))
+
+    def _balance(self, held_routes: list[str], share: int) -> None:
+        """Mark route leases beyond this engine's share as yielding (or take marks back when the
+        share grew, e.g. another engine stopped)."""
+        now = time.monotonic()
+        with self._lock:
+            self._yielding &= set(held_routes)  # released or lost meanwhile
+            self._keep = {n: t for n, t in self._keep.items() if t > now}
+            keep = [n for n in held_routes if n not in self._yielding]
+            if len(keep) > share and not self._keep:  # (a lease nobody took: the others' routes differ)
+                give = keep[share:]
+                self._yielding.update(give)
+            elif len(keep) < share and self._yielding:
+                give = []
+                self._yielding -= set(sorted(self._yielding)[:share - len(keep)])
+            else:
+                give = []
+        for n in give:
+            log.info("lease.yielding", lease=n, holder=self.holder, engines=self.engines, share=share)
 
 
 class Settler:

@@ -46,6 +46,7 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
+    func,
     insert,
     literal_column,
     or_,
@@ -93,13 +94,15 @@ def db_now(conn: Connection) -> Any:
 
 
 def tick(conn: Connection, holder: str, names: Collection[str], seconds: float,
-         known: set[str] | None = None) -> set[str]:
+         known: set[str] | None = None, *, patient: Collection[str] = (), grace: float = 0.0) -> set[str]:
     """Renew the leases of ``names`` this holder has and take those that are free; return what it holds.
 
     One UPDATE: a row is ours afterwards if it was ours, or its holder let it run out. Two
     processes racing for a free row serialise on its row lock and the second sees the first's
     fresh ``until``. Rows are created the first time a name is asked for (``known`` remembers
-    which exist, so a steady tick is one statement).
+    which exist, so a steady tick is one statement). Names in ``patient`` are taken only once
+    they have been free for ``grace`` seconds: a process that has its share of a kind of lease
+    leaves the free ones to processes that have less, and takes them only when nobody does.
     """
     names = sorted(set(names))
     if not names:
@@ -110,7 +113,11 @@ def tick(conn: Connection, holder: str, names: Collection[str], seconds: float,
             known.update(names)
     lt = leases
     now = db_now(conn)
-    stmt = (update(lt).where(and_(lt.c.name.in_(names), or_(lt.c.holder == holder, lt.c.until < now)))
+    free = lt.c.until < now
+    patient = sorted(set(patient) & set(names))
+    if patient:
+        free = lt.c.until < case((lt.c.name.in_(patient), now - grace), else_=now)
+    stmt = (update(lt).where(and_(lt.c.name.in_(names), or_(lt.c.holder == holder, free)))
             .values(holder=holder, until=now + seconds,
                     since=case((lt.c.holder == holder, lt.c.since), else_=now))
             .returning(lt.c.name))
@@ -133,12 +140,33 @@ def _create(conn: Connection, names: list[str]) -> None:
 
 
 def release(conn: Connection, holder: str, names: Collection[str]) -> int:
-    """Give leases up at once (a clean stop): another process takes them at its next tick."""
+    """Give leases up at once (a clean stop): another process takes them at its next tick.
+
+    ``until`` becomes now rather than 0, so the row says since when it is free (``tick``'s
+    ``patient`` names wait for that to be ``grace`` seconds ago), and the holder is cleared (else
+    its next tick would renew it as its own)."""
     if not names:
         return 0
     lt = leases
     return conn.execute(update(lt).where(and_(lt.c.name.in_(sorted(names)), lt.c.holder == holder))
-                        .values(until=0.0)).rowcount or 0
+                        .values(until=db_now(conn), holder="")).rowcount or 0
+
+
+ENGINE_PREFIX = "engine:"  # every engine process holds one lease named after itself while it runs
+
+
+def live_engines(conn: Connection) -> int:
+    """How many engine processes are running on this store now (their presence leases are live)."""
+    lt = leases
+    return int(conn.execute(select(func.count()).select_from(lt).where(
+        and_(lt.c.name.like(ENGINE_PREFIX + "%"), lt.c.until >= db_now(conn)))).scalar() or 0)
+
+
+def forget_engines(conn: Connection, older_than: float) -> int:
+    """Delete presence leases that ran out ``older_than`` seconds ago (engines killed long ago)."""
+    lt = leases
+    return conn.execute(delete(lt).where(and_(lt.c.name.like(ENGINE_PREFIX + "%"),
+                                              lt.c.until < db_now(conn) - older_than))).rowcount or 0
 
 
 def holders(conn: Connection) -> dict[str, tuple[str, float]]:
@@ -217,5 +245,5 @@ def _lock_id(namespace: str, key: str) -> int:
     return int.from_bytes(h, "big", signed=True)
 
 
-__all__ = ["LeaseHeld", "db_now", "hold", "holder_id", "holders", "lease_state", "leases", "load_state", "release",
-           "save_state", "tick", "xact_lock"]
+__all__ = ["ENGINE_PREFIX", "LeaseHeld", "db_now", "forget_engines", "hold", "holder_id", "holders", "lease_state",
+           "leases", "live_engines", "load_state", "release", "save_state", "tick", "xact_lock"]
