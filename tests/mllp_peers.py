@@ -192,7 +192,7 @@ class MLLPReceiver:
         self.server.shutdown()
         self.server.server_close()
 
-    def wait_for(self, n: int, timeout: float = 20.0) -> list[bytes]:
+    def wait_for(self, n: int, timeout: float = 30.0) -> list[bytes]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
