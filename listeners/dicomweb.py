@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import parse_qsl
 
 import structlog
 from pydantic import Field, model_validator
@@ -321,7 +322,8 @@ class DicomWebApi:
     async def search(self, request: Request, actor: str) -> Response:
         level, uids = self._level_of(request)
         self._accept_json(request)
-        q = qido.parse(request.query_params.multi_items(), level, uids)
+        q = qido.parse(parse_qsl(request.scope["query_string"].decode("latin-1"), keep_blank_values=True), level,
+                       uids)  # what Starlette's query_params parses, without its multidict
         cap = self.config.max_results
         if q.limit is None or q.limit > cap:
             q.limit = cap

@@ -117,9 +117,7 @@ _DEFAULT_TAGS = {level: tuple(int(tag_for_keyword(kw)) for kw in kws) for level,
 def parse(params: Sequence[tuple[str, str]], level: str, path_uids: dict[str, str]) -> Query:
     """Query parameters (and the UIDs of the path) -> the C-FIND identifier at ``level``."""
     q = Query(level=level, identifier=Dataset())
-    ds = q.identifier
-    ds.QueryRetrieveLevel = level
-    include: list[int] = list(_DEFAULT_TAGS[level])
+    include: list[int] = []
     matching: dict[int, str] = {}
     for name, value in params:
         if name == "limit":
@@ -148,12 +146,25 @@ def parse(params: Sequence[tuple[str, str]], level: str, path_uids: dict[str, st
             matching[tag] = value
     for kw, uid in path_uids.items():
         matching[int(tag_for_keyword(kw))] = uid
+    ds = Dataset(dict(_template(level)))  # its own dict; the shared elements are replaced, never changed
     for tag, value in matching.items():
         _add(ds, tag, value)
     for tag in dict.fromkeys(include):
-        if tag not in matching:
+        if tag not in matching and tag not in ds:
             _add(ds, tag, None)
+    q.identifier = ds
     return q
+
+
+@functools.cache
+def _template(level: str) -> dict[Any, Any]:
+    """The elements every query at ``level`` starts from (QueryRetrieveLevel and the default
+    return keys, empty), built once: 15 pydicom DataElements cost ~0.3 ms a request."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for tag in _DEFAULT_TAGS[level]:
+        _add(ds, tag, None)
+    return {tag: ds[tag] for tag in ds.keys()}
 
 
 def retrieve_url(base: str, attrs: Dataset, level: str) -> str | None:
