@@ -173,6 +173,9 @@ def test_fragments_cut_any_chunking_into_pdvs_with_the_last_marked():
         assert all(len(p) == 1000 for _l, p in out)
         assert b"".join(p for _l, p in out) == data
     assert list(stream_send.fragments([b"abc"], 1000)) == [(True, b"abc")]
+    assert [(last, bytes(p)) for last, p in stream_send.fragments([data[:1000], b"", data[1000:2000]], 1000)] == \
+        [(False, data[:1000]), (True, data[1000:2000])]  # chunks on the boundaries: the last is still marked
+    assert list(stream_send.fragments([], 1000)) == [(True, b"")]
     assert stream_send.fragment_size(16384) == 16378 and stream_send.fragment_size(0) == (1 << 20) - 6
     assert stream_send.fragment_size(4097) % 2 == 0
 

@@ -61,20 +61,37 @@ def fragment_size(max_pdu: int) -> int:
     return size - size % 2
 
 
-def fragments(chunks: Iterable[bytes], size: int) -> Iterator[tuple[bool, bytes]]:
-    """(is last, bytes) pieces of ``size`` cut from ``chunks``; the last one may be shorter.
+def fragments(chunks: Iterable[bytes], size: int) -> Iterator[tuple[bool, bytes | memoryview]]:
+    """(is last, piece) of ``size`` bytes cut from ``chunks``; the last one may be shorter.
 
-    One piece is held back until the next chunk shows whether it is the last: the final
+    Pieces inside a chunk are memoryviews of it (no copy); only a piece that spans two chunks
+    is copied. One piece is held back until the next shows whether it is the last: the final
     PDV must carry the "last fragment" bit, and the total length is not known up front.
     """
-    buf = bytearray()
+    pending: bytes | memoryview | None = None
+    carry = bytearray()
     for chunk in chunks:
-        buf += chunk
-        while len(buf) > size:
-            piece = bytes(buf[:size])
-            del buf[:size]  # O(1) at the front of a bytearray
-            yield False, piece
-    yield True, bytes(buf)
+        mv = memoryview(chunk)
+        if carry:
+            take = size - len(carry)
+            carry += mv[:take]
+            mv = mv[take:]
+            if len(carry) < size:
+                continue
+            if pending is not None:
+                yield False, pending
+            pending, carry = bytes(carry), bytearray()
+        whole = len(mv) - len(mv) % size
+        for off in range(0, whole, size):
+            if pending is not None:
+                yield False, pending
+            pending = mv[off:off + size]
+        carry += mv[whole:]
+    if carry or pending is None:
+        if pending is not None:
+            yield False, pending
+        pending = bytes(carry)
+    yield True, pending
 
 
 def split_part10(chunks: Iterable[bytes]) -> tuple[FileMetaDataset, Iterator[bytes]]:
@@ -186,7 +203,7 @@ def _write_data_set(assoc: object, sock: socket.socket, context_id: int,
     ``stall_timeout`` (the peer stopped reading) or fails ends the send."""
     previous = sock.gettimeout()
     sock.settimeout(stall_timeout)
-    parts: list[bytes] = []
+    parts: list[bytes | memoryview] = []
     queued = 0
     try:
         for last, piece in pieces:
@@ -195,8 +212,8 @@ def _write_data_set(assoc: object, sock: socket.socket, context_id: int,
             parts.append(piece)
             queued += n
             if queued >= WRITE_BATCH or last:
-                sock.sendall(b"".join(parts))
-                parts.clear()
+                _send_buffers(sock, parts)
+                parts = []
                 queued = 0
     except TimeoutError:
         raise StreamAborted(f"the peer read nothing for {stall_timeout:g}s") from None
@@ -207,6 +224,18 @@ def _write_data_set(assoc: object, sock: socket.socket, context_id: int,
             sock.settimeout(previous)
     if not assoc.is_established:  # type: ignore[attr-defined]
         raise StreamAborted("the association ended during the data set")
+
+
+def _send_buffers(sock: socket.socket, bufs: list[bytes | memoryview]) -> None:
+    """sendmsg of the PDU headers and pieces as they are (no join), resumed after a partial send."""
+    i = 0
+    while i < len(bufs):
+        sent = sock.sendmsg(bufs[i:i + 512])  # below IOV_MAX (1024)
+        while i < len(bufs) and sent >= len(bufs[i]):
+            sent -= len(bufs[i])
+            i += 1
+        if sent:
+            bufs[i] = memoryview(bufs[i])[sent:]
 
 
 def _wait_for_room(assoc: object, limit: int, stall_timeout: float) -> None:
