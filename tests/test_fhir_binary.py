@@ -229,7 +229,8 @@ def test_transaction_with_inline_binary_and_a_document_reference_pointing_at_it(
 
 
 def test_document_reference_with_large_inline_data_is_stored_as_a_binary(tmp_path):
-    """A DocumentReference with 5 MiB of inline attachment data: the bytes go into a Binary of their own
+    """A DocumentReference (and a DiagnosticReport.presentedForm) with 5 MiB of inline attachment data: the
+    bytes go into a Binary of their own
     (the attachment keeps contentType and gets url and size), streamed back; sending it again changes
     nothing (same Binary id, no new version)."""
     s = FhirServer(tmp_path / "inline", max_body_bytes=16 * MIB).start()
@@ -255,6 +256,14 @@ def test_document_reference_with_large_inline_data_is_stored_as_a_binary(tmp_pat
             assert again.json()["content"][0]["attachment"]["url"] == att["url"]
             _outcome(c.post("/DocumentReference", json={**doc, "content": [
                 {"attachment": {"contentType": "application/pdf", "data": "not base64!"}}]}), 400, "invalid")
+            # the same for DiagnosticReport.presentedForm
+            report = {"resourceType": "DiagnosticReport", "status": "final", "code": {"text": "report"},
+                      "presentedForm": [{"contentType": "application/pdf", "data": base64.b64encode(pdf).decode()}]}
+            r = c.post("/DiagnosticReport", json=report)
+            assert r.status_code == 201, r.text[:300]
+            form = c.get(f"/DiagnosticReport/{r.json()['id']}").json()["presentedForm"][0]
+            assert "data" not in form and form["url"].startswith("Binary/") and form["size"] == len(pdf)
+            assert c.get(f"/{form['url']}").content == pdf
     finally:
         s.stop()
 

@@ -140,6 +140,41 @@ class PieceSealer:
         return seal_pieces(self.store, self._pieces(), self.aad, self.hash_key)
 
 
+# Where a stored type keeps Attachments: (list element, key of the Attachment in each item or None
+# when the item is the Attachment). Large inline ``data`` there moves into a Binary on write.
+ATTACHMENTS: dict[str, tuple[str, str | None]] = {
+    "DocumentReference": ("content", "attachment"),
+    "DiagnosticReport": ("presentedForm", None),
+}
+
+
+def attachments(rtype: str, resource: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(position, Attachment) of every Attachment of ``resource`` listed in ATTACHMENTS."""
+    where = ATTACHMENTS.get(rtype)
+    items = resource.get(where[0]) if where else None
+    if not where or not isinstance(items, list):
+        return
+    for i, item in enumerate(items):
+        att = item.get(where[1]) if where[1] and isinstance(item, dict) else item
+        if isinstance(att, dict):
+            yield i, att
+
+
+def attachment_path(rtype: str, i: int) -> str:
+    """The FHIRPath of attachment ``i``'s data, for error messages."""
+    element, key = ATTACHMENTS[rtype]
+    return f"{rtype}.{element}[{i}]" + (f".{key}" if key else "") + ".data"
+
+
+def with_attachments(rtype: str, resource: dict[str, Any], replaced: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """A copy of ``resource`` with attachment i replaced by ``replaced[i]`` (the input is not changed)."""
+    element, key = ATTACHMENTS[rtype]
+    items = list(resource[element])
+    for i, att in replaced.items():
+        items[i] = {**items[i], key: att} if key else att
+    return {**resource, element: items}
+
+
 def decode_data(value: Any, expression: str) -> bytes:
     """A ``base64Binary`` element's bytes; 400 naming the element (not the value) when malformed."""
     if not isinstance(value, str):

@@ -19,7 +19,7 @@ from sqlalchemy import Connection
 
 from engine.store import leases
 from engine.store.fhir import jsontext, structure
-from engine.store.fhir.binary import SealedData, decode_data
+from engine.store.fhir.binary import SealedData, attachment_path, attachments, decode_data
 from engine.store.fhir.params import ID_RE, STORED_TYPES, FhirError, operation_outcome, validate_resource
 from engine.store.fhir.resources import DATA_TYPES, FhirStore, Written
 from engine.store.fhir.search import find
@@ -154,11 +154,9 @@ def check_op(op: Op) -> None:
         validate_resource(op.resource, op.type)
         if op.type in DATA_TYPES and "data" in op.resource:  # refused here, not inside the write's transaction
             decode_data(op.resource["data"], f"{op.type}.data")
-        if op.type == "DocumentReference" and isinstance(op.resource.get("content"), list):
-            for i, c in enumerate(op.resource["content"]):
-                att = c.get("attachment") if isinstance(c, dict) else None
-                if isinstance(att, dict) and "data" in att:
-                    decode_data(att["data"], f"DocumentReference.content[{i}].attachment.data")
+        for i, att in attachments(op.type, op.resource):
+            if "data" in att:
+                decode_data(att["data"], attachment_path(op.type, i))
         if op.method == "POST" and (op.id is not None or op.query is not None):
             raise FhirError(400, "invalid", "POST goes to the type (Type), not an instance or a query")
         if op.method == "PUT" and op.id is None and op.query is None:

@@ -173,8 +173,8 @@ class FhirStore:
             raw = binary.decode_data(body.pop("data"), f"{rtype}.data")
             data = binary.seal_pieces(self.store, [raw], binary.data_aad(rtype, rid), self.hash_key)
             del raw
-        if rtype == "DocumentReference":
-            body = self._externalise(conn, rid, body, message_id)
+        if rtype in binary.ATTACHMENTS:
+            body = self._externalise(conn, rtype, rid, body, message_id)
         if row is not None and not row.deleted and row.blob_id is not None:
             current = self.body(conn, rtype, rid, row.version, row.blob_id)
             old = self.data_of(conn, rtype, rid, row.version)
@@ -204,39 +204,36 @@ class FhirStore:
         log.debug("fhir.stored", type=rtype, version=version)
         return Written(rtype, rid, version, now, created, body)
 
-    def _externalise(self, conn: Connection, rid: str, body: dict[str, Any], message_id: str | None
-                     ) -> dict[str, Any]:
-        """Large inline ``content[i].attachment.data`` becomes a Binary and the attachment its ``url``.
+    def _externalise(self, conn: Connection, rtype: str, rid: str, body: dict[str, Any],
+                     message_id: str | None) -> dict[str, Any]:
+        """Large inline attachment ``data`` (``binary.ATTACHMENTS``) becomes a Binary and the
+        attachment its ``url``.
 
         So a 50 MiB document sent inline is stored like one sent as a Binary: bytes in a blob of
-        their own, the DocumentReference JSON small, the content streamed from ``Binary/{id}``.
-        The Binary's id is a keyed hash of the document, the position and the bytes, so the same
+        their own, the resource JSON small, the content streamed from ``Binary/{id}``. The
+        Binary's id is a keyed hash of the resource, the position and the bytes, so the same
         resource sent again names the same Binary (a no-op) and changes nothing."""
-        contents = body.get("content")
-        if not isinstance(contents, list) or not any(
-                isinstance(c, dict) and isinstance(c.get("attachment"), dict)
-                and len(str(c["attachment"].get("data") or "")) > EXTERNAL_DATA_MIN for c in contents):
+        big = [(i, att) for i, att in binary.attachments(rtype, body)
+               if len(str(att.get("data") or "")) > EXTERNAL_DATA_MIN]
+        if not big:
             return body
-        out = []
-        for i, content in enumerate(contents):
-            att = content.get("attachment") if isinstance(content, dict) else None
-            if not (isinstance(att, dict) and len(str(att.get("data") or "")) > EXTERNAL_DATA_MIN):
-                out.append(content)
-                continue
-            raw = binary.decode_data(att["data"], f"DocumentReference.content[{i}].attachment.data")
-            digest = hmac.new(self.hash_key, f"DocumentReference/{rid}/{i}".encode() + hashlib.sha256(raw).digest(),
+        replaced: dict[int, dict[str, Any]] = {}
+        for i, att in big:
+            where = binary.attachment_path(rtype, i)
+            raw = binary.decode_data(att["data"], where)
+            digest = hmac.new(self.hash_key, f"{rtype}/{rid}/{i}".encode() + hashlib.sha256(raw).digest(),
                               hashlib.sha256).hexdigest()[:40]
-            bid = f"dr-{digest}"
+            bid = f"att-{digest}"
             ctype = str(att.get("contentType") or "application/octet-stream")
             sealed = binary.seal_pieces(self.store, [raw], binary.data_aad("Binary", bid), self.hash_key)
             self.write(conn, "Binary", bid, {"resourceType": "Binary", "contentType": ctype,
-                                             "securityContext": {"reference": f"DocumentReference/{rid}"}},
+                                             "securityContext": {"reference": f"{rtype}/{rid}"}},
                        message_id=message_id, data=sealed)
             new_att = {k: v for k, v in att.items() if k != "data"}
             new_att["url"] = f"Binary/{bid}"
             new_att.setdefault("size", len(raw))
-            out.append({**content, "attachment": new_att})
-        return {**body, "content": out}
+            replaced[i] = new_att
+        return binary.with_attachments(rtype, body, replaced)
 
     def delete(self, conn: Connection, rtype: str, rid: str, *, message_id: str | None = None) -> Written:
         row = self.current(conn, rtype, rid)
