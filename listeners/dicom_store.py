@@ -100,10 +100,11 @@ def peer_of(event: Any) -> str:
     return f"{r.ae_title}@{r.address}:{r.port}"
 
 
-def outcome_status(channel: str, message_id: str, outcome: Outcome) -> tuple[int, str | None]:
+def outcome_status(channel: str, message_id: str, outcome: Outcome, **fields: Any) -> tuple[int, str | None]:
+    """The C-STORE status of an intake outcome, logged (``fields``: more key/values for the log)."""
     if outcome.ok:
         log.info("dicom.stored", channel=channel, message_id=outcome.message_id, status=outcome.status,
-                 index=outcome.result, routes=len(outcome.routes))
+                 index=outcome.result, routes=len(outcome.routes), **fields)
         return STORE["success"].code, None
     log.warning("dicom.store_refused", channel=channel, message_id=message_id, status=outcome.status,
                 error=outcome.error)

@@ -140,9 +140,7 @@ class IncomingDataSet:
         except BaseException:
             intake.discard_ahead(ahead)
             raise
-        log.debug("dicom.stored_streamed", channel=self.scp.ctx.channel, message_id=self.message_id,
-                 size=self.size, status=outcome.status)
-        return outcome_status(self.scp.ctx.channel, self.message_id, outcome)
+        return outcome_status(self.scp.ctx.channel, self.message_id, outcome, streamed=True, size=self.size)
 
     def _header(self) -> tuple[bytes, dict[str, Any]] | tuple[int, str]:
         """(file meta + the data set's header, index attributes), or a refusal."""

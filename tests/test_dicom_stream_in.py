@@ -26,10 +26,12 @@ from engine.security.crypto import IntegrityError, KeyRing
 from engine.store import gc, schema
 from engine.store.db import STREAM_MIN, Store
 from engine.store.dicom import index as idx
+from engine.store.dicom.scan import header_length
 from listeners import dicom_dimse as dimse
 from listeners import dicom_ul as ul
+from listeners.dicom_store_stream import LAST_INDEX_TAG
 from tests.conftest import IN_CI, _reset_pg
-from tests.dicom_peers import ENV, findscu, free_port, store_statuses, tool
+from tests.dicom_peers import ENV, TEST_FILES, data_file, findscu, free_port, store_statuses, tool
 from tests.test_blob_s3 import BUCKET, CREDS, _files, _objects, s3  # noqa: F401  (s3: the moto fixture)
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
@@ -365,4 +367,89 @@ channels:
     assert _blob_data_set_digest(store, blob_id, meta_end)[0] == _file_data_set_digest(src)
     assert list(_objects(client, "streamin/")) == [blob_id], "one object under its address, no .part left"
     store.files.delete(blob_id)
+    store.dispose()
+
+
+@pytest.mark.parametrize("name", [n for n in TEST_FILES if n not in ("ExplVR_BigEnd.dcm", "image_dfl.dcm")])
+def test_header_of_a_data_set_gives_the_index_a_whole_read_gives(name):
+    """``header_length`` ends the header where the pixel data begins; the index attributes read
+    from the header alone equal those read from the whole data set, and a prefix cut short gives
+    None or a header that still holds every indexed attribute (never one missing some)."""
+    from pydicom import dcmread
+
+    path = data_file(name)
+    ts = str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    implicit = ts == "1.2.840.10008.1.2"
+    data = path.read_bytes()[data_set_offset(path):]
+    n = header_length(data, implicit=implicit, last_wanted=LAST_INDEX_TAG)
+    whole = idx.extract(idx.read_index_data_set(data, ts))
+    if n is None:  # no pixel data: the header is the whole data set
+        assert b"\xe0\x7f\x10\x00" not in data[-1024:] or name in ("rtplan.dcm", "test-SR.dcm")
+        n = len(data)
+    else:
+        assert data[n:n + 4] in (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")
+    assert idx.extract(idx.read_index_data_set(data[:n], ts)) == whole
+    # cut short: either None, or the header ends past the last indexed tag with the same index
+    for cut in (n - 3, n // 2, 20):
+        m = header_length(data[:max(0, cut)], implicit=implicit, last_wanted=LAST_INDEX_TAG)
+        if m is not None:
+            assert idx.extract(idx.read_index_data_set(data[:m], ts)) == whole, cut
+    assert header_length(data[:20], implicit=implicit, last_wanted=LAST_INDEX_TAG) is None
+
+
+def test_header_ends_at_a_bulk_element_past_the_index_tags():
+    """A large non-image value (an encapsulated document) after every indexed tag ends the header even
+    when it is cut off; one before an indexed tag does not (its attributes would be missed)."""
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.SOPInstanceUID = "1.2.3"
+    ds.PatientID = "P1"
+    body = bytearray()
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    body += fp.getvalue()
+    start = len(body)
+    body += b"\x42\x00\x11\x00OB\x00\x00" + (10_000_000).to_bytes(4, "little") + b"\x00" * 1000  # cut off
+    assert header_length(body, implicit=False, last_wanted=LAST_INDEX_TAG) == start
+    assert header_length(body, implicit=False, last_wanted=0x00420012) is None
+
+
+def test_deflated_large_instance_is_streamed_and_indexed(medrelay_proc, tmp_path):
+    """Deflated Explicit VR Little Endian: the header is read from the inflated start of the stream."""
+    from pydicom import dcmread
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    plain = tmp_path / "plain.dcm"
+    uids = write_large_instance(plain, 24 << 20, patient_id="STREAM^DFL")
+    ds = dcmread(plain)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    src = tmp_path / "deflated.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    del ds
+    assert src.stat().st_size > STREAM_MIN + (4 << 20)  # random pixels do not deflate
+    eng = Engine(medrelay_proc, tmp_path)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(MF_GRAYSCALE_BYTE_SC, str(DeflatedExplicitVRLittleEndian))
+    old = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assoc = ae.associate("127.0.0.1", eng.port, ae_title="MEDRELAY", max_pdu=65536)
+        assert assoc.is_established
+        assert assoc.send_c_store(src).Status == 0x0000
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
+    _, found = findscu(eng.port, "IMAGE", {"PatientID": "STREAM^DFL", "StudyInstanceUID": uids["StudyInstanceUID"],
+                                            "SeriesInstanceUID": uids["SeriesInstanceUID"], "SOPInstanceUID": ""},
+                       out_dir=tmp_path / "find")
+    assert [str(d.SOPInstanceUID) for d in found] == [uids["SOPInstanceUID"]]
+    assert '"streamed": true' in eng.proc.log_path.read_text(), "stored through the streaming path"
+    store = eng.store()
+    _mid, blob_id, meta_end = _stored(store, uids["SOPInstanceUID"])
+    assert _blob_data_set_digest(store, blob_id, meta_end)[0] == _file_data_set_digest(src)
     store.dispose()

@@ -194,7 +194,7 @@ def header_length(buf: bytes | memoryview, *, implicit: bool, last_wanted: int) 
     while pos + 8 <= end:
         try:
             tag, vr, length, start = _header(buf, pos, implicit)
-        except struct.error:
+        except (ScanError, struct.error):  # cut off in an element header, or a VR this scan does not know
             return None
         if tag >= BULK_START:
             return pos
