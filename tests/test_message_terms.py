@@ -142,3 +142,23 @@ def test_content_search_is_bounded_in_rows(engine_factory):
     assert rest.search["scanned"] == 20 and rest.search["complete"] is True
     page = query_messages(eng.store, MessageFilter(q="DOE^JANE"), limit=5)
     assert len(page.rows) == 5 and page.search["stopped"] == "limit"
+
+
+@pytest.mark.parametrize("payload", [
+    ORM,
+    ORM.replace(b"|^~\\&|", b"|^~\\&#|"),  # v2.7 truncation character in MSH-2
+    b"MSH#*$%@#HIS#HOSP#RIS#RAD#20240102##ORM*O01#C\\%7#P#2.5\rPID#1##MRN$1*a*b~X2\r",  # other delimiters
+    ("MSH|^~\\&|HIS|HOSP|RIS|RAD|20240102||ADT^A01|CTL-U|P|2.5||||||UNICODE UTF-8\r"
+     "PID|1||MRN-ÄÖ^^^HOSP^MR||MÜLLER^JÖRG\r").encode("utf-8"),
+    ("MSH|^~\\&|HIS|HOSP|RIS|RAD|20240102||ADT^A01|CTL-L|P|2.5\rPID|1||MRN-é1||DOE\r").encode("latin-1"),
+])
+def test_terms_from_the_listeners_header_equal_terms_read_from_the_payload(payload):
+    """Intake's terms use MSH-10/MSH-18 from the envelope headers the listener read (the header is not
+    read a second time); they must be exactly what reading the payload's own header gives."""
+    from engine.hl7.message import read_header
+
+    key = b"k" * 32
+    headers = read_header(payload).as_headers()
+    assert mt.identifiers("hl7v2", payload, headers) == mt.identifiers("hl7v2", payload, {})
+    assert mt.terms_of(key, "hl7v2", payload, headers) == mt.terms_of(key, "hl7v2", payload, {})
+    assert len(mt.terms_of(key, "hl7v2", payload, headers)) >= 3  # marker, control id, a patient id
