@@ -453,3 +453,43 @@ def test_deflated_large_instance_is_streamed_and_indexed(medrelay_proc, tmp_path
     _mid, blob_id, meta_end = _stored(store, uids["SOPInstanceUID"])
     assert _blob_data_set_digest(store, blob_id, meta_end)[0] == _file_data_set_digest(src)
     store.dispose()
+
+
+def test_disk_failing_mid_instance_is_answered_out_of_resources_and_stores_nothing(engine_factory, tmp_path):
+    """The blob folder fails (ENOSPC) after 24 MiB of a streamed data set: the rest is read past, storescu
+    gets 0xA700, nothing is committed, no file is left; the next instance is stored (the listener lives)."""
+    import errno
+
+    from tests.dicom_peers import dicom_yaml, storescu
+
+    e = engine_factory(dicom_yaml())
+    port = e.address("dcm")[1]
+    files = e.store.files
+    real_open = files.open_stream
+
+    class FullDisk:
+        def __init__(self) -> None:
+            self.inner = real_open()
+
+        def write(self, data: bytes) -> None:
+            if self.inner.written > 24 * MiB:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.inner.write(data)
+
+        def commit(self, blob_id: str) -> None:
+            self.inner.commit(blob_id)
+
+        def abort(self) -> None:
+            self.inner.abort()
+
+    files.open_stream = FullDisk  # the folder object's own method: every stream of this engine
+    src = tmp_path / "large.dcm"
+    write_large_instance(src, 64 << 20)
+    r = storescu(port, [src], extra=("-to", "120"))
+    assert store_statuses(r.stdout) == ["Refused: OutOfResources"], r.stdout
+    with e.store.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(schema.messages)).scalar_one() == 0
+    blobs = e.data_dir / "data" / "blobs"
+    assert not [p for p in blobs.rglob("*") if p.is_file()]
+    files.open_stream = real_open
+    assert store_statuses(storescu(port, [src]).stdout) == ["Success"]
