@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -31,6 +32,10 @@ from engine.store.fhir.params import FhirError
 from engine.store.fhir.resources import DATA_TYPES, FhirStore
 from listeners.fhir_body import BodyBudget
 
+# A raw body over this is sealed while it arrives, by one of SEAL_THREADS (their own pool, so a
+# slow uploader holds one of these, never a thread the reads need); a smaller one once complete.
+STREAM_SEAL_MIN = 1024 * 1024
+SEAL_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fhir-binary-seal")
 FHIR_JSON_TYPES = ("application/fhir+json", "application/json+fhir", "application/json", "text/json")
 CONTENT_TYPE = "application/fhir+json; charset=utf-8"
 MEDIA_TYPE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$&^_.+-/;= \"*")
@@ -80,7 +85,8 @@ async def receive(request: Request, sealer: binary.PieceSealer, *, limit: int, b
                   wait: float) -> binary.SealedData:
     """The raw body sealed into its blob as it arrives, within ``limit`` (413 past it).
 
-    Each piece goes to the sealing thread at once, so only the ciphertext accumulates. The
+    Past STREAM_SEAL_MIN each piece goes to a sealing thread at once, so only the ciphertext
+    accumulates. The
     budget reservation (the declared length, or the limit when chunked; capped at the budget
     itself) is released by ``release_body`` in the endpoint's ``finally``; an upload given up
     (413, the client gone) stops the thread and leaves no file."""
@@ -94,21 +100,26 @@ async def receive(request: Request, sealer: binary.PieceSealer, *, limit: int, b
     if want:
         await budget.reserve(want, wait)
         request.state.body_reserved = want
-    task = asyncio.ensure_future(run_in_threadpool(sealer.run))
+    task: asyncio.Future[binary.SealedData] | None = None
     try:
         async for chunk in request.stream():
             if sealer.received + len(chunk) > limit:
                 raise FhirError(413, "too-long", f"body larger than {limit} bytes")
             if chunk:
                 sealer.put(chunk)
+            if task is None and sealer.received > STREAM_SEAL_MIN:
+                task = asyncio.get_running_loop().run_in_executor(SEAL_THREADS, sealer.run)
         sealer.close()
+        if task is None:  # a small body, complete: sealed in one short call
+            return await run_in_threadpool(sealer.run)
         return await task
     except BaseException:
         sealer.abort()
-        with contextlib.suppress(Exception):
-            sealed = await asyncio.shield(task)
-            if sealed.file_written:  # it finished before the abort arrived: nothing refers to it
-                sealer.store.delete_blob_files([sealed.blob_id])
+        if task is not None:
+            with contextlib.suppress(Exception):
+                sealed = await asyncio.shield(task)
+                if sealed.file_written:  # it finished before the abort arrived: nothing refers to it
+                    await run_in_threadpool(sealer.store.delete_blob_files, [sealed.blob_id])
         raise
 
 
