@@ -39,13 +39,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from netns import in_namespace, inside  # noqa: E402  (bench/netns.py: run as a script from bench/)
+
 from tests.ports import free_port, wait_port  # noqa: E402
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 STORESCU, STORESCP = "/usr/bin/storescu", "/usr/bin/storescp"
 ORTHANC = "/usr/sbin/Orthanc"
 KINDS = ("dcmtk", "pynetdicom", "orthanc", "medrelay")
-NETNS_FLAG = "MEDRELAY_BENCH_NETNS"
 
 BARE_SCP = textwrap.dedent("""
     import sys, os
@@ -62,19 +63,6 @@ BARE_SCP = textwrap.dedent("""
         ae.add_supported_context(cx.abstract_syntax, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
     ae.start_server(("127.0.0.1", int(sys.argv[1])), evt_handlers=[(evt.EVT_C_STORE, handle)])
 """)
-
-
-def in_namespace() -> None:
-    """Re-run this script inside a new network namespace with only loopback up (Orthanc binds
-    every interface); the receivers and their storescu clients all run in it."""
-    if os.environ.get(NETNS_FLAG) == "1":
-        return
-    if not shutil.which("unshare") or os.geteuid() != 0:
-        raise SystemExit("Orthanc needs a network namespace of its own (root and unshare); "
-                         "or leave it out: --receivers dcmtk,pynetdicom,medrelay")
-    cmd = " ".join([sys.executable, *map(repr, sys.argv)])
-    env = {**os.environ, NETNS_FLAG: "1"}
-    raise SystemExit(subprocess.call(["unshare", "-n", "sh", "-c", f"ip link set lo up && exec {cmd}"], env=env))
 
 
 def orthanc_config(port: int, d: Path, max_pdu: int) -> dict[str, object]:
@@ -184,13 +172,13 @@ def main() -> None:
         if not Path(tool).exists():
             raise SystemExit(f"{tool} missing: install DCMTK (and the orthanc package for Orthanc)")
     if "orthanc" in kinds:
-        in_namespace()
+        in_namespace("bench/dicom.py with Orthanc", "; or leave it out: --receivers dcmtk,pynetdicom,medrelay")
     work = Path(tempfile.mkdtemp(prefix="medrelay-bench-"))
     try:
         files = make_files(args.count, work)
         mb = sum(f.stat().st_size for f in files) / 1e6
         print(f"{args.count} instances, {mb:.0f} MB, max PDU {args.max_pdu}, {os.cpu_count()} CPUs"
-              + (" (in a network namespace of its own)" if os.environ.get(NETNS_FLAG) == "1" else ""))
+              + (" (in a network namespace of its own)" if inside() else ""))
         rates: dict[tuple[str, int], list[float]] = {}
         cpu: dict[tuple[str, int], list[float]] = {}
         names = {}

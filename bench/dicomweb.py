@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import httpx
+from netns import in_namespace  # bench/netns.py (this script runs from bench/)
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -49,17 +50,6 @@ PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 PER_STUDY = 10
 BATCH = 50
 ACCEPT_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
-
-
-def in_namespace() -> None:
-    """Re-run this script inside a new network namespace (needs root), unless already there."""
-    if os.environ.get("MEDRELAY_BENCH_NETNS") == "1":
-        return
-    if not shutil.which("unshare") or os.geteuid() != 0:
-        sys.exit("bench/dicomweb.py needs root and unshare (Orthanc binds every interface)")
-    cmd = " ".join([sys.executable, *map(repr, sys.argv)])
-    env = {**os.environ, "MEDRELAY_BENCH_NETNS": "1"}
-    sys.exit(subprocess.call(["unshare", "-n", "sh", "-c", f"ip link set lo up && exec {cmd}"], env=env))
 
 
 def make_instances(n: int) -> list[tuple[str, str, str, str, bytes]]:
@@ -215,7 +205,7 @@ def main() -> int:
     ap.add_argument("--counts", default="1000,10000")
     ap.add_argument("--seconds", type=float, default=10.0)
     args = ap.parse_args()
-    in_namespace()
+    in_namespace("bench/dicomweb.py")
     rows = []
     for n in (int(x) for x in args.counts.split(",")):
         instances = make_instances(n)
