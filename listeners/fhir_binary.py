@@ -138,6 +138,8 @@ def read_response(fs: FhirStore, conn: Any, request: Request, rtype: str, rid: s
     out = {**headers, "Content-Type": content_type, "X-Content-Type-Options": "nosniff", "Accept-Ranges": "bytes"}
     if data is None:
         return Response(b"", 200, headers=out)
+    if request.method == "HEAD":  # the headers only: nothing to decrypt
+        return Response(b"", 200, headers={**out, "Content-Length": str(data.size)})
     span = byte_range(request.headers.get("range", ""), data.size)
     if span == "unsatisfiable":
         return Response(b"", 416, headers={**headers, "Content-Range": f"bytes */{data.size}"})
