@@ -493,3 +493,23 @@ def test_disk_failing_mid_instance_is_answered_out_of_resources_and_stores_nothi
     assert not [p for p in blobs.rglob("*") if p.is_file()]
     files.open_stream = real_open
     assert store_statuses(storescu(port, [src]).stdout) == ["Success"]
+
+
+def test_two_large_instances_at_once_stay_bounded(medrelay_proc, tmp_path):
+    """Two storescu associations streaming 250 MiB each at the same time: both stored byte-identical,
+    the engine's peak stays under the limit (each stream holds about 65 MiB)."""
+    srcs = [tmp_path / f"large{i}.dcm" for i in range(2)]
+    uids = [write_large_instance(s, 250 << 20, patient_id=f"STREAM^PAR{i}") for i, s in enumerate(srcs)]
+    eng = Engine(medrelay_proc, tmp_path)
+    scus = [subprocess.Popen([tool("storescu"), "-v", "-aet", "TESTSCU", "-aec", "MEDRELAY", "127.0.0.1",
+                              str(eng.port), str(s)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True) for s in srcs]
+    outs = [p.communicate(timeout=600)[0] for p in scus]
+    assert [store_statuses(o) for o in outs] == [["Success"], ["Success"]], outs
+    assert eng.rss()["VmHWM"] < RSS_LIMIT
+    store = eng.store()
+    for src, u in zip(srcs, uids, strict=True):
+        _mid, blob_id, meta_end = _stored(store, u["SOPInstanceUID"])
+        assert _blob_data_set_digest(store, blob_id, meta_end)[0] == _file_data_set_digest(src)
+    assert _messages(store) == 2
+    store.dispose()
