@@ -42,6 +42,20 @@ _WRITE_INTERACTIONS = ["read", "vread", "update", "delete", "history-instance", 
                        "search-type"]
 
 
+_TYPE_DOCS = {
+    "Binary": "create/update take the content itself with its own Content-Type (any type other than FHIR JSON), "
+              "up to the listener's max_binary_bytes (413 above), or a FHIR JSON Binary with base64 data; "
+              "read/vread answer the raw bytes with the Binary's contentType unless Accept or _format asks for "
+              "FHIR JSON (then the resource with data), one byte range (Range: bytes=a-b) answered 206; "
+              "the bytes are stored as an encrypted blob apart from the resource and streamed; search and "
+              "history entries carry Binaries without data",
+    "DocumentReference": "inline attachment data over 256 KiB of base64 is stored as a Binary of its own and "
+                         "the attachment answered with its url (Binary/id) and size",
+    "DiagnosticReport": "inline presentedForm data over 256 KiB of base64 is stored as a Binary of its own "
+                        "and answered with its url (Binary/id) and size",
+}
+
+
 def _documentation(p: SearchParam) -> str:
     """The parameter's text, with exactly the modifiers (and date prefixes) search accepts."""
     doc = p.doc
@@ -75,6 +89,8 @@ def _resource(rtype: str) -> dict[str, Any]:
         "conditionalDelete": "single",
         "referencePolicy": ["literal", "local"],
     }
+    if rtype in _TYPE_DOCS:
+        res["documentation"] = _TYPE_DOCS[rtype]
     if includes:
         res["searchInclude"] = includes
     if revincludes:
