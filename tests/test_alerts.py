@@ -163,21 +163,14 @@ def test_lease_handover_neither_repeats_a_firing_alert_nor_loses_a_resolve(tmp_p
     lease moves on; the third holder sends the resolve. Before the state was kept in the store, the
     second sent `firing` again and the resolve was never sent."""
     import asyncio
-    import os
 
-    import pytest
-    from conftest import IN_CI, _reset_pg
+    from conftest import fresh_pg_url
 
     from engine.ops.singleton import Keeper
     from engine.security.crypto import KeyRing
     from engine.store.db import Store
 
-    url = os.environ.get("MEDRELAY_TEST_PG_URL")
-    if not url:
-        if IN_CI:
-            pytest.fail("MEDRELAY_TEST_PG_URL not set: PostgreSQL is required under CI")
-        pytest.skip("PostgreSQL not available (run scripts/test.sh)")
-    _reset_pg(url)
+    url = fresh_pg_url()
     rx = Receiver()
     stores = [Store(url, tmp_path / "blobs", KeyRing(tmp_path / "keys.json")) for _ in range(3)]
     try:

@@ -354,18 +354,13 @@ def test_hosts_with_a_copied_key_file_find_each_others_messages_after_keys_init(
     """Two engines on one PostgreSQL store, each with its own copy of the key file (two hosts). After
     `keys init` a message stored through one is found by patient id through the other. Copying a
     fresh file instead (what the docs said before) gives each host its own index secret: not found."""
-    from conftest import IN_CI, _reset_pg
+    from conftest import fresh_pg_url
 
     from engine.envelope import Envelope
     from engine.hl7.message import read_header
     from engine.messages import MessageFilter, query_messages, show_message
 
-    url = os.environ.get("MEDRELAY_TEST_PG_URL")
-    if not url:
-        if IN_CI:
-            pytest.fail("MEDRELAY_TEST_PG_URL not set: PostgreSQL is required under CI")
-        pytest.skip("PostgreSQL not available (run scripts/test.sh)")
-    _reset_pg(url)
+    url = fresh_pg_url()
     key_a, key_b = tmp_path / "host-a" / "keys.json", tmp_path / "host-b" / "keys.json"
     cfg = tmp_path / "a.yaml"
     cfg.write_text(_host_yaml(url, key_a, "host-a"))
