@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -102,6 +104,55 @@ class EngineThread:
 
     def wait_for(self, predicate, timeout: float = 30.0, interval: float = 0.05):
         return wait_until(predicate, timeout, interval)
+
+
+def _children() -> dict[int, str]:
+    """This process's live child processes (pid: command line), from /proc."""
+    me, out = str(os.getpid()), {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            if fields[1] == me and fields[0] not in ("Z", "X"):
+                out[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+        except (OSError, IndexError):
+            continue
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes():
+    """A peer process a test started and did not stop (a failure before its ``finally``, a
+    forgotten stop) goes with the test: left running it loads the machine under the next tests
+    and holds its ports. Each one is killed and named in a warning, to be fixed where it starts."""
+    before = set(_children())
+    yield
+    leftover = {pid: cmd for pid, cmd in _children().items() if pid not in before}
+    if not leftover:
+        return
+    deadline = time.monotonic() + 5  # one being stopped right now (terminate, then wait) may end alone
+    while leftover and time.monotonic() < deadline:
+        time.sleep(0.1)
+        leftover = {pid: cmd for pid, cmd in _children().items() if pid in leftover}
+    for pid in leftover:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    if leftover:
+        warnings.warn(f"test left processes running (killed): {sorted(leftover.values())}", stacklevel=1)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fakes():
+    """engine_fakes' OUTBOX and SCRIPT are module globals: each test starts with both empty. A
+    parametrized test's second run saw the first run's deliveries (a wait for ">= 20" passed at
+    once), and a test's unconsumed script steps went to the next test using the same name."""
+    for name in ("engine_fakes", "tests.engine_fakes"):
+        fakes = sys.modules.get(name)
+        if fakes is not None:
+            fakes.OUTBOX.clear()
+            fakes.SCRIPT.clear()
 
 
 @pytest.fixture
