@@ -28,6 +28,7 @@ from starlette.routing import Route
 
 from engine.envelope import Envelope
 from engine.store.fhir import binary, jsontext
+from engine.store.fhir.binary import HELD_DATA_HEADER
 from engine.store.fhir.bundle import (
     Op,
     check_op,
@@ -421,6 +422,8 @@ class FhirApi:
             headers = {"resourceType": op.type, "interaction": interaction}
             if op.id or op.assigned_id:
                 headers["id"] = op.id or op.assigned_id
+            if op.data is not None:  # the message is the Binary without its bytes: they are in the FHIR store
+                headers[HELD_DATA_HEADER] = "fhir-store"
             results = await self._submit(request, actor, raw, headers,
                                          lambda conn, mid: run_transaction(self.fs, conn, [op], message_id=mid))
             done = results[0]

@@ -42,6 +42,10 @@ from engine.context import ComponentContext
 from engine.envelope import Envelope
 from engine.registry import component
 from engine.security.tls import TLSConfig, client_context
+from engine.store.fhir import binary
+from engine.store.fhir.binary import HELD_DATA_HEADER
+from engine.store.fhir.params import FhirError
+from engine.store.fhir.resources import FhirStore
 from routes import fhir_lineage
 
 log = structlog.get_logger()
@@ -136,6 +140,8 @@ class FhirDestination:
         return "POST", f"{self.base}/{rtype}", envelope.payload, None
 
     async def send(self, envelope: Envelope) -> str | None:
+        if envelope.headers.get(HELD_DATA_HEADER) and envelope.headers.get("interaction") != "delete":
+            return await self._forward_held_binary(envelope)
         if self.config.binaries == "separate" and envelope.headers.get("interaction") != "delete":
             envelope = await self._send_binaries(envelope)
             if envelope.payload == b"":
@@ -209,6 +215,40 @@ class FhirDestination:
         doc["entry"] = [_renamed(e, renamed) for e in kept] if renamed else kept
         return replace(envelope, payload=json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode())
 
+    async def _forward_held_binary(self, envelope: Envelope) -> str:
+        """A raw Binary our FHIR listener took: its bytes are streamed from our FHIR store, chunk by
+        chunk, as ``PUT Binary/{id}`` (the same id: a retry replaces, never duplicates)."""
+        rid = str(envelope.headers.get("id") or "")
+        if not rid:
+            raise DeliveryError("Binary message without id header", permanent=True)
+        try:
+            content_type, size, chunks = await asyncio.to_thread(self._held_binary, rid)
+        except FhirError as e:
+            raise DeliveryError(f"Binary is not readable in the FHIR store ({e.status})", permanent=True) from None
+        if size > self.config.max_request_bytes:
+            raise DeliveryError(f"request of {size} bytes is over max_request_bytes "
+                                f"({self.config.max_request_bytes})", permanent=True)
+
+        async def body() -> Any:
+            while (piece := await asyncio.to_thread(next, chunks, None)) is not None:
+                yield piece
+
+        headers = {"X-Request-ID": envelope.id, "Content-Type": content_type, "Content-Length": str(size),
+                   "Prefer": "return=minimal"}
+        await self._binary_request(envelope, "PUT", f"{self.base}/Binary/{rid}", body(), headers, size)
+        return "HTTP 2xx (Binary streamed)"
+
+    def _held_binary(self, rid: str) -> tuple[str, int, Any]:
+        """(contentType, size, chunk iterator) of the current version of Binary/{rid} in our store."""
+        fs = FhirStore(self.ctx.store, self.ctx.keyring)
+        with self.ctx.store.engine.connect() as conn:
+            row, doc = fs.read(conn, "Binary", rid)
+            data = fs.data_of(conn, "Binary", rid, row.version)
+            ctype = str(doc.get("contentType") or "application/octet-stream")
+            if data is None:
+                return ctype, 0, iter(())
+            return ctype, data.size, binary.chunks(conn, self.ctx.store, data)
+
     async def _put_binary(self, envelope: Envelope, res: dict[str, Any], rid: str | None) -> str:
         """PUT (with an id) or POST one Binary's bytes; returns its ``Binary/{id}``."""
         try:
@@ -221,9 +261,20 @@ class FhirDestination:
         headers = {"X-Request-ID": envelope.id, "Content-Type": str(res.get("contentType") or
                                                                     "application/octet-stream"),
                    "Prefer": "return=minimal"}
+        resp = await self._binary_request(envelope, method, url, data, headers, len(data))
+        if rid is None:
+            parts = urlparse(resp.headers.get("location", "")).path.split("/")
+            if "Binary" not in parts or parts.index("Binary") + 1 >= len(parts):
+                raise DeliveryError("POST Binary: the answer has no Location", permanent=True)
+            rid = parts[parts.index("Binary") + 1]
+        return f"Binary/{rid}"
+
+    async def _binary_request(self, envelope: Envelope, method: str, url: str, content: Any,
+                              headers: dict[str, str], size: int) -> httpx.Response:
+        """Send one Binary's bytes; the answer when 2xx, else the DeliveryError HTTP says."""
         try:
             async with asyncio.timeout(self.config.timeout):
-                resp = await self.client.request(method, url, content=data, headers=headers)
+                resp = await self.client.request(method, url, content=content, headers=headers)
         except TimeoutError:
             raise DeliveryError(f"FHIR {method} Binary: no complete answer within {self.config.timeout:g}s") from None
         except httpx.HTTPError as e:
@@ -233,14 +284,9 @@ class FhirDestination:
             raise DeliveryError(f"FHIR {method} Binary HTTP {status}{_issue_codes(resp)}")
         if status >= 300:
             raise DeliveryError(f"FHIR {method} Binary HTTP {status}{_issue_codes(resp)}", permanent=True)
-        if rid is None:
-            parts = urlparse(resp.headers.get("location", "")).path.split("/")
-            if "Binary" not in parts or parts.index("Binary") + 1 >= len(parts):
-                raise DeliveryError("POST Binary: the answer has no Location", permanent=True)
-            rid = parts[parts.index("Binary") + 1]
         log.info("fhir.binary_delivered", channel=self.ctx.channel, route=self.ctx.route, method=method,
-                 status=status, size=len(data), message_id=envelope.id)
-        return f"Binary/{rid}"
+                 status=status, size=size, message_id=envelope.id)
+        return resp
 
     @staticmethod
     def _check_entries(resp: httpx.Response, btype: str) -> None:

@@ -438,3 +438,52 @@ def test_fhir_route_posts_a_binary_without_id_first_and_renames_its_full_url(ser
         url = doc["content"][0]["attachment"]["url"]
         assert url.startswith("Binary/") and url != urn
         assert c.get(f"/{url}", headers={"Accept": "application/pdf"}).content == pdf
+
+
+def test_raw_binary_taken_by_our_listener_is_forwarded_streamed_to_a_second_engine(engine_factory, tmp_path):
+    """A raw Binary POSTed to engine A's FHIR listener (whose message holds the resource without its bytes)
+    is PUT to engine B with the same id, the bytes streamed from A's FHIR store; A's `store` route leaves
+    A's Binary alone (no second version without data)."""
+    target = engine_factory(f"""
+store: {{url: "sqlite:///{tmp_path}/b.db", blobs: data/blobs}}
+keys: {{kek_file: data/keys.json}}
+channels:
+  api:
+    source: {{type: fhir, host: 127.0.0.1, port: 0, auth: {{bearer_tokens: ["${{FHIR_TOKEN}}"]}}}}
+    routes: []
+""", env={"FHIR_TOKEN": TOKEN})
+    bhost, bport = target.address("api")
+    source = engine_factory(f"""
+store: {{url: "sqlite:///{tmp_path}/a.db", blobs: data/blobs}}
+keys: {{kek_file: data/keys.json}}
+channels:
+  api:
+    source: {{type: fhir, host: 127.0.0.1, port: 0, auth: {{bearer_tokens: ["${{FHIR_TOKEN}}"]}}}}
+    routes:
+      - {{name: archive, to: {{type: store}}}}
+      - name: forward
+        to: {{type: fhir, base_url: "http://{bhost}:{bport}/fhir", auth: {{token: "${{FHIR_TOKEN}}"}}, timeout: 120}}
+""", env={"FHIR_TOKEN": TOKEN})
+    ahost, aport = source.address("api")
+    pdf = pdf_bytes(20 * MIB, b"fwd")
+    with httpx.Client(base_url=f"http://{ahost}:{aport}/fhir", headers=AUTH, timeout=120) as a, \
+            httpx.Client(base_url=f"http://{bhost}:{bport}/fhir", headers=AUTH, timeout=120) as b:
+        r = a.post("/Binary", content=pdf, headers={"Content-Type": "application/pdf"})
+        assert r.status_code == 201, r.text[:300]
+        bid = r.json()["id"]
+
+        def arrived():
+            resp = b.get(f"/Binary/{bid}", headers={"Accept": "application/pdf"})
+            return resp if resp.status_code == 200 else None
+
+        got = source.wait_for(arrived, timeout=120, interval=0.5)
+        assert got is not None and got.content == pdf and got.headers["content-type"] == "application/pdf"
+
+        def settled():
+            with source.store.engine.connect() as conn:
+                from sqlalchemy import text
+                return conn.execute(text("SELECT count(*) FROM deliveries WHERE state = 'done'")).scalar_one() == 2
+
+        assert source.wait_for(settled, timeout=60)
+        mine = a.get(f"/Binary/{bid}", headers={"Accept": "application/pdf"})
+        assert mine.headers["etag"] == 'W/"1"' and mine.content == pdf

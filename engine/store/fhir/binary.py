@@ -34,7 +34,11 @@ from engine.store.db import blob_address
 from engine.store.fhir.params import FhirError
 from engine.store.fhir.tables import fhir_binary_data
 
-B64_PIECE = 3 * 256 * 1024  # base64 encodes 3 bytes to 4: a multiple of 3 leaves no padding mid-stream
+B64_PIECE = 3 * 256 * 1024
+# Envelope header of a raw Binary write: its message holds the resource without ``data``, the
+# bytes are in the FHIR store (the `store` destination leaves it alone, the `fhir` destination
+# streams the bytes from there).
+HELD_DATA_HEADER = "binary_data"  # base64 encodes 3 bytes to 4: a multiple of 3 leaves no padding mid-stream
 
 
 @dataclass

@@ -19,6 +19,7 @@ from engine import provenance
 from engine.components import DeliveryError
 from engine.store import outputs
 from engine.store.fhir import jsontext
+from engine.store.fhir.binary import HELD_DATA_HEADER
 from engine.store.fhir.bundle import PAYLOAD_MAX_DEPTH, EntryResult, Op, apply_bundle, run_transaction
 from engine.store.fhir.params import FhirError, validate_resource
 from engine.store.fhir.resources import FhirStore
@@ -57,6 +58,10 @@ def store_fhir(ctx: ComponentContext, conn: Connection, envelope: Envelope) -> s
     conditional creates/updates make that idempotent.
     """
     fs = FhirStore(ctx.store, ctx.keyring)
+    if envelope.headers.get(HELD_DATA_HEADER):
+        # A raw Binary upload: the listener wrote it, bytes and all, when it took the message; this
+        # payload is the resource without them, and writing it again would make a version with none.
+        return "fhir Binary (stored by the listener)"
     try:
         detail, results = write_payload(fs, conn, envelope.payload, message_id=envelope.id)
     except FhirError as e:
