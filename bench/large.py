@@ -37,10 +37,12 @@ PIECE = 8 << 20
 
 
 def write_large_instance(path: Path, size: int, *, patient_id: str = "STREAM^IN", sop_uid: str | None = None,
-                         meta_sop_uid: str | None = None, study_uid: str | None = None) -> dict[str, str]:
+                         meta_sop_uid: str | None = None, study_uid: str | None = None,
+                         private_bytes: int = 0) -> dict[str, str]:
     """A multi-frame instance of about ``size`` bytes of pixel data (whole 1 MiB frames), Explicit
     VR Little Endian, written in pieces. ``meta_sop_uid``, ``study_uid``: other UIDs for tests
-    (a file meta that differs from the data set, an invalid Study Instance UID). Returns its UIDs."""
+    (a file meta that differs from the data set, an invalid Study Instance UID); ``private_bytes``: a
+    private OB element of that size before the pixel data (a long header). Returns its UIDs."""
     frames = max(1, min(size, 0xFFFFFFFE) // FRAME)  # a defined-length OB holds < 4 GiB: 4 GiB is 4095 frames
     uids = {"SOPInstanceUID": sop_uid or generate_uid(), "StudyInstanceUID": study_uid or generate_uid(),
             "SeriesInstanceUID": generate_uid()}
@@ -67,6 +69,9 @@ def write_large_instance(path: Path, size: int, *, patient_id: str = "STREAM^IN"
     ds.BitsAllocated = ds.BitsStored = 8
     ds.HighBit = 7
     ds.PixelRepresentation = 0
+    if private_bytes:
+        block = ds.private_block(0x0009, "MEDRELAY BENCH", create=True)
+        block.add_new(0x10, "OB", os.urandom(private_bytes))
     ds.save_as(path, enforce_file_format=True)
     n = frames * FRAME
     with open(path, "ab") as f:

@@ -37,7 +37,7 @@ from engine.envelope import new_id
 from engine.intake import Ahead
 from engine.store.blob_writer import BlobStream, can_stream
 from engine.store.dicom import index as idx
-from engine.store.dicom.scan import header_length
+from engine.store.dicom.scan import BULK_START, header_length
 from listeners.dicom_status import STORE
 from listeners.dicom_store import StoreSCP, check_attrs, file_meta, outcome_status
 
@@ -70,6 +70,8 @@ class IncomingDataSet:
         self.size = 0
         self.closed = False
         self.failed = False
+        self.header_end: int | None = None  # once known, ``head`` holds only the header
+        self._next_look = 1 << 20
 
     def add(self, fragment: bytes | memoryview) -> None:
         """One P-DATA fragment of the data set. A failed blob write (disk full, I/O error) stops
@@ -86,9 +88,27 @@ class IncomingDataSet:
             return
         self.digest.update(fragment)
         room = HEADER_MAX - len(self.head)
-        if room > 0:
+        if room > 0 and self.header_end is None:
             self.head += fragment[:room]
+            if len(self.head) >= self._next_look:  # at 1, 2, 4... MiB: keep only the header once it ends
+                self._next_look *= 2
+                self._look_for_header_end()
         self.size += len(fragment)
+
+    def _look_for_header_end(self) -> None:
+        if UID(self.transfer_syntax).is_deflated:
+            return  # its header is inside the deflated stream: found from the whole kept prefix at the end
+        try:
+            n = header_length(self.head, implicit=UID(self.transfer_syntax).is_implicit_VR,
+                              last_wanted=LAST_INDEX_TAG)
+        except Exception:  # malformed (or nested too deep): decided, and refused, at the end
+            return
+        # only at the pixel data: a header cut at a larger element is decided from the whole prefix
+        if n is not None and n + 4 <= len(self.head) and (
+                int.from_bytes(self.head[n:n + 2], "little") << 16 | int.from_bytes(self.head[n + 2:n + 4], "little")
+        ) >= BULK_START:
+            self.header_end = n
+            del self.head[n:]
 
     def abort(self) -> None:
         """The association ended mid-instance: the file goes, nothing is committed or answered."""
@@ -151,7 +171,8 @@ class IncomingDataSet:
             if ts.is_deflated:  # the header of a deflated data set is the start of its inflated stream
                 head = zlib.decompressobj(-zlib.MAX_WBITS).decompress(bytes(self.head), HEADER_MAX)
                 read_as = ExplicitVRLittleEndian
-            n = header_length(head, implicit=UID(read_as).is_implicit_VR, last_wanted=LAST_INDEX_TAG)
+            n = self.header_end if self.header_end is not None else \
+                header_length(head, implicit=UID(read_as).is_implicit_VR, last_wanted=LAST_INDEX_TAG)
             if n is None:
                 log.info("dicom.store_undecodable", channel=self.scp.ctx.channel, error="HeaderTooLong")
                 return STORE["cannot_understand"].code, "header before the pixel data too long or malformed"

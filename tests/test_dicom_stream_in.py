@@ -513,3 +513,34 @@ def test_two_large_instances_at_once_stay_bounded(medrelay_proc, tmp_path):
         assert _blob_data_set_digest(store, blob_id, meta_end)[0] == _file_data_set_digest(src)
     assert _messages(store) == 2
     store.dispose()
+
+
+def test_long_header_is_read_whole_and_one_past_the_bound_is_refused(medrelay_proc, tmp_path):
+    """A 3 MiB private value before the pixel data: the header is kept past it and the instance indexed.
+    One of 40 MiB (over HEADER_MAX): 0xC000, nothing stored, no file."""
+    ok, too_long = tmp_path / "ok.dcm", tmp_path / "long.dcm"
+    uids = write_large_instance(ok, 40 << 20, patient_id="STREAM^HDR", private_bytes=3 << 20)
+    write_large_instance(too_long, 20 << 20, private_bytes=40 << 20)
+    eng = Engine(medrelay_proc, tmp_path)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(MF_GRAYSCALE_BYTE_SC, "1.2.840.10008.1.2.1")
+    old = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assoc = ae.associate("127.0.0.1", eng.port, ae_title="MEDRELAY", max_pdu=65536)
+        assert assoc.is_established
+        assert assoc.send_c_store(ok).Status == 0x0000
+        assert assoc.send_c_store(too_long).Status == 0xC000
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
+    _, found = findscu(eng.port, "IMAGE", {"PatientID": "STREAM^HDR", "StudyInstanceUID": uids["StudyInstanceUID"],
+                                            "SeriesInstanceUID": uids["SeriesInstanceUID"], "SOPInstanceUID": ""},
+                       out_dir=tmp_path / "find")
+    assert [str(d.SOPInstanceUID) for d in found] == [uids["SOPInstanceUID"]]
+    store = eng.store()
+    _mid, blob_id, meta_end = _stored(store, uids["SOPInstanceUID"])
+    assert _blob_data_set_digest(store, blob_id, meta_end)[0] == _file_data_set_digest(ok)
+    assert _messages(store) == 1
+    assert [p.name for p in eng.blob_files()] == [blob_id]
+    store.dispose()
