@@ -1,9 +1,10 @@
 """DICOMweb throughput: medrelay's dicomweb source next to Orthanc with its DICOMweb plugin.
 
-Both get the same N instances (copies of pydicom's CT_small.dcm with new UIDs, 10
-instances per study, one patient per study) by STOW-RS in batches of 50, then for
---seconds each: QIDO-RS study searches by PatientID (one random patient per request)
-and WADO-RS instance retrievals (a random instance, ``transfer-syntax=*``: as stored,
+Both run at once and get the same N instances (copies of pydicom's CT_small.dcm with new
+UIDs, 10 instances per study, one patient per study) by STOW-RS in batches of 50, then,
+in --rounds slices of --seconds with the servers taking turns (so load from other work on
+the machine falls on both alike; the median is kept): QIDO-RS study searches by PatientID
+(one random patient per request) and WADO-RS instance retrievals (a random instance, ``transfer-syntax=*``: as stored,
 so neither server transcodes), from 1 and from 4 clients (threads, keep-alive
 connections). Orthanc (Debian packages orthanc, orthanc-dicomweb) listens on every
 interface and has no bind option, so the whole bench re-runs itself inside a network
@@ -14,7 +15,7 @@ indexes at intake; an archive route would still be marking instances archived in
 background while the reads are timed); Orthanc:
 SQLite index, SyncStorageArea true, no authentication (its default on loopback).
 
-    .venv/bin/python bench/dicomweb.py [--counts 1000,10000] [--seconds 10]
+    .venv/bin/python bench/dicomweb.py [--counts 1000,10000] [--seconds 4] [--rounds 3]
 
 Prints each server's rates, the server's CPU milliseconds per request (/proc: what the
 request costs the server, apart from the load generator sharing the machine) and the
@@ -29,13 +30,16 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 from netns import in_namespace  # bench/netns.py (this script runs from bench/)
@@ -180,9 +184,8 @@ def rate(server, request, seconds: float, clients: int) -> tuple[float, float]:
     return done / (time.perf_counter() - start), (cpu_seconds(server.proc.pid) - cpu0) * 1000 / max(done, 1)
 
 
-def measure(server, instances, seconds: float) -> dict[str, float]:
+def requests_for(server, instances) -> dict[str, Callable[[httpx.Client, random.Random], None]]:
     pids = sorted({i[0] for i in instances})
-    out = {"stow": stow(server, instances)}
 
     def qido(c: httpx.Client, rng: random.Random) -> None:
         r = c.get(server.base + "/studies", params={"PatientID": rng.choice(pids)},
@@ -194,33 +197,51 @@ def measure(server, instances, seconds: float) -> dict[str, float]:
         r = c.get(f"{server.base}/studies/{st}/series/{se}/instances/{sop}", headers={"Accept": ACCEPT_DICOM})
         assert r.status_code == 200 and len(r.content) > 1000, (server.name, r.status_code)
 
+    return {"qido": qido, "wado": wado}
+
+
+def measure_both(servers: list[Any], instances: list[Any], seconds: float, rounds: int) -> dict[str, dict[str, float]]:
+    """STOW into each, then each measurement in ``rounds`` slices of ``seconds``, the servers taking
+    turns (A B A B ...): the load other work puts on the machine falls on both alike. The
+    median of the rounds is kept (rates and CPU per request)."""
+    out: dict[str, dict[str, float]] = {s.name: {"stow": stow(s, instances)} for s in servers}
+    reqs = {s.name: requests_for(s, instances) for s in servers}
     for clients in (1, 4):
-        out[f"qido{clients}"], out[f"qido{clients}_cpu"] = rate(server, qido, seconds, clients)
-        out[f"wado{clients}"], out[f"wado{clients}_cpu"] = rate(server, wado, seconds, clients)
+        for kind in ("qido", "wado"):
+            got: dict[str, list[tuple[float, float]]] = {s.name: [] for s in servers}
+            for k in range(rounds):
+                for s in (servers if k % 2 == 0 else servers[::-1]):
+                    got[s.name].append(rate(s, reqs[s.name][kind], seconds, clients))
+            for name, results in got.items():
+                out[name][f"{kind}{clients}"] = statistics.median(r for r, _c in results)
+                out[name][f"{kind}{clients}_cpu"] = statistics.median(c for _r, c in results)
+                print(f"  {name} {kind} x{clients}: " + ", ".join(f"{r:.0f}/s {c:.2f} ms" for r, c in results),
+                      flush=True)
     return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--counts", default="1000,10000")
-    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--seconds", type=float, default=4.0, help="length of one measurement slice")
+    ap.add_argument("--rounds", type=int, default=3, help="slices per server and measurement (median kept)")
     args = ap.parse_args()
     in_namespace("bench/dicomweb.py")
     rows = []
     for n in (int(x) for x in args.counts.split(",")):
         instances = make_instances(n)
         work = Path(tempfile.mkdtemp(prefix="bench-dicomweb-"))
+        servers: list[Any] = []
         try:
-            for cls, port in ((Medrelay, 18042), (Orthanc, 18142)):
-                server = cls(work, port)
-                try:
-                    got = measure(server, instances, args.seconds)
-                finally:
-                    server.stop()
-                rows.append((n, server.name, got))
-                print(n, server.name, {k: round(v, 1) for k, v in got.items()}, flush=True)
+            servers = [Medrelay(work, 18042), Orthanc(work, 18142)]
+            got = measure_both(servers, instances, args.seconds, args.rounds)
         finally:
+            for server in servers:
+                server.stop()
             shutil.rmtree(work, ignore_errors=True)
+        for name, g in got.items():
+            rows.append((n, name, g))
+            print(n, name, {k: round(v, 1) for k, v in g.items()}, flush=True)
     cols = ("stow", "qido1", "qido4", "wado1", "wado4")
     print("\n| instances | server | STOW-RS inst/s | QIDO studies/s (1 client) | QIDO (4) | "
           "WADO-RS instances/s (1 client) | WADO (4) | server CPU ms per QIDO / WADO (1 client) |")
