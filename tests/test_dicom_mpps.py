@@ -276,7 +276,9 @@ def test_mpps_refusals_follow_ps3_4(eng):
         req.AttributeList = BytesIO(b"\x40\x00\x70\x02\xff\xff\xff\xff\x00\x00\x00\x00")
         cx = assoc._get_valid_context(ModalityPerformedProcedureStep, "", "scu")
         assoc._reactor_checkpoint.clear()  # as pynetdicom's own send_*: the reactor must not take the answer
+        paused_by = time.monotonic() + 30  # bounded: a reactor that never pauses fails here, not at the suite timeout
         while not assoc._is_paused:
+            assert time.monotonic() < paused_by, "pynetdicom's reactor did not pause"
             time.sleep(0.001)
         try:
             assoc.dimse.send_msg(req, cx.context_id)
