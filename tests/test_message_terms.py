@@ -149,7 +149,7 @@ def test_content_search_is_bounded_in_rows(engine_factory):
     ORM.replace(b"|^~\\&|", b"|^~\\&#|"),  # v2.7 truncation character in MSH-2
     b"MSH#*$%@#HIS#HOSP#RIS#RAD#20240102##ORM*O01#C\\%7#P#2.5\rPID#1##MRN$1*a*b~X2\r",  # other delimiters
     ("MSH|^~\\&|HIS|HOSP|RIS|RAD|20240102||ADT^A01|CTL-U|P|2.5||||||UNICODE UTF-8\r"
-     "PID|1||MRN-ÄÖ^^^HOSP^MR||MÜLLER^JÖRG\r").encode("utf-8"),
+     "PID|1||MRN-ÄÖ^^^HOSP^MR||MÜLLER^JÖRG\r").encode(),
     ("MSH|^~\\&|HIS|HOSP|RIS|RAD|20240102||ADT^A01|CTL-L|P|2.5\rPID|1||MRN-é1||DOE\r").encode("latin-1"),
 ])
 def test_terms_from_the_listeners_header_equal_terms_read_from_the_payload(payload):
