@@ -8,8 +8,9 @@ process's peak RSS is retrieval only. Then, against medrelay and against dcmqrsc
 file indexed with dcmqridx) in the same run:
 - C-GET with getscu (+B: written straight to disk),
 - C-MOVE with movescu to a DCMTK storescp (+B),
-wall time of each getscu / movescu run, each received data set checked byte-identical to the
-file's (SHA-256), and medrelay's peak RSS per step (VmHWM, reset between steps through
+wall time of each getscu / movescu run (and of storescu -> storescp of the same file, the bare
+DCMTK transfer, also for sizes dcmqrscp does not serve), each received data set checked
+byte-identical to the file's (SHA-256), and medrelay's peak RSS per step (VmHWM, reset between steps through
 /proc/<pid>/clear_refs) and its RSS after the step. The ratio is medrelay time / dcmqrscp time.
 """
 
@@ -30,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from large import data_set_offset, free_port, proc_status, storescu, wait_port, write_large_instance  # noqa: E402
+import large  # noqa: E402  (bench/large.py: the instance writer and the DCMTK helpers)
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 DCMQRSCP_STUDY_MAX = 1 << 30  # dcmqrscp caps maxBytesPerStudy at 1 GiB: larger files are not served
@@ -40,7 +41,7 @@ MIB = 1 << 20
 def data_set_sha(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        f.seek(data_set_offset(path))
+        f.seek(large.data_set_offset(path))
         while piece := f.read(8 * MIB):
             h.update(piece)
     return h.hexdigest()
@@ -79,7 +80,7 @@ def movescu(port: int, aec: str, study: str) -> float:
 
 def start(cmd: list[str], port: int, **kw: object) -> subprocess.Popen:
     p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)  # type: ignore[call-overload]
-    wait_port(port)
+    large.wait_port(port)
     return p
 
 
@@ -109,7 +110,7 @@ def steps(port: int, aec: str, study: str, tmp: Path, want: str, between: Callab
 def run_dcmqrscp(tmp: Path, src: Path, study: str, scp_port: int, want: str) -> dict:
     db = tmp / "qrdb"
     db.mkdir()
-    port = free_port()
+    port = large.free_port()
     cfg = tmp / "dcmqrscp.cfg"
     cfg.write_text(textwrap.dedent(f"""
         NetworkTCPPort  = {port}
@@ -135,7 +136,7 @@ def run_dcmqrscp(tmp: Path, src: Path, study: str, scp_port: int, want: str) -> 
 def run_medrelay(tmp: Path, src: Path, study: str, scp_port: int, want: str) -> dict:
     d = tmp / "medrelay"
     d.mkdir()
-    port = free_port()
+    port = large.free_port()
     (d / "channels.yaml").write_text(textwrap.dedent(f"""
         store: {{url: "sqlite:///{d}/medrelay.db", blobs: "{d}/blobs"}}
         keys: {{kek_file: "{d}/keys.json"}}
@@ -154,19 +155,19 @@ def run_medrelay(tmp: Path, src: Path, study: str, scp_port: int, want: str) -> 
     log = open(d / "log", "ab")
     p = subprocess.Popen(cmd, cwd=d, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_port(port)
-        storescu(port, "MEDRELAY", src)
+        large.wait_port(port)
+        large.storescu(port, "MEDRELAY", src)
     finally:
         stop(p)
     p = subprocess.Popen(cmd, cwd=d, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_port(port)
-        idle = proc_status(p.pid)["VmRSS"]
+        large.wait_port(port)
+        idle = large.proc_status(p.pid)["VmRSS"]
 
         def between(_step: str) -> dict:
-            st = proc_status(p.pid)
+            st = large.proc_status(p.pid)
             time.sleep(1.0)
-            after = proc_status(p.pid)["VmRSS"]
+            after = large.proc_status(p.pid)["VmRSS"]
             Path(f"/proc/{p.pid}/clear_refs").write_text("5")  # VmHWM back to the current RSS
             return {"peak": st["VmHWM"], "after": after}
 
@@ -189,12 +190,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory(dir=args.dir) as t:
             tmp = Path(t)
             src = tmp / "large.dcm"
-            uids = write_large_instance(src, int(gib * (1 << 30)))
+            uids = large.write_large_instance(src, int(gib * (1 << 30)))
             want = data_set_sha(src)
             (tmp / "moved").mkdir()
-            scp_port = free_port()
+            scp_port = large.free_port()
             scp = start(["/usr/bin/storescp", "-aet", "STORESCP", "+B", "-od", str(tmp / "moved"), str(scp_port)],
                         scp_port)
+            transfer = large.run_storescp(tmp, src)  # the bare DCMTK transfer of the same file, as a floor
             try:
                 fits = src.stat().st_size < DCMQRSCP_STUDY_MAX
                 dq = run_dcmqrscp(tmp, src, uids["StudyInstanceUID"], scp_port, want) if fits else None
@@ -205,7 +207,8 @@ def main() -> None:
                 mem = mr[f"{step}_mem"]
                 theirs = (f"dcmqrscp {dq[step]:.1f} s, medrelay {mr[step]:.1f} s (ratio {mr[step] / dq[step]:.2f})"
                           if dq else f"dcmqrscp - (over its 1 GiB per study), medrelay {mr[step]:.1f} s")
-                print(f"{src.stat().st_size / MIB:.0f} MiB C-{step.upper()}: {theirs}; medrelay RSS idle "
+                print(f"{src.stat().st_size / MIB:.0f} MiB C-{step.upper()}: storescu -> storescp {transfer:.1f} s, "
+                      f"{theirs}; medrelay RSS idle "
                       f"{mr['idle'] / MIB:.0f} MiB, peak {mem['peak'] / MIB:.0f} MiB, after {mem['after'] / MIB:.0f} "
                       "MiB; byte-identical", flush=True)
 
