@@ -44,6 +44,7 @@ from engine.security import blind_index as bi
 from engine.store import schema
 from engine.store.db import MIGRATION_HOOKS
 from engine.store.dicom.scan import UNDEFINED, ScanError, scan
+from engine.store.prepared import pg_run
 
 log = structlog.get_logger()
 
@@ -280,13 +281,23 @@ def _fhir(payload: bytes) -> dict[str, set[str]]:
 
 
 # -- writing -----------------------------------------------------------------------------
+# PostgreSQL: a batch's terms (about four a message) as one statement over two arrays, in the
+# caller's pipeline: a row each through executemany cost ~30 us of driver work per term.
+_PG_INSERT = ("INSERT INTO message_terms (message_id, term) "
+              "SELECT * FROM unnest(CAST(%(ids)s AS varchar[]), CAST(%(terms)s AS varchar[]))")
+
+
 def write(conn: Connection, keyring: Any, envelopes: Iterable[Any], stored: set[str]) -> None:
     """Intake's hook: the terms of the envelopes whose message rows this transaction inserts."""
     key = keyring.hmac_key(HMAC_KEY_NAME)
-    rows = [{"message_id": e.id, "term": t} for e in envelopes if e.id in stored
+    rows = [(e.id, t) for e in envelopes if e.id in stored
             for t in sorted(terms_of(key, e.kind, e.payload, dict(e.headers)))]
-    if rows:
-        conn.execute(insert(message_terms), rows)
+    if not rows:
+        return
+    if conn.dialect.name == "postgresql":
+        pg_run(conn, _PG_INSERT, {"ids": [r[0] for r in rows], "terms": [r[1] for r in rows]})
+    else:
+        conn.execute(insert(message_terms), [{"message_id": m, "term": t} for m, t in rows])
 
 
 def delete_for(conn: Connection, message_ids: Sequence[str]) -> int:
