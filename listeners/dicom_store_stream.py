@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -189,16 +190,17 @@ class IncomingDataSet:
 
 
 def begin(scp: StoreSCP, sop_class: str, sop_uid: str, transfer_syntax: str, calling_aet: str,
-          peer: str) -> IncomingDataSet | None:
-    """A sink for a large data set (the Upper Layer's ``Hooks.stream``), or None when it stays on
-    the in-memory path (blobs on S3, a syntax the header scan does not read, no intake, a blob
-    file that cannot be opened: that path then answers the failure)."""
+          peer: str, factory: Callable[..., IncomingDataSet] = IncomingDataSet) -> IncomingDataSet | None:
+    """A sink for a large data set (the Upper Layer's ``Hooks.stream``; STOW-RS parts pass their
+    subclass as ``factory``), or None when it stays on the in-memory path (blobs that cannot be
+    streamed, a syntax the header scan does not read, no intake, a blob file that cannot be
+    opened: that path then answers the failure)."""
     ctx = scp.ctx
     if ctx.intake is None or not can_stream(ctx.store) or not streamable(transfer_syntax):
         return None
     try:
-        return IncomingDataSet(scp, sop_class=sop_class, sop_uid=sop_uid, transfer_syntax=transfer_syntax,
-                               calling_aet=calling_aet, peer=peer, message_id=new_id())
+        return factory(scp, sop_class=sop_class, sop_uid=sop_uid, transfer_syntax=transfer_syntax,
+                       calling_aet=calling_aet, peer=peer, message_id=new_id())
     except OSError as e:
         log.warning("dicom.stream_unavailable", channel=ctx.channel, error=type(e).__name__)
         return None

@@ -105,9 +105,13 @@ class DicomWebSourceConfig(ComponentConfig):
     max_results: int = Field(1000, ge=1, le=65535, description=(
         "most QIDO-RS results in one response; more are announced with a Warning header (use offset)"))
     max_body_bytes: int = Field(256 * 1024 * 1024, gt=0, description=(
-        "largest STOW-RS request body; a larger declared Content-Length gets 413 before any byte is read"))
+        "largest STOW-RS request body held in memory (its parts under 16 MiB; all of it when the blob store "
+        "cannot stream); a larger declared Content-Length gets 413 before any byte is read"))
     body_budget_bytes: int = Field(512 * 1024 * 1024, gt=0, description=(
         "STOW-RS bodies held in memory at once, all connections together; at least max_body_bytes"))
+    max_stream_bytes: int = Field(16 * 1024 * 1024 * 1024, gt=0, description=(
+        "largest STOW-RS request body when parts of 16 MiB and more are streamed to the blob store (any "
+        "local or S3 blob store); max_body_bytes then bounds only the smaller parts held in memory"))
     max_header_bytes: int = Field(16 * 1024, ge=1024, description="largest request head; larger gets 431")
     max_header_count: int = Field(100, ge=8, description="most header fields in a request; more gets 431")
     max_url_bytes: int = Field(8 * 1024, ge=256, description="longest request target; longer gets 414")
@@ -666,23 +670,25 @@ class DicomWebApi:
             boundary = stow.boundary_of(request.headers.get("content-type", ""))
         except stow.StowError as e:
             raise DicomWebError(e.status, e.text) from None
-        limit = self.config.max_body_bytes
+        limit = self.config.max_body_bytes  # held in memory; large parts stream (dicomweb_stow)
+        client = request.client
+        peer = f"{actor}@{client.host}:{client.port}" if client else actor
+        streaming = stow.streaming_for(self.scp, peer, study, self.config.max_stream_bytes, self._run)
+        total = limit if streaming is None else max(limit, streaming.limit)
         length = request.headers.get("content-length", "").strip()
         if length and not (length.isascii() and length.isdigit()):
             raise DicomWebError(400, "Content-Length is not a number")
-        if length and int(length) > limit:
-            raise DicomWebError(413, f"body larger than {limit} bytes")
-        want = int(length) if length else limit
+        if length and int(length) > total:
+            raise DicomWebError(413, f"body larger than {total} bytes")
+        want = min(int(length), limit) if length else limit
         await self.budget.reserve(want, self.config.body_timeout / 2)
         request.state.body_reserved = want
         try:
-            parts = await stow.read_parts(request.stream(), boundary, limit)
+            parts = await stow.read_parts(request.stream(), boundary, limit, streaming)
         except stow.StowError as e:
             raise DicomWebError(e.status, e.text) from None
         if not parts:
             raise DicomWebError(400, "the body has no parts")
-        client = request.client
-        peer = f"{actor}@{client.host}:{client.port}" if client else actor
 
         def run(part: stow.Part) -> Awaitable[stow.Result]:
             return self._run(stow.store_one, self.scp, part, peer, study)

@@ -12,13 +12,24 @@ when none was (PS3.18 Table 10.5.3-1).
 
 The body is parsed as it arrives with python-multipart's ``MultipartParser`` (the
 streaming parser Starlette itself uses; it handles any multipart subtype, boundaries
-split across reads, and bounds part headers), within ``max_body_bytes``; parts are
-held in memory until stored (streaming them to the blob store is issue 13 item 3).
+split across reads, and bounds part headers), within ``max_body_bytes`` held in memory.
+
+A part that reaches ``STREAM_MIN`` (16 MiB, as a C-STORE data set on our Upper Layer) is
+streamed to its blob instead (issue 13 item 3), by the Upper Layer's own sink
+(listeners/dicom_store_stream.py ``IncomingDataSet``): its file meta is read from the first
+bytes, the data set goes to a ``BlobStream`` as it arrives, its index attributes come from the
+header, and at the end of the part it is checked, made durable and committed through
+``Ahead.presealed`` exactly as a streamed C-STORE (de-dupe, audit, outcome after the commit).
+Such a part is committed when it ends, before the response; a body that breaks later keeps it
+(as an association aborted after an instance), and a re-send is answered as a duplicate. The
+parser runs on a worker thread, fed about 1 MiB at a time, so a slow disk holds up this body
+and never the event loop. The whole body is bounded by ``max_stream_bytes``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,15 +40,20 @@ from pydicom.filereader import read_dataset
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
 
+from engine.store.blob_writer import can_stream
+from engine.store.db import STREAM_MIN
 from engine.store.dicom import index as idx
+from listeners import dicom_store_stream
 from listeners.dicom_dimse import valid_uid
 from listeners.dicom_status import STORE
 from listeners.dicom_store import StoreRequest, StoreSCP, file_meta
+from listeners.dicom_store_stream import IncomingDataSet
 from listeners.dicomweb_json import ur
 
 log = structlog.get_logger()
 MAX_PARTS = 10000
 STORE_CONCURRENCY = 8  # parts in the intake at once: they share its group commits
+PARSE_BATCH = 1 << 20  # body bytes handed to the parser thread at once
 
 
 class StowError(Exception):
@@ -51,6 +67,33 @@ class StowError(Exception):
 class Part:
     headers: dict[str, str] = field(default_factory=dict)
     data: bytearray = field(default_factory=bytearray)
+    sink: StowDataSet | None = None  # streaming to its blob
+    result: Result | None = None  # decided while the body was read (streamed and stored, or refused)
+    decided: bool = False  # whether it was looked at for streaming
+
+
+class StowDataSet(IncomingDataSet):
+    """A streamed part: the Upper Layer's sink, plus the study check of a STOW-RS URL and the
+    Study/Series Instance UIDs the response names."""
+
+    def __init__(self, *args: Any, study: str | None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.study = study
+        self.uids = ("", "")
+
+    def _header(self) -> tuple[bytes, dict[str, Any]] | tuple[int, str]:
+        checked = super()._header()
+        if isinstance(checked[0], int):
+            return checked
+        attrs: dict[str, Any] = checked[1]  # type: ignore[assignment]
+        self.uids = (str(attrs["STUDY"].get("StudyInstanceUID", "")), str(attrs["SERIES"].get("SeriesInstanceUID", "")))
+        if self.study is not None and self.uids[0] != self.study:
+            return STORE["mismatch"].code, "StudyInstanceUID differs from the study of the request URL"
+        return checked
+
+    def result(self) -> Result:
+        status, comment = self.store()
+        return Result(self.sop_class, self.sop_uid, self.uids[0], status, comment, self.uids[1])
 
 
 @dataclass(frozen=True)
@@ -80,10 +123,32 @@ def boundary_of(content_type: str) -> str:
     return boundary
 
 
-async def read_parts(chunks: Any, boundary: str, limit: int) -> list[Part]:
-    """The body's parts, parsed as the chunks arrive, within ``limit`` bytes in all."""
+@dataclass(frozen=True)
+class Streaming:
+    """What a body's large parts need to be streamed and stored while it is read."""
+
+    scp: StoreSCP
+    peer: str
+    study: str | None
+    limit: int  # bytes of the whole body (``max_stream_bytes``)
+    offload: Callable[..., Awaitable[Any]]  # runs a blocking call on a worker thread
+    stream_min: int = STREAM_MIN
+
+
+def streaming_for(scp: StoreSCP, peer: str, study: str | None, limit: int,
+                  offload: Callable[..., Awaitable[Any]]) -> Streaming | None:
+    """How a body's large parts are streamed, or None when the blob store cannot take a
+    streamed write (every part is then held in memory, within ``max_body_bytes``)."""
+    return Streaming(scp, peer, study, limit, offload) if can_stream(scp.ctx.store) else None
+
+
+async def read_parts(chunks: Any, boundary: str, limit: int, streaming: Streaming | None = None) -> list[Part]:
+    """The body's parts, parsed as the chunks arrive, holding at most ``limit`` bytes in memory
+    (without ``streaming``: ``limit`` bytes of body in all). With ``streaming``, a part that
+    reaches ``stream_min`` goes to its blob and is stored when it ends (its ``result``)."""
     parts: list[Part] = []
     header_field, header_value = bytearray(), bytearray()
+    held = 0  # bytes of parts in memory
 
     def on_part_begin() -> None:
         if len(parts) >= MAX_PARTS:
@@ -91,7 +156,26 @@ async def read_parts(chunks: Any, boundary: str, limit: int) -> list[Part]:
         parts.append(Part())
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
-        parts[-1].data += data[start:end]
+        nonlocal held
+        p = parts[-1]
+        if p.result is not None:  # refused already: the rest of it is read past
+            return
+        if p.sink is not None:
+            p.sink.add(memoryview(data)[start:end])
+            return
+        p.data += data[start:end]
+        held += end - start
+        if held > limit:
+            raise StowError(413, f"body larger than {limit} bytes")
+        if streaming is not None and not p.decided and len(p.data) >= streaming.stream_min:
+            p.decided = True
+            held -= _start_streaming(p, streaming)
+
+    def on_part_end() -> None:
+        p = parts[-1]
+        if p.sink is not None:
+            sink, p.sink = p.sink, None
+            p.result = sink.result()
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
         header_field.extend(data[start:end])
@@ -105,19 +189,79 @@ async def read_parts(chunks: Any, boundary: str, limit: int) -> list[Part]:
         header_value.clear()
 
     parser = MultipartParser(boundary, {  # type: ignore[arg-type]
-        "on_part_begin": on_part_begin, "on_part_data": on_part_data, "on_header_field": on_header_field,
-        "on_header_value": on_header_value, "on_header_end": on_header_end})
+        "on_part_begin": on_part_begin, "on_part_data": on_part_data, "on_part_end": on_part_end,
+        "on_header_field": on_header_field, "on_header_value": on_header_value, "on_header_end": on_header_end})
+    total = limit if streaming is None else max(limit, streaming.limit)
     size = 0
+    batch: list[bytes] = []
+    batched = 0
     try:
         async for chunk in chunks:
             size += len(chunk)
-            if size > limit:
-                raise StowError(413, f"body larger than {limit} bytes")
-            parser.write(chunk)
-        parser.finalize()
+            if size > total:
+                raise StowError(413, f"body larger than {total} bytes")
+            if streaming is None:
+                parser.write(chunk)
+                continue
+            batch.append(chunk)
+            batched += len(chunk)
+            if batched >= PARSE_BATCH:
+                await streaming.offload(_feed, parser, batch)
+                batch, batched = [], 0
+        if streaming is not None:
+            await streaming.offload(_feed, parser, batch, True)
+        else:
+            parser.finalize()
     except MultipartParseError:
         raise StowError(400, "malformed multipart body") from None
+    finally:
+        for p in parts:  # a body that ended mid-part: its streamed file goes, nothing is committed
+            if p.sink is not None:
+                p.sink.abort()
+                p.sink = None
     return parts
+
+
+def _feed(parser: MultipartParser, batch: list[bytes], final: bool = False) -> None:
+    for chunk in batch:
+        parser.write(chunk)
+    if final:
+        parser.finalize()
+
+
+def _start_streaming(p: Part, s: Streaming) -> int:
+    """Move a part that reached ``stream_min`` to a streamed sink, or refuse it now (not DICOM:
+    read past, never held); the bytes of memory freed. A part the sink cannot take (a syntax
+    the header scan does not read, blobs that cannot be streamed) stays in memory."""
+    ctype = p.headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
+    try:
+        if ctype != "application/dicom":
+            raise ValueError
+        meta, end = _meta_end(p.data)
+    except Exception:
+        req = request_of(p, s.peer)  # the reason, as a small part gets it
+        p.result = req if isinstance(req, Result) else Result(
+            "", "", "", STORE["cannot_understand"].code, "part is not a readable DICOM Part-10 file")
+    else:
+        sop_class, sop_uid, ts = (meta["MediaStorageSOPClassUID"], meta["MediaStorageSOPInstanceUID"],
+                                  meta["TransferSyntaxUID"])
+        if not (valid_uid(sop_class) and valid_uid(sop_uid) and valid_uid(ts)):
+            p.result = Result(sop_class[:64], sop_uid[:64], "", STORE["mismatch"].code,
+                              "file meta lacks a valid SOP Class/Instance UID or transfer syntax")
+        else:
+            sink = dicom_store_stream.begin(s.scp, sop_class, sop_uid, ts, "", s.peer,
+                                            factory=functools.partial(StowDataSet, study=s.study))
+            if not isinstance(sink, StowDataSet):
+                return 0
+            try:
+                sink.add(memoryview(p.data)[end:])
+            except BaseException:
+                sink.abort()
+                raise
+            p.sink = sink
+    freed = len(p.data)
+    p.data = bytearray()
+    return freed
 
 
 def _meta_end(data: bytes | bytearray) -> tuple[dict[str, str], int]:
@@ -165,7 +309,9 @@ def _uids_of(req: StoreRequest) -> tuple[str, str]:
 
 
 def store_one(scp: StoreSCP, part: Part, peer: str, study: str | None) -> Result:
-    """Store one part (blocking: run it on a worker thread)."""
+    """Store one part (blocking: run it on a worker thread); a streamed one was stored already."""
+    if part.result is not None:
+        return part.result
     req = request_of(part, peer)
     part.data = bytearray()  # the request holds its own copy now
     if isinstance(req, Result):

@@ -1,0 +1,173 @@
+"""A large STOW-RS body (issue 13 item 3): parts of 16 MiB and more stream to their blob.
+
+`medrelay run` in a subprocess takes a multipart/related body of several hundred MB that httpx
+uploads from a generator (chunked, never whole in the test either). The listener's
+``max_body_bytes`` keeps its default (256 MiB), so the body only goes in when its large parts
+are streamed; the engine's VmHWM (peak RSS, /proc) must stay under 300 MB. The stored blob is
+read back chunk by chunk (``Store.blob_chunks``) and compared with the file sent.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from bench.large import data_set_offset, write_large_instance
+from engine.store import schema
+from tests.conftest import fresh_pg_url
+from tests.dicom_peers import free_port
+from tests.test_dicom_stream_in import (
+    RSS_LIMIT,
+    Engine,
+    _blob_data_set_digest,
+    _file_data_set_digest,
+    _messages,
+    _stored,
+)
+
+pytestmark = pytest.mark.slow
+
+MiB = 1 << 20
+TOKEN = "stow-large-token-0123456789abc"
+BOUNDARY = "stow-large-boundary-7f3a"
+CTYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+
+
+class WebEngine(Engine):
+    """`medrelay run` with a DICOMweb source only (default max_body_bytes: 256 MiB)."""
+
+    def __init__(self, medrelay_proc, tmp_path: Path, url: str | None = None) -> None:
+        self.data = tmp_path / "data"
+        self.port = free_port()
+        self.url = url or f"sqlite:///{self.data}/medrelay.db"
+        yaml = f"""
+store: {{url: "{self.url}", blobs: "{self.data}/blobs"}}
+keys: {{kek_file: "{self.data}/keys.json"}}
+channels:
+  web:
+    source: {{type: dicomweb, host: 127.0.0.1, port: {self.port}, auth: {{bearer_tokens: ["${{DW_TOKEN}}"]}}}}
+"""
+        self.proc = medrelay_proc(yaml, env={"DW_TOKEN": TOKEN})
+        self.proc.start()
+        self.proc.wait_port(self.port)
+        assert self.proc.proc is not None
+        self.pid = self.proc.proc.pid
+
+    def stow_url(self, study: str | None = None) -> str:
+        return f"http://127.0.0.1:{self.port}/dicom-web/studies" + (f"/{study}" if study else "")
+
+
+def _body(parts: list[Path | bytes]) -> Iterator[bytes]:
+    """A multipart/related body, files read in 1 MiB pieces."""
+    for p in parts:
+        yield f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        if isinstance(p, bytes):
+            yield p
+        else:
+            with open(p, "rb") as f:
+                while piece := f.read(MiB):
+                    yield piece
+        yield b"\r\n"
+    yield f"--{BOUNDARY}--\r\n".encode()
+
+
+def _post(url: str, parts: list[Path | bytes]) -> httpx.Response:
+    return httpx.post(url, content=_body(parts), timeout=600,
+                      headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": CTYPE})
+
+
+def _reasons(res: dict) -> list[int]:
+    return sorted(i["00081197"]["Value"][0] for i in res.get("00081198", {}).get("Value", []))
+
+
+def _stored_uids(res: dict) -> list[str]:
+    return [i["00081155"]["Value"][0] for i in res.get("00081199", {}).get("Value", [])]
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgres"])
+def test_large_stow_body_is_streamed_bounded_byte_identical_with_failures_per_instance(medrelay_proc, tmp_path, db):
+    url = fresh_pg_url() if db == "postgres" else None
+    size = int(os.environ.get("MEDRELAY_TEST_BIG_MB", "400")) * MiB
+    big = tmp_path / "big.dcm"
+    uids = write_large_instance(big, size, patient_id="STOW^BIG")
+    other = tmp_path / "other.dcm"  # 40 MiB of another study: streamed too, then refused 0xA900
+    write_large_instance(other, 40 * MiB, patient_id="STOW^OTHER")
+    small_other = tmp_path / "small.dcm"  # under STREAM_MIN: the in-memory path, refused 0xA900 as well
+    write_large_instance(small_other, 2 * MiB, patient_id="STOW^SMALL")
+    junk = os.urandom(20 * MiB)  # 20 MiB that are not DICOM: 0xC000, read past, never held
+    eng = WebEngine(medrelay_proc, tmp_path, url)
+    idle = eng.rss()["VmRSS"]
+    t0 = time.monotonic()
+    r = _post(eng.stow_url(uids["StudyInstanceUID"]), [big, other, small_other, junk])
+    took = time.monotonic() - t0
+    assert r.status_code == 202, r.text[:500]
+    res = r.json()
+    assert _stored_uids(res) == [uids["SOPInstanceUID"]]
+    assert _reasons(res) == [0xA900, 0xA900, 0xC000]
+    ref = res["00081199"]["Value"][0]["00081190"]["Value"][0]
+    assert ref.endswith(f"/studies/{uids['StudyInstanceUID']}/series/{uids['SeriesInstanceUID']}"
+                        f"/instances/{uids['SOPInstanceUID']}")
+    rss = eng.rss()
+    print(f"STOW of {(big.stat().st_size + 62 * MiB) / MiB:.0f} MiB in {took:.1f}s, peak RSS "
+          f"{rss['VmHWM'] / MiB:.0f} MiB (idle {idle / MiB:.0f})")
+    assert rss["VmHWM"] < RSS_LIMIT, f"peak RSS {rss['VmHWM'] / MiB:.0f} MiB (idle {idle / MiB:.0f})"
+    store = eng.store()
+    _mid, blob_id, meta_end = _stored(store, uids["SOPInstanceUID"])
+    digest, n = _blob_data_set_digest(store, blob_id, meta_end)
+    assert digest == _file_data_set_digest(big)
+    assert n - meta_end == big.stat().st_size - data_set_offset(big)
+    assert [p.name for p in eng.blob_files()] == [blob_id], "refused parts leave no blob (nor a .part file)"
+    assert _messages(store) == 1
+    with store.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(schema.audit_events)
+                            .where(schema.audit_events.c.action == "message.receive")).scalar_one() == 1
+    # the same instance again: stored (a duplicate, as C-STORE), no second message, its blob removed
+    r = _post(eng.stow_url(), [big])
+    assert r.status_code == 200, r.text[:500]
+    assert _stored_uids(r.json()) == [uids["SOPInstanceUID"]]
+    assert _messages(store) == 1
+    assert [p.name for p in eng.blob_files()] == [blob_id]
+    assert eng.rss()["VmHWM"] < RSS_LIMIT
+    store.dispose()
+
+
+def test_stow_body_cut_mid_part_commits_nothing_and_leaves_no_file(medrelay_proc, tmp_path):
+    big = tmp_path / "big.dcm"
+    write_large_instance(big, 200 * MiB, patient_id="STOW^CUT")
+    eng = WebEngine(medrelay_proc, tmp_path)
+    total = big.stat().st_size
+    head = (f"POST /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: {CTYPE}\r\nContent-Length: {total + 200}\r\n\r\n"
+            f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", eng.port), timeout=30) as s, open(big, "rb") as f:
+        s.sendall(head)
+        sent = 0
+        while sent < 80 * MiB:  # well past STREAM_MIN: the part is streaming to a .part file
+            piece = f.read(MiB)
+            s.sendall(piece)
+            sent += len(piece)
+        deadline = time.monotonic() + 60
+        while not [p for p in eng.blob_files() if p.name.endswith(".part")]:
+            assert time.monotonic() < deadline, "the part was not streamed to a file"
+            time.sleep(0.1)
+    deadline = time.monotonic() + 60  # the connection closed mid-part: the file goes, nothing is committed
+    while eng.blob_files():
+        assert time.monotonic() < deadline, f"left behind: {eng.blob_files()}"
+        time.sleep(0.2)
+    store = eng.store()
+    assert _messages(store) == 0
+    # the listener still serves: a small instance goes in
+    small = tmp_path / "small.dcm"
+    uids = write_large_instance(small, 1 * MiB, patient_id="STOW^AFTER")
+    r = _post(eng.stow_url(), [small])
+    assert r.status_code == 200, r.text[:300]
+    assert _stored_uids(r.json()) == [uids["SOPInstanceUID"]]
+    assert _messages(store) == 1
+    store.dispose()
