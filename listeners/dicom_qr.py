@@ -15,16 +15,13 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from pydicom.dataset import Dataset
 from pynetdicom.presentation import build_context
-from sqlalchemy import select
 
-from engine.store import schema
-from engine.store.db import is_chunked
 from engine.store.dicom import index as idx
-from engine.store.dicom import reconcile
 from listeners import dicom_match as m
 from listeners.dicom_contexts import LEVELS_BY_MODEL, QUERY_TRANSFER_SYNTAXES, model_of
 from listeners.dicom_status import FIND, GET, MOVE
-from routes.dicom_scu import RawInstance, instance_from_part10, make_raw_aware, streamed_part10
+from listeners.dicom_stored_stream import open_stored
+from routes.dicom_scu import RawInstance, instance_from_part10, make_raw_aware
 
 if TYPE_CHECKING:
     from engine.context import ComponentContext
@@ -107,23 +104,13 @@ class QueryRetrieve:
             return idx.instances_below(conn, level, [pk for pk, _a in matches])
 
     def _load(self, ref: idx.InstanceRef) -> RawInstance:
-        """The instance as it goes out. A large one (a chunk-sealed blob) is sent from its chunks
-        as they are decrypted, unless its patient changed since it was stored: rewriting the
-        Patient module (``reconcile.current_instance``) needs the whole data set."""
+        """The instance as it goes out: a large one (a chunk-sealed blob) from its chunks as they
+        are decrypted (listeners/dicom_stored_stream.py), the others whole as stored."""
         store = self.ctx.store
         with store.engine.connect() as conn:
-            blob_id = ref.blob_id or conn.execute(select(schema.messages.c.blob_id).where(
-                schema.messages.c.id == ref.message_id)).scalar()
-            row = conn.execute(select(schema.blobs.c.in_file, schema.blobs.c.nonce).where(
-                schema.blobs.c.id == blob_id)).mappings().first() if blob_id else None
-            if row is not None and is_chunked(row) and \
-                    reconcile.current_attributes(conn, store, ref.sop_uid) is None:
-
-                def open_part10() -> Iterator[bytes]:
-                    with store.engine.connect() as c:
-                        return store.blob_chunks(c, blob_id, aad=ref.message_id)  # reads no more rows
-
-                return streamed_part10(open_part10, ref.sop_class_uid, ref.sop_uid, ref.transfer_syntax)
+            streamed = open_stored(conn, store, ref)
+            if streamed is not None:
+                return streamed
             data = idx.load_instance(conn, store, ref)
         return instance_from_part10(data, ref.sop_class_uid, ref.sop_uid)
 

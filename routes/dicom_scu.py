@@ -156,7 +156,9 @@ def send_raw(assoc: Association, inst: RawInstance, *, msg_id: int = 1, priority
     req.AffectedSOPClassUID = inst.SOPClassUID
     req.AffectedSOPInstanceUID = inst.SOPInstanceUID
     streamed = isinstance(inst, StreamedInstance)
-    if not streamed:
+    if streamed:  # the first chunk before anything is sent: a blob that fails its check is a clean failure
+        chunks = _opened(inst)  # type: ignore[arg-type]
+    else:
         req.DataSet = io.BytesIO(inst.raw)
     assoc._reactor_checkpoint.clear()
     try:
@@ -166,7 +168,7 @@ def send_raw(assoc: Association, inst: RawInstance, *, msg_id: int = 1, priority
         rsp = None
         if assoc._is_paused:
             if streamed:
-                _send_streamed(assoc, req, context.context_id, inst)  # type: ignore[arg-type]
+                _send_streamed(assoc, req, context.context_id, chunks)
             else:
                 assoc.dimse.send_msg(req, context.context_id)
             rsp = _response(assoc)
@@ -181,10 +183,34 @@ def send_raw(assoc: Association, inst: RawInstance, *, msg_id: int = 1, priority
     return assoc._check_received_status(rsp)
 
 
-def _send_streamed(assoc: Association, req: C_STORE, context_id: int, inst: StreamedInstance) -> None:
+def _opened(inst: StreamedInstance) -> Iterator[bytes]:
+    """``inst``'s data set iterator with its first chunk already read (and authenticated): an
+    error opening it (address check, header rewrite) is raised while nothing is sent yet, so
+    C-GET / C-MOVE count a failed sub-operation and the association goes on."""
+    it = inst.open_dataset()
+    try:
+        first = next(it, b"")
+    except BaseException:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+        raise
+
+    def chained() -> Iterator[bytes]:
+        try:
+            yield first
+            yield from it
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    return chained()
+
+
+def _send_streamed(assoc: Association, req: C_STORE, context_id: int, chunks: Iterator[bytes]) -> None:
     """The data set from the blob's chunks; a send that stops half-way (the peer gone, a damaged
     chunk) leaves a partial message on the association, so it is aborted before the error goes on."""
-    chunks = inst.open_dataset()
     try:
         stream_send.send_c_store(assoc, req, context_id, chunks,
                                  stall_timeout=float(assoc.network_timeout or assoc.dimse_timeout or 60.0))

@@ -79,7 +79,7 @@ class StoreSCPeer:
     """A pynetdicom Storage SCP that hashes what it receives; ``abort_after`` P-DATA PDUs of the
     data set it sends an A-ABORT and drops the connection, mid-instance."""
 
-    def __init__(self, ssl_context=None) -> None:
+    def __init__(self, ssl_context=None, port: int = 0) -> None:
         self.received: list[tuple[str, str, int]] = []  # (SOP Instance UID, SHA-256, bytes)
         self.abort_after: int | None = None
         self.aborted = 0
@@ -87,7 +87,7 @@ class StoreSCPeer:
         ae = AE(ae_title="PEER")
         ae.maximum_pdu_size = 65536
         ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian, "1.2.840.10008.1.2"])
-        self.server = ae.start_server(("127.0.0.1", 0), block=False, ssl_context=ssl_context, evt_handlers=[
+        self.server = ae.start_server(("127.0.0.1", port), block=False, ssl_context=ssl_context, evt_handlers=[
             (evt.EVT_C_STORE, self._store), (evt.EVT_PDU_RECV, self._pdu)])
         self.port = self.server.server_address[1]
 
@@ -263,6 +263,102 @@ def test_route_over_tls_streams_through_the_dul_queue(engine_factory, tmp_path):
         assert [(u, h) for u, h, _n in peer.received] == [(uid, sha)]
     finally:
         peer.stop()
+
+
+def test_damaged_large_blob_is_a_failed_suboperation_and_a_quarantined_delivery(engine_factory, tmp_path):
+    """A chunk-sealed blob whose tag no longer matches its address fails before anything is sent:
+    C-GET counts a failed sub-operation on an association that goes on, the route dead-letters the
+    delivery as an integrity failure (retrying cannot help) and the peer gets nothing."""
+    route_port = free_port()
+    e = engine_factory(_yaml(0, free_port(), route_port, route_ae="PEER",
+                             retry="{max_attempts: 20, initial_delay: 0.3, max_delay: 0.5}"))
+    port = e.address("dcm")[1]
+    src = tmp_path / "big.dcm"
+    big_instance(src, 24)
+    assert "Success" in storescu(port, [src]).stdout
+    e.wait_for(lambda: deliveries(e.store, "fwd")[0][1] >= 1, timeout=30)  # nobody listens yet
+    with e.store.engine.connect() as c:
+        blob_id = c.execute(select(schema.blobs.c.id).where(schema.blobs.c.size > 20_000_000)).scalar()
+    path = e.store.blob_path(blob_id)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # the final tag: the address check fails before the first chunk
+    path.write_bytes(bytes(data))
+    del data
+    out = tmp_path / "got"
+    out.mkdir()
+    g = run("getscu", "-v", "-S", "-aet", "GETSCU", "-aec", "MEDRELAY", "-od", str(out),
+            "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={_study(src)}", "127.0.0.1", str(port))
+    assert re.search(r"Failed Suboperations\s*:\s*1\b", g.stdout) and "Releasing Association" in g.stdout, \
+        g.stdout[-2000:]
+    assert list(out.iterdir()) == []
+    peer = StoreSCPeer(port=route_port)
+    try:
+        e.wait_for(lambda: deliveries(e.store, "fwd")[0][0] == "dead", timeout=30)
+        assert (deliveries(e.store, "fwd")[0][2] or "").startswith("integrity:")
+        assert peer.received == [] and sent_audits(e.store) == 0
+    finally:
+        peer.stop()
+
+
+PIR_YAML = """
+store: {url: "sqlite:///data/medrelay.db", blobs: data/blobs}
+keys: {kek_file: data/keys.json}
+channels:
+  adt:
+    source: {type: mllp, port: 0}
+    routes:
+      - name: archive-patients
+        transforms: [{type: patient_update}]
+        to: {type: store}
+  dcm:
+    source: {type: dicom, port: 0, ae_title: MEDRELAY, calling_aets: [TESTSCU, GETSCU]}
+    routes: []
+"""
+
+
+def test_reconciled_patient_streams_with_a_rewritten_header(engine_factory, tmp_path, monkeypatch):
+    """After ADT A08 changed the patient, a large instance goes out with the new Patient module
+    (only the header re-encoded) and its Pixel Data unchanged."""
+    from mllp_peers import RawClient, msa
+
+    from engine.store.dicom import reconcile
+    from listeners import dicom_stored_stream
+
+    rewritten: list[int] = []  # sizes of what was handed to rewrite_patient: the header only
+    original = reconcile.rewrite_patient
+
+    def spy(part10, attrs):
+        rewritten.append(len(part10))
+        return original(part10, attrs)
+
+    monkeypatch.setattr(dicom_stored_stream.reconcile, "rewrite_patient", spy)
+    e = engine_factory(PIR_YAML)
+    src = tmp_path / "big.dcm"
+    big_instance(src, 24)
+    ds = dcmread(src)
+    ds.IssuerOfPatientID = "HOSP"
+    ds.save_as(src, enforce_file_format=True)
+    pixels = hashlib.sha256(ds.PixelData).hexdigest()
+    del ds
+    assert "Success" in storescu(e.address("dcm")[1], [src]).stdout
+    msg = (b"MSH|^~\\&|HIS|HOSP|MEDRELAY|RAD|20260101120000||ADT^A08^ADT_A01|A08-1|P|2.5\r"
+           b"EVN|A08|20260101120000\rPID|1||BIG1^^^HOSP^MR||Renamed^Patient||19700215|F\rPV1|1|O\r")
+    with RawClient(*e.address("adt")) as c:
+        assert msa(c.request(msg))[1] == "AA"
+    e.wait_for(lambda: _all_done(e.store))
+    getscu(e.address("dcm")[1], _study(src), tmp_path / "got")
+    [f] = list((tmp_path / "got").iterdir())
+    got = dcmread(f)
+    assert str(got.PatientName) == "Renamed^Patient" and str(got.PatientBirthDate) == "19700215"
+    assert hashlib.sha256(got.PixelData).hexdigest() == pixels
+    assert rewritten and max(rewritten) < 64 * 1024, rewritten
+
+
+def _all_done(store) -> bool:
+    d = schema.deliveries
+    with store.engine.connect() as c:
+        states = c.execute(select(d.c.state)).scalars().all()
+    return bool(states) and all(s == "done" for s in states)
 
 
 def _study(path: Path) -> str:
