@@ -462,10 +462,10 @@ def render() -> str:
         "LossyImageCompression 01; decompression and lossless compression keep the SOP Instance UID. JPEG "
         "Baseline/Extended/Lossless, HTJ2K and Deflate are decoded but not encoded. Large instances (16 MiB "
         "and more, stored in authenticated chunks) that go out in their stored syntax (C-GET, C-MOVE, Storage "
-        "SCU routes) are sent from their chunks as they are decrypted, never whole in memory. One that is "
-        "converted, or whose patient was updated since it was stored (Patient Information Reconciliation "
-        "rewrites its Patient module), is decoded and converted in memory: a conversion needs the whole "
-        "data set.",
+        "SCU routes) are sent from their chunks as they are decrypted, never whole in memory; when its "
+        "patient was updated since it was stored (Patient Information Reconciliation), only the elements "
+        "before Pixel Data are rewritten. One that is converted is decoded and converted in memory: a "
+        "conversion needs the whole data set.",
         "",
         *_conversion_table(),
         "",
