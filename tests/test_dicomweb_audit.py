@@ -58,7 +58,7 @@ def test_past_max_pending_the_caller_writes_its_own_row(store):
     audit = Audit(store, max_pending=0)  # the queue is always "full"
     audit.record_soon("dicomweb.query", entity={"level": "STUDY", "matches": 0})
     assert count(store, "dicomweb.query") == 1  # no flush needed: written before returning
-    assert audit._thread is None  # noqa: SLF001 (no writer was started)
+    assert audit._thread is None  # no writer was started
 
 
 def test_engine_stop_writes_the_rows_of_every_answered_read(medrelay_proc):
