@@ -7,6 +7,8 @@ The instance (random pixels, MEDRELAY_TEST_BIG_MB, default 400 MB) is stored wit
 storescu by a first engine process; a second process on the same data serves it, so its VmHWM
 (peak RSS, from /proc) is the retrieval alone. The client is httpx streaming the body to disk;
 the data set after the file meta (which the listener writes itself) is compared by SHA-256.
+A second test changes one byte in the middle of a stored chunk-sealed blob: the stream is
+cut after the chunks before it (httpx sees an incomplete body) and audited as failed.
 """
 
 from __future__ import annotations
@@ -151,3 +153,63 @@ channels:
         assert peak < LIMIT, f"peak RSS {peak >> 20} MiB"
     finally:
         proc.terminate(60)
+
+
+def test_a_chunk_that_fails_its_check_cuts_the_stream_and_is_audited_as_failed(tmp_path):
+    """A stored instance whose blob file was changed in the middle: the chunks before it go out,
+    then the connection is cut (never a complete-looking body), and the audit row says failed."""
+    from conftest import EngineThread
+    from sqlalchemy import select
+
+    from engine.store import schema
+    from engine.store.dicom import index as idx
+
+    e = EngineThread("""
+channels:
+  web:
+    source: {type: dicomweb, host: 127.0.0.1, port: 0, base_path: /dicom-web,
+             auth: {bearer_tokens: ["${DW_TOKEN}"]}}
+    routes: []
+""", tmp_path, env={"DW_TOKEN": TOKEN})
+    try:
+        host, port = e.address("web")
+        src = tmp_path / "mid.dcm"
+        ds = make_big(src, 20)  # chunk-sealed: 16 MiB and more
+        boundary = "b0undary"
+        body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + src.read_bytes()
+                + f"\r\n--{boundary}--\r\n".encode())
+        r = httpx.post(f"http://{host}:{port}/dicom-web/studies", content=body, timeout=60, headers={
+            "Authorization": f"Bearer {TOKEN}",
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+        assert r.status_code == 200, r.text[:300]
+        with e.store.engine.connect() as conn:
+            found = idx.locate(conn, str(ds.SOPInstanceUID))
+        assert found is not None and found.size > 16 * 1024 * 1024
+        (blob_file,) = [p for p in tmp_path.rglob(found.payload_blob) if p.is_file()]
+        with open(blob_file, "r+b") as f:  # one byte of the ciphertext, mid-file (chunk ~10 of ~20)
+            f.seek(blob_file.stat().st_size // 2)
+            b = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([b[0] ^ 0x01]))
+        url = (f"http://{host}:{port}/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+               f"/instances/{ds.SOPInstanceUID}")
+        got = 0
+        with pytest.raises(httpx.HTTPError):  # incomplete chunked read: the peer closed mid-body
+            with httpx.stream("GET", url, timeout=60, headers={
+                    "Authorization": f"Bearer {TOKEN}",
+                    "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}) as resp:
+                assert resp.status_code == 200
+                for piece in resp.iter_bytes():
+                    got += len(piece)
+        assert 0 < got < found.size  # what was sent before the bad chunk, not the whole instance
+        a = schema.audit_events
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            with e.store.engine.connect() as conn:
+                rows = conn.execute(select(a.c.outcome, a.c.entity).where(a.c.action == "dicomweb.retrieve")).all()
+            if rows:
+                break
+            time.sleep(0.05)
+        assert [(o, ent["failed"]) for o, ent in rows] == [("failure", 1)]
+    finally:
+        e.stop()
