@@ -22,6 +22,7 @@ import json
 import logging
 import re
 import socket
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -97,6 +98,17 @@ def expand(paths: Iterable[str | Path]) -> list[Path]:
         else:
             raise FileNotFoundError(str(p))
     return out
+
+
+def _head(path: Path, n: int) -> bytes:
+    """The first ``n`` bytes of a file (a large DICOM file is never read whole to be named)."""
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """A Part-10 file (preamble and DICM): skipped by the HL7 and FHIR imports unread."""
+    return _head(path, 132)[128:132] == b"DICM"
 
 
 def describe(data: bytes) -> str:
@@ -242,6 +254,9 @@ def import_hl7(host: str, port: int, files: list[Path], report: Report, timeout:
     with sock:
         parser = FrameParser(64 * 1024 * 1024)
         for f in files:
+            if _is_dicom_file(f):
+                report.add(f, "skipped", "not HL7 v2: a DICOM file (no MSH segment)")
+                continue
             data = f.read_bytes()
             framed = data.lstrip(b" \t\r\n").startswith(b"\x0b")
             msgs = hl7_messages(data)
@@ -302,9 +317,26 @@ def _pynetdicom_errors() -> Iterator[list[str]]:
         lg.propagate = propagate
 
 
+@contextmanager
+def _chunked_c_store() -> Iterator[None]:
+    """pynetdicom sends a file's data set as it is encoded on disk, read in pieces of a PDU
+    (``STORE_SEND_CHUNKED_DATASET``), instead of decoding the whole file and encoding it again:
+    a 1 GiB instance costs this process a few MiB, not three copies. It needs a presentation
+    context of the file's own transfer syntax, which is the one asked for below."""
+    from pynetdicom import _config
+
+    old = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        yield
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
+
+
 def import_dicom(host: str, port: int, called_aet: str, calling_aet: str, files: list[Path],
                  report: Report) -> None:
-    """C-STORE each file in its own transfer syntax (0x0000 and warnings 0xB000-0xBFFF accepted)."""
+    """C-STORE each file in its own transfer syntax (0x0000 and warnings 0xB000-0xBFFF accepted),
+    sent from disk in pieces (``_chunked_c_store``)."""
     from pydicom import dcmread
     from pynetdicom import AE
 
@@ -314,7 +346,7 @@ def import_dicom(host: str, port: int, called_aet: str, calling_aet: str, files:
             meta = dcmread(f, stop_before_pixels=True, specific_tags=["SOPClassUID"]).file_meta
             metas.append((f, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
         except Exception:
-            data = f.read_bytes()[:65536]
+            data = _head(f, 65536)
             what = describe(data)
             reason = ("a DICOM file without SOP Class or Transfer Syntax in its file meta" if what == "a DICOM file"
                       else f"not DICOM: {what}")
@@ -336,29 +368,59 @@ def import_dicom(host: str, port: int, called_aet: str, calling_aet: str, files:
             raise ImportFailed(f"the engine at {host}:{port} {verb} the association (calling AE {calling_aet}, "
                                f"called AE {called_aet})" + (f": {said}" if said else ""))
         try:
-            for f, c, t in metas:
-                if (c, t) not in group:
-                    continue
-                try:
-                    status = assoc.send_c_store(f)
-                except ValueError:  # no accepted presentation context for it
-                    report.add(f, "rejected", f"the engine accepted no presentation context for SOP class {c} "
-                               f"in transfer syntax {t}")
-                    continue
-                code = getattr(status, "Status", None)
-                if code is None:
-                    report.add(f, "rejected", "no answer (association aborted or timed out)")
-                elif code == 0:
-                    report.add(f, "accepted", "stored")
-                elif 0xB000 <= code <= 0xBFFF:
-                    report.add(f, "accepted", f"stored with warning 0x{code:04X}")
-                else:
-                    report.add(f, "rejected", f"status 0x{code:04X}")
-                if not assoc.is_established:
-                    raise ImportFailed(f"the engine ended the association after {f}")
+            _bounded_sends(assoc)
+            with _chunked_c_store():
+                _send_group(assoc, group, metas, report)
         finally:
             if assoc.is_established:
                 assoc.release()
+
+
+SEND_DEPTH = 16  # P-DATA PDUs waiting in pynetdicom's send queue at most
+
+
+def _bounded_sends(assoc: Any, depth: int = SEND_DEPTH) -> None:
+    """Make pynetdicom's DIMSE wait while ``depth`` PDUs are queued for its socket thread.
+
+    ``DIMSEServiceProvider.send_msg`` puts every P-DATA of a data set into the DUL's unbounded
+    ``to_provider_queue`` as fast as it reads the file, so a chunked 1 GiB instance would be
+    queued whole when the engine takes it slower than the disk gives it (measured: 321 MiB of
+    peak RSS for 300 MiB). Waiting here bounds this process to ``depth`` PDUs; the wait ends
+    when the DUL thread drains the queue or stops (connection lost: the C-STORE then fails)."""
+    dul = assoc.dul
+    send = dul.send_pdu
+
+    def bounded(primitive: Any) -> None:
+        while dul.to_provider_queue.qsize() >= depth and dul.is_alive():
+            time.sleep(0.001)
+        send(primitive)
+
+    dul.send_pdu = bounded
+
+
+def _send_group(assoc: Any, group: set[tuple[str, str]], metas: list[tuple[Path, str, str]],
+                report: Report) -> None:
+    """C-STORE the files of one association's presentation contexts, each answer reported."""
+    for f, c, t in metas:
+        if (c, t) not in group:
+            continue
+        try:
+            status = assoc.send_c_store(f)
+        except ValueError:  # no accepted presentation context for it
+            report.add(f, "rejected", f"the engine accepted no presentation context for SOP class {c} "
+                       f"in transfer syntax {t}")
+            continue
+        code = getattr(status, "Status", None)
+        if code is None:
+            report.add(f, "rejected", "no answer (association aborted or timed out)")
+        elif code == 0:
+            report.add(f, "accepted", "stored")
+        elif 0xB000 <= code <= 0xBFFF:
+            report.add(f, "accepted", f"stored with warning 0x{code:04X}")
+        else:
+            report.add(f, "rejected", f"status 0x{code:04X}")
+        if not assoc.is_established:
+            raise ImportFailed(f"the engine ended the association after {f}")
 
 
 # -- FHIR REST ------------------------------------------------------------------------
@@ -381,6 +443,9 @@ def import_fhir(base_url: str, token: str | None, files: list[Path], report: Rep
         headers["Authorization"] = f"Bearer {token}"
     with httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=60) as client:
         for f in files:
+            if _is_dicom_file(f):
+                report.add(f, "skipped", "not FHIR JSON: a DICOM file")
+                continue
             body = f.read_bytes()
             try:
                 res = json.loads(body)
