@@ -150,8 +150,9 @@ FAST_SYNTAXES = frozenset((*STORAGE_SOP_CLASSES, *VERIFICATION))
 class AssociationServer(ThreadedAssociationServer):
     """pynetdicom's server: a thread per connection, bounded by ``max_connections``.
 
-    The connection's thread reads the A-ASSOCIATE-RQ (``DicomListener.take_connection``)
-    and either serves the association itself (plain storage, ``listeners.dicom_ul``),
+    The connection's thread does the TLS handshake, if any, reads the A-ASSOCIATE-RQ
+    (``DicomListener.take_connection``) and either serves the association itself (plain
+    storage, over TCP or TLS, ``listeners.dicom_ul``),
     answers it (refused, rejected, timed out), or hands it to pynetdicom with the bytes
     already read (``listeners.dicom_provider``).
     """
@@ -487,8 +488,9 @@ class DicomListener:
                               called_aet=str(rq.called_ae_title).strip())
                 _send_quietly(sock, ul.reject_pdu(0x01, 0x01, refused[0]))
                 return _close(sock)
-            if (c.tls is None and self._store is not None and server is not None
-                    and ul.is_plain_storage(rq, FAST_SYNTAXES)):
+            # plain TCP or TLS alike: a TLS socket is served once its handshake (and with it
+            # the client-certificate check) has passed above, recv/sendall being the same
+            if self._store is not None and server is not None and ul.is_plain_storage(rq, FAST_SYNTAXES):
                 self._serve_storage(sock, address, rq)
                 return False
         # pynetdicom's (or malformed: pynetdicom answers it); its reads wait idle_timeout at most

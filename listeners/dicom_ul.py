@@ -6,9 +6,12 @@ DIMSE machinery costs ~3 ms of CPU per 0.5 MB instance, which is all the time a
 bare pynetdicom SCP takes. Issue 3 asks medrelay, with commit, index and
 encryption on top, to be at least as fast as that SCP, so the common case runs
 here: an association that proposes only Storage and Verification contexts and no
-extended negotiation (what modalities and ``storescu`` send). Everything else
-(Query/Retrieve, worklist, role selection, user identity, TLS, anything we would
-reject) stays with pynetdicom, which also does all the decoding and encoding of
+extended negotiation (what modalities and ``storescu`` send), over plain TCP or over
+TLS (the ``ssl.SSLSocket`` after its handshake: only blocking ``recv_into`` / ``sendall``
+with a timeout are used, no select or peek, so bytes OpenSSL has already decrypted and
+buffered are never missed). Everything else (Query/Retrieve, worklist, role selection,
+user identity, anything we would reject) stays with pynetdicom, which also does all the
+decoding and encoding of
 association PDUs for us here: we only parse P-DATA-TF here and the few command
 elements of C-STORE and C-ECHO (``listeners/dicom_dimse.py``) ourselves.
 
@@ -25,6 +28,7 @@ as bytes arrive, so a six-byte header cannot make the engine allocate gigabytes.
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -295,7 +299,11 @@ class StorageAssociation:
 
     # pynetdicom calls these on every active association (AE.shutdown, server.bind)
     def abort(self) -> None:
-        self._send_quietly(abort_pdu(0x02, 0x00))
+        """From another thread: A-ABORT, then close. Over TLS only the close: the association's
+        thread may be inside OpenSSL's read, and one SSL object must not be used by two threads
+        at once; the shut-down socket ends that read, and the peer sees the connection end."""
+        if not isinstance(self.sock, ssl.SSLSocket):
+            self._send_quietly(abort_pdu(0x02, 0x00))
         self._close()
 
     def bind(self, *args: Any) -> None:
