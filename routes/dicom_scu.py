@@ -10,6 +10,10 @@ transforms/dicom_codec.py to a syntax of an accepted context; one that cannot be
 raises TranscodeError, which pynetdicom's C-GET/C-MOVE loops count as a failed
 sub-operation and the C-STORE route as a permanent failure.
 
+A large stored instance (a chunk-sealed blob) is a StreamedInstance: its data set is sent
+from the blob's chunks as they are decrypted (engine/dimse/stream_send.py), never whole in
+memory; only a conversion joins it.
+
 This uses pynetdicom 3.0 internals (the same sequence ``send_c_store`` runs); the
 tests in tests/test_dicom_*.py pin the behaviour, so an upgrade that breaks it fails
 loudly rather than sending something else. Shared by routes/dicom.py and the
