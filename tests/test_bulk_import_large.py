@@ -18,15 +18,8 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from bench.large import data_set_offset, write_large_instance
+from tests import test_dicom_stream_in as si
 from tests.dicom_peers import data_file, free_port
-from tests.test_dicom_stream_in import (
-    RSS_LIMIT,
-    Engine,
-    _blob_data_set_digest,
-    _file_data_set_digest,
-    _messages,
-    _stored,
-)
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +27,7 @@ MiB = 1 << 20
 CLI_LIMIT = 200 * MiB
 
 
-class ImportEngine(Engine):
+class ImportEngine(si.Engine):
     """`medrelay run` with a DICOM channel that takes the import's calling AE title, and an MLLP
     one (a large DICOM file in a folder imported into it is skipped without being read)."""
 
@@ -42,13 +35,8 @@ class ImportEngine(Engine):
         self.data = tmp_path / "data"
         self.port, self.mllp = free_port(), free_port()
         self.url = f"sqlite:///{self.data}/medrelay.db"
-        self.proc = medrelay_proc(f"""
-store: {{url: "{self.url}", blobs: "{self.data}/blobs"}}
-keys: {{kek_file: "{self.data}/keys.json"}}
-channels:
-  dcm:
-    source: {{type: dicom, port: {self.port}, ae_title: MEDRELAY, calling_aets: [MEDRELAY-IMPORT]}}
-  hl7:
+        yaml = si._yaml(self.data, self.port, self.url).replace("TESTSCU", "MEDRELAY-IMPORT")
+        self.proc = medrelay_proc(yaml + f"""  hl7:
     source: {{type: mllp, port: {self.mllp}}}
 """)
         self.proc.start()
@@ -93,17 +81,17 @@ def test_import_folder_with_a_large_file_is_streamed_with_both_processes_bounded
     assert "2 accepted, 0 rejected, 1 skipped" in text, text
     assert f"skipped: {folder / 'notes.txt'}: not DICOM: a text file" in text
     assert cli_peak < CLI_LIMIT, f"CLI peak RSS {cli_peak / MiB:.0f} MiB"
-    assert eng.rss()["VmHWM"] < RSS_LIMIT
+    assert eng.rss()["VmHWM"] < si.RSS_LIMIT
     store = eng.store()
-    _mid, blob_id, meta_end = _stored(store, uids["SOPInstanceUID"])
-    digest, n = _blob_data_set_digest(store, blob_id, meta_end)
-    assert digest == _file_data_set_digest(big)
+    _mid, blob_id, meta_end = si._stored(store, uids["SOPInstanceUID"])
+    digest, n = si._blob_data_set_digest(store, blob_id, meta_end)
+    assert digest == si._file_data_set_digest(big)
     assert n - meta_end == big.stat().st_size - data_set_offset(big)
-    assert _messages(store) == 2
+    assert si._messages(store) == 2
     # the same folder into the HL7 channel: every file skipped, the large one without being read whole
     code, text, cli_peak = run_import(eng, "hl7", eng.mllp, folder)
     assert "0 accepted, 0 rejected, 3 skipped" in text, text
     assert f"skipped: {big}: not HL7 v2: a DICOM file" in text, text
     assert cli_peak < CLI_LIMIT, f"CLI peak RSS {cli_peak / MiB:.0f} MiB"
-    assert _messages(store) == 2
+    assert si._messages(store) == 2
     store.dispose()

@@ -21,16 +21,9 @@ from sqlalchemy import func, select
 
 from bench.large import data_set_offset, write_large_instance
 from engine.store import schema
+from tests import test_dicom_stream_in as si
 from tests.conftest import fresh_pg_url
 from tests.dicom_peers import free_port
-from tests.test_dicom_stream_in import (
-    RSS_LIMIT,
-    Engine,
-    _blob_data_set_digest,
-    _file_data_set_digest,
-    _messages,
-    _stored,
-)
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +33,7 @@ BOUNDARY = "stow-large-boundary-7f3a"
 CTYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
 
 
-class WebEngine(Engine):
+class WebEngine(si.Engine):
     """`medrelay run` with a DICOMweb source only (default max_body_bytes: 256 MiB)."""
 
     def __init__(self, medrelay_proc, tmp_path: Path, url: str | None = None) -> None:
@@ -117,14 +110,14 @@ def test_large_stow_body_is_streamed_bounded_byte_identical_with_failures_per_in
     rss = eng.rss()
     print(f"STOW of {(big.stat().st_size + 62 * MiB) / MiB:.0f} MiB in {took:.1f}s, peak RSS "
           f"{rss['VmHWM'] / MiB:.0f} MiB (idle {idle / MiB:.0f})")
-    assert rss["VmHWM"] < RSS_LIMIT, f"peak RSS {rss['VmHWM'] / MiB:.0f} MiB (idle {idle / MiB:.0f})"
+    assert rss["VmHWM"] < si.RSS_LIMIT, f"peak RSS {rss['VmHWM'] / MiB:.0f} MiB (idle {idle / MiB:.0f})"
     store = eng.store()
-    _mid, blob_id, meta_end = _stored(store, uids["SOPInstanceUID"])
-    digest, n = _blob_data_set_digest(store, blob_id, meta_end)
-    assert digest == _file_data_set_digest(big)
+    _mid, blob_id, meta_end = si._stored(store, uids["SOPInstanceUID"])
+    digest, n = si._blob_data_set_digest(store, blob_id, meta_end)
+    assert digest == si._file_data_set_digest(big)
     assert n - meta_end == big.stat().st_size - data_set_offset(big)
     assert [p.name for p in eng.blob_files()] == [blob_id], "refused parts leave no blob (nor a .part file)"
-    assert _messages(store) == 1
+    assert si._messages(store) == 1
     with store.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(schema.audit_events)
                             .where(schema.audit_events.c.action == "message.receive")).scalar_one() == 1
@@ -132,9 +125,9 @@ def test_large_stow_body_is_streamed_bounded_byte_identical_with_failures_per_in
     r = _post(eng.stow_url(), [big])
     assert r.status_code == 200, r.text[:500]
     assert _stored_uids(r.json()) == [uids["SOPInstanceUID"]]
-    assert _messages(store) == 1
+    assert si._messages(store) == 1
     assert [p.name for p in eng.blob_files()] == [blob_id]
-    assert eng.rss()["VmHWM"] < RSS_LIMIT
+    assert eng.rss()["VmHWM"] < si.RSS_LIMIT
     store.dispose()
 
 
@@ -162,12 +155,12 @@ def test_stow_body_cut_mid_part_commits_nothing_and_leaves_no_file(medrelay_proc
         assert time.monotonic() < deadline, f"left behind: {eng.blob_files()}"
         time.sleep(0.2)
     store = eng.store()
-    assert _messages(store) == 0
+    assert si._messages(store) == 0
     # the listener still serves: a small instance goes in
     small = tmp_path / "small.dcm"
     uids = write_large_instance(small, 1 * MiB, patient_id="STOW^AFTER")
     r = _post(eng.stow_url(), [small])
     assert r.status_code == 200, r.text[:300]
     assert _stored_uids(r.json()) == [uids["SOPInstanceUID"]]
-    assert _messages(store) == 1
+    assert si._messages(store) == 1
     store.dispose()
