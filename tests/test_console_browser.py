@@ -11,6 +11,8 @@ MEDRELAY_SCREENSHOTS=1 writes docs/console-dashboard.png and docs/console-messag
 from __future__ import annotations
 
 import os
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -63,7 +65,7 @@ def test_login_find_by_mrn_open_replay_see_second_delivery(engine_factory, brows
         page.get_by_role("heading", name="Dashboard").wait_for()
         row = page.locator('section[data-channel="adt-in"]')
         assert row.locator('[data-field="received"]').inner_text() == "1"
-        assert row.locator('[data-field="status"]').inner_text() == "listening"
+        expect(row.locator('[data-field="status"]')).to_have_text("listening", timeout=30_000)
 
         # live: a second ADT shows up on the dashboard without a reload (polling /api/channels)
         s.send_adt("ADT-0002", mrn="MRN-0815", name="DOE^JOHN")
@@ -83,14 +85,18 @@ def test_login_find_by_mrn_open_replay_see_second_delivery(engine_factory, brows
         page.get_by_role("link", name="Messages").click()
         page.get_by_label("Patient ID (MRN)").fill("MRN-4711")
         page.get_by_role("button", name="Search").click()
+        # expect(...) waits for what it asserts (30 s); count() and inner_text() read the page as
+        # it is at that instant, which may be before the search or the navigation has finished
         links = page.locator("table.list tbody a")
-        assert links.count() == 1 and "ADT-0001" in links.first.inner_text()
+        expect(links).to_have_count(1, timeout=30_000)
+        expect(links.first).to_contain_text("ADT-0001")
         links.first.click()
         page.get_by_role("heading", name="Deliveries").wait_for()
-        assert "MRN-4711" in page.locator("#raw").inner_text()
-        assert "MUSTERMANN^ERIKA" in page.locator("pre.output").first.inner_text()  # the route's output beside it
+        expect(page.locator("#raw")).to_contain_text("MRN-4711", timeout=30_000)
+        expect(page.locator("pre.output").first).to_contain_text("MUSTERMANN^ERIKA")  # the route's output beside it
         attempts = page.locator("article[data-route=ris] tr.attempt")
-        assert attempts.count() == 1 and "done" in attempts.first.inner_text()
+        expect(attempts).to_have_count(1, timeout=30_000)
+        expect(attempts.first).to_contain_text("done")
         shot(page, "console-message.png", tmp_path)
 
         # replay it, then see the second delivery
@@ -98,9 +104,8 @@ def test_login_find_by_mrn_open_replay_see_second_delivery(engine_factory, brows
         page.get_by_role("button", name="Replay").click()
         page.locator("#replayed").wait_for()
         s.rx.wait_for(n + 1)
-        for _ in range(50):
-            if page.locator("article[data-route=ris] tr.attempt").count() == 2:
-                break
+        replay_by = time.monotonic() + 60  # the attempt history is written when the outcome settles
+        while page.locator("article[data-route=ris] tr.attempt").count() != 2 and time.monotonic() < replay_by:
             page.wait_for_timeout(200)
             page.reload()
         rows = page.locator("article[data-route=ris] tr.attempt")
@@ -113,13 +118,13 @@ def test_login_find_by_mrn_open_replay_see_second_delivery(engine_factory, brows
         page.get_by_role("link", name="Audit").click()
         page.get_by_label("Action").fill("message.*")
         page.get_by_role("button", name="Show").click()
-        text = page.locator("table.list").inner_text()
-        assert "message.replay" in text and "message.read" in text and "operator" in text
+        for wanted in ("message.replay", "message.read", "operator"):
+            expect(page.locator("table.list")).to_contain_text(wanted, timeout=30_000)
         page.get_by_role("link", name="Dashboard").click()
         page.get_by_role("link", name="adt-in").click()
-        assert "ris" in page.locator("pre").inner_text()  # the channel's config as written
+        expect(page.locator("pre").first).to_contain_text("ris", timeout=30_000)  # the channel's config as written
         page.get_by_role("button", name="Log out").click()
-        assert "/login" in page.url
+        expect(page).to_have_url(re.compile("/login"), timeout=30_000)
         ctx.close()
     finally:
         s.rx.stop()
