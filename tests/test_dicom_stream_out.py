@@ -24,6 +24,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import select
+from test_dicom_reconcile import TOKEN, adt
+from test_dicom_reconcile import YAML as RECONCILE_YAML
 
 from engine.dimse import stream_send
 from engine.store import schema
@@ -300,22 +302,6 @@ def test_damaged_large_blob_is_a_failed_suboperation_and_a_quarantined_delivery(
         peer.stop()
 
 
-PIR_YAML = """
-store: {url: "sqlite:///data/medrelay.db", blobs: data/blobs}
-keys: {kek_file: data/keys.json}
-channels:
-  adt:
-    source: {type: mllp, port: 0}
-    routes:
-      - name: archive-patients
-        transforms: [{type: patient_update}]
-        to: {type: store}
-  dcm:
-    source: {type: dicom, port: 0, ae_title: MEDRELAY, calling_aets: [TESTSCU, GETSCU]}
-    routes: []
-"""
-
-
 def test_reconciled_patient_streams_with_a_rewritten_header(engine_factory, tmp_path, monkeypatch):
     """After ADT A08 changed the patient, a large instance goes out with the new Patient module
     (only the header re-encoded) and its Pixel Data unchanged."""
@@ -332,7 +318,8 @@ def test_reconciled_patient_streams_with_a_rewritten_header(engine_factory, tmp_
         return original(part10, attrs)
 
     monkeypatch.setattr(dicom_stored_stream.reconcile, "rewrite_patient", spy)
-    e = engine_factory(PIR_YAML)
+    monkeypatch.setenv("RECONCILE_TOKEN", TOKEN)
+    e = engine_factory(RECONCILE_YAML % {"delete": "false"})  # test_dicom_reconcile's channels
     src = tmp_path / "big.dcm"
     big_instance(src, 24)
     ds = dcmread(src)
@@ -341,10 +328,8 @@ def test_reconciled_patient_streams_with_a_rewritten_header(engine_factory, tmp_
     pixels = hashlib.sha256(ds.PixelData).hexdigest()
     del ds
     assert "Success" in storescu(e.address("dcm")[1], [src]).stdout
-    msg = (b"MSH|^~\\&|HIS|HOSP|MEDRELAY|RAD|20260101120000||ADT^A08^ADT_A01|A08-1|P|2.5\r"
-           b"EVN|A08|20260101120000\rPID|1||BIG1^^^HOSP^MR||Renamed^Patient||19700215|F\rPV1|1|O\r")
     with RawClient(*e.address("adt")) as c:
-        assert msa(c.request(msg))[1] == "AA"
+        assert msa(c.request(adt("A08-1", "A08", "PID|1||BIG1^^^HOSP^MR||Renamed^Patient||19700215|F")))[1] == "AA"
     e.wait_for(lambda: _all_done(e.store))
     getscu(e.address("dcm")[1], _study(src), tmp_path / "got")
     [f] = list((tmp_path / "got").iterdir())
