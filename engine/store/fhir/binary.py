@@ -9,10 +9,11 @@ version together with the contentType, the size and a keyed HMAC of the bytes (t
 that a re-sent PUT changes nothing, without keeping anything that reveals the content).
 
 ``seal_pieces`` seals bytes given in pieces; ``PieceSealer`` runs it in a worker thread fed
-while the listener is still receiving (a raw upload), so each piece is encrypted as it
-arrives and only the ciphertext accumulates (``BlobFiles.write`` takes one buffer), never
-the plaintext and the ciphertext both whole. It builds the same ``blobs`` row
-``Store.seal_blob`` builds; that one takes the payload as one ``bytes`` (the intake's path).
+while the listener is still receiving (a raw upload). Past ``inline_max`` the pieces go to a
+``BlobStream`` (engine/store/blob_writer.py, the writer large DICOM instances stream to): each
+is sealed and written to the blob file as it arrives, so neither the plaintext nor the
+ciphertext is ever held whole. Small bytes (and a ``BlobFiles`` that cannot stream) are
+sealed in memory into the same ``blobs`` row ``Store.seal_blob`` builds.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import itertools
 import queue
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -30,6 +32,7 @@ from typing import Any
 from sqlalchemy import Connection, insert, select
 
 from engine.security import stream
+from engine.store.blob_writer import BlobStream, can_stream
 from engine.store.db import blob_address
 from engine.store.fhir.params import FhirError
 from engine.store.fhir.tables import fhir_binary_data
@@ -92,8 +95,15 @@ def seal_pieces(store: Any, pieces: Iterable[bytes] | deque[bytes], aad: str, ha
                 size += len(p)
                 yield p
 
+    source = feed()
+    head = bytearray()
+    if can_stream(store):  # past inline_max the blob is a file: streamed there as it comes
+        for p in source:
+            head += p
+            if len(head) > store.inline_max:
+                return _streamed(store, aad, head, source, mac)
     ct = bytearray()
-    for c in stream.seal_chunks(dek, header, aad.encode(), feed()):
+    for c in stream.seal_chunks(dek, header, aad.encode(), itertools.chain([bytes(head)] if head else [], source)):
         ct += c
     blob_id = blob_address(header, ct)
     in_file = len(ct) > store.inline_max
@@ -102,6 +112,22 @@ def seal_pieces(store: Any, pieces: Iterable[bytes] | deque[bytes], aad: str, ha
     if in_file:
         store.write_blob_files([(blob_id, ct)])
     return SealedData(row, mac.hexdigest(), size, in_file)
+
+
+def _streamed(store: Any, aad: str, head: bytearray, rest: Iterator[bytes], mac: Any) -> SealedData:
+    """The rest of ``seal_pieces`` through a ``BlobStream``: durable under its address when it
+    returns; an error (``Aborted`` included) removes the file."""
+    blob = BlobStream(store, aad, chunk_size=stream.CHUNK_SIZE)
+    try:
+        blob.write(head)
+        del head[:]
+        for p in rest:
+            blob.write(p)
+        row = blob.finish()
+    except BaseException:
+        blob.abort()
+        raise
+    return SealedData(row, mac.hexdigest(), int(row["size"]), True)
 
 
 class Aborted(Exception):
