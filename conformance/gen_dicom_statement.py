@@ -143,8 +143,12 @@ def _dicomweb_section() -> list[str]:
         "part is committed. Status: 200 all stored, 202 some stored, 409 none stored (PS3.18 Table "
         "10.5.3-1); each failed instance is in FailedSOPSequence with its Failure Reason: 0xA700 "
         "(not committed), 0xA900 (UIDs missing or different from the file meta, or not of the study in the "
-        "URL), 0xC000 (not a readable DICOM Part-10 part). A re-sent instance counts as stored. "
-        f"At most {dicomweb_stow.MAX_PARTS} parts and `max_body_bytes` per request.",
+        "URL), 0xC000 (not a readable DICOM Part-10 part). A re-sent instance counts as stored. A part of "
+        "16 MiB or more is not held in memory: it is streamed to its blob as it arrives and indexed from "
+        "its header, as a large C-STORE data set on medrelay's own Upper Layer (section 3.2), and committed when "
+        "the part ends; a body cut off mid-part leaves nothing of that part. Smaller parts are held in "
+        "memory within `max_body_bytes`, the whole body is bounded by `max_stream_bytes`. "
+        f"At most {dicomweb_stow.MAX_PARTS} parts per request.",
         "",
         "### 6.1 Configuration",
         "",
