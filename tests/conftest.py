@@ -58,6 +58,15 @@ def stored_control_ids(db: Path) -> list[str]:
         c.close()
 
 
+def delivered_files(folder: Path) -> list[Path]:
+    """The files a file destination has finished in ``folder``, sorted. Its temporary
+    ``.<name>.tmp`` (written, fsynced, then renamed) is left out: counting or reading it raced
+    the write (pathlib's ``*`` and ``iterdir`` both include dot files)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
 def need_tool(path: str) -> str:
     """A peer tool the test needs: fail under CI when missing, skip only on a dev box."""
     if Path(path).exists() or shutil.which(path):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import delivered_files
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from structlog.testing import capture_logs
@@ -350,7 +351,7 @@ def test_a_too_deep_instance_dead_letters_alone_and_the_route_goes_on(engine_fac
     assert "Received Store Response" in proc.stdout and "(Success)" not in proc.stdout, proc.stdout
     proc = storescu(port, [normal])  # the listener lives
     assert "Received Store Response (Success)" in proc.stdout, proc.stdout
-    eng.wait_for(lambda: (eng.data_dir / "out").is_dir() and len(list((eng.data_dir / "out").iterdir())) == 1)
+    eng.wait_for(lambda: len(delivered_files(eng.data_dir / "out")) == 1)
     ids = []
     for payload in (deep.read_bytes(), normal.read_bytes()):
         env = Envelope(channel="dcm", kind="dicom", payload=payload, headers={})

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import date, datetime, timedelta
 
 import pytest
+from conftest import delivered_files
 from mllp_peers import adt
 
 from engine.envelope import Drop, Envelope
@@ -151,7 +152,7 @@ def test_route_when_with_operators_routes_in_a_running_engine(engine_factory):
         """)
     with RawClient(*e.address("in")) as c:
         assert msa(c.request(adt("M1")))[1] == "AA"
-    e.wait_for(lambda: list((e.data_dir / "out" / "other").glob("*")))
+    e.wait_for(lambda: delivered_files(e.data_dir / "out" / "other"))
     assert not (e.data_dir / "out" / "minors").exists() or not list((e.data_dir / "out" / "minors").glob("*"))
 
 

@@ -4,7 +4,7 @@ the route writes carry the mapped attributes and consistently regenerated UIDs."
 from __future__ import annotations
 
 import pytest
-from conftest import need_tool
+from conftest import delivered_files, need_tool
 from dicom_peers import data_file, storescu
 from pydicom import dcmread
 from pydicom.uid import generate_uid
@@ -48,7 +48,7 @@ def test_storescu_through_dicom_map(engine_factory, tmp_path):
     e = engine_factory(CONFIG)
     r = storescu(e.address("dcm")[1], files)
     assert r.returncode == 0, r.stdout
-    out = e.wait_for(lambda: (lambda got: got if len(got) == 2 else None)(sorted((e.data_dir / "out").glob("*"))))
+    out = e.wait_for(lambda: (lambda got: got if len(got) == 2 else None)(delivered_files(e.data_dir / "out")))
     got = [dcmread(p) for p in out]
     for ds in got:
         assert ds.InstitutionName == "General Hospital" and ds.InstitutionalDepartmentName == "Radiology"

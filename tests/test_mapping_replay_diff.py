@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+from conftest import delivered_files
 from mllp_peers import RawClient, adt, msa
 
 V1 = """\
@@ -41,7 +42,7 @@ def test_replay_diff_shows_routing_and_output_changes_and_sends_nothing(engine_f
     with RawClient(*e.address("in")) as c:
         assert msa(c.request(adt("R1")))[1] == "AA"
     d = e.data_dir
-    e.wait_for(lambda: len(list((d / "out" / "ris").glob("*"))) == 1 and len(list((d / "out" / "old").glob("*"))) == 1)
+    e.wait_for(lambda: len(delivered_files(d / "out" / "ris")) == 1 and len(delivered_files(d / "out" / "old")) == 1)
     (d / "v2.yaml").write_text(textwrap.dedent(V2))
     (d / "v1.yaml").write_text(textwrap.dedent(V1))
     before = sorted(p.name for p in (d / "out").rglob("*"))

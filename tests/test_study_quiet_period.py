@@ -3,6 +3,7 @@ quiet period (route `debounce`), listing every instance, with DCMTK storescu as 
 
 import json
 
+from conftest import delivered_files
 from dicom_peers import data_file, store_statuses, storescu
 from pydicom import dcmread
 from pydicom.uid import generate_uid
@@ -43,11 +44,11 @@ def test_one_study_one_imaging_study_after_quiet_period(engine_factory, tmp_path
     r = storescu(eng.address("ct")[1], files)
     assert store_statuses((r.stdout or "") + (r.stderr or "")) == ["Success"] * 6
     out = eng.data_dir / "out"
-    eng.wait_for(lambda: (out / "fhir").is_dir() and len(list((out / "fhir").iterdir())) == 1
-                 and (out / "ris").is_dir() and len(list((out / "ris").iterdir())) == 1, timeout=30)
-    bundle = json.loads(next((out / "fhir").iterdir()).read_text())
+    eng.wait_for(lambda: len(delivered_files(out / "fhir")) == 1 and len(delivered_files(out / "ris")) == 1,
+                 timeout=30)
+    bundle = json.loads(delivered_files(out / "fhir")[0].read_text())
     study = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "ImagingStudy")
     assert study["numberOfSeries"] == 2 and study["numberOfInstances"] == 6
     assert sorted(len(s["instance"]) for s in study["series"]) == [3, 3]
-    ris = next((out / "ris").iterdir()).read_bytes()
+    ris = delivered_files(out / "ris")[0].read_bytes()
     assert b"ORU^R01" in ris and str(base.StudyInstanceUID).encode() in ris
