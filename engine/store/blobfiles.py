@@ -5,8 +5,8 @@ write before commit (durable when ``write`` returns), reads (``open_blob``), the
 a refused message's written-ahead file, retention, ``store gc`` and backup/restore.
 
 - ``LocalFolder`` (the default) is the folder beside the database, exactly as before:
-  ``<dir>/<id[:2]>/<id>``, written under the final name with O_EXCL, fsync of the file and
-  then of each folder, a partial write removed.
+  ``<dir>/<id[:2]>/<id>``, written under the final name with O_EXCL, the file's fsync and
+  its folder's at the same time (both done before ``write`` returns), a partial write removed.
 - ``ObjectStore`` keeps the same names (``<prefix>/<id[:2]>/<id>``) in an S3-compatible
   bucket through obstore (the Rust object_store crate: one well-kept client for S3, R2,
   MinIO, Ceph...). A PUT that returned 200 is stored durably by the service, so ``write``
@@ -25,8 +25,10 @@ import ctypes
 import errno
 import os
 import secrets
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -102,7 +104,10 @@ class _LocalStreamFile:
     """A streamed blob in a local folder: written under ``<random>.part`` in one of the fan-out
     folders, then fsynced and renamed to its content address (rename, then fsync of both
     folders). A crash leaves only a ``.part`` file no row can name; ``store gc`` lists and
-    removes those like any unreferenced blob file (``LocalFolder.iterate``)."""
+    removes those like any unreferenced blob file (``LocalFolder.iterate``). The rename follows
+    the file's fsync, so a crash leaves a ``.part`` or a whole file under its address, never a
+    torn one there (which no row would name, the COMMIT comes after ``commit``, but which only
+    the read check and not the name would then tell from a good one)."""
 
     def __init__(self, folder: LocalFolder) -> None:
         self.folder = folder
@@ -158,6 +163,31 @@ def _fsync_dir(d: Path) -> None:
         os.close(dfd)
 
 
+_DIR_SYNC_THREADS = 4  # folder fsyncs in flight at once: one per association writing, about
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _dir_syncs() -> ThreadPoolExecutor:
+    """The threads that fsync blob folders beside the writers' file fsyncs (made on first use,
+    kept: a thread per write would cost more than the folder's fsync saves)."""
+    global _pool
+    if _pool is None:
+        with _pool_lock:
+            if _pool is None:
+                _pool = ThreadPoolExecutor(max_workers=_DIR_SYNC_THREADS, thread_name_prefix="blob-dirsync")
+    return _pool
+
+
+def _forget_pool() -> None:
+    """A forked child has none of its parent's threads: it makes its own pool on first use."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 class LocalFolder:
     """Blob files in a local (or shared network) folder, 256 fan-out folders made once."""
 
@@ -182,34 +212,64 @@ class LocalFolder:
             _fsync_dir(self.root)
 
     def write(self, items: Sequence[tuple[str, bytes]]) -> None:
-        """Written under their final name with O_EXCL, no temporary and rename: the name is
-        the SHA-256 of the content, nothing refers to the file until the commit, and a torn
-        file left by a crash fails the hash check on read and is never referenced. Then one
-        fsync per folder for the new directory entries. A call that fails (disk full, I/O
-        error) removes the files it created, the partial one included."""
+        """Written under their final name with O_EXCL, no temporary and rename: nothing refers
+        to the file until the commit that follows this call, and the name is the content's
+        address (``blob_address``: a hash over the nonce and the GCM tag of a fresh data key),
+        so a torn file fails the check on read and is never referenced. A call that fails
+        (disk full, I/O error) removes the files it created, the partial one included.
+
+        Each file's fsync and its folder's fsync run at the same time (the folder's on a small
+        pool thread, ``_dir_syncs``), and both have finished when this returns, so before the
+        COMMIT that names the file. No order between the two is needed, because no state a
+        crash can leave is new: a folder entry made durable before the bytes is a file at a
+        valid address with torn or missing content and no row naming it (the COMMIT has not
+        happened), which a journalled filesystem can leave anyway (the create is in a journal
+        transaction that any other fsync may commit) and which the rewrite below and
+        ``store gc`` deal with.
+
+        An address that exists already (a restore run again, a retry of the same sealed bytes)
+        is the case a crash could make unsafe: a write killed after ``os.write`` and before
+        its fsync leaves the whole file in the page cache, not on the disk, and a later call
+        that saw equal bytes and skipped would let the COMMIT name a file a power cut then
+        tears. So equal bytes are not a reason to skip the fsyncs: the existing file and its
+        folder are fsynced like a new one (an fsync of a clean file costs about nothing).
+        Different bytes are a torn file no row names (a row is committed only after both
+        fsyncs): removed and written again. Two calls writing one address at the same moment
+        are not covered (one may remove the other's file half way); intake never does that,
+        its addresses come from fresh random keys, and a restore is one process at a time."""
         dirs: set[Path] = set()
         made: list[Path] = []
+        fds: list[int] = []
+        syncs: list[Future[None]] = []
         try:
-            for blob_id, ct in items:
-                path = self.path(blob_id)
-                try:
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                except FileExistsError:
-                    if path.read_bytes() == ct:
-                        continue
-                    os.unlink(path)  # torn by an earlier crash, never referenced
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                made.append(path)
-                try:
+            try:
+                for blob_id, ct in items:
+                    path = self.path(blob_id)
+                    try:
+                        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    except FileExistsError:
+                        if path.read_bytes() == ct:
+                            fds.append(os.open(path, os.O_RDONLY))  # fsynced below, as if written now
+                            dirs.add(path.parent)
+                            continue
+                        os.unlink(path)  # torn by an earlier crash, never referenced
+                        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    made.append(path)
+                    fds.append(fd)
                     view = memoryview(ct)
                     while view:
                         view = view[os.write(fd, view):]
+                    dirs.add(path.parent)
+                pool = _dir_syncs()  # every entry exists now: the folders' fsyncs can start
+                syncs = [pool.submit(_fsync_dir, d) for d in dirs]
+                for fd in fds:
                     os.fsync(fd)
-                finally:
+            finally:
+                for fd in fds:
                     os.close(fd)
-                dirs.add(path.parent)
-            for d in dirs:
-                _fsync_dir(d)
+                wait(syncs)  # all waited for, even after a failure: none still runs on return
+            for f in syncs:
+                f.result()
         except BaseException:
             for path in made:
                 path.unlink(missing_ok=True)
