@@ -23,6 +23,7 @@ from sqlalchemy import Connection
 
 from engine.envelope import Envelope, new_id
 from engine.intake import Duplicate, Outcome
+from engine.store import message_terms
 from engine.store.dicom import index as idx
 from listeners.dicom_dimse import ui_value, valid_uid
 from listeners.dicom_status import STORE
@@ -131,6 +132,21 @@ def check_attrs(attrs: dict[str, Any], sop_class: str, sop_uid: str) -> tuple[in
     return None
 
 
+def search_identifiers(attrs: dict[str, Any]) -> dict[str, set[str]]:
+    """The message search terms' identifiers (engine/store/message_terms.py) from the index
+    attributes: the values its own read of the payload gives (``test_message_terms`` holds
+    the two equal), without that read."""
+    out: dict[str, set[str]] = {f: set() for f in message_terms.FIELDS}
+    for field, value in (("patient_id", attrs["PATIENT"].get("PatientID")),
+                         ("accession", attrs["STUDY"].get("AccessionNumber")),
+                         ("study_uid", attrs["STUDY"].get("StudyInstanceUID"))):
+        for one in value if isinstance(value, list) else [] if value is None else [value]:
+            for part in str(one).split("\\"):
+                if part.strip("\x00 "):
+                    out[field].add(part.strip("\x00 "))
+    return out
+
+
 class StoreSCP:
     """The Storage SCP of one listener: pynetdicom's EVT_C_STORE handler (``__call__``) and
     the fast storage path's handler (``handle``) are the same code."""
@@ -221,7 +237,8 @@ class StoreSCP:
         # age (the hook answers Duplicate), in the same transaction and with no extra query.
         assert self.ctx.intake is not None
         hook = self._hook(attrs, ts, digest, size)
-        return self.ctx.intake.submit_blocking(env, ahead=ahead, tx_hook=hook)
+        with message_terms.given(message_id, search_identifiers(attrs)):  # no second read in the committer
+            return self.ctx.intake.submit_blocking(env, ahead=ahead, tx_hook=hook)
 
     def _hook(self, attrs: dict[str, Any], ts: str, digest: str,
               size: int) -> Callable[[Connection, Envelope], str | Duplicate]:
