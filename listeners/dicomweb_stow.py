@@ -195,6 +195,7 @@ async def read_parts(chunks: Any, boundary: str, limit: int, streaming: Streamin
     size = 0
     batch: list[bytes] = []
     batched = 0
+    offloaded = False  # a body under PARSE_BATCH is parsed here: no part of it can reach stream_min
     try:
         async for chunk in chunks:
             size += len(chunk)
@@ -207,11 +208,11 @@ async def read_parts(chunks: Any, boundary: str, limit: int, streaming: Streamin
             batched += len(chunk)
             if batched >= PARSE_BATCH:
                 await streaming.offload(_feed, parser, batch)
-                batch, batched = [], 0
-        if streaming is not None:
-            await streaming.offload(_feed, parser, batch, True)
+                batch, batched, offloaded = [], 0, True
+        if offloaded:
+            await streaming.offload(_feed, parser, batch, True)  # type: ignore[union-attr]
         else:
-            parser.finalize()
+            _feed(parser, batch, True)
     except MultipartParseError:
         raise StowError(400, "malformed multipart body") from None
     finally:
