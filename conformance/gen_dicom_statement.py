@@ -210,9 +210,10 @@ def render() -> str:
         "",
         "### 2.2 Listener AE: presentation contexts",
         "",
-        "Transfer syntaxes accepted for every storage SOP class. Data sets are stored as received and "
-        "never transcoded; C-MOVE / C-GET / forwarding send them in the same transfer syntax "
-        "(byte-identical data set).",
+        "Transfer syntaxes accepted for every storage SOP class. Data sets are stored as received "
+        "unless a route's `dicom_transcode` transform files them in another syntax (section 3.8); "
+        "C-MOVE / C-GET / forwarding send the archived data set unchanged when the peer accepts its "
+        "transfer syntax, converted otherwise (section 3.8).",
         "",
         *_ts_table(cx.STORAGE_TRANSFER_SYNTAXES),
         "",
@@ -470,6 +471,16 @@ def render() -> str:
         "patient was updated since it was stored (Patient Information Reconciliation), only the elements "
         "before Pixel Data are rewritten. One that is converted is decoded and converted in memory: a "
         "conversion needs the whole data set.",
+        "",
+        "On ingest, a route's `dicom_transcode` transform (`transfer_syntax`, `lossy_ratio`, `on_failure`) "
+        "converts each instance the same way before its destination: before `to: {type: store}` the "
+        "archive entry is replaced by the converted instance (e.g. JPEG 2000 lossless of what a modality "
+        "sent uncompressed), which C-GET, C-MOVE and WADO-RS then serve; before a Storage SCU route it "
+        "sends e.g. decompressed data sets. Instances already in the target syntax, and those without "
+        "Pixel Data, are kept unchanged. A lossy target without `lossy_ratio` is a configuration error; "
+        "a lossy result is a new instance (new SOP Instance UID, Lossy Image Compression set) next to "
+        "the original. An instance that cannot be converted is dead-lettered with the reason "
+        "(`on_failure: error`) or passed on as received and audited (`on_failure: keep`).",
         "",
         *_conversion_table(),
         "",
