@@ -257,6 +257,15 @@ def test_lossy_with_ratio_is_a_new_marked_instance_and_non_images_pass_unchanged
     assert out.headers["TransferSyntaxUID"] == "1.2.840.10008.1.2.4.91" and out.lineage == (env.id,)
     assert ds.pixel_array.shape == original.pixel_array.shape
 
+    deflated = dcmread(get_testdata_file("CT_small.dcm"))
+    deflated.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
+    buf = io.BytesIO()
+    deflated.save_as(buf, enforce_file_format=True)
+    out = build(DicomTranscodeConfig(type="dicom_transcode", transfer_syntax=J2KR))(
+        Envelope(channel="c", kind="dicom", payload=buf.getvalue()))
+    ds = dcmread(io.BytesIO(out.payload))
+    assert str(ds.file_meta.TransferSyntaxUID) == J2KR and np.array_equal(ds.pixel_array, deflated.pixel_array)
+
     sr = dcmread(get_testdata_file("CT_small.dcm"))
     del sr.PixelData
     buf = io.BytesIO()

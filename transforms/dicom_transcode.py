@@ -21,6 +21,7 @@ keep``, goes on as received, logged ``dicom.transcode_failed`` and audited
 from __future__ import annotations
 
 import io
+import zlib
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -127,7 +128,8 @@ def transcode(payload: bytes, target: str, lossy: codec.Lossy | None) -> tuple[b
             return None
         if not src.is_transfer_syntax:
             raise codec.TranscodeError(f"unknown transfer syntax {stored}")
-        if not has_pixel_data(data_set, src):
+        plain = zlib.decompress(data_set, -zlib.MAX_WBITS) if src.is_deflated else data_set
+        if not has_pixel_data(plain, src):
             return None
     except codec.TranscodeError:
         raise
