@@ -163,4 +163,8 @@ def test_stow_body_cut_mid_part_commits_nothing_and_leaves_no_file(medrelay_proc
     assert r.status_code == 200, r.text[:300]
     assert _stored_uids(r.json()) == [uids["SOPInstanceUID"]]
     assert si._messages(store) == 1
+    # a declared body over max_stream_bytes (16 GiB): 413 before any byte of it is read
+    with socket.create_connection(("127.0.0.1", eng.port), timeout=30) as s:
+        s.sendall(head.replace(f"Content-Length: {total + 200}".encode(), f"Content-Length: {(16 << 30) + 1}".encode()))
+        assert s.recv(4096).startswith(b"HTTP/1.1 413 ")
     store.dispose()
