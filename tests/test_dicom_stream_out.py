@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from big_dicom import store_with_a_first_process
 from dicom_peers import StoreSCP, free_port, run, storescu
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -368,13 +369,7 @@ def test_large_instance_retrieved_and_forwarded_under_300_mb(medrelay_proc, tmp_
     src = tmp_path / "big.dcm"
     uid, sha = big_instance(src, int(os.environ.get("MEDRELAY_TEST_BIG_MB", "400")))
     study = _study(src)
-    first.start()
-    try:
-        first.wait_port(port, 60)
-        r = storescu(port, [src])
-        assert "Success" in r.stdout, r.stdout[-2000:]
-    finally:
-        assert first.terminate(60) == 0
+    store_with_a_first_process(first, port, src)
     # the second process serves it (the route's destination is up now): its peak RSS is retrieval only
     routed = tmp_path / "routed"
     routed.mkdir()

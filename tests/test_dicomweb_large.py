@@ -22,7 +22,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from dicom_peers import free_port, storescu
+from big_dicom import store_with_a_first_process
+from dicom_peers import free_port
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -123,13 +124,7 @@ channels:
     src = tmp_path / "big.dcm"
     ds = make_big(src, int(os.environ.get("MEDRELAY_TEST_BIG_MB", "400")))
     want = data_set_sha(src)
-    proc.start()
-    try:
-        proc.wait_port(dport, 60)
-        r = storescu(dport, [src])
-        assert "Success" in r.stdout, r.stdout[-2000:]
-    finally:
-        assert proc.terminate(60) == 0
+    store_with_a_first_process(proc, dport, src)
     proc.start()  # a fresh process: its peak RSS is the retrievals alone
     try:
         proc.wait_port(wport, 60)
