@@ -562,13 +562,13 @@ def _supersede(conn: Connection, latest: dict[tuple[str, str, str], str], rows: 
 
 _INSERT_MESSAGES = Prepared(insert(schema.messages), (
     "id", "channel", "kind", "received_at", "peer", "headers", "blob_id", "size", "config_hash", "dedupe_key",
-    "response", "parent_id"), json_columns=("headers",), unnest=True)
+    "response", "parent_id"), json_columns=("headers",))
 _INSERT_DELIVERIES = Prepared(insert(schema.deliveries), (  # the rows _commit_batch makes (no RETURNING)
     "message_id", "channel", "route", "state", "attempts", "next_attempt_at", "lease_until", "last_error", "detail",
-    "updated_at", "coalesce_key"), unnest=True)
+    "updated_at", "coalesce_key"))
 _INSERT_AUDIT = Prepared(insert(schema.audit_events), (  # the rows _receive_audit makes
     "at", "action", "outcome", "actor", "peer", "channel", "message_id", "entity", "detail", "exported"),
-    json_columns=("entity",), unnest=True)
+    json_columns=("entity",))
 
 
 def _receive_audit(env: Envelope, now: float, message_id: str, detail: str | None) -> dict[str, Any]:

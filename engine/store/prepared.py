@@ -26,12 +26,10 @@ class Prepared:
     """One statement; ``columns`` fixes the inserted columns of an INSERT (compile's ``column_keys``)."""
 
     def __init__(self, statement: ClauseElement, columns: Sequence[str] | None = None, *,
-                 json_columns: Sequence[str] = (), unnest: bool = False) -> None:
+                 json_columns: Sequence[str] = ()) -> None:
         self.statement = statement
         self.columns = list(columns) if columns is not None else None
         self.json_columns = frozenset(json_columns)
-        self.unnest = unnest and columns is not None  # PostgreSQL: several rows as one statement over arrays
-        self._unnest_sql: str | None = None
         self._compiled: dict[str, tuple[str, tuple[str, ...] | None]] = {}
         self._defaults: dict[str, Any] = {}  # values bound in the statement itself (``x == "pending"``)
 
@@ -77,16 +75,9 @@ class Prepared:
             cur.close()
 
     def run(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
-        """Run an INSERT/UPDATE for each parameter set (executemany); the rows it touched.
-
-        An INSERT made with ``unnest=True`` sends several rows on PostgreSQL as one statement
-        over one array per column, in the rows' order (``WITH ORDINALITY ... ORDER BY``: serial
-        ids follow it, which the queue's order relies on): psycopg's executemany costs ~25-30 us
-        of Python per row, the arrays a fraction of that."""
+        """Run an INSERT/UPDATE for each parameter set (executemany); the rows it touched."""
         if not rows:
             return 0
-        if self.unnest and len(rows) > 1 and conn.dialect.name == "postgresql":
-            return self._run_unnest(conn, rows)
         sql, order = self._for(conn)
         cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
@@ -94,31 +85,6 @@ class Prepared:
                 cur.execute(sql, self._args(order, rows[0]))
             else:
                 cur.executemany(sql, [self._args(order, r) for r in rows])
-            return int(cur.rowcount)
-        finally:
-            cur.close()
-
-
-    def _run_unnest(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
-        assert self.columns is not None
-        if self._unnest_sql is None:
-            table = self.statement.table  # type: ignore[attr-defined]
-            q = conn.dialect.identifier_preparer.quote
-            cols = [q(c) for c in self.columns]
-            arrays = ", ".join(f"CAST(%(c{i})s AS {table.c[c].type.compile(dialect=conn.dialect)}[])"
-                               for i, c in enumerate(self.columns))
-            self._unnest_sql = (f"INSERT INTO {q(table.name)} ({', '.join(cols)}) SELECT {', '.join(cols)} "
-                                f"FROM unnest({arrays}) WITH ORDINALITY AS v({', '.join(cols)}, medrelay_ord) "
-                                "ORDER BY medrelay_ord")
-        params: dict[str, Any] = {}
-        for i, c in enumerate(self.columns):
-            if c in self.json_columns:
-                params[f"c{i}"] = [None if r[c] is None else json.dumps(r[c]) for r in rows]
-            else:
-                params[f"c{i}"] = [r[c] for r in rows]
-        cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        try:
-            cur.execute(self._unnest_sql, params, prepare=True)
             return int(cur.rowcount)
         finally:
             cur.close()
