@@ -265,8 +265,9 @@ def render() -> str:
         "- Two implementations behind one port, with the same acceptance rules, presentation contexts and "
         "statuses: an association that proposes only Storage and Verification contexts and no extended "
         "negotiation (no SCP/SCU role selection, user identity, SOP class extended or asynchronous "
-        "operations items) and arrives without TLS is served by medrelay's own Upper Layer "
-        "(`listeners/dicom_ul.py`, for speed); every other association by pynetdicom. On the former, a "
+        "operations items) is served by medrelay's own Upper Layer (`listeners/dicom_ul.py`, for speed "
+        "and so that large data sets stream), over plain TCP or over TLS alike (after the handshake, with "
+        "the same certificate checks); every other association by pynetdicom. On the former, a "
         "P-DATA-TF longer than `max_pdu`, a PDV on a presentation context that was not accepted, a data "
         "set fragment without its command, a command other than C-STORE or C-ECHO, or any other "
         "unexpected PDU is answered with A-ABORT (service-provider). On both, a C-STORE-RQ goes through "
@@ -295,15 +296,16 @@ def render() -> str:
         "routing again; with `duplicates: replace` a data set with different content replaces the archive "
         "entry and is routed, an identical re-send is recognised and not routed twice.",
         "",
-        "Large data sets on medrelay's own Upper Layer (section 2.3: plain storage associations without "
-        "TLS) are not held in memory: from 16 MiB (`STREAM_MIN`) on, the P-DATA fragments are sealed in "
+        "Large data sets on medrelay's own Upper Layer (section 2.3: plain storage associations, over TCP "
+        "or TLS) are not held in memory: from 16 MiB (`STREAM_MIN`) on, the P-DATA fragments are sealed in "
         "authenticated 1 MiB chunks and written to the blob as they arrive, the index attributes are read"
         " from the elements before the pixel data (at most the first 32 MiB of the data set: an instance "
         "whose header is longer is refused with 0xC000), and the response follows the commit as for any "
         "instance. An association that ends before the data set is complete (A-ABORT, a closed "
         "connection, an idle timeout) gets no response and leaves nothing stored. Big Endian data sets, "
-        "and every association served by pynetdicom (TLS, extended negotiation, role selection, user "
-        "identity), are assembled in memory before they are stored.",
+        "and every association served by pynetdicom (one that also proposes Query/Retrieve, Worklist, MPPS "
+        "or Storage Commitment, or asks for extended negotiation, role selection or user identity), are "
+        "assembled in memory before they are stored.",
         "",
         "#### Patient identity in the archive",
         "",

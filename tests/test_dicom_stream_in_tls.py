@@ -14,9 +14,11 @@ import ssl
 import struct
 import subprocess
 import time
+from io import BytesIO
 from pathlib import Path
 
 import pytest
+from pydicom.filereader import read_dataset
 from pynetdicom import AE, _config
 from tls_certs import make_pki
 
@@ -195,25 +197,32 @@ class RawTLS:
         out = self.outgoing.read()
         self.sock.sendall(out if record_bytes is None else out[:record_bytes])
 
+    def sendall(self, data: bytes) -> None:  # for the PS3.8 helpers of test_dicom_hostile
+        self.send(data)
+
     def recv_pdu(self) -> int:
         """The type of the next PDU; -1 when the connection ended."""
+        return self.recv_whole_pdu()[0]
+
+    def recv_whole_pdu(self) -> tuple[int, bytes]:
+        """The next PDU as (type, body); (-1, b"") when the connection ended first."""
         buf = b""
-        while len(buf) < 6:
+        while len(buf) < 6 or len(buf) < 6 + int.from_bytes(buf[2:6], "big"):
             try:
                 buf += self.tls.read(65536)
                 continue
             except ssl.SSLWantReadError:
                 pass
             except ssl.SSLError:
-                return -1
+                return -1, b""
             try:
                 data = self.sock.recv(65536)
             except OSError:
-                return -1
+                return -1, b""
             if not data:
-                return -1
+                return -1, b""
             self.incoming.write(data)
-        return buf[0]
+        return buf[0], buf[6:6 + int.from_bytes(buf[2:6], "big")]
 
     def ended_within(self, seconds: float) -> float | None:
         """Seconds until the engine closed the connection (None: still open after ``seconds``)."""
@@ -280,3 +289,62 @@ def test_stalled_tls_peers_burn_no_cpu_and_are_closed_by_their_timeouts(medrelay
         s.close()
     for t in in_rq + in_pdata:
         t.close()
+
+
+@pytest.mark.parametrize("wrong, diagnostic, reason", [
+    ("calling", 0x03, "calling AE title not recognised"),
+    ("called", 0x07, "called AE title not recognised"),
+])
+def test_tls_storage_association_keeps_the_ae_allow_list_and_takes_our_upper_layer(engine_factory, pki, wrong,
+                                                                                   diagnostic, reason):
+    """Over mutual TLS, a storage-only association still gets A-ASSOCIATE-RJ naming the wrong AE
+    title (audited), a client certificate of another CA still fails the handshake, and an accepted
+    one is a session of our Upper Layer (``storage_sessions``), not pynetdicom's, until it is
+    released; a C-STORE on it is answered and stored."""
+    from engine.store.dicom import index as idx
+    from tests.test_dicom_hostile import ct_data_set, send_store, store_command
+    from tests.test_tls_dicom import n_messages, yaml
+
+    e = engine_factory(yaml(pki, mutual=True))
+    port = e.address("dcm")[1]
+    kw = {"calling": "INTRUDER"} if wrong == "calling" else {"called": "NOTUS"}
+    t = RawTLS(port, pki)
+    t.send(associate_rq(*PLAIN, **kw))
+    kind, body = t.recv_whole_pdu()
+    t.close()
+    assert kind == 0x03 and tuple(body[1:4]) == (0x01, 0x01, diagnostic)
+    e.wait_for(lambda: _audited(e, reason), timeout=10)
+    rogue = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca))
+    rogue.load_cert_chain(pki.rogue_client.cert, pki.rogue_client.key)
+    with pytest.raises((ssl.SSLError, OSError)):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                rogue.wrap_socket(raw, server_hostname="localhost") as s:
+            s.sendall(associate_rq(*PLAIN))
+            assert s.recv(6) == b""  # TLS 1.3: the refusal can arrive after the client's Finished
+    server = e.runtime.listener("dcm").server
+    t = RawTLS(port, pki)
+    t.send(associate_rq(*PLAIN))
+    assert t.recv_pdu() == 0x02
+    assert len(server.storage_sessions) == 1, "a TLS storage association is ours"
+    uid, data = ct_data_set()
+    send_store(t, store_command("1.2.840.10008.5.1.4.1.1.2", uid), data)
+    kind, body = t.recv_whole_pdu()
+    assert kind == 0x04 and int(read_dataset(BytesIO(body[6:]), True, True).Status) == 0x0000
+    t.send(bytes((0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0)))  # A-RELEASE-RQ
+    assert t.recv_pdu() == 0x06
+    t.close()
+    e.wait_for(lambda: not server.storage_sessions, timeout=10)
+    assert n_messages(e) == 1
+    with e.store.engine.connect() as c:
+        assert idx.existing_instance(c, uid) is not None
+
+
+def _audited(e, reason: str) -> bool:
+    from sqlalchemy import select
+
+    from engine.store import schema
+
+    with e.store.engine.connect() as c:
+        details = c.execute(select(schema.audit_events.c.detail)
+                            .where(schema.audit_events.c.action == "dicom.association")).scalars().all()
+    return any(reason in (d or "") for d in details)
