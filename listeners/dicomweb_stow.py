@@ -44,6 +44,7 @@ from engine.store.blob_writer import can_stream
 from engine.store.db import STREAM_MIN
 from engine.store.dicom import index as idx
 from listeners import dicom_store_stream
+from listeners import dicomweb_stow_json as stow_json
 from listeners.dicom_dimse import valid_uid
 from listeners.dicom_status import STORE
 from listeners.dicom_store import StoreRequest, StoreSCP, file_meta
@@ -115,8 +116,8 @@ def boundary_of(content_type: str) -> str:
         k, _, v = item.strip().partition("=")
         params[k.strip().lower()] = v.strip().strip('"')
     part_type = params.get("type", "application/dicom").lower()
-    if part_type != "application/dicom":
-        raise StowError(415, "only type=\"application/dicom\" parts are accepted (not metadata + bulk data)")
+    if part_type not in ("application/dicom", stow_json.JSON_TYPE):  # the latter: metadata + bulk data
+        raise StowError(415, "send type=\"application/dicom\" or type=\"application/dicom+json\" parts")
     boundary = params.get("boundary", "")
     if not boundary or len(boundary) > 70:
         raise StowError(400, "multipart/related without a valid boundary")
@@ -220,6 +221,9 @@ async def read_parts(chunks: Any, boundary: str, limit: int, streaming: Streamin
             if p.sink is not None:
                 p.sink.abort()
                 p.sink = None
+    if stow_json.has_metadata(parts):  # PS3.18 10.5.1.2.2: instances rebuilt from JSON + bulk data parts
+        return stow_json.assemble(parts, lambda cls, uid, why: Result(cls, uid, "", STORE["cannot_understand"].code,
+                                                                      why))
     return parts
 
 
