@@ -20,10 +20,13 @@ import pytest
 from sqlalchemy import func, select
 
 from bench.large import data_set_offset, write_large_instance
+from engine.security.crypto import KeyRing
 from engine.store import schema
+from engine.store.db import Store
 from tests import test_dicom_stream_in as si
 from tests.conftest import fresh_pg_url
 from tests.dicom_peers import free_port
+from tests.test_blob_s3 import BUCKET, CREDS, _files, _objects, s3  # noqa: F401  (s3: the moto fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -36,18 +39,20 @@ CTYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
 class WebEngine(si.Engine):
     """`medrelay run` with a DICOMweb source only (default max_body_bytes: 256 MiB)."""
 
-    def __init__(self, medrelay_proc, tmp_path: Path, url: str | None = None) -> None:
+    def __init__(self, medrelay_proc, tmp_path: Path, url: str | None = None, store: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.data = tmp_path / "data"
         self.port = free_port()
         self.url = url or f"sqlite:///{self.data}/medrelay.db"
+        store = store or f'{{url: "{self.url}", blobs: "{self.data}/blobs"}}'
         yaml = f"""
-store: {{url: "{self.url}", blobs: "{self.data}/blobs"}}
+store: {store}
 keys: {{kek_file: "{self.data}/keys.json"}}
 channels:
   web:
     source: {{type: dicomweb, host: 127.0.0.1, port: {self.port}, auth: {{bearer_tokens: ["${{DW_TOKEN}}"]}}}}
 """
-        self.proc = medrelay_proc(yaml, env={"DW_TOKEN": TOKEN})
+        self.proc = medrelay_proc(yaml, env={"DW_TOKEN": TOKEN, **(env or {})})
         self.proc.start()
         self.proc.wait_port(self.port)
         assert self.proc.proc is not None
@@ -168,3 +173,28 @@ def test_stow_body_cut_mid_part_commits_nothing_and_leaves_no_file(medrelay_proc
         s.sendall(head.replace(f"Content-Length: {total + 200}".encode(), f"Content-Length: {(16 << 30) + 1}".encode()))
         assert s.recv(4096).startswith(b"HTTP/1.1 413 ")
     store.dispose()
+
+
+def test_large_stow_part_streamed_into_an_s3_bucket(medrelay_proc, tmp_path, s3):  # noqa: F811
+    """Blobs on S3 (moto's S3 server): a streamed part goes up as a multipart upload of a ``.part``
+    object renamed to its address; a refused streamed part leaves no object."""
+    endpoint, client = s3
+    big = tmp_path / "big.dcm"
+    uids = write_large_instance(big, 120 * MiB, patient_id="STOW^S3")
+    other = tmp_path / "other.dcm"
+    write_large_instance(other, 30 * MiB, patient_id="STOW^S3OTHER")
+    store = (f'{{url: "sqlite:///{tmp_path}/data/medrelay.db", blobs: "s3://{BUCKET}/stowlarge", s3: {{endpoint: '
+             f'"{endpoint}", region: us-east-1, access_key_id: "${{S3_KEY}}", secret_access_key: "${{S3_SECRET}}", '
+             "allow_http: true}}")
+    eng = WebEngine(medrelay_proc, tmp_path, store=store,
+                    env={"S3_KEY": CREDS["AWS_ACCESS_KEY_ID"], "S3_SECRET": CREDS["AWS_SECRET_ACCESS_KEY"]})
+    r = _post(eng.stow_url(uids["StudyInstanceUID"]), [big, other])
+    assert r.status_code == 202, r.text[:500]
+    assert _stored_uids(r.json()) == [uids["SOPInstanceUID"]] and _reasons(r.json()) == [0xA900]
+    assert eng.rss()["VmHWM"] < si.RSS_LIMIT
+    st = Store(eng.url, _files(endpoint, "stowlarge"), KeyRing(eng.data / "keys.json"))
+    _mid, blob_id, meta_end = si._stored(st, uids["SOPInstanceUID"])
+    assert si._blob_data_set_digest(st, blob_id, meta_end)[0] == si._file_data_set_digest(big)
+    assert list(_objects(client, "stowlarge/")) == [blob_id], "one object under its address, no .part left"
+    st.files.delete(blob_id)
+    st.dispose()
