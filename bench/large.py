@@ -1,6 +1,6 @@
 """Large instances stored into medrelay next to DCMTK storescp receiving the same file (issue 13 item 3).
 
-    .venv/bin/python bench/large.py --gib 1 [--gib 4] [--keep]
+    .venv/bin/python bench/large.py --gib 1 [--gib 4] [--tls]
 
 For each size: one multi-frame instance is generated on disk (random pixel data, written in
 pieces: the bench itself never holds it), then sent with DCMTK storescu (TCP_NODELAY=1) to
@@ -9,6 +9,9 @@ blob, fsync before commit) in the same run. Printed per receiver: wall time of t
 run (storescp twice: its default Maximum Length of 16 KiB, and its largest, 128 KiB; medrelay
 announces 256 KiB), and for medrelay the engine's peak RSS during the store (VmHWM) and its RSS afterwards
 (VmRSS), read from /proc/<pid>/status. The ratio is medrelay time / storescp time.
+
+``--tls``: every association is mutual TLS (a CA and certificates made for the run,
+tests/tls_certs.py): storescu ``+tls`` to storescp ``+tls`` and to medrelay's TLS listener.
 """
 
 from __future__ import annotations
@@ -101,11 +104,24 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
+TLS: dict[str, list[str]] = {"scu": [], "scp": []}  # DCMTK options, filled by --tls
+
+
+def use_tls(tmp: Path) -> dict[str, str]:
+    """Mutual TLS for this run: DCMTK's options in ``TLS``; medrelay's ``tls:`` settings returned."""
+    from tests.tls_certs import make_pki
+
+    pki = make_pki(tmp / "pki")
+    TLS["scu"] = ["+tls", str(pki.client.key), str(pki.client.cert), "+cf", str(pki.ca)]
+    TLS["scp"] = ["+tls", str(pki.server.key), str(pki.server.cert), "+cf", str(pki.ca)]
+    return {"cert": str(pki.server.cert), "key": str(pki.server.key), "ca": str(pki.ca)}
+
+
 def storescu(port: int, aec: str, path: Path) -> float:
     env = {**os.environ, "TCP_NODELAY": "1"}
     t = time.perf_counter()
-    r = subprocess.run(["/usr/bin/storescu", "-v", "-aet", "BENCH", "-aec", aec, "127.0.0.1", str(port), str(path)],
-                       env=env, capture_output=True, text=True, timeout=3600)
+    r = subprocess.run(["/usr/bin/storescu", "-v", "-aet", "BENCH", "-aec", aec, *TLS["scu"], "127.0.0.1", str(port),
+                        str(path)], env=env, capture_output=True, text=True, timeout=3600)
     dt = time.perf_counter() - t
     if "Received Store Response (Success)" not in r.stdout + r.stderr:
         raise RuntimeError(f"{aec}: store failed: {(r.stdout + r.stderr)[-2000:]}")
@@ -116,7 +132,7 @@ def run_storescp(tmp: Path, path: Path, *extra: str) -> float:
     out = tmp / "storescp"
     out.mkdir()
     port = free_port()
-    p = subprocess.Popen(["/usr/bin/storescp", *extra, "-aet", "STORESCP", "-od", str(out), str(port)],
+    p = subprocess.Popen(["/usr/bin/storescp", *extra, *TLS["scp"], "-aet", "STORESCP", "-od", str(out), str(port)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
@@ -127,16 +143,18 @@ def run_storescp(tmp: Path, path: Path, *extra: str) -> float:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def run_medrelay(tmp: Path, path: Path) -> dict[str, float]:
+def run_medrelay(tmp: Path, path: Path, tls: dict[str, str] | None = None) -> dict[str, float]:
     d = tmp / "medrelay"
     d.mkdir()
     port = free_port()
+    tls_yaml = ("{" + ", ".join(f'{k}: "{v}"' for k, v in tls.items()) + ", require_client_cert: true}"
+                if tls else "null")
     (d / "channels.yaml").write_text(textwrap.dedent(f"""
         store: {{url: "sqlite:///{d}/medrelay.db", blobs: "{d}/blobs"}}
         keys: {{kek_file: "{d}/keys.json"}}
         channels:
           dcm:
-            source: {{type: dicom, port: {port}, ae_title: MEDRELAY, calling_aets: [BENCH]}}
+            source: {{type: dicom, port: {port}, ae_title: MEDRELAY, calling_aets: [BENCH], tls: {tls_yaml}}}
         """))
     env = {**os.environ, "MEDRELAY_LOG_LEVEL": "warning"}
     p = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(d / "channels.yaml")], cwd=d, env=env,
@@ -159,6 +177,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gib", type=float, action="append", help="instance size in GiB (repeatable)")
     ap.add_argument("--dir", default=None, help="where to write the instances (default: a temporary folder)")
+    ap.add_argument("--tls", action="store_true", help="mutual TLS on every association")
     args = ap.parse_args()
     sizes = args.gib or [1.0]
     mib = 1 << 20
@@ -167,10 +186,12 @@ def main() -> None:
             tmp = Path(t)
             src = tmp / "large.dcm"
             write_large_instance(src, int(gib * (1 << 30)))
+            tls = use_tls(tmp) if args.tls else None
             scp = run_storescp(tmp, src)
             scp_big = run_storescp(tmp, src, "--max-pdu", "131072")  # its largest; medrelay announces 256 KiB
-            mr = run_medrelay(tmp, src)
-            print(f"{gib:g} GiB: storescp {scp:.1f} s (with --max-pdu 131072: {scp_big:.1f} s), "
+            mr = run_medrelay(tmp, src, tls)
+            print(f"{gib:g} GiB{' over TLS' if tls else ''}: storescp {scp:.1f} s "
+                  f"(with --max-pdu 131072: {scp_big:.1f} s), "
                   f"medrelay {mr['time']:.1f} s (ratio {mr['time'] / scp:.2f} / {mr['time'] / scp_big:.2f}); "
                   f"medrelay RSS idle {mr['idle'] / mib:.0f} MiB, peak {mr['peak'] / mib:.0f} MiB, "
                   f"after {mr['after'] / mib:.0f} MiB", flush=True)
