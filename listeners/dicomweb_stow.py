@@ -222,8 +222,9 @@ async def read_parts(chunks: Any, boundary: str, limit: int, streaming: Streamin
                 p.sink.abort()
                 p.sink = None
     if stow_json.has_metadata(parts):  # PS3.18 10.5.1.2.2: instances rebuilt from JSON + bulk data parts
-        return stow_json.assemble(parts, lambda cls, uid, why: Result(cls, uid, "", STORE["cannot_understand"].code,
-                                                                      why))
+        fail = functools.partial(Result, study_uid="", status=STORE["cannot_understand"].code)
+        off = streaming.offload if streaming is not None else asyncio.to_thread  # pydicom work: not on the loop
+        return await off(stow_json.assemble, parts, lambda c, u, why: fail(c, u, reason=why))
     return parts
 
 

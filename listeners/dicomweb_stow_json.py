@@ -75,12 +75,13 @@ def _bulk_index(parts: list[Any]) -> dict[str, Any]:
     return out
 
 
-class _Unresolved(ValueError):
-    pass
+class Refused(ValueError):
+    """Why an instance of the metadata cannot be stored, in our words (peer values are never echoed)."""
 
 
 def build_instance(obj: dict[str, Any], bulk: dict[str, Any]) -> bytes:
-    """One DICOM JSON instance with its bulk data as a Part 10 file; ValueError saying why not."""
+    """One DICOM JSON instance with its bulk data as a Part 10 file; Refused saying why not (any other
+    exception: pydicom could not read or write the peer's values)."""
     pixel_ts: list[str] = []
 
     def resolve(tag: str, vr: str, uri: str) -> bytes:
@@ -88,9 +89,9 @@ def build_instance(obj: dict[str, Any], bulk: dict[str, Any]) -> bytes:
         if p is None and "://" in uri:
             p = bulk.get("/" + uri.split("://", 1)[1].partition("/")[2])
         if p is None:
-            raise _Unresolved(f"BulkDataURI of ({tag[:4]},{tag[4:]}) names no part of the body")
+            raise Refused(f"BulkDataURI of ({tag[:4]},{tag[4:]}) names no part of the body")
         if p.result is not None:  # refused by the reader (too large to hold)
-            raise _Unresolved(f"bulk data part of ({tag[:4]},{tag[4:]}) was refused: {p.result.reason}")
+            raise Refused(f"bulk data part of ({tag[:4]},{tag[4:]}) was refused: {p.result.reason}")
         if tag.upper() == "7FE00010":
             ts = media_type(p.headers)[1].get("transfer-syntax", "")
             if ts:
@@ -104,22 +105,22 @@ def build_instance(obj: dict[str, Any], bulk: dict[str, Any]) -> bytes:
         del ds[elem.tag]
     ts = UID(pixel_ts[0] if pixel_ts else str(meta.get("TransferSyntaxUID", "") or ExplicitVRLittleEndian))
     if not ts.is_transfer_syntax:
-        raise ValueError(f"transfer syntax {str(ts)[:64]} is not one")
+        raise Refused(f"transfer syntax {str(ts)[:64]} is not one")
     if ts.is_compressed:
         if "PixelData" not in ds:
             ts = UID(ExplicitVRLittleEndian)
         elif pixel_ts:  # one compressed frame from its own part
             if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-                raise ValueError("compressed multi-frame pixel data in bulk data parts is not supported")
+                raise Refused("compressed multi-frame pixel data in bulk data parts is not supported")
             ds.PixelData = encapsulate([ds.PixelData])
             ds["PixelData"].VR = "OB"
         else:
-            raise ValueError("a compressed transfer syntax needs the pixel data part's transfer-syntax")
+            raise Refused("a compressed transfer syntax needs the pixel data part's transfer-syntax")
     elif "PixelData" in ds and ds["PixelData"].VR not in ("OB", "OW"):
         ds["PixelData"].VR = "OW"
     sop_class, sop_uid = str(ds.get("SOPClassUID", "") or ""), str(ds.get("SOPInstanceUID", "") or "")
     if not sop_class or not sop_uid:
-        raise ValueError("instance without SOPClassUID or SOPInstanceUID")
+        raise Refused("instance without SOPClassUID or SOPInstanceUID")
     meta.TransferSyntaxUID = ts
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = UID(sop_class), UID(sop_uid)
     ds.file_meta = meta
@@ -154,6 +155,9 @@ def assemble(parts: list[Any], failure: Failure) -> list[Any]:
         except (ValueError, RecursionError):
             out.append(make(result=failure("", "", "metadata part is not valid JSON")))
             continue
+        except MemoryError:
+            out.append(make(result=failure("", "", "metadata part too large to read")))
+            continue
         p.data = bytearray()
         instances = doc if isinstance(doc, list) else [doc]
         for obj in instances:
@@ -167,8 +171,8 @@ def assemble(parts: list[Any], failure: Failure) -> list[Any]:
                 continue
             try:
                 data = build_instance(obj, bulk)
-            except (ValueError, TypeError, KeyError, RecursionError, NotImplementedError) as e:
-                reason = str(e) if isinstance(e, ValueError) else f"metadata cannot be read ({type(e).__name__})"
+            except Exception as e:  # the peer's JSON: any failure is this instance's, never a 500
+                reason = str(e) if isinstance(e, Refused) else f"metadata cannot be read ({type(e).__name__})"
                 out.append(make(result=failure(sop_class, sop_uid, reason[:200])))
                 continue
             out.append(make(headers={"content-type": "application/dicom"}, data=bytearray(data)))

@@ -132,3 +132,17 @@ def test_unresolved_bulk_data_and_bad_json_are_per_instance_failures(web):
     assert str(lost.SOPInstanceUID) in {i.get("00081155", {}).get("Value", [""])[0] for i in failed}
     r = post(web, [({"Content-Type": "application/dicom+json"}, b"{}")])
     assert r.status_code == 409, r.text  # no SOP Class/Instance UID: nothing stored
+
+
+@pytest.mark.parametrize("bad", [
+    {"00081115": {"vr": "SQ", "Value": [5]}},  # a sequence item that is not an object (AttributeError inside)
+    {"00280010": {"vr": "US", "Value": [70000]}},  # out of range for US (pydicom fails writing it)
+    {"00280010": {"vr": "US", "Value": ["abc"]}},
+    {"00100010": {"vr": "PN", "Value": [{"Alphabetic": 5}]}},
+])
+def test_hostile_metadata_values_fail_the_instance_never_the_request(web, bad):
+    obj = {"00080016": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.7"]},
+           "00080018": {"vr": "UI", "Value": [generate_uid()]}, **bad}
+    r = post(web, [({"Content-Type": "application/dicom+json"}, json.dumps([obj]).encode())])
+    assert r.status_code == 409, r.text
+    assert [i["00081197"]["Value"][0] for i in r.json()["00081198"]["Value"]] == [0xC000]
