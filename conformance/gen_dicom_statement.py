@@ -100,7 +100,8 @@ DICOMWEB_SERVICES = [
     ("WADO-RS", "GET", ".../rendered, .../thumbnail (study, series, instance, frames/{list})",
      "image/jpeg, image/png"),
     ("STOW-RS", "POST", "/studies, /studies/{study}",
-     'request multipart/related; type="application/dicom"; response application/dicom+json'),
+     'request multipart/related; type="application/dicom" or type="application/dicom+json" (metadata + '
+     'bulk data); response application/dicom+json'),
     ("WADO-URI", "GET", "{base}?requestType=WADO&studyUID=&seriesUID=&objectUID= (also {base}/wado)",
      "application/dicom, image/jpeg, image/png"),
 ]
@@ -149,6 +150,17 @@ def _dicomweb_section() -> list[str]:
         "the part ends; a body cut off mid-part leaves nothing of that part. Smaller parts are held in "
         "memory within `max_body_bytes`, the whole body is bounded by `max_stream_bytes`. "
         f"At most {dicomweb_stow.MAX_PARTS} parts per request.",
+        "- STOW-RS metadata + bulk data (PS3.18 10.5.1.2.2, `type=\"application/dicom+json\"`): each "
+        "`application/dicom+json` part is a JSON array of instances (PS3.18 F.2) whose BulkDataURI values "
+        "name other parts of the body by `Content-Location` (absolute or its path) or `Content-ID` "
+        "(`cid:`); InlineBinary is accepted too. Each instance is rebuilt as a Part-10 instance and stored "
+        "as an `application/dicom` part. Pixel Data in an `application/octet-stream` part: Explicit VR "
+        "Little Endian; in a part whose media type has `transfer-syntax=` of an encapsulated syntax (e.g. "
+        "`image/jp2; transfer-syntax=1.2.840.10008.1.2.4.90`): one compressed frame, stored in that syntax "
+        "(compressed multi-frame bulk data is refused). An instance whose JSON cannot be read, whose "
+        "BulkDataURI names no part, or without SOP Class/Instance UID fails with 0xC000. These bodies are "
+        "held in memory within `max_body_bytes` (a bulk data part that reaches the streaming size is "
+        "refused and the instance referencing it fails).",
         "",
         "### 6.1 Configuration",
         "",
