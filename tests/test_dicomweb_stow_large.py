@@ -198,3 +198,52 @@ def test_large_stow_part_streamed_into_an_s3_bucket(medrelay_proc, tmp_path, s3)
     assert list(_objects(client, "stowlarge/")) == [blob_id], "one object under its address, no .part left"
     st.files.delete(blob_id)
     st.dispose()
+
+
+def test_disk_failing_mid_part_is_that_instances_failure_and_the_rest_is_stored(engine_factory, tmp_path):
+    """The blob folder fails (ENOSPC) after 24 MiB of a streamed part (an in-process engine, its
+    folder's ``open_stream`` wrapped): that instance is in FailedSOPSequence with 0xA700, nothing
+    of it is committed or left on disk, the small part after it is stored (202); once the disk is
+    back the same instance is stored."""
+    import errno
+
+    e = engine_factory(f"""
+store: {{url: "sqlite:///data/medrelay.db", blobs: data/blobs}}
+keys: {{kek_file: data/keys.json}}
+channels:
+  web:
+    source: {{type: dicomweb, host: 127.0.0.1, port: 0, auth: {{bearer_tokens: ["${{DW_TOKEN}}"]}}}}
+""", env={"DW_TOKEN": TOKEN})
+    url = f"http://127.0.0.1:{e.address('web')[1]}/dicom-web/studies"
+    files = e.store.files
+    real_open = files.open_stream
+
+    class FullDisk:
+        def __init__(self) -> None:
+            self.inner = real_open()
+
+        def write(self, data: bytes) -> None:
+            if self.inner.written > 24 * MiB:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.inner.write(data)
+
+        def commit(self, blob_id: str) -> None:
+            self.inner.commit(blob_id)
+
+        def abort(self) -> None:
+            self.inner.abort()
+
+    files.open_stream = FullDisk
+    big, small = tmp_path / "big.dcm", tmp_path / "small.dcm"
+    write_large_instance(big, 64 * MiB, patient_id="STOW^FULL")
+    small_uids = write_large_instance(small, 2 * MiB, patient_id="STOW^FULLSMALL")
+    r = _post(url, [big, small])
+    assert r.status_code == 202, r.text[:500]
+    assert _reasons(r.json()) == [0xA700] and _stored_uids(r.json()) == [small_uids["SOPInstanceUID"]]
+    assert si._messages(e.store) == 1
+    blobs = [p for p in (e.data_dir / "data" / "blobs").rglob("*") if p.is_file()]
+    assert len(blobs) == 1 and not blobs[0].name.endswith(".part"), blobs  # the small part's blob only
+    files.open_stream = real_open
+    r = _post(url, [big])
+    assert r.status_code == 200, r.text[:500]
+    assert si._messages(e.store) == 2
