@@ -60,9 +60,8 @@ def channel(name: str, transform: str, to: str = "{type: store}") -> str:
 """
 
 
-def yaml(*channels: str) -> str:
-    return ("""
-store: {url: "sqlite:///data/medrelay.db", blobs: data/blobs}
+def yaml(*channels: str, store_url: str = "sqlite:///data/medrelay.db") -> str:
+    return (f'store: {{url: "{store_url}", blobs: data/blobs}}' + """
 keys: {kek_file: data/keys.json}
 channels:
   web:
@@ -140,8 +139,8 @@ def engine(tmp_path):
         e.stop()
 
 
-def test_archive_route_stores_j2k_lossless_served_by_cget_and_wado(engine, tmp_path):
-    e = engine(yaml(channel("dcm", f"{{type: dicom_transcode, transfer_syntax: {J2KR}}}")))
+def test_archive_route_stores_j2k_lossless_served_by_cget_and_wado(engine, tmp_path, store_url):
+    e = engine(yaml(channel("dcm", f"{{type: dicom_transcode, transfer_syntax: {J2KR}}}"), store_url=store_url))
     port = e.address("dcm")[1]
     sent = dict(fresh(tmp_path / "in", n) for n in ("CT_small.dcm", "MR_small.dcm"))
     assert {str(ds.file_meta.TransferSyntaxUID) for ds in sent.values()} == {ELE}  # uncompressed in
