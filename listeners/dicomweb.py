@@ -49,10 +49,11 @@ from listeners import dicomweb_media as media
 from listeners import dicomweb_qido as qido
 from listeners import dicomweb_stow as stow
 from listeners import dicomweb_wado as wado
+from listeners.dicom_dimse import valid_uid
 from listeners.dicom_qr import BadIdentifier, QueryRetrieve
 from listeners.dicom_store import StoreSCP
 from listeners.dicomweb_json import DICOM_JSON
-from listeners.dicomweb_render import THUMBNAIL, RenderError, parse_viewport, parse_window, render
+from listeners.dicomweb_render import THUMBNAIL, RenderError, parse_region, parse_viewport, parse_window, render
 from listeners.fhir_body import BodyBudget
 from listeners.http_common import BearerAuth, BearerTokens, UvicornService
 from transforms.dicom_codec import TranscodeError
@@ -314,8 +315,8 @@ class DicomWebApi:
 
     @staticmethod
     def _uid(value: str) -> str:
-        if not value or len(value) > 64 or not all(c.isdigit() or c == "." for c in value):
-            raise DicomWebError(400, "a UID is digits and dots, at most 64 characters")
+        if not valid_uid(value):  # PS3.5 9.1 (no empty component): a malformed UID is 400, not "no such study"
+            raise DicomWebError(400, "a UID is numbers separated by dots, at most 64 characters")
         return value
 
     async def studies(self, request: Request, actor: str) -> Response:
@@ -410,7 +411,21 @@ class DicomWebApi:
                 media.closing(boundary)
             return Response(body, media_type=ctype)
         refs, level = await self._refs(request)
-        return StreamingResponse(self._stream(request, actor, refs, level, accepted, boundary), media_type=ctype)
+        tally = {"started": 0, "failed": 0}
+        parts = self._stream(request, actor, refs, level, accepted, boundary, tally)
+        first = await anext(parts)  # the first instance that converts, or the end when none did
+        if not tally["started"]:  # the status line is still ours to choose: not an empty 200
+            await parts.aclose()
+            if tally["failed"]:
+                raise DicomWebError(406, "no instance can be given in any transfer syntax of Accept")
+            raise DicomWebError(404, {"STUDY": "no such study"}.get(level, "no such series"))
+
+        async def body() -> AsyncIterator[bytes]:
+            yield first
+            async for chunk in parts:
+                yield chunk
+
+        return StreamingResponse(body(), media_type=ctype)
 
     async def _fetch(self, request: Request, accepted: list[str]) -> wado.Fetched:
         """The instance of the path (study, series, instance), streamed or whole (``wado.fetch``)."""
@@ -443,7 +458,9 @@ class DicomWebApi:
                         "success" if done else "failure")
 
     async def _stream(self, request: Request, actor: str, refs: list[idx.InstanceRef], level: str,
-                      accepted: list[str], boundary: str) -> AsyncIterator[bytes]:
+                      accepted: list[str], boundary: str, tally: dict[str, int]) -> AsyncIterator[bytes]:
+        """The parts of a study/series; ``tally`` counts instances started and failed before each is
+        yielded, so the caller sees at the first chunk whether any instance could be given at all."""
         sent = failed = 0
         try:
             for ref in refs:
@@ -451,6 +468,7 @@ class DicomWebApi:
                 if got is None:  # removed (IOCM) since the look-up
                     continue
                 if got.chunks is not None:
+                    tally["started"] += 1
                     yield media.part_head(boundary, f"application/dicom; transfer-syntax={ref.transfer_syntax}")
                     async for chunk in self._chunks(got.chunks):
                         yield chunk
@@ -463,8 +481,10 @@ class DicomWebApi:
                         await self._run(wado.as_part10, got.whole, accepted)
                 except TranscodeError as e:
                     failed += 1
+                    tally["failed"] += 1
                     self._transcode_failed(ref, str(e))
                     continue
+                tally["started"] += 1
                 yield media.part_head(boundary, f"application/dicom; transfer-syntax={ts}") + data + b"\r\n"
                 sent += 1
             yield media.closing(boundary)
@@ -593,7 +613,7 @@ class DicomWebApi:
             image = await self._run(lambda: render(inst.part10, frame=numbers[0], media_type=out_type,
                                                            window=window, viewport=viewport, quality=quality))
         except RenderError as e:
-            raise DicomWebError(404 if "frame" in str(e) and "exist" in str(e) else 406, str(e)) from None
+            raise DicomWebError(e.status, str(e)) from None
         self._audit("dicomweb.retrieve", request, actor,
                     {"level": level, "what": "thumbnail" if thumbnail else "rendered", "instances": 1})
         return Response(image, media_type=out_type)
@@ -636,6 +656,7 @@ class DicomWebApi:
                 window = parse_window(f"{qp['windowCenter']},{qp['windowWidth']}")
             rows, cols = qp.get("rows"), qp.get("columns")
             viewport = parse_viewport(f"{cols or rows},{rows or cols}", None) if rows or cols else None
+            region = parse_region(qp.get("region"))
             frame = int(qp.get("frameNumber", "1"))
             quality = int(qp.get("imageQuality", "90"))
         except ValueError as e:
@@ -643,10 +664,10 @@ class DicomWebApi:
         inst = await self._one(request)
         try:
             image = await self._run(lambda: render(inst.part10, frame=frame, media_type=image_type,
-                                                           window=window, viewport=viewport,
+                                                           window=window, viewport=viewport, region=region,
                                                            quality=max(1, min(quality, 100))))
         except RenderError as e:
-            raise DicomWebError(406, str(e)) from None
+            raise DicomWebError(e.status, str(e)) from None
         self._audit("dicomweb.retrieve", request, actor,
                     {"level": "IMAGE", "what": "wado-uri", "instances": 1})
         return Response(image, media_type=image_type)

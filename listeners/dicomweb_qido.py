@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from engine.store.dicom import index as idx
+from listeners.dicom_dimse import valid_uid
 from listeners.dicomweb_json import dataset_json, ur
 
 # PS3.18 Tables 10.6.3-3 (study), -4 (series), -5 (instance): returned unless includefield says more.
@@ -42,7 +43,6 @@ CONTROL = {"limit", "offset", "fuzzymatching", "includefield", "access_token"}
 TEXT_VRS = frozenset(("AE", "AS", "CS", "DA", "DT", "TM", "LO", "LT", "PN", "SH", "ST", "UC", "UI", "UR", "UT",
                       "IS", "DS"))
 _HEX_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
-_UID_LIST = re.compile(r"^[0-9.]+(,[0-9.]+)*$")
 
 
 class QueryError(ValueError):
@@ -97,7 +97,7 @@ def _add(ds: Dataset, tag: int, value: str | None) -> None:
         ds.add_new(Tag(tag), vr, None)
         return
     if value and vr == "UI":
-        if not _UID_LIST.match(value.replace("\\", ",")):
+        if not all(valid_uid(u) for u in value.replace("\\", ",").split(",")):
             raise QueryError(f"{keyword_for_tag(tag)}: not a UID or a comma-separated UID list")
         value = value.replace(",", "\\")
     ds.add_new(Tag(tag), vr, value or None)
