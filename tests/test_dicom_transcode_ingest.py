@@ -272,3 +272,16 @@ def test_lossy_with_ratio_is_a_new_marked_instance_and_non_images_pass_unchanged
     same = Envelope(channel="c", kind="dicom", payload=buf.getvalue())
     j2k = DicomTranscodeConfig(type="dicom_transcode", transfer_syntax=J2KR)
     assert build(j2k)(same) is same  # no Pixel Data: not relabelled, kept as received
+
+
+def test_instance_over_max_instance_bytes_is_a_failure_by_on_failure(tmp_path):
+    from transforms import dicom_codec
+    from transforms.dicom_transcode import DicomTranscodeConfig, build
+
+    path, _ds = fresh(tmp_path, "CT_small.dcm")
+    env = Envelope(channel="c", kind="dicom", payload=path.read_bytes())
+    strict = DicomTranscodeConfig(type="dicom_transcode", transfer_syntax=J2KR, max_instance_bytes=1000)
+    with pytest.raises(dicom_codec.TranscodeError, match="larger than max_instance_bytes"):
+        build(strict)(env)
+    kept = build(strict.model_copy(update={"on_failure": "keep"}))(env)
+    assert kept is env  # passed on as received (no context here, so no audit row)

@@ -57,6 +57,9 @@ class DicomTranscodeConfig(ComponentConfig):
         "target transfer syntax UID: e.g. 1.2.840.10008.1.2.4.90 (JPEG 2000 lossless) to archive compressed, "
         "1.2.840.10008.1.2.1 (Explicit VR Little Endian) to decompress for an old peer; one medrelay can "
         "encode (see the conformance statement's conversion table)"), examples=["1.2.840.10008.1.2.4.90"])
+    max_instance_bytes: int = Field(512 * 1024 * 1024, ge=1, description=(
+        "largest instance converted (its Part 10 bytes); the codecs need it whole in memory, decoded "
+        "and encoded, several times its size: a larger one is a failure handled by on_failure"))
     on_failure: Literal["error", "keep"] = Field("error", description=(
         "an instance that cannot be converted: error = the delivery is dead-lettered with the reason; "
         "keep = it goes on as received (logged dicom.transcode_failed, audited dicom.transcode failure)"))
@@ -156,6 +159,9 @@ def build(config: DicomTranscodeConfig, ctx: ComponentContext | None = None) -> 
         if env.kind != "dicom":
             return env
         try:
+            if len(env.payload) > config.max_instance_bytes:
+                raise codec.TranscodeError(f"instance of {len(env.payload)} bytes is larger than max_instance_bytes "
+                                           f"({config.max_instance_bytes})")
             done = transcode(env.payload, target, lossy)
         except codec.TranscodeError as e:
             reason = str(e)
