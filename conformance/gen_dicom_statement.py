@@ -488,7 +488,8 @@ def render() -> str:
         "before Pixel Data are rewritten. One that is converted is decoded and converted in memory: a "
         "conversion needs the whole data set.",
         "",
-        "On ingest, a route's `dicom_transcode` transform (`transfer_syntax`, `lossy_ratio`, `on_failure`) "
+        "On ingest, a route's `dicom_transcode` transform (`transfer_syntax`, `lossy_ratio`, `on_failure`, "
+        "`max_instance_bytes`) "
         "converts each instance the same way before its destination: before `to: {type: store}` the "
         "archive entry is replaced by the converted instance (e.g. JPEG 2000 lossless of what a modality "
         "sent uncompressed), which C-GET, C-MOVE and WADO-RS then serve; before a Storage SCU route it "
@@ -496,7 +497,8 @@ def render() -> str:
         "Pixel Data, are kept unchanged. A lossy target without `lossy_ratio` is a configuration error; "
         "a lossy result is a new instance (new SOP Instance UID, Lossy Image Compression set) next to "
         "the original. An instance that cannot be converted is dead-lettered with the reason "
-        "(`on_failure: error`) or passed on as received and audited (`on_failure: keep`).",
+        "(`on_failure: error`) or passed on as received and audited (`on_failure: keep`); so is one larger "
+        "than `max_instance_bytes` (512 MiB by default: conversion holds the data set in memory).",
         "",
         *_conversion_table(),
         "",
