@@ -572,6 +572,9 @@ class DicomListener:
         server.storage_sessions = self.ae.storage_sessions
         server.listener = self
         server.max_connections = self.config.max_connections
+        # set before the first accept: a connection taken in the instant before start() assigned it
+        # found no server and was closed unanswered (a peer connecting as the engine starts)
+        self.server = server
         stamp = datetime.now().strftime("%Y%m%d%H%M%S")
         threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{stamp}", daemon=True).start()
         self.ae._servers.append(server)

@@ -29,7 +29,9 @@ from test_dicom_reconcile import TOKEN, adt
 from test_dicom_reconcile import YAML as RECONCILE_YAML
 
 from engine.dimse import stream_send
+from engine.security.crypto import KeyRing
 from engine.store import schema
+from engine.store.db import Store
 
 pytestmark = pytest.mark.dcmtk
 
@@ -385,9 +387,18 @@ def test_large_instance_retrieved_and_forwarded_under_300_mb(medrelay_proc, tmp_
         assert len(got) == 1 and dataset_sha(got[0]) == sha
         movescu(port, study)
         assert len(moved.files()) == 1 and dataset_sha(moved.files()[0]) == sha
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (list(routed.iterdir()) and _settled(routed)):
-            time.sleep(0.5)
+        # storescp writes the file as the data arrives and answers once it is whole: the route's
+        # delivery is done only after that answer (a size that stays put for a while proves nothing
+        # on a loaded machine, where the sender can pause longer than that)
+        db = Store(f"sqlite:///{second.data_dir}/data/medrelay.db", second.data_dir / "data" / "blobs",
+                   KeyRing(second.data_dir / "data" / "keys.json"))
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and [d[0] for d in deliveries(db, "fwd")] != ["done"]:
+                time.sleep(0.5)
+            assert [d[0] for d in deliveries(db, "fwd")] == ["done"], deliveries(db, "fwd")
+        finally:
+            db.dispose()
         files = list(routed.iterdir())
         assert len(files) == 1 and dataset_sha(files[0]) == sha
         peak = _status(pid, "VmHWM")
@@ -399,13 +410,6 @@ def test_large_instance_retrieved_and_forwarded_under_300_mb(medrelay_proc, tmp_
         moved.stop()
         route_scp.stop()
     del uid
-
-
-def _settled(folder: Path) -> bool:
-    """storescp writes under a temporary name and renames; a file whose size stays put is complete."""
-    sizes = [p.stat().st_size for p in folder.iterdir()]
-    time.sleep(0.5)
-    return sizes == [p.stat().st_size for p in folder.iterdir()]
 
 
 def _storescp_on(port: int, out: Path) -> StoreSCP:
