@@ -38,10 +38,11 @@ WEB = """
       - {name: archive, to: {type: store}}
 """
 # stored syntaxes beyond test_dicom_transcode's: JPEG Extended 12-bit, JPEG Lossless SV1, RLE 32-bit
-# two-frame, Deflated Explicit VR LE, JPEG 2000 lossless YBR_RCT colour, Big Endian, Implicit VR LE
+# two-frame, Deflated Explicit VR LE, JPEG 2000 lossless YBR_RCT colour, Big Endian, Implicit VR LE,
+# JPEG-LS near-lossless (16-bit grey, 8-bit colour)
 FILES = ["CT_small.dcm", "MR_small.dcm", "SC_rgb_jpeg_dcmtk.dcm", "JPGExtended.dcm", "SC_rgb_jpeg_gdcm.dcm",
          "SC_rgb_rle_32bit_2frame.dcm", "image_dfl.dcm", "GDCMJ2K_TextGBR.dcm", "emri_small_jpeg_2k_lossless.dcm",
-         "MR_small_bigendian.dcm", "MR_small_implicit.dcm"]
+         "MR_small_bigendian.dcm", "MR_small_implicit.dcm", "JPEGLSNearLossless_16.dcm", "SC_rgb_jls_lossy_line.dcm"]
 BAD_JPEG = "bad_jpeg"  # JPEG Baseline whose pixel data is no JPEG stream: cannot be decoded
 UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2")
 ELE = "1.2.840.10008.1.2.1"
