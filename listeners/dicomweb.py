@@ -389,6 +389,9 @@ class DicomWebApi:
 
     async def retrieve(self, request: Request, actor: str) -> Response:
         ranges = media.parse_accept(request.headers.get("accept"))
+        single = media.single_syntaxes(ranges, "application/dicom") if "instance" in request.path_params else None
+        if single is not None:
+            return await self._retrieve_single(request, actor, single)
         accepted = wado.accepted_syntaxes(media.wanted_parts(ranges, "application/dicom"))
         boundary = media.new_boundary()
         ctype = media.multipart_type(boundary, "application/dicom")
@@ -426,6 +429,24 @@ class DicomWebApi:
                 yield chunk
 
         return StreamingResponse(body(), media_type=ctype)
+
+    async def _retrieve_single(self, request: Request, actor: str, accepted: list[str]) -> Response:
+        """One instance as a single-part application/dicom body (Accept preferred it to multipart)."""
+        got = await self._fetch(request, accepted)
+        if got.chunks is not None:  # large, as stored: chunk by chunk from the blob
+            ctype = f"application/dicom; transfer-syntax={got.ref.transfer_syntax}"
+            return StreamingResponse(self._stream_uri(request, actor, got.chunks, "instance"), media_type=ctype)
+        assert got.whole is not None
+        try:
+            data, ts = wado.as_part10(got.whole, accepted) if wado.as_stored(got.ref, accepted) else \
+                await self._run(wado.as_part10, got.whole, accepted)
+        except TranscodeError as e:
+            self._transcode_failed(got.ref, str(e))
+            self._audit("dicomweb.retrieve", request, actor, {"level": "IMAGE", "instances": 0, "failed": 1},
+                        "failure")
+            raise DicomWebError(406, "the instance cannot be given in any transfer syntax of Accept") from None
+        self._audit("dicomweb.retrieve", request, actor, {"level": "IMAGE", "instances": 1})
+        return Response(data, headers={"Content-Type": f"application/dicom; transfer-syntax={ts}"})
 
     async def _fetch(self, request: Request, accepted: list[str]) -> wado.Fetched:
         """The instance of the path (study, series, instance), streamed or whole (``wado.fetch``)."""
@@ -672,7 +693,8 @@ class DicomWebApi:
                     {"level": "IMAGE", "what": "wado-uri", "instances": 1})
         return Response(image, media_type=image_type)
 
-    async def _stream_uri(self, request: Request, actor: str, chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    async def _stream_uri(self, request: Request, actor: str, chunks: Iterator[bytes],
+                          what: str = "wado-uri") -> AsyncIterator[bytes]:
         done = False
         try:
             async for chunk in self._chunks(chunks):
@@ -680,7 +702,7 @@ class DicomWebApi:
             done = True
         finally:
             self._audit("dicomweb.retrieve", request, actor,
-                        {"level": "IMAGE", "what": "wado-uri", "instances": int(done), "failed": int(not done)},
+                        {"level": "IMAGE", "what": what, "instances": int(done), "failed": int(not done)},
                         "success" if done else "failure")
 
     # -- STOW-RS ---------------------------------------------------------------------

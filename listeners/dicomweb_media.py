@@ -91,6 +91,19 @@ def _matches(have: str, want: str) -> bool:
     return a == h1 and (b in ("*", h2))
 
 
+def single_syntaxes(ranges: Iterable[MediaRange], single: str) -> list[str] | None:
+    """Transfer syntaxes of a single-part ``single`` (e.g. application/dicom, PS3.18 Table 8.7.4-1,
+    as the Microsoft DICOM client asks for one instance) when Accept prefers it to any multipart
+    response; None when a multipart range comes first (or ``single`` is not named)."""
+    out: list[str] = []
+    for r in ranges:
+        if r.media_type in ("multipart/related", "multipart/*", "*/*") and not out:
+            return None
+        if r.media_type == single:
+            out.append(r.transfer_syntax or EXPLICIT_LE)
+    return out or None
+
+
 def wanted_parts(ranges: Iterable[MediaRange], default_part: str) -> list[tuple[str, str | None]]:
     """(part media type, transfer syntax or None) a multipart response may use, in preference
     order: ``*/*`` as part type means any; None as syntax means the part type's default.

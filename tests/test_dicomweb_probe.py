@@ -44,6 +44,7 @@ FILES = ["CT_small.dcm", "MR_small.dcm", "SC_rgb_jpeg_dcmtk.dcm", "JPGExtended.d
          "SC_rgb_rle_32bit_2frame.dcm", "image_dfl.dcm", "GDCMJ2K_TextGBR.dcm", "emri_small_jpeg_2k_lossless.dcm",
          "MR_small_bigendian.dcm", "MR_small_implicit.dcm", "JPEGLSNearLossless_16.dcm", "SC_rgb_jls_lossy_line.dcm"]
 BAD_JPEG = "bad_jpeg"  # JPEG Baseline whose pixel data is no JPEG stream: cannot be decoded
+BIG = "big"  # 6 MiB Explicit VR LE: past dicomweb_wado.STREAM_FROM, streamed from its blob
 UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2")
 ELE = "1.2.840.10008.1.2.1"
 
@@ -63,6 +64,12 @@ def arc(tmp_path_factory):
     bad.save_as(d / "in" / "bad.dcm", enforce_file_format=True)
     data[BAD_JPEG] = bad
     paths.append(d / "in" / "bad.dcm")
+    big = fresh("CT_small.dcm")
+    big.Rows = big.Columns = 1792
+    big.PixelData = np.arange(1792 * 1792, dtype="<u2").tobytes()
+    big.save_as(d / "in" / "big.dcm", enforce_file_format=True)
+    data[BIG] = big
+    paths.append(d / "in" / "big.dcm")
     e = EngineThread(dicom_yaml(calling="[TESTSCU, GETSCU]") + WEB, d, env={"DW_TOKEN": TOKEN})
     try:
         e.dcm_port = e.address("dcm")[1]
@@ -243,3 +250,32 @@ def test_getscu_uncompressed_only_more_syntaxes(arc, tmp_path):
         assert str(ds.file_meta.TransferSyntaxUID) in UNCOMPRESSED
         assert np.array_equal(ds.pixel_array, arc.data[by_uid[uid]].pixel_array), by_uid[uid]
     assert re.search(r"Number of Failed Suboperations\s*:\s*0\b", g.stdout or ""), g.stdout
+
+
+def test_single_part_application_dicom_for_one_instance(arc):
+    """Accept: application/dicom (PS3.18 Table 8.7.4-1 single part; the Microsoft DICOM client's default
+    for one instance): before the fix 406, now the Part-10 bytes alone, negotiated as multipart is."""
+    ds = arc.data["SC_rgb_jpeg_dcmtk.dcm"]
+    url = arc.url + _base(ds)
+    r = httpx.get(url, headers=auth(Accept="application/dicom"))
+    assert r.status_code == 200 and r.headers["content-type"] == f"application/dicom; transfer-syntax={ELE}"
+    got = dcmread(io.BytesIO(r.content))
+    assert got.SOPInstanceUID == ds.SOPInstanceUID and np.array_equal(got.pixel_array, ds.pixel_array)
+    r = httpx.get(url, headers=auth(Accept="application/dicom; transfer-syntax=*"))
+    assert r.headers["content-type"].endswith("transfer-syntax=1.2.840.10008.1.2.4.50")
+    assert dcmread(io.BytesIO(r.content)).PixelData == ds.PixelData  # as stored
+    multi = 'multipart/related; type="application/dicom"'
+    assert httpx.get(url, headers=auth(Accept=f"application/dicom, {multi}")).headers["content-type"].startswith(
+        "application/dicom;")
+    assert httpx.get(url, headers=auth(Accept=f"{multi}, application/dicom")).headers["content-type"].startswith(
+        "multipart/related")
+    assert httpx.get(url, headers=auth(Accept=f"application/dicom;q=0.5, {multi}")).headers[
+        "content-type"].startswith("multipart/related")  # q decides, not the order
+    r = httpx.get(url, headers=auth(Accept="application/dicom; transfer-syntax=1.2.3.4"))
+    assert r.status_code == 406 and r.content
+    assert httpx.get(f"{arc.url}/studies/{ds.StudyInstanceUID}",
+                     headers=auth(Accept="application/dicom")).status_code == 406  # a study is multipart only
+    big = arc.data[BIG]
+    r = httpx.get(arc.url + _base(big), headers=auth(Accept="application/dicom; transfer-syntax=*"))
+    assert r.status_code == 200 and "content-length" not in r.headers  # streamed from the blob
+    assert dcmread(io.BytesIO(r.content)).PixelData == big.PixelData
