@@ -19,7 +19,7 @@ from email.policy import HTTP
 import httpx
 import numpy as np
 import pytest
-from conftest import EngineThread
+from conftest import EngineThread, fresh_pg_url
 from dicom_peers import dicom_yaml, run, storescu_any
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
@@ -49,9 +49,13 @@ UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2
 ELE = "1.2.840.10008.1.2.1"
 
 
-@pytest.fixture(scope="module")
-def arc(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def arc(request, tmp_path_factory):
+    """The archive on SQLite and on PostgreSQL (MEDRELAY_TEST_PG_URL), as a deployment runs it."""
     d = tmp_path_factory.mktemp("probe")
+    yaml = dicom_yaml(calling="[TESTSCU, GETSCU]") + WEB
+    if request.param == "postgres":
+        yaml = yaml.replace("sqlite:///data/medrelay.db", fresh_pg_url())
     (d / "in").mkdir()
     data, paths = {}, []
     for name in FILES:
@@ -70,7 +74,7 @@ def arc(tmp_path_factory):
     big.save_as(d / "in" / "big.dcm", enforce_file_format=True)
     data[BIG] = big
     paths.append(d / "in" / "big.dcm")
-    e = EngineThread(dicom_yaml(calling="[TESTSCU, GETSCU]") + WEB, d, env={"DW_TOKEN": TOKEN})
+    e = EngineThread(yaml, d, env={"DW_TOKEN": TOKEN})
     try:
         e.dcm_port = e.address("dcm")[1]
         assert storescu_any(e.dcm_port, paths) == ["Success"] * len(paths)
