@@ -19,7 +19,7 @@ for the writeback of the one before) and the medians are printed, with each rece
 time per instance (user + system, from /proc) as a steadier second figure.
 
     .venv/bin/python bench/dicom.py [--count 500] [--parallel 4] [--rounds 3]
-        [--receivers dcmtk,pynetdicom,orthanc,medrelay]
+        [--receivers dcmtk,pynetdicom,orthanc,medrelay] [--baseline-tree DIR]
 """
 
 from __future__ import annotations
@@ -112,9 +112,10 @@ def send(port: int, aec: str, files: list[Path], parallel: int) -> float:
 
 
 class Target:
-    def __init__(self, name: str, aec: str, cmd: list[str], port: int, cwd: Path) -> None:
+    def __init__(self, name: str, aec: str, cmd: list[str], port: int, cwd: Path,
+                 env: dict[str, str] | None = None) -> None:
         self.name, self.aec, self.port = name, aec, port
-        self.proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env or ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(port)
 
     def stop(self) -> None:
@@ -136,7 +137,7 @@ def medrelay_yaml(port: int, data: Path, max_pdu: int) -> str:
         """)
 
 
-def start(kind: str, work: Path, max_pdu: int) -> Target:
+def start(kind: str, work: Path, max_pdu: int, baseline: Path | None = None) -> Target:
     port = free_port()
     d = work / f"{kind}-{port}"
     d.mkdir()
@@ -155,6 +156,10 @@ def start(kind: str, work: Path, max_pdu: int) -> Target:
                       port, d)
     cfg = d / "channels.yaml"
     cfg.write_text(medrelay_yaml(port, d / "data", max_pdu))
+    if kind == "baseline":  # the same, from another source tree (its modules first on the path)
+        assert baseline is not None
+        return Target("medrelay (base)", "MEDRELAY", [sys.executable, "-m", "engine.cli", "run", str(cfg)], port, d,
+                      env={**ENV, "PYTHONPATH": str(baseline)})
     return Target("medrelay", "MEDRELAY", [sys.executable, "-m", "engine.cli", "run", str(cfg)], port, d)
 
 
@@ -166,8 +171,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of all receivers, for medians")
     ap.add_argument("--receivers", default=",".join(k for k in KINDS if k != "orthanc" or Path(ORTHANC).exists()),
                     help="comma-separated, from " + ",".join(KINDS))
+    ap.add_argument("--baseline-tree", type=Path, default=None,
+                    help="also run medrelay from this source tree (a copy of an earlier commit) in the same "
+                         "rounds, as 'medrelay (base)': a before/after of a change on the same machine minutes")
     args = ap.parse_args()
     kinds = [k for k in KINDS if k in args.receivers.split(",")]
+    if args.baseline_tree is not None:
+        if not (args.baseline_tree / "engine" / "cli").is_dir():
+            raise SystemExit(f"{args.baseline_tree}: not a medrelay source tree")
+        kinds.append("baseline")
     for tool in (STORESCU, STORESCP) + ((ORTHANC,) if "orthanc" in kinds else ()):
         if not Path(tool).exists():
             raise SystemExit(f"{tool} missing: install DCMTK (and the orthanc package for Orthanc)")
@@ -188,7 +200,7 @@ def main() -> None:
                     # Untimed: flush what the previous receiver left dirty (DCMTK and the bare SCP
                     # do not fsync), or its writeback lands in the next receiver's run.
                     os.sync()
-                    t = start(kind, work, args.max_pdu)
+                    t = start(kind, work, args.max_pdu, args.baseline_tree)
                     try:
                         c0 = cpu_seconds(t.proc.pid)
                         secs = send(t.port, t.aec, files, par)

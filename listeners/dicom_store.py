@@ -134,7 +134,7 @@ def check_attrs(attrs: dict[str, Any], sop_class: str, sop_uid: str) -> tuple[in
 
 def search_identifiers(attrs: dict[str, Any]) -> dict[str, set[str]]:
     """The message search terms' identifiers (engine/store/message_terms.py) from the index
-    attributes: the values its own read of the payload gives (``test_message_terms`` holds
+    attributes: the values its own read of the payload gives (``test_dicom_search_identifiers`` holds
     the two equal), without that read."""
     out: dict[str, set[str]] = {f: set() for f in message_terms.FIELDS}
     for field, value in (("patient_id", attrs["PATIENT"].get("PatientID")),
