@@ -207,12 +207,12 @@ def test_disk_failing_mid_part_is_that_instances_failure_and_the_rest_is_stored(
     back the same instance is stored."""
     import errno
 
-    e = engine_factory(f"""
-store: {{url: "sqlite:///data/medrelay.db", blobs: data/blobs}}
-keys: {{kek_file: data/keys.json}}
+    e = engine_factory("""
+store: {url: "sqlite:///data/medrelay.db", blobs: data/blobs}
+keys: {kek_file: data/keys.json}
 channels:
   web:
-    source: {{type: dicomweb, host: 127.0.0.1, port: 0, auth: {{bearer_tokens: ["${{DW_TOKEN}}"]}}}}
+    source: {type: dicomweb, host: 127.0.0.1, port: 0, auth: {bearer_tokens: ["${DW_TOKEN}"]}}
 """, env={"DW_TOKEN": TOKEN})
     url = f"http://127.0.0.1:{e.address('web')[1]}/dicom-web/studies"
     files = e.store.files
