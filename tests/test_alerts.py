@@ -61,7 +61,9 @@ def test_dead_letter_fires_repeats_and_resolves(engine_factory, monkeypatch):
     monkeypatch.setenv("HOOK_TOKEN", "s3cret")
     rx = Receiver()
     engine_fakes.SCRIPT["alerts"] = ["perm"]
-    eng = engine_factory(YAML.format(url=rx.url))
+    # repeat_after 3 s: the 0.6 s "not repeated yet" window below stays inside it when the test thread
+    # stalls for a second or two (with 1 s, a stall of 0.4 s on a loaded machine made it red)
+    eng = engine_factory(YAML.format(url=rx.url).replace("repeat_after: 1.0", "repeat_after: 3.0"))
     submit(eng, b"one")
     fired = eng.wait_for(lambda: rx.of("dead_letters", "firing"))
     f = fired[0]
@@ -69,7 +71,7 @@ def test_dead_letter_fires_repeats_and_resolves(engine_factory, monkeypatch):
     assert "one" not in json.dumps(rx.got)  # counts and names only, never content
     time.sleep(0.6)
     assert len(rx.of("dead_letters", "firing")) == 1  # suppressed until repeat_after
-    eng.wait_for(lambda: len(rx.of("dead_letters", "firing")) >= 2, timeout=5)
+    eng.wait_for(lambda: len(rx.of("dead_letters", "firing")) >= 2, timeout=30)
     # an operator deals with it: the dead letter is gone -> one "resolved"
     from sqlalchemy import update
 

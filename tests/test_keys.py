@@ -202,6 +202,7 @@ def test_rotate_without_downtime(engine_factory, store_url):
 N_BLOBS = 20_000
 
 
+@pytest.mark.slow  # 40-60 s at load 8 on 2 cores (20,000 blobs re-wrapped)
 def test_kill9_mid_rotation_loses_nothing(tmp_path, store_url):
     data = tmp_path / "d"
     cfg = data / "channels.yaml"

@@ -210,6 +210,7 @@ def _owner_pid(url: str) -> int | None:
     return int(row[0].split(":")[1]) if row and row[0] else None
 
 
+@pytest.mark.slow  # 70 s at load 8 on 2 cores
 @pytest.mark.timeout(300)
 def test_sigkill_at_random_under_mixed_load(medrelay_proc, tmp_path):
     tool("storescu")
