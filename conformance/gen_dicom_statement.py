@@ -28,7 +28,7 @@ from listeners import dicomweb_stow, dicomweb_wado  # noqa: E402
 from listeners.dicom import DicomPeer, DicomSourceConfig, StorageCommitmentConfig  # noqa: E402
 from listeners.dicom_status import TABLES  # noqa: E402
 from listeners.dicomweb import DicomWebSourceConfig  # noqa: E402
-from listeners.dicomweb_json import BULK_THRESHOLD  # noqa: E402
+from listeners.dicomweb_json import BULK_THRESHOLD, MAX_DEPTH  # noqa: E402
 from listeners.dicomweb_render import MAX_VIEWPORT, THUMBNAIL  # noqa: E402
 from routes.dicom import PERMANENT_RANGES, DicomDestinationConfig  # noqa: E402
 from routes.dicom_prefetch import DicomPrefetchConfig, PrefetchSource  # noqa: E402
@@ -133,7 +133,8 @@ def _dicomweb_section() -> list[str]:
         "be given). One instance is given single-part (`Accept: application/dicom`, PS3.18 Table 8.7.4-1) "
         "when Accept prefers that to multipart. A malformed UID in the path or a UID query key is 400. "
         "Metadata gives "
-        f"every top-level binary value longer than {BULK_THRESHOLD} bytes, and Pixel Data always, as a "
+        f"every binary value longer than {BULK_THRESHOLD} bytes (also inside sequence items, "
+        f"`/bulkdata/{{tag}}/{{item}}/{{tag}}`, {MAX_DEPTH} levels deep), and Pixel Data always, as a "
         "BulkDataURI. Rendered images: one frame (a study/series: its middle instance), Modality LUT, then "
         "the `window` parameter (center,width[,linear|linear-exact|sigmoid]) or the data set's first "
         "window or the frame's range, MONOCHROME1 inverted; `viewport=vw,vh[,sx,sy,sw,sh]` scales the "

@@ -2,9 +2,11 @@
 
 pydicom's ``DataElement.to_json_dict`` does the encoding (PN groups, numbers, base64
 InlineBinary, sequences); this module only decides what goes by reference: a
-top-level element with a binary VR longer than ``BULK_THRESHOLD`` bytes, and Pixel
-Data always, becomes a BulkDataURI under the instance's ``/bulkdata/{tag}``, so a
-viewer's /metadata call never downloads the pixels (F.2.7).
+element with a binary VR longer than ``BULK_THRESHOLD`` bytes, and Pixel Data always,
+becomes a BulkDataURI under the instance's ``/bulkdata/{tag}`` -- inside sequences
+``/bulkdata/{tag}/{item}/{tag}...`` (e.g. an ECG's WaveformData, which inline would grow
+the metadata by a third of the waveform again in base64) -- so a viewer's /metadata call
+never downloads pixels or samples (F.2.7; the URI is ours to shape).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pydicom.dataset import Dataset
 
 BULK_VRS = frozenset(("OB", "OD", "OF", "OL", "OV", "OW", "UN"))
 BULK_THRESHOLD = 1024
+MAX_DEPTH = 8  # sequence nesting followed for BulkDataURIs (deeper values stay inline)
 PIXEL_DATA = 0x7FE00010
 DICOM_JSON = "application/dicom+json"
 
@@ -37,11 +40,12 @@ def is_bulk(elem: DataElement) -> bool:
         return False
 
 
-def dataset_json(ds: Dataset, *, bulk_uri: Callable[[int], str] | None = None,
-                 extra: Iterable[tuple[int, dict[str, Any]]] = ()) -> dict[str, Any]:
+def dataset_json(ds: Dataset, *, bulk_uri: Callable[[str], str] | None = None,
+                 extra: Iterable[tuple[int, dict[str, Any]]] = (), _path: str = "") -> dict[str, Any]:
     """One data set as a DICOM JSON object (group 0002 and group lengths left out).
 
-    With ``bulk_uri`` (metadata), bulk values become ``{"vr": .., "BulkDataURI": ..}``;
+    With ``bulk_uri`` (metadata), bulk values become ``{"vr": .., "BulkDataURI": bulk_uri(path)}``,
+    path being ``7FE00010`` at the top level, ``54000100/0/54001010`` inside a sequence item;
     ``extra`` adds or overrides elements (e.g. RetrieveURL), keys being tags.
     """
     out: dict[str, Any] = {}
@@ -49,8 +53,13 @@ def dataset_json(ds: Dataset, *, bulk_uri: Callable[[int], str] | None = None,
         tag = int(elem.tag)
         if tag >> 16 == 0x0002 or tag & 0xFFFF == 0:
             continue
+        path = f"{_path}{tag:08X}"
         if bulk_uri is not None and is_bulk(elem):
-            out[f"{tag:08X}"] = {"vr": elem.VR if elem.VR in BULK_VRS else "OB", "BulkDataURI": bulk_uri(tag)}
+            out[f"{tag:08X}"] = {"vr": elem.VR if elem.VR in BULK_VRS else "OB", "BulkDataURI": bulk_uri(path)}
+            continue
+        if bulk_uri is not None and elem.VR == "SQ" and path.count("/") < 2 * MAX_DEPTH and elem.value:
+            out[f"{tag:08X}"] = {"vr": "SQ", "Value": [
+                dataset_json(item, bulk_uri=bulk_uri, _path=f"{path}/{n}/") for n, item in enumerate(elem.value)]}
             continue
         try:
             out[f"{tag:08X}"] = _element(elem)

@@ -25,7 +25,7 @@ from pydicom.uid import UID
 
 from engine.store.dicom import index as idx
 from listeners.dicom_store import file_meta
-from listeners.dicomweb_json import dataset_json
+from listeners.dicomweb_json import MAX_DEPTH, dataset_json
 from listeners.dicomweb_media import ANY, EXPLICIT_LE, FRAME_MEDIA, NotAcceptable
 from transforms import dicom_codec as codec
 
@@ -121,19 +121,45 @@ def full_dataset(inst: Stored) -> Dataset:
 def metadata_json(inst: Stored, instance_url: str) -> dict[str, Any]:
     """The instance's attributes as DICOM JSON, bulk values as BulkDataURI (PS3.18 10.4.1.1.2)."""
     ds = dcmread(io.BytesIO(inst.part10))  # pixel data is read as bytes, never decoded here
-    return dataset_json(ds, bulk_uri=lambda tag: f"{instance_url}/bulkdata/{tag:08X}")
+    return dataset_json(ds, bulk_uri=lambda path: f"{instance_url}/bulkdata/{path}")
 
 
-def bulk_value(inst: Stored, tag: int) -> tuple[bytes, str]:
-    """The value of a top-level element (bytes, VR); KeyError when the instance lacks it."""
+def parse_bulk_path(text: str) -> list[int]:
+    """``7FE00010`` or ``54000100/0/54001010`` (tag, item index, tag...) as numbers; ValueError
+    for anything else (8-digit hex tags, decimal item numbers, at most MAX_DEPTH levels)."""
+    parts = text.split("/")
+    if len(parts) % 2 != 1 or len(parts) > 2 * MAX_DEPTH + 1:
+        raise ValueError("bulk data is addressed by tag[/item/tag...]")
+    out = []
+    for n, part in enumerate(parts):
+        if n % 2 == 0:
+            if len(part) != 8 or not all(c in "0123456789abcdefABCDEF" for c in part):
+                raise ValueError("bulk data tags are 8 hex digits")
+            out.append(int(part, 16))
+        else:
+            if not part.isascii() or not part.isdigit() or len(part) > 6:
+                raise ValueError("sequence items are numbered from 0")
+            out.append(int(part))
+    return out
+
+
+def bulk_value(inst: Stored, path: int | Sequence[int]) -> tuple[bytes, str]:
+    """The value of an element, top-level (a tag) or in sequence items (tag, item, tag...):
+    (bytes, VR); KeyError when the instance lacks it or it is not a binary value."""
+    steps = [path] if isinstance(path, int) else list(path)
     ds = dcmread(io.BytesIO(inst.part10))
-    elem = ds.get(tag)
+    while len(steps) > 1:
+        seq = ds.get(steps[0])
+        if seq is None or seq.VR != "SQ" or not 0 <= steps[1] < len(seq.value):
+            raise KeyError(steps[0])
+        ds, steps = seq.value[steps[1]], steps[2:]
+    elem = ds.get(steps[0])
     if elem is None or elem.VR == "SQ":
-        raise KeyError(tag)
+        raise KeyError(steps[0])
     value = elem.value
     if isinstance(value, bytes):
         return value, elem.VR
-    raise KeyError(tag)
+    raise KeyError(steps[0])
 
 
 def _frame_count(ds: Dataset) -> int:

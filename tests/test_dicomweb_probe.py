@@ -44,6 +44,7 @@ FILES = ["CT_small.dcm", "MR_small.dcm", "SC_rgb_jpeg_dcmtk.dcm", "JPGExtended.d
          "SC_rgb_rle_32bit_2frame.dcm", "image_dfl.dcm", "GDCMJ2K_TextGBR.dcm", "emri_small_jpeg_2k_lossless.dcm",
          "MR_small_bigendian.dcm", "MR_small_implicit.dcm", "JPEGLSNearLossless_16.dcm", "SC_rgb_jls_lossy_line.dcm"]
 BAD_JPEG = "bad_jpeg"  # JPEG Baseline whose pixel data is no JPEG stream: cannot be decoded
+ECG = "waveform_ecg.dcm"  # WaveformData (290 KB) inside WaveformSequence items
 BIG = "big"  # 6 MiB Explicit VR LE: past dicomweb_wado.STREAM_FROM, streamed from its blob
 UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2")
 ELE = "1.2.840.10008.1.2.1"
@@ -68,6 +69,10 @@ def arc(request, tmp_path_factory):
     bad.save_as(d / "in" / "bad.dcm", enforce_file_format=True)
     data[BAD_JPEG] = bad
     paths.append(d / "in" / "bad.dcm")
+    ecg = fresh(ECG)
+    ecg.save_as(d / "in" / ECG, enforce_file_format=True)
+    data[ECG] = ecg
+    paths.append(d / "in" / ECG)
     big = fresh("CT_small.dcm")
     big.Rows = big.Columns = 1792
     big.PixelData = np.arange(1792 * 1792, dtype="<u2").tobytes()
@@ -283,3 +288,25 @@ def test_single_part_application_dicom_for_one_instance(arc):
     r = httpx.get(arc.url + _base(big), headers=auth(Accept="application/dicom; transfer-syntax=*"))
     assert r.status_code == 200 and "content-length" not in r.headers  # streamed from the blob
     assert dcmread(io.BytesIO(r.content)).PixelData == big.PixelData
+
+
+def test_metadata_bulk_data_inside_sequences(arc):
+    """Binary values inside sequence items (an ECG's WaveformData) were inlined as base64: a 290 KB
+    waveform made 400 KB of metadata. Now BulkDataURI .../bulkdata/54000100/{item}/54001010."""
+    ecg = arc.data[ECG]
+    uids = (ecg.StudyInstanceUID, ecg.SeriesInstanceUID, ecg.SOPInstanceUID)
+    r = httpx.get(arc.url + _base(ecg) + "/metadata", headers=auth())
+    assert r.status_code == 200 and len(r.content) < 64 * 1024
+    md = arc.client.retrieve_instance_metadata(*uids)
+    items = md["54000100"]["Value"]
+    assert len(items) == len(ecg.WaveformSequence)
+    for n, item in enumerate(items):
+        uri = item["54001010"]["BulkDataURI"]
+        assert uri.endswith(f"/bulkdata/54000100/{n}/54001010") and "InlineBinary" not in item["54001010"]
+        got = arc.client.retrieve_bulkdata(uri, media_types=("application/octet-stream",))[0]
+        assert got == ecg.WaveformSequence[n].WaveformData
+        assert item["003A0005"]["Value"] == [ecg.WaveformSequence[n].NumberOfWaveformChannels]  # rest inline
+    base = arc.url + _base(ecg) + "/bulkdata/"
+    for bad in ("54000100/9/54001010", "54000100/x/54001010", "54000100/0", "54000100", "00100010/0/54001010",
+                "54000100/0/54001010/0/54001010"):
+        assert httpx.get(base + bad, headers=auth(Accept="application/octet-stream")).status_code == 404, bad
