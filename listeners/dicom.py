@@ -29,6 +29,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 from engine.components import ComponentConfig
 from engine.context import ComponentContext
 from engine.registry import component
+from engine.security import proxy_protocol
+from engine.security.proxy_protocol import ProxyProtocolConfig
 from engine.security.tls import TLSConfig, report_handshake_failure, server_context
 from engine.store.db import STREAM_MIN
 from listeners import dicom_store_stream
@@ -97,6 +99,10 @@ class DicomSourceConfig(ComponentConfig):
                                  "is closed at once (at least max_associations)")
     acse_timeout: float = Field(30.0, gt=0, description="seconds from connect to a complete A-ASSOCIATE-RQ, "
                                 "TLS handshake included (ARTIM), then closed; and to wait for association messages")
+    proxy_protocol: ProxyProtocolConfig | None = Field(
+        None, description="behind a TCP load balancer (HAProxy send-proxy / send-proxy-v2): trusted = the "
+        "balancers' addresses/CIDRs; their connections must start with a PROXY header (v1/v2, before TLS), "
+        "whose client address is logged and audited; others are served as usual")
     dimse_timeout: float = Field(60.0, gt=0, description="seconds to wait for DIMSE messages")
     idle_timeout: float = Field(120.0, gt=0, validation_alias=AliasChoices("idle_timeout", "network_timeout"),
                                 description="seconds without a byte from the peer before an established "
@@ -238,6 +244,9 @@ class AssociationServer(ThreadedAssociationServer):
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
+            client_address = self.listener.announced(request, client_address)
+            if client_address is None:
+                return
             if self.listener.take_connection(request, client_address):
                 try:
                     super().process_request_thread(request, client_address)  # until the association ends
@@ -337,6 +346,7 @@ class DicomListener:
         # Connections that end before association (ARTIM expired, an invalid first PDU) cost a
         # peer nothing to repeat: one log line per 5 s, with the count of those not logged.
         self._before_association = _Throttle()
+        self._proxy = proxy_protocol.Trust(config.proxy_protocol) if config.proxy_protocol is not None else None
         self._store: StoreSCP | None = None
         self._commitment: CommitmentSCP | None = None
 
@@ -450,6 +460,20 @@ class DicomListener:
         if not c.allow_any_calling_aet and str(rq.calling_ae_title).strip() not in c.calling_aets:
             return 0x03, "calling AE title not recognised"
         return None
+
+    def announced(self, sock: socket.socket, address: tuple[str, int]) -> tuple[str, int] | None:
+        """The peer to log and audit: from a trusted balancer, the client its PROXY header
+        names (read raw, before any TLS handshake, within acse_timeout); None when that header
+        is missing or malformed (the connection is closed, nothing else read)."""
+        if self._proxy is None or not self._proxy.trusted(address):
+            return address
+        try:
+            header = proxy_protocol.read_socket(sock, min(self._proxy.config.timeout, self.config.acse_timeout))
+        except proxy_protocol.ProxyError as e:
+            log.warning("dicom.proxy_header_refused", channel=self.ctx.channel, peer=_addr(address), detail=str(e))
+            _close(sock)
+            return None
+        return proxy_protocol.peer_of(header, address)
 
     def take_connection(self, sock: socket.socket, address: tuple[str, int]) -> bool:
         """Read the A-ASSOCIATE-RQ within ``acse_timeout`` of the connect (TLS handshake

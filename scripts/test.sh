@@ -15,6 +15,7 @@ command -v pg_ctlcluster >/dev/null || need_apt+=(postgresql)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)  # the console's browser tests (Playwright drives it)
 [ -x /usr/sbin/slapd ] || need_apt+=(slapd ldap-utils)  # the console's LDAP tests start their own slapd
 [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)  # the file source's SFTP tests start their own sshd
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)  # PROXY protocol tests put HAProxy in front
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]} (apt-get)"
   $SUDO apt-get update -qq || true
