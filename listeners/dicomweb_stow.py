@@ -236,13 +236,14 @@ def _feed(parser: MultipartParser, batch: list[bytes], final: bool = False) -> N
 
 
 def _start_streaming(p: Part, s: Streaming) -> int:
-    """Move a part that reached ``stream_min`` to a streamed sink, or refuse it now (not DICOM:
-    read past, never held); the bytes of memory freed. A part the sink cannot take (a syntax
-    the header scan does not read, blobs that cannot be streamed) stays in memory."""
+    """Move an application/dicom part that reached ``stream_min`` to a streamed sink, or refuse
+    it now (no readable file meta: read past, never held); the bytes of memory freed. A part the
+    sink cannot take (a syntax the header scan does not read, blobs that cannot be streamed) and
+    a part of another type (the bulk data of a metadata body) stay in memory."""
     ctype = p.headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
+    if ctype != "application/dicom":  # metadata or bulk data of a dicom+json body: held, judged at the end
+        return 0
     try:
-        if ctype != "application/dicom":
-            raise ValueError
         meta, end = _meta_end(p.data)
     except Exception:
         req = request_of(p, s.peer)  # the reason, as a small part gets it
