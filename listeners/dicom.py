@@ -101,7 +101,8 @@ class DicomSourceConfig(ComponentConfig):
                                 "TLS handshake included (ARTIM), then closed; and to wait for association messages")
     proxy_protocol: ProxyProtocolConfig | None = Field(
         None, description="behind a TCP load balancer (HAProxy send-proxy / send-proxy-v2): trusted = the "
-        "balancers' addresses/CIDRs; their connections must start with a PROXY header (v1/v2, before TLS), "
+        "balancers' addresses/CIDRs, timeout = seconds for the header; "
+        "their connections must start with a PROXY header (v1/v2, before TLS), "
         "whose client address is logged and audited; others are served as usual")
     dimse_timeout: float = Field(60.0, gt=0, description="seconds to wait for DIMSE messages")
     idle_timeout: float = Field(120.0, gt=0, validation_alias=AliasChoices("idle_timeout", "network_timeout"),

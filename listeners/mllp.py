@@ -122,7 +122,8 @@ class MLLPSourceConfig(ComponentConfig):
                                  "(and logged)")
     proxy_protocol: ProxyProtocolConfig | None = Field(
         None, description="behind a TCP load balancer (HAProxy send-proxy / send-proxy-v2, nginx proxy_protocol): "
-        "trusted = the balancers' addresses/CIDRs; their connections must start with a PROXY header (v1/v2), "
+        "trusted = the balancers' addresses/CIDRs, timeout = seconds for the header; "
+        "their connections must start with a PROXY header (v1/v2), "
         "whose client address is logged and audited; others are served as usual. Not with tls (yet)")
 
     model_config = {**ComponentConfig.model_config, "populate_by_name": True}

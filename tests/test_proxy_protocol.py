@@ -250,3 +250,30 @@ def test_dicom_trusted_without_header_is_closed(engine_factory):
         t0 = time.monotonic()
         assert s.recv(100) == b""
         assert time.monotonic() - t0 < 12
+
+
+def test_dicom_tls_through_haproxy_header_before_the_handshake(engine_factory, haproxy, tmp_path):
+    """TLS passes through HAProxy (TCP mode); the v2 header precedes the ClientHello: the engine
+    reads it raw, then does the (mutual) handshake on what follows."""
+    import ssl
+
+    from tls_certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    yaml_text = DICOM_YAML.replace(
+        "      proxy_protocol:",
+        f'      tls: {{cert: "{pki.server.cert}", key: "{pki.server.key}", ca: "{pki.ca}", '
+        f'require_client_cert: true}}\n      proxy_protocol:')
+    eng = engine_factory(yaml_text)
+    front = haproxy(eng.address("dcm")[1], "send-proxy-v2")
+    from pynetdicom import AE
+
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca))
+    ctx.load_cert_chain(pki.client.cert, pki.client.key)
+    ae = AE(ae_title="WRONGAET")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", front, ae_title="MEDRELAY", bind_address=(CLIENT_IP, 0),
+                         tls_args=(ctx, "localhost"))
+    assert assoc.is_rejected  # over TLS, after the handshake: the rejection is audited with the client
+    eng.wait_for(lambda: audit_rows(eng.store, "dicom.association"))
+    assert audit_rows(eng.store, "dicom.association")[0]["peer"].startswith(f"{CLIENT_IP}:")
