@@ -17,6 +17,7 @@ if str(ROOT) not in sys.path:
 
 from pydicom.uid import UID  # noqa: E402
 
+from engine.cli.docs import config_fields  # noqa: E402
 from engine.dimse import qr_scu  # noqa: E402
 from engine.store.dicom import index as idx  # noqa: E402
 from engine.store.dicom import iocm, terms  # noqa: E402
@@ -62,7 +63,7 @@ def _status_table(service: str) -> list[str]:
 
 def _config_table(model: type) -> list[str]:
     rows = ["| Key | Default | Description |", "|---|---|---|"]
-    for name, f in model.model_fields.items():
+    for name, f in config_fields(model):
         if name == "type":
             continue
         default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))

@@ -8,6 +8,7 @@ of the objects below.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -20,6 +21,16 @@ class ComponentConfig(BaseModel):
     """Base for every component's config: unknown keys are errors, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def field_of(model: type[BaseModel], name: str, **changes: Any) -> Any:
+    """``model``'s field ``name`` with ``changes`` (default, description), for a config that
+    inherits a shared block of keys and differs in one: its checks and the rest of its text stay
+    the block's, so the block is still written once (docs/notes/config-bases.md)."""
+    info = copy.copy(model.model_fields[name])
+    for attr, value in changes.items():
+        setattr(info, attr, value)
+    return info
 
 
 class DeliveryError(Exception):

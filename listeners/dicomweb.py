@@ -27,7 +27,7 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qsl
 
 import structlog
-from pydantic import Field, model_validator
+from pydantic import Field
 from pydicom.dataset import Dataset
 from sqlalchemy import exc as sa_exc
 from starlette.applications import Starlette
@@ -38,9 +38,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from engine.components import ComponentConfig
+from engine.components import ComponentConfig, field_of
 from engine.context import ComponentContext
-from engine.http.protocol import HttpLimits, text_error_body
+from engine.http.limits import HttpBodyLimitsConfig
+from engine.http.protocol import text_error_body
 from engine.registry import component
 from engine.security.tls import TLSConfig
 from engine.store.dicom import index as idx
@@ -83,7 +84,7 @@ class CorsConfig(ComponentConfig):
     max_age: int = Field(600, ge=0, description="seconds a browser may cache a preflight answer")
 
 
-class DicomWebSourceConfig(ComponentConfig):
+class DicomWebSourceConfig(ComponentConfig, HttpBodyLimitsConfig):
     """DICOMweb server (QIDO-RS, WADO-RS, STOW-RS, WADO-URI) over medrelay's DICOM archive."""
 
     type: Literal["dicomweb"]
@@ -105,31 +106,17 @@ class DicomWebSourceConfig(ComponentConfig):
     case_insensitive_pn: bool = Field(True, description="match Person Names case-insensitively (as C-FIND)")
     max_results: int = Field(1000, ge=1, le=65535, description=(
         "most QIDO-RS results in one response; more are announced with a Warning header (use offset)"))
-    max_body_bytes: int = Field(256 * 1024 * 1024, gt=0, description=(
+    max_body_bytes: int = field_of(HttpBodyLimitsConfig, "max_body_bytes", default=256 * 1024 * 1024,
+                                   description=(
         "largest STOW-RS request body held in memory (its parts under 16 MiB; all of it when the blob store "
         "cannot stream); a larger declared Content-Length gets 413 before any byte is read"))
-    body_budget_bytes: int = Field(512 * 1024 * 1024, gt=0, description=(
+    body_budget_bytes: int = field_of(HttpBodyLimitsConfig, "body_budget_bytes", default=512 * 1024 * 1024,
+                                      description=(
         "STOW-RS bodies held in memory at once, all connections together; at least max_body_bytes"))
     max_stream_bytes: int = Field(16 * 1024 * 1024 * 1024, gt=0, description=(
         "largest STOW-RS request body when parts of 16 MiB and more are streamed to the blob store (any "
         "local or S3 blob store); max_body_bytes then bounds only the smaller parts held in memory"))
-    max_header_bytes: int = Field(16 * 1024, ge=1024, description="largest request head; larger gets 431")
-    max_header_count: int = Field(100, ge=8, description="most header fields in a request; more gets 431")
-    max_url_bytes: int = Field(8 * 1024, ge=256, description="longest request target; longer gets 414")
-    max_connections: int = Field(200, ge=1, description="open connections at once; more get 503")
-    idle_timeout: float = Field(5.0, gt=0, description="seconds a connection may stay idle between requests")
-    header_timeout: float = Field(10.0, gt=0, description="seconds from the first byte to the end of the head")
-    body_timeout: float = Field(300.0, gt=0, description="seconds from the end of the head to the end of the body")
-    handshake_timeout: float = Field(10.0, gt=0, description="seconds a TLS handshake may take (HTTPS only)")
-
-    @model_validator(mode="after")
-    def _budget_fits_a_body(self) -> DicomWebSourceConfig:
-        if self.body_budget_bytes < self.max_body_bytes:
-            raise ValueError("body_budget_bytes must be at least max_body_bytes")
-        return self
-
-    def http_limits(self, channel: str) -> HttpLimits:
-        return HttpLimits.of(self, channel)
+    body_timeout: float = field_of(HttpBodyLimitsConfig, "body_timeout", default=300.0)
 
     def base_url(self) -> str:
         """The service's base URL as configured (public_url, else scheme://host:port/base_path)."""

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from engine.components import ComponentConfig
+from engine.components import ComponentConfig, field_of
 from engine.context import ComponentContext
+from engine.http.limits import HttpBodyLimitsConfig
 from engine.registry import component
 from engine.security.tls import TLSConfig
 from listeners.fhir_app import FhirApi
-from listeners.fhir_http import HttpLimits, outcome_error_body
+from listeners.fhir_http import outcome_error_body
 from listeners.http_common import BearerAuth, UvicornService
 
 
@@ -26,7 +27,7 @@ class FhirAuth(BearerAuth):
     """Either bearer tokens or an explicit `open: true`; there is no silent default."""
 
 
-class FhirSourceConfig(ComponentConfig):
+class FhirSourceConfig(ComponentConfig, HttpBodyLimitsConfig):
     """FHIR R4 REST server: clients create, update, delete, read and search resources."""
 
     type: Literal["fhir"]
@@ -36,7 +37,7 @@ class FhirSourceConfig(ComponentConfig):
                            description="path prefix of the FHIR base URL, e.g. /fhir")
     auth: FhirAuth = Field(description="`{bearer_tokens: [\"${API_TOKEN}\"]}` or `{open: true}`; required")
     tls: TLSConfig | None = Field(None, description="serve HTTPS with these cert/key (BCP 195 settings)")
-    max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description=(
+    max_body_bytes: int = field_of(HttpBodyLimitsConfig, "max_body_bytes", description=(
         "largest request body; a larger declared Content-Length gets 413 before any byte is read, a "
         "streamed body gets 413 as soon as it passes the limit; a body whose JSON would parse into "
         "more than 16x this in memory (e.g. [{},{},...]) gets 413 before parsing"))
@@ -44,37 +45,8 @@ class FhirSourceConfig(ComponentConfig):
         "largest raw Binary body (POST /Binary, PUT /Binary/{id} with the content's own Content-Type); "
         "read in pieces and sealed into a blob of its own, 413 OperationOutcome past it. FHIR JSON "
         "bodies (a Binary with base64 data included) stay within max_body_bytes"))
-    body_budget_bytes: int = Field(64 * 1024 * 1024, gt=0, description=(
-        "request bodies held in memory at once, all connections together (each reserves its "
-        "Content-Length, or max_body_bytes when chunked); a request that does not fit waits up to "
-        "body_timeout/2, then gets 503 with Retry-After. At least max_body_bytes"))
     max_json_depth: int = Field(64, ge=4, le=150, description=(
         "deepest nesting of JSON objects/arrays in a body, checked before parsing; deeper gets 400"))
-    max_header_bytes: int = Field(16 * 1024, ge=1024, description=(
-        "largest request head (request line and header fields); larger gets 431"))
-    max_header_count: int = Field(100, ge=8, description="most header fields in a request; more gets 431")
-    max_url_bytes: int = Field(8 * 1024, ge=256, description=(
-        "longest request target (path and query string); longer gets 414 (or 431 past max_header_bytes)"))
-    max_connections: int = Field(200, ge=1, description=(
-        "open connections at once (TLS ones counted from accept); more are answered 503 with "
-        "Retry-After (TLS: closed before the handshake)"))
-    idle_timeout: float = Field(5.0, gt=0, description=(
-        "seconds a connection may stay open with no request in progress (after accept, the TLS "
-        "handshake or a response) before it is closed"))
-    header_timeout: float = Field(10.0, gt=0, description=(
-        "seconds from the first byte of a request to the end of its head; slower gets 408 and is closed"))
-    body_timeout: float = Field(60.0, gt=0, description=(
-        "seconds from the end of the head to the end of the body; slower gets 408 and is closed"))
-    handshake_timeout: float = Field(10.0, gt=0, description="seconds a TLS handshake may take (HTTPS only)")
-
-    @model_validator(mode="after")
-    def _budget_fits_a_body(self) -> FhirSourceConfig:
-        if self.body_budget_bytes < self.max_body_bytes:
-            raise ValueError("body_budget_bytes must be at least max_body_bytes")
-        return self
-
-    def http_limits(self, channel: str) -> HttpLimits:
-        return HttpLimits.of(self, channel)
 
 
 class FhirListener(UvicornService):

@@ -47,15 +47,15 @@ from typing import Any, Literal
 import structlog
 from pydantic import Field, field_validator
 
-from engine.components import ComponentConfig
+from engine.components import field_of
 from engine.context import ComponentContext
-from engine.envelope import KINDS, Kind
+from engine.envelope import Kind
 from engine.registry import component
 from engine.store import sources
 from listeners.file_folder import Entry, Folder, LocalFolder, TooLarge
 from listeners.file_sftp import SftpConfig
 from listeners.hl7_receive import Hl7Receiver
-from listeners.ingest import DicomIngest, FhirIngest, describe, detect, marking, unframe
+from listeners.ingest import DicomIngest, FhirIngest, IngestConfig, describe, detect, marking, unframe
 
 log = structlog.get_logger()
 
@@ -64,7 +64,7 @@ RETRY_DELAY = (1.0, 60.0)  # a file whose commit failed for the engine's reasons
 MARK_AGE = 30 * 86400.0  # marks of finished claims left by a crash are pruned after this
 
 
-class FileSourceConfig(ComponentConfig):
+class FileSourceConfig(IngestConfig):
     """Take HL7 v2 (messages, batches), DICOM Part 10 and FHIR JSON files from a folder, local or SFTP."""
 
     type: Literal["file"]
@@ -91,18 +91,9 @@ class FileSourceConfig(ComponentConfig):
                                 "memory, one file at a time); larger ones go to error_path unread")
     max_files_per_poll: int = Field(1000, ge=1, description="files considered per look (a folder of a million "
                                     "files costs this much memory, not a million entries)")
-    accept: list[Kind] = Field(default_factory=lambda: list(KINDS), min_length=1,
-                               description="kinds taken (hl7v2, dicom, fhir); others go to error_path")
-    fhir: Literal["create", "route"] = Field(
-        "create", description="FHIR JSON: create = written to medrelay's FHIR store as a REST create/update/"
-        "transaction would be (and routed), route = only stored as a message and routed")
-    ae_title: str = Field("MEDRELAY", min_length=1, max_length=16,
-                          description="DICOM files: the Called AE Title they are filed under")
-    calling_ae_title: str = Field("FILE", min_length=1, max_length=16,
-                                  description="DICOM files: the Calling AE Title recorded for them")
-    accept_versions: list[str] = Field(default_factory=list, description="HL7: MSH-12 versions taken (empty: all)")
-    accept_processing_ids: list[str] = Field(default_factory=list,
-                                             description="HL7: MSH-11 processing ids taken (empty: any)")
+    accept: list[Kind] = field_of(IngestConfig, "accept",
+                                  description="kinds taken (hl7v2, dicom, fhir); others go to error_path")
+    calling_ae_title: str = field_of(IngestConfig, "calling_ae_title", default="FILE")
     sftp: SftpConfig | None = Field(None, description="watch a folder on an SFTP server instead of a local one")
 
     @field_validator("pattern")
@@ -111,11 +102,6 @@ class FileSourceConfig(ComponentConfig):
         if "/" in v or not v:
             raise ValueError("pattern matches file names, not paths")
         return v
-
-    @property
-    def message_kind(self) -> str | None:
-        """The one kind of message this source gives (for `medrelay check`), when ``accept`` has one."""
-        return self.accept[0] if len(self.accept) == 1 else None
 
     def environment_problems(self, settings: Any) -> list[tuple[tuple[str, ...], str]]:
         """What `medrelay check` reports: folders missing or not writable (local folders only)."""

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import structlog
-from pydantic import Field, model_validator
+from pydantic import Field
 from sqlalchemy import exc as sa_exc
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -44,20 +44,20 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from engine.components import ComponentConfig
+from engine.components import field_of
 from engine.context import ComponentContext
-from engine.envelope import KINDS, Kind
+from engine.envelope import Kind
 from engine.hl7.ack import build_ack
 from engine.hl7.message import APPLICATION_INTERNAL_ERROR, HL7Error
+from engine.http.limits import HttpBodyLimitsConfig
 from engine.registry import component
 from engine.security.tls import TLSConfig
 from engine.store.fhir.params import FhirError
 from listeners.fhir_body import BodyBudget, read_body, release_body
 from listeners.fhir_bundles import fhir_response, response_bundle, version_headers
-from listeners.fhir_http import HttpLimits
 from listeners.hl7_receive import Hl7Receiver
 from listeners.http_common import BearerAuth, BearerTokens, UvicornService
-from listeners.ingest import DicomIngest, FhirIngest, detect
+from listeners.ingest import DicomIngest, FhirIngest, IngestConfig, detect
 
 log = structlog.get_logger()
 RETRY_AFTER = "5"
@@ -68,7 +68,7 @@ UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutErr
                OSError)
 
 
-class HttpSourceConfig(ComponentConfig):
+class HttpSourceConfig(IngestConfig, HttpBodyLimitsConfig):
     """Receive HL7 v2, DICOM or FHIR JSON by HTTP POST to one URL; answered once committed."""
 
     type: Literal["http"]
@@ -77,49 +77,9 @@ class HttpSourceConfig(ComponentConfig):
     path: str = Field("/", pattern=r"^(/[A-Za-z0-9._~-]+)*/?$", description="the channel's URL path, e.g. /hl7")
     auth: BearerAuth = Field(description="`{bearer_tokens: [\"${API_TOKEN}\"]}` or `{open: true}`; required")
     tls: TLSConfig | None = Field(None, description="serve HTTPS with these cert/key (BCP 195 settings)")
-    accept: list[Kind] = Field(default_factory=lambda: list(KINDS), min_length=1,
-                               description="kinds taken (hl7v2, dicom, fhir); others get 415")
-    fhir: Literal["create", "route"] = Field(
-        "create", description="FHIR JSON: create = written to medrelay's FHIR store as the FHIR listener's "
-        "create/update/transaction (and routed), route = only stored as a message and routed")
-    ae_title: str = Field("MEDRELAY", min_length=1, max_length=16,
-                          description="DICOM: the Called AE Title instances are filed under")
-    calling_ae_title: str = Field("HTTP", min_length=1, max_length=16,
-                                  description="DICOM: the Calling AE Title recorded for them")
-    accept_versions: list[str] = Field(default_factory=list, description="HL7: MSH-12 versions taken (empty: all)")
-    accept_processing_ids: list[str] = Field(default_factory=list,
-                                             description="HL7: MSH-11 processing ids taken (empty: any)")
-    max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description=(
-        "largest request body; a larger declared Content-Length gets 413 before any byte is read, a streamed "
-        "body as soon as it passes the limit"))
-    body_budget_bytes: int = Field(64 * 1024 * 1024, gt=0, description=(
-        "request bodies held in memory at once, all connections together; a request that does not fit waits "
-        "up to body_timeout/2, then gets 503 with Retry-After. At least max_body_bytes"))
-    max_header_bytes: int = Field(16 * 1024, ge=1024, description="largest request head; larger gets 431")
-    max_header_count: int = Field(100, ge=8, description="most header fields in a request; more gets 431")
-    max_url_bytes: int = Field(8 * 1024, ge=256, description="longest request target; longer gets 414")
-    max_connections: int = Field(200, ge=1, description="open connections at once; more get 503")
-    idle_timeout: float = Field(5.0, gt=0, description="seconds a connection may stay idle between requests")
-    header_timeout: float = Field(10.0, gt=0, description="seconds from the first byte to the end of the head")
-    body_timeout: float = Field(60.0, gt=0, description="seconds from the end of the head to the end of the body")
-    handshake_timeout: float = Field(10.0, gt=0, description="seconds a TLS handshake may take (HTTPS only)")
-
-    @model_validator(mode="after")
-    def _budget_fits_a_body(self) -> HttpSourceConfig:
-        if self.body_budget_bytes < self.max_body_bytes:
-            raise ValueError("body_budget_bytes must be at least max_body_bytes")
-        return self
-
-    @property
-    def message_kind(self) -> str | None:
-        """The one kind of message this source gives (for `medrelay check`), when ``accept`` has one."""
-        return self.accept[0] if len(self.accept) == 1 else None
-
-    def http_limits(self, channel: str) -> HttpLimits:
-        return HttpLimits(max_header_bytes=self.max_header_bytes, max_header_count=self.max_header_count,
-                          max_url_bytes=self.max_url_bytes, idle_timeout=self.idle_timeout,
-                          header_timeout=self.header_timeout, body_timeout=self.body_timeout,
-                          max_connections=self.max_connections, channel=channel)
+    accept: list[Kind] = field_of(IngestConfig, "accept",
+                                  description="kinds taken (hl7v2, dicom, fhir); others get 415")
+    calling_ae_title: str = field_of(IngestConfig, "calling_ae_title", default="HTTP")
 
 
 class _Refused(Exception):

@@ -29,10 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import structlog
+from pydantic import Field
 from sqlalchemy import Connection
 
+from engine.components import ComponentConfig
 from engine.context import ComponentContext
-from engine.envelope import Envelope, Kind
+from engine.envelope import KINDS, Envelope, Kind
 from engine.hl7.batch import is_batch
 from engine.hl7.message import wide_encoding
 from engine.hl7.mllp import Frame, FrameParser
@@ -60,6 +62,30 @@ FhirMode = Literal["create", "route"]
 _HAS_MSH = re.compile(rb"(?:^|[\r\n])(?:\xef\xbb\xbf)?[ \t\r\n]*MSH[^A-Za-z0-9\r\n]")
 JSON_DEPTH = 64
 PARSE_COST_PER_BYTE = 16  # as the FHIR listener: parsed objects at most 16x the body
+
+
+class IngestConfig(ComponentConfig):
+    """The keys of a source whose payloads come here (file, http): which kinds it takes and how
+    each is filed. A source states only what differs: what happens to a refused kind (its
+    ``accept`` description) and the Calling AE Title it records (``field_of``)."""
+
+    accept: list[Kind] = Field(default_factory=lambda: list(KINDS), min_length=1,
+                               description="kinds taken (hl7v2, dicom, fhir); others are refused")
+    fhir: FhirMode = Field(
+        "create", description="FHIR JSON: create = written to medrelay's FHIR store as a REST create/update/"
+        "transaction would be (and routed), route = only stored as a message and routed")
+    ae_title: str = Field("MEDRELAY", min_length=1, max_length=16,
+                          description="DICOM: the Called AE Title instances are filed under")
+    calling_ae_title: str = Field(min_length=1, max_length=16,
+                                  description="DICOM: the Calling AE Title recorded for them")
+    accept_versions: list[str] = Field(default_factory=list, description="HL7: MSH-12 versions taken (empty: all)")
+    accept_processing_ids: list[str] = Field(default_factory=list,
+                                             description="HL7: MSH-11 processing ids taken (empty: any)")
+
+    @property
+    def message_kind(self) -> str | None:
+        """The one kind of message this source gives (for `medrelay check`), when ``accept`` has one."""
+        return self.accept[0] if len(self.accept) == 1 else None
 
 
 def detect(data: bytes) -> Kind | None:

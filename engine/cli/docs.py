@@ -12,8 +12,21 @@ import typing
 from typing import Any
 
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from engine import registry
+
+
+def config_fields(model: type[BaseModel]) -> list[tuple[str, FieldInfo]]:
+    """``model``'s fields, its own keys first, then each shared block it inherits (the ingest keys,
+    the HTTP limits) as a group: pydantic lists inherited fields first, which would open every
+    source's table with max_header_bytes. A key a config overrides stays in its block."""
+    def home(name: str) -> type:
+        return next(c for c in reversed(model.__mro__) if name in vars(c).get("__annotations__", {}))
+
+    homes = {name: home(name) for name in model.model_fields}
+    return [(name, model.model_fields[name]) for cls in model.__mro__ for name in model.model_fields
+            if homes[name] is cls]
 
 
 def _type_name(ann: Any) -> str:
@@ -39,7 +52,7 @@ def _key_rows(model: type[BaseModel], prefix: str, seen: dict[type, str] | None 
     """Rows for every key of ``model``; a model met again refers to where its keys are listed."""
     seen = {} if seen is None else seen
     rows: list[tuple[str, str, str, str]] = []
-    for name, f in model.model_fields.items():
+    for name, f in config_fields(model):
         key = prefix + (f.alias or name)
         nested = _models_in(f.annotation)
         if len(nested) > 1:  # a component union (source, transforms, to): documented per component
@@ -92,7 +105,7 @@ def components_markdown(plain: bool = False) -> str:
             else:
                 out += [f"### `type: {c.name}`{kinds}", "", c.description or "", "",
                         "| key | type | default | description |", "|---|---|---|---|"]
-            for name, f in c.config.model_fields.items():
+            for name, f in config_fields(c.config):
                 if name == "type":
                     continue
                 key = f.alias or name

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from engine.components import field_of
+from engine.http.limits import HttpLimitsConfig
 from engine.security.tls import TLSConfig
 
 
@@ -59,7 +61,7 @@ class LdapConfig(_Strict):
     timeout: float = Field(5.0, gt=0, description="seconds for connecting and for each LDAP operation")
 
 
-class ConsoleConfig(_Strict):
+class ConsoleConfig(_Strict, HttpLimitsConfig):
     """`console:` the operator console (UI at /) and admin API (JSON under /api)."""
 
     host: str = Field("127.0.0.1", description="address to bind; loopback unless told otherwise")
@@ -71,22 +73,8 @@ class ConsoleConfig(_Strict):
     login: LoginLimits = Field(default_factory=LoginLimits, description="failed-login rate limit")
     search: SearchLimits = Field(default_factory=SearchLimits, description="content search (`q`) bounds")
     ldap: LdapConfig | None = Field(None, description="LDAP / Active Directory users (in addition to local ones)")
-    max_connections: int = Field(100, ge=1, description=(
-        "open connections at once (TLS ones counted from accept); more are answered 503 with Retry-After "
-        "(TLS: closed before the handshake)"))
-    handshake_timeout: float = Field(10.0, gt=0, description="seconds a TLS handshake may take (HTTPS only)")
-    idle_timeout: float = Field(15.0, gt=0, description=(
-        "seconds a connection may stay open with no request in progress (after accept, the TLS handshake or "
-        "a response) before it is closed"))
-    header_timeout: float = Field(10.0, gt=0, description=(
-        "seconds from the first byte of a request to the end of its head; slower gets 408 and is closed"))
-    body_timeout: float = Field(60.0, gt=0, description=(
-        "seconds from the end of the head to the end of the body; slower gets 408 and is closed"))
-    max_header_bytes: int = Field(16 * 1024, ge=1024, description=(
-        "largest request head (request line and header fields); larger gets 431"))
-    max_header_count: int = Field(100, ge=8, description="most header fields in a request; more gets 431")
-    max_url_bytes: int = Field(8 * 1024, ge=256, description=(
-        "longest request target (path and query string); longer gets 414"))
+    max_connections: int = field_of(HttpLimitsConfig, "max_connections", default=100)
+    idle_timeout: float = field_of(HttpLimitsConfig, "idle_timeout", default=15.0)
     reindex_pause: float = Field(0.5, ge=0, description="seconds between background batches that fill in the "
                                  "blind index of messages stored before it existed")
 
