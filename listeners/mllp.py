@@ -41,7 +41,7 @@ import time
 from typing import Any, Literal
 
 import structlog
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from engine.components import ComponentConfig
 from engine.context import ComponentContext
@@ -57,7 +57,14 @@ from engine.hl7.mllp import Frame, FrameParser, Oversized, Restarted, Unframed, 
 from engine.registry import component
 from engine.security import proxy_protocol
 from engine.security.proxy_protocol import ProxyProtocolConfig
-from engine.security.tls import TLSConfig, report_handshake_failure, server_context, start_tls_server
+from engine.security.tls import (
+    PausedAccept,
+    TLSConfig,
+    report_handshake_failure,
+    server_context,
+    start_tls_server,
+    upgrade,
+)
 from listeners.hl7_receive import Hl7Answer, Hl7Receiver, _Checked
 from listeners.hl7_validation import ValidatorPool
 from transforms.hl7_validate import Limits, check_limits
@@ -124,18 +131,10 @@ class MLLPSourceConfig(ComponentConfig):
         None, description="behind a TCP load balancer (HAProxy send-proxy / send-proxy-v2, nginx proxy_protocol): "
         "trusted = the balancers' addresses/CIDRs, timeout = seconds for the header; "
         "their connections must start with a PROXY header (v1/v2), "
-        "whose client address is logged and audited; others are served as usual. Not with tls (yet)")
+        "whose client address is logged and audited; others are served as usual (with tls: the header "
+        "comes before the handshake)")
 
     model_config = {**ComponentConfig.model_config, "populate_by_name": True}
-
-    @model_validator(mode="after")
-    def _proxy_without_tls(self) -> MLLPSourceConfig:
-        # the header precedes the ClientHello; the asyncio TLS accept path reads the socket
-        # through its transport, which would swallow both: not supported yet (say so at start)
-        if self.proxy_protocol is not None and self.tls is not None:
-            raise ValueError("proxy_protocol with tls is not supported on the mllp source yet: "
-                             "terminate TLS at the balancer or use it without proxy_protocol")
-        return self
 
 
 class MLLPListener:
@@ -171,7 +170,11 @@ class MLLPListener:
     async def start(self) -> None:
         if self._validator is not None:
             await self._validator.start()
-        if self._ssl is not None:
+        if self._ssl is not None and self._proxy is not None:  # the header first, then the handshake
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_server(lambda: PausedAccept(self._proxied_tls), self.config.host,
+                                                    self.config.port, reuse_address=True)
+        elif self._ssl is not None:
             self._server = await start_tls_server(
                 self._on_connection, self.config.host, self.config.port, self._ssl, limit=READ_CHUNK,
                 handshake_timeout=min(self.config.frame_timeout, 60.0), on_failure=self._tls_failed)
@@ -198,6 +201,37 @@ class MLLPListener:
             except TimeoutError:
                 pass
 
+    def _proxy_timeout(self) -> float:
+        assert self._proxy is not None
+        return min(self._proxy.config.timeout, self.config.frame_timeout, 60.0)
+
+    async def _proxied_tls(self, transport: asyncio.Transport) -> None:
+        """TLS with ``proxy_protocol``: a trusted balancer's header is read from the paused
+        socket (``proxy_protocol.read_transport``), so the ClientHello after it is still there
+        for the handshake; then the connection is served as any other."""
+        assert self._proxy is not None and self._ssl is not None
+        peername = transport.get_extra_info("peername") or ("?", 0)
+        announced: tuple[str, int] | None = None
+        if self._proxy.trusted(peername):
+            try:
+                header = await proxy_protocol.read_transport(transport, self._proxy_timeout())
+            except proxy_protocol.ProxyError as e:
+                log.warning("mllp.proxy_header_refused", channel=self.channel,
+                            peer=f"{peername[0]}:{peername[1]}", detail=str(e))
+                transport.abort()
+                return
+            announced = proxy_protocol.peer_of(header, peername)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=READ_CHUNK, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        tls_transport = await upgrade(transport, protocol, self._ssl,
+                                      handshake_timeout=min(self.config.frame_timeout, 60.0),
+                                      on_failure=lambda peer, e: self._tls_failed(announced or peer, e))
+        if tls_transport is not None:
+            assert isinstance(tls_transport, asyncio.WriteTransport)
+            await self._on_connection(reader, asyncio.StreamWriter(tls_transport, protocol, reader, loop),
+                                      announced=announced)
+
     def _tls_failed(self, peername: Any, error: BaseException) -> None:
         report_handshake_failure(self.ctx.audit, "mllp", self.channel, peername, error)
 
@@ -212,20 +246,20 @@ class MLLPListener:
             self._refused, self._refused_logged = 0, now
 
     # -- connection --------------------------------------------------------------
-    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                             announced: tuple[str, int] | None = None) -> None:
         task = asyncio.current_task()
         assert task is not None
-        peername = writer.get_extra_info("peername") or ("?", 0)
+        peername = announced or writer.get_extra_info("peername") or ("?", 0)
         peer = f"{peername[0]}:{peername[1]}"
         if len(self._conns) >= self.config.max_connections:
             self._too_many(peer)
             writer.transport.abort()  # at once: no lingering close handshake for a flood
             return
         self._conns.add(task)
-        if self._proxy is not None and self._proxy.trusted(peername):
+        if self._proxy is not None and self._ssl is None and self._proxy.trusted(peername):
             try:
-                header = await proxy_protocol.read_stream(
-                    reader, min(self._proxy.config.timeout, self.config.frame_timeout))
+                header = await proxy_protocol.read_stream(reader, self._proxy_timeout())
             except proxy_protocol.ProxyError as e:
                 log.warning("mllp.proxy_header_refused", channel=self.channel, peer=peer, detail=str(e))
                 self._conns.discard(task)
@@ -321,8 +355,10 @@ class MLLPListener:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 writer.close()
                 await asyncio.wait_for(writer.wait_closed(), 2)
-            if not writer.transport.is_closing() or writer.transport.get_write_buffer_size():
-                writer.transport.abort()
+            # (a closed TLS transport has dropped its protocol: get_write_buffer_size raises then)
+            with contextlib.suppress(AttributeError):
+                if not writer.transport.is_closing() or writer.transport.get_write_buffer_size():
+                    writer.transport.abort()
 
     # -- one message ---------------------------------------------------------------
     async def _handle(self, payload: bytes, peer: str) -> bytes | None:

@@ -277,3 +277,33 @@ def test_dicom_tls_through_haproxy_header_before_the_handshake(engine_factory, h
     assert assoc.is_rejected  # over TLS, after the handshake: the rejection is audited with the client
     eng.wait_for(lambda: audit_rows(eng.store, "dicom.association"))
     assert audit_rows(eng.store, "dicom.association")[0]["peer"].startswith(f"{CLIENT_IP}:")
+
+
+def test_mllp_tls_through_haproxy_header_before_the_handshake(engine_factory, haproxy, tmp_path):
+    """MLLP over TLS passed through HAProxy with send-proxy-v2: the engine reads the header from
+    the paused socket, handshakes on the ClientHello after it, audits the client's address; a
+    trusted connection that starts with a ClientHello instead is closed before any handshake."""
+    import ssl
+
+    from tls_certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    yaml_text = MLLP_YAML.format(timeout=3).replace(
+        "port: 0, proxy_protocol:", f'port: 0, tls: {{cert: "{pki.server.cert}", key: "{pki.server.key}"}}, '
+        "proxy_protocol:")
+    eng = engine_factory(yaml_text)
+    port = eng.address("adt")[1]
+    front = haproxy(port, "send-proxy-v2")
+    ctx = ssl.create_default_context(cafile=str(pki.ca))
+    raw = socket.create_connection(("127.0.0.1", front), timeout=10, source_address=(CLIENT_IP, 0))
+    with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        c = RawClient.__new__(RawClient)
+        c.sock, c.buf = tls, b""
+        assert msa(c.request(adt("TLS1")))[1] == "AA"
+        local = tls.getsockname()
+    eng.wait_for(lambda: len(audit_rows(eng.store, "message.receive")) == 1)
+    assert audit_rows(eng.store, "message.receive")[0]["peer"] == f"{CLIENT_IP}:{local[1]}"
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)  # trusted, no header: no handshake
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.recv(1)

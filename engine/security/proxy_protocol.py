@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import socket
 import struct
 import time
@@ -229,6 +230,35 @@ def read_socket(sock: socket.socket, timeout: float) -> ProxyHeader:
             sock.settimeout(old)
         except OSError:
             pass
+    return parser.header
+
+
+async def read_transport(transport: asyncio.BaseTransport, timeout: float) -> ProxyHeader:
+    """The header from an accepted asyncio transport whose reading is paused (so what follows
+    the header, e.g. a TLS ClientHello, stays in the socket for the next reader).
+
+    Read through a duplicate of the socket's descriptor: asyncio refuses ``sock_recv`` on a
+    descriptor a transport owns, and the duplicate shares the connection, not the transport."""
+    raw = transport.get_extra_info("socket")
+    if raw is None:
+        raise ProxyError("no socket to read the PROXY header from")
+    loop = asyncio.get_running_loop()
+    dup = socket.socket(fileno=os.dup(raw.fileno()))
+    dup.setblocking(False)
+    parser = Parser()
+    try:
+        async with asyncio.timeout(timeout):
+            while parser.header is None:
+                data = await loop.sock_recv(dup, parser.need())
+                if not data:
+                    raise ProxyError("closed before the PROXY header ended")
+                parser.feed(data)
+    except TimeoutError:
+        raise ProxyError("PROXY header not received in time") from None
+    except OSError as e:
+        raise ProxyError(f"connection failed: {type(e).__name__}") from None
+    finally:
+        dup.close()  # the duplicate descriptor only; the transport keeps its own
     return parser.header
 
 
