@@ -44,6 +44,15 @@ class Duplicate:
     message_id: str
 
 
+@dataclass(frozen=True)
+class Refused:
+    """What a tx_hook returns when its own index refuses the message (e.g. a DICOM UID filed
+    under another study): nothing stored, nothing routed, answered ``rejected`` with
+    ``reason`` (the peer's error comment: no PHI) and audited as a failed receive."""
+
+    reason: str
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What happened to one submission; listeners map it to AA/AE, 0x0000/0xA700, 201/503."""
@@ -439,9 +448,13 @@ class Intake:
                         unused.append(item.blob_row["id"])
                     continue
                 result = item.tx_hook(conn, env) if item.tx_hook is not None else None
-                if isinstance(result, Duplicate):
-                    outcomes.append(Outcome("duplicate", result.message_id))
-                    audit_rows.append(_receive_audit(env, now, result.message_id, "duplicate"))
+                if isinstance(result, Duplicate | Refused):
+                    if isinstance(result, Refused):
+                        outcomes.append(Outcome("rejected", env.id, error=result.reason))
+                        audit_rows.append(_receive_audit(env, now, env.id, "refused: " + result.reason, failed=True))
+                    else:
+                        outcomes.append(Outcome("duplicate", result.message_id))
+                        audit_rows.append(_receive_audit(env, now, result.message_id, "duplicate"))
                     if item.blob_row is not None and item.blob_row.get("in_file"):
                         unused.append(item.blob_row["id"])
                     continue
@@ -571,9 +584,10 @@ _INSERT_AUDIT = Prepared(insert(schema.audit_events), (  # the rows _receive_aud
     json_columns=("entity",))
 
 
-def _receive_audit(env: Envelope, now: float, message_id: str, detail: str | None) -> dict[str, Any]:
+def _receive_audit(env: Envelope, now: float, message_id: str, detail: str | None, *,
+                   failed: bool = False) -> dict[str, Any]:
     """The audit row of one received message (headers are routing fields only, never PHI)."""
-    return {"at": now, "action": "message.receive", "outcome": "success",
+    return {"at": now, "action": "message.receive", "outcome": "failure" if failed else "success",
             "actor": str(env.headers.get("CallingAETitle") or env.headers.get("MSH-3") or ""),
             "peer": env.peer, "channel": env.channel, "message_id": message_id,
             "entity": {"kind": env.kind, "headers": dict(env.headers)}, "detail": detail, "exported": 0}

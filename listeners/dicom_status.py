@@ -33,6 +33,9 @@ STORE = {
                    "Study/Series Instance UID missing"),
     "cannot_understand": _s(0xC000, "Failure", "Error: Cannot understand", "PS3.4 B.2.3",
                             "the data set cannot be decoded"),
+    "uid_conflict": _s(0xC000, "Failure", "Error: Cannot understand", "PS3.4 B.2.3",
+                       "its Series Instance UID is filed under another study, or its SOP Instance UID "
+                       "(other content) under another series: never filed there (Error Comment says which)"),
 }
 
 FIND = {

@@ -22,7 +22,7 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from sqlalchemy import Connection
 
 from engine.envelope import Envelope, new_id
-from engine.intake import Duplicate, Outcome
+from engine.intake import Duplicate, Outcome, Refused
 from engine.store import message_terms
 from engine.store.dicom import index as idx
 from listeners.dicom_dimse import ui_value, valid_uid
@@ -107,6 +107,9 @@ def outcome_status(channel: str, message_id: str, outcome: Outcome, **fields: An
         log.info("dicom.stored", channel=channel, message_id=outcome.message_id, status=outcome.status,
                  index=outcome.result, routes=len(outcome.routes), **fields)
         return STORE["success"].code, None
+    if outcome.status == "rejected":  # the index refused it (a UID filed under another parent): not retryable
+        log.warning("dicom.store_uid_conflict", channel=channel, message_id=message_id, reason=outcome.error)
+        return STORE["uid_conflict"].code, (outcome.error or "refused") + "; not stored"
     log.warning("dicom.store_refused", channel=channel, message_id=message_id, status=outcome.status,
                 error=outcome.error)
     return STORE["out_of_resources"].code, "not stored: " + (outcome.error or outcome.status)
@@ -241,16 +244,19 @@ class StoreSCP:
             return self.ctx.intake.submit_blocking(env, ahead=ahead, tx_hook=hook)
 
     def _hook(self, attrs: dict[str, Any], ts: str, digest: str,
-              size: int) -> Callable[[Connection, Envelope], str | Duplicate]:
+              size: int) -> Callable[[Connection, Envelope], str | Duplicate | Refused]:
         store, hkey, replace = self.ctx.store, self._hkey, self.replace
 
-        def index_rows(conn: Connection, env: Envelope) -> str | Duplicate:
+        def index_rows(conn: Connection, env: Envelope) -> str | Duplicate | Refused:
             # Audit: intake writes the message.receive row (calling AE, SOP class and study UID in
             # its headers) in this same transaction; a second row per instance would only repeat it.
             if not replace and idx.index_into_known_series(conn, attrs, message_id=env.id, transfer_syntax=ts,
                                                            digest=digest, size=size, channel=env.channel):
                 return "indexed"
             found = idx.find(conn, hkey, attrs)
+            conflict = idx.conflict(found, digest)
+            if conflict is not None:
+                return Refused(conflict)
             if found.instance_pk is not None and (not replace or found.digest == digest):
                 return Duplicate(str(found.message_id))
             return idx.index_instance(conn, store, hkey, attrs, message_id=env.id, transfer_syntax=ts,

@@ -280,7 +280,7 @@ class DicomPrefetch:
                            headers={**rec.headers(), "CallingAETitle": src.ae_title, "CalledAETitle": calling},
                            peer=f"{src.host}:{src.port}")
             outcome = intake.submit_blocking(env, tx_hook=receive.index_hook(store, hkey, rec))
-            return 0x0000 if outcome.ok else 0xA700
+            return 0x0000 if outcome.ok else 0xC000 if outcome.status == "rejected" else 0xA700
 
         return file
 

@@ -265,6 +265,8 @@ _LOOKUP = select(  # the pks of the four levels in one round trip (None where mi
     select(instances.c.pk).where(instances.c.sop_uid == bindparam("sop")).scalar_subquery(),
     select(instances.c.digest).where(instances.c.sop_uid == bindparam("sop")).scalar_subquery(),
     select(instances.c.message_id).where(instances.c.sop_uid == bindparam("sop")).scalar_subquery(),
+    select(series.c.study_pk).where(series.c.series_uid == bindparam("series")).scalar_subquery(),
+    select(instances.c.series_pk).where(instances.c.sop_uid == bindparam("sop")).scalar_subquery(),
 )
 _UPDATE_INSTANCE = update(instances).where(instances.c.pk == bindparam("old_pk"))
 _INSTANCE_COLUMNS = ("series_pk", "sop_uid", "sop_class_uid", "instance_number", "transfer_syntax", "message_id",
@@ -275,6 +277,8 @@ _INSERT_INTO_KNOWN_SERIES = Prepared(insert(instances).from_select(
     list(_INSTANCE_COLUMNS),
     select(series.c.pk, *(bindparam(c, type_=instances.c[c].type) for c in _INSTANCE_COLUMNS[1:]))
     .where(series.c.series_uid == bindparam("series_uid", type_=String))
+    .where(series.c.study_pk == select(studies.c.pk)  # a series of another study: the full path refuses it
+           .where(studies.c.study_uid == bindparam("study_uid", type_=String)).scalar_subquery())
     .where(~select(instances.c.pk).where(instances.c.sop_uid == bindparam("sop_uid", type_=String)).exists())))
 
 
@@ -292,6 +296,34 @@ class Found:
     instance_pk: int | None
     digest: str | None  # of the indexed instance
     message_id: str | None  # that brought the indexed instance
+    series_study_pk: int | None = None  # the study the indexed series is filed under
+    instance_series_pk: int | None = None  # the series the indexed instance is filed under
+
+
+class UidConflict(ValueError):
+    """A UID the index already holds under another parent: refused, never filed there.
+
+    A Series Instance UID filed under another study, or a SOP Instance UID with other
+    content under another series, means one of the two senders reused a UID; filing the
+    instance under the first parent would show it with another patient's study (issue 9).
+    ``str()`` is the peer's error comment: it names the level, never a UID or PHI.
+    """
+
+
+def conflict(found: Found, digest: str) -> str | None:
+    """Why the instance cannot be filed where the index says its UIDs live, or None.
+
+    The same bytes again (same digest) are a duplicate, never a conflict. Either conflict is
+    refused whatever the listener's ``replace`` says: replacing would move the instance to
+    another study, which is a correction for an operator (IOCM), not for a re-send.
+    """
+    if found.instance_pk is not None and found.digest == digest:
+        return None
+    if found.series_pk is not None and found.series_study_pk != found.study_pk:
+        return "Series Instance UID is filed under another study"
+    if found.instance_pk is not None and found.instance_series_pk != found.series_pk:
+        return "SOP Instance UID is filed under another series"
+    return None
 
 
 def find(conn: Connection, hkey: bytes, attrs: Mapping[str, Mapping[str, Any]]) -> Found:
@@ -330,6 +362,7 @@ def index_into_known_series(conn: Connection, attrs: Mapping[str, Mapping[str, A
     row = _instance_row(im, series_pk=None, transfer_syntax=transfer_syntax, message_id=message_id, blob_id=None,
                         digest=digest, size=size, channel=channel, archived=False, now=time.time())
     row["series_uid"] = se["SeriesInstanceUID"]
+    row["study_uid"] = attrs.get("STUDY", {}).get("StudyInstanceUID")
     return _INSERT_INTO_KNOWN_SERIES.run(conn, [row]) == 1
 
 
@@ -340,7 +373,8 @@ def index_instance(conn: Connection, store: Any, hkey: bytes, attrs: Mapping[str
     """Insert the rows for one instance inside the caller's transaction.
 
     Returns "indexed", "replaced" or "exists" (keep-first: an instance already there
-    is left untouched). Raises MissingKeys when a hierarchy UID is missing.
+    is left untouched). Raises MissingKeys when a hierarchy UID is missing, UidConflict
+    when a UID is filed under another parent (``conflict``).
     """
     p, st, se, im = (attrs.get(level, {}) for level in LEVELS)
     study_uid, series_uid = st.get("StudyInstanceUID"), se.get("SeriesInstanceUID")
@@ -349,6 +383,9 @@ def index_instance(conn: Connection, store: Any, hkey: bytes, attrs: Mapping[str
         raise MissingKeys("StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID and SOPClassUID are required")
     now = time.time()
     pks = found if found is not None else find(conn, hkey, attrs)
+    refused = conflict(pks, digest)
+    if refused is not None:
+        raise UidConflict(refused)
     if pks.instance_pk is not None and not replace:
         return "exists"
     if pks.study_pk is not None:

@@ -48,10 +48,13 @@ def prepare(part10: bytes) -> Received:
 
 def index_hook(store: Any, hkey: bytes, rec: Received) -> Callable[[Connection, Any], Any]:
     """Intake hook: index the instance, or answer ``intake.Duplicate`` when it is indexed already."""
-    from engine.intake import Duplicate
+    from engine.intake import Duplicate, Refused
 
     def hook(conn: Connection, env: Any) -> Any:
         found = idx.find(conn, hkey, rec.attrs)
+        conflict = idx.conflict(found, rec.digest)
+        if conflict is not None:  # a UID filed under another parent: refused, never filed there
+            return Refused(conflict)
         if found.instance_pk is not None:
             return Duplicate(str(found.message_id))
         return idx.index_instance(conn, store, hkey, rec.attrs, message_id=env.id, transfer_syntax=rec.transfer_syntax,
