@@ -61,7 +61,7 @@ class UvicornService:
                                      error_body=type(self).error_body)
         return HttpServer(self.app(), self.config.host, self.config.port, limits, tls=self.config.tls,
                           handshake_timeout=self.config.handshake_timeout, on_tls_failure=self._tls_failed,
-                          label=self.label)
+                          label=self.label, proxy=getattr(self.config, "proxy_protocol", None))
 
     def _tls_failed(self, peername: Any, error: BaseException) -> None:
         report_handshake_failure(self.ctx.audit, self.kind, self.ctx.channel, peername, error)

@@ -307,3 +307,39 @@ def test_mllp_tls_through_haproxy_header_before_the_handshake(engine_factory, ha
     with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
         with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
             tls.recv(1)
+
+
+FHIR_YAML = """
+store: {url: "sqlite:///data/medrelay.db", blobs: data/blobs}
+keys: {kek_file: data/keys.json}
+channels:
+  api:
+    source: {type: fhir, port: 0, auth: {open: true}, proxy_protocol: {trusted: [127.0.0.1], timeout: 3}}
+"""
+
+
+@pytest.mark.parametrize("option", ["send-proxy", "send-proxy-v2"])
+def test_fhir_through_haproxy_audits_the_client(engine_factory, haproxy, option):
+    """The HTTP stack (engine/http): FHIR requests through HAProxy carry the client's address."""
+    import httpx
+
+    eng = engine_factory(FHIR_YAML)
+    port = eng.address("api")[1]
+    front = haproxy(port, option)
+    with httpx.Client(transport=httpx.HTTPTransport(local_address=CLIENT_IP), timeout=20) as c:
+        r = c.post(f"http://127.0.0.1:{front}/fhir/Patient", json={"resourceType": "Patient", "gender": "other"})
+        assert r.status_code == 201
+        assert c.get(f"http://127.0.0.1:{front}/fhir/Patient?gender=other").status_code == 200
+    eng.wait_for(lambda: audit_rows(eng.store, "fhir.search"))
+    assert audit_rows(eng.store, "fhir.search")[0]["peer"].startswith(f"{CLIENT_IP}:")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # trusted, no header: closed unanswered
+        s.sendall(b"GET /fhir/metadata HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.settimeout(10)
+        try:
+            assert s.recv(1000) == b""
+        except ConnectionResetError:
+            pass  # aborted: closed all the same, no answer
+    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(CLIENT_IP, 0)) as s:
+        s.sendall(b"GET /fhir/metadata HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # untrusted: as today
+        s.settimeout(10)
+        assert s.recv(1000).startswith(b"HTTP/1.1 200")

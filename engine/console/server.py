@@ -72,7 +72,8 @@ class Console:
         # protocol-level answers in the API's own {"error", "detail"} shape
         limits = HttpLimits.of(c, "", kind="console", error_body=json_error_body)
         self._server = HttpServer(app, c.host, c.port, limits, tls=c.tls, handshake_timeout=c.handshake_timeout,
-                                  on_tls_failure=self._tls_failed, label="console", graceful_timeout=3)
+                                  on_tls_failure=self._tls_failed, label="console", graceful_timeout=3,
+                                  proxy=c.proxy_protocol)
         await self._server.start()
         self._tasks = [asyncio.create_task(self._sample(), name="console-sampler"),
                        asyncio.create_task(self._reindex(), name="console-reindex")]

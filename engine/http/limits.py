@@ -14,6 +14,7 @@ from typing import Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.http.protocol import HttpLimits
+from engine.security.proxy_protocol import ProxyProtocolConfig
 
 
 class HttpLimitsConfig(BaseModel):
@@ -36,6 +37,11 @@ class HttpLimitsConfig(BaseModel):
         "seconds from the first byte of a request to the end of its head; slower gets 408 and is closed"))
     body_timeout: float = Field(60.0, gt=0, description=(
         "seconds from the end of the head to the end of the body; slower gets 408 and is closed"))
+    proxy_protocol: ProxyProtocolConfig | None = Field(None, description=(
+        "behind a TCP load balancer (HAProxy send-proxy / send-proxy-v2): trusted = the balancers' "
+        "addresses/CIDRs, timeout = seconds for the header; their connections must start with a PROXY "
+        "header (v1/v2, before TLS), whose client address is the request's client in logs and audit; "
+        "others are served as usual"))
     handshake_timeout: float = Field(10.0, gt=0, description="seconds a TLS handshake may take (HTTPS only)")
 
     def http_limits(self, channel: str) -> HttpLimits:

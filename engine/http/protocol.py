@@ -144,11 +144,14 @@ class GuardedH11Protocol(H11Protocol):
         self.header_timer: asyncio.TimerHandle | None = None
         self.body_timer: asyncio.TimerHandle | None = None
         self.unsent = 1 << 62  # write buffer at the last idle check (a response still draining)
+        self.announced: tuple[str, int] | None = None  # a trusted balancer's PROXY header: the client
 
     # -- connection cap and idle timer ----------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         over = not self.admitted and len(self.connections) + len(self.pending) >= self.limits.max_connections
         super().connection_made(transport)
+        if self.announced is not None:
+            self.client = self.announced  # the request scope's client (logs, audit rows)
         if over:
             log.warning(f"{self.limits.kind}.connection_refused", channel=self.limits.channel,
                         reason="max_connections", limit=self.limits.max_connections)

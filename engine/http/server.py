@@ -24,6 +24,8 @@ import structlog
 import uvicorn
 
 from engine.http.protocol import GuardedH11Protocol, HttpLimits, protocol_class
+from engine.security import proxy_protocol
+from engine.security.proxy_protocol import ProxyProtocolConfig
 from engine.security.tls import PausedAccept, TLSConfig, server_context, upgrade
 
 log = structlog.get_logger()
@@ -73,6 +75,57 @@ def tls_protocol(inner_class: type[GuardedH11Protocol], context: ssl.SSLContext,
     return TLSHttpProtocol
 
 
+def proxied_protocol(inner_class: type[asyncio.Protocol], config: ProxyProtocolConfig, *, kind: str,
+                     channel: str, timeout: float) -> type[asyncio.Protocol]:
+    """A uvicorn ``http`` protocol class: ``inner_class`` (plain or TLS) after a PROXY header.
+
+    From a trusted balancer, reading is paused at accept and the header read from the socket
+    (``proxy_protocol.read_transport``: nothing after it, a ClientHello stays for the TLS
+    upgrade); then the transport is handed to the inner protocol, whose requests carry the
+    announced client. Missing or malformed: closed, logged, nothing else read. Others: handed
+    over at once."""
+    trust = proxy_protocol.Trust(config)
+    tasks: set[asyncio.Task[None]] = set()
+
+    class ProxiedHttpProtocol(asyncio.Protocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.inner = inner_class(*args, **kwargs)
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, asyncio.Transport)
+            peer = transport.get_extra_info("peername")
+            if not trust.trusted(peer):
+                self._hand_over(transport, None)
+                return
+            transport.pause_reading()
+            task = asyncio.get_running_loop().create_task(self._read(transport, peer))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        async def _read(self, transport: asyncio.Transport, peer: Any) -> None:
+            try:
+                header = await proxy_protocol.read_transport(transport, timeout)
+            except proxy_protocol.ProxyError as e:
+                log.warning(f"{kind}.proxy_header_refused", channel=channel, peer=f"{peer[0]}:{peer[1]}",
+                            detail=str(e))
+                transport.abort()
+                return
+            if not transport.is_closing():
+                self._hand_over(transport, proxy_protocol.peer_of(header, peer))
+
+        def _hand_over(self, transport: asyncio.Transport, announced: tuple[str, int] | None) -> None:
+            h11 = getattr(self.inner, "inner", self.inner)  # the TLS wrapper's h11 protocol
+            h11.announced = announced
+            transport.resume_reading()  # first: a TLS inner pauses it again in connection_made
+            transport.set_protocol(self.inner)
+            self.inner.connection_made(transport)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            pass  # while the header was read: its reader sees the end and gives up
+
+    return ProxiedHttpProtocol
+
+
 class HttpServer:
     """``app`` on ``host:port`` until stopped; ``address`` is the bound (host, port).
 
@@ -83,13 +136,16 @@ class HttpServer:
 
     def __init__(self, app: Any, host: str, port: int, limits: HttpLimits, *, tls: TLSConfig | None = None,
                  handshake_timeout: float = 10.0, on_tls_failure: TlsFailure | None = None,
-                 label: str = "HTTP", graceful_timeout: int = 5) -> None:
+                 label: str = "HTTP", graceful_timeout: int = 5, proxy: ProxyProtocolConfig | None = None) -> None:
         self.label = label
         self.limits = limits
         http: type[asyncio.Protocol] = protocol_class(limits)
         if tls is not None:
             http = tls_protocol(protocol_class(limits), server_context(tls), handshake_timeout=handshake_timeout,
                                 on_failure=on_tls_failure or (lambda peer, e: None))
+        if proxy is not None:
+            http = proxied_protocol(http, proxy, kind=limits.kind, channel=limits.channel,
+                                    timeout=min(proxy.timeout, handshake_timeout))
         self.config = uvicorn.Config(
             app, host=host, port=port, log_config=None,
             access_log=False,  # request lines carry search values (identifiers): never logged
