@@ -343,3 +343,38 @@ def test_fhir_through_haproxy_audits_the_client(engine_factory, haproxy, option)
         s.sendall(b"GET /fhir/metadata HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # untrusted: as today
         s.settimeout(10)
         assert s.recv(1000).startswith(b"HTTP/1.1 200")
+
+
+def test_http_header_slow_malformed_oversize(engine_factory):
+    """The HTTP stack's reader (the paused socket, shared with MLLP over TLS): a header sent a
+    byte at a time is served and costs no CPU; malformed, oversize and unfinished ones are closed
+    unanswered (the unfinished one at the timeout)."""
+    eng = engine_factory(FHIR_YAML)
+    port = eng.address("api")[1]
+    request = b"GET /fhir/metadata HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+    def answer(s: socket.socket) -> bytes:
+        s.settimeout(15)
+        try:
+            return s.recv(1000)
+        except ConnectionResetError:
+            return b""
+
+    cpu0 = time.process_time()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        for b in v2_header("10.3.3.3", 3333):
+            s.sendall(bytes([b]))
+            time.sleep(0.05)
+        s.sendall(request)
+        assert answer(s).startswith(b"HTTP/1.1 200")
+    assert time.process_time() - cpu0 < 2.0
+    for bad in (b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n", b"PROXY " + b"1" * 150,
+                pp.V2_SIGNATURE + bytes([0x21, 0x11, 0x30, 0x00]) + b"\0" * 500):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(bad + request)
+            assert answer(s) == b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"PROXY TCP4 ")
+        t0 = time.monotonic()
+        assert answer(s) == b""
+        assert 1.5 < time.monotonic() - t0 < 12
