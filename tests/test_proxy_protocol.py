@@ -343,6 +343,10 @@ def test_fhir_through_haproxy_audits_the_client(engine_factory, haproxy, option)
         s.sendall(b"GET /fhir/metadata HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # untrusted: as today
         s.settimeout(10)
         assert s.recv(1000).startswith(b"HTTP/1.1 200")
+    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(CLIENT_IP, 0)) as s:
+        s.sendall(b"PROXY TCP4 10.6.6.6 127.0.0.1 1 80\r\nGET /fhir/metadata HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.settimeout(10)  # untrusted: the header is not believed, it is a bad request line
+        assert s.recv(1000).startswith(b"HTTP/1.1 400")
 
 
 def test_http_header_slow_malformed_oversize(engine_factory):
