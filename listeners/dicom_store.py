@@ -55,6 +55,22 @@ def _meta_el(group_elem: int, vr: bytes, value: bytes) -> bytes:
     return tag + vr + struct.pack("<H", len(value)) + value
 
 
+def data_set_uids(meta: dict[str, str], data_set: memoryview) -> tuple[str, str, str]:
+    """(SOP Class UID, SOP Instance UID, transfer syntax) a Part-10 file (STOW-RS part, file source)
+    is stored as: the data set's UIDs win over a file meta that names others (pydicom-edited
+    results, e.g. AI outputs, often keep the Media Storage UIDs of the file they were made from;
+    Orthanc and dcm4chee take the data set too), and the file meta is written anew from them
+    (``file_meta``), as for a C-STORE. A header that cannot be read here (deflated, unknown
+    syntax) keeps the meta's UIDs: the Storage SCP's checks then judge the instance."""
+    ts = meta["TransferSyntaxUID"]
+    sop_class, sop_uid = meta["MediaStorageSOPClassUID"], meta["MediaStorageSOPInstanceUID"]
+    try:
+        ds = idx.read_index_data_set(data_set, ts)
+    except Exception:
+        return sop_class, sop_uid, ts
+    return str(ds.get("SOPClassUID", "") or "") or sop_class, str(ds.get("SOPInstanceUID", "") or "") or sop_uid, ts
+
+
 def file_meta(sop_class: str, sop_uid: str, transfer_syntax: str) -> bytes:
     """Preamble, prefix and File Meta Information (PS3.10 7.1), the same bytes pynetdicom's
     ``create_file_meta`` + ``encode_file_meta`` give (a test holds them equal), without

@@ -47,7 +47,7 @@ from listeners import dicom_store_stream
 from listeners import dicomweb_stow_json as stow_json
 from listeners.dicom_dimse import valid_uid
 from listeners.dicom_status import STORE
-from listeners.dicom_store import StoreRequest, StoreSCP, file_meta
+from listeners.dicom_store import StoreRequest, StoreSCP, data_set_uids, file_meta
 from listeners.dicom_store_stream import IncomingDataSet
 from listeners.dicomweb_json import ur
 
@@ -250,7 +250,7 @@ def _start_streaming(p: Part, s: Streaming) -> int:
         p.result = req if isinstance(req, Result) else Result(
             "", "", "", STORE["cannot_understand"].code, "part is not a readable DICOM Part-10 file")
     else:
-        sop_class, sop_uid, ts = _authoritative(meta, memoryview(p.data)[end:])
+        sop_class, sop_uid, ts = data_set_uids(meta, memoryview(p.data)[end:])
         if not (valid_uid(sop_class) and valid_uid(sop_uid) and valid_uid(ts)):
             p.result = Result(sop_class[:64], sop_uid[:64], "", STORE["mismatch"].code,
                               "file meta lacks a valid SOP Class/Instance UID or transfer syntax")
@@ -281,21 +281,6 @@ def _meta_end(data: bytes | bytearray) -> tuple[dict[str, str], int]:
     return out, 132 + fp.tell()
 
 
-def _authoritative(meta: dict[str, str], data_set: memoryview) -> tuple[str, str, str]:
-    """(SOP Class UID, SOP Instance UID, transfer syntax) a part is stored as: the data set's UIDs
-    win over a file meta that names others (pydicom-edited results, e.g. AI outputs, often keep the
-    Media Storage UIDs of the file they were made from; Orthanc and dcm4chee take the data set too).
-    The file meta is written anew from these (``file_meta``), as for a C-STORE. A data set whose
-    header cannot be read here keeps the file meta's UIDs (the Storage SCP then judges it)."""
-    ts = meta["TransferSyntaxUID"]
-    sop_class, sop_uid = meta["MediaStorageSOPClassUID"], meta["MediaStorageSOPInstanceUID"]
-    try:
-        ds = idx.read_index_data_set(data_set, ts)
-        return str(ds.get("SOPClassUID", "") or "") or sop_class, str(ds.get("SOPInstanceUID", "") or "") or sop_uid, ts
-    except Exception:  # deflated, unknown syntax, unreadable: the meta's, and the usual checks follow
-        return sop_class, sop_uid, ts
-
-
 def request_of(part: Part, peer: str) -> StoreRequest | Result:
     """The part as the Storage SCP's request (file meta rewritten the way the listener writes
     it), or the failure to report for it."""
@@ -306,7 +291,7 @@ def request_of(part: Part, peer: str) -> StoreRequest | Result:
         meta, end = _meta_end(part.data)
     except Exception:
         return Result("", "", "", STORE["cannot_understand"].code, "part is not a readable DICOM Part-10 file")
-    sop_class, sop_uid, ts = _authoritative(meta, memoryview(part.data)[end:])
+    sop_class, sop_uid, ts = data_set_uids(meta, memoryview(part.data)[end:])
     if not (valid_uid(sop_class) and valid_uid(sop_uid) and valid_uid(ts)):
         return Result(sop_class[:64], sop_uid[:64], "", STORE["mismatch"].code,
                       "file meta lacks a valid SOP Class/Instance UID or transfer syntax")

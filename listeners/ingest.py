@@ -160,18 +160,26 @@ class DicomIngest:
         self.scp = StoreSCP(ctx, ae_title=ae_title, replace=False)
 
     def request(self, data: bytes, peer: str) -> Any:
-        """The C-STORE request a file stands for: SOP class/instance and transfer syntax from its meta."""
+        """The C-STORE request a file stands for: SOP class/instance and transfer syntax from its meta,
+        or from the data set where the meta names other UIDs (``data_set_uids``: the file is then
+        stored with a file meta written anew, as STOW-RS does)."""
         from pydicom.filereader import _read_file_meta_info, read_preamble
 
-        from listeners.dicom_store import StoreRequest
+        from listeners.dicom_store import StoreRequest, data_set_uids, file_meta
 
         fp = io.BytesIO(data)
         read_preamble(fp, False)
-        meta = _read_file_meta_info(fp)
-        return StoreRequest(sop_class=str(meta.get("MediaStorageSOPClassUID", "") or ""),
-                            sop_uid=str(meta.get("MediaStorageSOPInstanceUID", "") or ""),
-                            transfer_syntax=str(meta.get("TransferSyntaxUID", "") or ""),
-                            calling_aet=self.calling_aet, peer=peer, part10=data, meta_end=fp.tell())
+        info = _read_file_meta_info(fp)
+        meta = {k: str(info.get(k, "") or "").strip("\x00 ") for k in
+                ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")}
+        end = fp.tell()
+        sop_class, sop_uid, ts = data_set_uids(meta, memoryview(data)[end:]) if meta["TransferSyntaxUID"] else (
+            meta["MediaStorageSOPClassUID"], meta["MediaStorageSOPInstanceUID"], "")
+        if (sop_class, sop_uid) != (meta["MediaStorageSOPClassUID"], meta["MediaStorageSOPInstanceUID"]):
+            head = file_meta(sop_class, sop_uid, ts)
+            data, end = head + memoryview(data)[end:], len(head)
+        return StoreRequest(sop_class=sop_class, sop_uid=sop_uid, transfer_syntax=ts,
+                            calling_aet=self.calling_aet, peer=peer, part10=data, meta_end=end)
 
     def store(self, data: bytes, peer: str) -> DicomAnswer:
         """Blocking (the Storage SCP's own path): run it in a thread."""

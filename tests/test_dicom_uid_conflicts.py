@@ -44,6 +44,9 @@ channels:
   dcmr:
     source: {{type: dicom, port: 0, ae_title: MEDRELAY, calling_aets: [TESTSCU], duplicates: replace}}
     routes: []
+  drop:
+    source: {{type: file, path: "{data}/drop", ready: immediate, poll_interval: 0.1}}
+    routes: []
   web:
     source: {{type: dicomweb, host: 127.0.0.1, port: 0, base_path: /dicom-web,
              auth: {{bearer_tokens: ["${{DW_TOKEN}}"]}}}}
@@ -53,7 +56,9 @@ channels:
 
 @pytest.fixture
 def eng(engine_factory, store_url, tmp_path):
+    (tmp_path / "data" / "drop").mkdir(parents=True)
     e = engine_factory(_yaml(store_url, tmp_path / "data"), env={"DW_TOKEN": TOKEN})
+    e.drop = tmp_path / "data" / "drop"
     host, port = e.address("web")
     e.web = DICOMwebClient(url=f"http://{host}:{port}/dicom-web", headers={"Authorization": f"Bearer {TOKEN}"})
     return e
@@ -239,3 +244,19 @@ def test_stow_of_a_data_set_whose_file_meta_names_another_sop_uid(eng):
     got = eng.web.retrieve_instance(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
     assert got.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     assert _qido_instances(eng, str(ds.StudyInstanceUID)) == [str(ds.SOPInstanceUID)]
+
+
+def test_file_source_takes_the_data_sets_uid_and_refuses_a_conflict(eng):
+    """The file source shares both: a file whose meta names another SOP Instance UID is stored
+    under the data set's (its file meta written anew), and a file whose series is filed under
+    another study goes to error/ (0xC000 is not retried), the first study unchanged."""
+    edited = _ct(generate_uid(), generate_uid(), generate_uid(), "PAT-AI")
+    edited.SOPInstanceUID = generate_uid()
+    edited.save_as(eng.drop / "edited.dcm", enforce_file_format=False)
+    eng.wait_for(lambda: (eng.drop / "done" / "edited.dcm").exists(), timeout=60)
+    study, series, sop = str(edited.StudyInstanceUID), str(edited.SeriesInstanceUID), str(edited.SOPInstanceUID)
+    got = eng.web.retrieve_instance(study, series, sop)
+    assert got.file_meta.MediaStorageSOPInstanceUID == sop
+    _ct(generate_uid(), series, generate_uid(), "PAT-B").save_as(eng.drop / "other.dcm", enforce_file_format=True)
+    eng.wait_for(lambda: (eng.drop / "error" / "other.dcm").exists(), timeout=60)
+    assert _qido_instances(eng, study) == [sop]
