@@ -255,7 +255,8 @@ def render() -> str:
         "Modalities in Study, Number of Study Related Instances, Study Description) and retrieves whole "
         "studies. A C-GET instance is filed like a C-STORE to the configured channel's listener (the index "
         "look-up answers a known SOP Instance UID as a duplicate); its C-STORE response is 0x0000, 0xA900 "
-        "(UIDs missing, not filed) or 0xA700 (not committed). Success and Warning final statuses without "
+        "(UIDs missing, not filed), 0xC000 (a UID filed under another parent, section 3.2) or 0xA700 (not "
+        "committed). Success and Warning final statuses without "
         "failed sub-operations count as retrieved; anything else is retried.",
         "",
         "### 2.3 Association policies",
@@ -343,6 +344,17 @@ def render() -> str:
         "patient is filed under the study's patient. Neither is refused; the instance is stored as received. "
         "Patient updates and merges from the HIS change the archive's patient (section 3.6.3), not the "
         "instances that arrive later.",
+        "- A UID filed under another parent is refused, never filed there: an instance whose Series Instance "
+        "UID is already filed under another study, or whose SOP Instance UID is already filed under another "
+        "series with other content, gets 0xC000 with the Error Comment \"Series Instance UID is filed under "
+        "another study; not stored\" or \"SOP Instance UID is filed under another series; not stored\" (no "
+        "UID, no PHI), on every intake path (C-STORE, STOW-RS, file source, C-GET prefetch, the `store` "
+        "destination), with `duplicates: replace` too (replacing would move the instance to another "
+        "study). It is not stored, routed or retried, and is audited as a failed receive. The same bytes "
+        "again are a duplicate (0x0000); other content in the same series is kept first or replaced as "
+        "`duplicates` says.",
+        "- A STOW-RS part or file-source file whose file meta names another SOP Class/Instance UID than its "
+        "data set is stored under the data set's UIDs, with a file meta written anew to match.",
         "- An archive written by an earlier medrelay, which merged every instance without Patient ID into one "
         "patient, is split at the first start of this version: each study gets its own patient, with the "
         "patient attributes read again from its stored instance.",
