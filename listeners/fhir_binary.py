@@ -159,17 +159,29 @@ def byte_range(header: str, size: int) -> tuple[int, int] | str | None:
     if unit.strip().lower() != "bytes" or not spec or "," in spec:
         return None
     first, dash, last = spec.strip().partition("-")
-    if not dash or not (first.isdigit() or last.isdigit()) or (first and not first.isdigit()) \
-            or (last and not last.isdigit()):
+    if not dash or not (first or last) or (first and not _ascii_digits(first)) \
+            or (last and not _ascii_digits(last)):
         return None
     if not first:  # the final n bytes
-        n = int(last)
+        n = _position(last)
         return (max(0, size - n), size - 1) if n and size else "unsatisfiable"
-    start = int(first)
+    start = _position(first)
     if start >= size:
         return "unsatisfiable"
-    end = min(int(last), size - 1) if last else size - 1
+    end = min(_position(last), size - 1) if last else size - 1
     return (start, end) if end >= start else None
+
+
+def _ascii_digits(text: str) -> bool:
+    """ASCII 0-9 only: ``str.isdigit`` also takes "²" or Arabic-Indic digits (Starlette decodes
+    headers as Latin-1), which ``int`` then refuses."""
+    return text.isascii() and text.isdigit()
+
+
+def _position(digits: str) -> int:
+    """A byte position from the header, capped (a peer's 5 000 digits pass Python's int limit;
+    anything past 2**63 is past every blob)."""
+    return int(digits) if len(digits) <= 19 else 1 << 63
 
 
 def _iterate(chunks: Iterator[bytes]) -> Iterator[bytes]:

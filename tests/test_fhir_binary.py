@@ -199,6 +199,26 @@ def test_binary_crud_negotiation_and_json_data(server):
             {p["name"] for p in types["DocumentReference"]["searchParam"]}
 
 
+def test_hostile_range_headers_are_answered_not_500(server):
+    """Range values ``str.isdigit`` takes but ``int`` refuses ("²" as Latin-1 0xB2, 5 000 digits
+    past Python's int limit) were a 500 (ValueError): now the whole content (a malformed range
+    is ignored, RFC 9110 14.2) or 416 / a clamped 206 for huge positions."""
+    with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=30) as c:
+        r = c.post("/Binary", content=b"0123456789", headers={"Content-Type": "application/octet-stream"})
+        assert r.status_code == 201, r.text
+        bid = r.json()["id"]
+        for rng in (b"bytes=\xb2-", b"bytes=0-\xb2", b"bytes=-\xb2", b"bytes=\xd9\xa1-"):
+            r = c.get(f"/Binary/{bid}", headers={"Range": rng})
+            assert r.status_code == 200 and r.content == b"0123456789", (rng, r.status_code, r.text[:200])
+        big = "9" * 5000
+        r = c.get(f"/Binary/{bid}", headers={"Range": f"bytes=2-{big}"})
+        assert r.status_code == 206 and r.content == b"23456789"
+        r = c.get(f"/Binary/{bid}", headers={"Range": f"bytes=-{big}"})
+        assert r.status_code == 206 and r.content == b"0123456789"
+        r = c.get(f"/Binary/{bid}", headers={"Range": f"bytes={big}-"})
+        assert r.status_code == 416 and r.headers["content-range"] == "bytes */10"
+
+
 def test_transaction_with_inline_binary_and_a_document_reference_pointing_at_it(server):
     """A transaction Bundle (FHIR JSON) with a Binary carrying base64 data and a DocumentReference whose
     attachment.url is the Binary's fullUrl: the bytes are stored apart, the url becomes Binary/{id}."""
