@@ -71,6 +71,7 @@ class Part:
     sink: StowDataSet | None = None  # streaming to its blob
     result: Result | None = None  # decided while the body was read (streamed and stored, or refused)
     decided: bool = False  # whether it was looked at for streaming
+    ended: bool = False  # its delimiter was read (a body cut short leaves the last part open)
 
 
 class StowDataSet(IncomingDataSet):
@@ -174,6 +175,7 @@ async def read_parts(chunks: Any, boundary: str, limit: int, streaming: Streamin
 
     def on_part_end() -> None:
         p = parts[-1]
+        p.ended = True
         if p.sink is not None:
             sink, p.sink = p.sink, None
             p.result = sink.result()
@@ -214,6 +216,8 @@ async def read_parts(chunks: Any, boundary: str, limit: int, streaming: Streamin
             await streaming.offload(_feed, parser, batch, True)  # type: ignore[union-attr]
         else:
             _feed(parser, batch, True)
+        if parts and not parts[-1].ended:  # RFC 2046 5.1.1: the close delimiter is required
+            raise StowError(400, "multipart body ends inside a part (no close delimiter)")
     except MultipartParseError:
         raise StowError(400, "malformed multipart body") from None
     finally:

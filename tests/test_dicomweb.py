@@ -274,6 +274,25 @@ def test_stow_failures_are_reported_per_instance(web):
     assert len(n) == len(FILES) + 1  # the duplicate made no second message
 
 
+def test_stow_body_without_its_close_delimiter_is_400_and_stores_nothing(web):
+    """A multipart body cut short (Content-Length or chunking complete, the close delimiter
+    missing: a sender or proxy that lost the tail) was parsed as if its last part had ended, so
+    an instance cut inside its pixel data was stored and answered 200. RFC 2046 5.1.1 requires
+    the close delimiter: 400, nothing of the body stored."""
+    ds = fresh("CT_small.dcm")
+    boundary = "cutb0undary"
+    headers = auth(**{"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    data = part10(ds)
+    opening = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+    for body in (opening + data + b"\r\n", opening + data[:-1000],
+                 opening + data + f"\r\n--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()):
+        r = httpx.post(f"{web.url}/studies", content=body, headers=headers)
+        assert r.status_code == 400, r.text[:300]
+    assert web.client.search_for_instances(search_filters={"SOPInstanceUID": ds.SOPInstanceUID}) == []
+    r = httpx.post(f"{web.url}/studies", content=b"", headers=headers)  # no part at all: as before
+    assert r.status_code != 500
+
+
 def test_conformance_statement_lists_dicomweb_and_conversions():
     from conformance.gen_dicom_statement import render
     from listeners.dicom_contexts import STORAGE_TRANSFER_SYNTAXES
