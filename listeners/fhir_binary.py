@@ -71,6 +71,17 @@ def check_raw_accept(request: Request, content_type: str) -> None:
                                           "application/fhir+json")
 
 
+def servable_type(content_type: object) -> str:
+    """The Content-Type a raw read is served with: the Binary's contentType when it is a media
+    type a header can carry, else application/octet-stream. A FHIR ``code`` may hold any
+    non-space characters ("text/plain\u4e00" from a JSON create), which the HTTP stack cannot
+    encode: that read was a 500, the stored bytes unreadable raw."""
+    ctype = " ".join(str(content_type or "").split())
+    if not ctype or len(ctype) > 255 or not set(ctype) <= MEDIA_TYPE_CHARS:
+        return "application/octet-stream"
+    return ctype
+
+
 def raw_content_type(request: Request) -> str | None:
     """The upload's content type when the body is the content itself (None: a FHIR JSON body)."""
     ctype = request.headers.get("content-type", "").strip()
@@ -127,7 +138,7 @@ def read_response(fs: FhirStore, conn: Any, request: Request, rtype: str, rid: s
                   body: dict[str, Any], headers: dict[str, str]) -> Response:
     """The read of a Binary version: its bytes, or the resource with them as base64 (both streamed)."""
     data = fs.data_of(conn, rtype, rid, version)
-    content_type = str(body.get("contentType") or "application/octet-stream")
+    content_type = servable_type(body.get("contentType"))
     if wants_resource(request):
         doc = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
         if data is None:

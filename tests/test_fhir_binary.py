@@ -219,6 +219,21 @@ def test_hostile_range_headers_are_answered_not_500(server):
         assert r.status_code == 416 and r.headers["content-range"] == "bytes */10"
 
 
+def test_binary_whose_content_type_a_header_cannot_carry_is_served_as_octet_stream(server):
+    """contentType is a FHIR code (any non-space characters): "text/plain\u4e00" from a JSON
+    create was stored, and every raw read of it was a 500 (the header could not be encoded)."""
+    with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=30) as c:
+        r = c.post("/Binary", json={"resourceType": "Binary", "contentType": "text/plain\u00e9\u4e00",
+                                    "data": base64.b64encode(b"hi").decode()},
+                   headers={"Content-Type": "application/fhir+json"})
+        assert r.status_code == 201, r.text
+        bid = r.json()["id"]
+        r = c.get(f"/Binary/{bid}")
+        assert r.status_code == 200 and r.content == b"hi", r.text[:300]
+        assert r.headers["content-type"] == "application/octet-stream"
+        assert c.get(f"/Binary/{bid}", params={"_format": "json"}).json()["contentType"] == "text/plain\u00e9\u4e00"
+
+
 def test_transaction_with_inline_binary_and_a_document_reference_pointing_at_it(server):
     """A transaction Bundle (FHIR JSON) with a Binary carrying base64 data and a DocumentReference whose
     attachment.url is the Binary's fullUrl: the bytes are stored apart, the url becomes Binary/{id}."""
