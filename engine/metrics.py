@@ -6,12 +6,14 @@ balancer or a container HEALTHCHECK needs only the one operations port."""
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
@@ -50,6 +52,21 @@ class _QueueDepth:
             (depth if state == "pending" else dead).add_metric([ch, route], n)
         yield depth
         yield dead
+
+
+log = structlog.get_logger()
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """socketserver prints a traceback to stderr for any error in a handler. A health checker that
+    closes with a reset once it has read the status line (HAProxy's httpchk does, every check) is
+    no error; anything else is one structured log line, not a multi-line traceback."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            return
+        log.warning("metrics.request_failed", error=type(error).__name__)
 
 
 class Metrics:
@@ -115,7 +132,7 @@ class Metrics:
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # scraped every few seconds: not worth a log line each
 
-        server = ThreadingHTTPServer((host, port), Handler)
+        server = _QuietServer((host, port), Handler)
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
         self.server = server

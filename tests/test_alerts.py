@@ -114,7 +114,7 @@ def test_listener_down_is_reported(engine_factory, monkeypatch):
 
 
 def test_error_rate_needs_enough_attempts_and_is_per_interval(sqlite_store):
-    from engine.ops.alerts import AlertMonitor, AlertsConfig
+    from engine.ops.alerts import AlertMonitor, AlertsConfig, _Firing
 
     counts = {("c", "r"): (0, 0)}
     cfg = AlertsConfig(thresholds={"error_rate": 0.5, "min_attempts": 10, "dead_letters": None})
@@ -125,7 +125,10 @@ def test_error_rate_needs_enough_attempts_and_is_per_interval(sqlite_store):
     assert mon.evaluate() == {}
     counts[("c", "r")] = (12, 4)  # this interval: 8 failed of 11
     assert mon.evaluate() == {("error_rate", "c", "r"): (0.727, 0.5)}
-    counts[("c", "r")] = (13, 20)  # this interval: 1 failed of 17
+    mon.firing[("error_rate", "c", "r")] = _Firing(since=0.0, sent_at=0.0, value=0.727, threshold=0.5)
+    counts[("c", "r")] = (14, 4)  # this interval: 2 failed of 2, too few to judge: the firing alert is held
+    assert mon.evaluate() == {("error_rate", "c", "r"): (0.727, 0.5)}
+    counts[("c", "r")] = (15, 21)  # this interval: 1 failed of 18
     assert mon.evaluate() == {}
 
 

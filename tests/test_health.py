@@ -83,3 +83,37 @@ def test_store_unreachable_is_not_ready(tmp_path):
     r = readiness(started=True, store=bad, expected_channels=[], listeners={}, workers_alive=lambda: [],
                   routes=[], stall_after=300)
     assert not r.ready and r.checks["store"].startswith("unreachable")
+
+
+def test_a_checker_that_resets_after_the_status_line_leaves_no_traceback(sqlite_store, capfd):
+    """HAProxy's `option httpchk` closes with a reset once it has the status: the metrics server
+    printed socketserver's traceback to stderr for each check (every 2 s per balancer)."""
+    import socket
+    import struct
+
+    from engine.metrics import Metrics
+
+    class Slow:
+        ready = True
+
+        def as_json(self):
+            return {"status": "ready"}
+
+    def readiness():
+        time.sleep(0.3)  # the reset arrives before the answer is written
+        return Slow()
+
+    metrics = Metrics(sqlite_store)
+    port = metrics.serve("127.0.0.1", 0, readiness)
+    try:
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"GET /readyz HTTP/1.0\r\n\r\n")
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()  # RST
+        time.sleep(1.5)
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200  # still serving
+    finally:
+        metrics.close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err, err

@@ -273,3 +273,23 @@ def test_readme_docker_reads_the_generated_token():
     assert "/srv/medrelay/data" in docker and re.search(r'^VOLUME \[.*"/srv/medrelay/data"', dockerfile, re.M)
     assert "WORKDIR /srv/medrelay" in dockerfile and "COPY channels.yaml ./" in dockerfile
     assert "${generated:data/api-token}" in (ROOT / "channels.yaml").read_text()
+
+
+def test_docker_keeps_the_key_file_in_a_named_volume_of_its_own():
+    """Issue 10 item 8: a volume for the key file apart from the data. README's docker run names every
+    VOLUME: with --rm an unnamed one is removed with the container, and the key file with it."""
+    from engine.config import load_settings
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    volumes = json.loads(re.search(r"^VOLUME (\[.*\])", dockerfile, re.M).group(1))
+    assert "/srv/medrelay/keys" in volumes and "/srv/medrelay/data" in volumes
+    kek = re.search(r"^ENV MEDRELAY_KEK_FILE=(\S+)", dockerfile, re.M).group(1)
+    assert kek.startswith("/srv/medrelay/keys/")
+    docker = next(b for _, b in sh_blocks(README.read_text()) if "docker run" in b)
+    for volume in volumes:
+        assert re.search(rf"-v [\w.-]+:{re.escape(volume)}\b", docker), volume
+    env = {"MEDRELAY_KEK_FILE": kek, "MEDRELAY_API_TOKEN": "x"}
+    settings = load_settings(ROOT / "channels.yaml", env, need_env=False)
+    assert settings.resolve(settings.keys.kek_file) == Path(kek)
+    plain = load_settings(ROOT / "channels.yaml", {}, need_env=False)
+    assert plain.resolve(plain.keys.kek_file) == ROOT / "data" / "keys.json"  # the README's local run

@@ -161,8 +161,13 @@ class AlertMonitor:
             failed, delivered = current.get((channel, route), (0, 0))
             pf, pd = self._last_attempts.get((channel, route), (0, 0))
             n_failed, n_all = failed - pf, (failed - pf) + (delivered - pd)
+            key = ("error_rate", channel, route)
             if t.error_rate is not None and n_all >= t.min_attempts and n_failed / n_all >= t.error_rate:
-                over[("error_rate", channel, route)] = (round(n_failed / n_all, 3), t.error_rate)
+                over[key] = (round(n_failed / n_all, 3), t.error_rate)
+            elif t.error_rate is not None and n_all < t.min_attempts and key in self.firing:
+                # Too few attempts to judge (a receiver down, retries backing off): the alert keeps its
+                # state. Resolving it here sent firing/resolved pairs every interval, defeating repeat_after.
+                over[key] = (self.firing[key].value, t.error_rate)
         self._last_attempts = current
         if self.config.thresholds.listener_down:
             for channel in self.down_channels():
