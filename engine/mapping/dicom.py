@@ -141,9 +141,32 @@ class DicomKind:
         if isinstance(value, dict):
             if set(value) - {"vr", "value"} or "value" not in value:
                 raise ValueError(f"{p.text}: a value mapping takes {{vr, value}}")
+            value = value["value"]
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, bool) or not (v is None or isinstance(v, str | int | float)):
+                raise ValueError(f"{p.text}: a DICOM value is text, a number or a list of them "
+                                 f"(multi-valued), not {type(v).__name__}")
 
 
 DICOM = DicomKind()
+
+
+_BINARY_NUMBER_VRS = frozenset({"US", "UL", "SS", "SL", "SV", "UV", "FL", "FD", "US or SS"})
+
+
+def _for_vr(v: Any, vr: str, p: DicomPath) -> Any:
+    """A rule's value as the element's VR takes it: numbers stay numbers only for binary VRs.
+
+    pydicom cannot write an int into LO (or a float into IS) and fails only when the data
+    set is serialised; `check_value` refuses the rest (bool, nested lists) at check.
+    """
+    if isinstance(v, bool) or not isinstance(v, str | int | float):
+        raise MappingError(f"{p.text}: a DICOM value is text, a number or a list of them")
+    if vr in _BINARY_NUMBER_VRS:
+        return v
+    if isinstance(v, float) and v.is_integer() and vr in ("IS", "DS"):
+        return str(int(v))
+    return str(v)
 
 
 def _text(v: Any) -> Any:
@@ -254,11 +277,9 @@ class DicomDocument:
         if vr == "SQ":
             raise MappingError(f"{p.text}: a sequence is written item by item (add), not set")
         if isinstance(value, list):
-            value = [str(v) for v in value]
-        elif value is not None and not isinstance(value, int | float):
-            value = str(value)
-        elif isinstance(value, float) and vr in ("IS", "DS"):
-            value = str(int(value)) if value.is_integer() else str(value)
+            value = [_for_vr(v, vr, p) for v in value]
+        elif value is not None:
+            value = _for_vr(value, vr, p)
         for ds in self._parents(p, scope, True):
             tag = self._tag_in(ds, last, True)
             assert tag is not None

@@ -135,6 +135,25 @@ class Hl7Kind:
     def phi_path(self, path: Any) -> bool:
         return path.segment in PHI_SEGMENTS
 
+    def check_value(self, p: Hl7Path, value: Any) -> None:
+        """A `set` value is text (or a number, a bool, null) or a list of them (components).
+
+        Caught at `medrelay check` so that a nested list or a mapping is a config error with
+        its line, not a Python repr written into every message (or a dead letter for each).
+        """
+        if isinstance(value, list | tuple):
+            if p.subcomponent:
+                raise ValueError(f"{p.text}: a list value needs a field or component position")
+            if any(not _scalar(v) for v in value):
+                raise ValueError(f"{p.text}: a list value holds text values (components); "
+                                 "nested lists and mappings are no HL7 value")
+        elif not _scalar(value):
+            raise ValueError(f"{p.text}: the value must be text, a number, a bool, null or a list of them")
+
+
+def _scalar(v: Any) -> bool:
+    return v is None or isinstance(v, str | int | float)
+
 
 HL7 = Hl7Kind()
 
@@ -392,6 +411,8 @@ def _part(text: str, sep: str, n: int) -> str:
 def _text(v: Any) -> str:
     if v is None:
         return ""
+    if not _scalar(v):  # never a Python repr in a message (`check_value` refuses it at check)
+        raise MappingError(f"not an HL7 value: a {type(v).__name__} (text, a number or a list of them)")
     if isinstance(v, bool):
         return "Y" if v else "N"
     if isinstance(v, float) and v.is_integer():
