@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import time
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -39,6 +40,7 @@ BLIND = message_terms.FIELDS
 MAX_LIMIT = 500
 MAX_SELECTION = 10000  # messages one replay by filter may select
 MAX_LINEAGE = 20
+_MAX_EPOCH = 253402300799.0  # 9999-12-31T23:59:59Z
 log = structlog.get_logger()
 
 
@@ -60,21 +62,25 @@ def parse_time(s: str | None, *, now: float | None = None) -> float | None:
     if s is None or not str(s).strip():
         return None
     s = str(s).strip()
-    if s[-1:] in ("s", "m", "h", "d") and s[:-1].isdigit():
-        mult = {"s": 1, "m": 60, "h": 3600, "d": 86400}[s[-1]]
-        return (time.time() if now is None else now) - int(s[:-1]) * mult
+    bad = QueryError(f"{s[:40]!r}: expected an ISO time (2026-11-22T10:15), epoch seconds or an age "
+                     "like 15m, 2h, 7d")
+    # Every reading ends as a finite float within datetime's years: a peer's "nan", "1e400" or a
+    # 400-digit age is a 400, never an OverflowError (500) or a filter that silently matches nothing.
     try:
-        return float(s)
-    except ValueError:
-        pass
-    try:
-        dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
-    except ValueError:
-        raise QueryError(f"{s[:40]!r}: expected an ISO time (2026-11-22T10:15), epoch seconds or an age "
-                         "like 15m, 2h, 7d") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt.timestamp()
+        if s[-1:] in ("s", "m", "h", "d") and s[:-1].isascii() and s[:-1].isdigit():
+            mult = {"s": 1, "m": 60, "h": 3600, "d": 86400}[s[-1]]
+            at = (time.time() if now is None else now) - float(int(s[:-1]) * mult)
+        else:
+            try:
+                at = float(s) if s.isascii() else math.nan
+            except ValueError:
+                dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
+                at = (dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)).timestamp()
+    except (ValueError, OverflowError):
+        raise bad from None
+    if not -_MAX_EPOCH <= at <= _MAX_EPOCH:  # also refuses NaN
+        raise bad
+    return at
 
 
 @dataclass(frozen=True)
@@ -142,9 +148,11 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         at, mid = raw.split("|", 1)
-        return float(at), mid
+        if math.isfinite(float(at)):
+            return float(at), mid
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise QueryError("cursor: not one this API gave out") from None
+        pass
+    raise QueryError("cursor: not one this API gave out")
 
 
 def _conditions(store: Any, f: MessageFilter) -> list[Any]:

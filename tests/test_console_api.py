@@ -246,3 +246,30 @@ def test_dead_letter_page_bulk_replay(engine_factory):
         assert cv.post("/dead-letters/replay", data={"csrf": vcsrf, "scope": "filter"}).status_code == 403
     finally:
         s.rx.stop()
+
+
+def test_odd_times_limits_and_cursors_are_400_not_500(console):
+    """A peer's numbers are read within bounds: no OverflowError (500), no NaN that matches nothing.
+
+    Before: ``since=<400 digits>d`` and a 30-digit audit cursor were 500s (OverflowError in
+    the float conversion / the driver), ``since=nan`` and ``until=1e400`` a silent empty 200.
+    """
+    bad_times = ("9" * 400 + "d", "nan", "-inf", "1e400", "\u0661\u0662\u0663")
+    with console.client("operator") as c:
+        for value in bad_times:
+            for name in ("since", "until"):
+                r = c.get("/api/messages", params={name: value})
+                assert r.status_code == 400 and r.json()["error"] == "bad_request", (name, value, r.text)
+            assert c.get("/api/audit", params={"since": value}).status_code == 400, value
+            assert c.post("/api/replay", json={"since": value}).status_code == 400, value
+        assert c.get("/api/messages", params={"since": "2h"}).status_code == 200
+        for cursor in ("9" * 30, "-5", "abc", "\u0661"):
+            r = c.get("/api/audit", params={"cursor": cursor})
+            assert r.status_code == 400 and r.json()["detail"] == "cursor: not one this API gave out", cursor
+        import base64
+        nan_cursor = base64.urlsafe_b64encode(b"nan|x").decode().rstrip("=")
+        assert c.get("/api/messages", params={"cursor": nan_cursor}).status_code == 400
+        for path in ("/api/messages", "/api/audit"):
+            for limit in ("abc", "9" * 30, "1.5"):
+                r = c.get(path, params={"limit": limit})
+                assert r.status_code == 400 and "limit must be 1 to" in r.json()["detail"], (path, limit)

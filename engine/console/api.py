@@ -29,6 +29,21 @@ FINAL_STATES = ("dead", "done", "filtered", "quarantined", "superseded")
 AUDIT_MAX = 500
 
 
+def int_param(params: Any, name: str, default: int | None, top: int, *, what: str | None = None) -> int | None:
+    """A whole-number parameter from 1 to ``top`` (ASCII digits only), else ValueError with a plain text.
+
+    Bounded before it reaches the database: a 30-digit audit cursor was an integer overflow in
+    the driver (a 500), and int()'s own message ("invalid literal for int()") is Python's, not ours.
+    """
+    v = params.get(name)
+    if v is None or str(v).strip() == "":
+        return default
+    v = str(v).strip()
+    if not (v.isascii() and v.isdigit() and len(v) <= 19 and 1 <= int(v) <= top):
+        raise ValueError(what or f"{name} must be 1 to {top}")
+    return int(v)
+
+
 class ApiError(Exception):
     """An answer other than 200: ``{"error": code, "detail": text}`` with ``status``."""
 
@@ -151,7 +166,7 @@ class Api:
     def messages(self, p: Principal, params: Any, peer: str) -> dict[str, Any]:
         try:
             f = msgs.MessageFilter.from_params(params)
-            limit = int(params.get("limit") or 50)
+            limit = int_param(params, "limit", 50, msgs.MAX_LIMIT)
         except ValueError as e:
             raise ApiError(400, "bad_request", str(e)) from None
         if not 1 <= limit <= msgs.MAX_LIMIT:
@@ -277,8 +292,8 @@ class Api:
                     col = getattr(a.c, name)
                     conds.append(col.like(v[:-1] + "%") if name == "action" and v.endswith("*") else col == v)
             since, until = msgs.parse_time(params.get("since")), msgs.parse_time(params.get("until"))
-            limit = int(params.get("limit") or 100)
-            cursor = int(params["cursor"]) if params.get("cursor") else None
+            limit = int_param(params, "limit", 100, AUDIT_MAX)
+            cursor = int_param(params, "cursor", None, 2**62, what="cursor: not one this API gave out")
         except ValueError as e:
             raise ApiError(400, "bad_request", str(e) or "bad parameter") from None
         if not 1 <= limit <= AUDIT_MAX:
