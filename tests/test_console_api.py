@@ -273,3 +273,16 @@ def test_odd_times_limits_and_cursors_are_400_not_500(console):
             for limit in ("abc", "9" * 30, "1.5"):
                 r = c.get(path, params={"limit": limit})
                 assert r.status_code == 400 and "limit must be 1 to" in r.json()["detail"], (path, limit)
+
+
+def test_login_limit_counts_one_user_name_in_any_case(console):
+    """A directory matches "Operator", "OPERATOR " and "operator" as one account: they share one count.
+
+    Before, each spelling had its own five tries per window, so a guesser multiplied the per-user
+    limit by the spellings of a name (the per-address limit still applied).
+    """
+    for name in ("Operator", "OPERATOR", " operator", "operator ", "oPeRaToR"):
+        _, r = login(console.base, name, "wrong password!!")
+        assert r.status_code == 303 and "failed=1" in r.headers["location"], name
+    _, r = login(console.base, "operator")
+    assert r.status_code == 429 and int(r.headers["retry-after"]) > 0

@@ -118,6 +118,12 @@ def authenticate(store: Any, sessions: Sessions, headers: Any, cookies: Any) -> 
     return None
 
 
+def _user_key(user: str) -> str:
+    """The limiter's key for a user name: a directory (AD, OpenLDAP) matches "Admin", "ADMIN" and
+    "admin " as one account, so they share one count instead of five tries each."""
+    return user.strip().casefold()
+
+
 class LoginLimiter:
     """Sliding-window counts of failed logins per user name and per client address."""
 
@@ -143,7 +149,7 @@ class LoginLimiter:
         now = time.time() if now is None else now
         with self._lock:
             waits = []
-            for table, key, cap in ((self._users, user, self.limits.per_user),
+            for table, key, cap in ((self._users, _user_key(user), self.limits.per_user),
                                     (self._addrs, addr, self.limits.per_address)):
                 q = self._recent(table, key, now)
                 if q is not None and len(q) >= cap:
@@ -153,7 +159,7 @@ class LoginLimiter:
     def failed(self, user: str, addr: str, now: float | None = None) -> None:
         now = time.time() if now is None else now
         with self._lock:
-            for table, key, cap in ((self._users, user, self.limits.per_user),
+            for table, key, cap in ((self._users, _user_key(user), self.limits.per_user),
                                     (self._addrs, addr, self.limits.per_address)):
                 q = table.get(key)
                 if q is None:
@@ -165,7 +171,7 @@ class LoginLimiter:
 
     def succeeded(self, user: str) -> None:
         with self._lock:
-            self._users.pop(user, None)
+            self._users.pop(_user_key(user), None)
 
     def tracked(self) -> int:
         return len(self._users) + len(self._addrs)
