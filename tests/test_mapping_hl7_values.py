@@ -96,3 +96,16 @@ def test_dicom_numbers_are_written_as_the_vr_takes_them(tmp_path: Path):
     assert ds.InstitutionName == "100"
     assert list(ds.StationName) == ["x", "7"]
     assert ds.SeriesNumber == 12 and float(ds.SliceThickness) == 2.5 and ds.Rows == 64
+
+
+# -- fhir_map: the output is checked as the FHIR store checks it ------------------------
+def test_fhir_map_output_with_a_code_outside_its_required_binding_dead_letters(tmp_path: Path):
+    """fhir.resources lets `Observation.status: notastatus` through; the FHIR store refuses it."""
+    from tests.test_mapping_dicom_fhir import resources, run_fhir
+
+    with pytest.raises(MappingError, match="required value set .*observation-status"):
+        run_fhir(tmp_path, [{"set": {"Observation.status": "notastatus"}}])
+    out = run_fhir(tmp_path, [{"set": {"Observation.status": "amended"}}])
+    assert {o["status"] for o in resources(out, "Observation")} == {"amended"}
+    raw = run_fhir(tmp_path, [{"set": {"Observation.status": "notastatus"}}], validate_output=False)
+    assert {o["status"] for o in resources(raw, "Observation")} == {"notastatus"}

@@ -48,6 +48,7 @@ def build(config: FhirMapConfig, ctx: Any = None) -> Callable[[Envelope], Envelo
         doc = FhirDocument.from_bytes(env.payload)
         program.run(doc, RunContext(uid_secret=secret))
         if check:
+            _check_structure(doc.root)
             try:
                 validate(doc.root)
             except ValidationError as e:
@@ -58,3 +59,21 @@ def build(config: FhirMapConfig, ctx: Any = None) -> Callable[[Envelope], Envelo
         return env.derive(payload=doc.to_bytes())
 
     return transform
+
+
+def _check_structure(root: dict[str, Any]) -> None:
+    """The FHIR store's own structure pass (required bindings, shapes) on the mapped result.
+
+    fhir.resources never enforces a required binding (`Observation.status: notastatus`
+    passes it), so without this pass a rule's output passed here and was refused by the
+    FHIR store or a FHIR server later. Issues name the element, never its value.
+    """
+    from engine.store.fhir import structure
+
+    rtype = str(root.get("resourceType"))
+    if not structure.known_resource_type(rtype):
+        return
+    problems = structure.check(root, rtype)
+    if problems:
+        first = problems[0]
+        raise MappingError(f"the mapped {rtype} is not valid FHIR R4: {first.diagnostics}")
