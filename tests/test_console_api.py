@@ -239,6 +239,10 @@ def test_dead_letter_page_bulk_replay(engine_factory):
         assert r.status_code == 303 and "replayed=1" in r.headers["location"]
         with s.client("viewer") as v:
             wait(lambda: v.get("/api/channels").json()["channels"][0]["dead"] == 0)
+            wait(lambda: v.get(f"/api/messages/{ids[0]}").json()["deliveries"][0]["state"] == "done")
+        # delivered at last: the page shows no stale "Last error" under a done route (the AR is in the attempts)
+        detail = c.get(f"/messages/{ids[0]}").text
+        assert "Last error:" not in detail and "AR" in detail
         # a viewer sees the dead letters but gets no replay form, and a forged POST is refused
         cv, _ = login(s.base, "viewer")
         assert 'name="id"' not in cv.get("/dead-letters").text
