@@ -48,6 +48,13 @@ from listeners.dicom_ul import abort_pdu, pdu_limit, recv_exact
 
 log = structlog.get_logger()
 
+# The data set of any request but a C-STORE (a C-FIND/C-MOVE/C-GET identifier, an N-CREATE or
+# N-SET attribute list, a storage commitment N-ACTION) is collected whole in memory by
+# pynetdicom's DIMSE layer: a peer that never sends the last fragment would grow the process
+# without end. A commitment request of ``max_instances`` (10000) references is ~1.2 MiB; a
+# request past this size is not a request, it gets A-ABORT.
+MAX_REQUEST_DATA = 64 * 1024 * 1024
+
 KNOWN_PDUS = range(0x01, 0x08)  # pynetdicom reads a body only for these (others: Evt19 from the header)
 
 
@@ -152,6 +159,7 @@ class StoreCommandGuard:
         self.held_len = 0
         self.skipping: tuple[int, bytes] | None = None  # (context, response) of a refused C-STORE
         self.expect_data = False  # a forwarded command's data set is on its way
+        self.data_room: int | None = None  # bytes its data set may still take (None: a C-STORE's)
         self.dead = False
 
     def __call__(self, primitive: P_DATA) -> None:
@@ -177,6 +185,11 @@ class StoreCommandGuard:
                     return
                 if control & 0x02:
                     self.expect_data = False
+                if self.data_room is not None:
+                    self.data_room -= len(value) - 1
+                    if self.data_room < 0:
+                        self._abort(INVALID_PARAMETER, f"request data set longer than {MAX_REQUEST_DATA} bytes")
+                        return
                 out.append(item)  # a data set fragment of a forwarded command: pynetdicom's
                 continue
             changed = True
@@ -208,6 +221,7 @@ class StoreCommandGuard:
             return "aborted"
         if us(cmd, COMMAND_FIELD) != C_STORE_RQ:
             self.expect_data = us(cmd, DATA_SET_TYPE) != NO_DATA_SET
+            self.data_room = MAX_REQUEST_DATA
             return "forward"
         cx = self.assoc._accepted_cx.get(cx_id)  # pynetdicom 3.0: accepted contexts by ID
         if cx is None:
@@ -216,6 +230,7 @@ class StoreCommandGuard:
         refusal = check_store_rq(cmd, str(cx.abstract_syntax))
         if refusal is None:
             self.expect_data = True  # check_store_rq passes only a C-STORE-RQ with a data set
+            self.data_room = None
             return "forward"
         if refusal.abort:
             self._abort(refusal.abort, refusal.detail)
