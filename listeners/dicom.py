@@ -395,7 +395,10 @@ class DicomListener:
             out += [(evt.EVT_C_MOVE, qr.on_move), (evt.EVT_C_GET, qr.on_get)]
         if c.mpps:
             mpps = MppsSCP(self.ctx, ae_title=c.ae_title)
-            out += [(evt.EVT_N_CREATE, mpps.on_n_create), (evt.EVT_N_SET, mpps.on_n_set)]
+            out += [(evt.EVT_N_CREATE, mpps.on_n_create), (evt.EVT_N_SET, mpps.on_n_set),
+                    # N-GET is optional for the MPPS SCP and not served: 0x0211 Unrecognized
+                    # Operation (PS3.7 Annex C), not pynetdicom's 0x0110 with a traceback in the log
+                    (evt.EVT_N_GET, lambda event: (0x0211, None))]
         if c.storage_commitment.enabled:
             self._commitment = CommitmentSCP(self.ctx, c.storage_commitment, ae=self.ae, ae_title=c.ae_title)
             out.append((evt.EVT_N_ACTION, self._commitment.on_n_action))

@@ -112,3 +112,18 @@ def test_endless_request_data_set_is_aborted_and_others_are_served(port):
         assert ok.send_c_store(big).Status == 0x0000
     finally:
         ok.release()
+
+
+def test_mpps_n_get_is_unrecognized_operation(port):
+    """N-GET is not served (optional for the MPPS SCP): 0x0211, and the association serves on."""
+    ae = AE(ae_title="CT01")
+    ae.add_requested_context(ModalityPerformedProcedureStep)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MEDRELAY")
+    assert assoc.is_established
+    try:
+        status, _ = assoc.send_n_get([0x00400252], ModalityPerformedProcedureStep, generate_uid())
+        assert status.Status == 0x0211
+        status, _ = assoc.send_n_create(step(), ModalityPerformedProcedureStep, generate_uid())
+        assert status.Status == 0x0000
+    finally:
+        assoc.release()
