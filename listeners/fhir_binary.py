@@ -30,7 +30,7 @@ from starlette.responses import Response, StreamingResponse
 from engine.store.fhir import binary
 from engine.store.fhir.params import FhirError
 from engine.store.fhir.resources import DATA_TYPES, FhirStore
-from listeners.fhir_body import BodyBudget
+from listeners.fhir_body import BodyBudget, reserve_body
 
 # A raw body over this is sealed while it arrives, by one of SEAL_THREADS (their own pool, so a
 # slow uploader holds one of these, never a thread the reads need); a smaller one once complete.
@@ -101,16 +101,7 @@ async def receive(request: Request, sealer: binary.PieceSealer, *, limit: int, b
     budget reservation (the declared length, or the limit when chunked; capped at the budget
     itself) is released by ``release_body`` in the endpoint's ``finally``; an upload given up
     (413, the client gone) stops the thread and leaves no file."""
-    length = request.headers.get("content-length", "").strip()
-    if length and not (length.isascii() and length.isdigit()):
-        raise FhirError(400, "invalid", "Content-Length is not a number")
-    declared = int(length) if length else None
-    if declared is not None and declared > limit:
-        raise FhirError(413, "too-long", f"body larger than {limit} bytes")
-    want = min(limit if declared is None else declared, budget.limit)
-    if want:
-        await budget.reserve(want, wait)
-        request.state.body_reserved = want
+    await reserve_body(request, limit=limit, budget=budget, wait=wait, most=budget.limit)
     task: asyncio.Future[binary.SealedData] | None = None
     try:
         async for chunk in request.stream():

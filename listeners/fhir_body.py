@@ -52,9 +52,11 @@ class BodyBudget:
             self._changed.notify_all()
 
 
-async def read_body(request: Request, *, limit: int, budget: BodyBudget, wait: float) -> bytes:
-    """The body, within ``limit``; its reservation is released by ``release_body`` (the endpoint's
-    ``finally``), since the bytes live on while the request is parsed and stored."""
+async def reserve_body(request: Request, *, limit: int, budget: BodyBudget, wait: float,
+                       most: int | None = None) -> None:
+    """Check the declared Content-Length against ``limit`` (413 before any byte is read) and reserve
+    the body's share of ``budget``: the declared length, or ``limit`` when chunked, at most ``most``.
+    Released by ``release_body`` (the endpoint's ``finally``)."""
     length = request.headers.get("content-length", "").strip()
     if length and not (length.isascii() and length.isdigit()):
         raise FhirError(400, "invalid", "Content-Length is not a number")
@@ -62,9 +64,17 @@ async def read_body(request: Request, *, limit: int, budget: BodyBudget, wait: f
     if declared is not None and declared > limit:
         raise FhirError(413, "too-long", f"body larger than {limit} bytes")
     want = limit if declared is None else declared
+    if most is not None:
+        want = min(want, most)
     if want:
         await budget.reserve(want, wait)
         request.state.body_reserved = want
+
+
+async def read_body(request: Request, *, limit: int, budget: BodyBudget, wait: float) -> bytes:
+    """The body, within ``limit``; its reservation is released by ``release_body`` (the endpoint's
+    ``finally``), since the bytes live on while the request is parsed and stored."""
+    await reserve_body(request, limit=limit, budget=budget, wait=wait)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)

@@ -153,20 +153,8 @@ class FhirDestination:
         headers = {"X-Request-ID": envelope.id}
         if btype is None and method != "DELETE":
             headers["Prefer"] = "return=minimal"
-        try:
-            async with asyncio.timeout(self.config.timeout):
-                resp = await self.client.request(method, url, content=body, headers=headers)
-        except TimeoutError:
-            raise DeliveryError(f"FHIR {method}: no complete answer within {self.config.timeout:g}s") from None
-        except httpx.HTTPError as e:  # connect, timeout, protocol: the server may be back later
-            raise DeliveryError(f"FHIR {method} failed: {type(e).__name__}") from None
+        resp = await self._exchange(method, url, body, headers, f"FHIR {method}")
         status = resp.status_code
-        if status >= 500 or status in RETRYABLE_4XX:
-            raise DeliveryError(f"FHIR {method} HTTP {status}{_issue_codes(resp)}")
-        if status >= 400:
-            raise DeliveryError(f"FHIR {method} HTTP {status}{_issue_codes(resp)}", permanent=True)
-        if status >= 300:
-            raise DeliveryError(f"FHIR {method} HTTP {status}: redirects are not followed", permanent=True)
         if btype is not None:
             self._check_entries(resp, btype)
         if method != "DELETE":
@@ -272,20 +260,29 @@ class FhirDestination:
     async def _binary_request(self, envelope: Envelope, method: str, url: str, content: Any,
                               headers: dict[str, str], size: int) -> httpx.Response:
         """Send one Binary's bytes; the answer when 2xx, else the DeliveryError HTTP says."""
+        resp = await self._exchange(method, url, content, headers, f"FHIR {method} Binary")
+        log.info("fhir.binary_delivered", channel=self.ctx.channel, route=self.ctx.route, method=method,
+                 status=resp.status_code, size=size, message_id=envelope.id)
+        return resp
+
+    async def _exchange(self, method: str, url: str, content: Any, headers: dict[str, str],
+                        what: str) -> httpx.Response:
+        """One request within the route's timeout; a 2xx answer, else the DeliveryError its status
+        says (5xx and RETRYABLE_4XX retried, other 4xx and 3xx permanent: redirects are not followed)."""
         try:
             async with asyncio.timeout(self.config.timeout):
                 resp = await self.client.request(method, url, content=content, headers=headers)
         except TimeoutError:
-            raise DeliveryError(f"FHIR {method} Binary: no complete answer within {self.config.timeout:g}s") from None
-        except httpx.HTTPError as e:
-            raise DeliveryError(f"FHIR {method} Binary failed: {type(e).__name__}") from None
+            raise DeliveryError(f"{what}: no complete answer within {self.config.timeout:g}s") from None
+        except httpx.HTTPError as e:  # connect, timeout, protocol: the server may be back later
+            raise DeliveryError(f"{what} failed: {type(e).__name__}") from None
         status = resp.status_code
         if status >= 500 or status in RETRYABLE_4XX:
-            raise DeliveryError(f"FHIR {method} Binary HTTP {status}{_issue_codes(resp)}")
+            raise DeliveryError(f"{what} HTTP {status}{_issue_codes(resp)}")
+        if status >= 400:
+            raise DeliveryError(f"{what} HTTP {status}{_issue_codes(resp)}", permanent=True)
         if status >= 300:
-            raise DeliveryError(f"FHIR {method} Binary HTTP {status}{_issue_codes(resp)}", permanent=True)
-        log.info("fhir.binary_delivered", channel=self.ctx.channel, route=self.ctx.route, method=method,
-                 status=status, size=size, message_id=envelope.id)
+            raise DeliveryError(f"{what} HTTP {status}: redirects are not followed", permanent=True)
         return resp
 
     @staticmethod
