@@ -4,7 +4,10 @@ that of its retrievals alone (not of the C-STORE that brought the data in)."""
 
 from __future__ import annotations
 
+import errno
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from dicom_peers import storescu
 
@@ -19,3 +22,31 @@ def store_with_a_first_process(proc, port: int, src: Path) -> None:
         assert "Success" in r.stdout, r.stdout[-2000:]
     finally:
         assert proc.terminate(60) == 0
+
+
+def disk_fills_after(files: Any, after: int) -> Callable[[], None]:
+    """Make every blob stream of ``files`` (an engine's blob folder) fail with ENOSPC once ``after``
+    bytes are written, as a disk that fills mid-instance; returns the function that undoes it."""
+    real_open = files.open_stream
+
+    class FullDisk:
+        def __init__(self) -> None:
+            self.inner = real_open()
+
+        def write(self, data: bytes) -> None:
+            if self.inner.written > after:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.inner.write(data)
+
+        def commit(self, blob_id: str) -> None:
+            self.inner.commit(blob_id)
+
+        def abort(self) -> None:
+            self.inner.abort()
+
+    files.open_stream = FullDisk  # the folder object's own method: every stream of this engine
+
+    def restore() -> None:
+        files.open_stream = real_open
+
+    return restore

@@ -30,6 +30,7 @@ from engine.store.dicom.scan import header_length
 from listeners import dicom_dimse as dimse
 from listeners import dicom_ul as ul
 from listeners.dicom_store_stream import LAST_INDEX_TAG
+from tests.big_dicom import disk_fills_after
 from tests.conftest import IN_CI, _reset_pg
 from tests.dicom_peers import ENV, TEST_FILES, data_file, findscu, free_port, store_statuses, tool
 from tests.test_blob_s3 import BUCKET, CREDS, _files, _objects, s3  # noqa: F401  (s3: the moto fixture)
@@ -459,31 +460,11 @@ def test_deflated_large_instance_is_streamed_and_indexed(medrelay_proc, tmp_path
 def test_disk_failing_mid_instance_is_answered_out_of_resources_and_stores_nothing(engine_factory, tmp_path):
     """The blob folder fails (ENOSPC) after 24 MiB of a streamed data set: the rest is read past, storescu
     gets 0xA700, nothing is committed, no file is left; the next instance is stored (the listener lives)."""
-    import errno
-
     from tests.dicom_peers import dicom_yaml, storescu
 
     e = engine_factory(dicom_yaml())
     port = e.address("dcm")[1]
-    files = e.store.files
-    real_open = files.open_stream
-
-    class FullDisk:
-        def __init__(self) -> None:
-            self.inner = real_open()
-
-        def write(self, data: bytes) -> None:
-            if self.inner.written > 24 * MiB:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            self.inner.write(data)
-
-        def commit(self, blob_id: str) -> None:
-            self.inner.commit(blob_id)
-
-        def abort(self) -> None:
-            self.inner.abort()
-
-    files.open_stream = FullDisk  # the folder object's own method: every stream of this engine
+    restore_disk = disk_fills_after(e.store.files, 24 * MiB)
     src = tmp_path / "large.dcm"
     write_large_instance(src, 64 << 20)
     r = storescu(port, [src], extra=("-to", "120"))
@@ -492,7 +473,7 @@ def test_disk_failing_mid_instance_is_answered_out_of_resources_and_stores_nothi
         assert conn.execute(select(func.count()).select_from(schema.messages)).scalar_one() == 0
     blobs = e.data_dir / "data" / "blobs"
     assert not [p for p in blobs.rglob("*") if p.is_file()]
-    files.open_stream = real_open
+    restore_disk()
     assert store_statuses(storescu(port, [src]).stdout) == ["Success"]
 
 

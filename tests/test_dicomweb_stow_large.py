@@ -24,6 +24,7 @@ from engine.security.crypto import KeyRing
 from engine.store import schema
 from engine.store.db import Store
 from tests import test_dicom_stream_in as si
+from tests.big_dicom import disk_fills_after
 from tests.conftest import fresh_pg_url
 from tests.dicom_peers import free_port
 from tests.test_blob_s3 import BUCKET, CREDS, _files, _objects, s3  # noqa: F401  (s3: the moto fixture)
@@ -205,8 +206,6 @@ def test_disk_failing_mid_part_is_that_instances_failure_and_the_rest_is_stored(
     folder's ``open_stream`` wrapped): that instance is in FailedSOPSequence with 0xA700, nothing
     of it is committed or left on disk, the small part after it is stored (202); once the disk is
     back the same instance is stored."""
-    import errno
-
     e = engine_factory("""
 store: {url: "sqlite:///data/medrelay.db", blobs: data/blobs}
 keys: {kek_file: data/keys.json}
@@ -215,25 +214,7 @@ channels:
     source: {type: dicomweb, host: 127.0.0.1, port: 0, auth: {bearer_tokens: ["${DW_TOKEN}"]}}
 """, env={"DW_TOKEN": TOKEN})
     url = f"http://127.0.0.1:{e.address('web')[1]}/dicom-web/studies"
-    files = e.store.files
-    real_open = files.open_stream
-
-    class FullDisk:
-        def __init__(self) -> None:
-            self.inner = real_open()
-
-        def write(self, data: bytes) -> None:
-            if self.inner.written > 24 * MiB:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            self.inner.write(data)
-
-        def commit(self, blob_id: str) -> None:
-            self.inner.commit(blob_id)
-
-        def abort(self) -> None:
-            self.inner.abort()
-
-    files.open_stream = FullDisk
+    restore_disk = disk_fills_after(e.store.files, 24 * MiB)
     big, small = tmp_path / "big.dcm", tmp_path / "small.dcm"
     write_large_instance(big, 64 * MiB, patient_id="STOW^FULL")
     small_uids = write_large_instance(small, 2 * MiB, patient_id="STOW^FULLSMALL")
@@ -243,7 +224,7 @@ channels:
     assert si._messages(e.store) == 1
     blobs = [p for p in (e.data_dir / "data" / "blobs").rglob("*") if p.is_file()]
     assert len(blobs) == 1 and not blobs[0].name.endswith(".part"), blobs  # the small part's blob only
-    files.open_stream = real_open
+    restore_disk()
     r = _post(url, [big])
     assert r.status_code == 200, r.text[:500]
     assert si._messages(e.store) == 2
