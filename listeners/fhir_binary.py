@@ -82,6 +82,24 @@ def servable_type(content_type: object) -> str:
     return ctype
 
 
+def raw_read_guard(content_type: str) -> dict[str, str]:
+    """Headers that keep a raw read's bytes from running as this origin's page.
+
+    The bytes are whatever an authorised client uploaded: an HTML, SVG or XHTML document, or
+    XML with a stylesheet, would otherwise run its script same-origin with the FHIR API (and,
+    with a cookie or a token in the page's storage, act as the reader). ``nosniff`` stops a
+    browser from guessing active content in a passive type; ``Content-Security-Policy:
+    sandbox`` gives an active type a unique opaque origin with scripts, forms and plugins off.
+    It is sent on every raw read except PDF: a list of "active" types would miss some (XSLT,
+    MathML, vendor +xml types). A browser's built-in PDF viewer is a plugin, which ``sandbox``
+    turns off (the document would not show), and a PDF's script runs inside that viewer, not as
+    the origin: PDF keeps ``nosniff`` only."""
+    guard = {"X-Content-Type-Options": "nosniff"}
+    if _media(content_type) != "application/pdf":
+        guard["Content-Security-Policy"] = "sandbox"
+    return guard
+
+
 def raw_content_type(request: Request) -> str | None:
     """The upload's content type when the body is the content itself (None: a FHIR JSON body)."""
     ctype = request.headers.get("content-type", "").strip()
@@ -137,7 +155,7 @@ def read_response(fs: FhirStore, conn: Any, request: Request, rtype: str, rid: s
         return StreamingResponse(binary.json_with_data(doc, binary.chunks(conn, fs.store, data)), 200,
                                  headers={**headers, "Content-Type": CONTENT_TYPE})
     check_raw_accept(request, content_type)
-    out = {**headers, "Content-Type": content_type, "X-Content-Type-Options": "nosniff", "Accept-Ranges": "bytes"}
+    out = {**headers, **raw_read_guard(content_type), "Content-Type": content_type, "Accept-Ranges": "bytes"}
     if data is None:
         return Response(b"", 200, headers=out)
     if request.method == "HEAD":  # the headers only: nothing to decrypt
