@@ -382,3 +382,25 @@ def test_http_header_slow_malformed_oversize(engine_factory):
         t0 = time.monotonic()
         assert answer(s) == b""
         assert 1.5 < time.monotonic() - t0 < 12
+
+
+def test_v1_unknown_with_any_bytes_up_to_crlf_is_accepted_and_the_rest_ignored(engine_factory):
+    """Spec 2.1: after ``PROXY UNKNOWN`` the receiver ignores everything up to the CRLF and uses
+    the connection's own address. Bytes there that are not ASCII (or a lone CR/LF) closed the
+    connection ("malformed v1 header"). The header still ends at the first CRLF and within 107 bytes."""
+    for line in (b"PROXY UNKNOWN\r\n", b"PROXY UNKNOWN \xff\xfe\x00 garbage \xe9\r\n",
+                 b"PROXY UNKNOWN ffff:f...f:ffff ffff:f...f:ffff 65535 65535\r\n",
+                 b"PROXY UNKNOWN a\rb\nc\r\n", b"PROXY UNKNOWN " + b"\x80" * 91 + b"\r\n"):
+        h = _parse(line + b"GET / HTTP/1.1\r\n")
+        assert h.source is None and h.length == len(line), line
+    for bad in (b"PROXY UNKNOWNX\r\n", b"PROXY UNKNOWN " + b"x" * 100 + b"\r\n", b"PROXY UNKNOWN\n"):
+        with pytest.raises(pp.ProxyError):
+            _parse(bad + b"\0" * 200)
+
+    eng = engine_factory(FHIR_YAML)
+    port = eng.address("api")[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"PROXY UNKNOWN \xc3\x28 \x00\x01\r\nGET /fhir/metadata HTTP/1.1\r\nHost: x\r\n"
+                  b"Connection: close\r\n\r\n")
+        s.settimeout(15)
+        assert s.recv(1000).startswith(b"HTTP/1.1 200")

@@ -129,6 +129,8 @@ class Parser:
                 self.header = _v1(bytes(b))
             elif len(b) >= V1_MAX:
                 raise ProxyError("v1 header longer than 107 bytes")
+            elif _unknown(b):
+                pass  # spec 2.1: anything up to the CRLF is ignored (a lone CR or LF, any byte)
             elif b"\r" in b[:-1] or b"\n" in b:
                 raise ProxyError("malformed v1 header")
             return
@@ -147,13 +149,20 @@ class Parser:
             self.header = _v2(bytes(b[:self._total]))
 
 
+def _unknown(line: bytes | bytearray) -> bool:
+    """``PROXY UNKNOWN`` then a space or the CRLF: the balancer does not know the client (spec
+    2.1: the receiver ignores the rest of the line, whatever its bytes, and uses the connection's
+    own addresses). Shorter than the word: not decided yet, judged by the other rules."""
+    return line.startswith(b"PROXY UNKNOWN") and (len(line) == 13 or line[13:14] in (b" ", b"\r"))
+
+
 def _v1(line: bytes) -> ProxyHeader:
+    if _unknown(line):
+        return ProxyHeader(1, None, None, len(line))
     try:
         parts = line[:-2].decode("ascii").split(" ")
     except UnicodeDecodeError:
         raise ProxyError("malformed v1 header") from None
-    if len(parts) >= 2 and parts[1] == "UNKNOWN":
-        return ProxyHeader(1, None, None, len(line))
     if len(parts) != 6 or parts[1] not in ("TCP4", "TCP6"):
         raise ProxyError("malformed v1 header")
     try:
