@@ -4,8 +4,8 @@ A batch file is ``[FHS] {[BHS] {MSH ...} [BTS]} [FTS]``: a file holds batches, a
 messages, and both envelopes are optional. ``read_batch`` gives that structure from the bytes
 (through ``engine.hl7.message.file_parts``, the same splitter ``medrelay import`` uses, so a
 file and an MLLP frame are cut the same way) plus what does not add up: a BTS-1 message count
-or FTS-1 batch count that disagrees with what is there, a batch or file without its trailer (a
-truncated file). Messages are left as they are: each goes through the receiver's checks and
+or FTS-1 batch count that disagrees with what is there or is not a count at all, a batch or
+file without its trailer (a truncated file). Messages are left as they are: each goes through the receiver's checks and
 intake alone, so one bad message fails alone.
 
 ``build_batch_ack`` writes the answer 2.10.3 describes: a batch (in a file when the request was
@@ -116,9 +116,36 @@ class BatchFile:
         return out
 
 
-def _count(seg: EnvelopeSegment | None, n: int) -> int | None:
-    value = seg.get(n).split(seg.delimiters.component, 1)[0].strip() if seg is not None else ""
-    return int(value) if value.isdigit() and len(value) <= 10 else None
+COUNT_DIGITS = 10  # a count longer than this is not a count any sender means (and int() stays cheap)
+
+
+def _shown(value: str) -> str:
+    """A count field as quoted in a problem: bounded (a 25-digit or 10 kB field stays short),
+    control characters as ``?`` (the problem goes to a log line and a BTS-2 / FTS-2)."""
+    text = "".join(ch if ch.isprintable() else "?" for ch in value[:12])
+    return f"'{text}...'" if len(value) > 12 else f"'{text}'"
+
+
+def _count(seg: EnvelopeSegment | None, n: int, field_name: str, unit: tuple[str, str],
+           received: int) -> str | None:
+    """The problem with ``seg``'s count field (BTS-1, FTS-1), or None when it agrees or is empty.
+
+    The field is optional (empty: nothing to check). Anything else that is not 1-10 ASCII digits
+    (``-5``, ``3.0``, 25 digits, a Latin-1 superscript that ``str.isdigit`` would take and
+    ``int`` refuse) is reported as not a count rather than skipped: a sender whose count is
+    garbage has a bug the receiving engineer wants to see, like a count that disagrees.
+    """
+    if seg is None:
+        return None
+    value = seg.get(n).split(seg.delimiters.component, 1)[0].strip()
+    if not value:
+        return None
+    if not (value.isascii() and value.isdigit() and len(value) <= COUNT_DIGITS):
+        return f"{field_name} {_shown(value)} is not a {unit[0]} count, {received} received"
+    said = int(value)
+    if said != received:
+        return f"{field_name} says {said} {unit[1]}, {received} received"
+    return None
 
 
 def read_batch(data: bytes) -> BatchFile:
@@ -160,15 +187,29 @@ def read_batch(data: bytes) -> BatchFile:
     for b in bf.batches:
         if b.header is not None and b.trailer is None:
             b.problems.append("no BTS (batch trailer): the batch may be truncated")
-        said = _count(b.trailer, 1)
-        if said is not None and said != b.hl7_messages:
-            b.problems.append(f"BTS-1 says {said} messages, {b.hl7_messages} received")
+        if (problem := _count(b.trailer, 1, "BTS-1", ("message", "messages"), b.hl7_messages)) is not None:
+            b.problems.append(problem)
     if bf.header is not None and bf.trailer is None:
         bf.problems.append("no FTS (file trailer): the file may be truncated")
-    said = _count(bf.trailer, 1)
-    if said is not None and said != len(bf.batches):
-        bf.problems.append(f"FTS-1 says {said} batches, {len(bf.batches)} received")
+    if (problem := _count(bf.trailer, 1, "FTS-1", ("batch", "batches"), len(bf.batches))) is not None:
+        bf.problems.append(problem)
     return bf
+
+
+COMMENT_LENGTH = 80  # BHS-10 / BTS-2 / FTS-2 are ST of 80 in v2.5
+
+
+def _comment(text: str, d: Delimiters) -> str:
+    r"""``text`` escaped for a comment field and cut to its 80 characters between escape
+    sequences (cutting the escaped text could leave a dangling ``\F`` the peer misreads)."""
+    out, size = [], 0
+    for ch in text:
+        esc = escape(ch, d)
+        if size + len(esc) > COMMENT_LENGTH:
+            break
+        out.append(esc)
+        size += len(esc)
+    return "".join(out)
 
 
 def _reply_header(name: str, request: EnvelopeSegment | None, fallback: EnvelopeSegment | None,
@@ -182,7 +223,7 @@ def _reply_header(name: str, request: EnvelopeSegment | None, fallback: Envelope
         return src.get(n) if src is not None else ""
 
     fields = [name, d.encoding_characters, g(5), g(6), g(3), g(4), ts, "", "",
-              escape(comment, d)[:80], new_control_id(), request.get(11) if request is not None else ""]
+              _comment(comment, d), new_control_id(), request.get(11) if request is not None else ""]
     while fields[-1] == "":
         fields.pop()
     return d.field.join(fields)
@@ -212,12 +253,12 @@ def build_batch_ack(request: BatchFile, acks: Sequence[Sequence[bytes]], *,
             out.append(ack if ack.endswith(b"\r") else ack + b"\r")
         bts = ["BTS", str(len(mine))]
         if b.problems:
-            bts.append(escape("; ".join(b.problems), bd)[:80])
+            bts.append(_comment("; ".join(b.problems), bd))
         out.append(bd.field.join(bts).encode("latin-1") + b"\r")
     if request.header is not None or request.trailer is not None:
         fts = ["FTS", str(len(batches))]
         if request.problems:
-            fts.append(escape("; ".join(request.problems), d)[:80])
+            fts.append(_comment("; ".join(request.problems), d))
         out.append(d.field.join(fts).encode("latin-1") + b"\r")
     return b"".join(out)
 
