@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import queue
 import socket
 import ssl
 import sys
@@ -180,7 +181,14 @@ class AssociationServer(ThreadedAssociationServer):
         self.open_connections = 0
         self._count_lock = threading.Lock()
         self._refused = _Throttle()
+        # what the accepting thread hands on (see _handle_request_noblock); None ends each
+        self._starts: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
+        self._refusals: queue.SimpleQueue[Any | None] = queue.SimpleQueue()
         super().__init__(*args, **kwargs)
+        assert self.socket is not None
+        self.socket.setblocking(False)  # accept until EAGAIN; accepted sockets are blocking still
+        for name, target in (("starter", self._start_threads), ("refuser", self._refuse_connections)):
+            threading.Thread(target=target, name=f"dicom-{name}", daemon=True).start()
 
     @property
     def channel(self) -> str:
@@ -217,23 +225,65 @@ class AssociationServer(ThreadedAssociationServer):
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
 
+    def _handle_request_noblock(self) -> None:
+        """Accept every connection waiting (socketserver takes one per ``select``) and hand
+        each on without waiting: a refused one to the refuser thread, one within
+        ``max_connections`` to the starter thread.
+
+        Under a flood this thread gets the GIL back after each system call only when busy
+        association threads give it up; each send, close and thread start it made for another
+        connection (a thread start waits for the thread to run) put every connection behind
+        it further back. A C-ECHO behind 200 flooding connections waited a second for its
+        accept; it now waits for 200 accepts.
+        """
+        for _ in range(self.request_queue_size):
+            try:
+                request, client_address = self.get_request()
+            except OSError:  # BlockingIOError: none left
+                return
+            if self.verify_request(request, client_address):
+                self._starts.put((request, client_address))
+            else:
+                self._refusals.put(request)
+                self._log_refused(client_address)
+
+    def _start_threads(self) -> None:
+        while (item := self._starts.get()) is not None:
+            request, client_address = item
+            try:
+                self.process_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+                self.shutdown_request(request)
+
+    def _refuse_connections(self) -> None:
+        while (request := self._refusals.get()) is not None:
+            if not isinstance(request, ssl.SSLSocket):  # a requestor that already sent its RQ learns why
+                try:
+                    request.send(ul.reject_pdu(0x02, 0x03, 0x02), socket.MSG_DONTWAIT)
+                except OSError:
+                    pass
+            self.shutdown_request(request)
+
+    def server_close(self) -> None:
+        self._starts.put(None)
+        self._refusals.put(None)
+        super().server_close()
+
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        """Count the connection, or refuse it at once (no thread, nothing read) when
-        ``max_connections`` are open; socketserver then closes it."""
+        """Count the connection; False when ``max_connections`` are open (it is then
+        refused at once: no thread, nothing read)."""
         with self._count_lock:
             if self.open_connections < self.max_connections:
                 self.open_connections += 1
                 return True
-        if not isinstance(request, ssl.SSLSocket):  # a requestor that already sent its RQ learns why
-            try:
-                request.send(ul.reject_pdu(0x02, 0x03, 0x02), socket.MSG_DONTWAIT)
-            except OSError:
-                pass
+        return False
+
+    def _log_refused(self, client_address: Any) -> None:
         suppressed = self._refused.hit()
         if suppressed is not None:
             log.warning("dicom.connection_refused", channel=self.channel, peer=_addr(client_address),
                         reason="max_connections reached", limit=self.max_connections, also_refused=suppressed)
-        return False
 
     def process_request(self, request: Any, client_address: Any) -> None:
         try:

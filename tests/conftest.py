@@ -21,6 +21,7 @@ import pytest
 from ports import free_port as free_port  # re-exported: tests import it from here
 from ports import wait_port
 
+import engine.dimse  # noqa: F401  # pynetdicom's reactor race fixed for the tests' own SCUs too (engine/dimse/reactor.py)
 from engine.config import parse_settings
 from engine.runtime import Runtime
 

@@ -5,3 +5,7 @@ the same association). It lives in the engine, below the components and the comm
 both use it: the ``dicom_prefetch`` destination (routes/) and ``medrelay dicom find|move`` (engine/cli).
 It imports nothing of the engine but ``security.tls`` (TLS contexts), so it sits at the foundation.
 """
+
+from engine.dimse import reactor as _reactor
+
+_reactor.install()  # pynetdicom's reactor race (see reactor.py), for every association medrelay makes or serves
