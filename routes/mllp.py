@@ -32,7 +32,7 @@ from pydantic import Field
 from engine.components import ComponentConfig, DeliveryError
 from engine.context import ComponentContext
 from engine.envelope import Envelope
-from engine.hl7.ack import parse_ack
+from engine.hl7.ack import read_ack
 from engine.hl7.message import HL7Error, read_header
 from engine.hl7.mllp import Frame, FrameParser, Oversized, Unframed, frame
 from engine.registry import component
@@ -128,10 +128,7 @@ class MLLPSender:
         """Deliver one message; returns the peer's ACK code (AA/CA) or raises ``DeliveryError``."""
         if envelope.kind != "hl7v2":
             raise DeliveryError(f"mllp destination cannot send {envelope.kind}", permanent=True)
-        try:
-            control_id = read_header(envelope.payload, require=False).control_id
-        except HL7Error as e:
-            raise DeliveryError(f"payload is not HL7 v2: {e.code}", permanent=True) from None
+        control_id = control_id_of(envelope)
         async with self._lock:
             loop = asyncio.get_running_loop()
             start = loop.time()
@@ -216,7 +213,7 @@ class MLLPSender:
 
     def _check_ack(self, payload: bytes, control_id: str) -> str:
         try:
-            ack = parse_ack(payload)
+            ack = read_ack(payload)
         except HL7Error as e:
             raise DeliveryError(f"malformed ACK ({e.code} {e.code_text})") from None
         if ack.control_id != control_id:
@@ -230,6 +227,28 @@ class MLLPSender:
     async def close(self) -> None:
         async with self._lock:
             await self._drop(abort=False)
+
+
+def control_id_of(envelope: Envelope) -> str:
+    """MSH-10 of the message to send, what the ACK's MSA-2 must echo.
+
+    The listener read the header when it took the message and wrote MSH-10 into the envelope
+    headers (``Header.as_headers``, as ``engine.store.message_terms`` uses them): a message
+    delivered as it was stored (no lineage: not changed by a transform, not produced by
+    another route) is taken at its word, not read again. A transformed or derived message,
+    or one without that header, is read: a transform may change MSH-10 without updating the
+    headers (hl7_map does update them; a custom transform need not). A payload that is not
+    HL7 v2 is a permanent failure (sending it again cannot help).
+    """
+    payload = envelope.payload
+    if not envelope.lineage and payload[:3] == b"MSH":
+        control_id = envelope.headers.get("MSH-10")
+        if isinstance(control_id, str) and control_id:
+            return control_id
+    try:
+        return read_header(payload, require=False).control_id
+    except HL7Error as e:
+        raise DeliveryError(f"payload is not HL7 v2: {e.code}", permanent=True) from None
 
 
 class _StaleConnection(Exception):

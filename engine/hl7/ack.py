@@ -26,8 +26,10 @@ from datetime import datetime
 from engine.hl7.message import (
     DEFAULT_DELIMITERS,
     REJECT_CODES,
+    Delimiters,
     Header,
     HL7Error,
+    delimiters_of,
     escape,
     is_hl7_version,
     read_header,
@@ -171,7 +173,7 @@ class Ack:
     code: str  # MSA-1
     control_id: str  # MSA-2: the MSH-10 it acknowledges
     error_code: str  # ERR-3.1 (or ERR-1.4.1), "" when absent
-    header: Header
+    header: Header | None  # None when ``read_ack`` did not need to read the MSH
 
     @property
     def ok(self) -> bool:
@@ -181,12 +183,32 @@ class Ack:
 def parse_ack(payload: bytes) -> Ack:
     """Read MSA (and ERR) from an ACK; ``HL7Error`` when it is not a usable ACK.
 
-    Segments are located by splitting the decoded text; no full parse, the
-    sender does this for every message it delivers.
+    Segments are located by splitting the decoded text; no full parse. The MSH is read
+    (``Ack.header``) and must be valid, charset included: for readers that use the header.
     """
     header = read_header(payload, require=False)
-    text = header.decode(payload)
-    d = header.delimiters
+    return _answer(header.decode(payload), header.delimiters, header)
+
+
+def read_ack(payload: bytes) -> Ack:
+    """What a sender checks in the ACK of each message it delivers (MSA-1, MSA-2, the ERR code),
+    without reading the ACK's MSH when its bytes make that safe; ``HL7Error`` as ``parse_ack``.
+
+    An ACK that starts with MSH, has a delimiter in MSH-1 and is plain ASCII (no ESC, so no
+    ISO 2022 shift) decodes to the same text in every charset MSH-18 could name, so MSH-1/2
+    are all that is needed: ``Ack.header`` is then None and MSH-18 is not checked (MSA-1 and
+    MSA-2 are read the same whatever it says). Anything else (a BOM, blank lines, non-ASCII
+    bytes) is read by ``parse_ack``. About a third of ``parse_ack``'s cost on a typical ACK.
+    """
+    if payload[:3] == b"MSH" and len(payload) >= 8 and payload.isascii() and b"\x1b" not in payload:
+        fs = payload[3:4]
+        if not fs.isalnum() and fs not in b" \r\n":
+            return _answer(payload.decode("ascii"), delimiters_of(payload), None)
+    return parse_ack(payload)
+
+
+def _answer(text: str, d: Delimiters, header: Header | None) -> Ack:
+    """MSA-1, MSA-2 and the ERR code of an ACK's text (its first MSA and first coded ERR)."""
     msa: list[str] | None = None
     err_code = ""
     for seg in text.replace("\r\n", "\r").replace("\n", "\r").split("\r"):
