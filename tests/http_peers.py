@@ -32,3 +32,17 @@ def until_closed(sock: socket.socket, *, dribble: bytes = b"", every: float = 0.
             break
         data += chunk
     return data, time.monotonic() - start
+
+
+def answered(sock: socket.socket) -> bool:
+    """The server has already written to (or closed) ``sock``: a timeout (or a cap) answered it."""
+    sock.setblocking(False)
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.settimeout(15)

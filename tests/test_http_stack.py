@@ -16,7 +16,7 @@ import httpx
 import pytest
 from conftest import EngineThread
 from console_support import start
-from http_peers import until_closed
+from http_peers import answered, until_closed
 
 TIMEOUTS = {"header_timeout": 1.0, "idle_timeout": 1.0}
 MARGIN = 3.0  # the machine is shared and slow: a timeout must fire, not fire to the millisecond
@@ -54,20 +54,6 @@ def dicomweb_error(data: bytes, status: int) -> str:
     ctype, body = answer(data, status)
     assert ctype.startswith("text/plain"), ctype
     return body.decode()
-
-
-def answered(sock: socket.socket) -> bool:
-    """The server has already written to (or closed) ``sock``: a timeout answered it."""
-    sock.setblocking(False)
-    try:
-        sock.recv(1, socket.MSG_PEEK)
-        return True
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-    finally:
-        sock.settimeout(15)
 
 
 def check_guards(address: tuple[str, int], path: str, read_error, ok_url: str) -> None:

@@ -30,6 +30,11 @@ class HttpLimitsConfig(BaseModel):
     max_connections: int = Field(200, ge=1, description=(
         "open connections at once (TLS ones counted from accept); more are answered 503 with "
         "Retry-After (TLS: closed before the handshake)"))
+    max_connections_per_client: int | None = Field(50, ge=1, description=(
+        "open connections at once from one client address (the one a trusted balancer's PROXY header "
+        "announces, else the connecting peer's); more are refused like those over max_connections. "
+        "Behind a balancer without the PROXY protocol every client is the balancer's address: raise it "
+        "to max_connections or null (no per-client cap), or turn on proxy_protocol"))
     idle_timeout: float = Field(5.0, gt=0, description=(
         "seconds a connection may stay open with no request in progress (after accept, the TLS "
         "handshake or a response) before it is closed"))

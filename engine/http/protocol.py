@@ -18,6 +18,9 @@ HTTP sources and the console all serve through it):
   reads the answer instead of a reset;
 - ``max_connections``: connections over the cap get 503 (TLS: closed before the
   handshake, which is where the CPU goes);
+- ``max_connections_per_client``: the same, for the connections of one client address (the
+  one a trusted balancer's PROXY header announces, else the peer's), so one client holding
+  half-sent requests cannot take every place under ``max_connections`` from the others;
 - head, header count and URL limits answered 431 / 414 / 400.
 
 Every answer given here, outside a request cycle, has the body of ``HttpLimits.error_body``:
@@ -37,6 +40,7 @@ import fcntl
 import json
 import struct
 import termios
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +84,7 @@ class HttpLimits:
     channel: str
     kind: str = "http"
     error_body: ErrorBody = json_error_body
+    max_connections_per_client: int | None = None  # None: only max_connections
 
     @classmethod
     def of(cls, config: Any, channel: str, **extra: Any) -> HttpLimits:
@@ -87,7 +92,84 @@ class HttpLimits:
         return cls(max_header_bytes=config.max_header_bytes, max_header_count=config.max_header_count,
                    max_url_bytes=config.max_url_bytes, idle_timeout=config.idle_timeout,
                    header_timeout=config.header_timeout, body_timeout=config.body_timeout,
-                   max_connections=config.max_connections, channel=channel, **extra)
+                   max_connections=config.max_connections,
+                   max_connections_per_client=config.max_connections_per_client, channel=channel, **extra)
+
+
+class ClientSlots:
+    """Open connections per client address, for ``max_connections_per_client``.
+
+    One per server (``protocol_class``), shared by its plain and TLS protocols. A connection
+    takes a place when admitted (TLS: at accept, before the handshake) and gives it back once,
+    when it is lost (or its handshake fails)."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.count: dict[str, int] = {}
+
+    def take(self, client: str) -> bool:
+        n = self.count.get(client, 0)
+        if self.limit is not None and n >= self.limit:
+            return False
+        self.count[client] = n + 1
+        return True
+
+    def give_back(self, client: str) -> None:
+        n = self.count.get(client, 0) - 1
+        if n > 0:
+            self.count[client] = n
+        else:
+            self.count.pop(client, None)
+
+
+def client_key(announced: tuple[str, int] | None, transport: asyncio.BaseTransport) -> str:
+    """The address a connection is counted on: the client a trusted balancer announced, else
+    the connecting peer (an IPv4-mapped IPv6 address as its IPv4 form, one client either way)."""
+    if announced is not None:
+        host = announced[0]
+    else:
+        peer = transport.get_extra_info("peername")
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+class RefusalLog:
+    """At most one warning per (reason, client) every ``every`` seconds, with the number of
+    refusals since the last one: a client retrying in a loop while over a cap would otherwise
+    write a log line per connection. Remembers at most ``most`` keys (many clients at once:
+    the oldest are forgotten, so their next refusal is logged again)."""
+
+    def __init__(self, every: float = 10.0, most: int = 1024) -> None:
+        self.every = every
+        self.most = most
+        self.seen: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def refused(self, limits: HttpLimits, reason: str, client: str, limit: int) -> None:
+        now = time.monotonic()
+        key = (reason, client)
+        last, skipped = self.seen.get(key, (-self.every, 0))
+        if now - last < self.every:
+            self.seen[key] = (last, skipped + 1)
+            return
+        self.seen.pop(key, None)
+        if len(self.seen) >= self.most:
+            del self.seen[next(iter(self.seen))]
+        self.seen[key] = (now, 0)
+        log.warning(f"{limits.kind}.connection_refused", channel=limits.channel, reason=reason, limit=limit,
+                    client=client, refused_since_last_log=skipped)
+
+
+def admit(limits: HttpLimits, open_now: int, slots: ClientSlots, client: str, refusals: RefusalLog) -> bool:
+    """Whether a new connection from ``client`` gets in: under ``max_connections`` with
+    ``open_now`` open, and under ``max_connections_per_client`` for its address (which it then
+    holds). A refusal is logged (throttled)."""
+    if open_now >= limits.max_connections:
+        refusals.refused(limits, "max_connections", client, limits.max_connections)
+        return False
+    if not slots.take(client):
+        refusals.refused(limits, "max_connections_per_client", client, slots.limit or 0)
+        return False
+    return True
 
 
 def raw_response(status: int, reason: str, code: str, text: str, headers: dict[str, str] | None = None, *,
@@ -135,6 +217,8 @@ class GuardedH11Protocol(H11Protocol):
 
     limits: HttpLimits
     pending: set[Any]  # TLS connections accepted and still in their handshake (they count too)
+    slots: ClientSlots  # connections per client address
+    refusals: RefusalLog
 
     def __init__(self, config: Any, server_state: Any, app_state: Any, _loop: Any = None, *,
                  admitted: bool = False) -> None:
@@ -145,16 +229,31 @@ class GuardedH11Protocol(H11Protocol):
         self.body_timer: asyncio.TimerHandle | None = None
         self.unsent = 1 << 62  # write buffer at the last idle check (a response still draining)
         self.announced: tuple[str, int] | None = None  # a trusted balancer's PROXY header: the client
+        self.slot: str | None = None  # the client address whose place this connection holds
+
+    def hold(self, client: str) -> None:
+        """Take over the place the TLS wrapper took at accept for ``client``."""
+        self.slot = client
+
+    def release(self) -> None:
+        """Give the client's place back (once: lost, refused, or a handshake that failed)."""
+        if self.slot is not None:
+            self.slots.give_back(self.slot)
+            self.slot = None
 
     # -- connection cap and idle timer ----------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        over = not self.admitted and len(self.connections) + len(self.pending) >= self.limits.max_connections
+        over = False
+        if not self.admitted:
+            client = client_key(self.announced, transport)
+            over = not admit(self.limits, len(self.connections) + len(self.pending), self.slots, client,
+                             self.refusals)
+            if not over:
+                self.slot = client
         super().connection_made(transport)
         if self.announced is not None:
             self.client = self.announced  # the request scope's client (logs, audit rows)
         if over:
-            log.warning(f"{self.limits.kind}.connection_refused", channel=self.limits.channel,
-                        reason="max_connections", limit=self.limits.max_connections)
             transport.write(raw_response(503, "Service Unavailable", "transient",
                                          "too many connections; retry later", {"Retry-After": RETRY_AFTER},
                                          error_body=self.limits.error_body))
@@ -164,6 +263,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
+        self.release()
         super().connection_lost(exc)
 
     def timeout_keep_alive_handler(self) -> None:
@@ -171,6 +271,7 @@ class GuardedH11Protocol(H11Protocol):
             # lost without our connection_lost (TLS: between the handshake and connection_made):
             # it must not hold a place under max_connections for ever
             self.connections.discard(self)
+            self.release()
             return
         pending = self.transport.get_write_buffer_size()
         if pending and (pending := pending + _kernel_unsent(self.transport)) < self.unsent:
@@ -281,4 +382,6 @@ class GuardedH11Protocol(H11Protocol):
 
 def protocol_class(limits: HttpLimits) -> type[GuardedH11Protocol]:
     """A GuardedH11Protocol bound to one server's limits (uvicorn instantiates the class)."""
-    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"limits": limits, "pending": set()})
+    return type("GuardedH11Protocol", (GuardedH11Protocol,),
+                {"limits": limits, "pending": set(), "slots": ClientSlots(limits.max_connections_per_client),
+                 "refusals": RefusalLog()})

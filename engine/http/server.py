@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 import uvicorn
 
-from engine.http.protocol import GuardedH11Protocol, HttpLimits, protocol_class
+from engine.http.protocol import GuardedH11Protocol, HttpLimits, admit, client_key, protocol_class
 from engine.security import proxy_protocol
 from engine.security.proxy_protocol import ProxyProtocolConfig
 from engine.security.tls import PausedAccept, TLSConfig, server_context, upgrade
@@ -42,9 +42,11 @@ def tls_protocol(inner_class: type[GuardedH11Protocol], context: ssl.SSLContext,
                  on_failure: TlsFailure) -> type[asyncio.Protocol]:
     """A uvicorn ``http`` protocol class: ``inner_class`` behind our own TLS upgrade.
 
-    The connection cap applies at accept (connections in their handshake count, through
-    ``inner_class.pending``), so connections over it cost no handshake; a handshake gets
-    ``handshake_timeout``; the HTTP timeouts start when it is done.
+    The connection caps apply at accept (connections in their handshake count, through
+    ``inner_class.pending``; the client's place under ``max_connections_per_client`` is taken
+    here and handed to the inner protocol, or given back if the handshake fails), so
+    connections over them cost no handshake; a handshake gets ``handshake_timeout``; the HTTP
+    timeouts start when it is done.
     """
     limits: HttpLimits = inner_class.limits
     pending: set[Any] = inner_class.pending
@@ -57,20 +59,24 @@ def tls_protocol(inner_class: type[GuardedH11Protocol], context: ssl.SSLContext,
             super().__init__(self._upgrade)
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            if len(self.connections) + len(pending) >= limits.max_connections:
-                log.warning(f"{limits.kind}.connection_refused", channel=limits.channel, reason="max_connections",
-                            limit=limits.max_connections)
+            client = client_key(self.inner.announced, transport)
+            if not admit(limits, len(self.connections) + len(pending), inner_class.slots, client,
+                         inner_class.refusals):
                 transport.abort()
                 return
+            self.inner.hold(client)
             pending.add(self)
             super().connection_made(transport)
 
         async def _upgrade(self, transport: asyncio.Transport) -> None:
+            done = None
             try:
-                await upgrade(transport, self.inner, context, handshake_timeout=handshake_timeout,
-                              on_failure=on_failure)
+                done = await upgrade(transport, self.inner, context, handshake_timeout=handshake_timeout,
+                                     on_failure=on_failure)
             finally:
                 pending.discard(self)
+                if done is None:
+                    self.inner.release()  # no handshake, so no connection_lost: the place comes back here
 
     return TLSHttpProtocol
 
