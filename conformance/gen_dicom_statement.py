@@ -355,6 +355,14 @@ def render() -> str:
         "`duplicates` says.",
         "- A STOW-RS part or file-source file whose file meta names another SOP Class/Instance UID than its "
         "data set is stored under the data set's UIDs, with a file meta written anew to match.",
+        "- A data set cut short is refused, never stored: its whole structure (every element's tag and "
+        "length, sequences, items and encapsulated fragments of defined or undefined length, explicit and "
+        "implicit VR Little Endian, deflated inflated as it passes) is walked before anything is stored, so "
+        "an instance complete by its protocol (last PDV, closed STOW-RS part, whole file) whose last "
+        "element, an item or a fragment declares more bytes than it holds gets 0xC000 with the Error "
+        "Comment \"data set cut short or its lengths do not nest; not stored\" on every intake path "
+        "(C-STORE small and streamed, STOW-RS, file source, `medrelay import`, C-GET prefetch), is audited "
+        "as a failed receive, and leaves no blob. Big Endian data sets (retired) are not walked.",
         "- An archive written by an earlier medrelay, which merged every instance without Patient ID into one "
         "patient, is split at the first start of this version: each study gets its own patient, with the "
         "patient attributes read again from its stored instance.",

@@ -32,7 +32,9 @@ STORE = {
                    "or different from the command's Affected SOP Class/Instance UID, or a "
                    "Study/Series Instance UID missing"),
     "cannot_understand": _s(0xC000, "Failure", "Error: Cannot understand", "PS3.4 B.2.3",
-                            "the data set cannot be decoded"),
+                            "the data set cannot be decoded, or it is cut short: an element, item, fragment "
+                            "or sequence declares more bytes than the data set holds (Error Comment \"data set "
+                            "cut short or its lengths do not nest; not stored\")"),
     "uid_conflict": _s(0xC000, "Failure", "Error: Cannot understand", "PS3.4 B.2.3",
                        "its Series Instance UID is filed under another study, or its SOP Instance UID "
                        "(other content) under another series: never filed there (Error Comment says which)"),

@@ -25,6 +25,7 @@ from engine.envelope import Envelope, new_id
 from engine.intake import Duplicate, Outcome, Refused
 from engine.store import message_terms
 from engine.store.dicom import index as idx
+from engine.store.dicom import walk
 from listeners.dicom_dimse import ui_value, valid_uid
 from listeners.dicom_status import STORE
 
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
     from engine.context import ComponentContext
 
 log = structlog.get_logger()
+
+
+MALFORMED = "data set cut short or its lengths do not nest"
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,13 @@ def _data_set_readable(transfer_syntax: str) -> bool:
     """Whether ``read_index_data_set`` reads a bare data set of this transfer syntax."""
     ts = UID(transfer_syntax)
     return bool(ts.is_transfer_syntax) and not ts.is_deflated
+
+
+def walk_deflated(data_set: bytes | memoryview) -> None:
+    """The structural walk of a deflated data set held whole (inflated in bounded pieces)."""
+    w = walk.InflatingWalk()
+    w.feed(data_set)
+    w.close()
 
 
 def failure(name: str, comment: str) -> Dataset:
@@ -197,17 +208,35 @@ class StoreSCP:
         dataset = memoryview(req.part10)[req.meta_end:]
         try:
             if _data_set_readable(req.transfer_syntax):  # the data set alone (no second file-meta parse)
-                ds = idx.read_index_data_set(dataset, req.transfer_syntax)
+                ds = idx.read_checked(dataset, req.transfer_syntax)  # and its structure walked
             else:  # deflated or unknown transfer syntax: the Part-10 reader inflates
                 ds = idx.read_index_dataset(req.part10)
+                if UID(req.transfer_syntax).is_deflated:
+                    walk_deflated(dataset)
             # Any failure above (sequences nested too deep included) refuses the instance; it is
             # not retried with another reader, which would take what the first one refused.
             attrs = idx.extract(ds)
+        except walk.Malformed as e:
+            return self.malformed(req, e)
         except Exception as e:
             log.info("dicom.store_undecodable", channel=self.ctx.channel, error=type(e).__name__)
             return STORE["cannot_understand"].code, "data set cannot be decoded"
         refused = check_attrs(attrs, req.sop_class, req.sop_uid)
         return refused if refused is not None else (dataset, attrs)
+
+    def malformed(self, req: Any, error: walk.Malformed) -> tuple[int, str]:
+        """The refusal of a data set cut short (``req``: a StoreRequest or a streamed sink): 0xC000
+        Cannot understand, logged and audited as a failed receive (nothing was stored). Not 0xA700
+        (a re-send of the same bytes fails the same way) nor 0xA900 (nothing says the SOP class
+        is wrong)."""
+        log.info("dicom.store_malformed", channel=self.ctx.channel, sop_class=req.sop_class, detail=str(error)[:200])
+        headers = {"SOPClassUID": req.sop_class, "SOPInstanceUID": req.sop_uid,
+                   "TransferSyntaxUID": req.transfer_syntax, "CallingAETitle": req.calling_aet,
+                   "CalledAETitle": self.ae_title}
+        self.ctx.audit.record_soon("message.receive", outcome="failure", actor=req.calling_aet, peer=req.peer,
+                                   channel=self.ctx.channel, entity={"kind": "dicom", "headers": headers},
+                                   detail="refused: " + MALFORMED)
+        return STORE["cannot_understand"].code, MALFORMED + "; not stored"
 
     def store(self, req: StoreRequest) -> tuple[int, str | None]:
         if not valid_uid(req.sop_uid) or not valid_uid(req.sop_class):

@@ -38,7 +38,8 @@ from engine.envelope import new_id
 from engine.intake import Ahead
 from engine.store.blob_writer import BlobStream, can_stream
 from engine.store.dicom import index as idx
-from engine.store.dicom.scan import BULK_START, header_length
+from engine.store.dicom import walk
+from engine.store.dicom.scan import BULK_START, NestingTooDeep, header_length
 from listeners.dicom_status import STORE
 from listeners.dicom_store import StoreSCP, check_attrs, file_meta, outcome_status
 
@@ -72,6 +73,11 @@ class IncomingDataSet:
         self.closed = False
         self.failed = False
         self.header_end: int | None = None  # once known, ``head`` holds only the header
+        ts = UID(transfer_syntax)
+        # the structure of the whole data set, walked as its pieces pass (no second read of the blob)
+        self.walk: walk.StructureWalk | walk.InflatingWalk | None = walk.walker(
+            bool(ts.is_deflated), bool(ts.is_implicit_VR))
+        self.walk_error: ValueError | None = None
         self._next_look = 1 << 20
 
     def add(self, fragment: bytes | memoryview) -> None:
@@ -88,6 +94,11 @@ class IncomingDataSet:
             self.head = bytearray()
             return
         self.digest.update(fragment)
+        if self.walk is not None:
+            try:
+                self.walk.feed(fragment)
+            except (walk.Malformed, NestingTooDeep) as e:  # decided, and refused, at the end
+                self.walk, self.walk_error = None, e
         room = HEADER_MAX - len(self.head)
         if room > 0 and self.header_end is None:
             self.head += fragment[:room]
@@ -139,6 +150,16 @@ class IncomingDataSet:
     def _store(self) -> tuple[int, str | None]:
         if self.failed:
             return STORE["out_of_resources"].code, "not stored: blob write failed"
+        try:
+            if self.walk is not None:
+                self.walk.close()
+            if self.walk_error is not None:
+                raise self.walk_error
+        except walk.Malformed as e:
+            return self.scp.malformed(self, e)
+        except NestingTooDeep:
+            log.info("dicom.store_undecodable", channel=self.scp.ctx.channel, error="NestingTooDeep")
+            return STORE["cannot_understand"].code, "data set cannot be decoded"
         checked = self._header()
         if isinstance(checked[0], int):
             return checked  # type: ignore[return-value]  (refused: ``store``'s finally removes the file)

@@ -54,8 +54,8 @@ from sqlalchemy import (
 )
 
 from engine.store import schema
-from engine.store.dicom import reconcile, terms
-from engine.store.dicom.scan import ScanError, scan
+from engine.store.dicom import reconcile, terms, walk
+from engine.store.dicom.scan import ScanError, scan, scan_to_pixels
 from engine.store.dicom.tables import (  # noqa: F401  (the attribute lists are this module's API too)
     IMAGE_ATTRS,
     LEVEL_ATTRS,
@@ -220,6 +220,31 @@ def read_index_data_set(data_set: bytes | memoryview, transfer_syntax: str, *, s
             pass  # unusual encoding: pydicom's reader decides
     return read_dataset(io.BytesIO(data_set), ts.is_implicit_VR, ts.is_little_endian,
                         stop_when=_before_pixels, specific_tags=_INDEX_TAG_LIST)
+
+
+def read_checked(data_set: bytes | memoryview, transfer_syntax: str) -> Dataset:
+    """The index attributes of a whole data set about to be stored (``read_index_data_set``), and
+    its structural walk (engine/store/dicom/walk.py): ``walk.Malformed`` when it is cut short or
+    its lengths do not nest, although it arrived complete by its protocol. The one pre-store check
+    of every intake path (C-STORE, STOW-RS, the file source, C-GET prefetch).
+
+    The header scan already checked every element before the pixel data (each value within the
+    data set, sequences walked), so the walk starts where the scan stopped: the extra cost on a
+    CT is the few elements from Pixel Data on. Big Endian (retired) is not walked.
+    """
+    ts = UID(transfer_syntax)
+    if ts.is_deflated:
+        raise ValueError("a deflated data set is read with read_index_dataset and walked inflated")
+    if ts.is_little_endian:
+        try:
+            ds, end = scan_to_pixels(data_set, _SCAN_TAGS, implicit=ts.is_implicit_VR)
+        except (ScanError, struct.error):
+            pass  # unusual encoding: pydicom's reader, and the walk of the whole data set
+        else:
+            walk.check(memoryview(data_set)[end:], implicit=ts.is_implicit_VR)
+            return ds
+        walk.check(data_set, implicit=ts.is_implicit_VR)
+    return read_index_data_set(data_set, transfer_syntax, scan_ok=False)
 
 
 def _int(v: Any) -> int | None:

@@ -15,9 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pydicom.uid import UID
 from sqlalchemy import Connection
 
 from engine.store.dicom import index as idx
+from engine.store.dicom import walk
 
 
 @dataclass(frozen=True)
@@ -36,9 +38,15 @@ class Received:
 
 
 def prepare(part10: bytes) -> Received:
-    """What the index needs; ``idx.MissingKeys`` (or ValueError) when the instance cannot be filed."""
+    """What the index needs; ``idx.MissingKeys`` (or ValueError: ``walk.Malformed`` for a data set
+    cut short) when the instance cannot be filed."""
     ts, dataset = idx.split_part10(part10)
     attrs = idx.extract(idx.read_index_dataset(part10))
+    t = UID(ts)
+    if t.is_little_endian or t.is_deflated:  # a data set cut short is refused, as the listener does
+        w = walk.walker(bool(t.is_deflated), bool(t.is_implicit_VR))
+        w.feed(dataset)
+        w.close()
     im, st, se = attrs["IMAGE"], attrs["STUDY"], attrs["SERIES"]
     if not (im.get("SOPInstanceUID") and im.get("SOPClassUID") and st.get("StudyInstanceUID")
             and se.get("SeriesInstanceUID")):

@@ -55,6 +55,13 @@ _SQ_TAGS = frozenset(tag for tag, entry in DicomDictionary.items() if entry[0] =
 
 def scan(data: bytes | memoryview, wanted: Collection[int], *, implicit: bool) -> Dataset:
     """Raw values of the wanted top-level tags, stopping at Pixel Data."""
+    return scan_to_pixels(data, wanted, implicit=implicit)[0]
+
+
+def scan_to_pixels(data: bytes | memoryview, wanted: Collection[int], *, implicit: bool) -> tuple[Dataset, int]:
+    """``scan``, and the offset where it stopped (the Pixel Data element, or the end): every
+    element before it was checked to lie within the data set, sequences walked, so the
+    structural walk (engine/store/dicom/walk.py) starts there instead of walking them again."""
     buf = data
     found: dict[BaseTag, RawDataElement] = {}
     pos, end = 0, len(buf)
@@ -78,7 +85,7 @@ def scan(data: bytes | memoryview, wanted: Collection[int], *, implicit: bool) -
         pos = stop
     if pos < end and pos + 8 > end:
         raise ScanError("trailing bytes after the last element")
-    return Dataset(found)
+    return Dataset(found), min(pos, end)
 
 
 def _header(buf: bytes | memoryview, pos: int, implicit: bool) -> tuple[int, str | None, int, int]:
