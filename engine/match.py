@@ -5,7 +5,11 @@ Keys are HL7 positions (`MSH-9.1`, `PID-8`), DICOM keywords (`Modality`,
 match (AND); a list matches any of its values (OR); `*` and `?` are wildcards; operators
 (`in`, `not`, `regex`, `exists`, `gt`, `before`, `any`/`all`...) as in engine/mapping/conditions.py.
 Header fields answer first, so the common case never parses the payload; a key that
-is not a header is read from the payload once, lazily.
+is not a header is read from the payload once, lazily. A header answers with what the
+listener wrote (``Header.as_headers``): ``MSH-9`` is the whole message type
+(``ORU^R01^ORU_R01``), while a payload read of a field without a component gives its first
+component (``ORU``), as in mapping rules; ``MSH-9.1``/``.2``/``.3`` agree everywhere
+(docs/mappings.md, Conditions).
 
 This lives in the engine, not routes/, because intake decides at commit time which
 deliveries a message gets.

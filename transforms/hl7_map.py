@@ -30,7 +30,9 @@ class Hl7MapConfig(ComponentConfig):
     """Change HL7 v2 messages with rules: set, copy, delete, add, lookup (code tables), when, foreach, drop."""
 
     type: Literal["hl7_map"] = Field(description="Component type.")
-    rules: RuleList = Field(description="Rules applied in order; see docs/mappings.md.")
+    rules: RuleList = Field(description="Rules applied in order; see docs/mappings.md. In a `when:` a field "
+                            "position without a component reads its first component (`MSH-9: ORU` is true "
+                            "for ORU^R01; name `MSH-9.2` for the trigger).")
     validate_output: bool = Field(False, description="Check the result with hl7apy (structure, types, lengths) "
                                   "and dead-letter it when it does not conform.")
 

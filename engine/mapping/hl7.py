@@ -250,10 +250,23 @@ class Hl7Document:
             return []
         return [self._create(p.segment, p.occurrence)]
 
+    def _after_last(self, found: list[Segment]) -> int:
+        """Where a new segment of a kind goes: after the last one and the NTE notes that follow
+        it (an NTE belongs to the segment before it: OBX {NTE}, OBR {NTE}, PID {NTE}), so a new
+        OBX does not take the previous OBX's comment; at the end when there is none."""
+        if not found:
+            return len(self.segments)
+        at = self.segments.index(found[-1]) + 1
+        if found[-1].name != "NTE":
+            while at < len(self.segments) and self.segments[at].name == "NTE":
+                at += 1
+        return at
+
     def _create(self, name: str, occurrence: int) -> Segment:
-        """Append empty segments until ``name`` has ``occurrence`` of them, after its last one."""
+        """Append empty segments until ``name`` has ``occurrence`` of them, after its last one
+        (and that one's notes, ``_after_last``)."""
         found = self._all(name)
-        at = self.segments.index(found[-1]) + 1 if found else len(self.segments)
+        at = self._after_last(found)
         seg = None
         for _ in range(occurrence - len(found)):
             seg = Segment(name, [name])
@@ -368,9 +381,7 @@ class Hl7Document:
             fields = [p.segment, *(self.encode(p, v) if not isinstance(v, list) else
                                    d.component.join(escape(_text(x), d) for x in v) for v in (value or []))]
             seg = Segment(p.segment, fields)
-            found = self._all(p.segment)
-            at = self.segments.index(found[-1]) + 1 if found else len(self.segments)
-            self.segments.insert(at, seg)
+            self.segments.insert(self._after_last(self._all(p.segment)), seg)
             return
         if p.repetition is not None or p.component:
             raise MappingError(f"{p.text}: add takes a field position (a new repetition) or a segment name")
