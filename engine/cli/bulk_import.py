@@ -343,8 +343,9 @@ def import_dicom(host: str, port: int, called_aet: str, calling_aet: str, files:
     metas = []
     for f in files:
         try:
-            meta = dcmread(f, stop_before_pixels=True, specific_tags=["SOPClassUID"]).file_meta
-            metas.append((f, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
+            head = dcmread(f, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+            meta = head.file_meta
+            metas.append((f, *command_uids(head), str(meta.TransferSyntaxUID)))
         except Exception:
             data = _head(f, 65536)
             what = describe(data)
@@ -354,7 +355,7 @@ def import_dicom(host: str, port: int, called_aet: str, calling_aet: str, files:
     if metas:
         _connect(host, port, 10).close()  # a clear message when no engine listens there
     # at most 128 presentation contexts per association (PS3.8): one association per group
-    pairs = sorted({(c, t) for _, c, t in metas})
+    pairs = sorted({(c, t) for _, c, _, t in metas})
     for i in range(0, len(pairs), 128):
         group = set(pairs[i:i + 128])
         ae = AE(ae_title=calling_aet)
@@ -398,14 +399,48 @@ def _bounded_sends(assoc: Any, depth: int = SEND_DEPTH) -> None:
     dul.send_pdu = bounded
 
 
-def _send_group(assoc: Any, group: set[tuple[str, str]], metas: list[tuple[Path, str, str]],
+def command_uids(head: Any) -> tuple[str, str]:
+    """(SOP Class UID, SOP Instance UID) a file is sent under: the data set's, as STOW-RS and the
+    file source store it (listeners.dicom_store.data_set_uids), over a file meta that names others
+    (pydicom-edited results keep their source's Media Storage UIDs); the meta's when the data set
+    has none (the listener then judges)."""
+    meta = head.file_meta
+    return (str(head.get("SOPClassUID", "") or "") or str(meta.MediaStorageSOPClassUID),
+            str(head.get("SOPInstanceUID", "") or "") or str(meta.MediaStorageSOPInstanceUID))
+
+
+@contextmanager
+def _sent_as(sop_class: str, sop_uid: str) -> Iterator[None]:
+    """pynetdicom's chunked send takes the command's Affected SOP Class/Instance UID from the
+    file meta (``split_dataset``); for a file whose meta names other UIDs than its data set, the
+    meta it reads here names the data set's, so the command matches the data set (the listener
+    answers 0xA900 otherwise). The data set still goes from disk as encoded. One thread only:
+    the import sends one file at a time."""
+    from pynetdicom import association
+
+    real = association.split_dataset
+
+    def split(path: Any) -> Any:
+        meta, offset = real(path)
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, sop_uid
+        return meta, offset
+
+    association.split_dataset = split
+    try:
+        yield
+    finally:
+        association.split_dataset = real
+
+
+def _send_group(assoc: Any, group: set[tuple[str, str]], metas: list[tuple[Path, str, str, str]],
                 report: Report) -> None:
     """C-STORE the files of one association's presentation contexts, each answer reported."""
-    for f, c, t in metas:
+    for f, c, uid, t in metas:
         if (c, t) not in group:
             continue
         try:
-            status = assoc.send_c_store(f)
+            with _sent_as(c, uid):
+                status = assoc.send_c_store(f)
         except ValueError:  # no accepted presentation context for it
             report.add(f, "rejected", f"the engine accepted no presentation context for SOP class {c} "
                        f"in transfer syntax {t}")
