@@ -421,7 +421,8 @@ def render() -> str:
         "",
         "N-CREATE and N-SET (PS3.4 F.7). N-CREATE needs the Type 1 attributes of PS3.4 Table F.7.2-1 "
         f"({', '.join(f'`{k}`' for k in mpps_scp.CREATE_TYPE1)}, and a Study Instance UID in each Scheduled "
-        "Step Attributes item) and the status IN PROGRESS; missing Type 2 attributes are accepted. N-SET may "
+        "Step Attributes item) and the status IN PROGRESS (a status sent in lower case or padded is taken "
+        "and stored upper case, as CS requires); missing Type 2 attributes are accepted. N-SET may "
         "change the status to COMPLETED or DISCONTINUED once (both need the end date and time; COMPLETED a "
         "Performed Series Sequence with Series Instance UIDs) and may not change "
         f"{', '.join(f'`{k}`' for k in mpps_scp.NOT_SETTABLE)} (a different value is refused with 0x0106 "

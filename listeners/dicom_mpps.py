@@ -309,9 +309,18 @@ class MppsSCP:
 
 def _decoded(ds: Dataset) -> Dataset:
     """Every element read now (pydicom decodes lazily): bytes that are not a data set fail here,
-    as one failure status, not later half way through the checks."""
+    as one failure status, not later half way through the checks. A Performed Procedure Step
+    Status sent in lower case or padded (``in progress``, invalid CS: PS3.5 6.2 allows upper case
+    only) is normalised to what the step's row, headers and routes already say (``IN PROGRESS``),
+    so the stored data set, N-SET's comparison with it and every reader agree. Normalised, not
+    refused with 0x0106: the meaning is unambiguous, and a refusal would leave the modality's
+    exam without a step (its worklist item never completed) for a casing slip."""
     for _elem in ds.iterall():
         pass
+    raw = ds.get("PerformedProcedureStepStatus")
+    if isinstance(raw, str) and raw != raw.strip().upper():
+        ds.PerformedProcedureStepStatus = raw.strip().upper()
+        log.info("dicom.mpps_status_normalised", sent=raw[:16], stored=ds.PerformedProcedureStepStatus)
     return ds
 
 

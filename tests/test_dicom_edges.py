@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
@@ -52,3 +52,55 @@ def test_import_sends_a_file_under_its_data_sets_uids(eng, tmp_path):
     assert "2 accepted, 0 rejected" in r.stdout, r.stdout
     assert indexed_sop_uids(eng) == sorted([str(edited.SOPInstanceUID), str(plain.SOPInstanceUID)])
 
+
+
+# -- MPPS: a lower-case Performed Procedure Step Status -------------------------------------------
+
+@pytest.fixture
+def mpps_eng(engine_factory, tmp_path):
+    from tests.mllp_peers import MLLPReceiver
+    from tests.test_dicom_mpps import YAML
+
+    rx = MLLPReceiver().start()
+    (tmp_path / "fhir").mkdir()
+    try:
+        yield engine_factory(YAML.format(rx=rx.port, out=tmp_path / "fhir"))
+    finally:
+        rx.stop()
+
+
+def stored_step(eng, uid: str) -> tuple[str, str]:
+    """(the row's state, the stored data set's Performed Procedure Step Status)."""
+    from engine.store.dicom import mpps as steps
+    from listeners.dicom_mpps import read_step
+
+    with eng.store.engine.connect() as conn:
+        seen = steps.get(conn, uid)
+        assert seen is not None
+        return seen.state, str(read_step(steps.dataset_bytes(eng.store, conn, seen)).PerformedProcedureStepStatus)
+
+
+def test_mpps_lower_case_status_is_stored_upper_case(mpps_eng):
+    """pynetdicom as the modality: N-CREATE with ``in progress`` and N-SET with ``completed `` are
+    accepted, and the step's stored data set says IN PROGRESS / COMPLETED as its row does (before:
+    the data set kept the lower case). The same status again in another case is no change."""
+    from pynetdicom.sop_class import ModalityPerformedProcedureStep
+
+    from tests.test_dicom_mpps import completed, modality, step
+
+    assoc = modality(mpps_eng.address("modalities")[1])
+    try:
+        uid = generate_uid()
+        ds = step()
+        ds.PerformedProcedureStepStatus = "in progress"
+        assert assoc.send_n_create(ds, ModalityPerformedProcedureStep, uid)[0].Status == 0x0000
+        assert stored_step(mpps_eng, uid) == ("IN PROGRESS", "IN PROGRESS")
+        again = Dataset()
+        again.PerformedProcedureStepStatus = "In Progress"
+        assert assoc.send_n_set(again, ModalityPerformedProcedureStep, uid)[0].Status == 0x0000
+        assert stored_step(mpps_eng, uid) == ("IN PROGRESS", "IN PROGRESS")
+        mods = completed(generate_uid(), generate_uid(), state="completed ")
+        assert assoc.send_n_set(mods, ModalityPerformedProcedureStep, uid)[0].Status == 0x0000
+        assert stored_step(mpps_eng, uid) == ("COMPLETED", "COMPLETED")
+    finally:
+        assoc.release()
