@@ -6,18 +6,16 @@ balancer or a container HEALTHCHECK needs only the one operations port."""
 from __future__ import annotations
 
 import json
-import sys
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
 
+from engine.ops.ops_port import OpsPort
 from engine.store import schema
 
 
@@ -54,20 +52,6 @@ class _QueueDepth:
         yield dead
 
 
-log = structlog.get_logger()
-
-
-class _QuietServer(ThreadingHTTPServer):
-    """socketserver prints a traceback to stderr for any error in a handler. A health checker that
-    closes with a reset once it has read the status line (HAProxy's httpchk does, every check) is
-    no error; anything else is one structured log line, not a multi-line traceback."""
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        error = sys.exc_info()[1]
-        if isinstance(error, (ConnectionError, TimeoutError)):
-            return
-        log.warning("metrics.request_failed", error=type(error).__name__)
-
 
 class Metrics:
     def __init__(self, store: Any) -> None:
@@ -87,7 +71,7 @@ class Metrics:
         self.dead = Counter("medrelay_deliveries_dead_lettered", "Deliveries moved to dead letter",
                             ["channel", "route"], registry=r)
         r.register(_QueueDepth(store))
-        self.server: Any = None
+        self.server: OpsPort | None = None
         self.port: int | None = None
 
     def intake(self, channel: str, status: str) -> None:
@@ -98,48 +82,27 @@ class Metrics:
             self.rejected.labels(channel).inc()
 
     def serve(self, host: str, port: int, readiness: Callable[[], Any] | None = None) -> int:
-        """Serve /metrics, /healthz and /readyz on ``host:port`` from a daemon thread."""
+        """Serve /metrics, /healthz and /readyz on ``host:port`` (engine/ops/ops_port.py: one
+        selector thread, a small pool for the paths that read the store, connections capped)."""
         registry = self.registry
 
-        class Handler(BaseHTTPRequestHandler):
-            server_version = "medrelay"
-            sys_version = ""
-            timeout = 10  # a slow client cannot hold a handler thread
+        def answer(path: str) -> tuple[int, str, bytes]:
+            if path == "/metrics":
+                return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
+            if path == "/healthz":
+                return 200, "application/json", b'{"status": "alive"}'
+            if path == "/readyz":
+                if readiness is None:
+                    return 200, "application/json", b'{"status": "ready"}'
+                r = readiness()
+                return 200 if r.ready else 503, "application/json", json.dumps(r.as_json()).encode()
+            return 404, "application/json", b'{"error": "not found"}'
 
-            def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
-                elif path == "/healthz":
-                    self._send(200, "application/json", b'{"status": "alive"}')
-                elif path == "/readyz":
-                    if readiness is None:
-                        self._send(200, "application/json", b'{"status": "ready"}')
-                        return
-                    r = readiness()
-                    self._send(200 if r.ready else 503, "application/json", json.dumps(r.as_json()).encode())
-                else:
-                    self._send(404, "application/json", b'{"error": "not found"}')
-
-            def _send(self, status: int, ctype: str, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Cache-Control", "no-store")
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass  # scraped every few seconds: not worth a log line each
-
-        server = _QuietServer((host, port), Handler)
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
-        self.server = server
-        self.port = server.server_port
+        # /healthz and unknown paths cost nothing: answered by the selector thread, never queued
+        self.server = OpsPort(host, port, answer, inline=lambda path: path not in ("/metrics", "/readyz"))
+        self.port = self.server.start()
         return self.port
 
     def close(self) -> None:
         if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
+            self.server.close()
