@@ -188,7 +188,8 @@ def test_tls_places_are_taken_before_the_handshake_and_given_back_when_it_fails(
             with connect(port) as bad:
                 bad.sendall(b"\x16\x03\x01\x00\x05hello" + b"\0" * 64)
                 status_of(bad)  # closed by the server
-        assert over_tls("127.0.0.1").startswith(b"HTTP/1.1 200")
+        # given back as the server handles each failure (the client may see its close a moment before)
+        assert wait_until(lambda: _tls_ok(over_tls), timeout=30)
     finally:
         s.stop()
 

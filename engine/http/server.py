@@ -69,10 +69,16 @@ def tls_protocol(inner_class: type[GuardedH11Protocol], context: ssl.SSLContext,
             super().connection_made(transport)
 
         async def _upgrade(self, transport: asyncio.Transport) -> None:
+            loop = asyncio.get_running_loop()
+
+            def failed(peer: Any, error: BaseException) -> None:  # in a thread: the audit row is written here
+                loop.call_soon_threadsafe(self.inner.release)  # the place first, not after the row
+                on_failure(peer, error)
+
             done = None
             try:
                 done = await upgrade(transport, self.inner, context, handshake_timeout=handshake_timeout,
-                                     on_failure=on_failure)
+                                     on_failure=failed)
             finally:
                 pending.discard(self)
                 if done is None:
