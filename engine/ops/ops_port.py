@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import http
+import queue
 import selectors
 import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 
@@ -60,7 +60,11 @@ class OpsPort:
         self.listener = socket.create_server((host, port), backlog=128)
         self.listener.setblocking(False)
         self.port: int = self.listener.getsockname()[1]
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="metrics-http")
+        # daemon threads (a ThreadPoolExecutor's are joined at exit: a /readyz waiting on a
+        # store that does not answer would hold the process's exit for its connect timeout)
+        self.jobs: queue.SimpleQueue[tuple[socket.socket, str, bool] | None] = queue.SimpleQueue()
+        self.workers = [threading.Thread(target=self._work, name=f"metrics-http-{i}", daemon=True)
+                        for i in range(workers)]
         self.most_busy = workers + queued
         self.busy = 0  # requests in the pool, running or queued
         self._lock = threading.Lock()
@@ -75,6 +79,8 @@ class OpsPort:
         self.selector.register(self.listener, selectors.EVENT_READ)
         self.selector.register(self._wake_r, selectors.EVENT_READ)
         self._thread.start()
+        for worker in self.workers:
+            worker.start()
         return self.port
 
     def close(self) -> None:
@@ -82,7 +88,8 @@ class OpsPort:
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
         self._thread.join(timeout=5)
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        for _ in self.workers:
+            self.jobs.put(None)
 
     # -- the selector thread ------------------------------------------------------
     def _run(self) -> None:
@@ -156,7 +163,7 @@ class OpsPort:
         elif not self._take():
             self._reply_now(sock, response(503, "application/json", b'{"error": "busy"}'))
         else:
-            self.pool.submit(self._serve, sock, path, method == b"HEAD")
+            self.jobs.put((sock, path, method == b"HEAD"))
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -182,6 +189,10 @@ class OpsPort:
         sock.close()
 
     # -- a pool thread ------------------------------------------------------------------
+    def _work(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            self._serve(*job)
+
     def _serve(self, sock: socket.socket, path: str, head_only: bool) -> None:
         try:
             try:
