@@ -407,8 +407,14 @@ def render() -> str:
         "### 3.5 Query/Retrieve SCP: C-GET",
         "",
         "Sub-operations are C-STORE requests on the same association, for the SOP classes the requestor "
-        "proposed with the SCP role, in the stored syntax when proposed, else converted to one that was "
-        "(section 3.8); an instance that cannot be converted is a failed sub-operation.",
+        "proposed with the SCP role, in the stored syntax when it was accepted, else converted to the one "
+        "that was (section 3.8); an instance that cannot be converted is a failed sub-operation. A storage "
+        "context proposed with the SCP role and several transfer syntaxes is accepted with the first of "
+        "them, in the requestor's order, that any instance can be sent in (Explicit or Implicit VR Little "
+        "Endian, or a lossless compressed syntax medrelay encodes: JPEG 2000 lossless, RLE, JPEG-LS "
+        "lossless where installed); so a requestor preferring the stored syntax gets the instance as "
+        "stored, and one that proposes each syntax in a context of its own gets the stored one whenever it "
+        "proposed it.",
         "",
         *_status_table("C-GET"),
         "",

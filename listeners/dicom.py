@@ -40,7 +40,7 @@ from listeners.dicom_commit import CommitmentSCP
 from listeners.dicom_contexts import STORAGE_SOP_CLASSES, VERIFICATION, add_contexts, add_workflow_contexts
 from listeners.dicom_mpps import MppsSCP
 from listeners.dicom_provider import RequestHandler
-from listeners.dicom_qr import TALLY_KWARG, QueryRetrieve, count_stores
+from listeners.dicom_qr import TALLY_KWARG, QueryRetrieve, count_stores, retrieve_role_contexts
 from listeners.dicom_store import StoreSCP
 from routes.dicom_scu import check_ae_title, make_raw_aware
 
@@ -210,7 +210,8 @@ class AssociationServer(ThreadedAssociationServer):
         """For this connection's thread: the supported contexts of the syntaxes ``rq`` proposes
         (negotiation never looks at the others)."""
         proposed = {str(cx.abstract_syntax) for cx in rq.presentation_context_definition_list}
-        self._local.contexts = [cx for cx in self._contexts if str(cx.abstract_syntax) in proposed]
+        self._local.contexts = retrieve_role_contexts(  # a C-GET SCU's order for its SCP-role contexts
+            rq, [cx for cx in self._contexts if str(cx.abstract_syntax) in proposed])
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept only; the TLS handshake happens in the connection's own thread.

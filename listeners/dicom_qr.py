@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from pydicom.dataset import Dataset
+from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.presentation import build_context
 
 from engine.store.dicom import index as idx
@@ -22,6 +23,7 @@ from listeners.dicom_contexts import LEVELS_BY_MODEL, QUERY_TRANSFER_SYNTAXES, m
 from listeners.dicom_status import FIND, GET, MOVE
 from listeners.dicom_stored_stream import open_stored
 from routes.dicom_scu import RawInstance, instance_from_part10, make_raw_aware
+from transforms import dicom_codec as codec
 
 if TYPE_CHECKING:
     from engine.context import ComponentContext
@@ -308,6 +310,47 @@ def count_stores(assoc: Any, tally: Tally) -> Callable[[], None]:
 def _printable(value: str) -> str:
     """A peer-supplied AE title as it may appear in a log line (printable ASCII, 16 at most)."""
     return "".join(ch for ch in value if 32 <= ord(ch) < 127).strip()[:16]
+
+
+def retrieve_role_contexts(rq: Any, supported: list[Any]) -> list[Any]:
+    """The supported contexts for one association, with each storage context the requestor
+    proposes in the SCP role (a C-GET SCU receiving its sub-operations, PS3.7 D.3.3.4) ordered
+    as the requestor proposed its transfer syntaxes.
+
+    pynetdicom as the acceptor takes the first of *our* syntaxes the proposal names, and ours start
+    with Explicit VR Little Endian (right for a C-STORE we receive: kept as sent), so a getscu
+    proposing [JPEG 2000 lossless, Explicit LE] for CT got every JPEG 2000 instance decoded. On
+    one context per class we cannot know the stored syntax of what will be retrieved; the
+    requestor's preference is the rule, restricted to syntaxes any instance can be sent in (the
+    uncompressed little endian ones, and lossless ones we can encode: an instance stored in
+    another syntax is converted, ``transforms.dicom_codec``); a lossy or unencodable syntax it
+    prefers keeps our order. A requestor that proposes each syntax in a context of its own gets
+    the stored one anyway (``send_raw`` picks the context of the stored syntax), as does a C-MOVE
+    destination (``_store_contexts``)."""
+    scp_role = {str(i.sop_class_uid) for i in (rq.user_information or [])
+                if isinstance(i, SCP_SCU_RoleSelectionNegotiation) and i.scp_role}
+    if not scp_role:
+        return supported
+    proposed: dict[str, list[str]] = {}
+    for cx in rq.presentation_context_definition_list:
+        proposed.setdefault(str(cx.abstract_syntax), [str(t) for t in cx.transfer_syntax])
+    out = []
+    for cx in supported:
+        wanted = proposed.get(str(cx.abstract_syntax)) if str(cx.abstract_syntax) in scp_role else None
+        if wanted:
+            ours = [str(t) for t in cx.transfer_syntax]
+            first = [t for t in wanted if t in ours and _deliverable(t)]
+            if first and first[0] != ours[0]:
+                moved = build_context(cx.abstract_syntax, [*first, *(t for t in ours if t not in first)])
+                moved.scu_role, moved.scp_role = cx.scu_role, cx.scp_role
+                cx = moved
+        out.append(cx)
+    return out
+
+
+def _deliverable(ts: str) -> bool:
+    """Whether an instance stored in any syntax can be sent in ``ts`` (no lossy step)."""
+    return ts in codec.UNCOMPRESSED or (ts not in codec.LOSSY_METHOD and codec.can_encode(ts))
 
 
 def _store_contexts(refs: list[idx.InstanceRef]) -> list[Any]:

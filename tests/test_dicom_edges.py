@@ -104,3 +104,124 @@ def test_mpps_lower_case_status_is_stored_upper_case(mpps_eng):
         assert stored_step(mpps_eng, uid) == ("COMPLETED", "COMPLETED")
     finally:
         assoc.release()
+
+
+# -- retrieve of an instance stored compressed: sent as stored ------------------------------------
+
+J2K_LOSSLESS = "1.2.840.10008.1.2.4.90"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+
+
+@pytest.fixture
+def j2k_archive(engine_factory, tmp_path):
+    """US1_J2KR (Ultrasound, JPEG 2000 lossless) stored as received, a STORESCP move destination
+    that prefers JPEG 2000 lossless (+xv: it accepts it and the uncompressed syntaxes)."""
+    from tests.dicom_peers import StoreSCP, dicom_yaml, storescu_any
+
+    scp = StoreSCP(tmp_path / "scp", extra=("+xv",))
+    e = engine_factory(dicom_yaml(calling="[TESTSCU, GETSCU]", extra=(
+        f"      move_destinations:\n        STORESCP: {{host: 127.0.0.1, port: {scp.port}}}\n")))
+    ds = dcmread(data_file("US1_J2KR.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    src = tmp_path / "us-j2k.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    port = e.address("dcm")[1]
+    assert storescu_any(port, [src]) == ["Success"]
+    yield port, ds, scp
+    scp.stop()
+
+
+def _as_stored(path, original) -> bool:
+    got = dcmread(path)
+    return str(got.file_meta.TransferSyntaxUID) == J2K_LOSSLESS and got.PixelData == original.PixelData
+
+
+def test_getscu_preferring_the_stored_syntax_gets_it_as_stored(j2k_archive, tmp_path):
+    """DCMTK getscu +xv proposes, for each storage class, one SCP-role context [JPEG 2000 lossless,
+    Explicit LE, Big Endian, Implicit LE]; the listener accepted Explicit LE (its own first) and
+    decompressed. Now the SCP-role context takes the requestor's order: the instance arrives as
+    stored, its encapsulated pixel data byte for byte."""
+    from tests.dicom_peers import run
+
+    port, ds, _scp = j2k_archive
+    out = tmp_path / "got"
+    out.mkdir()
+    g = run("getscu", "-v", "+xv", "-S", "-aet", "GETSCU", "-aec", "MEDRELAY", "-od", str(out),
+            "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={ds.StudyInstanceUID}", "127.0.0.1", str(port))
+    assert g.returncode == 0, g.stdout
+    files = sorted(out.iterdir())
+    assert len(files) == 1 and _as_stored(files[0], ds), dcmread(files[0]).file_meta.TransferSyntaxUID
+    # getscu's default (+x=: uncompressed only) still gets it decoded
+    out2 = tmp_path / "got2"
+    out2.mkdir()
+    g = run("getscu", "-v", "-S", "-aet", "GETSCU", "-aec", "MEDRELAY", "-od", str(out2),
+            "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={ds.StudyInstanceUID}", "127.0.0.1", str(port))
+    assert g.returncode == 0, g.stdout
+    assert str(dcmread(next(out2.iterdir())).file_meta.TransferSyntaxUID) == EXPLICIT_LE
+    # an instance stored uncompressed, to getscu +xv: sent in what was accepted (JPEG 2000 lossless,
+    # encoded losslessly), its pixels unchanged
+    from tests.dicom_peers import storescu_any
+
+    ct = dcmread(data_file("CT_small.dcm"))
+    ct.StudyInstanceUID, ct.SOPInstanceUID = generate_uid(), generate_uid()
+    ct.file_meta.MediaStorageSOPInstanceUID = ct.SOPInstanceUID
+    ct.save_as(tmp_path / "ct.dcm", enforce_file_format=True)
+    assert storescu_any(port, [tmp_path / "ct.dcm"]) == ["Success"]
+    out3 = tmp_path / "got3"
+    out3.mkdir()
+    g = run("getscu", "-v", "+xv", "-S", "-aet", "GETSCU", "-aec", "MEDRELAY", "-od", str(out3),
+            "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={ct.StudyInstanceUID}", "127.0.0.1", str(port))
+    assert g.returncode == 0, g.stdout
+    got = dcmread(next(out3.iterdir()))
+    assert str(got.file_meta.TransferSyntaxUID) == J2K_LOSSLESS
+    assert (got.pixel_array == ct.pixel_array).all()
+
+
+@pytest.mark.parametrize("proposal", ["one_context", "two_contexts"])
+def test_pynetdicom_c_get_gets_the_stored_syntax(j2k_archive, tmp_path, proposal):
+    """pynetdicom as the C-GET SCU: JPEG 2000 lossless and Explicit LE in one SCP-role context
+    (its preference first) or in a context each: the instance comes in the stored syntax."""
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+
+    port, ds, _scp = j2k_archive
+    got: list[tuple[str, bytes]] = []
+
+    def on_store(event):
+        got.append((str(event.context.transfer_syntax), event.dataset.PixelData))
+        return 0x0000
+
+    ae = AE(ae_title="GETSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    if proposal == "one_context":
+        ae.add_requested_context(US_IMAGE, [J2K_LOSSLESS, EXPLICIT_LE])
+    else:
+        ae.add_requested_context(US_IMAGE, [EXPLICIT_LE])
+        ae.add_requested_context(US_IMAGE, [J2K_LOSSLESS])
+    assoc = ae.associate("127.0.0.1", port, ae_title="MEDRELAY", ext_neg=[build_role(US_IMAGE, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    try:
+        q = Dataset()
+        q.QueryRetrieveLevel, q.StudyInstanceUID = "STUDY", ds.StudyInstanceUID
+        statuses = [int(st.Status) for st, _ in assoc.send_c_get(q, StudyRootQueryRetrieveInformationModelGet)]
+    finally:
+        assoc.release()
+    assert statuses[-1] == 0x0000, statuses
+    assert got == [(J2K_LOSSLESS, ds.PixelData)]
+
+
+def test_c_move_to_a_peer_accepting_the_stored_syntax_sends_it_as_stored(j2k_archive):
+    """movescu to STORESCP (+xv): the sub-association proposes the stored syntax in a context of
+    its own and an uncompressed fallback; the stored one is used."""
+    from tests.conftest import wait_until
+    from tests.dicom_peers import run
+
+    port, ds, scp = j2k_archive
+    mv = run("movescu", "-v", "-S", "-aet", "TESTSCU", "-aec", "MEDRELAY", "-aem", "STORESCP",
+             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={ds.StudyInstanceUID}", "127.0.0.1", str(port))
+    assert mv.returncode == 0, mv.stdout
+    wait_until(lambda: len(scp.files()) == 1, timeout=30)
+    assert _as_stored(scp.files()[0], ds)
