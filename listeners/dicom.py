@@ -31,6 +31,7 @@ from engine.components import ComponentConfig
 from engine.context import ComponentContext
 from engine.registry import component
 from engine.security import proxy_protocol
+from engine.security.client_slots import ClientSlots, client_host
 from engine.security.proxy_protocol import ProxyProtocolConfig
 from engine.security.tls import TLSConfig, report_handshake_failure, server_context
 from engine.store.db import STREAM_MIN
@@ -98,6 +99,12 @@ class DicomSourceConfig(ComponentConfig):
                                   "local limit exceeded beyond)")
     max_connections: int = Field(64, ge=1, description="open TCP connections, associated or not yet; one more "
                                  "is closed at once (at least max_associations)")
+    max_connections_per_client: int | None = Field(
+        None, ge=1, description="open TCP connections from one client address (the one a trusted balancer's PROXY "
+        "header announces, else the peer's); one more gets A-ASSOCIATE-RJ (transient, local limit exceeded) "
+        "and is closed, so one peer cannot take every place of max_connections. null (the default): no "
+        "per-client cap, as a router or PACS may open many associations from one address; behind a balancer "
+        "it needs the PROXY protocol (else every client is the balancer)")
     acse_timeout: float = Field(30.0, gt=0, description="seconds from connect to a complete A-ASSOCIATE-RQ, "
                                 "TLS handshake included (ARTIM), then closed; and to wait for association messages")
     proxy_protocol: ProxyProtocolConfig | None = Field(
@@ -181,6 +188,8 @@ class AssociationServer(ThreadedAssociationServer):
         self.open_connections = 0
         self._count_lock = threading.Lock()
         self._refused = _Throttle()
+        self._refused_client = _Throttle()
+        self.client_slots = ClientSlots(None)  # the listener sets max_connections_per_client
         # what the accepting thread hands on (see _handle_request_noblock); None ends each
         self._starts: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
         self._refusals: queue.SimpleQueue[Any | None] = queue.SimpleQueue()
@@ -295,10 +304,15 @@ class AssociationServer(ThreadedAssociationServer):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        client: str | None = None
         try:
             client_address = self.listener.announced(request, client_address)
             if client_address is None:
                 return
+            if not self.client_slots.take(host := client_host(client_address)):
+                self._refuse_client(request, client_address)
+                return
+            client = host
             if self.listener.take_connection(request, client_address):
                 try:
                     super().process_request_thread(request, client_address)  # until the association ends
@@ -312,10 +326,24 @@ class AssociationServer(ThreadedAssociationServer):
             except OSError:
                 pass
         finally:
+            if client is not None:
+                self.client_slots.give_back(client)
             self.handoff.pop(request, None)
             self._local.contexts = None
             with self._count_lock:
                 self.open_connections -= 1
+
+    def _refuse_client(self, request: Any, client_address: Any) -> None:
+        """Over ``max_connections_per_client``: A-ASSOCIATE-RJ rejected-transient, local limit
+        exceeded (PS3.8 9.3.4), unread (TLS: closed before the handshake); logged once per 5 s."""
+        if not isinstance(request, ssl.SSLSocket):
+            _send_quietly(request, ul.reject_pdu(0x02, 0x03, 0x02))
+        _close(request)
+        suppressed = self._refused_client.hit()
+        if suppressed is not None:
+            log.warning("dicom.connection_refused", channel=self.channel, peer=_addr(client_address),
+                        reason="max_connections_per_client", limit=self.client_slots.limit,
+                        also_refused=suppressed)
 
     def service_actions(self) -> None:
         """pynetdicom runs a full ``gc.collect()`` every 60 turns of the accept loop (a
@@ -651,6 +679,7 @@ class DicomListener:
         server.storage_sessions = self.ae.storage_sessions
         server.listener = self
         server.max_connections = self.config.max_connections
+        server.client_slots = ClientSlots(self.config.max_connections_per_client)
         # set before the first accept: a connection taken in the instant before start() assigned it
         # found no server and was closed unanswered (a peer connecting as the engine starts)
         self.server = server

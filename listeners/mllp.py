@@ -56,6 +56,7 @@ from engine.hl7.message import (
 from engine.hl7.mllp import Frame, FrameParser, Oversized, Restarted, Unframed, frame
 from engine.registry import component
 from engine.security import proxy_protocol
+from engine.security.client_slots import ClientSlots, client_host
 from engine.security.proxy_protocol import ProxyProtocolConfig
 from engine.security.tls import (
     PausedAccept,
@@ -127,6 +128,11 @@ class MLLPSourceConfig(ComponentConfig):
         "ACK of every message")
     max_connections: int = Field(256, ge=1, description="concurrent connections; more are closed at once "
                                  "(and logged)")
+    max_connections_per_client: int | None = Field(
+        None, ge=1, description="concurrent connections from one client address (the one a trusted balancer's "
+        "PROXY header announces, else the peer's); more are closed at once (and logged), so one sender cannot "
+        "take every place of max_connections. null (the default): no per-client cap, as an upstream engine "
+        "may open a connection per interface from one address; behind a balancer it needs the PROXY protocol")
     proxy_protocol: ProxyProtocolConfig | None = Field(
         None, description="behind a TCP load balancer (HAProxy send-proxy / send-proxy-v2, nginx proxy_protocol): "
         "trusted = the balancers' addresses/CIDRs, timeout = seconds for the header; "
@@ -161,6 +167,7 @@ class MLLPListener:
                                             memory_mb=v.memory_mb, channel=ctx.channel)
         self._refused = 0  # connections closed over max_connections since the last log line
         self._refused_logged = 0.0
+        self._clients = ClientSlots(config.max_connections_per_client)
         self._proxy = proxy_protocol.Trust(config.proxy_protocol) if config.proxy_protocol is not None else None
 
     @property
@@ -235,14 +242,16 @@ class MLLPListener:
     def _tls_failed(self, peername: Any, error: BaseException) -> None:
         report_handshake_failure(self.ctx.audit, "mllp", self.channel, peername, error)
 
-    def _too_many(self, peer: str) -> None:
+    def _too_many(self, peer: str, *, per_client: bool = False) -> None:
         """Log refused connections at most once a second, with how many: a flood of them
         must not become a flood of log lines."""
         self._refused += 1
         now = time.monotonic()
         if now - self._refused_logged >= 1.0:
             log.warning("mllp.too_many_connections", channel=self.channel, peer=peer,
-                        limit=self.config.max_connections, refused=self._refused)
+                        reason="max_connections_per_client" if per_client else "max_connections",
+                        limit=self._clients.limit if per_client else self.config.max_connections,
+                        refused=self._refused)
             self._refused, self._refused_logged = 0, now
 
     # -- connection --------------------------------------------------------------
@@ -268,6 +277,12 @@ class MLLPListener:
             announced = proxy_protocol.peer_of(header, peername)
             log.info("mllp.proxied", channel=self.channel, balancer=peer, version=header.version)
             peer = f"{announced[0]}:{announced[1]}"
+        client = client_host(announced or peername)
+        if not self._clients.take(client):
+            self._conns.discard(task)
+            self._too_many(peer, per_client=True)
+            writer.transport.abort()
+            return
         sock = writer.get_extra_info("socket")
         if sock is not None:
             try:
@@ -346,6 +361,7 @@ class MLLPListener:
             reason = "internal_error"
         finally:
             self._conns.discard(task)
+            self._clients.give_back(client)
             log.info("mllp.disconnected", channel=self.channel, peer=peer, reason=reason, messages=count)
             # close() waits to flush what is buffered; a peer that does not read would keep the
             # socket (and its buffered ACKs) forever, so that case, and any close that does not

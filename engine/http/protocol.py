@@ -49,6 +49,8 @@ import h11
 import structlog
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from engine.security.client_slots import ClientSlots, client_host
+
 log = structlog.get_logger()
 LINGER = 2.0
 RETRY_AFTER = "5"
@@ -96,41 +98,10 @@ class HttpLimits:
                    max_connections_per_client=config.max_connections_per_client, channel=channel, **extra)
 
 
-class ClientSlots:
-    """Open connections per client address, for ``max_connections_per_client``.
-
-    One per server (``protocol_class``), shared by its plain and TLS protocols. A connection
-    takes a place when admitted (TLS: at accept, before the handshake) and gives it back once,
-    when it is lost (or its handshake fails)."""
-
-    def __init__(self, limit: int | None) -> None:
-        self.limit = limit
-        self.count: dict[str, int] = {}
-
-    def take(self, client: str) -> bool:
-        n = self.count.get(client, 0)
-        if self.limit is not None and n >= self.limit:
-            return False
-        self.count[client] = n + 1
-        return True
-
-    def give_back(self, client: str) -> None:
-        n = self.count.get(client, 0) - 1
-        if n > 0:
-            self.count[client] = n
-        else:
-            self.count.pop(client, None)
-
-
 def client_key(announced: tuple[str, int] | None, transport: asyncio.BaseTransport) -> str:
     """The address a connection is counted on: the client a trusted balancer announced, else
     the connecting peer (an IPv4-mapped IPv6 address as its IPv4 form, one client either way)."""
-    if announced is not None:
-        host = announced[0]
-    else:
-        peer = transport.get_extra_info("peername")
-        host = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
-    return host[7:] if host.startswith("::ffff:") and "." in host else host
+    return client_host(announced if announced is not None else transport.get_extra_info("peername"))
 
 
 class RefusalLog:
@@ -254,6 +225,9 @@ class GuardedH11Protocol(H11Protocol):
         if self.announced is not None:
             self.client = self.announced  # the request scope's client (logs, audit rows)
         if over:
+            # out of the count at once: a burst of refused connections, each still closing, must
+            # not push the next client (at another address) over max_connections
+            self.connections.discard(self)
             transport.write(raw_response(503, "Service Unavailable", "transient",
                                          "too many connections; retry later", {"Retry-After": RETRY_AFTER},
                                          error_body=self.limits.error_body))
