@@ -210,9 +210,9 @@ class StoreSCP:
             if _data_set_readable(req.transfer_syntax):  # the data set alone (no second file-meta parse)
                 ds = idx.read_checked(dataset, req.transfer_syntax)  # and its structure walked
             else:  # deflated or unknown transfer syntax: the Part-10 reader inflates
-                ds = idx.read_index_dataset(req.part10)
-                if UID(req.transfer_syntax).is_deflated:
+                if UID(req.transfer_syntax).is_deflated:  # first: a deflate stream cut short is said so
                     walk_deflated(dataset)
+                ds = idx.read_index_dataset(req.part10)
             # Any failure above (sequences nested too deep included) refuses the instance; it is
             # not retried with another reader, which would take what the first one refused.
             attrs = idx.extract(ds)

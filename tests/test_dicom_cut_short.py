@@ -24,8 +24,15 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
 from pydicom.sequence import Sequence
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from sqlalchemy import func, select
@@ -113,8 +120,13 @@ def cut_in_fragments(tmp: Path) -> Path:
     return _cut(_saved(ds, tmp / f"j2k-{ds.SOPInstanceUID}.dcm"), 8 + 200)
 
 
+def cut_deflated(tmp: Path) -> Path:
+    """Deflated Explicit VR LE: the deflate stream ends inside the pixel data (walked inflated)."""
+    return _cut(ct(tmp, ts=DeflatedExplicitVRLittleEndian), 50)
+
+
 CASES = {"pixels": cut_in_pixels, "pixels_implicit": cut_in_pixels_implicit, "item": cut_in_an_item,
-         "fragments": cut_in_fragments}
+         "fragments": cut_in_fragments, "deflated": cut_deflated}
 
 
 # -- peers --------------------------------------------------------------------------------------
@@ -124,7 +136,7 @@ def c_store(port: int, path: Path, *, qr: bool = False) -> int:
     ``qr``: the association also proposes Query/Retrieve, so pynetdicom's Storage SCP serves it."""
     from pynetdicom import _config
 
-    meta = dcmread(path, stop_before_pixels=True).file_meta
+    meta = read_file_meta_info(path)
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(str(meta.MediaStorageSOPClassUID), [str(meta.TransferSyntaxUID)])
     if qr:
