@@ -291,3 +291,13 @@ def test_walk_refuses_each_cut_and_the_whole_file_passes(tmp_path, case):
             else:
                 with pytest.raises(walk.Malformed):
                     _walk_pieces(body, UID(ts_uid), size)
+
+
+def test_walk_takes_trailing_zero_padding_not_a_cut_header(tmp_path):
+    """A few zero bytes after the last element (padding some writers add; pydicom reads past them)
+    pass; the same number of bytes of a real element header do not."""
+    _, body = idx.split_part10(ct(tmp_path).read_bytes())
+    for size in (len(body) + 3, 1, 7):
+        _walk_pieces(body + b"\0\0\0", UID(ExplicitVRLittleEndian), size)
+        with pytest.raises(walk.Malformed):
+            _walk_pieces(body + b"\x08\x00\x20", UID(ExplicitVRLittleEndian), size)

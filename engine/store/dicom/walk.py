@@ -105,7 +105,9 @@ class StructureWalk:
             self.frame = self.stack.pop()
         if pos > self.total:
             raise Malformed(f"an element runs {pos - self.total} bytes past the end of the data set")
-        if self.carry:
+        if self.carry and (self.stack or self.carry.strip(b"\x00")):
+            # fewer than 8 zero bytes after the last top-level element are padding some writers add
+            # (pydicom's reader ignores them too); anything else is a header cut off
             raise Malformed("the data set ends inside an element header")
         if self.stack:
             raise Malformed("the data set ends inside a sequence, an item or the pixel data fragments")
