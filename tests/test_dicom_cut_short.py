@@ -209,7 +209,8 @@ def test_cut_short_is_refused_by_c_store_and_stow(eng, tmp_path, case):
 
 def test_cut_short_large_instance_is_refused_streamed(eng, tmp_path):
     """A 18 MiB instance cut in its pixel data, by C-STORE and STOW-RS (both streamed to a blob as
-    it arrives, the walk fed the same pieces): 0xC000, its file removed, nothing stored."""
+    it arrives, the walk fed the same pieces), and a deflated one by C-STORE: 0xC000, its file
+    removed, nothing stored."""
     port = eng.address("dcm")[1]
     whole = big_ct(tmp_path)
     bad = _cut(whole, 5000)
@@ -220,6 +221,14 @@ def test_cut_short_large_instance_is_refused_streamed(eng, tmp_path):
     wait_until(lambda: refusal_audits(eng) == 2, timeout=30)
     assert c_store(port, whole) == 0x0000
     assert messages(eng) == 1
+    # deflated: the walk inflates the pieces as they go to the blob (random pixels: 18 MiB deflated)
+    noise = np.random.default_rng(7).integers(0, 1 << 16, 9 * 1024 * 1024, dtype=np.uint16).tobytes()
+    deflated = _cut(ct(tmp_path, ts=DeflatedExplicitVRLittleEndian, pixels=noise, rows=3072), 5000)
+    assert deflated.stat().st_size > 17 * MB
+    assert c_store(port, deflated) == 0xC000
+    assert messages(eng) == 1
+    assert len(blob_files(eng)) == 1
+    wait_until(lambda: refusal_audits(eng) == 3, timeout=30)
 
 
 def test_cut_short_file_source_and_import(eng, tmp_path):
