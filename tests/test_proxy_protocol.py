@@ -404,3 +404,28 @@ def test_v1_unknown_with_any_bytes_up_to_crlf_is_accepted_and_the_rest_ignored(e
                   b"Connection: close\r\n\r\n")
         s.settimeout(15)
         assert s.recv(1000).startswith(b"HTTP/1.1 200")
+
+
+def test_fhir_tls_refused_handshake_behind_a_balancer_is_audited_with_the_client(engine_factory, tmp_path):
+    """A trusted balancer's PROXY header, then a ClientHello without the client certificate
+    mutual TLS asks for: the Security Alert names the announced client, not the balancer."""
+    import ssl
+
+    from tls_certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    eng = engine_factory(FHIR_YAML.replace(
+        "auth: {open: true},",
+        f'auth: {{open: true}}, tls: {{cert: "{pki.server.cert}", key: "{pki.server.key}", ca: "{pki.ca}", '
+        'require_client_cert: true},'))
+    port = eng.address("api")[1]
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca))  # no client certificate
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    raw.sendall(b"PROXY TCP4 10.7.7.7 127.0.0.1 40001 443\r\n")
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"GET /fhir/metadata HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert tls.recv(100) == b""
+            raise ConnectionError("closed")
+    eng.wait_for(lambda: audit_rows(eng.store, "fhir.tls_rejected"))
+    assert audit_rows(eng.store, "fhir.tls_rejected")[0]["peer"] == "10.7.7.7:40001"

@@ -73,7 +73,7 @@ def tls_protocol(inner_class: type[GuardedH11Protocol], context: ssl.SSLContext,
 
             def failed(peer: Any, error: BaseException) -> None:  # in a thread: the audit row is written here
                 loop.call_soon_threadsafe(self.inner.release)  # the place first, not after the row
-                on_failure(peer, error)
+                on_failure(self.inner.announced or peer, error)  # behind a trusted balancer: its client
 
             done = None
             try:
