@@ -143,7 +143,7 @@ class FhirApi:
                 return await fn(request, actor)
             except FhirError as e:
                 return error_response(e)
-            except ClientDisconnect:  # gone (or timed out by listeners.fhir_http): nobody to answer
+            except ClientDisconnect:  # gone (or timed out by engine.http.protocol): nobody to answer
                 log.info("fhir.client_disconnected", channel=self.ctx.channel)
                 return Response(status_code=400)
             except UNAVAILABLE as e:

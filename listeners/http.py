@@ -21,7 +21,7 @@ The answer comes only once the message (and its deliveries) are committed:
 
 Authentication (bearer tokens or an explicit ``open``), TLS and the HTTP limits and
 timeouts are the FHIR listener's, from the module they share (listeners/http_common.py,
-listeners/fhir_http.py); request bodies are bounded per request and in total
+engine/http/); request bodies are bounded per request and in total
 (listeners/fhir_body.py). What a body is comes from its Content-Type and is checked
 against its bytes.
 """
