@@ -178,6 +178,7 @@ class AssociationServer(ThreadedAssociationServer):
     # and a peer waits a second or more per retry, before we can accept, count or refuse it.
     request_queue_size = 256
     storage_sessions: set[ul.StorageAssociation]
+    store_hooks: ul.Hooks | None = None  # set by the listener: C-STOREs on pynetdicom's associations (dicom_provider)
     # Connection threads end with their association; shutting the server down must not
     # wait for them (pynetdicom's own associations run in threads of their own).
     daemon_threads = True
@@ -653,11 +654,8 @@ class DicomListener:
         c, server = self.config, self.server
         assert self._store is not None and server is not None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        hooks = ul.Hooks(store=self._store.handle, accepted=self.accepted, rejected=self.rejected,
-                         ended=self.ended, stream=functools.partial(dicom_store_stream.begin, self._store),
-                         stream_min=STREAM_MIN)  # large data sets go to their blob as they arrive
         session = ul.StorageAssociation(sock, address, rq, contexts=self.ae.supported_contexts,
-                                        max_pdu=c.max_pdu, idle_timeout=c.idle_timeout, hooks=hooks)
+                                        max_pdu=c.max_pdu, idle_timeout=c.idle_timeout, hooks=self._store_hooks())
         if not self._reserve(session):  # rejected-transient, local limit exceeded (PS3.8 9.3.4)
             session.reject(0x02, 0x03, 0x02, "association limit reached")
             return
@@ -665,6 +663,14 @@ class DicomListener:
             session.run()
         finally:
             server.storage_sessions.discard(session)
+
+    def _store_hooks(self) -> ul.Hooks:
+        """How a C-STORE is stored, on either association path (``dicom_ul`` and the guard of
+        ``dicom_provider``): large data sets go to their blob as they arrive."""
+        assert self._store is not None
+        return ul.Hooks(store=self._store.handle, accepted=self.accepted, rejected=self.rejected,
+                        ended=self.ended, stream=functools.partial(dicom_store_stream.begin, self._store),
+                        stream_min=STREAM_MIN)
 
     # -- Listener protocol ------------------------------------------------
     async def start(self) -> None:
@@ -678,6 +684,7 @@ class DicomListener:
                                      server_class=AssociationServer, request_handler=RequestHandler)
         server.storage_sessions = self.ae.storage_sessions
         server.listener = self
+        server.store_hooks = self._store_hooks()  # C-STOREs on pynetdicom's associations too
         server.max_connections = self.config.max_connections
         server.client_slots = ClientSlots(self.config.max_connections_per_client)
         # set before the first accept: a connection taken in the instant before start() assigned it

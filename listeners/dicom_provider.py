@@ -14,7 +14,12 @@ else of pynetdicom is changed:
   bounds a stalled read by the idle timeout.
 - ``StoreCommandGuard`` runs ``dicom_dimse.check_store_rq``, the check of the plain
   path, on every C-STORE-RQ before pynetdicom's DIMSE layer sees it, and answers a
-  refused one with the same bytes as ``dicom_ul``.
+  refused one with the same bytes as ``dicom_ul``. An accepted one it serves itself with
+  the plain path's hooks (``dicom_ul.Hooks``): the data set is collected, or streamed to
+  its blob from ``stream_min`` bytes on, and stored by the same ``StoreSCP.handle``; the
+  response goes out through the DUL's queue. pynetdicom's DIMSE layer would assemble the
+  whole data set in memory, however large, on an association that also proposes
+  Query/Retrieve, worklist or MPPS.
 - ``RequestHandler.handle`` waits for its association to end, so the connection
   counts against ``max_connections`` for as long as it is open.
 """
@@ -44,7 +49,7 @@ from listeners.dicom_dimse import (
     store_response,
     us,
 )
-from listeners.dicom_ul import abort_pdu, pdu_limit, recv_exact
+from listeners.dicom_ul import Hooks, StoreInProgress, abort_pdu, pdu_limit, recv_exact
 
 log = structlog.get_logger()
 
@@ -151,10 +156,14 @@ class StoreCommandGuard:
     data set fragments included, is forwarded as it came.
     """
 
-    def __init__(self, assoc: Any, forward: Callable[[P_DATA], None], channel: str) -> None:
+    def __init__(self, assoc: Any, forward: Callable[[P_DATA], None], channel: str,
+                 hooks: Hooks | None = None) -> None:
         self.assoc = assoc
         self.forward = forward
         self.channel = channel
+        self.hooks = hooks  # the plain path's storage; None: accepted C-STOREs go to pynetdicom
+        self.storing: StoreInProgress | None = None  # a C-STORE served here, its data set arriving
+        self.storing_cx = 0
         self.held: list[Any] = []
         self.held_len = 0
         self.skipping: tuple[int, bytes] | None = None  # (context, response) of a refused C-STORE
@@ -178,6 +187,16 @@ class StoreCommandGuard:
                 if control & 0x02:
                     self._reply(*self.skipping)
                     self.skipping = None
+                continue
+            if not control & 0x01 and self.storing is not None:
+                changed = True
+                if item[0] != self.storing_cx:
+                    self._abort(UNEXPECTED_PDU, "data set fragment of another presentation context")
+                    return
+                self.storing.add(memoryview(value)[1:])
+                if control & 0x02:
+                    storing, self.storing = self.storing, None
+                    self._reply(self.storing_cx, store_response(storing.cmd, *storing.finish()))
                 continue
             if not control & 0x01:
                 if self.held or not self.expect_data:
@@ -228,6 +247,11 @@ class StoreCommandGuard:
             self._abort(INVALID_PARAMETER, f"presentation context {cx_id} was not accepted")
             return "aborted"
         refusal = check_store_rq(cmd, str(cx.abstract_syntax))
+        if refusal is None and self.hooks is not None:  # check_store_rq passes only one with a data set
+            calling, peer = _peer(self.assoc)
+            self.storing = StoreInProgress(self.hooks, cmd, str(cx.transfer_syntax[0]), calling, f"{calling}@{peer}")
+            self.storing_cx = cx_id
+            return "own"
         if refusal is None:
             self.expect_data = True  # check_store_rq passes only a C-STORE-RQ with a data set
             self.data_room = None
@@ -252,6 +276,7 @@ class StoreCommandGuard:
     def _abort(self, reason: int, detail: str) -> None:
         """The A-ABORT of ``dicom_ul`` (service provider, ``reason``), then the connection closes."""
         self.dead = True
+        self.close()
         calling, peer = _peer(self.assoc)
         log.warning("dicom.protocol_error", channel=self.channel, calling_aet=calling, peer=peer, detail=detail)
         sock = self.assoc.dul.socket
@@ -261,6 +286,14 @@ class StoreCommandGuard:
             except OSError:
                 pass
             sock.close()
+
+
+    def close(self) -> None:
+        """The association has ended: a data set still arriving is dropped (nothing stored, its
+        blob removed)."""
+        storing, self.storing = self.storing, None
+        if storing is not None:
+            storing.abort()
 
 
 class RequestHandler(_PynetdicomHandler):
@@ -279,9 +312,11 @@ class RequestHandler(_PynetdicomHandler):
             sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # one small RSP per instance
         except (AttributeError, OSError):
             pass
-        assoc.dimse.receive_primitive = StoreCommandGuard(assoc, assoc.dimse.receive_primitive,
-                                                          self.server.channel)
+        guard = StoreCommandGuard(assoc, assoc.dimse.receive_primitive, self.server.channel,
+                                  hooks=getattr(self.server, "store_hooks", None))
+        assoc.dimse.receive_primitive = guard
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         assoc.start()
         assoc.join()
+        guard.close()
 

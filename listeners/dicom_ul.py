@@ -277,6 +277,70 @@ class Hooks:
     stream_min: int = 0
 
 
+class StoreInProgress:
+    """One C-STORE whose data set is arriving, on either association path (this module's and
+    ``dicom_provider``'s guard on pynetdicom's): kept in memory, or handed to a blob sink
+    (``hooks.stream``) once it reaches ``hooks.stream_min`` bytes; ``finish`` stores it through
+    ``hooks.store`` or the sink, ``abort`` drops it (nothing stored, the blob removed)."""
+
+    def __init__(self, hooks: Hooks, cmd: dict[int, bytes], transfer_syntax: str, calling_aet: str,
+                 peer: str) -> None:
+        self.hooks = hooks
+        self.cmd = cmd
+        self.transfer_syntax = transfer_syntax
+        self.calling_aet = calling_aet
+        self.peer = peer  # "AET@host:port"
+        self.data: list[Any] = []
+        self.length = 0
+        self.sink: Any = None
+
+    def add(self, fragment: Any) -> None:
+        if self.sink is not None:
+            self.sink.add(fragment)
+            return
+        self.data.append(fragment)
+        self.length += len(fragment)
+        if self.length >= self.hooks.stream_min and self.hooks.stream is not None:
+            self._start_stream()
+
+    def _start_stream(self) -> None:
+        """The data set reached ``stream_min``: what came so far, and all that follows, go to a
+        sink writing the blob (None from ``hooks.stream``: it stays in memory, asked once)."""
+        assert self.hooks.stream is not None
+        sink = self.hooks.stream(ui(self.cmd, 0x00000002), ui(self.cmd, 0x00001000), self.transfer_syntax,
+                                 self.calling_aet, self.peer)
+        if sink is None:
+            self.length = -(1 << 62)
+            return
+        self.sink = sink
+        for value in self.data:
+            sink.add(value)
+        self.data = []
+
+    def finish(self) -> tuple[int, str | None]:
+        """Store the instance: (status, error comment). The one boundary of both paths: an
+        exception is a failure status, never success."""
+        try:
+            if self.sink is not None:
+                sink, self.sink = self.sink, None
+                return sink.store()  # the blob is finished and committed (or removed) first
+            sop_class, sop_uid = ui(self.cmd, 0x00000002), ui(self.cmd, 0x00001000)
+            blob, meta_end = part10(sop_class, sop_uid, self.transfer_syntax, self.data)
+            self.data = []
+            return self.hooks.store(StoreRequest(
+                sop_class=sop_class, sop_uid=sop_uid, transfer_syntax=self.transfer_syntax,
+                calling_aet=self.calling_aet, peer=self.peer, part10=blob, meta_end=meta_end))
+        except Exception as e:
+            log.error("dicom.store_failed", error=type(e).__name__, detail=str(e)[:200])
+            return 0xA700, "internal error, not stored"
+
+    def abort(self) -> None:
+        if self.sink is not None:
+            sink, self.sink = self.sink, None
+            sink.abort()
+        self.data = []
+
+
 class StorageAssociation:
     """An accepted storage association, served synchronously in its connection's thread."""
 
@@ -347,20 +411,18 @@ class StorageAssociation:
         limit = self.max_pdu or HARD_PDU_CAP
         command: list[Any] = []
         command_len = 0
-        data: list[Any] = []
-        self._data_len = 0
-        self._sink: Any = None  # a large data set being streamed to its blob
+        self._incoming: StoreInProgress | None = None  # the C-STORE whose data set is arriving
         cmd: dict[int, bytes] | None = None
         refusal: StoreRefusal | None = None
         cmd_cx = 0
         try:
-            return self._read_pdus(limit, command, command_len, data, cmd, refusal, cmd_cx)
+            return self._read_pdus(limit, command, command_len, cmd, refusal, cmd_cx)
         finally:
-            if self._sink is not None:  # ended mid-instance: nothing stored, nothing answered
-                self._sink.abort()
-                self._sink = None
+            if self._incoming is not None:  # ended mid-instance: nothing stored, nothing answered
+                self._incoming.abort()
+                self._incoming = None
 
-    def _read_pdus(self, limit: int, command: list[Any], command_len: int, data: list[Any],
+    def _read_pdus(self, limit: int, command: list[Any], command_len: int,
                    cmd: dict[int, bytes] | None, refusal: StoreRefusal | None, cmd_cx: int) -> str:
         while True:
             head = self._read_exact(6, eof_ok=True)
@@ -384,23 +446,20 @@ class StorageAssociation:
                             cmd, refusal = self._command(b"".join(command), cmd_cx)
                             command, command_len = [], 0
                             if us(cmd, DATA_SET_TYPE) == NO_DATA_SET:
-                                self._dispatch(cmd, cmd_cx, [], None)
+                                self._dispatch(cmd, cmd_cx, None)
                                 cmd = None
+                            elif refusal is None and us(cmd, COMMAND_FIELD) == C_STORE_RQ:
+                                self._incoming = StoreInProgress(
+                                    self.hooks, cmd, str(self.accepted[cmd_cx].transfer_syntax[0]),
+                                    self.calling_aet, f"{self.calling_aet}@{self.peer}")
                     else:
                         if control & 0x01 or cx_id != cmd_cx:
                             raise ProtocolError(UNEXPECTED_PDU, "command fragment inside a data set")
-                        if refusal is None:  # a refused instance's data set is read past, not kept
-                            if self._sink is not None:
-                                self._sink.add(value)
-                            else:
-                                data.append(value)
-                                self._data_len += len(value)
-                                if self._data_len >= self.hooks.stream_min and self.hooks.stream is not None:
-                                    data = self._start_stream(cmd, cmd_cx, data)
+                        if self._incoming is not None:  # a refused instance's data set is read past, not kept
+                            self._incoming.add(value)
                         if control & 0x02:
-                            self._dispatch(cmd, cmd_cx, data, refusal)
-                            cmd, data, refusal = None, [], None
-                            self._data_len = 0
+                            self._dispatch(cmd, cmd_cx, refusal)
+                            cmd, refusal = None, None
             elif kind == A_RELEASE_RQ:
                 if length != FIXED_PDU_LENGTH:  # never allocate what a peer announces (PS3.8 9.3.6)
                     raise ProtocolError(INVALID_PARAMETER, f"A-RELEASE-RQ of {length} bytes")
@@ -411,21 +470,6 @@ class StorageAssociation:
                 return "aborted"
             else:
                 raise ProtocolError(UNEXPECTED_PDU, f"PDU type 0x{kind:02x} on an established association")
-
-    def _start_stream(self, cmd: dict[int, bytes], cx_id: int, data: list[Any]) -> list[Any]:
-        """The data set reached ``stream_min``: hand what came so far, and all that follows, to a
-        sink writing the blob; returns what stays in memory (nothing, or all when no sink)."""
-        assert self.hooks.stream is not None
-        ts = str(self.accepted[cx_id].transfer_syntax[0])
-        sink = self.hooks.stream(ui(cmd, 0x00000002), ui(cmd, 0x00001000), ts, self.calling_aet,
-                                 f"{self.calling_aet}@{self.peer}")
-        if sink is None:
-            self._data_len = -(1 << 62)  # not streamable: stays in memory, asked once
-            return data
-        self._sink = sink
-        for value in data:
-            sink.add(value)
-        return []
 
     def _command(self, encoded: bytes, cx_id: int) -> tuple[dict[int, bytes], StoreRefusal | None]:
         """A complete command set, decoded; a C-STORE-RQ gets the shared check of both paths."""
@@ -457,7 +501,7 @@ class StorageAssociation:
             pos += 4 + item_len
         return out
 
-    def _dispatch(self, cmd: dict[int, bytes], cx_id: int, data: list[Any], refusal: StoreRefusal | None) -> None:
+    def _dispatch(self, cmd: dict[int, bytes], cx_id: int, refusal: StoreRefusal | None) -> None:
         field, msg_id = us(cmd, COMMAND_FIELD), us(cmd, MESSAGE_ID)
         if field == C_CANCEL_RQ:  # nothing to cancel: a C-STORE is answered before the next request
             return
@@ -466,25 +510,14 @@ class StorageAssociation:
         cx = self.accepted[cx_id]
         if field == C_ECHO_RQ:
             rsp = encode_response(C_ECHO_RSP, msg_id, ui(cmd, 0x00000002) or str(cx.abstract_syntax), 0x0000)
-        elif field == C_STORE_RQ and self._sink is not None:
-            sink, self._sink = self._sink, None
-            status, comment = sink.store()  # the blob is finished and committed (or removed) first
-            rsp = store_response(cmd, status, comment)
-        elif field == C_STORE_RQ:
-            status, comment = (refusal.status, refusal.detail) if refusal is not None else self._store(cx, cmd, data)
-            rsp = store_response(cmd, status, comment)
+        elif field == C_STORE_RQ and self._incoming is not None:
+            incoming, self._incoming = self._incoming, None
+            rsp = store_response(cmd, *incoming.finish())
+        elif field == C_STORE_RQ and refusal is not None:
+            rsp = store_response(cmd, refusal.status, refusal.detail)
         else:
             raise ProtocolError(UNEXPECTED_PDU, f"command 0x{field or 0:04x} on a storage association")
         self.sock.sendall(pdata_pdus(cx_id, rsp, self.peer_max))
-
-    def _store(self, cx: PresentationContext, cmd: dict[int, bytes], data: list[Any]) -> tuple[int, str | None]:
-        sop_class, sop_uid = ui(cmd, 0x00000002), ui(cmd, 0x00001000)
-        ts = str(cx.transfer_syntax[0])
-        blob, meta_end = part10(sop_class, sop_uid, ts, data)
-        req = StoreRequest(sop_class=sop_class, sop_uid=sop_uid, transfer_syntax=ts,
-                           calling_aet=self.calling_aet, peer=f"{self.calling_aet}@{self.peer}",
-                           part10=blob, meta_end=meta_end)
-        return self.hooks.store(req)
 
     # -- socket helpers --------------------------------------------------------------
     def _read_exact(self, n: int, *, eof_ok: bool = False) -> bytearray | None:

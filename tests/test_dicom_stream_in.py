@@ -526,3 +526,46 @@ def test_long_header_is_read_whole_and_one_past_the_bound_is_refused(medrelay_pr
     assert _messages(store) == 1
     assert [p.name for p in eng.blob_files()] == [blob_id]
     store.dispose()
+
+
+def test_large_instance_on_an_association_pynetdicom_serves_is_streamed_too(medrelay_proc, tmp_path):
+    """An association that also proposes Study Root C-FIND is served by pynetdicom
+    (listeners/dicom_provider.py); its C-STOREs go through the plain path's storage there too, so
+    a 300 MiB instance is streamed to its blob (pynetdicom's DIMSE layer assembled it in memory:
+    the engine grew by the instance), stored byte-identical and found on the same association."""
+    from pydicom.dataset import Dataset
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+    src = tmp_path / "large.dcm"
+    uids = write_large_instance(src, 300 << 20, patient_id="STREAM^MIXED")
+    small = data_file(TEST_FILES[0])
+    eng = Engine(medrelay_proc, tmp_path)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(MF_GRAYSCALE_BYTE_SC, "1.2.840.10008.1.2.1")
+    from pydicom import dcmread
+
+    small_ds = dcmread(small)
+    ae.add_requested_context(small_ds.SOPClassUID, small_ds.file_meta.TransferSyntaxUID)
+    ae.add_requested_context(FIND)
+    old = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True  # pynetdicom sends the file in pieces, never whole
+    try:
+        assoc = ae.associate("127.0.0.1", eng.port, ae_title="MEDRELAY", max_pdu=65536)
+        assert assoc.is_established
+        assert assoc.send_c_store(src).Status == 0x0000
+        assert assoc.send_c_store(small).Status == 0x0000  # a small one on the same association: in memory
+        assert assoc.send_c_store(small).Status == 0x0000  # again: a duplicate, answered success
+        q = Dataset()
+        q.QueryRetrieveLevel, q.StudyInstanceUID, q.PatientID = "STUDY", uids["StudyInstanceUID"], ""
+        found = [ident.PatientID for status, ident in assoc.send_c_find(q, FIND)
+                 if status and status.Status in (0xFF00, 0xFF01)]
+        assert found == ["STREAM^MIXED"]
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
+    assert eng.rss()["VmHWM"] < RSS_LIMIT, f"peak RSS {eng.rss()['VmHWM'] / MiB:.0f} MiB"
+    store = eng.store()
+    _mid, blob_id, meta_end = _stored(store, uids["SOPInstanceUID"])
+    assert _blob_data_set_digest(store, blob_id, meta_end)[0] == _file_data_set_digest(src)
+    assert _messages(store) == 2
+    store.dispose()
