@@ -31,7 +31,31 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
-    # pynetdicom / uvicorn use stdlib logging: keep them quiet unless debugging.
-    logging.basicConfig(level=max(_LEVELS[level], logging.WARNING), stream=sys.stderr)
+    # pynetdicom, pydicom, uvicorn use stdlib logging (and pydicom Python warnings too): their
+    # records become structlog events like ours, quiet unless debugging.
+    root = logging.getLogger()
+    root.handlers = [LibraryHandler()]
+    root.setLevel(max(_LEVELS[level], logging.WARNING))
+    logging.captureWarnings(True)
     for noisy in ("pynetdicom", "uvicorn.access", "httpx"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+
+
+class LibraryHandler(logging.Handler):
+    """A library's stdlib log record as one structlog event (``library.log``, with the logger's
+    name and its text cut to 300 characters): the same JSON lines as the engine's own, never a
+    traceback. A record's exception is reduced to its type (pydicom logs each failed pixel
+    decoder's traceback at ERROR before raising; medrelay handles and logs that failure itself)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+        except Exception:
+            text = str(record.msg)
+        fields: dict[str, str] = {"logger": record.name, "detail": text.strip()[:300]}
+        if record.exc_info and record.exc_info[1] is not None:
+            fields["error"] = type(record.exc_info[1]).__name__
+        try:
+            structlog.get_logger().log(record.levelno, "library.log", **fields)
+        except Exception:
+            self.handleError(record)

@@ -701,6 +701,29 @@ class DicomListener:
         if self.server is not None:
             server, self.server = self.server, None
             await asyncio.to_thread(server.shutdown)
+            await asyncio.to_thread(self._end_associations)
+
+    def _end_associations(self, wait: float = 5.0) -> None:
+        """A-ABORT to every association still open once the port is closed, then wait for them
+        (``wait`` seconds at most). A peer holding a silent Q/R association kept the process
+        alive after SIGTERM for as long as it held it (pynetdicom's association threads are not
+        daemon threads and nothing ended them); an instance in flight is not acknowledged and is
+        sent again by its peer (the index answers a duplicate)."""
+        open_now = list(self.ae.active_associations)
+        for assoc in open_now:
+            try:
+                if isinstance(assoc, ul.StorageAssociation):
+                    assoc.abort()
+                else:
+                    assoc.abort(block=False)  # queued for its DUL thread, which sends it and ends
+            except Exception as e:  # one that cannot be aborted must not keep the others open
+                log.warning("dicom.abort_failed", channel=self.ctx.channel, error=type(e).__name__)
+        if open_now:
+            log.info("dicom.associations_aborted", channel=self.ctx.channel, count=len(open_now))
+        deadline = time.monotonic() + wait
+        for assoc in open_now:
+            if isinstance(assoc, threading.Thread):
+                assoc.join(max(0.0, deadline - time.monotonic()))
 
     @property
     def address(self) -> tuple[str, int]:

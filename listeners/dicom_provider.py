@@ -56,9 +56,11 @@ log = structlog.get_logger()
 # The data set of any request but a C-STORE (a C-FIND/C-MOVE/C-GET identifier, an N-CREATE or
 # N-SET attribute list, a storage commitment N-ACTION) is collected whole in memory by
 # pynetdicom's DIMSE layer: a peer that never sends the last fragment would grow the process
-# without end. A commitment request of ``max_instances`` (10000) references is ~1.2 MiB; a
-# request past this size is not a request, it gets A-ABORT.
-MAX_REQUEST_DATA = 64 * 1024 * 1024
+# without end. A commitment request of ``max_instances`` (10000) references is ~1.2 MiB (8 MiB
+# holds ~65 000), a C-FIND identifier a few KiB; a request past this size is not a request, it
+# gets A-ABORT. The bound is per association: 16 associations (max_associations) each holding a
+# request just under it are 128 MiB, where 64 MiB each took the engine past 1 GB (probe).
+MAX_REQUEST_DATA = 8 * 1024 * 1024
 
 KNOWN_PDUS = range(0x01, 0x08)  # pynetdicom reads a body only for these (others: Evt19 from the header)
 
@@ -316,6 +318,7 @@ class RequestHandler(_PynetdicomHandler):
                                   hooks=getattr(self.server, "store_hooks", None))
         assoc.dimse.receive_primitive = guard
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.dul.daemon = True  # pynetdicom's DUL thread is not a daemon: it kept the process alive at exit
         assoc.start()
         assoc.join()
         guard.close()

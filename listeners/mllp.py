@@ -70,6 +70,9 @@ from listeners.hl7_receive import Hl7Answer, Hl7Receiver, _Checked
 from listeners.hl7_validation import ValidatorPool
 from transforms.hl7_validate import Limits, check_limits
 
+# asyncio's listen backlog is 100: under a burst of connections the kernel drops SYNs and a peer
+# waits a second per retry before we can accept, count or refuse it (the DICOM listener's is 256 too).
+BACKLOG = 256
 log = structlog.get_logger()
 
 READ_CHUNK = 64 * 1024
@@ -180,14 +183,16 @@ class MLLPListener:
         if self._ssl is not None and self._proxy is not None:  # the header first, then the handshake
             loop = asyncio.get_running_loop()
             self._server = await loop.create_server(lambda: PausedAccept(self._proxied_tls), self.config.host,
-                                                    self.config.port, reuse_address=True)
+                                                    self.config.port, reuse_address=True, backlog=BACKLOG)
         elif self._ssl is not None:
             self._server = await start_tls_server(
                 self._on_connection, self.config.host, self.config.port, self._ssl, limit=READ_CHUNK,
-                handshake_timeout=min(self.config.frame_timeout, 60.0), on_failure=self._tls_failed)
+                handshake_timeout=min(self.config.frame_timeout, 60.0), on_failure=self._tls_failed,
+                backlog=BACKLOG)
         else:
             self._server = await asyncio.start_server(
-                self._on_connection, self.config.host, self.config.port, limit=READ_CHUNK, reuse_address=True)
+                self._on_connection, self.config.host, self.config.port, limit=READ_CHUNK, reuse_address=True,
+                backlog=BACKLOG)
         sock = self._server.sockets[0]
         self._address = sock.getsockname()[:2]
 

@@ -140,11 +140,13 @@ def send_raw(assoc: Association, inst: RawInstance, *, msg_id: int = 1, priority
     """
     if not assoc.is_established:
         raise RuntimeError("association is not established")
+    accepted = accepted_syntaxes(assoc, str(inst.SOPClassUID))
     try:
+        if str(inst.raw_transfer_syntax) not in accepted:  # asked first: pynetdicom logs an ERROR for a miss
+            raise ValueError("not accepted as stored")
         context = assoc._get_valid_context(inst.SOPClassUID, inst.raw_transfer_syntax, "scu",
                                            allow_conversion=False)
     except ValueError:
-        accepted = accepted_syntaxes(assoc, str(inst.SOPClassUID))
         if not inst.raw_transfer_syntax.is_compressed and any(ts in codec.NATIVE for ts in accepted):
             ds = _decoded(inst)  # an uncompressed syntax the peer did not take: let pynetdicom convert
             return _original(assoc)(ds, msg_id=msg_id, priority=priority, originator_aet=originator_aet,

@@ -148,3 +148,13 @@ def test_mllp_clients_behind_a_trusted_balancer_are_counted_apart(engine_factory
                 assert chunk, "closed without an ACK"
                 data += chunk
             assert msa(data[1:-2])[1:3] == ["AA", "CAP-PROXY"]
+
+
+def test_one_client_one_spelling():
+    """An IPv4-mapped IPv6 address (a PROXY v2 header's TCP6 bytes read as ``::ffff:a00:1``, a
+    dual-stack socket's ``::ffff:10.0.0.1``) is the IPv4 client it maps, not a second one."""
+    from engine.security.client_slots import client_host
+
+    assert {client_host((a, 1)) for a in ("10.0.0.1", "::ffff:10.0.0.1", "::ffff:a00:1")} == {"10.0.0.1"}
+    assert client_host(("2001:DB8:0::1", 1)) == "2001:db8::1"
+    assert client_host(None) == "?"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import socket
 import sqlite3
 import struct
@@ -686,3 +687,23 @@ def test_refused_instance_leaves_no_partial_file_when_the_disk_is_full(tmp_path)
     finally:
         if p.proc is not None and p.proc.poll() is None:
             p.terminate()
+
+
+def test_sigterm_ends_the_engine_while_peers_hold_associations_open(medrelay_proc):
+    """Silent associations on both paths (Q/R: pynetdicom's; storage: dicom_ul) do not keep the
+    process alive after SIGTERM: each gets A-ABORT and the engine exits within seconds (it stayed
+    until the peer closed, 70 s in the probe)."""
+    p, port = running(medrelay_proc)
+    held = [associated(port, QR), associated(port, QR), associated(port, (CTImageStorage,))]
+    try:
+        started = time.monotonic()
+        p.proc.send_signal(signal.SIGTERM)
+        p.proc.wait(15)
+        assert time.monotonic() - started < 10
+        for s in held:
+            s.settimeout(5)
+            assert recv_pdu(s)[0] in (0x07, -1)  # A-ABORT (or closed)
+    finally:
+        for s in held:
+            s.close()
+    assert "Traceback" not in p.log_path.read_text()

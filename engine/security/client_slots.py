@@ -12,15 +12,23 @@ from their loop.
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 from typing import Any
 
 
 def client_host(address: Any) -> str:
-    """The host a connection is counted on: an IPv4-mapped IPv6 address as its IPv4 form
-    (one client either way), '?' when the socket has none."""
+    """The host a connection is counted on, in one spelling per client: an IPv4-mapped IPv6
+    address (``::ffff:10.0.0.1``, or ``::ffff:a00:1`` as a PROXY v2 header's bytes read) as its
+    IPv4 form, IPv6 compressed; '?' when the socket has none."""
     host = str(address[0]) if isinstance(address, tuple) and address else "?"
-    return host[7:] if host.startswith("::ffff:") and "." in host else host
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
 
 
 class ClientSlots:

@@ -174,7 +174,7 @@ class _UntilMade(asyncio.Protocol):
 
 async def start_tls_server(handler: StreamHandler, host: str, port: int, ssl_context: ssl.SSLContext, *,
                            limit: int, handshake_timeout: float,
-                           on_failure: Callable[[Any, BaseException], None]) -> asyncio.Server:
+                           on_failure: Callable[[Any, BaseException], None], backlog: int = 100) -> asyncio.Server:
     """``asyncio.start_server(ssl=...)``, except that a failed handshake reaches ``on_failure``.
 
     asyncio's own TLS server reports handshake failures only at debug level, so a
@@ -195,7 +195,7 @@ async def start_tls_server(handler: StreamHandler, host: str, port: int, ssl_con
             assert isinstance(tls_transport, asyncio.WriteTransport)
             await handler(reader, asyncio.StreamWriter(tls_transport, protocol, reader, loop))
 
-    return await loop.create_server(lambda: PausedAccept(serve), host, port, reuse_address=True)
+    return await loop.create_server(lambda: PausedAccept(serve), host, port, reuse_address=True, backlog=backlog)
 
 
 class PausedAccept(asyncio.Protocol):
