@@ -152,10 +152,11 @@ class BoundedSocket(AssociationSocket):
 class StoreCommandGuard:
     """Wraps ``assoc.dimse.receive_primitive`` (called in the DUL thread for every P-DATA).
 
-    Command fragments are held until the command set is complete (a few hundred bytes);
-    a C-STORE-RQ that ``check_store_rq`` refuses never reaches pynetdicom: its data set
-    is read past and the response goes out through the DUL's own queue. Everything else,
-    data set fragments included, is forwarded as it came.
+    Command fragments are held until the command set is complete (a few hundred bytes).
+    A C-STORE-RQ never reaches pynetdicom: one that ``check_store_rq`` refuses has its data
+    set read past, one it passes is stored here (``StoreInProgress``, with ``hooks``), and
+    either response goes out through the DUL's own queue. Everything else, data set
+    fragments included, is forwarded as it came.
     """
 
     def __init__(self, assoc: Any, forward: Callable[[P_DATA], None], channel: str,
@@ -190,6 +191,9 @@ class StoreCommandGuard:
                     self._reply(*self.skipping)
                     self.skipping = None
                 continue
+            if control & 0x01 and self.storing is not None:
+                self._abort(UNEXPECTED_PDU, "command fragment inside a data set")
+                return
             if not control & 0x01 and self.storing is not None:
                 changed = True
                 if item[0] != self.storing_cx:
@@ -288,7 +292,6 @@ class StoreCommandGuard:
             except OSError:
                 pass
             sock.close()
-
 
     def close(self) -> None:
         """The association has ended: a data set still arriving is dropped (nothing stored, its

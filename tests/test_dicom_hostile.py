@@ -528,6 +528,29 @@ def test_malformed_store_gets_the_same_answer_on_both_paths(engine_factory, case
         assert "AffectedSOPInstanceUID" not in ds or dimse.valid_uid(str(ds.AffectedSOPInstanceUID))
 
 
+def test_a_command_inside_a_data_set_is_aborted_on_both_paths_and_nothing_is_stored(engine_factory):
+    """A C-STORE's data set begun, then a command fragment: A-ABORT (unexpected PDU) from either
+    implementation, and the half-received instance is not stored."""
+    e = engine_factory(dicom_yaml())
+    port = e.address("dcm")[1]
+    uid, data = ct_data_set()
+    results = {}
+    for path, syntaxes in (("plain", PLAIN), ("qr", QR)):
+        s = associated(port, syntaxes)
+        s.settimeout(10)
+        s.sendall(pdv_pdu(1, 0x03, store_command(CTImageStorage, uid)) + pdv_pdu(1, 0x00, data[:1000])
+                  + pdv_pdu(1, 0x03, store_command(CTImageStorage, uid, msg_id=2)))
+        results[path] = answer(s)
+        s.close()
+    assert results == {"plain": ("abort", (0x02, ul.UNEXPECTED_PDU)), "qr": ("abort", (0x02, ul.UNEXPECTED_PDU))}
+    from sqlalchemy import func, select
+
+    from engine.store import schema
+
+    with e.store.engine.connect() as c:
+        assert c.execute(select(func.count()).select_from(schema.messages)).scalar() == 0
+
+
 # -- item 17: what an operator reads ----------------------------------------------------------
 
 @pytest.mark.parametrize("path", ["plain", "qr"])
