@@ -76,6 +76,33 @@ BACKLOG = 256
 log = structlog.get_logger()
 
 READ_CHUNK = 64 * 1024
+SMALL_FRAME = 64 * 1024  # an unfinished message this small is always read on (max_buffered_bytes)
+
+
+class FrameBudget:
+    """Bytes of unfinished frames one listener holds, over all its connections
+    (``max_buffered_bytes``). ``max_frame_bytes`` bounds one connection; without this, 256
+    connections each holding most of a 10 MiB frame were 2.5 GB. One event loop: no lock."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._freed = asyncio.Event()
+
+    def over(self) -> bool:
+        return self.used > self.limit
+
+    def move(self, held: int, now: int) -> int:
+        """A connection's unfinished bytes went from ``held`` to ``now``; returns ``now``."""
+        self.used += now - held
+        if now < held:
+            self._freed.set()
+        return now
+
+    async def below(self) -> None:
+        while self.over():
+            self._freed.clear()
+            await self._freed.wait()
 BATCH_SUBMIT = 256  # messages of a batch in flight to intake at once (bounded; they share commits)
 
 
@@ -107,6 +134,11 @@ class MLLPSourceConfig(ComponentConfig):
         "deliveries are committed (the only mode: an ACK is a promise not to lose the message)")
     max_frame_bytes: int = Field(10 * 1024 * 1024, ge=1024,
                                  description="largest message accepted; larger ones get AR/CR with ERR 207")
+    max_buffered_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024 * 1024,
+        description="bytes of unfinished messages held in memory across all connections; past it a "
+        "connection holding more than 64 KiB of an unfinished message is not read from (TCP backpressure) "
+        "until others finish, or its frame_timeout closes it; small messages are read as usual")
     idle_timeout: float = Field(300.0, gt=0, description="seconds a connection may stay open without starting "
                                 "a message (blank bytes between frames do not count); then it is closed")
     frame_timeout: float = Field(60.0, gt=0, description="seconds from a message's start block to its end "
@@ -171,6 +203,7 @@ class MLLPListener:
         self._refused = 0  # connections closed over max_connections since the last log line
         self._refused_logged = 0.0
         self._clients = ClientSlots(config.max_connections_per_client)
+        self._buffered = FrameBudget(config.max_buffered_bytes)
         self._proxy = proxy_protocol.Trust(config.proxy_protocol) if config.proxy_protocol is not None else None
 
     @property
@@ -306,8 +339,16 @@ class MLLPListener:
         idle_deadline = loop.time() + idle
         frame_deadline = 0.0
         started = 0
+        held = 0  # this connection's share of self._buffered
         try:
             while True:
+                if parser.buffered > SMALL_FRAME and self._buffered.over():
+                    try:  # the listener holds too much unfinished: wait for others, not past this frame
+                        async with asyncio.timeout_at(frame_deadline):
+                            await self._buffered.below()
+                    except TimeoutError:
+                        reason = "frame_timeout"
+                        break
                 deadline = min(frame_deadline, loop.time() + idle) if parser.in_frame else idle_deadline
                 try:
                     async with asyncio.timeout_at(deadline):
@@ -319,7 +360,9 @@ class MLLPListener:
                     reason = "peer_closed" if not parser.in_frame else "peer_closed_mid_frame"
                     break
                 close = ended = False
-                for ev in parser.feed(data):
+                events = parser.feed(data)
+                held = self._buffered.move(held, parser.buffered)
+                for ev in events:
                     if isinstance(ev, Frame):
                         count += 1
                         ended = True
@@ -367,6 +410,7 @@ class MLLPListener:
         finally:
             self._conns.discard(task)
             self._clients.give_back(client)
+            self._buffered.move(held, 0)
             log.info("mllp.disconnected", channel=self.channel, peer=peer, reason=reason, messages=count)
             # close() waits to flush what is buffered; a peer that does not read would keep the
             # socket (and its buffered ACKs) forever, so that case, and any close that does not

@@ -292,3 +292,35 @@ def test_a_peer_that_never_reads_its_acks_is_closed(engine_factory):
         assert ack[1:3] == ["AA", "NR-AFTER"] and took < 5
     assert any(e.get("reason") == "ack_not_read" for e in logs if e["event"] == "mllp.disconnected"), \
         [e for e in logs if e["event"] == "mllp.disconnected"]
+
+
+def test_unfinished_messages_of_all_connections_share_one_bound(engine_factory):
+    """Four connections each holding most of a message that never ends: the listener keeps at
+    most about ``max_buffered_bytes`` of them (the others are not read from: TCP backpressure),
+    a normal ADT on another connection is answered at once, and all is given back once they are
+    closed.
+    Each connection alone is within max_frame_bytes: without the shared bound 256 of them at
+    10 MiB were 2.5 GB."""
+    from conftest import wait_until
+
+    eng = engine(engine_factory, "max_frame_bytes: 4194304, max_buffered_bytes: 1048576, "
+                                 "frame_timeout: 10, idle_timeout: 60")
+    host, port = eng.address("adt")
+    budget = eng.runtime.listener("adt")._buffered
+    hogs = [socket.create_connection((host, port)) for _ in range(4)]
+    try:
+        for h in hogs:
+            h.settimeout(2)
+            try:
+                h.sendall(b"\x0b" + adt("HOG") + b"X" * (700 * 1024))  # the kernel holds what is not read
+            except TimeoutError:
+                pass
+        wait_until(lambda: budget.used > 1024 * 1024)  # the bound is reached...
+        time.sleep(1.0)  # ...and stays: nothing more is read from the hogs (a negative check)
+        assert budget.used < 1024 * 1024 + 4 * 2 * 64 * 1024, budget.used
+        ack, took = timed_request(host, port, adt("SMALL1"))
+        assert ack[1:3] == ["AA", "SMALL1"] and took < 2.0, (ack, took)
+    finally:
+        for h in hogs:
+            h.close()
+    wait_until(lambda: budget.used == 0)  # read on, or closed at frame_timeout (paused: the close is unseen)
