@@ -83,6 +83,17 @@ def test_dicom_clients_behind_a_trusted_balancer_are_counted_apart(engine_factor
             h.close()
 
 
+def _adt_answer(sock: socket.socket, control_id: str) -> list[str]:
+    """An ADT framed on ``sock`` (already connected, maybe after a PROXY header): the MSA of its ACK."""
+    sock.sendall(b"\x0b" + adt(control_id) + b"\x1c\r")
+    data = b""
+    while not data.endswith(b"\x1c\r"):
+        chunk = sock.recv(4096)
+        assert chunk, "closed without an ACK"
+        data += chunk
+    return msa(data[1:-2])
+
+
 MLLP_YAML = """
 store: {{url: "sqlite:///data/medrelay.db", blobs: data/blobs}}
 keys: {{kek_file: data/keys.json}}
@@ -103,13 +114,7 @@ def test_mllp_one_client_over_its_share_is_closed_others_are_served(engine_facto
             took = closed_within(extra, 5)
             assert took is not None and took < 3, took  # closed at once, not after idle_timeout
         with socket.create_connection((host, port), timeout=10, source_address=("127.0.0.2", 0)) as s:
-            s.sendall(b"\x0b" + adt("CAP-OTHER") + b"\x1c\r")
-            data = b""
-            while not data.endswith(b"\x1c\r"):
-                chunk = s.recv(4096)
-                assert chunk, "closed without an ACK"
-                data += chunk
-            assert msa(data[1:-2])[1:3] == ["AA", "CAP-OTHER"]
+            assert _adt_answer(s, "CAP-OTHER")[1:3] == ["AA", "CAP-OTHER"]
     finally:
         hogs.pop().close()
 
@@ -141,13 +146,7 @@ def test_mllp_clients_behind_a_trusted_balancer_are_counted_apart(engine_factory
         with via_balancer("10.0.0.1") as second:
             assert closed_within(second, 5) is not None
         with via_balancer("10.0.0.2") as other:
-            other.sendall(b"\x0b" + adt("CAP-PROXY") + b"\x1c\r")
-            data = b""
-            while not data.endswith(b"\x1c\r"):
-                chunk = other.recv(4096)
-                assert chunk, "closed without an ACK"
-                data += chunk
-            assert msa(data[1:-2])[1:3] == ["AA", "CAP-PROXY"]
+            assert _adt_answer(other, "CAP-PROXY")[1:3] == ["AA", "CAP-PROXY"]
 
 
 def test_one_client_one_spelling():
