@@ -25,7 +25,7 @@ from starlette.staticfiles import StaticFiles
 
 from engine.console import pages
 from engine.console.api import Api, ApiError
-from engine.console.auth import Principal, authenticate, csrf_ok
+from engine.console.auth import CSRF_FIELD, Principal, authenticate, csrf_passes
 
 log = structlog.get_logger()
 
@@ -96,10 +96,12 @@ class ConsoleApp:
                                  {"WWW-Authenticate": 'Bearer realm="medrelay"'})
                 body: dict[str, Any] = {}
                 if post:
-                    if not csrf_ok(p, request.headers.get("x-csrf-token")):
-                        await self.denied(request, p, "missing or wrong CSRF token")
-                        return error(403, "csrf", "a console POST needs the session's X-CSRF-Token header")
                     body = await read_json(request)
+                    if not csrf_passes(p, request.headers, body):
+                        await self.denied(request, p, "missing or wrong CSRF token")
+                        return error(403, "csrf", "a console POST needs the session's CSRF token "
+                                     f"(X-CSRF-Token header or a {CSRF_FIELD!r} member of the body)")
+                    body.pop(CSRF_FIELD, None)  # the token's place, not a parameter of the work
                 return JSONResponse(await asyncio.to_thread(work, p, request, body))
             except ApiError as e:
                 if e.status == 403 and p is not None:

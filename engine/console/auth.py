@@ -8,15 +8,19 @@ Every request is authenticated, one of two ways:
   SameSite=Strict, Secure when the console serves TLS, Path=/. Only its SHA-256 is stored
   (``console_sessions``), with an idle and an absolute expiry; logout deletes the row. Every
   POST made with the cookie must carry the session's CSRF token (``X-CSRF-Token`` header
-  or a ``csrf`` form field): an HMAC of the session token, so it needs no storage and
-  cannot be computed without the cookie. The login form has its own double-submit token
-  (a cookie and a hidden field that must agree) against login CSRF.
+  or a ``csrf`` field of the form or JSON body, one check for all: ``csrf_passes``): an
+  HMAC of the session token, so it needs no storage and cannot be computed without the
+  cookie. The login form has its own double-submit token (a cookie and a hidden field that
+  must agree) against login CSRF.
 
 Failed logins are audited (``console.login`` failure, the user name tried and the client
 address) and limited per user name and per client address (``LoginLimiter``: a sliding
 window of failure times in a bounded LRU map, so made-up names cannot grow memory). While
 limited, a login is refused with 429 before its password is checked, so the limit also
-bounds the argon2 work an attacker can cause.
+bounds the argon2 work an attacker can cause. A login refused for its user name counts as a
+failure of its address, and a success clears only its own user name's count, so the
+per-address limit holds for its whole window whatever names are tried. The counts live in
+the process: a restart forgets them, and engines behind one balancer count apart.
 """
 
 from __future__ import annotations
@@ -58,11 +62,23 @@ def csrf_for(session_token: str) -> str:
     return hmac.new(session_token.encode(), b"medrelay console csrf", hashlib.sha256).hexdigest()[:40]
 
 
-def csrf_ok(principal: Principal, given: str | None) -> bool:
-    """Bearer calls need none; a session's POST needs its token."""
+CSRF_HEADER = "x-csrf-token"
+CSRF_FIELD = "csrf"
+
+
+def csrf_passes(principal: Principal, headers: Any, fields: Any) -> bool:
+    """The one CSRF check of every POST, API and pages alike, so no route can take other ways.
+
+    Bearer calls need none. A session's POST carries its token as the ``X-CSRF-Token`` header
+    or as the ``csrf`` field of its body (the pages' form, the API's JSON object): the header
+    when it is sent, else the field, never both tried, so a wrong header is a 403 whatever the
+    field says. ``fields`` is anything with ``get`` (a parsed form or JSON object).
+    """
     if principal.via != "session":
         return True
-    return bool(given) and principal.csrf is not None and hmac.compare_digest(principal.csrf, str(given))
+    given = headers.get(CSRF_HEADER) or fields.get(CSRF_FIELD)
+    return (isinstance(given, str) and bool(given) and principal.csrf is not None
+            and hmac.compare_digest(principal.csrf.encode(), given.encode()))
 
 
 class Sessions:
@@ -148,28 +164,52 @@ class LoginLimiter:
         """Seconds until a login for ``user`` from ``addr`` may be tried again, or None."""
         now = time.time() if now is None else now
         with self._lock:
-            waits = []
-            for table, key, cap in ((self._users, _user_key(user), self.limits.per_user),
-                                    (self._addrs, addr, self.limits.per_address)):
-                q = self._recent(table, key, now)
-                if q is not None and len(q) >= cap:
-                    waits.append(q[0] + self.limits.window - now)
+            waits = [w for w in (self._wait(self._users, _user_key(user), self.limits.per_user, now),
+                                 self._wait(self._addrs, addr, self.limits.per_address, now)) if w is not None]
             return max(waits) if waits else None
+
+    def admit(self, user: str, addr: str, now: float | None = None) -> float | None:
+        """Before a password is checked: None to go on, else the seconds to wait (429).
+
+        An attempt refused because its *user name* is limited is still a failed login of its
+        *address*: it counts there. Before, 25 tries at one name from one address left the
+        address at 5 failures (the other 20 were refused, not counted), so that address could
+        go on to log in as, or guess, any other user inside the window. An attempt refused
+        because the address itself is limited adds nothing: the address's window runs from its
+        failures and is not stretched by a client that keeps trying.
+        """
+        now = time.time() if now is None else now
+        with self._lock:
+            user_wait = self._wait(self._users, _user_key(user), self.limits.per_user, now)
+            addr_wait = self._wait(self._addrs, addr, self.limits.per_address, now)
+            if user_wait is not None and addr_wait is None:
+                self._add(self._addrs, addr, self.limits.per_address, now)
+                addr_wait = self._wait(self._addrs, addr, self.limits.per_address, now)
+        waits = [w for w in (user_wait, addr_wait) if w is not None]
+        return max(waits) if waits else None
+
+    def _wait(self, table: OrderedDict[str, deque[float]], key: str, cap: int, now: float) -> float | None:
+        q = self._recent(table, key, now)
+        return q[0] + self.limits.window - now if q is not None and len(q) >= cap else None
+
+    def _add(self, table: OrderedDict[str, deque[float]], key: str, cap: int, now: float) -> None:
+        q = table.get(key)
+        if q is None:
+            q = table[key] = deque(maxlen=cap)
+        table.move_to_end(key)
+        q.append(now)
+        while len(table) > self.limits.max_tracked:
+            table.popitem(last=False)
 
     def failed(self, user: str, addr: str, now: float | None = None) -> None:
         now = time.time() if now is None else now
         with self._lock:
-            for table, key, cap in ((self._users, _user_key(user), self.limits.per_user),
-                                    (self._addrs, addr, self.limits.per_address)):
-                q = table.get(key)
-                if q is None:
-                    q = table[key] = deque(maxlen=cap)
-                table.move_to_end(key)
-                q.append(now)
-                while len(table) > self.limits.max_tracked:
-                    table.popitem(last=False)
+            self._add(self._users, _user_key(user), self.limits.per_user, now)
+            self._add(self._addrs, addr, self.limits.per_address, now)
 
     def succeeded(self, user: str) -> None:
+        """Clears the count of this user name only: the address's failures stand for their window
+        (one account the client knows the password of must not buy it fresh guesses at others)."""
         with self._lock:
             self._users.pop(_user_key(user), None)
 

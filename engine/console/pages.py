@@ -22,7 +22,7 @@ from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
 from engine.console.api import ApiError
-from engine.console.auth import LOGIN_CSRF_COOKIE, SESSION_COOKIE, Principal, check_password, csrf_ok
+from engine.console.auth import LOGIN_CSRF_COOKIE, SESSION_COOKIE, Principal, check_password, csrf_passes
 
 HERE = Path(__file__).resolve().parent
 MAX_FORM = 64 * 1024
@@ -78,7 +78,7 @@ def routes(ca: Any) -> list[Route]:
 
     def page(work: Callable[[Request, Principal], Any], *,
              post: bool = False) -> Callable[[Request], Awaitable[Response]]:
-        """A page: the session or a redirect to /login; POSTs need the CSRF field."""
+        """A page: the session or a redirect to /login; POSTs need the CSRF token (header or field)."""
 
         async def handle(request: Request) -> Response:
             p: Principal | None = None
@@ -89,7 +89,7 @@ def routes(ca: Any) -> list[Route]:
                     return RedirectResponse("/login?" + urlencode({"next": nxt}), status_code=303)
                 if post:
                     form = await read_form(request)
-                    if not csrf_ok(p, form.get("csrf")):
+                    if not csrf_passes(p, request.headers, form):
                         await ca.denied(request, p, "missing or wrong CSRF token")
                         return render(request, "error.html", p, 403, message="This form has expired or did not "
                                       "come from the console (CSRF check). Go back, reload and try again.")
@@ -129,7 +129,7 @@ def routes(ca: Any) -> list[Route]:
             return RedirectResponse("/login?" + urlencode({"next": nxt, "failed": "expired"}), status_code=303)
         addr = request.client.host if request.client else ""
         peer = f"{addr}:{request.client.port}" if request.client else ""
-        wait = c.limiter.retry_after(name, addr)
+        wait = c.limiter.admit(name, addr)
         if wait is not None:
             await asyncio.to_thread(c.audit.record, "console.login", outcome="failure", actor=name[:128], peer=peer,
                                     detail="refused: too many failed logins (rate limited)")
