@@ -7,8 +7,9 @@ framing, MSH-15 (``should_send``) and hl7apy validation around these; the others
 transport:
 
 1. read the MSH without a full parse, cut a BOM or blank lines before it;
-2. the receiver checks of HL7 v2.5 2.9.2.1 that need no parse: the whole message valid
-   in its MSH-18 charset, a real HL7 v2 version (and ``accept_versions``), processing id
+2. the receiver checks of HL7 v2.5 2.9.2.1 that need no parse: every repetition of MSH-18
+   a character set of table 0211 (``check_charsets``), the whole message valid in its
+   MSH-18 charset, a real HL7 v2 version (and ``accept_versions``), processing id
    (``accept_processing_ids``), MSH-15/16 from table 0155;
 3. build the positive ACK first, so a duplicate gets back exactly what the original got;
 4. submit to intake (de-duplicated by MSH-3/4/10 like MLLP, plus whatever ``tx_hook`` the
@@ -41,6 +42,7 @@ from engine.hl7.message import (
     UNSUPPORTED_VERSION_ID,
     Header,
     HL7Error,
+    check_charsets,
     is_hl7_version,
     read_header,
     split_file,
@@ -203,6 +205,7 @@ class Hl7Receiver:
     def _check(self, header: Header, payload: bytes) -> None:
         """Receiver checks of HL7 v2.5 2.9.2.1 that need no parse: charset, version, processing
         id, acknowledgment types. Cheap on purpose: every message on the hot path goes through."""
+        check_charsets(header)  # every repetition of MSH-18 names a charset (table 0211)
         header.decode(payload)  # the whole message must be valid in its MSH-18 charset
         version = header.version
         if not version:

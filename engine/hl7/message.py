@@ -115,13 +115,52 @@ CHARSETS: dict[str, str] = {
 }
 
 
+# Every value of HL7 table 0211 (v2.9, with the v2.3 codes JAS2020 and JIS X 0202), as MSH-18
+# may name it in any repetition: the first is the message's charset (one of CHARSETS above),
+# the others are alternates a sender may switch to (MSH-20, ISO 2022 escapes) and that are
+# kept as sent. Compared in upper case, as CHARSETS is: senders write "unicode utf-8".
+TABLE_0211 = frozenset({
+    "ASCII", "8859/1", "8859/2", "8859/3", "8859/4", "8859/5", "8859/6", "8859/7", "8859/8", "8859/9",
+    "8859/15", "ISO IR6", "ISO IR14", "ISO IR87", "ISO IR159", "GB 18030-2000", "KS X 1001",
+    "CNS 11643-1992", "BIG-5", "UNICODE", "UNICODE UTF-8", "UNICODE UTF-16", "UNICODE UTF-32",
+    "JAS2020", "JIS X 0202",
+})
+
+
+def _charset_problem(value: str) -> str:
+    if value.strip().upper() in TABLE_0211:
+        return (f"character set {value[:40]!r} is not one this receiver reads (its delimiters must be single "
+                "ASCII bytes, without ISO 2022 switching): send UNICODE UTF-8")
+    return f"{value[:40]!r} is not a character set of HL7 table 0211"
+
+
 def codec_for(charset: str) -> str:
     """Python codec for an MSH-18 value; ``HL7Error(103)`` when we do not support it."""
     try:
         return CHARSETS[charset.strip().upper()]
     except KeyError:
-        raise HL7Error(TABLE_VALUE_NOT_FOUND, f"MSH-18 character set {charset[:40]!r} is not supported",
+        raise HL7Error(TABLE_VALUE_NOT_FOUND, f"MSH-18 {_charset_problem(charset)}",
                        location="MSH^1^18") from None
+
+
+def check_charsets(header: Header) -> None:
+    """Every repetition of MSH-18 must name a character set: the first one this engine reads,
+    the others (alternates) any value of table 0211; else ``HL7Error(103)`` at that repetition.
+
+    ``read_header`` holds the first repetition to CHARSETS because it decodes with it; the
+    alternates it does not need, so before this check an MSH-18 of ``UNICODE UTF-8~KLINGON``
+    was accepted (AA) without a word. Every HL7 source calls this (listeners/hl7_receive.py),
+    so MLLP, http, file and ``medrelay import`` answer it alike: AE 103 with ERR-2
+    ``MSH^1^18^<repetition>``, as the first repetition's unknown value and a UTF-16 message are.
+    Readers of stored messages do not: a message taken before stays readable.
+    """
+    raw = header.fields[18] if len(header.fields) > 18 else ""
+    for n, value in enumerate(raw.split(header.delimiters.repetition), 1):
+        v = value.strip().upper()
+        if not v or v in CHARSETS or (n > 1 and v in TABLE_0211):
+            continue
+        raise HL7Error(TABLE_VALUE_NOT_FOUND, f"MSH-18 repetition {n}: {_charset_problem(value)}",
+                       location="MSH^1^18" if n == 1 else f"MSH^1^18^{n}", header=header)
 
 
 # -- encoding characters and escapes --------------------------------------------------
