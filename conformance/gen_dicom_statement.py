@@ -25,7 +25,7 @@ from listeners import dicom_contexts as cx  # noqa: E402
 from listeners import dicom_dimse as dimse  # noqa: E402
 from listeners import dicom_mpps as mpps_scp  # noqa: E402
 from listeners import dicom_ul as ul  # noqa: E402
-from listeners import dicomweb_stow, dicomweb_wado  # noqa: E402
+from listeners import dicomweb_qido, dicomweb_stow, dicomweb_wado  # noqa: E402
 from listeners.dicom import DicomPeer, DicomSourceConfig, StorageCommitmentConfig  # noqa: E402
 from listeners.dicom_status import TABLES  # noqa: E402
 from listeners.dicomweb import DicomWebSourceConfig  # noqa: E402
@@ -34,6 +34,7 @@ from listeners.dicomweb_render import MAX_VIEWPORT, THUMBNAIL  # noqa: E402
 from routes.dicom import PERMANENT_RANGES, DicomDestinationConfig  # noqa: E402
 from routes.dicom_prefetch import DicomPrefetchConfig, PrefetchSource  # noqa: E402
 from transforms import dicom_codec as codec  # noqa: E402
+from transforms.deid_config import DEFAULT_QUARANTINE_MODALITIES  # noqa: E402
 
 OUT = ROOT / "conformance" / "dicom-conformance-statement.md"
 
@@ -126,7 +127,13 @@ def _dicomweb_section() -> list[str]:
         "attributes by keyword or 8-digit tag; `includefield` (a list or `all`), `limit`, `offset`; "
         "`fuzzymatching=true` is answered with literal matching and a Warning header. Results are the "
         "default attributes of PS3.18 Tables 10.6.3-3/4/5 (those the index holds) with RetrieveURL; more "
-        "than `max_results` are announced with a Warning header. Sequence attributes cannot be matched.",
+        "than `max_results` are announced with a Warning header. Sequence attributes cannot be matched. "
+        "DA, TM, DT, IS and DS values are checked (PS3.5 syntax, real calendar dates and clock times, a "
+        "range's start not after its end, PS3.4 C.2.2.2.5): an invalid one is 400 naming the attribute, "
+        "not an empty result. `limit` and `offset` are non-negative integers (else 400); above "
+        f"{dicomweb_qido.COUNT_CLAMP} they are taken as {dicomweb_qido.COUNT_CLAMP} (a limit is at most "
+        "`max_results` anyway, an offset past the results is 204). `anonymize` on any RESTful resource "
+        "(QIDO-RS, WADO-RS, STOW-RS) is 400: only WADO-URI de-identifies.",
         "- WADO-RS: an instance goes in its stored syntax when the Accept header allows it "
         "(`transfer-syntax=*` or its UID); the default for application/dicom is Explicit VR Little Endian "
         "(converted, section 3.8). One instance that cannot be converted is answered 406; in a study or "
@@ -144,13 +151,32 @@ def _dicomweb_section() -> list[str]:
         f"{dicomweb_wado.MAX_FRAMES_PER_REQUEST} frames per request. An instance of "
         f"{dicomweb_wado.STREAM_FROM // (1024 * 1024)} MiB or more that goes in its stored syntax (WADO-RS "
         "instance, series, study; WADO-URI) is sent part by part as its chunks are read and decrypted, "
-        "never whole in memory; one that is converted is converted in memory.",
+        "never whole in memory; one that is converted is converted in memory. Bulk data has byte ranges "
+        "(PS3.18 8.3.5.2): one `Range` byte range is answered 206 with the single part "
+        "application/octet-stream whenever Accept allows it (no Accept included), an unsatisfiable one "
+        "416, an invalid one or several ranges are ignored (the whole value); the other resources ignore "
+        "Range.",
+        "- WADO-URI `anonymize=yes` (PS3.18 9.4.2.3, contentType application/dicom): the instance "
+        "de-identified by the PS3.15 Basic Profile exactly as the `deidentify` transform does it with no "
+        "options (Table E.1-1 at every depth, pseudonymous Patient ID and Name, "
+        "shifted dates, new UIDs, Patient Identity Removed YES with the CID 7050 codes), in the "
+        "transferSyntax asked for. The pseudonyms and new UIDs are the same on every request for the "
+        "same instance; they are keyed by a secret derived from the key ring's `deid` secret, not that "
+        "secret itself, so what a DICOMweb user sees cannot be linked to the exports of `deidentify` "
+        "routes. An instance the profile quarantines (burned-in text possible: BurnedInAnnotation YES, "
+        "Secondary Capture, ultrasound, encapsulated PDF, modalities "
+        f"{', '.join(DEFAULT_QUARANTINE_MODALITIES)}) is refused "
+        "with 403, never given identified. Another `anonymize` value, `anonymize` with a rendered "
+        "contentType, and `presentationUID`/`presentationSeriesUID` (not supported) are 400.",
         "- STOW-RS: each part is a DICOM Part-10 instance stored through the Storage SCP's own path "
         "(section 3.1: the same checks, de-duplication and durability); the response is sent after every "
         "part is committed. Status: 200 all stored, 202 some stored, 409 none stored (PS3.18 Table "
         "10.5.3-1); each failed instance is in FailedSOPSequence with its Failure Reason: 0xA700 "
         "(not committed), 0xA900 (UIDs missing or different from the file meta, or not of the study in the "
-        "URL), 0xC000 (not a readable DICOM Part-10 part). A re-sent instance counts as stored. A part of "
+        "URL), 0xC000 (not a readable DICOM Part-10 part, a part without Content-Type, or a part of "
+        "another type than the body's `type=` declares). A re-sent instance counts as stored. The "
+        "response is application/dicom+json only: an Accept that excludes it (application/dicom+xml) is "
+        "406 before the body is read. A part of "
         "16 MiB or more is not held in memory: it is streamed to its blob as it arrives and indexed from "
         "its header, as a large C-STORE data set on medrelay's own Upper Layer (section 3.2), and committed when "
         "the part ends; a body cut off mid-part leaves nothing of that part. Smaller parts are held in "
@@ -164,9 +190,10 @@ def _dicomweb_section() -> list[str]:
         "Little Endian; in a part whose media type has `transfer-syntax=` of an encapsulated syntax (e.g. "
         "`image/jp2; transfer-syntax=1.2.840.10008.1.2.4.90`): one compressed frame, stored in that syntax "
         "(compressed multi-frame bulk data is refused). An instance whose JSON cannot be read, whose "
-        "BulkDataURI names no part, or without SOP Class/Instance UID fails with 0xC000. These bodies are "
-        "held in memory within `max_body_bytes` (a bulk data part that reaches the streaming size is "
-        "refused and the instance referencing it fails).",
+        "BulkDataURI names no part, or without SOP Class/Instance UID fails with 0xC000, as does an "
+        "`application/dicom` part in such a body (instances go in a `type=\"application/dicom\"` body) "
+        "or a part without Content-Type; a body without an `application/dicom+json` part is 400. These bodies are "
+        "held in memory within `max_body_bytes` and never streamed (a larger one is 413).",
         "",
         "### 6.1 Configuration",
         "",

@@ -46,6 +46,7 @@ from engine.registry import component
 from engine.security.tls import TLSConfig
 from engine.store.dicom import index as idx
 from engine.store.fhir.params import FhirError
+from listeners import dicomweb_anonymize as anon
 from listeners import dicomweb_media as media
 from listeners import dicomweb_qido as qido
 from listeners import dicomweb_stow as stow
@@ -66,6 +67,11 @@ UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutErr
 RETRY_AFTER = "5"
 _HOST = re.compile(r"^([A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(:[0-9]{1,5})?$")
 IMAGE_TYPES = ("image/jpeg", "image/png")
+# WADO-URI parameters that ask for a changed object we do not make (PS3.18 9.4.2): 400, not ignored
+WADO_URI_UNSUPPORTED = ("presentationUID", "presentationSeriesUID")
+# Query parameters no WADO-RS / QIDO-RS resource takes whose silent omission would mislead: anonymize
+# is WADO-URI's (an identified instance must never pass for a de-identified one)
+RS_REFUSED = ("anonymize",)
 WORKERS = 16  # threads per listener: STOW-RS keeps up to 8 parts in the intake at once, reads the rest
 T = TypeVar("T")
 
@@ -126,6 +132,15 @@ class DicomWebSourceConfig(ComponentConfig, HttpBodyLimitsConfig):
         return f"{scheme}://{self.host}:{self.port}{self.base_path}"
 
 
+def _allows(ranges: list[media.MediaRange], single: str) -> bool:
+    """Whether Accept allows the single-part ``single`` at all (e.g. ``*/*``)."""
+    try:
+        media.single(ranges, (single,))
+    except media.NotAcceptable:
+        return False
+    return True
+
+
 def _text(status: int, text: str, headers: dict[str, str] | None = None) -> Response:
     return Response(text + "\n", status_code=status, media_type="text/plain", headers=headers)
 
@@ -142,6 +157,7 @@ class DicomWebApi:
                                 move_destinations={})
         self.scp = StoreSCP(ctx, ae_title=config.ae_title, replace=config.duplicates == "replace")
         self.budget = BodyBudget(config.body_budget_bytes)
+        self.anonymizer: anon.Anonymizer | None = None  # WADO-URI anonymize=yes, built on first use
         # Blocking work (index, blobs, codecs, the intake) on threads of this listener's own: a hop
         # through asyncio's executor costs about half of anyio's (starlette's run_in_threadpool), and
         # a small WADO-RS request is little more than its hop (measured: 1.2 vs 2.3 ms of CPU).
@@ -217,9 +233,14 @@ class DicomWebApi:
         """The one error boundary: known errors -> their status, the store unreachable -> 503,
         anything else -> 500 with an incident id, never a traceback."""
 
+        wado_uri = fn == self.wado_uri
+
         async def endpoint(request: Request) -> Response:
             try:
                 actor = await self._authenticate(request)
+                if not wado_uri and any(key in request.query_params for key in RS_REFUSED):
+                    raise DicomWebError(400, "anonymize is a WADO-URI parameter (requestType=WADO); the RESTful "
+                                             "services do not de-identify")
                 return await fn(request, actor)
             except DicomWebError as e:
                 return _text(e.status, e.text, e.headers)
@@ -339,9 +360,13 @@ class DicomWebApi:
         return JSONResponse(results, media_type=DICOM_JSON, headers=headers)
 
     @staticmethod
-    def _accept_json(request: Request) -> None:
+    def _accept_json(request: Request, why: str | None = None) -> None:
+        """406 unless Accept allows DICOM JSON (the only response encoding: no application/dicom+xml)."""
         ranges = media.parse_accept(request.headers.get("accept"))
-        media.single(ranges, (DICOM_JSON, "application/json"))
+        try:
+            media.single(ranges, (DICOM_JSON, "application/json"))
+        except media.NotAcceptable:
+            raise media.NotAcceptable(why or "the response is application/dicom+json") from None
 
     # -- WADO-RS -----------------------------------------------------------------
     def _identifier(self, request: Request) -> tuple[Dataset, str]:
@@ -556,6 +581,8 @@ class DicomWebApi:
         self._audit("dicomweb.retrieve", request, actor,
                     {"level": "IMAGE", "what": "bulkdata", "instances": 1})
         ranges = media.parse_accept(request.headers.get("accept"))
+        if "range" in request.headers and _allows(ranges, wado.OCTET):  # byte ranges: of the single part
+            return self._single_octets(request, value)
         try:
             wanted = media.wanted_parts(ranges, wado.OCTET)
         except media.NotAcceptable:
@@ -641,6 +668,16 @@ class DicomWebApi:
         request.scope["path_params"] = {"study": qp["studyUID"], "series": qp["seriesUID"],
                                         "instance": qp["objectUID"]}
         content = [c.strip().split(";")[0] for c in qp.get("contentType", "image/jpeg").split(",")]
+        for key in WADO_URI_UNSUPPORTED:  # asked-for changes we do not make: refused, never silently skipped
+            if key in qp:
+                raise DicomWebError(400, f"{key} is not supported here")
+        anonymize = "anonymize" in qp
+        if anonymize and qp["anonymize"] != "yes":
+            raise DicomWebError(400, "anonymize must be yes (PS3.18 9.4.2.3)")
+        if anonymize and "application/dicom" not in content:
+            raise DicomWebError(400, "anonymize needs contentType=application/dicom (PS3.18 9.4.2.3)")
+        if anonymize:
+            return await self._wado_uri_anonymized(request, actor, qp.get("transferSyntax") or wado.EXPLICIT_LE)
         if "application/dicom" in content:
             ts = qp.get("transferSyntax") or wado.EXPLICIT_LE
             got = await self._fetch(request, [ts])
@@ -681,6 +718,31 @@ class DicomWebApi:
                     {"level": "IMAGE", "what": "wado-uri", "instances": 1})
         return Response(image, media_type=image_type)
 
+    async def _wado_uri_anonymized(self, request: Request, actor: str, ts: str) -> Response:
+        """The instance in ``ts``, then de-identified (dicomweb_anonymize: the Basic Profile, stable new
+        UIDs); read whole, never streamed as stored. 403 when it may carry burned-in text."""
+        inst = await self._one(request)
+
+        def work() -> bytes:
+            if self.anonymizer is None:  # here, on a worker: the key ring may read or write its file
+                self.anonymizer = anon.Anonymizer(self.ctx)
+            data, _ts = wado.as_part10(inst, [ts])
+            return self.anonymizer.apply(data)
+
+        try:
+            data = await self._run(work)
+        except TranscodeError as e:
+            self._transcode_failed(inst.ref, str(e))
+            raise DicomWebError(406, "the instance cannot be given in that transfer syntax") from None
+        except anon.Refused as e:
+            self._audit("dicomweb.retrieve", request, actor,
+                        {"level": "IMAGE", "what": "wado-uri", "anonymize": True, "instances": 0, "failed": 1},
+                        "failure")
+            raise DicomWebError(403, str(e)) from None
+        self._audit("dicomweb.retrieve", request, actor,
+                    {"level": "IMAGE", "what": "wado-uri", "anonymize": True, "instances": 1})
+        return Response(data, media_type="application/dicom")
+
     async def _stream_uri(self, request: Request, actor: str, chunks: Iterator[bytes],
                           what: str = "wado-uri") -> AsyncIterator[bytes]:
         done = False
@@ -698,13 +760,15 @@ class DicomWebApi:
         if self.ctx.intake is None:
             raise DicomWebError(503, "no intake", {"Retry-After": RETRY_AFTER})
         try:
-            boundary = stow.boundary_of(request.headers.get("content-type", ""))
+            boundary, declared = stow.boundary_of(request.headers.get("content-type", ""))
         except stow.StowError as e:
             raise DicomWebError(e.status, e.text) from None
+        self._accept_json(request, "the STOW-RS response is application/dicom+json")  # 406 before the body
         limit = self.config.max_body_bytes  # held in memory; large parts stream (dicomweb_stow)
         client = request.client
         peer = f"{actor}@{client.host}:{client.port}" if client else actor
-        streaming = stow.streaming_for(self.scp, peer, study, self.config.max_stream_bytes, self._run)
+        streaming = stow.streaming_for(self.scp, peer, study, self.config.max_stream_bytes, self._run) \
+            if declared == stow.DICOM_TYPE else None  # a metadata body is held in memory
         total = limit if streaming is None else max(limit, streaming.limit)
         length = request.headers.get("content-length", "").strip()
         if length and not (length.isascii() and length.isdigit()):
@@ -715,7 +779,7 @@ class DicomWebApi:
         await self.budget.reserve(want, self.config.body_timeout / 2)
         request.state.body_reserved = want
         try:
-            parts = await stow.read_parts(request.stream(), boundary, limit, streaming)
+            parts = await stow.read_parts(request.stream(), boundary, limit, streaming, declared)
         except stow.StowError as e:
             raise DicomWebError(e.status, e.text) from None
         if not parts:

@@ -12,6 +12,7 @@ and the DICOM JSON encoding.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import re
 from collections.abc import Sequence
@@ -43,6 +44,17 @@ CONTROL = {"limit", "offset", "fuzzymatching", "includefield", "access_token"}
 TEXT_VRS = frozenset(("AE", "AS", "CS", "DA", "DT", "TM", "LO", "LT", "PN", "SH", "ST", "UC", "UI", "UR", "UT",
                       "IS", "DS"))
 _HEX_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
+COUNT_CLAMP = 10**9  # limit and offset above this are taken as this (see _count)
+RANGE_VRS = ("DA", "TM", "DT")
+_DA = re.compile(r"^(\d{4})(\d{2})(\d{2})$")
+_TM = re.compile(r"^(\d{2})(?::?(\d{2})(?::?(\d{2})(\.\d{1,6})?)?)?$")  # HH[MM[SS[.F]]], also with colons
+_DT = re.compile(r"^(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?$")
+_NUMBER = {"IS": re.compile(r"^[+-]?\d{1,12}$"),
+           "DS": re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")}
+FORMS = {"DA": "a date YYYYMMDD or a range of them (a-b, a-, -b)",
+         "TM": "a time HH[MM[SS[.FFFFFF]]] or a range of them (a-b, a-, -b)",
+         "DT": "a date-time YYYY[MM[DD[HH[MM[SS[.FFFFFF]]]]]][&ZZXX] or a range of them (a-b, a-, -b)",
+         "IS": "an integer", "DS": "a decimal number"}
 
 
 class QueryError(ValueError):
@@ -74,9 +86,82 @@ def attribute_tag(name: str) -> int:
 
 
 def _count(name: str, value: str) -> int:
-    if not value.isascii() or not value.isdigit() or len(value) > 9:
+    """A non-negative integer, clamped to COUNT_CLAMP: a larger limit is max_results anyway (as FHIR
+    _count is clamped) and a larger offset is past every result (204), so neither is an error."""
+    if not value.isascii() or not value.isdigit():
         raise QueryError(f"{name} must be a non-negative integer")
-    return int(value)
+    return COUNT_CLAMP if len(value) > 9 else min(int(value), COUNT_CLAMP)
+
+
+def _date(y: str, mo: str | None, d: str | None) -> bool:
+    try:
+        datetime.date(int(y), int(mo or 1), int(d or 1))
+    except ValueError:
+        return False
+    return True
+
+
+def _time(h: str | None, mi: str | None, sec: str | None) -> bool:
+    return int(h or 0) <= 23 and int(mi or 0) <= 59 and int(sec or 0) <= 60  # 60: a leap second (PS3.5)
+
+
+def _one_value(vr: str, text: str) -> str | None:
+    """``text`` as a sortable key (for the range order check) when it is a valid DA/TM/DT/IS/DS
+    value (PS3.5 Table 6.2-1), else None."""
+    if vr == "DA":
+        m = _DA.match(text)
+        return text if m and _date(*m.groups()) else None
+    if vr == "TM":
+        m = _TM.match(text)
+        if not m or not _time(*m.groups()[:3]):
+            return None
+        h, mi, sec, frac = m.groups()
+        return h + (mi or "00") + (sec or "00") + (frac or ".").ljust(7, "0")
+    if vr == "DT":
+        m = _DT.match(text)
+        if not m:
+            return None
+        y, mo, d, h, mi, sec, frac, tz = m.groups()
+        if not (_date(y, mo, d) and _time(h, mi, sec)):
+            return None
+        if tz and not (-1200 <= int(tz) <= 1400 and int(tz[-2:]) <= 59):
+            return None
+        return y + (mo or "01") + (d or "01") + (h or "00") + (mi or "00") + (sec or "00") + \
+            (frac or ".").ljust(7, "0")
+    return text if _NUMBER[vr].match(text) else None
+
+
+def check_value(keyword: str, vr: str, value: str) -> None:
+    """QueryError unless ``value`` is a valid match value of a DA, TM, DT, IS or DS attribute: a
+    single value, ``*``, a range (``a-b``, ``a-``, ``-b``; dates, times and date-times, PS3.4
+    C.2.2.2.5, with the start not after the end) or such values separated by ``\\``. An invalid one
+    matched nothing (204), which a client cannot tell from "no such study"."""
+    if value.strip() == "*":
+        return
+    for item in value.split("\\"):
+        item = item.strip()
+        if _one_value(vr, item) is not None:
+            continue
+        if vr in RANGE_VRS and _range_ok(keyword, vr, item):
+            continue
+        raise QueryError(f"{keyword} ({vr}) must be {FORMS[vr]}")
+
+
+def _range_ok(keyword: str, vr: str, item: str) -> bool:
+    """A range: a '-' splitting ``item`` into two values (one may be empty); for DT, whose time zone
+    offset may also be '-', every '-' is tried. A range whose start is after its end is not valid."""
+    for at in [i for i, c in enumerate(item) if c == "-"]:
+        lo, hi = item[:at], item[at + 1:]
+        if not lo and not hi:
+            continue
+        a = _one_value(vr, lo) if lo else ""
+        b = _one_value(vr, hi) if hi else ""
+        if a is None or b is None:
+            continue
+        if a and b and a > b:
+            raise QueryError(f"{keyword} ({vr}): the range starts after it ends (PS3.4 C.2.2.2.5)")
+        return True
+    return False
 
 
 @functools.lru_cache(maxsize=4096)
@@ -96,6 +181,10 @@ def _add(ds: Dataset, tag: int, value: str | None) -> None:
     if vr not in TEXT_VRS:
         ds.add_new(Tag(tag), vr, None)
         return
+    if value and vr in FORMS:
+        check_value(keyword_for_tag(tag), vr, value)
+        if value.strip() == "*":
+            value = None  # universal matching, as C-FIND takes it (a DA of "*" is no date to pydicom)
     if value and vr == "UI":
         if not all(valid_uid(u) for u in value.replace("\\", ",").split(",")):
             raise QueryError(f"{keyword_for_tag(tag)}: not a UID or a comma-separated UID list")

@@ -55,6 +55,7 @@ log = structlog.get_logger()
 MAX_PARTS = 10000
 STORE_CONCURRENCY = 8  # parts in the intake at once: they share its group commits
 PARSE_BATCH = 1 << 20  # body bytes handed to the parser thread at once
+DICOM_TYPE = "application/dicom"
 
 
 class StowError(Exception):
@@ -108,7 +109,8 @@ class Result:
     series_uid: str = ""
 
 
-def boundary_of(content_type: str) -> str:
+def boundary_of(content_type: str) -> tuple[str, str]:
+    """(boundary, declared part type) of a STOW-RS request's Content-Type; StowError 415/400."""
     main, _, rest = content_type.partition(";")
     if main.strip().lower() != "multipart/related":
         raise StowError(415, "send multipart/related; type=\"application/dicom\"")
@@ -116,13 +118,19 @@ def boundary_of(content_type: str) -> str:
     for item in rest.split(";"):
         k, _, v = item.strip().partition("=")
         params[k.strip().lower()] = v.strip().strip('"')
-    part_type = params.get("type", "application/dicom").lower()
-    if part_type not in ("application/dicom", stow_json.JSON_TYPE):  # the latter: metadata + bulk data
+    declared = params.get("type", DICOM_TYPE).lower()
+    if declared not in (DICOM_TYPE, stow_json.JSON_TYPE):  # the latter: metadata + bulk data
         raise StowError(415, "send type=\"application/dicom\" or type=\"application/dicom+json\" parts")
     boundary = params.get("boundary", "")
     if not boundary or len(boundary) > 70:
         raise StowError(400, "multipart/related without a valid boundary")
-    return boundary
+    return boundary, declared
+
+
+def part_type(part: Part) -> str:
+    """The media type of a part's Content-Type, lower case; "" when the part has none (PS3.18 10.5.1.2
+    requires one on every part: such a part is that instance's failure, never taken as DICOM)."""
+    return part.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
 @dataclass(frozen=True)
@@ -144,10 +152,18 @@ def streaming_for(scp: StoreSCP, peer: str, study: str | None, limit: int,
     return Streaming(scp, peer, study, limit, offload) if can_stream(scp.ctx.store) else None
 
 
-async def read_parts(chunks: Any, boundary: str, limit: int, streaming: Streaming | None = None) -> list[Part]:
+async def read_parts(chunks: Any, boundary: str, limit: int, streaming: Streaming | None = None,
+                     declared: str = DICOM_TYPE) -> list[Part]:
     """The body's parts, parsed as the chunks arrive, holding at most ``limit`` bytes in memory
     (without ``streaming``: ``limit`` bytes of body in all). With ``streaming``, a part that
-    reaches ``stream_min`` goes to its blob and is stored when it ends (its ``result``)."""
+    reaches ``stream_min`` goes to its blob and is stored when it ends (its ``result``).
+
+    ``declared`` is the body's ``type=`` (PS3.18 10.5.1.2): an ``application/dicom`` body is
+    instances, each part stored as one (a part of another type fails); an ``application/dicom+json``
+    body is metadata and bulk data (an ``application/dicom`` part in it fails, never stored, and
+    nothing of it is streamed)."""
+    if declared != DICOM_TYPE:
+        streaming = None  # metadata bodies are held in memory, within ``limit``
     parts: list[Part] = []
     header_field, header_value = bytearray(), bytearray()
     held = 0  # bytes of parts in memory
@@ -225,7 +241,9 @@ async def read_parts(chunks: Any, boundary: str, limit: int, streaming: Streamin
             if p.sink is not None:
                 p.sink.abort()
                 p.sink = None
-    if stow_json.has_metadata(parts):  # PS3.18 10.5.1.2.2: instances rebuilt from JSON + bulk data parts
+    if declared == stow_json.JSON_TYPE:  # PS3.18 10.5.1.2.2: instances rebuilt from JSON + bulk data parts
+        if not stow_json.has_metadata(parts):
+            raise StowError(400, "a type=\"application/dicom+json\" body has no application/dicom+json part")
         fail = functools.partial(Result, study_uid="", status=STORE["cannot_understand"].code)
         off = streaming.offload if streaming is not None else asyncio.to_thread  # pydicom work: not on the loop
         return await off(stow_json.assemble, parts, lambda c, u, why: fail(c, u, reason=why))
@@ -244,8 +262,7 @@ def _start_streaming(p: Part, s: Streaming) -> int:
     it now (no readable file meta: read past, never held); the bytes of memory freed. A part the
     sink cannot take (a syntax the header scan does not read, blobs that cannot be streamed) and
     a part of another type (the bulk data of a metadata body) stay in memory."""
-    ctype = p.headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
-    if ctype != "application/dicom":  # metadata or bulk data of a dicom+json body: held, judged at the end
+    if part_type(p) != DICOM_TYPE:  # not DICOM, or no Content-Type: held, failed at the end
         return 0
     try:
         meta, end = _meta_end(p.data)
@@ -288,9 +305,12 @@ def _meta_end(data: bytes | bytearray) -> tuple[dict[str, str], int]:
 def request_of(part: Part, peer: str) -> StoreRequest | Result:
     """The part as the Storage SCP's request (file meta rewritten the way the listener writes
     it), or the failure to report for it."""
-    ctype = part.headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
-    if ctype != "application/dicom":
-        return Result("", "", "", STORE["cannot_understand"].code, f"part of type {ctype[:40]} is not DICOM")
+    ctype = part_type(part)
+    if not ctype:
+        return Result("", "", "", STORE["cannot_understand"].code, "part without a Content-Type")
+    if ctype != DICOM_TYPE:
+        return Result("", "", "", STORE["cannot_understand"].code,
+                      f"part of type {ctype[:40]} in a type=\"application/dicom\" body is not DICOM")
     try:
         meta, end = _meta_end(part.data)
     except Exception:

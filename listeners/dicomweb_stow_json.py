@@ -12,9 +12,9 @@ Transfer syntax: a Pixel Data bulk part whose media type carries ``transfer-synt
 encapsulated syntax (e.g. ``image/jp2; transfer-syntax=1.2.840.10008.1.2.4.90``) is one
 compressed frame, stored encapsulated in that syntax; otherwise (``application/octet-stream``)
 the instance is Explicit VR Little Endian. A compressed multi-frame instance (one part per
-frame) is refused. Everything is held in memory within the body limit of the request (a bulk
-part large enough to be streamed is refused by the streaming reader as not DICOM, and the
-instance that references it fails with that reason). This module knows nothing of the parts'
+frame) is refused. Everything is held in memory within the body limit of the request (such a
+body is never streamed: dicomweb_stow reads it without its streaming sink, a larger one is 413).
+This module knows nothing of the parts'
 classes: dicomweb_stow passes its own ``Part`` and a failure maker, so there is no import circle.
 """
 
@@ -31,6 +31,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 JSON_TYPE = "application/dicom+json"
+DICOM_TYPE = "application/dicom"
 MAX_INSTANCES = 10000  # instances in the JSON parts of one body (as dicomweb_stow's MAX_PARTS)
 
 # failure(sop_class, sop_uid, reason) -> the caller's failed-part result
@@ -38,8 +39,8 @@ Failure = Callable[[str, str, str], Any]
 
 
 def media_type(headers: dict[str, str]) -> tuple[str, dict[str, str]]:
-    """(type/subtype in lower case, parameters) of a part's Content-Type."""
-    main, *params = headers.get("content-type", "application/dicom").split(";")
+    """(type/subtype in lower case, parameters) of a part's Content-Type ("" when it has none)."""
+    main, *params = headers.get("content-type", "").split(";")
     out = {}
     for p in params:
         k, _, v = p.strip().partition("=")
@@ -65,7 +66,7 @@ def _bulk_index(parts: list[Any]) -> dict[str, Any]:
     """Bulk data parts by every name they can be referenced by (full URI and its path)."""
     out: dict[str, Any] = {}
     for p in parts:
-        if media_type(p.headers)[0] == JSON_TYPE:
+        if media_type(p.headers)[0] in (JSON_TYPE, DICOM_TYPE, ""):  # not bulk data (failed in assemble)
             continue
         for name in _locations(p):
             out.setdefault(name, p)
@@ -139,16 +140,22 @@ def _uid(obj: Any, tag: str) -> str:
 def assemble(parts: list[Any], failure: Failure) -> list[Any]:
     """The parts to store: each JSON instance as a new ``application/dicom`` part (of the same
     class as ``parts``), or, for one that cannot be built, a part whose ``result`` is the
-    ``failure``; plain DICOM parts as they are; bulk data parts are consumed."""
+    ``failure``; bulk data parts are consumed; an ``application/dicom`` part or one without a
+    Content-Type is a failure (a body declared metadata is not taken as instances)."""
     make = type(parts[0])
     out: list[Any] = []
     count = 0
     bulk = _bulk_index(parts)
     for p in parts:
         kind = media_type(p.headers)[0]
+        if kind == DICOM_TYPE:  # PS3.18 10.5.1.2.2: such a body is metadata and bulk data only
+            out.append(make(result=failure("", "", "an application/dicom part in a type=\"application/dicom+json\" "
+                                                   "body (send instances as type=\"application/dicom\")")))
+            continue
+        if not kind:  # every part names its type (PS3.18 10.5.1.2); an untyped part is no bulk data either
+            out.append(make(result=failure("", "", "part without a Content-Type")))
+            continue
         if kind != JSON_TYPE:
-            if kind == "application/dicom":
-                out.append(p)
             continue
         try:
             doc = json.loads(bytes(p.data))

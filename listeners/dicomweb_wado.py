@@ -14,6 +14,7 @@ and the audit row, or answered 406 when it was asked for alone.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,7 @@ log = structlog.get_logger()
 OCTET = "application/octet-stream"
 MAX_FRAMES_PER_REQUEST = 4096
 STREAM_FROM = 4 * 1024 * 1024  # stored instances from this size go out chunk by chunk
+_BYTE_RANGE = re.compile(r"^([0-9]{0,18})-([0-9]{0,18})$")  # first-pos "-" last-pos, or "-" suffix-length
 
 
 @dataclass(frozen=True)
@@ -241,26 +243,30 @@ def _decoded_frames(inst: Stored, ds: Dataset, numbers: Sequence[int], count: in
 
 
 def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """One ``bytes=a-b`` range (RFC 9110 14.2) within ``size``, or None for the whole value.
-    Raises ValueError for a range that cannot be satisfied (416)."""
+    """One ``bytes=a-b`` range (RFC 9110 14.2) within ``size``, or None for the whole value (no
+    Range, another unit, several ranges, or an invalid one such as ``bytes=5-3``, which RFC 9110
+    14.1.1 says to ignore). Raises ValueError for a valid range that cannot be satisfied (416:
+    starting at or past the end, or a zero suffix)."""
     if not header:
         return None
     unit, _, spec = header.partition("=")
     if unit.strip().lower() != "bytes" or "," in spec:
         return None  # other units and multiple ranges: the whole value (allowed by RFC 9110)
-    start_s, dash, end_s = spec.strip().partition("-")
-    if not dash:
-        return None
-    try:
-        if start_s == "":
-            n = int(end_s)
-            start, end = max(0, size - n), size - 1
-        else:
-            start = int(start_s)
-            end = int(end_s) if end_s else size - 1
-    except ValueError:
-        return None
+    m = _BYTE_RANGE.match(spec.strip())
+    if m is None or m.group(0) == "-":
+        return None  # not a byte-range-spec (RFC 9110 14.1.1: digits only): ignored
+    start_s, end_s = m.groups()
+    if start_s == "":
+        n = int(end_s)
+        start, end = max(0, size - n), size - 1
+        if n == 0:
+            raise ValueError("range not satisfiable")  # a zero suffix selects nothing
+    else:
+        start = int(start_s)
+        if end_s and int(end_s) < start:
+            return None  # invalid (last-pos before first-pos), not unsatisfiable
+        end = int(end_s) if end_s else size - 1
     end = min(end, size - 1)
-    if start > end or start >= size:
+    if start >= size:
         raise ValueError("range not satisfiable")
     return start, end
