@@ -113,7 +113,7 @@ class _LocalStreamFile:
         self.folder = folder
         name = _part_name()
         self.tmp = folder.root / name[:2] / name
-        self.fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
         self.written = 0
         self.flushed = 0
 
@@ -163,6 +163,36 @@ def _fsync_dir(d: Path) -> None:
         os.close(dfd)
 
 
+# The store is private to the engine's account: the database holds the identifier index and
+# metadata, the blob files ciphertext. Files 0600, folders 0700 (the key file is 0600 too).
+PRIVATE_FILE = 0o600
+PRIVATE_DIR = 0o700
+
+
+def keep_private(path: Path, mode: int) -> None:
+    """Take group and other access off ``path`` (a store file or folder) when it has any.
+
+    For installs made before the store was created private (data/medrelay.db was 0644 and
+    data/blobs 0755 under the usual umask): tightened at start, with one warning per path
+    saying what it was, so the change is never silent. A path that is missing is left to be
+    created (private) later; one that cannot be changed (another owner, a share that ignores
+    modes) is a warning, not a failed start.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not st.st_mode & 0o077:
+        return
+    try:
+        os.chmod(path, mode)
+    except OSError as e:
+        log.warning("store.permissions_open", path=str(path), mode=oct(st.st_mode & 0o777),
+                    error=e.strerror or str(e), note="readable by other accounts; make it private to the engine's")
+        return
+    log.warning("store.permissions_tightened", path=str(path), was=oct(st.st_mode & 0o777), now=oct(mode))
+
+
 _DIR_SYNC_THREADS = 4  # folder fsyncs in flight at once: one per association writing, about
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -194,20 +224,25 @@ class LocalFolder:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         self.describe = str(self.root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)  # folders above it: as the umask says
+        keep_private(self.root, PRIVATE_DIR)
         self._make_fanout()
 
     def path(self, blob_id: str) -> Path:
         return self.root / blob_id[:2] / blob_id
 
     def _make_fanout(self) -> None:
-        """Create the 256 blob folders once, durably, so writing a blob never creates a folder."""
+        """Create the 256 blob folders once, durably, so writing a blob never creates a folder.
+
+        All private (0700; the files in them are made 0600); ones an older install left open
+        are tightened. The files are not walked: they have always been created 0600."""
         made = False
         for i in range(256):
             d = self.root / f"{i:02x}"
             if not d.is_dir():
-                d.mkdir(mode=0o700, exist_ok=True)
+                d.mkdir(mode=PRIVATE_DIR, exist_ok=True)
                 made = True
+            keep_private(d, PRIVATE_DIR)
         if made:
             _fsync_dir(self.root)
 
@@ -246,14 +281,14 @@ class LocalFolder:
                 for blob_id, ct in items:
                     path = self.path(blob_id)
                     try:
-                        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
                     except FileExistsError:
                         if path.read_bytes() == ct:
                             fds.append(os.open(path, os.O_RDONLY))  # fsynced below, as if written now
                             dirs.add(path.parent)
                             continue
                         os.unlink(path)  # torn by an earlier crash, never referenced
-                        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
                     made.append(path)
                     fds.append(fd)
                     view = memoryview(ct)

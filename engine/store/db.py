@@ -27,7 +27,7 @@ from engine.store import leases as _leases  # noqa: F401  (named leases: one doe
 from engine.store import outputs as _outputs  # noqa: F401  (message outputs, issue 15)
 from engine.store import schema
 from engine.store import sources as _sources  # noqa: F401  (polling sources' marks and cursors)
-from engine.store.blobfiles import BlobFiles, LocalFolder, open_blob_files
+from engine.store.blobfiles import PRIVATE_FILE, BlobFiles, LocalFolder, keep_private, open_blob_files
 from engine.store.dicom import tables as _dicom_tables  # noqa: F401
 from engine.store.dicom import upgrade as _dicom_upgrade
 from engine.store.fhir import tables as _fhir_tables  # noqa: F401
@@ -85,6 +85,22 @@ def _pg_async_commit(dbapi_conn: Any, _record: Any) -> None:
     dbapi_conn.commit()
 
 
+def _private_sqlite_file(db: Path) -> None:
+    """Create the SQLite database file 0600 before SQLite does (it would make it 0644 under the
+    usual umask), and tighten an older install's files.
+
+    SQLite gives the ``-wal`` and ``-shm`` files it creates later the database file's own mode,
+    so a private database file is enough for them; the ones an older engine left behind are
+    tightened here too, with the migration lock file. The folder is not: it is the operator's
+    (it may hold an outbox that other systems read).
+    """
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE))  # an empty file is an empty database
+    for p in (db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}.migrate.lock")):
+        keep_private(p, PRIVATE_FILE)
+
+
 class Store:
     """The database engine, the blob folder and the key ring that seals what goes in."""
 
@@ -93,7 +109,7 @@ class Store:
         self.url = make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
         if self.is_sqlite and self.url.database and self.url.database != ":memory:":
-            Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
+            _private_sqlite_file(Path(self.url.database))
         kwargs: dict[str, Any] = {}
         if self.is_sqlite:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
@@ -162,7 +178,7 @@ class Store:
         if not db or db == ":memory:":
             yield
             return
-        with open(f"{db}.migrate.lock", "a+b") as f:
+        with os.fdopen(os.open(f"{db}.migrate.lock", os.O_RDWR | os.O_CREAT, PRIVATE_FILE), "r+b") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
