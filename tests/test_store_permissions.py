@@ -105,3 +105,26 @@ def test_an_older_install_is_tightened_at_start_once(medrelay_proc):
     start(proc, port)
     assert proc.terminate() == 0
     assert "store.permissions_tightened" not in "\n".join(proc.log_path.read_text().splitlines()[before:])
+
+
+def test_a_backup_is_as_private_as_the_store(medrelay_proc, tmp_path):
+    """`medrelay backup` copies the database and blob files: made 0600 in 0700 folders (were 0644
+    and 0755); the backup folder itself is the operator's."""
+    port = free_port()
+    proc = medrelay_proc(YAML.format(port=port))
+    start(proc, port)
+    send(port, "BAK1", size=600 * 1024)
+    dest = tmp_path / "backup-1"
+    old = os.umask(0o022)
+    try:
+        r = proc.cli("backup", "-c", str(proc.config_path), str(dest))
+    finally:
+        os.umask(old)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert mode(dest / "medrelay.db") == 0o600
+    folders = [dest / "blobs", *(d for d in (dest / "blobs").iterdir())]
+    files = [f for d in folders[1:] for f in d.iterdir()]
+    assert files and {mode(d) for d in folders} == {0o700} and {mode(f) for f in files} == {0o600}
+    assert mode(dest) == 0o755
+    assert proc.cli("backup", "--verify", str(dest)).returncode == 0
+    assert proc.terminate() == 0

@@ -16,6 +16,9 @@ transaction). Blob files are immutable once committed (content-addressed, writte
 copying the files the snapshot names afterwards gives the same state; a file committed later
 is simply not in the backup.
 
+Its files are made as private as the store's (0600, folders 0700): the snapshot holds the
+identifier index and metadata. The backup folder itself is the operator's and left alone.
+
 The key file is not in the backup, on purpose: the data is encrypted under it, so a backup
 that carried its own key would be as sensitive as the plaintext. Keep the key file backed up
 separately (another medium, another custodian); without it a backup cannot be read. The
@@ -25,6 +28,7 @@ manifest lists the key ids a restore needs, so ``verify`` can say whether a key 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -40,6 +44,7 @@ from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 
 from engine.store import schema
+from engine.store.blobfiles import PRIVATE_DIR, PRIVATE_FILE
 
 FORMAT = 1
 CHUNK = 1 << 20
@@ -97,6 +102,7 @@ def backup(store: Any, dest: Path, *, progress: Callable[[int], Any] | None = No
     manifest: dict[str, Any] = {"format": FORMAT, "created_at": time.time(), "schema_version": SCHEMA_VERSION}
     if store.is_sqlite:
         db_file = dest / "medrelay.db"
+        os.close(os.open(db_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE))  # as private as the store
         src = sqlite3.connect(str(url.database))
         try:
             out = sqlite3.connect(str(db_file))
@@ -125,6 +131,7 @@ def backup(store: Any, dest: Path, *, progress: Callable[[int], Any] | None = No
                                    env=_pg_env(url), capture_output=True, text=True)
                 if r.returncode != 0:
                     raise BackupError(f"pg_dump failed: {r.stderr.strip()[:300]}")
+        os.chmod(db_file, PRIVATE_FILE)
         manifest["backend"] = "postgresql"
     manifest["database"] = {"file": db_file.name, "sha256": _sha256(db_file)}
     manifest["kek_ids"] = keks
@@ -133,15 +140,15 @@ def backup(store: Any, dest: Path, *, progress: Callable[[int], Any] | None = No
     local = store.blob_dir is not None  # a folder: copied file to file; an object store: read, written here
     for blob_id in ids:
         target = dest / "blobs" / blob_id[:2] / blob_id
-        target.parent.mkdir(parents=True, exist_ok=True)
+        for d in (target.parent.parent, target.parent):
+            d.mkdir(mode=PRIVATE_DIR, exist_ok=True)
         try:
-            if local:
-                shutil.copyfile(store.blob_path(blob_id), target)
-            else:
-                target.write_bytes(store.files.read(blob_id))
+            source = open(store.blob_path(blob_id), "rb") if local else io.BytesIO(store.files.read(blob_id))
         except FileNotFoundError:
             raise BackupError(f"blob file {blob_id} is referenced by the store but missing from "
                               f"{store.files.describe}: the store itself is damaged") from None
+        with source, os.fdopen(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE), "wb") as out:
+            shutil.copyfileobj(source, out, CHUNK)
         blobs[blob_id] = _sha256(target)
         total += target.stat().st_size
         if progress is not None:
