@@ -10,14 +10,16 @@ runtime, which stops listeners in order).
 from __future__ import annotations
 
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from engine.components import ComponentConfig, field_of
 from engine.context import ComponentContext
 from engine.http.limits import HttpBodyLimitsConfig
 from engine.registry import component
 from engine.security.tls import TLSConfig
+from listeners.dicomweb import DicomWebSourceConfig
 from listeners.fhir_app import FhirApi
 from listeners.fhir_http import outcome_error_body
 from listeners.http_common import BearerAuth, UvicornService
@@ -35,6 +37,11 @@ class FhirSourceConfig(ComponentConfig, HttpBodyLimitsConfig):
     port: int = Field(8080, ge=0, le=65535, description="TCP port (0: pick a free one, for tests)")
     base_path: str = Field("/fhir", pattern=r"^(/[A-Za-z0-9._~-]+)*$",
                            description="path prefix of the FHIR base URL, e.g. /fhir")
+    public_url: str | None = field_of(DicomWebSourceConfig, "public_url", description=(
+        "the base URL clients reach the server at, e.g. https://fhir.example/fhir (behind a proxy, or when host "
+        "is 0.0.0.0); used for Location, fullUrl and paging links. Default: the request's Host when it names "
+        "this server (the address the connection came in on, the configured host, localhost on loopback, the "
+        "machine's host name) with the bound port, else that address: a forged Host never reaches a link"))
     auth: FhirAuth = Field(description="`{bearer_tokens: [\"${API_TOKEN}\"]}` or `{open: true}`; required")
     tls: TLSConfig | None = Field(None, description="serve HTTPS with these cert/key (BCP 195 settings)")
     max_body_bytes: int = field_of(HttpBodyLimitsConfig, "max_body_bytes", description=(
@@ -47,6 +54,17 @@ class FhirSourceConfig(ComponentConfig, HttpBodyLimitsConfig):
         "bodies (a Binary with base64 data included) stay within max_body_bytes"))
     max_json_depth: int = Field(64, ge=4, le=150, description=(
         "deepest nesting of JSON objects/arrays in a body, checked before parsing; deeper gets 400"))
+
+
+    @field_validator("public_url")
+    @classmethod
+    def _absolute_http_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        u = urlsplit(v)
+        if u.scheme not in ("http", "https") or not u.netloc or u.query or u.fragment or v != v.strip():
+            raise ValueError("public_url must be an http(s) URL without query or fragment")
+        return v.rstrip("/")
 
 
 class FhirListener(UvicornService):

@@ -8,8 +8,10 @@ Reads run in a worker thread on their own connection and are audited.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
+import socket
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable
@@ -44,7 +46,14 @@ from engine.store.fhir.params import ID_RE, READ_ONLY_TYPES, STORED_TYPES, FhirE
 from engine.store.fhir.resources import FhirStore
 from engine.store.fhir.search import history, search
 from listeners import fhir_audit, fhir_binary
-from listeners.fhir_body import RETRY_AFTER, BodyBudget, HeavyGate, read_body, release_body
+from listeners.fhir_body import (
+    RETRY_AFTER,
+    BodyBudget,
+    HeavyGate,
+    check_content_type,
+    read_body,
+    release_body,
+)
 from listeners.fhir_bundles import (
     FHIR_JSON,
     error_response,
@@ -65,10 +74,13 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 Handler = Callable[[Request, str], Awaitable[Response]]
 JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir", "text/json")
+FORM = ("application/x-www-form-urlencoded",)  # POST _search
 # A body may parse into at most this many bytes of objects per byte of max_body_bytes
 # (real FHIR JSON takes ~8, an array of empty objects ~25; see engine.store.fhir.jsontext).
 PARSE_COST_PER_BODY_BYTE = 16
 VERSION_RE = re.compile(r"^[0-9]{1,18}$")  # fits a 64-bit column: a longer one is simply not there
+# A Host field: a name or IPv4 address, or a bracketed IPv6 address; then an optional port.
+HOST_RE = re.compile(r"^(?:([A-Za-z0-9.-]{1,253})|\[([0-9A-Fa-f:.]{2,45})\])(?::([0-9]{1,5}))?$")
 # The store cannot be reached (database down, locked, pool exhausted; blob storage gone):
 # the client should retry, so 503 with Retry-After, not 500.
 UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, sa_exc.DisconnectionError,
@@ -87,6 +99,7 @@ class FhirApi:
         self.capability = capability_statement(auth_open=config.auth.open)
         self.budget = BodyBudget(config.body_budget_bytes)
         self.heavy = HeavyGate()
+        self._hostname = socket.gethostname().lower()  # no DNS: the name this machine gives itself
 
     # -- plumbing ----------------------------------------------------------
     def app(self) -> Starlette:
@@ -184,7 +197,34 @@ class FhirApi:
         return f"{request.client.host}:{request.client.port}" if request.client else ""
 
     def _base(self, request: Request) -> str:
-        return str(request.base_url).rstrip("/") + self.prefix
+        """The base URL of Location, fullUrl and paging links: ``public_url``, else built from
+        what the client cannot forge (probe 5b, 5: a Host of evil.example went into every link,
+        which a caching proxy would serve to others). A Host is used only when it names this
+        server (``_own_names``) with the bound port; any other is replaced by the address the
+        connection came in on. X-Forwarded-* are never read."""
+        if self.config.public_url:
+            return self.config.public_url
+        scheme = request.url.scheme
+        server = request.scope.get("server") or (self.config.host, self.config.port)
+        local, port = str(server[0]), int(server[1])
+        default = 443 if scheme == "https" else 80
+        m = HOST_RE.match(request.headers.get("host", ""))
+        if m is not None:
+            name = (m.group(1) or m.group(2)).lower()
+            given = int(m.group(3)) if m.group(3) else default
+            if given == port and name in self._own_names(local):
+                return f"{scheme}://{m.group(0)}{self.prefix}"
+        host = f"[{local}]" if ":" in local else local
+        return f"{scheme}://{host}{'' if port == default else f':{port}'}{self.prefix}"
+
+    def _own_names(self, local: str) -> set[str]:
+        """The names a Host may give for this server, connected to at ``local``."""
+        names = {local.lower(), self._hostname}
+        if self.config.host not in ("0.0.0.0", "::", ""):
+            names.add(self.config.host.lower())
+        if _is_loopback(local):
+            names.add("localhost")
+        return names
 
     @staticmethod
     def _type(request: Request, *, write: bool = False) -> str:
@@ -205,10 +245,9 @@ class FhirApi:
     async def _json(self, request: Request) -> tuple[bytes, Any]:
         """The body parsed (listeners.fhir_body: bounded, off the loop; engine.store.fhir.jsontext:
         UTF-8, nesting depth, surrogates)."""
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype and ctype not in JSON_TYPES:
-            raise FhirError(415, "not-supported", "send application/fhir+json")
+        check_content_type(request, JSON_TYPES)
         body = await self._body(request)
+        check_content_type(request, JSON_TYPES, body)  # a chunked body, or none declared
         await self.heavy.enter(request, len(body), self.config.body_timeout / 2)
         depth, cost = self.config.max_json_depth, PARSE_COST_PER_BODY_BYTE * self.config.max_body_bytes
         return body, await run_in_threadpool(jsontext.loads, body, max_depth=depth, max_cost=cost)
@@ -216,6 +255,13 @@ class FhirApi:
     async def _body(self, request: Request) -> bytes:
         return await read_body(request, limit=self.config.max_body_bytes, budget=self.budget,
                                wait=self.config.body_timeout / 2)
+
+    @staticmethod
+    def _if_match(request: Request) -> str | None:
+        """If-Match as one list (RFC 9110 5.3: repeated field lines are one comma-separated list);
+        None when absent. Parsed and compared by engine.store.fhir.resources.check_if_match."""
+        values = request.headers.getlist("if-match")
+        return ", ".join(values) if values else None
 
     @staticmethod
     def _prefer(request: Request, key: str) -> str | None:
@@ -294,10 +340,9 @@ class FhirApi:
         return await run_in_threadpool(work)
 
     async def search_post(self, request: Request, actor: str) -> Response:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype not in ("", "application/x-www-form-urlencoded"):
-            raise FhirError(415, "not-supported", "POST _search takes application/x-www-form-urlencoded")
+        check_content_type(request, FORM)
         body = await self._body(request)
+        check_content_type(request, FORM, body)
         await self.heavy.enter(request, len(body), self.config.body_timeout / 2)
         form = await run_in_threadpool(parse_qsl, body.decode("utf-8", "replace"), keep_blank_values=True)
         params = [*request.query_params.multi_items(), *form]
@@ -369,9 +414,10 @@ class FhirApi:
             raise FhirError(405, "not-supported", f"{request.method} on a type needs search parameters")
         if request.method == "PUT":
             raw, resource = await self._json(request)
-            op = Op("PUT", rtype, query=query, resource=resource, if_match=request.headers.get("if-match"))
+            op = Op("PUT", rtype, query=query, resource=resource, if_match=self._if_match(request))
             return await self._write(request, actor, op, raw)
-        return await self._write(request, actor, Op("DELETE", rtype, query=query), b"")
+        op = Op("DELETE", rtype, query=query, if_match=self._if_match(request))
+        return await self._write(request, actor, op, b"")
 
     async def update(self, request: Request, actor: str) -> Response:
         rtype, rid = self._type(request, write=True), self._id(request)
@@ -379,12 +425,12 @@ class FhirApi:
         if ctype is not None:
             return await self._raw_write(request, actor, "PUT", rtype, rid, ctype)
         raw, resource = await self._json(request)
-        op = Op("PUT", rtype, rid, resource=resource, if_match=request.headers.get("if-match"))
+        op = Op("PUT", rtype, rid, resource=resource, if_match=self._if_match(request))
         return await self._write(request, actor, op, raw)
 
     async def delete(self, request: Request, actor: str) -> Response:
         rtype, rid = self._type(request, write=True), self._id(request)
-        return await self._write(request, actor, Op("DELETE", rtype, rid), b"")
+        return await self._write(request, actor, Op("DELETE", rtype, rid, if_match=self._if_match(request)), b"")
 
     async def _raw_write(self, request: Request, actor: str, method: str, rtype: str, rid: str,
                          content_type: str) -> Response:
@@ -399,7 +445,7 @@ class FhirApi:
         if method == "PUT":
             resource["id"] = rid
         op = Op(method, rtype, rid if method == "PUT" else None, resource=resource, data=sealed,
-                if_match=request.headers.get("if-match"))
+                if_match=self._if_match(request))
         if method == "POST":
             op.assigned_id = rid
         raw = json.dumps(resource, separators=(",", ":")).encode()
@@ -505,6 +551,13 @@ class FhirApi:
                   error=outcome.error)
         raise FhirError(503, "transient", "the request could not be stored; retry later",
                         headers={"Retry-After": RETRY_AFTER})
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 __all__ = ["FHIR_JSON", "FhirApi"]

@@ -84,6 +84,35 @@ async def read_body(request: Request, *, limit: int, budget: BodyBudget, wait: f
     return b"".join(chunks)
 
 
+def media_type(value: str) -> tuple[str, str | None]:
+    """A Content-Type as (type/subtype in lower case, its charset in lower case or None)."""
+    kind, *params = value.split(";")
+    charset = None
+    for param in params:
+        name, _, v = param.partition("=")
+        if name.strip().lower() == "charset":
+            charset = v.strip().strip('"').strip().lower()
+    return kind.strip().lower(), charset
+
+
+def check_content_type(request: Request, allowed: tuple[str, ...], body: bytes | None = None) -> None:
+    """415 unless the body is one of ``allowed`` in UTF-8 (FHIR R4 http.html#mime-type: FHIR is
+    UTF-8 throughout; a body declared in another charset would be read as UTF-8 all the same, and
+    Latin-1 names stored as mojibake). A body without any Content-Type is 415 too: the server
+    does not guess (current HAPI FHIR refuses it as well, with 400). ``body`` None: not read yet,
+    so only its declared length says whether there is one (an empty body needs no type)."""
+    kind, charset = media_type(request.headers.get("content-type", ""))
+    if kind and kind not in allowed:
+        raise FhirError(415, "not-supported", f"send {allowed[0]}")
+    if charset is not None and charset != "utf-8":
+        raise FhirError(415, "not-supported", f"send {allowed[0]} in UTF-8 (charset=utf-8): FHIR bodies are UTF-8")
+    if not kind:
+        declared = request.headers.get("content-length", "").strip()
+        has_body = bool(body) if body is not None else declared not in ("", "0")
+        if has_body:
+            raise FhirError(415, "not-supported", f"a request body needs Content-Type: {allowed[0]}")
+
+
 async def release_body(request: Request, budget: BodyBudget) -> None:
     reserved = getattr(request.state, "body_reserved", 0)
     if reserved:

@@ -38,6 +38,22 @@ _SEARCH_RULES = (
     "created). String parameters match the start of a "
     "field, case- and accent-insensitive; :exact and :contains decrypt at most "
     f"{MAX_RECHECK} candidates, a search that would need more is refused as too-costly.")
+_WRITE_RULES = (
+    " Writes: bodies are FHIR JSON in UTF-8 (application/fhir+json or application/json; another charset, or a "
+    "body without Content-Type, is 415). If-Match (update, delete, conditional ones, Bundle entry ifMatch) "
+    "takes * (any current version; 412 when the resource does not exist or is deleted) or entity-tags, weak or "
+    "strong (W/\"3\" and \"3\" both name version 3); an empty or malformed value is 400. References: "
+    "every Reference.reference must be Type/id, Type/id/_history/vid, Type?query (conditional, resolved on "
+    "write), #id, urn:uuid:/urn:oid: (a fullUrl of the same Bundle) or an absolute http(s) URL to Type/id "
+    "without . or .. segments; anything else is 400. Referential integrity is checked on every write: a "
+    "relative reference to a stored type must name a resource (or version) that exists, or that the same "
+    "transaction writes, else 400 not-found; references to other types and absolute URLs are not checked.")
+_BUNDLE_RULES = (
+    "Transaction (all or nothing) and batch (each entry on its own); entries processed DELETE, POST, PUT, GET "
+    "(R4 3.1.0.11.2). Two entries with the same fullUrl are 400 naming both (bdl-7; stricter than bdl-7's "
+    "versionId exception, since a reference to that fullUrl would be ambiguous), as are two writes of one "
+    "resource or two conditional writes with one condition. References between entries (urn:uuid: fullUrls) "
+    "are resolved; one to an entry that is not in the Bundle is 400.")
 _WRITE_INTERACTIONS = ["read", "vread", "update", "delete", "history-instance", "history-type", "create",
                        "search-type"]
 
@@ -125,10 +141,11 @@ def capability_statement(*, auth_open: bool = False) -> dict[str, Any]:
         "format": ["application/fhir+json", "json"],
         "rest": [{
             "mode": "server",
-            "documentation": _SEARCH_RULES,
+            "documentation": _SEARCH_RULES + _WRITE_RULES,
             "security": {"cors": False, "description": security},
             "resource": [*(_resource(t) for t in SEARCH_PARAMS), _audit_event()],
-            "interaction": [{"code": "transaction"}, {"code": "batch"}],
+            "interaction": [{"code": "transaction", "documentation": _BUNDLE_RULES},
+                            {"code": "batch", "documentation": _BUNDLE_RULES}],
         }],
     }
 

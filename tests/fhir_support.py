@@ -14,6 +14,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import httpx
+import pytest
+
 from engine.audit.trail import Audit
 from engine.context import ComponentContext
 from engine.intake import Intake
@@ -22,6 +25,25 @@ from engine.store.db import Store
 from listeners.fhir import FhirSourceConfig, build
 
 TOKEN = "test-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def server_fixtures(name: str) -> tuple[Any, Any]:
+    """A test module's ``server`` (one listener for the module) and ``client`` (httpx with the
+    token) fixtures: ``server, client = server_fixtures("fhir-x")`` at module level."""
+
+    @pytest.fixture(scope="module")
+    def server(tmp_path_factory: Any) -> Any:
+        s = FhirServer(tmp_path_factory.mktemp(name)).start()
+        yield s
+        s.stop()
+
+    @pytest.fixture
+    def client(server: FhirServer) -> Any:
+        with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=60) as c:
+            yield c
+
+    return server, client
 
 
 class FhirServer:

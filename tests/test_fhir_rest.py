@@ -274,7 +274,8 @@ def test_no_phi_in_logs(client):
     with structlog.testing.capture_logs() as logs:
         pid = client.post("/Patient", json=patient("MRN-LOG-7", name=[{"family": "Qwertyson"}])).json()["id"]
         client.get("/Patient", params={"identifier": "urn:oid:1.2.3|MRN-LOG-7"})
-        client.post("/Patient", content=b'{"resourceType": "Patient", "birthDate": "Qwertyson"}')
+        client.post("/Patient", content=b'{"resourceType": "Patient", "birthDate": "Qwertyson"}',
+                    headers={"Content-Type": "application/fhir+json"})
         client.post("/", json={"resourceType": "Bundle", "type": "transaction", "entry": [
             {"resource": patient("MRN-LOG-7"), "request": {"method": "PUT", "url": f"Patient/{pid}x"}}]})
     text = json.dumps(logs, default=str)

@@ -259,8 +259,8 @@ def _scan_little_endian(payload: bytes) -> dict[int, str] | None:
 # -- FHIR ------------------------------------------------------------------------------
 def _fhir(payload: bytes) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {f: set() for f in FIELDS}
-    if len(payload) > MAX_FHIR_BYTES:
-        return out
+    if len(payload) > MAX_FHIR_BYTES or not payload.strip():
+        return out  # empty: a DELETE's message has no body, so nothing to index (and nothing odd)
     doc = json.loads(payload)
     resources = [doc]
     if isinstance(doc, dict) and doc.get("resourceType") == "Bundle":

@@ -18,10 +18,10 @@ from urllib.parse import parse_qsl, urlencode
 from sqlalchemy import Connection
 
 from engine.store import leases
-from engine.store.fhir import jsontext, structure
+from engine.store.fhir import jsontext, references, structure
 from engine.store.fhir.binary import SealedData, attachment_path, attachments, decode_data
 from engine.store.fhir.params import ID_RE, STORED_TYPES, FhirError, operation_outcome, validate_resource
-from engine.store.fhir.resources import DATA_TYPES, FhirStore, Written
+from engine.store.fhir.resources import DATA_TYPES, FhirStore, Written, check_if_match, parse_if_match
 from engine.store.fhir.search import find
 
 # FHIR R4 3.1.0.11.2: DELETE, then POST, then PUT/PATCH, then GET.
@@ -48,6 +48,7 @@ class Op:
     version: int | None = None  # GET .../_history/{vid}
     assigned_id: str | None = None  # POST: the id the server chose before submitting
     data: SealedData | None = None  # a Binary's bytes, sealed by the listener from a raw body
+    index: int | None = None  # its Bundle entry (errors name Bundle.entry[index]); None: a REST request
 
 
 @dataclass
@@ -119,7 +120,7 @@ def op_from_entry(entry: Any, index: int = 0) -> Op:
     try:
         rtype, rid, version, query = parse_url(str(req.get("url") or ""))
         op = Op(method, rtype, rid, query, entry.get("resource"), req.get("ifMatch"), req.get("ifNoneExist"),
-                entry.get("fullUrl"), version)
+                entry.get("fullUrl"), version, index=index)
         check_op(op)
     except FhirError as e:
         raise _at_entry(e, where) from None
@@ -157,6 +158,7 @@ def check_op(op: Op) -> None:
         for i, att in attachments(op.type, op.resource):
             if "data" in att:
                 decode_data(att["data"], attachment_path(op.type, i))
+        references.check(op.resource, op.type)
         if op.method == "POST" and (op.id is not None or op.query is not None):
             raise FhirError(400, "invalid", "POST goes to the type (Type), not an instance or a query")
         if op.method == "PUT" and op.id is None and op.query is None:
@@ -167,6 +169,8 @@ def check_op(op: Op) -> None:
         raise FhirError(405, "not-supported", "DELETE needs Type/id or Type?query")
     elif op.method == "GET" and (op.id is None or op.query is not None):
         raise FhirError(400, "not-supported", "GET entries may only read (Type/id[/_history/vid])")
+    if op.if_match is not None and op.method in ("PUT", "DELETE"):
+        parse_if_match(op.if_match)  # malformed: 400 before any database work
 
 
 # -- planning (reads only) -----------------------------------------------------
@@ -176,7 +180,8 @@ def precheck(fs: FhirStore, conn: Connection, op: Op) -> EntryResult | None:
     Returns the answer when nothing needs writing (conditional create matched), raises
     FhirError when the write would fail; None when it should be submitted.
     """
-    plan = _plan(fs, conn, op)
+    _, plans = prepare(fs, conn, [op])  # references too: a dangling one is refused before the intake
+    plan = plans[0]
     if plan.matched is not None:
         return EntryResult(200, plan.matched, plan.matched.resource)
     return None
@@ -224,43 +229,74 @@ def _plan(fs: FhirStore, conn: Connection, op: Op, lock: bool = False) -> _Plan:
             plan.id = rows[0].id if rows else (rid or fs.new_id())
     else:
         plan.id = op.id
-        if op.method == "DELETE":
-            row = fs.current(conn, op.type, op.id or "")
-            if row is None:
-                raise FhirError(404, "not-found", f"{op.type}/{op.id} is not known")
-        elif op.method == "PUT" and op.if_match is not None:
-            row = fs.current(conn, op.type, op.id or "")
-            have = None if row is None or row.deleted else str(row.version)
-            if have != op.if_match.strip().removeprefix("W/").strip('"'):
-                raise FhirError(412, "conflict", f"If-Match does not match the current version ({have})")
+        if op.method == "DELETE" and fs.current(conn, op.type, op.id or "") is None:
+            raise FhirError(404, "not-found", f"{op.type}/{op.id} is not known")
+    if op.if_match is not None and op.method in ("PUT", "DELETE"):  # checked again by the write itself
+        row = fs.current(conn, op.type, plan.id) if plan.id is not None else None
+        check_if_match(op.if_match, row, f"{op.type}/{plan.id}" if plan.id else f"the {op.type} the query names")
     return plan
 
 
-def _rewrite(node: Any, resolve: Any, urls: dict[str, str] | None = None) -> Any:
+def _rewrite(node: Any, resolve: Any, urls: dict[str, str] | None, path: str) -> Any:
     """References resolved; an Attachment ``url`` naming an entry's fullUrl becomes that entry's
     ``Type/id`` too (R4 3.1.0.11.2: matching uri/url elements are replaced like references), so a
-    DocumentReference can point at the Binary created in the same transaction."""
+    DocumentReference can point at the Binary created in the same transaction. ``path`` is the
+    FHIRPath of ``node``, for errors. An ``Expression`` (it has ``language``) keeps its uri."""
     if isinstance(node, dict):
         out = {}
         for k, v in node.items():
-            if k == "reference" and isinstance(v, str):
-                out[k] = resolve(v)
+            if k == "reference" and isinstance(v, str) and "language" not in node:
+                out[k] = resolve(v, f"{path}.reference")
             elif k == "url" and urls and isinstance(v, str) and v in urls:
                 out[k] = urls[v]
             else:
-                out[k] = _rewrite(v, resolve, urls)
+                out[k] = _rewrite(v, resolve, urls, f"{path}.{k}")
         return out
     if isinstance(node, list):
-        return [_rewrite(v, resolve, urls) for v in node]
+        return [_rewrite(v, resolve, urls, f"{path}[{i}]") for i, v in enumerate(node)]
     return node
 
 
-def _resolver(fs: FhirStore, conn: Connection, mapping: dict[str, str]) -> Any:
-    def resolve(ref: str) -> str:
+def _dangling(where: str, text: str) -> FhirError:
+    return FhirError(400, "not-found", f"{where} {text}", issues=[_issue("not-found", f"{where} {text}", where)])
+
+
+def _resolver(fs: FhirStore, conn: Connection, mapping: dict[str, str],
+              written: frozenset[tuple[str, str]] = frozenset(), deleted: frozenset[tuple[str, str]] = frozenset()
+              ) -> Any:
+    """Resolves the references of a write (a transaction's: ``mapping`` fullUrl -> Type/id, what it
+    writes and what it deletes). Referential integrity, as HAPI FHIR's default: a relative
+    reference to a type this server stores must name a resource that exists after the write
+    (or that version), else 400; references to other types and absolute URLs are kept unchecked."""
+    seen: dict[tuple[str, str, str | None], str | None] = {}
+
+    def missing(rtype: str, rid: str, version: str | None) -> str | None:
+        if (rtype, rid) in deleted:
+            return f"points to a {rtype} this transaction deletes"
+        if (rtype, rid) in written:
+            return None
+        row = fs.current(conn, rtype, rid)
+        if row is None:
+            return f"points to a {rtype} that does not exist on this server"
+        if version is None:
+            return f"points to a {rtype} that was deleted" if row.deleted else None
+        if not VERSION_RE.match(version) or not fs.has_version(conn, rtype, rid, int(version)):
+            return f"points to a version of a {rtype} that does not exist on this server"
+        return None
+
+    def resolve(ref: str, where: str) -> str:
         if ref in mapping:
             return mapping[ref]
         if ref.startswith(("urn:uuid:", "urn:oid:")):
             raise FhirError(400, "not-found", "a reference points to an entry that is not in the bundle")
+        m = references.RELATIVE.match(ref)
+        if m and m.group(1) in STORED_TYPES:
+            key = (m.group(1), m.group(2), m.group(3))
+            if key not in seen:
+                seen[key] = missing(*key)
+            if seen[key] is not None:
+                raise _dangling(where, seen[key] or "")
+            return ref
         if "?" in ref and not ref.startswith("#"):
             rtype, _, query = ref.partition("?")
             if rtype not in STORED_TYPES:
@@ -282,7 +318,7 @@ def _execute(fs: FhirStore, conn: Connection, plan: _Plan, message_id: str | Non
     if op.method == "DELETE":
         if plan.skip or plan.id is None:
             return EntryResult(204)
-        return EntryResult(204, fs.delete(conn, op.type, plan.id, message_id=message_id))
+        return EntryResult(204, fs.delete(conn, op.type, plan.id, if_match=op.if_match, message_id=message_id))
     if op.method == "GET":
         if op.version is not None:
             body, _ = fs.vread(conn, op.type, op.id or "", op.version)
@@ -325,11 +361,21 @@ def prepare(fs: FhirStore, conn: Connection, ops: list[Op], lock: bool = False) 
             targets.add((op.type, plan.id))
         if op.full_url and plan.id is not None:
             mapping[op.full_url] = f"{op.type}/{plan.id}"
-    resolve = _resolver(fs, conn, mapping)
+    written = frozenset((p.op.type, p.id) for p in plans.values() if p.id and p.op.method in ("POST", "PUT"))
+    deleted = frozenset((p.op.type, p.id) for p in plans.values() if p.id and p.op.method == "DELETE")
+    resolve = _resolver(fs, conn, mapping, written, deleted)
     for plan in plans.values():
         if plan.op.resource is not None and plan.matched is None:
-            plan.resource = _rewrite(plan.op.resource, resolve, mapping)
+            plan.resource = _resolved(plan.op, resolve, mapping)
     return order, plans
+
+
+def _resolved(op: Op, resolve: Any, mapping: dict[str, str] | None) -> Any:
+    assert op.resource is not None
+    try:
+        return _rewrite(op.resource, resolve, mapping, op.type)
+    except FhirError as e:
+        raise _at_entry(e, f"Bundle.entry[{op.index}]") if op.index is not None else e from None
 
 
 def run_transaction(fs: FhirStore, conn: Connection, ops: list[Op], *, message_id: str | None = None
@@ -361,7 +407,6 @@ def run_batch(fs: FhirStore, conn: Connection, entries: list[Any], *, message_id
     ``entries`` are raw Bundle entries or what parse_batch made of them.
     """
     results = []
-    no_refs = _resolver(fs, conn, {})
     for i, entry in enumerate(entries):
         try:
             if isinstance(entry, FhirError):
@@ -369,7 +414,7 @@ def run_batch(fs: FhirStore, conn: Connection, entries: list[Any], *, message_id
             op = entry if isinstance(entry, Op) else op_from_entry(entry, i)
             plan = _plan(fs, conn, op, lock=True)
             if op.resource is not None and plan.matched is None:
-                plan.resource = _rewrite(op.resource, no_refs)
+                plan.resource = _resolved(op, _resolver(fs, conn, {}), None)  # per entry: earlier ones wrote
             results.append(_execute(fs, conn, plan, message_id))
         except FhirError as e:
             results.append(EntryResult(e.status, outcome=e.outcome()))
@@ -385,7 +430,28 @@ def parse_bundle(bundle: Any) -> tuple[str, list[Any]]:
     entries = bundle.get("entry") or []
     if not isinstance(entries, list):
         raise FhirError(400, "invalid", "Bundle.entry must be a list")
+    _unique_full_urls(entries)
     return btype, entries
+
+
+def _unique_full_urls(entries: list[Any]) -> None:
+    """bdl-7: no two entries share a fullUrl, else 400 naming each pair (not the value: it may be
+    an identifier). Stricter than bdl-7, which lets entries share one with different
+    meta.versionId (history): in a transaction or batch a reference to it would be ambiguous."""
+    first: dict[str, int] = {}
+    issues = []
+    for i, entry in enumerate(entries):
+        url = entry.get("fullUrl") if isinstance(entry, dict) else None
+        if not isinstance(url, str):
+            continue
+        if url in first:
+            text = (f"Bundle.entry[{i}].fullUrl is the same as Bundle.entry[{first[url]}].fullUrl "
+                    "(bdl-7: fullUrl must be unique in a Bundle)")
+            issues.append(_issue("duplicate", text, f"Bundle.entry[{i}].fullUrl"))
+        else:
+            first[url] = i
+    if issues:
+        raise FhirError(400, "duplicate", issues[0]["diagnostics"], issues=issues[:20])
 
 
 def apply_bundle(fs: FhirStore, conn: Connection, bundle: Any, *, message_id: str | None = None

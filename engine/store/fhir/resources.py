@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -62,11 +63,40 @@ def etag(version: int | str) -> str:
     return f'W/"{version}"'
 
 
-def parse_etag(value: str) -> str:
+# RFC 9110 8.8.3: entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE; If-Match = "*" / #entity-tag.
+_ENTITY_TAG = r'\s*(?:W/)?"([\x21\x23-\x7e]*)"\s*'
+_IF_MATCH_RE = re.compile(rf"^{_ENTITY_TAG}(?:,{_ENTITY_TAG})*$")
+_ONE_TAG = re.compile(_ENTITY_TAG)
+
+
+def parse_if_match(value: str) -> tuple[str, ...] | None:
+    """The versions an If-Match names (None: ``*``, any current version).
+
+    FHIR ETags are weak (``W/"3"``) and a client may echo them with or without ``W/``:
+    both name version 3 (FHIR http.html#concurrency compares them weakly). An empty value
+    or one that is not ``*`` or a list of quoted entity-tags is the client's error (400),
+    not a mismatch: it would otherwise be a 412 that retrying with a fresh read cannot fix.
+    """
     v = value.strip()
-    if v.startswith("W/"):
-        v = v[2:]
-    return v.strip('"')
+    if v == "*":
+        return None
+    if not _IF_MATCH_RE.match(v):
+        raise FhirError(400, "invalid", 'If-Match must be * or an entity-tag such as W/"3"')
+    return tuple(_ONE_TAG.findall(v))
+
+
+def check_if_match(value: str | None, row: Row | None, what: str) -> None:
+    """The one If-Match check of every write (update, delete, conditional ones, Bundle entries):
+    400 when malformed, 412 when the resource has no current version (never created, or
+    deleted: RFC 9110 13.1.1, even ``*`` fails) or none of the tags names the current one."""
+    if value is None:
+        return
+    wanted = parse_if_match(value)
+    have = None if row is None or row.deleted else str(row.version)
+    if have is None:
+        raise FhirError(412, "conflict", f"If-Match: {what} has no current version")
+    if wanted is not None and have not in wanted:
+        raise FhirError(412, "conflict", f"If-Match does not match the current version of {what} ({have})")
 
 
 @dataclass(frozen=True)
@@ -144,6 +174,13 @@ class FhirStore:
             raise FhirError(410, "deleted", f"version {version} of {rtype}/{rid} is a deletion")
         return self.body(conn, rtype, rid, version, row["blob_id"]), row["last_updated"]
 
+    def has_version(self, conn: Connection, rtype: str, rid: str, version: int) -> bool:
+        """Whether that version exists and is not a deletion (a versioned reference's target)."""
+        v = fhir_versions
+        blob = conn.execute(select(v.c.blob_id).where(v.c.type == rtype, v.c.id == rid, v.c.version == version)
+                            ).first()
+        return blob is not None and blob[0] is not None
+
     # -- writes ----------------------------------------------------------
     def new_id(self) -> str:
         return uuid.uuid4().hex
@@ -162,11 +199,7 @@ class FhirStore:
         if rid is None:
             rid, method = self.new_id(), "POST"
         row = self.current(conn, rtype, rid)
-        if if_match is not None:
-            want = parse_etag(if_match)
-            if row is None or row.deleted or str(row.version) != want:
-                have = "none" if row is None or row.deleted else row.version
-                raise FhirError(412, "conflict", f"If-Match {want} does not match current version {have}")
+        check_if_match(if_match, row, f"{rtype}/{rid}")
         body = dict(resource)
         body["id"] = rid
         if rtype in DATA_TYPES and "data" in body:
@@ -235,10 +268,14 @@ class FhirStore:
             replaced[i] = new_att
         return binary.with_attachments(rtype, body, replaced)
 
-    def delete(self, conn: Connection, rtype: str, rid: str, *, message_id: str | None = None) -> Written:
+    def delete(self, conn: Connection, rtype: str, rid: str, *, if_match: str | None = None,
+               message_id: str | None = None) -> Written:
+        """Delete (a new version without a body); checks If-Match on the row it deletes, inside
+        the write's transaction, as ``write`` does."""
         row = self.current(conn, rtype, rid)
         if row is None:
             raise FhirError(404, "not-found", f"{rtype}/{rid} is not known")
+        check_if_match(if_match, row, f"{rtype}/{rid}")
         if row.deleted:
             return Written(rtype, rid, row.version, row.last_updated, False, None, changed=False)
         now = round(time.time(), 3)
