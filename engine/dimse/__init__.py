@@ -6,6 +6,8 @@ both use it: the ``dicom_prefetch`` destination (routes/) and ``medrelay dicom f
 It imports nothing of the engine but ``security.tls`` (TLS contexts), so it sits at the foundation.
 """
 
+from engine.dimse import pace as _pace
 from engine.dimse import reactor as _reactor
 
 _reactor.install()  # pynetdicom's reactor race (see reactor.py), for every association medrelay makes or serves
+_pace.install()  # and its idle associations' 1 ms polling slowed down (see pace.py)
