@@ -247,8 +247,9 @@ def render() -> str:
         "",
         *_uid_table([*cx.MPPS, *cx.STORAGE_COMMITMENT], "SCP"),
         "",
-        f"Storage: all {len(cx.STORAGE_SOP_CLASSES)} storage SOP classes known to pynetdicom "
-        "(`AllStoragePresentationContexts`), as SCP; as SCU for C-GET sub-operations when the "
+        f"Storage: {len(cx.STORAGE_SOP_CLASSES)} storage SOP classes: all known to pynetdicom "
+        f"(`AllStoragePresentationContexts`) and {len(cx.RETIRED_IMAGE_STORAGE)} retired image storage "
+        "classes older modalities still send, as SCP; as SCU for C-GET sub-operations when the "
         "requestor proposes the SCP role for them (SCP/SCU Role Selection, PS3.7 D.3.3.4):",
         "",
         *_uid_table(cx.STORAGE_SOP_CLASSES, "SCP (SCU for C-GET)"),

@@ -36,7 +36,18 @@ QUERY_TRANSFER_SYNTAXES: tuple[str, ...] = (
     uid.ImplicitVRLittleEndian,
 )
 
-STORAGE_SOP_CLASSES: tuple[str, ...] = tuple(cx.abstract_syntax for cx in AllStoragePresentationContexts)
+# Image storage classes the standard has retired but modalities in service still send (an
+# ultrasound cart or a gamma camera of the 1990s; Orthanc and dcm4chee accept them too). Stored,
+# indexed and retrieved like any other; pynetdicom's list has only the current classes.
+RETIRED_IMAGE_STORAGE: tuple[str, ...] = (
+    "1.2.840.10008.5.1.4.1.1.3",  # Ultrasound Multi-frame Image Storage (Retired)
+    "1.2.840.10008.5.1.4.1.1.5",  # Nuclear Medicine Image Storage (Retired)
+    "1.2.840.10008.5.1.4.1.1.6",  # Ultrasound Image Storage (Retired)
+    "1.2.840.10008.5.1.4.1.1.12.3",  # X-Ray Angiographic Bi-Plane Image Storage (Retired)
+)
+
+STORAGE_SOP_CLASSES: tuple[str, ...] = (*(cx.abstract_syntax for cx in AllStoragePresentationContexts),
+                                        *RETIRED_IMAGE_STORAGE)
 
 QR_FIND: tuple[str, ...] = (sc.PatientRootQueryRetrieveInformationModelFind,
                             sc.StudyRootQueryRetrieveInformationModelFind)

@@ -240,3 +240,24 @@ def test_findscu_is_answered_from_the_index(engine_factory, tmp_path):
         _, res = findscu(port, "STUDY", {**keys, "StudyInstanceUID": ""}, out_dir=tmp_path / "r")
         assert sorted(str(r.StudyInstanceUID) for r in res) == want and want, keys
         assert count.take() == 2 * len(want), keys
+
+
+def test_retired_ultrasound_image_storage_is_stored_and_found(tmp_path):
+    """An ultrasound cart of the 1990s sends Ultrasound Image Storage (Retired), 1.2.840.10008.5.1.4.1.1.6
+    (pydicom's color-pl.dcm): accepted at association, stored and found like a current class
+    (before: the context was rejected, storescu could not send it)."""
+    from tests.conftest import EngineThread
+
+    e = EngineThread(dicom_yaml(), tmp_path)
+    try:
+        port = e.address("dcm")[1]
+        f = data_file("color-pl.dcm")
+        ds = dcmread(f, stop_before_pixels=True)
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.6"
+        assert storescu_any(port, [f]) == ["Success"]
+        _, res = findscu(port, "IMAGE", {"StudyInstanceUID": ds.StudyInstanceUID,
+                                         "SeriesInstanceUID": ds.SeriesInstanceUID,
+                                         "SOPInstanceUID": "", "SOPClassUID": ""}, out_dir=tmp_path / "rsp")
+        assert [(r.SOPInstanceUID, r.SOPClassUID) for r in res] == [(ds.SOPInstanceUID, ds.SOPClassUID)]
+    finally:
+        e.stop()
