@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import re
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -57,7 +56,7 @@ from listeners.dicom_store import StoreSCP
 from listeners.dicomweb_json import DICOM_JSON
 from listeners.dicomweb_render import THUMBNAIL, RenderError, parse_region, parse_viewport, parse_window, render
 from listeners.fhir_body import BodyBudget
-from listeners.http_common import BearerAuth, BearerTokens, UvicornService
+from listeners.http_common import BearerAuth, BearerTokens, UvicornService, link_base
 from transforms.dicom_codec import TranscodeError
 
 log = structlog.get_logger()
@@ -65,7 +64,6 @@ Handler = Callable[[Request, str], Awaitable[Response]]
 UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, sa_exc.DisconnectionError,
                OSError)
 RETRY_AFTER = "5"
-_HOST = re.compile(r"^([A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(:[0-9]{1,5})?$")
 IMAGE_TYPES = ("image/jpeg", "image/png")
 # WADO-URI parameters that ask for a changed object we do not make (PS3.18 9.4.2): 400, not ignored
 WADO_URI_UNSUPPORTED = ("presentationUID", "presentationSeriesUID")
@@ -100,7 +98,8 @@ class DicomWebSourceConfig(ComponentConfig, HttpBodyLimitsConfig):
                            description="path prefix of the DICOMweb base URL, e.g. /dicom-web")
     public_url: str | None = Field(None, description=(
         "the base URL clients reach the service at (behind a proxy, or when host is 0.0.0.0); used for "
-        "RetrieveURL / BulkDataURI and by dicom_to_fhir's Endpoint. Default: from the request"))
+        "RetrieveURL / BulkDataURI and by dicom_to_fhir's Endpoint. Default: the request's Host when it names "
+        "this server with the bound port, else the address the connection came in on (as the fhir source)"))
     auth: BearerAuth = Field(description="`{bearer_tokens: [\"${API_TOKEN}\"]}` or `{open: true}`; required")
     tls: TLSConfig | None = Field(None, description="serve HTTPS with these cert/key (BCP 195 settings)")
     cors: CorsConfig | None = Field(None, description="CORS for browser viewers; none: no CORS headers")
@@ -282,21 +281,9 @@ class DicomWebApi:
         return f"{request.client.host}:{request.client.port}" if request.client else ""
 
     def base(self, request: Request) -> str:
-        """The base URL for RetrieveURL / BulkDataURI: public_url, else the request's Host.
-
-        A Host without a port (dicomweb-client sends its host name alone) gets the port the
-        request came in on; a Host that is not a plain host[:port] is replaced by that address.
-        """
-        if self.config.public_url:
-            return self.config.public_url.rstrip("/")
-        scheme = request.url.scheme
-        server = request.scope.get("server") or (self.config.host, self.config.port)
-        host = request.headers.get("host", "")
-        if not _HOST.match(host):
-            host = f"{server[0]}:{server[1]}"
-        elif not re.search(r":[0-9]+$", host) and int(server[1]) != (443 if scheme == "https" else 80):
-            host = f"{host}:{server[1]}"
-        return f"{scheme}://{host}{self.prefix}"
+        """The base URL for RetrieveURL / BulkDataURI (``listeners.http_common.link_base``)."""
+        return link_base(request, public_url=self.config.public_url, host=self.config.host,
+                         port=self.config.port, prefix=self.prefix)
 
     def _audit(self, action: str, request: Request, actor: str, entity: dict[str, Any],
                outcome: str = "success") -> None:

@@ -8,10 +8,8 @@ Reads run in a worker thread on their own connection and are audited.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
-import socket
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable
@@ -65,7 +63,7 @@ from listeners.fhir_bundles import (
     version_headers,
 )
 from listeners.fhir_capability import capability_statement
-from listeners.http_common import BearerTokens
+from listeners.http_common import BearerTokens, link_base
 
 if TYPE_CHECKING:
     from engine.context import ComponentContext
@@ -80,7 +78,6 @@ FORM = ("application/x-www-form-urlencoded",)  # POST _search
 PARSE_COST_PER_BODY_BYTE = 16
 VERSION_RE = re.compile(r"^[0-9]{1,18}$")  # fits a 64-bit column: a longer one is simply not there
 # A Host field: a name or IPv4 address, or a bracketed IPv6 address; then an optional port.
-HOST_RE = re.compile(r"^(?:([A-Za-z0-9.-]{1,253})|\[([0-9A-Fa-f:.]{2,45})\])(?::([0-9]{1,5}))?$")
 # The store cannot be reached (database down, locked, pool exhausted; blob storage gone):
 # the client should retry, so 503 with Retry-After, not 500.
 UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, sa_exc.DisconnectionError,
@@ -99,7 +96,6 @@ class FhirApi:
         self.capability = capability_statement(auth_open=config.auth.open)
         self.budget = BodyBudget(config.body_budget_bytes)
         self.heavy = HeavyGate()
-        self._hostname = socket.gethostname().lower()  # no DNS: the name this machine gives itself
 
     # -- plumbing ----------------------------------------------------------
     def app(self) -> Starlette:
@@ -197,34 +193,9 @@ class FhirApi:
         return f"{request.client.host}:{request.client.port}" if request.client else ""
 
     def _base(self, request: Request) -> str:
-        """The base URL of Location, fullUrl and paging links: ``public_url``, else built from
-        what the client cannot forge (probe 5b, 5: a Host of evil.example went into every link,
-        which a caching proxy would serve to others). A Host is used only when it names this
-        server (``_own_names``) with the bound port; any other is replaced by the address the
-        connection came in on. X-Forwarded-* are never read."""
-        if self.config.public_url:
-            return self.config.public_url
-        scheme = request.url.scheme
-        server = request.scope.get("server") or (self.config.host, self.config.port)
-        local, port = str(server[0]), int(server[1])
-        default = 443 if scheme == "https" else 80
-        m = HOST_RE.match(request.headers.get("host", ""))
-        if m is not None:
-            name = (m.group(1) or m.group(2)).lower()
-            given = int(m.group(3)) if m.group(3) else default
-            if given == port and name in self._own_names(local):
-                return f"{scheme}://{m.group(0)}{self.prefix}"
-        host = f"[{local}]" if ":" in local else local
-        return f"{scheme}://{host}{'' if port == default else f':{port}'}{self.prefix}"
-
-    def _own_names(self, local: str) -> set[str]:
-        """The names a Host may give for this server, connected to at ``local``."""
-        names = {local.lower(), self._hostname}
-        if self.config.host not in ("0.0.0.0", "::", ""):
-            names.add(self.config.host.lower())
-        if _is_loopback(local):
-            names.add("localhost")
-        return names
+        """The base URL of Location, fullUrl and paging links (``listeners.http_common.link_base``)."""
+        return link_base(request, public_url=self.config.public_url, host=self.config.host,
+                         port=self.config.port, prefix=self.prefix)
 
     @staticmethod
     def _type(request: Request, *, write: bool = False) -> str:
@@ -551,13 +522,6 @@ class FhirApi:
                   error=outcome.error)
         raise FhirError(503, "transient", "the request could not be stored; retry later",
                         headers={"Retry-After": RETRY_AFTER})
-
-
-def _is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address.split("%")[0]).is_loopback
-    except ValueError:
-        return False
 
 
 __all__ = ["FHIR_JSON", "FhirApi"]

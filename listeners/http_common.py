@@ -10,6 +10,9 @@ from the config, the log name (``kind``), the body of protocol-level errors
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import re
+import socket
 from typing import Any, Protocol
 
 import structlog
@@ -88,3 +91,52 @@ class UvicornService:
         if self._http is None:
             return self.config.host, self.config.port
         return self._http.address
+
+
+# -- the base URL of links a response carries -------------------------------------------------
+
+HOST_RE = re.compile(r"^(?:([A-Za-z0-9.-]{1,253})|\[([0-9A-Fa-f:.]{2,45})\])(?::([0-9]{1,5}))?$")
+_HOSTNAME = socket.gethostname().lower()  # no DNS: the name this machine gives itself
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def link_base(request: Any, *, public_url: str | None, host: str, port: int, prefix: str) -> str:
+    """The base URL of the links a response carries (FHIR Location, fullUrl and paging links;
+    DICOMweb RetrieveURL and BulkDataURI): ``public_url``, else built from what the client
+    cannot forge.
+
+    A Host header goes into a link only when it names this server (the address the connection
+    came in on, the configured host, the machine's own name, ``localhost`` on loopback) and,
+    if it has a port, the bound one; any other is replaced by the address the connection came in
+    on. Otherwise a request with ``Host: evil.example`` puts that name into every link, and a
+    caching proxy serves them to others (probe 5b, finding 5). A Host without a port (some
+    clients send the name alone) gets the bound port. X-Forwarded-* are never read: behind a
+    proxy, set ``public_url``.
+    """
+    if public_url:
+        return public_url.rstrip("/")
+    scheme = request.url.scheme
+    server = request.scope.get("server") or (host, port)
+    local, bound = str(server[0]), int(server[1])
+    default = 443 if scheme == "https" else 80
+    suffix = "" if bound == default else f":{bound}"
+    m = HOST_RE.match(request.headers.get("host", ""))
+    if m is not None:
+        name = (m.group(1) or m.group(2)).lower()
+        given = int(m.group(3)) if m.group(3) else bound
+        names = {local.lower(), _HOSTNAME}
+        if host not in ("0.0.0.0", "::", ""):
+            names.add(host.lower())
+        if _is_loopback(local):
+            names.add("localhost")
+        if given == bound and name in names:
+            shown = f"[{m.group(2)}]" if m.group(2) else m.group(1)
+            return f"{scheme}://{shown}{suffix}{prefix}"
+    shown = f"[{local}]" if ":" in local else local
+    return f"{scheme}://{shown}{suffix}{prefix}"

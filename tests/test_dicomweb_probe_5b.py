@@ -290,3 +290,26 @@ def test_bulk_data_byte_ranges_with_any_accept_and_ignored_invalid_ranges(web):
     assert r.status_code == 200 and r.headers["content-type"].startswith("multipart/related")
     r = httpx.get(_rs(web, web.ct), headers={**AUTH, "Range": "bytes=999999999-", "Accept": "application/dicom"})
     assert r.status_code == 200 and "content-range" not in r.headers and dcmread(io.BytesIO(r.content))
+
+
+# -- links: a forged Host is not put into RetrieveURL / BulkDataURI (as FHIR, probe 5b finding 5) --
+
+
+def test_retrieve_urls_do_not_follow_a_forged_host(web):
+    """Before: any well-formed Host went into every RetrieveURL and BulkDataURI, so a caching
+    proxy in front would hand evil.example links to other viewers."""
+    port = int(web.url.split(":")[2].split("/")[0])
+    path = f"/dicom-web/studies/{web.ct.StudyInstanceUID}/series/{web.ct.SeriesInstanceUID}/instances"
+    for forged in ("evil.example", f"evil.example:{port}", "127.0.0.1:1", "a" * 300, "x y"):
+        r = httpx.get(f"http://127.0.0.1:{port}{path}", headers={**AUTH, "Host": forged}, timeout=30)
+        assert r.status_code == 200, (forged, r.status_code)
+        urls = [v["Value"][0] for d in r.json() for k, v in d.items() if k == "00081190"]
+        assert urls and all(u.startswith(f"http://127.0.0.1:{port}/dicom-web/") for u in urls), (forged, urls)
+        meta = httpx.get(f"http://127.0.0.1:{port}{path}/{web.ct.SOPInstanceUID}/metadata",
+                         headers={**AUTH, "Host": forged}, timeout=30)
+        assert "evil" not in meta.text and ":1/" not in meta.text
+    for own in (f"localhost:{port}", "localhost", f"127.0.0.1:{port}"):  # names of this server stay
+        r = httpx.get(f"http://127.0.0.1:{port}{path}", headers={**AUTH, "Host": own}, timeout=30)
+        name = own.split(":")[0]
+        assert all(v["Value"][0].startswith(f"http://{name}:{port}/dicom-web/")
+                   for d in r.json() for k, v in d.items() if k == "00081190")
