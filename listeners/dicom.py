@@ -12,6 +12,7 @@ ours, otherwise A-ASSOCIATE-RJ. Handlers are bound as data (pynetdicom
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import queue
 import socket
@@ -33,6 +34,7 @@ from engine.registry import component
 from engine.security import proxy_protocol
 from engine.security.client_slots import ClientSlots, client_host
 from engine.security.proxy_protocol import ProxyProtocolConfig
+from engine.security.refusal_log import RefusalLog
 from engine.security.tls import TLSConfig, report_handshake_failure, server_context
 from engine.store.db import STREAM_MIN
 from listeners import dicom_store_stream
@@ -188,8 +190,6 @@ class AssociationServer(ThreadedAssociationServer):
         self._local = threading.local()
         self.open_connections = 0
         self._count_lock = threading.Lock()
-        self._refused = _Throttle()
-        self._refused_client = _Throttle()
         self.client_slots = ClientSlots(None)  # the listener sets max_connections_per_client
         # what the accepting thread hands on (see _handle_request_noblock); None ends each
         self._starts: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
@@ -269,12 +269,7 @@ class AssociationServer(ThreadedAssociationServer):
 
     def _refuse_connections(self) -> None:
         while (request := self._refusals.get()) is not None:
-            if not isinstance(request, ssl.SSLSocket):  # a requestor that already sent its RQ learns why
-                try:
-                    request.send(ul.reject_pdu(0x02, 0x03, 0x02), socket.MSG_DONTWAIT)
-                except OSError:
-                    pass
-            self.shutdown_request(request)
+            _refuse_busy(request)
 
     def server_close(self) -> None:
         self._starts.put(None)
@@ -290,11 +285,12 @@ class AssociationServer(ThreadedAssociationServer):
                 return True
         return False
 
-    def _log_refused(self, client_address: Any) -> None:
-        suppressed = self._refused.hit()
-        if suppressed is not None:
-            log.warning("dicom.connection_refused", channel=self.channel, peer=_addr(client_address),
-                        reason="max_connections reached", limit=self.max_connections, also_refused=suppressed)
+    def _log_refused(self, client_address: Any, reason: str = "max_connections reached") -> None:
+        """``dicom.connection_refused``, throttled per reason and client (``listener.lines``)."""
+        limit = self.max_connections if reason == "max_connections reached" else self.client_slots.limit
+        self.listener.lines.line(("dicom.connection_refused", reason, client_host(client_address)),
+                                 "dicom.connection_refused", channel=self.channel, peer=_addr(client_address),
+                                 reason=reason, limit=limit)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         try:
@@ -335,16 +331,9 @@ class AssociationServer(ThreadedAssociationServer):
                 self.open_connections -= 1
 
     def _refuse_client(self, request: Any, client_address: Any) -> None:
-        """Over ``max_connections_per_client``: A-ASSOCIATE-RJ rejected-transient, local limit
-        exceeded (PS3.8 9.3.4), unread (TLS: closed before the handshake); logged once per 5 s."""
-        if not isinstance(request, ssl.SSLSocket):
-            _send_quietly(request, ul.reject_pdu(0x02, 0x03, 0x02))
-        _close(request)
-        suppressed = self._refused_client.hit()
-        if suppressed is not None:
-            log.warning("dicom.connection_refused", channel=self.channel, peer=_addr(client_address),
-                        reason="max_connections_per_client", limit=self.client_slots.limit,
-                        also_refused=suppressed)
+        """Over ``max_connections_per_client``: refused unread (TLS: before the handshake)."""
+        _refuse_busy(request)
+        self._log_refused(client_address, "max_connections_per_client")
 
     def service_actions(self) -> None:
         """pynetdicom runs a full ``gc.collect()`` every 60 turns of the accept loop (a
@@ -356,6 +345,11 @@ class AssociationServer(ThreadedAssociationServer):
         e = sys.exc_info()[1]
         log.error("dicom.association_failed", channel=self.channel, peer=_addr(client_address),
                   error=type(e).__name__, detail=str(e)[:200])
+
+
+def _host(peer: str) -> str:
+    """The client of a ``host:port`` peer string (the throttle's key: one per client, not per port)."""
+    return peer.rsplit(":", 1)[0]
 
 
 def _addr(address: Any) -> str:
@@ -372,6 +366,23 @@ def _send_quietly(sock: socket.socket, pdu: bytes) -> None:
         pass
 
 
+BUSY = ul.reject_pdu(0x02, 0x03, 0x02)  # A-ASSOCIATE-RJ rejected-transient, local limit exceeded
+
+
+def _refuse_busy(sock: socket.socket) -> bool:
+    """A-ASSOCIATE-RJ rejected-transient, local limit exceeded (PS3.8 9.3.4), then closed: a
+    requestor that sent its RQ learns why and retries later. Over max_connections, over
+    max_connections_per_client (both unread) and over max_associations alike. Never waits for
+    the peer (the refuser thread refuses every connection of a flood): sent only if the socket
+    takes it at once, and not on a TLS socket before its handshake (none is done for a refusal)."""
+    if not isinstance(sock, ssl.SSLSocket):
+        with contextlib.suppress(OSError):
+            sock.send(BUSY, socket.MSG_DONTWAIT)
+    elif sock.version() is not None:  # handshake done (max_associations): its timeout bounds the send
+        _send_quietly(sock, BUSY)
+    return _close(sock)
+
+
 def _close(sock: socket.socket) -> bool:
     """Close a connection we are done with (False: nothing for pynetdicom)."""
     try:
@@ -383,26 +394,6 @@ def _close(sock: socket.socket) -> bool:
     except OSError:
         pass
     return False
-
-
-class _Throttle:
-    """One log line per ``every`` seconds for a flood (refused connections), with the count
-    of those not logged; ``hit`` returns that count when a line is due, else None."""
-
-    def __init__(self, every: float = 5.0) -> None:
-        self.every = every
-        self.last = -every
-        self.quiet = 0
-        self.lock = threading.Lock()
-
-    def hit(self) -> int | None:
-        now = time.monotonic()
-        with self.lock:
-            if now - self.last >= self.every:
-                self.last, quiet, self.quiet = now, self.quiet, 0
-                return quiet
-            self.quiet += 1
-            return None
 
 
 class ListenerAE(AE):
@@ -424,9 +415,10 @@ class DicomListener:
         self.ae = self._make_ae()
         self._sessions_lock = threading.Lock()
         self._handed = 0  # connections handed to pynetdicom and not ended yet
-        # Connections that end before association (ARTIM expired, an invalid first PDU) cost a
-        # peer nothing to repeat: one log line per 5 s, with the count of those not logged.
-        self._before_association = _Throttle()
+        # Every line a peer can multiply by connecting (refused, timed out or broken before
+        # association, associations accepted, rejected, aborted): once per kind and client every
+        # 10 s, with the count of the others (engine/security/refusal_log.py). Audit rows are not.
+        self.lines = RefusalLog()
         self._proxy = proxy_protocol.Trust(config.proxy_protocol) if config.proxy_protocol is not None else None
         self._store: StoreSCP | None = None
         self._commitment: CommitmentSCP | None = None
@@ -518,12 +510,14 @@ class DicomListener:
         self.ended(*self._peer(event), "aborted")
 
     def accepted(self, aet: str, peer: str) -> None:
-        log.info("dicom.association_accepted", channel=self.ctx.channel, calling_aet=aet, peer=peer)
+        self.lines.line(("dicom.association_accepted", _host(peer), aet), "dicom.association_accepted", "info",
+                        channel=self.ctx.channel, calling_aet=aet, peer=peer)
 
     def rejected(self, aet: str, peer: str, reason: str, called_aet: str | None = None) -> None:
-        """A-ASSOCIATE-RJ sent: which AE title was wrong (or which limit), logged and audited."""
-        log.warning("dicom.association_rejected", channel=self.ctx.channel, calling_aet=aet,
-                    called_aet=called_aet, peer=peer, reason=reason)
+        """A-ASSOCIATE-RJ sent: which AE title was wrong (or which limit), logged (throttled)
+        and audited (every one)."""
+        self.lines.line(("dicom.association_rejected", _host(peer), reason), "dicom.association_rejected",
+                        channel=self.ctx.channel, calling_aet=aet, called_aet=called_aet, peer=peer, reason=reason)
         self.ctx.audit.record("dicom.association", outcome="failure", actor=aet, peer=peer,
                               channel=self.ctx.channel, detail=f"A-ASSOCIATE-RJ: {reason}")
 
@@ -532,7 +526,8 @@ class DicomListener:
 
     def ended(self, aet: str, peer: str, how: str) -> None:
         if how == "aborted":
-            log.info("dicom.association_aborted", channel=self.ctx.channel, calling_aet=aet, peer=peer)
+            self.lines.line(("dicom.association_aborted", _host(peer)), "dicom.association_aborted", "info",
+                            channel=self.ctx.channel, calling_aet=aet, peer=peer)
 
     # -- each connection, in its own thread ----------------------------------------
     def rejection(self, rq: Any) -> tuple[int, str] | None:
@@ -571,16 +566,12 @@ class DicomListener:
         try:
             data = ul.read_request(sock, deadline)
         except ul.ArtimExpired:
-            quiet = self._before_association.hit()
-            if quiet is not None:
-                log.info("dicom.association_timeout", channel=self.ctx.channel, peer=peer, seconds=c.acse_timeout,
-                         also_before_association=quiet)
+            self.lines.line(("dicom.association_timeout", _host(peer)), "dicom.association_timeout", "info",
+                            channel=self.ctx.channel, peer=peer, seconds=c.acse_timeout)
             return _close(sock)
         except ul.Refused as r:
-            quiet = self._before_association.hit()
-            if quiet is not None:
-                log.warning("dicom.protocol_error", channel=self.ctx.channel, peer=peer, detail=str(r),
-                            also_before_association=quiet)
+            self.lines.line(("dicom.protocol_error", _host(peer)), "dicom.protocol_error", channel=self.ctx.channel,
+                            peer=peer, detail=str(r))
             if r.answer:
                 _send_quietly(sock, r.answer)
             return _close(sock)
@@ -633,11 +624,10 @@ class DicomListener:
             self._handed -= 1
 
     def _limit_reached(self, sock: socket.socket, rq: Any, peer: str) -> None:
-        """A-ASSOCIATE-RJ rejected-transient, local limit exceeded (PS3.8 9.3.4)."""
+        """Over ``max_associations``: refused (and audited) with the RQ read."""
         calling = str(rq.calling_ae_title).strip() if rq is not None else ""
         self.rejected(calling, peer, "association limit reached")
-        _send_quietly(sock, ul.reject_pdu(0x02, 0x03, 0x02))
-        _close(sock)
+        _refuse_busy(sock)
 
     def _handshake(self, sock: ssl.SSLSocket, address: Any, deadline: float) -> bool:
         try:
@@ -656,8 +646,8 @@ class DicomListener:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         session = ul.StorageAssociation(sock, address, rq, contexts=self.ae.supported_contexts,
                                         max_pdu=c.max_pdu, idle_timeout=c.idle_timeout, hooks=self._store_hooks())
-        if not self._reserve(session):  # rejected-transient, local limit exceeded (PS3.8 9.3.4)
-            session.reject(0x02, 0x03, 0x02, "association limit reached")
+        if not self._reserve(session):
+            self._limit_reached(sock, rq, session.peer)
             return
         try:
             session.run()
@@ -702,6 +692,7 @@ class DicomListener:
             server, self.server = self.server, None
             await asyncio.to_thread(server.shutdown)
             await asyncio.to_thread(self._end_associations)
+        self.lines.flush()
 
     def _end_associations(self, wait: float = 5.0) -> None:
         """A-ABORT to every association still open once the port is closed, then wait for them

@@ -376,11 +376,6 @@ class StorageAssociation:
     def unbind(self, *args: Any) -> None:
         pass
 
-    def reject(self, result: int, source: int, diagnostic: int, reason: str) -> None:
-        self.hooks.rejected(self.calling_aet, self.peer, reason)
-        self._send_quietly(reject_pdu(result, source, diagnostic))
-        self._close()
-
     def run(self) -> None:
         """Accept (the A-ASSOCIATE-RQ was read by ``read_request``), then serve until the end."""
         results, _ = negotiate_as_acceptor(self.rq.presentation_context_definition_list, self.contexts)

@@ -58,6 +58,7 @@ from engine.registry import component
 from engine.security import proxy_protocol
 from engine.security.client_slots import ClientSlots, client_host
 from engine.security.proxy_protocol import ProxyProtocolConfig
+from engine.security.refusal_log import RefusalLog
 from engine.security.tls import (
     PausedAccept,
     TLSConfig,
@@ -200,8 +201,9 @@ class MLLPListener:
         if config.validate_ != "none":
             self._validator = ValidatorPool(config.validate_, workers=v.workers, timeout=v.timeout,
                                             memory_mb=v.memory_mb, channel=ctx.channel)
-        self._refused = 0  # connections closed over max_connections since the last log line
-        self._refused_logged = 0.0
+        # every line a peer can multiply by connecting (connected, disconnected, refused): once per
+        # client and reason every 10 s, with the count of the others (engine/security/refusal_log.py)
+        self.lines = RefusalLog()
         self._clients = ClientSlots(config.max_connections_per_client)
         self._buffered = FrameBudget(config.max_buffered_bytes)
         self._proxy = proxy_protocol.Trust(config.proxy_protocol) if config.proxy_protocol is not None else None
@@ -245,6 +247,7 @@ class MLLPListener:
                 await asyncio.wait_for(self._server.wait_closed(), 5)
             except TimeoutError:
                 pass
+        self.lines.flush()
 
     def _proxy_timeout(self) -> float:
         assert self._proxy is not None
@@ -280,17 +283,13 @@ class MLLPListener:
     def _tls_failed(self, peername: Any, error: BaseException) -> None:
         report_handshake_failure(self.ctx.audit, "mllp", self.channel, peername, error)
 
-    def _too_many(self, peer: str, *, per_client: bool = False) -> None:
-        """Log refused connections at most once a second, with how many: a flood of them
-        must not become a flood of log lines."""
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._refused_logged >= 1.0:
-            log.warning("mllp.too_many_connections", channel=self.channel, peer=peer,
-                        reason="max_connections_per_client" if per_client else "max_connections",
-                        limit=self._clients.limit if per_client else self.config.max_connections,
-                        refused=self._refused)
-            self._refused, self._refused_logged = 0, now
+    def _too_many(self, peer: str, client: str, *, per_client: bool = False) -> None:
+        """A refused connection, logged throttled: a flood of them must not become a flood of
+        log lines."""
+        reason = "max_connections_per_client" if per_client else "max_connections"
+        self.lines.line(("mllp.too_many_connections", reason, client), "mllp.too_many_connections",
+                        channel=self.channel, peer=peer, reason=reason,
+                        limit=self._clients.limit if per_client else self.config.max_connections)
 
     # -- connection --------------------------------------------------------------
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
@@ -300,7 +299,7 @@ class MLLPListener:
         peername = announced or writer.get_extra_info("peername") or ("?", 0)
         peer = f"{peername[0]}:{peername[1]}"
         if len(self._conns) >= self.config.max_connections:
-            self._too_many(peer)
+            self._too_many(peer, client_host(peername))
             writer.transport.abort()  # at once: no lingering close handshake for a flood
             return
         self._conns.add(task)
@@ -313,12 +312,13 @@ class MLLPListener:
                 writer.transport.abort()  # nothing else read, nothing answered
                 return
             announced = proxy_protocol.peer_of(header, peername)
-            log.info("mllp.proxied", channel=self.channel, balancer=peer, version=header.version)
+            self.lines.line(("mllp.proxied", client_host(peername)), "mllp.proxied", "info", channel=self.channel,
+                            balancer=peer, version=header.version)
             peer = f"{announced[0]}:{announced[1]}"
         client = client_host(announced or peername)
         if not self._clients.take(client):
             self._conns.discard(task)
-            self._too_many(peer, per_client=True)
+            self._too_many(peer, client, per_client=True)
             writer.transport.abort()
             return
         sock = writer.get_extra_info("socket")
@@ -327,7 +327,7 @@ class MLLPListener:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        log.info("mllp.connected", channel=self.channel, peer=peer)
+        self.lines.line(("mllp.connected", client), "mllp.connected", "info", channel=self.channel, peer=peer)
         parser = FrameParser(self.config.max_frame_bytes)
         reason = "closed"
         count = 0
@@ -411,7 +411,8 @@ class MLLPListener:
             self._conns.discard(task)
             self._clients.give_back(client)
             self._buffered.move(held, 0)
-            log.info("mllp.disconnected", channel=self.channel, peer=peer, reason=reason, messages=count)
+            self.lines.line(("mllp.disconnected", client, reason, count > 0), "mllp.disconnected", "info",
+                            channel=self.channel, peer=peer, reason=reason, messages=count)
             # close() waits to flush what is buffered; a peer that does not read would keep the
             # socket (and its buffered ACKs) forever, so that case, and any close that does not
             # finish soon, is an abort.

@@ -40,7 +40,6 @@ import fcntl
 import json
 import struct
 import termios
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +49,7 @@ import structlog
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from engine.security.client_slots import ClientSlots, client_host
+from engine.security.refusal_log import RefusalLog
 
 log = structlog.get_logger()
 LINGER = 2.0
@@ -104,43 +104,23 @@ def client_key(announced: tuple[str, int] | None, transport: asyncio.BaseTranspo
     return client_host(announced if announced is not None else transport.get_extra_info("peername"))
 
 
-class RefusalLog:
-    """At most one warning per (reason, client) every ``every`` seconds, with the number of
-    refusals since the last one: a client retrying in a loop while over a cap would otherwise
-    write a log line per connection. Remembers at most ``most`` keys (many clients at once:
-    the oldest are forgotten, so their next refusal is logged again)."""
-
-    def __init__(self, every: float = 10.0, most: int = 1024) -> None:
-        self.every = every
-        self.most = most
-        self.seen: dict[tuple[str, str], tuple[float, int]] = {}
-
-    def refused(self, limits: HttpLimits, reason: str, client: str, limit: int) -> None:
-        now = time.monotonic()
-        key = (reason, client)
-        last, skipped = self.seen.get(key, (-self.every, 0))
-        if now - last < self.every:
-            self.seen[key] = (last, skipped + 1)
-            return
-        self.seen.pop(key, None)
-        if len(self.seen) >= self.most:
-            del self.seen[next(iter(self.seen))]
-        self.seen[key] = (now, 0)
-        log.warning(f"{limits.kind}.connection_refused", channel=limits.channel, reason=reason, limit=limit,
-                    client=client, refused_since_last_log=skipped)
-
-
 def admit(limits: HttpLimits, open_now: int, slots: ClientSlots, client: str, refusals: RefusalLog) -> bool:
     """Whether a new connection from ``client`` gets in: under ``max_connections`` with
     ``open_now`` open, and under ``max_connections_per_client`` for its address (which it then
     holds). A refusal is logged (throttled)."""
     if open_now >= limits.max_connections:
-        refusals.refused(limits, "max_connections", client, limits.max_connections)
+        _refused(limits, refusals, "max_connections", client, limits.max_connections)
         return False
     if not slots.take(client):
-        refusals.refused(limits, "max_connections_per_client", client, slots.limit or 0)
+        _refused(limits, refusals, "max_connections_per_client", client, slots.limit or 0)
         return False
     return True
+
+
+def _refused(limits: HttpLimits, refusals: RefusalLog, reason: str, client: str, limit: int) -> None:
+    """``<kind>.connection_refused``, once per (reason, client) every 10 s with the count."""
+    event = f"{limits.kind}.connection_refused"
+    refusals.line((event, reason, client), event, channel=limits.channel, reason=reason, limit=limit, client=client)
 
 
 def raw_response(status: int, reason: str, code: str, text: str, headers: dict[str, str] | None = None, *,
@@ -280,7 +260,7 @@ class GuardedH11Protocol(H11Protocol):
     def _header_timed_out(self) -> None:
         self.header_timer = None
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            log.info(f"{self.limits.kind}.timeout", channel=self.limits.channel, stage="headers", peer=self._peer())
+            self._timed_out("headers")
             self._refuse(408, "Request Timeout", f"request headers not received within "
                                                  f"{self.limits.header_timeout:g} s")
 
@@ -288,7 +268,7 @@ class GuardedH11Protocol(H11Protocol):
         self.body_timer = None
         if self.transport.is_closing():
             return
-        log.info(f"{self.limits.kind}.timeout", channel=self.limits.channel, stage="body", peer=self._peer())
+        self._timed_out("body")
         cycle = self.cycle
         if cycle is not None and not cycle.response_started:
             cycle.disconnected = True  # the handler reading the body sees a disconnect, not more bytes
@@ -349,6 +329,12 @@ class GuardedH11Protocol(H11Protocol):
     def _cancel_timers(self) -> None:
         self._cancel(header=True, body=True)
         self._unset_keepalive_if_required()
+
+    def _timed_out(self, stage: str) -> None:
+        """``<kind>.timeout``: a peer can time out as many connections as it opens (throttled)."""
+        event = f"{self.limits.kind}.timeout"
+        self.refusals.line((event, stage, client_host(self.client)), event, "info", channel=self.limits.channel,
+                           stage=stage, peer=self._peer())
 
     def _peer(self) -> str:
         return f"{self.client[0]}:{self.client[1]}" if self.client else "?"

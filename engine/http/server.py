@@ -151,9 +151,11 @@ class HttpServer:
                  label: str = "HTTP", graceful_timeout: int = 5, proxy: ProxyProtocolConfig | None = None) -> None:
         self.label = label
         self.limits = limits
-        http: type[asyncio.Protocol] = protocol_class(limits)
+        inner = protocol_class(limits)
+        self._lines = inner.refusals  # its throttled lines: the counts still held back are logged at stop
+        http: type[asyncio.Protocol] = inner
         if tls is not None:
-            http = tls_protocol(protocol_class(limits), server_context(tls), handshake_timeout=handshake_timeout,
+            http = tls_protocol(inner, server_context(tls), handshake_timeout=handshake_timeout,
                                 on_failure=on_tls_failure or (lambda peer, e: None))
         if proxy is not None:
             http = proxied_protocol(http, proxy, kind=limits.kind, channel=limits.channel,
@@ -191,6 +193,7 @@ class HttpServer:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._task, timeout=10)
         self._task = None
+        self._lines.flush()
 
     @property
     def address(self) -> tuple[str, int]:

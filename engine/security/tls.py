@@ -15,6 +15,9 @@ from typing import Any
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.security.client_slots import client_host
+from engine.security.refusal_log import RefusalLog
+
 log = structlog.get_logger()
 
 BCP195_CIPHERS = (
@@ -84,15 +87,24 @@ def handshake_refused(error: BaseException) -> bool:
     return not isinstance(error, HANDSHAKE_GIVE_UPS)
 
 
+# A peer fails as many handshakes as it opens connections: their lines are throttled per
+# listener, client and reason (every listener's, one table); their audit rows are not.
+_lines = RefusalLog()
+
+
 def report_handshake_failure(audit: Any, protocol: str, channel: str, peername: Any, error: BaseException) -> None:
     """``<protocol>.tls_rejected`` in the audit trail (a Security Alert, Node Authentication)
-    for a refused handshake; a probe that gave up before any handshake is only logged."""
+    for a refused handshake, every one; a probe that gave up before any handshake is only
+    logged. Log lines are throttled (``engine.security.refusal_log``)."""
     peer = f"{peername[0]}:{peername[1]}" if peername else "?"
+    client = client_host(peername)
     if not handshake_refused(error):
-        log.info(f"{protocol}.tls_incomplete", channel=channel, peer=peer, error=type(error).__name__)
+        event = f"{protocol}.tls_incomplete"
+        _lines.line((event, channel, client), event, "info", channel=channel, peer=peer, error=type(error).__name__)
         return
     reason = str(getattr(error, "reason", None) or type(error).__name__)[:100]
-    log.warning(f"{protocol}.tls_rejected", channel=channel, peer=peer, reason=reason)
+    event = f"{protocol}.tls_rejected"
+    _lines.line((event, channel, client, reason), event, channel=channel, peer=peer, reason=reason)
     audit.record(f"{protocol}.tls_rejected", outcome="failure", peer=peer, channel=channel,
                  detail=f"TLS handshake failed: {reason}")
 
