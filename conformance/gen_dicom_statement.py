@@ -385,12 +385,24 @@ def render() -> str:
         "data set is stored under the data set's UIDs, with a file meta written anew to match.",
         "- A data set cut short is refused, never stored: its whole structure (every element's tag and "
         "length, sequences, items and encapsulated fragments of defined or undefined length, explicit and "
-        "implicit VR Little Endian, deflated inflated as it passes) is walked before anything is stored, so "
+        "implicit VR Little Endian, deflated inflated as it passes, Explicit VR Big Endian) is walked before "
+        "anything is stored, so "
         "an instance complete by its protocol (last PDV, closed STOW-RS part, whole file) whose last "
         "element, an item or a fragment declares more bytes than it holds gets 0xC000 with the Error "
         "Comment \"data set cut short or its lengths do not nest; not stored\" on every intake path "
         "(C-STORE small and streamed, STOW-RS, file source, `medrelay import`, C-GET prefetch), is audited "
-        "as a failed receive, and leaves no blob. Big Endian data sets (retired) are not walked.",
+        "as a failed receive, and leaves no blob. (In a Big Endian data set the walk does not follow a UN "
+        "of undefined length, whose value is Implicit VR Little Endian; pydicom's reader judges it.)",
+        "- Every refusal of a data set by the Storage SCP before the index (0xA900: no or an invalid "
+        "Study/Series Instance UID, a SOP Class/Instance UID other than the command's; 0xC000: cannot be "
+        "decoded, nested too deep, header too long, cut short) is answered with the same status on every "
+        "intake path, C-GET prefetch sub-operations included, and audited as a failed receive (PS3.15 A.5 "
+        "DICOM Instances Transferred, outcome failure: the command's SOP Class/Instance UID and AE titles, "
+        "the reason; no PHI). Not yet audited (answered and, on the Upper Layer, logged): the C-STORE-RQ "
+        "command checks made before the data set arrives (invalid Affected SOP Class/Instance UID, an "
+        "Affected SOP Class UID other than the presentation context's) and a STOW-RS part or file refused "
+        "before it reaches the Storage SCP (no Content-Type, unreadable file meta, another study than the "
+        "request URL's).",
         "- An archive written by an earlier medrelay, which merged every instance without Patient ID into one "
         "patient, is split at the first start of this version: each study gets its own patient, with the "
         "patient attributes read again from its stored instance.",

@@ -8,7 +8,6 @@ become file names (the blob store names files after a hash of each blob's nonce 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import struct
 from collections.abc import Callable
@@ -17,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from sqlalchemy import Connection
 
@@ -25,7 +23,7 @@ from engine.envelope import Envelope, new_id
 from engine.intake import Duplicate, Outcome, Refused
 from engine.store import message_terms
 from engine.store.dicom import index as idx
-from engine.store.dicom import walk
+from engine.store.dicom import intake_check
 from listeners.dicom_dimse import ui_value, valid_uid
 from listeners.dicom_status import STORE
 
@@ -34,8 +32,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
-
-MALFORMED = "data set cut short or its lengths do not nest"
+INVALID_COMMAND_UIDS = "invalid Affected SOP Class/Instance UID"
 
 
 @dataclass(frozen=True)
@@ -98,24 +95,6 @@ def part10(sop_class: str, sop_uid: str, transfer_syntax: str, fragments: list[A
     return b"".join((head, *fragments)), len(head)
 
 
-@functools.lru_cache(maxsize=64)
-def _data_set_readable(transfer_syntax: str) -> bool:
-    """Whether ``read_index_data_set`` reads a bare data set of this transfer syntax."""
-    ts = UID(transfer_syntax)
-    return bool(ts.is_transfer_syntax) and not ts.is_deflated
-
-
-def walk_deflated(data_set: bytes | memoryview) -> None:
-    """The structural walk of a deflated data set held whole (inflated in bounded pieces)."""
-    w = walk.InflatingWalk()
-    w.feed(data_set)
-    w.close()
-
-
-def failure(name: str, comment: str) -> Dataset:
-    return failure_code(STORE[name].code, comment)
-
-
 def failure_code(code: int, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = code
@@ -152,13 +131,13 @@ def request_of(event: Any) -> StoreRequest:
                         part10=blob, meta_end=144 + int.from_bytes(blob[140:144], "little"))
 
 
-def check_attrs(attrs: dict[str, Any], sop_class: str, sop_uid: str) -> tuple[int, str] | None:
+def check_attrs(attrs: dict[str, Any], sop_class: str, sop_uid: str) -> intake_check.Refusal | None:
     """The checks of an instance's index attributes against its command: a refusal, or None."""
     im, st, se = attrs["IMAGE"], attrs["STUDY"], attrs["SERIES"]
     if im.get("SOPInstanceUID") != sop_uid or im.get("SOPClassUID") != sop_class:
-        return STORE["mismatch"].code, "SOP Class/Instance UID differ from the command"
+        return intake_check.refusal(STORE["mismatch"].code, "SOP Class/Instance UID differ from the command")
     if not valid_uid(st.get("StudyInstanceUID")) or not valid_uid(se.get("SeriesInstanceUID")):
-        return STORE["mismatch"].code, "Study/Series Instance UID missing or invalid"
+        return intake_check.refusal(STORE["mismatch"].code, intake_check.MISSING_UIDS)
     return None
 
 
@@ -191,7 +170,10 @@ class StoreSCP:
         try:
             req = request_of(event)
         except Exception:
-            return failure("mismatch", "invalid Affected SOP Class/Instance UID")
+            req = None
+        if req is None:  # pynetdicom could not give the command's UIDs or the data set
+            status, comment = self._refuse_event(event)
+            return failure_code(status, comment)
         status, comment = self.handle(req)
         return failure_code(status, comment) if comment else status
 
@@ -205,42 +187,46 @@ class StoreSCP:
             return STORE["out_of_resources"].code, "internal error, not stored"
 
     def _check(self, req: StoreRequest) -> tuple[memoryview, dict[str, Any]] | tuple[int, str]:
-        dataset = memoryview(req.part10)[req.meta_end:]
         try:
-            if _data_set_readable(req.transfer_syntax):  # the data set alone (no second file-meta parse)
-                ds = idx.read_checked(dataset, req.transfer_syntax)  # and its structure walked
-            else:  # deflated or unknown transfer syntax: the Part-10 reader inflates
-                if UID(req.transfer_syntax).is_deflated:  # first: a deflate stream cut short is said so
-                    walk_deflated(dataset)
-                ds = idx.read_index_dataset(req.part10)
-            # Any failure above (sequences nested too deep included) refuses the instance; it is
-            # not retried with another reader, which would take what the first one refused.
-            attrs = idx.extract(ds)
-        except walk.Malformed as e:
-            return self.malformed(req, e)
-        except Exception as e:
-            log.info("dicom.store_undecodable", channel=self.ctx.channel, error=type(e).__name__)
-            return STORE["cannot_understand"].code, "data set cannot be decoded"
+            attrs = idx.extract(intake_check.read_checked(req.part10, req.meta_end, req.transfer_syntax))
+        except Exception as e:  # refused, never retried with another reader (which would take it)
+            return self.refuse_error(req, e)
         refused = check_attrs(attrs, req.sop_class, req.sop_uid)
-        return refused if refused is not None else (dataset, attrs)
+        if refused is not None:
+            return self.refuse(req, refused)
+        return memoryview(req.part10)[req.meta_end:], attrs
 
-    def malformed(self, req: Any, error: walk.Malformed) -> tuple[int, str]:
-        """The refusal of a data set cut short (``req``: a StoreRequest or a streamed sink): 0xC000
-        Cannot understand, logged and audited as a failed receive (nothing was stored). Not 0xA700
-        (a re-send of the same bytes fails the same way) nor 0xA900 (nothing says the SOP class
-        is wrong)."""
-        log.info("dicom.store_malformed", channel=self.ctx.channel, sop_class=req.sop_class, detail=str(error)[:200])
-        headers = {"SOPClassUID": req.sop_class, "SOPInstanceUID": req.sop_uid,
-                   "TransferSyntaxUID": req.transfer_syntax, "CallingAETitle": req.calling_aet,
-                   "CalledAETitle": self.ae_title}
-        self.ctx.audit.record_soon("message.receive", outcome="failure", actor=req.calling_aet, peer=req.peer,
-                                   channel=self.ctx.channel, entity={"kind": "dicom", "headers": headers},
-                                   detail="refused: " + MALFORMED)
-        return STORE["cannot_understand"].code, MALFORMED + "; not stored"
+    def refuse(self, req: Any, why: intake_check.Refusal, **fields: Any) -> tuple[int, str]:
+        """Refuse an instance before the index (``req``: a StoreRequest or a streamed sink): its
+        status and Error Comment, logged and audited as a failed receive (nothing was stored),
+        by the one refusal every intake path shares (engine/store/dicom/intake_check.py)."""
+        return intake_check.refuse(self.ctx.audit, why, channel=self.ctx.channel, sop_class=req.sop_class,
+                                   sop_uid=req.sop_uid, transfer_syntax=req.transfer_syntax,
+                                   calling_aet=req.calling_aet, called_aet=self.ae_title, peer=req.peer, **fields)
+
+    def refuse_error(self, req: Any, error: Exception) -> tuple[int, str]:
+        """``refuse`` for a data set that failed the check (``intake_check.refusal_of``: cut short
+        0xC000, undecodable 0xC000, no index UIDs 0xA900)."""
+        return intake_check.refuse_error(self.ctx.audit, error, channel=self.ctx.channel, sop_class=req.sop_class,
+                                         sop_uid=req.sop_uid, transfer_syntax=req.transfer_syntax,
+                                         calling_aet=req.calling_aet, called_aet=self.ae_title, peer=req.peer)
+
+    def _refuse_event(self, event: Any) -> tuple[int, str]:
+        """A C-STORE whose command pynetdicom could not hand over (invalid Affected UIDs)."""
+        req = getattr(event, "request", None)
+        try:
+            peer, calling = peer_of(event), str(event.assoc.requestor.ae_title).strip()
+            ts = str(event.context.transfer_syntax)
+        except Exception:
+            peer = calling = ts = ""
+        seen = StoreRequest(sop_class=str(getattr(req, "AffectedSOPClassUID", "") or "")[:64],
+                            sop_uid=str(getattr(req, "AffectedSOPInstanceUID", "") or "")[:64],
+                            transfer_syntax=ts, calling_aet=calling, peer=peer, part10=b"", meta_end=0)
+        return self.refuse(seen, intake_check.refusal(STORE["mismatch"].code, INVALID_COMMAND_UIDS))
 
     def store(self, req: StoreRequest) -> tuple[int, str | None]:
         if not valid_uid(req.sop_uid) or not valid_uid(req.sop_class):
-            return STORE["mismatch"].code, "invalid Affected SOP Class/Instance UID"
+            return self.refuse(req, intake_check.refusal(STORE["mismatch"].code, INVALID_COMMAND_UIDS))
         intake = self.ctx.intake
         if intake is None:
             return STORE["out_of_resources"].code, "no intake"

@@ -38,7 +38,7 @@ from engine.envelope import new_id
 from engine.intake import Ahead
 from engine.store.blob_writer import BlobStream, can_stream
 from engine.store.dicom import index as idx
-from engine.store.dicom import walk
+from engine.store.dicom import intake_check, walk
 from engine.store.dicom.scan import BULK_START, NestingTooDeep, header_length
 from listeners.dicom_status import STORE
 from listeners.dicom_store import StoreSCP, check_attrs, file_meta, outcome_status
@@ -47,6 +47,9 @@ log = structlog.get_logger()
 
 HEADER_MAX = 32 << 20  # bytes of a streamed data set kept for its header (everything before the pixel data)
 LAST_INDEX_TAG = max(int(tag_for_keyword(kw) or 0) for kw in idx.INDEX_TAGS)
+HEADER_TOO_LONG = intake_check.refusal(STORE["cannot_understand"].code,
+                                       "header before the pixel data too long or malformed",
+                                       event="dicom.store_undecodable")
 
 
 def streamable(transfer_syntax: str) -> bool:
@@ -155,11 +158,8 @@ class IncomingDataSet:
                 self.walk.close()
             if self.walk_error is not None:
                 raise self.walk_error
-        except walk.Malformed as e:
-            return self.scp.malformed(self, e)
-        except NestingTooDeep:
-            log.info("dicom.store_undecodable", channel=self.scp.ctx.channel, error="NestingTooDeep")
-            return STORE["cannot_understand"].code, "data set cannot be decoded"
+        except (walk.Malformed, NestingTooDeep) as e:  # logged and audited as every refusal before the index
+            return self.scp.refuse_error(self, e)
         checked = self._header()
         if isinstance(checked[0], int):
             return checked  # type: ignore[return-value]  (refused: ``store``'s finally removes the file)
@@ -196,16 +196,14 @@ class IncomingDataSet:
             n = self.header_end if self.header_end is not None else \
                 header_length(head, implicit=UID(read_as).is_implicit_VR, last_wanted=LAST_INDEX_TAG)
             if n is None:
-                log.info("dicom.store_undecodable", channel=self.scp.ctx.channel, error="HeaderTooLong")
-                return STORE["cannot_understand"].code, "header before the pixel data too long or malformed"
+                return self.scp.refuse(self, HEADER_TOO_LONG, error="HeaderTooLong")
             ds = idx.read_index_data_set(memoryview(head)[:n], read_as)
             attrs = idx.extract(ds)
         except Exception as e:  # NestingTooDeep included: refused, never stored
-            log.info("dicom.store_undecodable", channel=self.scp.ctx.channel, error=type(e).__name__)
-            return STORE["cannot_understand"].code, "data set cannot be decoded"
+            return self.scp.refuse_error(self, e)
         refused = check_attrs(attrs, self.sop_class, self.sop_uid)
         if refused is not None:
-            return refused
+            return self.scp.refuse(self, refused)
         # the envelope's payload: Part-10 up to the pixel data (as stored when deflated: header only)
         return self.meta + bytes(memoryview(self.head)[:n] if not ts.is_deflated else b""), attrs
 

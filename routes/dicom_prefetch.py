@@ -37,7 +37,7 @@ from engine.envelope import Envelope
 from engine.registry import component
 from engine.security.tls import TLSConfig
 from engine.store.dicom import index as idx
-from engine.store.dicom import receive
+from engine.store.dicom import intake_check, receive
 from routes.dicom_scu import check_ae_title
 
 log = structlog.get_logger()
@@ -263,7 +263,9 @@ class DicomPrefetch:
         return got
 
     def _filer(self, src: PrefetchSource) -> Any:
-        """C-GET: each instance into intake on ``channel``, indexed like a C-STORE to its listener."""
+        """C-GET: each instance into intake on ``channel``, indexed like a C-STORE to its listener, and
+        refused like one (``intake_check``: a data set cut short 0xC000, no Study/Series UID 0xA900,
+        logged and audited as a failed receive; the remote counts it as a failed sub-operation)."""
         intake, store = self.ctx.intake, self.ctx.store
         hkey = self.ctx.keyring.hmac_key(idx.HMAC_KEY_NAME)
         channel = self.config.channel or ""
@@ -274,8 +276,11 @@ class DicomPrefetch:
                 return 0xA700
             try:
                 rec = receive.prepare(part10)
-            except Exception:
-                return 0xA900
+            except Exception as e:  # refused as the listener refuses it: same status, log line and audit row
+                sop_class, sop_uid, ts = intake_check.meta_uids(part10)
+                return intake_check.refuse_error(self.ctx.audit, e, channel=channel, sop_class=sop_class,
+                                                 sop_uid=sop_uid, transfer_syntax=ts, calling_aet=src.ae_title,
+                                                 called_aet=calling, peer=f"{src.host}:{src.port}")[0]
             env = Envelope(channel=channel, kind="dicom", payload=part10,
                            headers={**rec.headers(), "CallingAETitle": src.ae_title, "CalledAETitle": calling},
                            peer=f"{src.host}:{src.port}")

@@ -230,7 +230,8 @@ def read_checked(data_set: bytes | memoryview, transfer_syntax: str) -> Dataset:
 
     The header scan already checked every element before the pixel data (each value within the
     data set, sequences walked), so the walk starts where the scan stopped: the extra cost on a
-    CT is the few elements from Pixel Data on. Big Endian (retired) is not walked.
+    CT is the few elements from Pixel Data on. Big Endian (retired; the scan does not read it) is
+    walked whole, then read by pydicom.
     """
     ts = UID(transfer_syntax)
     if ts.is_deflated:
@@ -244,6 +245,8 @@ def read_checked(data_set: bytes | memoryview, transfer_syntax: str) -> Dataset:
             walk.check(memoryview(data_set)[end:], implicit=ts.is_implicit_VR)
             return ds
         walk.check(data_set, implicit=ts.is_implicit_VR)
+    elif ts.is_transfer_syntax:
+        walk.check(data_set, implicit=ts.is_implicit_VR, little=False)
     return read_index_data_set(data_set, transfer_syntax, scan_ok=False)
 
 

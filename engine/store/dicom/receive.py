@@ -1,8 +1,8 @@
 """An instance received by other means than the DICOM listener (a C-GET medrelay started), filed as
 the listener files what it receives.
 
-``prepare`` reads what the index needs from the Part-10 bytes (the same readers the listener
-uses: ``index.read_index_dataset`` and ``index.extract``) and checks the UIDs; ``index_hook`` is the
+``prepare`` reads what the index needs from the Part-10 bytes (the same check the listener
+uses: ``intake_check.read_checked`` and ``index.extract``) and checks the UIDs; ``index_hook`` is the
 intake hook that indexes it in the intake transaction, answering an instance the archive already
 holds as a duplicate of the message that brought it. The DICOM listener's Storage SCP does the
 same with its own fast path (listeners/dicom_store.py); this is the plain one for the rest.
@@ -15,11 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pydicom.uid import UID
 from sqlalchemy import Connection
 
 from engine.store.dicom import index as idx
-from engine.store.dicom import walk
+from engine.store.dicom import intake_check
 
 
 @dataclass(frozen=True)
@@ -38,15 +37,12 @@ class Received:
 
 
 def prepare(part10: bytes) -> Received:
-    """What the index needs; ``idx.MissingKeys`` (or ValueError: ``walk.Malformed`` for a data set
-    cut short) when the instance cannot be filed."""
+    """What the index needs; ``idx.MissingKeys``, ``walk.Malformed`` (a data set cut short) or a
+    decoding error when the instance cannot be filed (``intake_check.refusal_of`` says how each
+    is answered)."""
     ts, dataset = idx.split_part10(part10)
-    attrs = idx.extract(idx.read_index_dataset(part10))
-    t = UID(ts)
-    if t.is_little_endian or t.is_deflated:  # a data set cut short is refused, as the listener does
-        w = walk.walker(bool(t.is_deflated), bool(t.is_implicit_VR))
-        w.feed(dataset)
-        w.close()
+    # the listener's own check: a data set cut short (any syntax) is refused as it refuses it
+    attrs = idx.extract(intake_check.read_checked(part10, len(part10) - len(dataset), ts))
     im, st, se = attrs["IMAGE"], attrs["STUDY"], attrs["SERIES"]
     if not (im.get("SOPInstanceUID") and im.get("SOPClassUID") and st.get("StudyInstanceUID")
             and se.get("SeriesInstanceUID")):

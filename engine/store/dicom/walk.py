@@ -12,13 +12,21 @@ chunks of a streamed 1 GiB instance as they are written to the blob: no second r
 values by arithmetic, never copying them: only an element header that straddles two pieces is
 copied (at most 12 bytes). Sequences and items of defined or undefined length, encapsulated
 pixel data fragments, explicit and implicit VR Little Endian (and an explicit VR data set's UN
-sequences in implicit VR) are followed with a stack bounded at ``scan.MAX_SEQUENCE_DEPTH``.
+sequences in implicit VR) and Explicit VR Big Endian are followed with a stack bounded at
+``scan.MAX_SEQUENCE_DEPTH``.
 
 What it refuses (``Malformed``): a value, item, fragment or sequence that runs past the end of
 the data set or past the defined length that holds it, an undefined-length sequence/item/pixel
 data without its delimiter, a delimiter where none belongs, an element header cut off at the end.
 What it does not judge: an explicit VR it does not know (pydicom's reader guesses there; the walk
-stops checking and lets the existing readers decide), Big Endian data sets (retired; not walked).
+stops checking and lets the existing readers decide), and in a Big Endian data set a UN of
+undefined length (PS3.5 6.2.2: its value is Implicit VR *Little* Endian whatever the transfer
+syntax; rare enough that the walk stops judging there rather than switch byte order mid-stream).
+
+Big Endian (Explicit VR Big Endian, retired but still accepted from old modalities): every tag
+(items and delimiters included: PS3.5 7.5 encodes them in the transfer syntax's byte order) and
+length is read big-endian; the file meta before the data set stays little-endian and is not the
+walk's business. Without this a Big Endian data set cut short was stored with success.
 """
 
 from __future__ import annotations
@@ -42,6 +50,9 @@ from engine.store.dicom.scan import (
 _HEAD = struct.Struct("<HHI")
 _EXPLICIT = struct.Struct("<HH2sH")
 _U32 = struct.Struct("<I")
+_HEAD_BE = struct.Struct(">HHI")
+_EXPLICIT_BE = struct.Struct(">HH2sH")
+_U32_BE = struct.Struct(">I")
 _OB_OW = (b"OB", b"OW")
 _UN, _SQ = b"UN", b"SQ"
 
@@ -60,9 +71,9 @@ class StructureWalk:
     """Feed the encoded data set (``feed``), then ``close``; either raises ``Malformed`` (or
     ``NestingTooDeep``) at the first fault it can see."""
 
-    __slots__ = ("pos", "total", "carry", "frame", "stack", "unsure", "max_depth")
+    __slots__ = ("pos", "total", "carry", "frame", "stack", "unsure", "max_depth", "little")
 
-    def __init__(self, *, implicit: bool, max_depth: int = MAX_SEQUENCE_DEPTH) -> None:
+    def __init__(self, *, implicit: bool, max_depth: int = MAX_SEQUENCE_DEPTH, little: bool = True) -> None:
         self.pos = 0  # absolute offset of the next header to read (may lie beyond what was fed)
         self.total = 0  # bytes fed so far
         self.carry = b""  # the start of a header cut by the end of the last piece (< 12 bytes)
@@ -72,6 +83,7 @@ class StructureWalk:
         self.stack: list[tuple[int, int, bool, int]] = []
         self.unsure = False  # an encoding this walk does not follow: it stops judging
         self.max_depth = max_depth
+        self.little = little  # False: Explicit VR Big Endian
 
     def feed(self, data: bytes | memoryview | bytearray) -> None:
         """The next bytes of the data set."""
@@ -119,7 +131,11 @@ class StructureWalk:
         pos = self.pos
         limit = self.max_depth
         kind, fstop, fimplicit, depth = self.frame
-        head, explicit, u32 = _HEAD.unpack_from, _EXPLICIT.unpack_from, _U32.unpack_from
+        little = self.little
+        if little:
+            head, explicit, u32 = _HEAD.unpack_from, _EXPLICIT.unpack_from, _U32.unpack_from
+        else:
+            head, explicit, u32 = _HEAD_BE.unpack_from, _EXPLICIT_BE.unpack_from, _U32_BE.unpack_from
         while True:
             while pos >= fstop:  # the defined-length frames that end here
                 if pos > fstop:
@@ -181,6 +197,9 @@ class StructureWalk:
                 if vr in _OB_OW or (group << 16) | elem == PIXEL_DATA:
                     kind, fstop = _FRAGMENTS, _OPEN
                 else:  # SQ, or UN holding a sequence in implicit VR
+                    if vr == _UN and not little:  # Implicit VR Little Endian inside Big Endian: not followed
+                        self.unsure = True
+                        break
                     if depth + 1 > limit:
                         raise NestingTooDeep(f"DICOM sequences nested more than {limit} levels deep")
                     kind, fstop, fimplicit, depth = _ITEMS, _OPEN, fimplicit or vr == _UN, depth + 1
@@ -198,9 +217,9 @@ class StructureWalk:
         self.frame = (kind, fstop, fimplicit, depth)
 
 
-def check(data_set: bytes | memoryview | bytearray, *, implicit: bool) -> None:
+def check(data_set: bytes | memoryview | bytearray, *, implicit: bool, little: bool = True) -> None:
     """Walk a whole data set held in memory; ``Malformed`` when it is cut short."""
-    w = StructureWalk(implicit=implicit)
+    w = StructureWalk(implicit=implicit, little=little)
     w.feed(data_set)
     w.close()
 
@@ -237,6 +256,6 @@ class InflatingWalk:
         self.walk.close()
 
 
-def walker(transfer_syntax_is_deflated: bool, implicit: bool) -> StructureWalk | InflatingWalk:
-    """The walk for a Little Endian data set of this kind."""
-    return InflatingWalk() if transfer_syntax_is_deflated else StructureWalk(implicit=implicit)
+def walker(transfer_syntax_is_deflated: bool, implicit: bool, little: bool = True) -> StructureWalk | InflatingWalk:
+    """The walk for a data set of this kind (``little`` False: Explicit VR Big Endian)."""
+    return InflatingWalk() if transfer_syntax_is_deflated else StructureWalk(implicit=implicit, little=little)

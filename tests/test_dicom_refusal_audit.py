@@ -1,0 +1,318 @@
+"""Issue 13 leftovers: every DICOM refusal before the index is answered, logged and audited alike.
+
+1. A C-GET prefetch instance cut short was refused with 0xA900 (routes/dicom_prefetch.py answered
+   0xA900 for anything it could not file) and not audited; now 0xC000 "data set cut short", as
+   every other intake path answers, by the same check and the same refusal
+   (engine/store/dicom/intake_check.py). The remote archive is pynetdicom (C-FIND and C-GET SCP)
+   whose C-GET sends, as C-STORE sub-operations, a whole instance, the same instance's encoded
+   data set cut short at the DIMSE level (pynetdicom's own encoding would make it consistent),
+   and one without a Series Instance UID.
+2. The listener's other refusals before the index (no Study/Series UID 0xA900, undecodable 0xC000,
+   data set UIDs that differ from the command 0xA900) were logged but not audited; PS3.15 A.5
+   makes a refused receive an audit event: each writes a failed ``message.receive`` now (our Upper
+   Layer, pynetdicom's associations, STOW-RS, the streamed path).
+3. Explicit VR Big Endian data sets were not walked: one cut short was stored with 0x0000. Now
+   0xC000 on C-STORE (raw bytes from pynetdicom) and STOW-RS; whole ones (DCMTK storescu -xb) are
+   stored as before.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import free_port
+from dicom_peers import data_file, store_statuses, storescu
+from mllp_peers import RawClient, msa
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+)
+from sqlalchemy import select
+
+from engine.store import schema
+from engine.store.dicom import index as idx
+from engine.store.dicom import intake_check, walk
+from listeners.dicom_status import STORE
+from tests.dicom_peers import _ROOTS
+from tests.test_dicom_cut_short import _cut, _new_uids, blob_files, c_store, eng, messages, stow  # noqa: F401
+from tests.test_dicom_prefetch import LOCAL, finished, order
+
+
+@pytest.fixture
+def web(eng):  # noqa: F811  (the imported fixture, by name)
+    """test_dicom_cut_short's engine: channel dcm (DICOM listener) and web (STOW-RS)."""
+    return eng
+
+
+CUT_SHORT = "refused: data set cut short or its lengths do not nest"
+NO_SERIES = "refused: Study/Series Instance UID missing or invalid"
+
+
+def failed_receives(e) -> list[dict]:
+    a = schema.audit_events
+    with e.store.engine.connect() as c:
+        rows = c.execute(select(a.c.actor, a.c.channel, a.c.detail, a.c.entity)
+                         .where(a.c.action == "message.receive", a.c.outcome == "failure").order_by(a.c.id))
+        return [dict(r._mapping) for r in rows]
+
+
+def _entity(row: dict) -> dict:
+    import json
+
+    e = row["entity"]
+    return json.loads(e) if isinstance(e, str) else e
+
+
+def indexed(e, sop_uid: str) -> bool:
+    with e.store.engine.connect() as c:
+        return c.execute(select(idx.instances.c.pk).where(idx.instances.c.sop_uid == sop_uid)).first() is not None
+
+
+def test_intake_check_codes_are_the_status_table():
+    """engine/ may not import listeners/: its two codes are held equal to the table here."""
+    assert intake_check.MISMATCH == STORE["mismatch"].code
+    assert intake_check.CANNOT_UNDERSTAND == STORE["cannot_understand"].code
+
+
+# -- 1. C-GET prefetch ---------------------------------------------------------------------------
+
+class Archive:
+    """A remote archive (pynetdicom): one study for any C-FIND; its C-GET sends ``instances``, the
+    encoded data set of those in ``cut`` shortened by 100 bytes at the DIMSE level (every length
+    in it unchanged), and records the C-STORE status our side answered for each."""
+
+    def __init__(self, instances: list[Dataset], cut: set[str], study_uid: str) -> None:
+        self.instances, self.cut, self.study_uid = instances, cut, study_uid
+        self.statuses: dict[str, list[int]] = {}
+        self.lock = threading.Lock()
+        ae = AE(ae_title="PACS2")
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+        ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian], scu_role=False, scp_role=True)
+        self.port = free_port()
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
+            (evt.EVT_C_FIND, self.on_find), (evt.EVT_C_GET, self.on_get)])
+
+    def on_find(self, event):
+        m = Dataset()
+        m.QueryRetrieveLevel = "STUDY"
+        m.PatientID, m.StudyInstanceUID, m.StudyDate, m.StudyTime = "PF1", self.study_uid, "20240105", "120000"
+        m.AccessionNumber, m.ModalitiesInStudy = "APRIOR", "CT"
+        m.NumberOfStudyRelatedInstances = str(len(self.instances))
+        yield 0xFF00, m
+
+    def on_get(self, event):
+        assoc = event.assoc
+        if not getattr(assoc, "_cutting", False):
+            assoc._cutting = True
+            send_msg, send_c_store = assoc.dimse.send_msg, assoc.send_c_store
+
+            def cut_send(primitive, context_id):
+                if isinstance(primitive, C_STORE) and str(primitive.AffectedSOPInstanceUID) in self.cut:
+                    primitive.DataSet = io.BytesIO(primitive.DataSet.getvalue()[:-100])
+                return send_msg(primitive, context_id)
+
+            def recorded(dataset, *args, **kwargs):
+                status = send_c_store(dataset, *args, **kwargs)
+                with self.lock:
+                    self.statuses.setdefault(str(dataset.SOPInstanceUID), []).append(int(status.Status))
+                return status
+
+            assoc.dimse.send_msg, assoc.send_c_store = cut_send, recorded
+        yield len(self.instances)
+        for ds in self.instances:
+            yield 0xFF00, ds
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def _ct(study: str, series: str) -> Dataset:
+    ds = dcmread(data_file("CT_small.dcm"))
+    ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = "PF1", study, series
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def test_c_get_prefetch_refuses_a_cut_short_instance_with_0xc000_and_audits(engine_factory):
+    """The cut instance: 0xC000 to the remote (before: 0xA900), a failed receive audited with its
+    UIDs, never indexed; one without a Series UID: 0xA900, audited (before: not); the whole one is
+    filed. The retrieve has failed sub-operations: the delivery is retried, then dead."""
+    study, series = generate_uid(), generate_uid()
+    whole, cut, no_series = _ct(study, series), _ct(study, series), _ct(study, series)
+    del no_series.SeriesInstanceUID
+    archive = Archive([whole, cut, no_series], {str(cut.SOPInstanceUID)}, study)
+    try:
+        eng = engine_factory(LOCAL.format(local=free_port(), remote=archive.port, retrieve="get", extra=""))
+        with RawClient(*eng.address("orders")) as c:
+            assert msa(c.request(order("C1")))[1] == "AA"
+        (row,) = finished(eng, "prefetch", 1)
+    finally:
+        archive.stop()
+    assert row["state"] == "dead", row
+    assert "2 failed" in (row["last_error"] or ""), row["last_error"]
+    got = archive.statuses
+    assert got[str(cut.SOPInstanceUID)] == [0xC000, 0xC000], got  # one per attempt
+    assert got[str(no_series.SOPInstanceUID)] == [0xA900, 0xA900], got
+    assert got[str(whole.SOPInstanceUID)] == [0x0000, 0x0000], got  # the second a recognised re-send
+    assert indexed(eng, str(whole.SOPInstanceUID)) and not indexed(eng, str(cut.SOPInstanceUID))
+    rows = eng.wait_for(lambda: (lambda r: r if len(r) >= 4 else None)(failed_receives(eng)))
+    by_uid: dict[str, list[str]] = {}
+    for r in rows:
+        headers = _entity(r)["headers"]
+        assert r["actor"] == "PACS2" and r["channel"] == "dcm" and headers["CalledAETitle"] == "LOCAL"
+        assert headers["SOPClassUID"] == CTImageStorage
+        by_uid.setdefault(headers["SOPInstanceUID"], []).append(r["detail"])
+    assert by_uid == {str(cut.SOPInstanceUID): [CUT_SHORT] * 2, str(no_series.SOPInstanceUID): [NO_SERIES] * 2}
+
+
+# -- 2. the listener's other refusals ----------------------------------------------------------
+
+def _file(ds: Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    return path
+
+
+def no_series(tmp: Path) -> Path:
+    ds = _new_uids(dcmread(data_file("CT_small.dcm")))
+    del ds.SeriesInstanceUID
+    return _file(ds, tmp / "no-series.dcm")
+
+
+def other_uid_than_the_command(tmp: Path) -> Path:
+    """The file meta (the command's Affected SOP Instance UID, as pynetdicom's chunked send takes
+    it) names another instance than the data set."""
+    ds = _new_uids(dcmread(data_file("CT_small.dcm")))
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.preamble = b"\0" * 128
+    path = tmp / "other-uid.dcm"
+    ds.save_as(path, enforce_file_format=False)  # the meta as set (enforcing it would take the data set's UID)
+    meta = dcmread(path, stop_before_pixels=True)
+    assert meta.file_meta.MediaStorageSOPInstanceUID != meta.SOPInstanceUID
+    return path
+
+
+def nested_too_deep(tmp: Path) -> Path:
+    """Sequences 80 deep (the limit is 64): cannot be decoded safely."""
+    ds = _new_uids(dcmread(data_file("CT_small.dcm")))
+    inner = Dataset()
+    inner.CodeValue = "1"
+    for _ in range(80):
+        outer = Dataset()
+        outer.add_new(0x00400275, "SQ", Sequence([inner]))
+        inner = outer
+    ds.add_new(0x00400275, "SQ", inner[0x00400275].value)
+    return _file(ds, tmp / "deep.dcm")
+
+
+REFUSALS = {"no_series": (no_series, 0xA900, NO_SERIES),
+            "other_uid": (other_uid_than_the_command, 0xA900,
+                          "refused: SOP Class/Instance UID differ from the command"),
+            "too_deep": (nested_too_deep, 0xC000, "refused: data set cannot be decoded")}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_refusals_before_the_index_are_audited(web, tmp_path, case):
+    """pynetdicom to our Upper Layer and to pynetdicom's Storage SCP (Q/R proposed too), and STOW-RS
+    (but for the command mismatch, which STOW-RS has no command for): the status as before, nothing
+    stored, and a failed receive audited for each (before: none)."""
+    make, status, detail = REFUSALS[case]
+    bad = make(tmp_path)
+    port = web.address("dcm")[1]
+    assert c_store(port, bad) == status
+    assert c_store(port, bad, qr=True) == status
+    n = 2
+    if case != "other_uid":
+        assert stow(web, bad) == (409, [status])
+        n = 3
+    rows = web.wait_for(lambda: (lambda r: r if len(r) >= n else None)(failed_receives(web)))
+    assert [r["detail"] for r in rows] == [detail] * n
+    sop_uid = str(dcmread(bad, stop_before_pixels=True).file_meta.MediaStorageSOPInstanceUID)
+    assert all(_entity(r)["headers"]["SOPInstanceUID"] == sop_uid for r in rows)
+    assert [r["actor"] for r in rows[:2]] == ["TESTSCU", "TESTSCU"]
+    assert messages(web) == 0
+
+
+def test_streamed_instance_without_series_uid_is_audited(web, tmp_path):
+    """> 16 MiB (written to its blob as it arrives): 0xA900, its file removed, audited."""
+    ds = _new_uids(dcmread(data_file("CT_small.dcm")))
+    del ds.SeriesInstanceUID
+    ds.Rows = ds.Columns = 3072
+    ds.PixelData = np.arange(9 * 1024 * 1024, dtype=np.uint16).tobytes()
+    bad = _file(ds, tmp_path / "big-no-series.dcm")
+    assert c_store(web.address("dcm")[1], bad) == 0xA900
+    assert blob_files(web) == []
+    rows = web.wait_for(lambda: failed_receives(web))
+    assert [r["detail"] for r in rows] == [NO_SERIES]
+
+
+# -- 3. Explicit VR Big Endian -----------------------------------------------------------------
+
+def big_endian(tmp: Path) -> Path:
+    ds = _new_uids(dcmread(data_file("MR_small_bigendian.dcm")))
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRBigEndian
+    path = tmp / f"be-{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert dcmread(path).file_meta.TransferSyntaxUID == ExplicitVRBigEndian
+    return path
+
+
+def test_big_endian_cut_short_is_refused_and_whole_is_stored(web, tmp_path):
+    """Cut in its pixel data: 0xC000 by C-STORE (both association paths) and STOW-RS, nothing
+    stored, audited (before: 0x0000, stored); the whole file by DCMTK storescu -xb: stored as sent."""
+    whole = big_endian(tmp_path)
+    bad = _cut(whole, 100)
+    port = web.address("dcm")[1]
+    assert c_store(port, bad) == 0xC000
+    assert c_store(port, bad, qr=True) == 0xC000
+    assert stow(web, bad) == (409, [0xC000])
+    assert messages(web) == 0
+    rows = web.wait_for(lambda: (lambda r: r if len(r) >= 3 else None)(failed_receives(web)))
+    assert [r["detail"] for r in rows] == [CUT_SHORT] * 3
+    r = storescu(port, [whole], extra=("-xb",))
+    assert store_statuses(r.stdout) == ["Success"], r.stdout
+    uid = str(dcmread(whole, stop_before_pixels=True).SOPInstanceUID)
+    with web.store.engine.connect() as c:
+        ts = c.execute(select(idx.instances.c.transfer_syntax).where(idx.instances.c.sop_uid == uid)).scalar_one()
+    assert ts == ExplicitVRBigEndian
+    # a second cut, inside the Study Instance UID's value (big-endian tag (0020,000D)): refused as cut
+    # short, not as a data set without a study
+    data = whole.read_bytes()
+    at = data.index(b"\x00\x20\x00\x0dUI") + 8 + 10
+    assert c_store(port, _cut(whole, len(data) - at)) == 0xC000
+    assert messages(web) == 1
+
+
+def test_walk_takes_every_bundled_big_endian_file_and_refuses_each_cut():
+    """Every Explicit VR Big Endian file pydicom ships: walked whole and in pieces of 1, 7 and
+    4096 bytes without a refusal, and never left unjudged; each cut by 10 bytes refused."""
+    walked = 0
+    for f in sorted(p for root in _ROOTS for p in root.rglob("*.dcm")):
+        try:
+            ts, body = idx.split_part10(Path(f).read_bytes())
+        except Exception:
+            continue
+        if UID(ts) != ExplicitVRBigEndian:
+            continue
+        walked += 1
+        for size in (len(body), 1, 7, 4096):
+            w = walk.walker(False, False, little=False)
+            for i in range(0, len(body), size):
+                w.feed(memoryview(body)[i:i + size])
+            w.close()
+            assert isinstance(w, walk.StructureWalk) and not w.unsure, f
+        with pytest.raises(walk.Malformed):
+            walk.check(body[:-10], implicit=False, little=False)
+    assert walked >= 10
