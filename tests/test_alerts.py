@@ -229,3 +229,59 @@ def test_one_engine_restarted_remembers_what_it_sent(sqlite_store):
         assert [g["engine"] for g in rx.of("dead_letters", "resolved")] == ["restarted-again"]
     finally:
         rx.server.shutdown()
+
+
+# -- probe session 6, finding 3: a quiet route that works again resolves; a resolve says the value now ----
+def test_error_rate_resolves_on_a_quiet_route_that_delivers_again_with_the_current_value(sqlite_store):
+    import asyncio
+
+    from engine.ops.alerts import AlertMonitor, AlertsConfig
+
+    rx = Receiver()
+    counts = {("c", "r"): (0, 0)}
+    cfg = AlertsConfig(webhook={"url": rx.url}, interval=0.2, repeat_after=3600,
+                       thresholds={"error_rate": 0.5, "min_attempts": 3, "dead_letters": None, "queue_depth": None,
+                                   "oldest_pending_seconds": None, "listener_down": False})
+    mon = AlertMonitor(cfg, sqlite_store, routes=lambda: [("c", "r")], down_channels=lambda: [],
+                       attempts=lambda: dict(counts))
+
+    async def go():
+        await mon.step(1.0)
+        counts[("c", "r")] = (4, 0)  # a PACS answering 0xA700: 4 failed attempts, then dead
+        await mon.step(2.0)
+        assert [g["value"] for g in rx.of("error_rate", "firing")] == [1.0]
+        await mon.step(3.0)  # nothing at all: too soon to say it is over
+        counts[("c", "r")] = (5, 0)  # one more failure, alone: still firing
+        await mon.step(4.0)
+        assert rx.of("error_rate", "resolved") == []
+        counts[("c", "r")] = (5, 1)  # the dead letter replayed and delivered; then the route is quiet
+        await mon.step(5.0)
+        await mon.step(6.0)
+        await mon.stop()
+
+    asyncio.run(go())
+    resolved = rx.of("error_rate", "resolved")
+    assert len(resolved) == 1, rx.got  # before: never resolved (fewer than min_attempts per interval)
+    # the figure over what was not judged yet (1 failed of 2 since it fired), not the 1.0 it fired with
+    assert resolved[0]["value"] == 0.5 and resolved[0]["threshold"] == 0.5
+    assert len(rx.of("error_rate", "firing")) == 1
+    rx.server.shutdown()
+
+
+def test_a_resolved_dead_letters_alert_carries_the_count_now(sqlite_store):
+    import asyncio
+
+    rx = Receiver()
+    mon = _monitor(sqlite_store, rx, lambda: True, "e1")
+    _dead_letter(sqlite_store)
+
+    async def go():
+        await mon.step(1.0)
+        _set_state(sqlite_store, "done")
+        await mon.step(2.0)
+        await mon.stop()
+
+    asyncio.run(go())
+    assert [g["value"] for g in rx.of("dead_letters", "firing")] == [1.0]
+    assert [g["value"] for g in rx.of("dead_letters", "resolved")] == [0.0]  # before: 1.0, the firing value
+    rx.server.shutdown()

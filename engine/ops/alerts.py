@@ -10,10 +10,16 @@ suppression), and once more when it is resolved. What is watched:
 - ``oldest_pending_seconds``: age of a route's oldest pending delivery;
 - ``dead_letters``: dead deliveries of a route;
 - ``error_rate``: failed attempts / all attempts of a route since the last evaluation
-  (evaluated only with at least ``min_attempts`` attempts, so one failure is not 100 %);
+  (evaluated only with at least ``min_attempts`` attempts, so one failure is not 100 %).
+  Once firing, intervals with too few attempts add up: the alert is judged again on their
+  sum once it reaches ``min_attempts``, and before that it resolves at the first interval in
+  which the route delivered without a failure (a quiet route that works again must not stay
+  firing, nor be re-sent every ``repeat_after``); intervals with failures, or with no attempt
+  at all (a receiver down, retries backing off), keep it firing;
 - ``listener_down``: an enabled channel whose listener is not serving.
 
-Payloads carry channel and route names, counts and thresholds, never message content.
+Payloads carry channel and route names, counts and thresholds, never message content; a
+``resolved`` payload's ``value`` is the figure now (what resolved it), not the one it fired with.
 A webhook that is down loses nothing: what could not be sent is tried again at the next
 evaluation. With several engines on one store, the queue checks (depth, age, dead letters)
 are made by one engine at a time, the holder of the ``alerts`` lease (``shared``); each
@@ -135,6 +141,8 @@ class AlertMonitor:
         self.firing: dict[tuple[str, str, str], _Firing] = {}
         self._unsent_resolved: dict[tuple[str, str, str], dict[str, Any]] = {}
         self._last_attempts: dict[tuple[str, str], tuple[int, int]] = {}
+        self._unjudged: dict[tuple[str, str], tuple[int, int]] = {}  # firing error_rate: (failed, all) not judged yet
+        self.current: dict[tuple[str, str, str], float] = {}  # every watched figure at the last evaluation
         self._saved: dict[str, Any] | None = None  # the store-wide state as last read or written
         self._task: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None
@@ -146,9 +154,10 @@ class AlertMonitor:
         """The alerts over their threshold now: (kind, channel, route) -> (value, threshold)."""
         now = time.time() if now is None else now
         over: dict[tuple[str, str, str], tuple[float, float]] = {}
+        current: dict[tuple[str, str, str], float] = {}
         shared = self.shared()
         figures = queue_figures(self.store, now) if shared else {}
-        current = self.attempts()
+        counters = self.attempts()
         for channel, route in self.routes():
             t = self._limits(channel, route)
             f = figures.get((channel, route), {"pending": 0, "oldest_pending_seconds": 0.0, "dead": 0})
@@ -156,22 +165,34 @@ class AlertMonitor:
                       ("oldest_pending_seconds", f["oldest_pending_seconds"], t.oldest_pending_seconds),
                       ("dead_letters", f["dead"], t.dead_letters))
             for kind, value, limit in checks if shared else ():
+                current[(kind, channel, route)] = float(value)
                 if limit is not None and value >= limit:
                     over[(kind, channel, route)] = (float(value), float(limit))
-            failed, delivered = current.get((channel, route), (0, 0))
+            failed, delivered = counters.get((channel, route), (0, 0))
             pf, pd = self._last_attempts.get((channel, route), (0, 0))
             n_failed, n_all = failed - pf, (failed - pf) + (delivered - pd)
             key = ("error_rate", channel, route)
-            if t.error_rate is not None and n_all >= t.min_attempts and n_failed / n_all >= t.error_rate:
+            if t.error_rate is None:
+                continue
+            if key in self.firing:  # judged on what it has not been judged on yet (see the module doc)
+                uf, ua = self._unjudged.pop((channel, route), (0, 0))
+                tf, ta = n_failed + uf, n_all + ua
+                if ta < t.min_attempts:
+                    current[key] = round(tf / ta, 3) if ta else 0.0
+                    if n_failed or not n_all:  # this interval failed, or was silent: too soon to say it is over
+                        self._unjudged[(channel, route)] = (tf, ta)
+                        over[key] = (self.firing[key].value, t.error_rate)
+                    continue  # this interval delivered without a failure: resolved
+                n_failed, n_all = tf, ta
+            if n_all:
+                current[key] = round(n_failed / n_all, 3)
+            if n_all >= t.min_attempts and n_failed / n_all >= t.error_rate:
                 over[key] = (round(n_failed / n_all, 3), t.error_rate)
-            elif t.error_rate is not None and n_all < t.min_attempts and key in self.firing:
-                # Too few attempts to judge (a receiver down, retries backing off): the alert keeps its
-                # state. Resolving it here sent firing/resolved pairs every interval, defeating repeat_after.
-                over[key] = (self.firing[key].value, t.error_rate)
-        self._last_attempts = current
+        self._last_attempts = counters
         if self.config.thresholds.listener_down:
             for channel in self.down_channels():
                 over[("listener_down", channel, "")] = (1.0, 1.0)
+        self.current = current
         return over
 
     def _payload(self, status: str, key: tuple[str, str, str], f: _Firing, now: float) -> dict[str, Any]:
@@ -248,7 +269,10 @@ class AlertMonitor:
                     f.sent_at = now
         for key in [k for k in self.firing if k not in over]:
             f = self.firing.pop(key)
-            log.info("alert.resolved", alert=key[0], channel=key[1], route=key[2] or None)
+            f.value = self.current.get(key, 0.0)  # what it is now (below the threshold), not what it fired with
+            if key[0] == "error_rate":
+                self._unjudged.pop(key[1:], None)
+            log.info("alert.resolved", alert=key[0], channel=key[1], route=key[2] or None, value=f.value)
             if f.sent_at is not None:  # resolve only what the webhook was told of
                 self._unsent_resolved[key] = self._payload("resolved", key, f, now)
         for key, payload in list(self._unsent_resolved.items()):
