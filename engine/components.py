@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -34,11 +34,34 @@ def field_of(model: type[BaseModel], name: str, **changes: Any) -> Any:
 
 
 class DeliveryError(Exception):
-    """A destination could not deliver. ``permanent`` skips the remaining retries."""
+    """A destination could not deliver. ``permanent`` skips the remaining retries.
 
-    def __init__(self, message: str, *, permanent: bool = False) -> None:
+    ``retry_after`` (seconds from now) is the earliest the peer asked to be tried again (an
+    HTTP ``Retry-After``): the next attempt is not before it, even when the route's backoff
+    is shorter (capped at ``engine.pipeline.RETRY_AFTER_MAX``). ``counted=False`` (a 429 "too
+    many requests": the peer is up and throttling) keeps the try from counting towards
+    ``retry.max_attempts``, so a throttle alone never dead-letters a delivery.
+    """
+
+    def __init__(
+        self, message: str, *, permanent: bool = False, retry_after: float | None = None, counted: bool = True
+    ) -> None:
         super().__init__(message)
         self.permanent = permanent
+        self.retry_after = retry_after
+        self.counted = counted
+
+
+class Reference(NamedTuple):
+    """A config field that names another part of the configuration (``references()`` of a
+    component config): ``loc`` inside the component, ``kind`` "route" (a route of the same
+    channel, not the one holding it) or "dicom_channel" (a channel with a DICOM source).
+    The loader checks each one (engine/config.py), so a typo is a topology error at `check`,
+    not a wait that never ends, or an answer that never waited, at run time."""
+
+    loc: tuple[str | int, ...]
+    kind: Literal["route", "dicom_channel"]
+    name: str
 
 
 # A transform: pure function of one envelope. Returns the new envelope (or several,

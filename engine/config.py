@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import secrets
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -487,10 +488,12 @@ def parse_settings(text: str, path: Path, env: dict[str, str] | None = None, *,
     fname = str(path)
     yaml = YAML(typ="rt")
     try:
-        doc = yaml.load(text)
+        with warnings.catch_warnings():  # a reused anchor's warning quotes the file's lines (values)
+            warnings.simplefilter("ignore")
+            doc = yaml.load(text)
     except MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark else None
-        raise ConfigError([Problem(fname, line, "", f"YAML: {e.problem}", "yaml")]) from None
+        raise ConfigError([Problem(fname, line, "", f"YAML: {_yaml_problem(e, text)}", "yaml")]) from None
     if not isinstance(doc, dict):
         raise ConfigError([Problem(fname, 1, "", "expected a mapping with `channels:`", "schema")])
     lines: dict[tuple[Any, ...], int] = {}
@@ -529,13 +532,75 @@ def parse_settings(text: str, path: Path, env: dict[str, str] | None = None, *,
         problems.extend(_topology(model, fname, lines))
     tables = _load_tables(model, path, fname, lines, problems) if model is not None else {}
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(_scrubbed(problems, data))
     settings = Settings(path=path, base_dir=path.parent.resolve(),
                     config_hash=hashlib.sha256(text.encode()).hexdigest(), model=model, raw=data,
                     line_of=lines, generated_secrets={p.resolve(): made for p, made in generated.items()})
     settings.tables = tables
     settings.config_hash = _with_tables(settings.config_hash, tables)
     return settings
+
+
+_DUP_KEY = re.compile(r'found duplicate key "(.*?)" with value')
+
+
+def _yaml_problem(e: MarkedYAMLError, text: str) -> str:
+    """The parser's problem without the values it quotes.
+
+    ruamel's duplicate-key message carries both values in full (a whole `store:` with its
+    URL, a channel with its token), so it is rewritten to the key and where it was first
+    given. No config message prints a value (docs/architecture.md, configuration).
+    """
+    problem = str(e.problem or "syntax error")
+    m = _DUP_KEY.match(problem)
+    if not m:
+        return problem
+    key = m.group(1)
+    key = key if len(key) <= 64 else key[:61] + "..."
+    first = _first_key_line(text, m.group(1), e)
+    return f'found duplicate key "{key}"' + (f" (first at line {first})" if first else "")
+
+
+def _first_key_line(text: str, key: str, e: MarkedYAMLError) -> int | None:
+    """The line of the first ``key:`` in the duplicate's block mapping (same indentation)."""
+    if e.problem_mark is None:
+        return None
+    lines = text.splitlines()
+    dup, col = e.problem_mark.line, e.problem_mark.column
+    start = e.context_mark.line if e.context_mark is not None else 0
+    keys = (f"{key}:", f'"{key}":', f"'{key}':")
+    for n in range(start, dup):
+        ln = lines[n] if n < len(lines) else ""
+        body = ln[col:] if n != start or len(ln) - len(ln.lstrip(" -")) >= col else ln.lstrip(" -")
+        if len(ln) - len(ln.lstrip(" -")) == col and body.startswith(keys):
+            return n + 1
+        if n == start and ln.lstrip(" -").startswith(keys):
+            return n + 1
+    return None
+
+
+# Keys whose values are (or may embed) secrets: every secret_field is named like this, and
+# a URL may carry a password, a header map an Authorization.
+_SECRET_KEY = re.compile(r"^(.*url|.*password.*|.*passwd.*|.*token.*|.*secret.*|.*access_key.*|.*private_key|"
+                         r"headers|authorization|dsn|credentials?)$", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s:/@'\"]*:)[^\s@/'\"]+@", re.IGNORECASE)
+
+
+def _scrubbed(problems: list[Problem], data: Any) -> list[Problem]:
+    """Problems whose messages quote no secret: a value under a key named like a secret (url,
+    password, token, headers...; from the YAML or from ${ENV}/${file:}) is replaced by ``***``,
+    and so is the password of any URL. pydantic messages (``err["msg"]``, never ``str(error)`` with
+    its ``input_value``) rarely quote the input, but validators' own messages may."""
+    values = {value for path, value in _strings(data, ())
+              if len(value) >= 4 and any(isinstance(p, str) and _SECRET_KEY.match(p) for p in path)}
+    out = []
+    for p in problems:
+        msg = p.message
+        for v in sorted(values, key=len, reverse=True):
+            msg = msg.replace(v, "***")
+        msg = _URL_PASSWORD.sub(r"\1***@", msg)
+        out.append(p if msg == p.message else Problem(p.file, p.line, p.path, msg, p.phase))
+    return out
 
 
 def _related(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
@@ -546,7 +611,6 @@ def _related(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
 
 def _topology(model: Any, fname: str, lines: dict[tuple[Any, ...], int]) -> list[Problem]:
     out: list[Problem] = []
-    ports: dict[tuple[str, int], str] = {}
     for cname, ch in model.channels.items():
         seen: set[str] = set()
         for i, route in enumerate(ch.routes):
@@ -565,15 +629,94 @@ def _topology(model: Any, fname: str, lines: dict[tuple[Any, ...], int]) -> list
                                        f"transform {t.type!r} takes {'/'.join(comp.kinds)} messages but "
                                        f"this step gets {kind}", "topology"))
                 kind = getattr(t, "output_kind", None) or _output_kind(t.type, kind)
+    out.extend(_reference_problems(model, fname, lines))
+    out.extend(_port_problems(model, fname, lines))
+    return out
+
+
+def _reference_problems(model: Any, fname: str, lines: dict[tuple[Any, ...], int]) -> list[Problem]:
+    """Every name one part of the config gives another must exist (engine.components.Reference).
+
+    A component config says which of its fields are names (``references()``); `alerts.routes`
+    keys (`channel/route`) are checked here too. A wrong name is a topology error, since
+    at run time it would silently match nothing (an app ACK that waits for no route).
+    """
+    out: list[Problem] = []
+    channels = model.channels
+    for cname, ch in channels.items():
+        route_names = {r.name for r in ch.routes}
+        parts: list[tuple[tuple[Any, ...], Any, str | None]] = [(("channels", cname, "source"), ch.source, None)]
+        for i, route in enumerate(ch.routes):
+            rp = ("channels", cname, "routes", i)
+            parts += [((*rp, "transforms", j), t, route.name) for j, t in enumerate(route.transforms)]
+            parts.append(((*rp, "to"), route.to, route.name))
+        for where, cfg, own in parts:
+            refs = getattr(cfg, "references", None)
+            for ref in refs() if callable(refs) else ():
+                msg = None
+                if ref.kind == "route" and ref.name == own:
+                    msg = f"route {ref.name!r} names itself"
+                elif ref.kind == "route" and ref.name not in route_names:
+                    msg = f"no route {ref.name!r} in channel {cname}{_did_you_mean(ref.name, route_names)}"
+                elif ref.kind == "dicom_channel" and (ref.name not in channels
+                                                      or getattr(channels[ref.name].source, "type", "") != "dicom"):
+                    dicom = {n for n, c in channels.items() if getattr(c.source, "type", "") == "dicom"}
+                    msg = f"no DICOM channel {ref.name!r}{_did_you_mean(ref.name, dicom)}"
+                if msg:
+                    p = (*where, *ref.loc)
+                    out.append(Problem(fname, _line_for(p, lines), dotted(p), msg, "topology"))
+    alerts = model.alerts
+    for key in alerts.routes if alerts is not None else ():
+        cname, _, rname = key.partition("/")
+        p = ("alerts", "routes", key)
+        if cname not in channels:
+            msg = f"no channel {cname!r}{_did_you_mean(cname, set(channels))} (keys are `channel/route`)"
+        elif rname not in {r.name for r in channels[cname].routes}:
+            msg = (f"no route {rname!r} in channel {cname}"
+                   f"{_did_you_mean(rname, {r.name for r in channels[cname].routes})}")
+        else:
+            continue
+        out.append(Problem(fname, _line_for(p, lines), dotted(p), msg, "topology"))
+    return out
+
+
+def _did_you_mean(name: str, names: set[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(names), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+_ANY_HOST = {"", "0.0.0.0", "::", "[::]", "*"}
+_LOOPBACK = {"localhost": "127.0.0.1", "[::1]": "::1"}
+
+
+def _port_problems(model: Any, fname: str, lines: dict[tuple[Any, ...], int]) -> list[Problem]:
+    """Two listeners of this engine on one port: channels' sources, `metrics`, `console`.
+
+    `run` would fail on the second bind with "already in use", naming whichever started
+    last, and the operator would look for another process. 0.0.0.0 / :: bind every
+    address, so they clash with any host on that port; port 0 (any free port) never clashes.
+    """
+    listeners: list[tuple[tuple[Any, ...], str, str, int]] = []  # (path of port, who, host, port)
+    for cname, ch in model.channels.items():
         port = getattr(ch.source, "port", None)
-        host = getattr(ch.source, "host", "127.0.0.1")
-        if port:
-            other = ports.get((host, port))
-            sp = ("channels", cname, "source", "port")
-            if other:
-                out.append(Problem(fname, _line_for(sp, lines), dotted(sp),
-                                   f"port {port} is also used by channel {other!r}", "topology"))
-            ports[(host, port)] = cname
+        if isinstance(port, int) and port:
+            listeners.append((("channels", cname, "source", "port"), f"channel {cname!r}",
+                              str(getattr(ch.source, "host", "127.0.0.1")), port))
+    if model.metrics.port:
+        listeners.append((("metrics", "port"), "metrics", model.metrics.host, model.metrics.port))
+    if model.console is not None and model.console.port:
+        listeners.append((("console", "port"), "console", model.console.host, model.console.port))
+    out: list[Problem] = []
+    for n, (path, _, host, port) in enumerate(listeners):
+        h = _LOOPBACK.get(host.lower(), host.lower())
+        for _, other, ohost, oport in listeners[:n]:
+            oh = _LOOPBACK.get(ohost.lower(), ohost.lower())
+            if oport == port and (h == oh or h in _ANY_HOST or oh in _ANY_HOST):
+                out.append(Problem(fname, _line_for(path, lines), dotted(path),
+                                   f"port {port} on {host} is also used by {other} (on {ohost})", "topology"))
+                break
     return out
 
 

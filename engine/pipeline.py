@@ -44,6 +44,8 @@ IDLE_POLL = 1.0
 DECRYPT_INLINE = 64 * 1024  # payloads up to this are decrypted on the loop; larger ones in a thread
 STORE_RETRY = (0.25, 2.0)  # seconds between store attempts while the store fails: first, most
 STORE_LOG_EVERY = 30.0  # seconds between "still unavailable" lines during one outage
+RETRY_AFTER_MAX = 3600.0  # the longest a peer's Retry-After defers a delivery (a broken or hostile
+# value such as a date next year would otherwise park the route's queue)
 DEADLINE_GRACE = (1.0, 0.1)  # on top of a destination's deadline (at least, fraction), so its own
 # (more precise) timeout fires first and this one only catches what it missed
 
@@ -306,7 +308,7 @@ class RouteWorker:
             for o in outs:
                 details.append(await self._send(o))
         except DeliveryError as e:
-            self._failed(c, str(e), out, permanent=e.permanent)
+            self._failed(c, str(e), out, permanent=e.permanent, retry_after=e.retry_after, counted=e.counted)
             return False
         except IntegrityError as e:  # a streamed payload's damaged chunk, found while sending
             queue.quarantine(c, str(e), out)
@@ -322,11 +324,19 @@ class RouteWorker:
         return True
 
     def _failed(self, c: queue.Claimed, error: str, out: queue.Outcome, *, permanent: bool,
-                trace: str | None = None) -> None:
+                trace: str | None = None, retry_after: float | None = None, counted: bool = True) -> None:
+        """Record a failed try: retried after the backoff, or dead-lettered.
+
+        ``retry_after`` (a peer's Retry-After) puts the next try no earlier than that, up to
+        RETRY_AFTER_MAX, even past ``max_delay``: the backoff bounds how long *we* wait, the
+        peer said how long *it* needs. ``counted=False`` leaves ``attempts`` as it was.
+        """
         r = self.route
-        attempts = c.attempts + 1
+        attempts = c.attempts + 1 if counted else c.attempts
         dead = permanent or attempts >= r.retry.max_attempts
         delay = queue.backoff(attempts, r.retry.initial_delay, r.retry.multiplier, r.retry.max_delay)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, RETRY_AFTER_MAX))
         out.failed.append(queue.Failure(c.delivery_id, attempts, error, dead, delay))
         self._retrying = not dead
         if self.metrics:
@@ -335,7 +345,8 @@ class RouteWorker:
                 self.metrics.dead.labels(r.channel, r.name).inc()
         event = "route.dead_lettered" if dead else "route.retry"
         log.warning(event, channel=r.channel, route=r.name, message_id=c.message_id, attempts=attempts,
-                    error=error[:300], retry_in=None if dead else round(delay, 2))
+                    error=error[:300], retry_in=None if dead else round(delay, 2),
+                    **({} if retry_after is None else {"retry_after": retry_after, "counted": counted}))
         if trace:
             log.debug("route.failure_trace", message_id=c.message_id, trace=trace)
         if dead:  # audited in the same transaction that dead-letters the row

@@ -30,7 +30,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import func, select
 
-from engine.components import ComponentConfig, DeliveryError
+from engine.components import ComponentConfig, DeliveryError, Reference
 from engine.context import ComponentContext
 from engine.dimse import qr_scu
 from engine.envelope import Envelope
@@ -93,6 +93,10 @@ class DicomPrefetchConfig(ComponentConfig):
             check_ae_title(self.move_destination)
         check_ae_title(self.calling_ae_title)
         return self
+
+    def references(self) -> list[Reference]:
+        """``channel`` must be a DICOM channel of this configuration (checked by `medrelay check`)."""
+        return [Reference(("channel",), "dicom_channel", self.channel)] if self.channel else []
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ transaction/batch Bundles are POSTed to the base; a single resource is PUT to
 ``Type/id`` when it has an id (idempotent on retry) and POSTed to ``Type`` when it
 has none; an envelope whose ``interaction`` header is ``delete`` becomes a DELETE.
 Failure classes follow HTTP: 408/429/5xx and network errors are retried, any other
-4xx is permanent (the same request would fail again). For a transaction or batch
+4xx is permanent (the same request would fail again). A 429 or 503 with ``Retry-After``
+is not tried again before it (engine/http/retry_after.py), and a 429 that says when to
+come back does not count towards ``retry.max_attempts``. For a transaction or batch
 the per-entry statuses are checked too, since a batch answers 200 even when some
 entries failed.
 
@@ -40,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from engine.components import ComponentConfig, DeliveryError, secret_field
 from engine.context import ComponentContext
 from engine.envelope import Envelope
+from engine.http.retry_after import THROTTLED, UNAVAILABLE, retry_after_seconds
 from engine.registry import component
 from engine.security.tls import TLSConfig, client_context
 from engine.store.fhir import binary
@@ -278,7 +281,12 @@ class FhirDestination:
             raise DeliveryError(f"{what} failed: {type(e).__name__}") from None
         status = resp.status_code
         if status >= 500 or status in RETRYABLE_4XX:
-            raise DeliveryError(f"{what} HTTP {status}{_issue_codes(resp)}")
+            wait = retry_after_seconds(resp.headers.get("Retry-After")) if status in (THROTTLED, UNAVAILABLE) else None
+            asked = f" (Retry-After {wait:.0f}s)" if wait is not None else ""
+            # A 429 that says when to come back is a throttle, not a failure of the server: that
+            # try does not count towards max_attempts (docs/architecture.md, pipeline).
+            raise DeliveryError(f"{what} HTTP {status}{_issue_codes(resp)}{asked}", retry_after=wait,
+                                counted=not (status == THROTTLED and wait is not None))
         if status >= 400:
             raise DeliveryError(f"{what} HTTP {status}{_issue_codes(resp)}", permanent=True)
         if status >= 300:

@@ -21,7 +21,7 @@ import structlog
 from pydantic import Field
 from sqlalchemy import and_, select
 
-from engine.components import ComponentConfig, DeliveryError
+from engine.components import ComponentConfig, DeliveryError, Reference
 from engine.context import ComponentContext
 from engine.envelope import Envelope
 from engine.hl7.ack import build_ack
@@ -49,6 +49,11 @@ class AppAckConfig(ComponentConfig):
     connect_timeout: float = Field(10.0, gt=0, description="seconds for the TCP connection and TLS handshake")
     wait_for_commit: bool = Field(True, description="ask for and wait for a CA (MSH-15 AL); off: send and "
                                   "count it delivered when written")
+
+    def references(self) -> list[Reference]:
+        """Each ``after`` entry must be another route of this channel: a typo would make the
+        ACK report AA at once, before (or without) the real route delivering."""
+        return [Reference(("after", i), "route", name) for i, name in enumerate(self.after)]
 
 
 def _wanted(condition: str, ok: bool) -> bool:
