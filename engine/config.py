@@ -569,18 +569,13 @@ def _first_key_line(text: str, key: str, e: MarkedYAMLError) -> int | None:
     dup, col = e.problem_mark.line, e.problem_mark.column
     start = e.context_mark.line if e.context_mark is not None else 0
     keys = (f"{key}:", f'"{key}":', f"'{key}':")
-    for n in range(start, dup):
-        ln = lines[n] if n < len(lines) else ""
-        body = ln[col:] if n != start or len(ln) - len(ln.lstrip(" -")) >= col else ln.lstrip(" -")
-        if len(ln) - len(ln.lstrip(" -")) == col and body.startswith(keys):
-            return n + 1
-        if n == start and ln.lstrip(" -").startswith(keys):
+    for n in range(start, min(dup, len(lines))):
+        ln = lines[n]
+        if len(ln) - len(ln.lstrip(" -")) == col and ln[col:].startswith(keys):
             return n + 1
     return None
 
 
-# Keys whose values are (or may embed) secrets: every secret_field is named like this, and
-# a URL may carry a password, a header map an Authorization.
 _SECRET_KEY = re.compile(r"^(.*url|.*password.*|.*passwd.*|.*token.*|.*secret.*|.*access_key.*|.*private_key|"
                          r"headers|authorization|dsn|credentials?)$", re.IGNORECASE)
 _URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s:/@'\"]*:)[^\s@/'\"]+@", re.IGNORECASE)

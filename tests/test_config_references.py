@@ -191,6 +191,32 @@ def test_duplicate_channel_prints_no_token():
     assert msgs == ['channels.yaml:5: YAML: found duplicate key "api" (first at line 3)'], msgs
 
 
+def test_nested_duplicate_key_prints_no_password():
+    msgs, _ = problems("""
+        store:
+          url: "sqlite:///x.db"
+          url: "postgresql+psycopg://u:pw-dup-1@db/x"
+        channels:
+          a:
+            source: {type: mllp, port: 0}
+            routes:
+              - name: r
+                to: {type: mllp, host: 127.0.0.1, port: 9}
+                name: r2
+    """)
+    assert msgs == ['channels.yaml:4: YAML: found duplicate key "url" (first at line 3)'], msgs
+    msgs, _ = problems("""
+        channels:
+          a:
+            source: {type: mllp, port: 0}
+            routes:
+              - name: r
+                to: {type: mllp, host: 127.0.0.1, port: 9}
+                name: r2
+    """)
+    assert msgs == ['channels.yaml:8: YAML: found duplicate key "name" (first at line 6)'], msgs
+
+
 def test_messages_are_scrubbed_of_secret_values():
     """A validator quoting a secret-bearing value (or any URL's password) is masked."""
     from engine.config import _scrubbed
