@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from sqlalchemy import Float, and_, bindparam, insert, literal_column, select, update
+from sqlalchemy import Float, and_, bindparam, case, insert, literal_column, select, update
 
 from engine.security.crypto import IntegrityError
 from engine.store import attempts, leases, prepared, schema
@@ -254,7 +254,9 @@ def settle_all(store: Any, outcomes: Sequence[Outcome]) -> None:
         if done:
             conn.execute(
                 update(d).where(d.c.id == bindparam("did")).values(
-                    state=bindparam("st"), detail=bindparam("dt"), lease_until=0.0, lease_owner=None, updated_at=now),
+                    state=bindparam("st"), detail=bindparam("dt"), lease_until=0.0, lease_owner=None, updated_at=now,
+                    # delivered: an error from before (a replayed dead letter) is history, kept in the tries
+                    last_error=case((bindparam("st") == "done", None), else_=d.c.last_error)),
                 [{"did": did, "st": state, "dt": (detail or "")[:256] or None} for did, state, detail in done])
         if failed:
             conn.execute(
@@ -289,7 +291,8 @@ def _pg_sql(sql: str) -> str:
 
 
 _PG_DONE = _pg_sql(
-    "UPDATE deliveries AS d SET state = v.st, detail = v.dt, lease_until = 0, lease_owner = NULL, updated_at = :now "
+    "UPDATE deliveries AS d SET state = v.st, detail = v.dt, lease_until = 0, lease_owner = NULL, updated_at = :now, "
+    "last_error = CASE WHEN v.st = 'done' THEN NULL ELSE d.last_error END "
     "FROM unnest(CAST(:ids AS integer[]), CAST(:st AS varchar[]), CAST(:dt AS varchar[])) AS v(id, st, dt) "
     "WHERE d.id = v.id")
 _PG_FAILED = _pg_sql(

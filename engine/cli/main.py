@@ -29,12 +29,24 @@ Exit codes (every command):
   2  usage: a wrong command, option or argument; the config's YAML or schema is wrong
   3  the config's topology is wrong (duplicate names, wrong message kinds, unknown
      routing keys, a port used twice)
-  4  environment: a ${VAR} not set, a file missing, the store or the engine not
-     reachable, a port already in use"""
+  4  environment: a ${VAR} not set, a file missing or malformed (the key file),
+     the store or the engine not reachable, a port already in use
+  141  standard output closed by its reader (`| head`): nothing more is printed"""
 
 
 class _Main(click.Group):
     """The `medrelay` group: an unexpected error is one line and exit 1, never a traceback."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:  # `medrelay --help | head -1`: the group's own help is printed while parsing, before invoke
+            return super().make_context(info_name, args, parent, **extra)
+        except BrokenPipeError as e:
+            from engine.cli.exits import broken_stdout, quiet_exit
+
+            if broken_stdout(e):
+                quiet_exit()
+            raise
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -42,8 +54,16 @@ class _Main(click.Group):
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as e:
+            from engine.cli.exits import broken_stdout, quiet_exit
+            from engine.security.crypto import KeyFileError
+
+            if broken_stdout(e):  # `medrelay messages list | head`: the reader has enough
+                quiet_exit()
             if os.environ.get("MEDRELAY_DEBUG"):
                 raise
+            if isinstance(e, KeyFileError):  # every command that reads the key file says the same
+                click.echo(f"medrelay: {e}", err=True)
+                sys.exit(4)
             if type(e).__module__.startswith("sqlalchemy"):
                 click.echo(f"medrelay: the store is not available: {_reason(e)}", err=True)
                 sys.exit(4)
@@ -63,10 +83,13 @@ def _load(config: str, need_env: bool = True, create_secrets: bool = False) -> S
 def _open_store(config: str, settings: Settings | None = None) -> Any:
     """The store of CONFIG for an offline command; a clear message and exit 4 when it cannot open."""
     from engine.runtime import open_store
+    from engine.security.crypto import KeyFileError
 
     settings = settings or _load(config, need_env=False)
     try:
         return open_store(settings)
+    except KeyFileError:
+        raise  # the one key-file sentence, from _Main
     except Exception as e:
         click.echo(f"{config}: cannot open the store: {_reason(e)}", err=True)
         sys.exit(4)
@@ -193,7 +216,9 @@ async def _serve(path: str, settings: Settings) -> None:
 # -- check --------------------------------------------------------------
 @main.command()
 @click.argument("config", default=lambda: os.environ.get("MEDRELAY_CONFIG", "channels.yaml"))
-def check(config: str) -> None:
+@click.option("--connect", is_flag=True, help="also open a connection to the store (exit 4 when it cannot be "
+              "reached); without it check is offline")
+def check(config: str, connect: bool = False) -> None:
     """Validate CONFIG: schema, then topology, then environment.
 
     Each problem is one line, `file:line: dotted.path: message`. Exit codes: 0 valid,
@@ -201,6 +226,10 @@ def check(config: str) -> None:
     wrong kind of message, a `when:` or `debounce.key` key the source's messages
     cannot have, a port used twice), 4 environment (a ${VAR} not set, a file missing).
     When problems of several phases are found, the first phase decides the code.
+
+    Offline by default (a lint that runs in CI without the database): the store, peers
+    and ports are not contacted. --connect also connects to the store and exits 4 with
+    the driver's reason when it cannot be reached (what `run` would say).
     """
     from engine.config import TLS_FILES, dotted, tls_blocks
 
@@ -224,11 +253,23 @@ def check(config: str) -> None:
         click.echo(p, err=True)
     if problems:
         sys.exit(4)
+    if connect:
+        _check_connect(config, settings)
     n_routes = sum(len(c.routes) for c in settings.channels.values())
     click.echo(f"{config}: ok ({len(settings.channels)} channels, {n_routes} routes, "
                f"config hash {settings.config_hash[:12]})")
     for p in settings.pending_secrets:
         click.echo(f"{config}: {p} does not exist yet: `medrelay run` creates it (${{generated:...}})")
+
+
+def _check_connect(config: str, settings: Settings) -> None:
+    """`check --connect`: the store reachable, or its reason and exit 4 (as `run` would refuse)."""
+    from engine.cli.exits import store_problem
+
+    why = store_problem(settings)
+    if why is not None:
+        click.echo(f"{config}: store: cannot be reached: {why}", err=True)
+        sys.exit(4)
 
 
 # -- messages -------------------------------------------------------------
@@ -392,6 +433,10 @@ def replay(config: str, message_ids: tuple[str, ...], channel: str | None, route
     --state (dead letters) of every channel is replayed, after a confirmation that
     shows how many per route (--yes to skip it; required when not on a terminal).
     Exit 0 when all were delivered (with --wait), 1 otherwise or when not confirmed.
+    A MESSAGE_ID that is not stored exits 1 (`no message ID`), a --channel or --route
+    that neither the config nor the store knows exits 2, before anything is requeued;
+    names that exist but select no delivery in --state print `nothing to replay` and
+    exit 0 (nothing was wrong, nothing was waiting).
 
     With --diff nothing is requeued or sent: the messages go through CONFIG's routes and
     transforms and each route's result is compared with --against (exit 1 when any changes).
@@ -405,7 +450,12 @@ def replay(config: str, message_ids: tuple[str, ...], channel: str | None, route
         explicit = click.get_current_context().get_parameter_source("states") != click.core.ParameterSource.DEFAULT
         _replay_diff(config, against, message_ids, channel, route, states[0] if explicit else None, since, until,
                      limit, phi)
-    store = _open_store(config)
+    settings = _load(config, need_env=False)
+    store = _open_store(config, settings)
+    unknown = _replay_unknown(store, settings, message_ids, channel, route)
+    if unknown is not None:
+        click.echo(f"replay: {unknown[0]}", err=True)
+        sys.exit(unknown[1])
     if not (message_ids or channel or route or since or until) and not yes:
         per_route = _deliveries_by_route(store, states)
         if not per_route:
@@ -428,8 +478,11 @@ def replay(config: str, message_ids: tuple[str, ...], channel: str | None, route
                             message_ids=list(message_ids) or None, route=route, states=states,
                             selection=MessageFilter(channel=channel, since=_parse_time(since),
                                                     until=_parse_time(until)))
+    if not ids:
+        click.echo(f"nothing to replay: no {'/'.join(states)} delivery matches")
+        return
     click.echo(f"requeued {len(ids)} deliveries")
-    if not wait or not ids:
+    if not wait:
         return
     deadline = time.monotonic() + timeout
     with tqdm(total=len(ids), unit="msg", desc="replay", file=sys.stderr) as bar:
@@ -443,6 +496,41 @@ def replay(config: str, message_ids: tuple[str, ...], channel: str | None, route
     counts = queue.states_of(store, ids)
     click.echo("result: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
     sys.exit(0 if counts.get("done", 0) + counts.get("filtered", 0) == len(ids) else 1)
+
+
+def _replay_unknown(store: Any, settings: Settings, message_ids: tuple[str, ...], channel: str | None,
+                    route: str | None) -> tuple[str, int] | None:
+    """(why, exit code) when a replay names something that does not exist, else None.
+
+    A mistyped id or name must not look like a replay that found nothing to do. A name is
+    known when the config has it or the store still holds deliveries of it (a route removed
+    from the config keeps its dead letters).
+    """
+    from sqlalchemy import select
+
+    from engine.store import schema
+
+    m, d = schema.messages, schema.deliveries
+    with store.engine.connect() as conn:
+        if message_ids:
+            found = set(conn.execute(select(m.c.id).where(m.c.id.in_(list(message_ids)))).scalars())
+            missing = [i for i in message_ids if i not in found]
+            if missing:
+                return f"no message {', '.join(missing)}", 1
+        if channel and channel not in settings.channels and conn.execute(
+                select(d.c.id).where(d.c.channel == channel).limit(1)).first() is None:
+            return (f"no channel {channel!r} in {settings.path} or the store (channels: "
+                    f"{', '.join(settings.channels) or 'none'})", 2)
+        if route:
+            in_config = {r.name for c, ch in settings.channels.items() if not channel or c == channel
+                         for r in ch.routes}
+            q = select(d.c.id).where(d.c.route == route)
+            if channel:
+                q = q.where(d.c.channel == channel)
+            if route not in in_config and conn.execute(q.limit(1)).first() is None:
+                where = f"channel {channel!r}" if channel else "any channel"
+                return f"no route {route!r} in {where} of {settings.path} or the store", 2
+    return None
 
 
 def _deliveries_by_route(store: Any, states: tuple[str, ...]) -> dict[tuple[str, str], int]:
@@ -729,8 +817,8 @@ def store() -> None:
 
 @store.command("gc")
 @_config_option
-@click.option("--older-than", default=3600.0, show_default=True,
-              help="seconds; younger files may belong to a commit still in flight")
+@click.option("--older-than", default=3600.0, show_default=True, type=click.FloatRange(min=0),
+              help="seconds (>= 0); younger files may belong to a commit still in flight")
 @click.option("--dry-run", is_flag=True, help="only count what would be removed")
 def store_gc(config: str, older_than: float, dry_run: bool) -> None:
     """Remove encrypted blob files that no stored message refers to (left by a crash mid-commit)."""
@@ -864,11 +952,12 @@ def components(markdown: bool) -> None:
 
 # -- test -------------------------------------------------------------------
 @main.command("test")
-@click.argument("config", default=lambda: os.environ.get("MEDRELAY_CONFIG", "channels.yaml"))
+@click.argument("config_arg", metavar="[CONFIG]", required=False)
+@click.option("-c", "--config", "config_opt", default=None, help=CONFIG_HELP + "; or as the argument")
 @click.option("--cases", "cases_dir", default=None, type=click.Path(file_okay=False),
               help="folder of cases (default: channel-tests/ beside CONFIG)")
 @click.option("--update", is_flag=True, help="rewrite the expected file of every case whose output changed")
-def test_cmd(config: str, cases_dir: str | None, update: bool) -> None:
+def test_cmd(config_arg: str | None, cases_dir: str | None, update: bool, config_opt: str | None = None) -> None:
     """Run the route cases kept beside the YAML (channel-tests/): input -> expected output, no network.
 
     A case is a folder in channel-tests/ with `case.yaml` ({channel, route, input,
@@ -878,6 +967,9 @@ def test_cmd(config: str, cases_dir: str | None, update: bool) -> None:
     """
     from engine.cli.casetest import run_cases
 
+    if config_arg and config_opt and config_arg != config_opt:
+        raise click.UsageError(f"two configs: {config_arg} and -c {config_opt}; give one")
+    config = config_arg or config_opt or os.environ.get("MEDRELAY_CONFIG", "channels.yaml")
     settings = _load(config)
     folder = Path(cases_dir) if cases_dir else settings.base_dir / "channel-tests"
     if not folder.is_dir() or not any(folder.glob("*/case.yaml")):

@@ -16,8 +16,12 @@ transaction). Blob files are immutable once committed (content-addressed, writte
 copying the files the snapshot names afterwards gives the same state; a file committed later
 is simply not in the backup.
 
-Its files are made as private as the store's (0600, folders 0700): the snapshot holds the
-identifier index and metadata. The backup folder itself is the operator's and left alone.
+The backup is made as private as the store (every file 0600, every folder 0700, DEST and
+``manifest.json`` included): the snapshot holds the identifier index and metadata, and the
+manifest says which key ids a thief would need. ``verify`` opens the SQLite snapshot read-only
+and immutable, so a check never writes ``-wal``/``-shm`` into the medium it checks (and works
+on read-only media). A ``restore`` that fails removes what it had created (``undo_created``),
+so "nothing restored" is what the target looks like.
 
 The key file is not in the backup, on purpose: the data is encrypted under it, so a backup
 that carried its own key would be as sensitive as the plaintext. Keep the key file backed up
@@ -27,6 +31,7 @@ manifest lists the key ids a restore needs, so ``verify`` can say whether a key 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -54,6 +59,10 @@ class BackupError(RuntimeError):
     """A backup or restore that cannot be done, said for an operator."""
 
 
+class DamagedBackup(BackupError):
+    """The backup itself is broken (its manifest unreadable or incomplete): ``--verify`` exits 1."""
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -77,7 +86,8 @@ def _pg_env(url: Any) -> dict[str, str]:
 def _empty_dest(dest: Path) -> None:
     if dest.exists() and any(dest.iterdir()):
         raise BackupError(f"{dest} is not empty: a backup goes into a new or empty folder")
-    dest.mkdir(parents=True, exist_ok=True)
+    dest.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    os.chmod(dest, PRIVATE_DIR)  # also an empty folder the operator made: the backup is private
 
 
 def _file_blob_ids(conn: Any) -> Iterator[str]:
@@ -155,20 +165,34 @@ def backup(store: Any, dest: Path, *, progress: Callable[[int], Any] | None = No
             progress(1)
     manifest["blobs"] = blobs
     tmp = dest / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE), "w") as f:
+        f.write(json.dumps(manifest, indent=1, sort_keys=True))
     os.replace(tmp, dest / "manifest.json")  # written last: a backup without a manifest is incomplete
     return Summary(len(blobs), total, dest)
 
 
 def _manifest(src: Path) -> dict[str, Any]:
+    """The manifest, checked for shape: a broken one is ``DamagedBackup``; only a real other
+    format number (a newer medrelay's backup) is ``BackupError`` (cannot be done here)."""
     try:
         m = json.loads((Path(src) / "manifest.json").read_text())
     except FileNotFoundError:
-        raise BackupError(f"{src}: no manifest.json: not a medrelay backup, or an incomplete one") from None
+        raise DamagedBackup(f"{src}: no manifest.json: not a medrelay backup, or an incomplete one") from None
     except ValueError as e:
-        raise BackupError(f"{src}: manifest.json is not valid JSON ({e})") from None
-    if m.get("format") != FORMAT:
-        raise BackupError(f"{src}: backup format {m.get('format')!r}, this medrelay reads format {FORMAT}")
+        raise DamagedBackup(f"{src}: manifest.json is not valid JSON ({e})") from None
+    if not isinstance(m, dict):
+        raise DamagedBackup(f"{src}: manifest.json is not a JSON object")
+    fmt = m.get("format")
+    if not isinstance(fmt, int) or isinstance(fmt, bool):
+        raise DamagedBackup(f"{src}: manifest.json has no backup format: damaged")
+    if fmt != FORMAT:
+        raise BackupError(f"{src}: backup format {fmt!r}, this medrelay reads format {FORMAT}")
+    db = m.get("database")
+    if (m.get("backend") not in ("sqlite", "postgresql") or not isinstance(db, dict)
+            or not isinstance(db.get("file"), str) or db["file"] != Path(db["file"]).name or not db["file"]
+            or not isinstance(db.get("sha256"), str) or not isinstance(m.get("blobs"), dict)
+            or not isinstance(m.get("kek_ids", []), list)):
+        raise DamagedBackup(f"{src}: manifest.json lacks backend, database or blobs: damaged")
     return m
 
 
@@ -189,7 +213,8 @@ def verify(src: Path, *, keyring: Any = None, progress: Callable[[int], Any] | N
         problems.append(f"database snapshot {db_file.name} does not match its recorded SHA-256")
     referenced: set[str] | None = None
     if m["backend"] == "sqlite":
-        conn = sqlite3.connect(f"file:{db_file}?mode=ro", uri=True)
+        # read-only and immutable: no -wal/-shm written next to the snapshot, read-only media work
+        conn = sqlite3.connect(f"{db_file.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
         try:
             ok = conn.execute("PRAGMA integrity_check").fetchone()[0]
             if ok != "ok":
@@ -218,6 +243,42 @@ def verify(src: Path, *, keyring: Any = None, progress: Callable[[int], Any] | N
         if missing:
             problems.append("the key file lacks key ids this backup needs: " + ", ".join(missing))
     return problems
+
+
+@contextlib.contextmanager
+def undo_created(paths: list[Path]) -> Iterator[None]:
+    """When the block fails, remove what it created at ``paths``, and only that.
+
+    For each path: the highest of it and its missing parent folders, if none existed before, is
+    removed whole; a folder that existed keeps its old entries and loses the new ones (a blob
+    folder that had to be empty loses the 256 sub-folders a store made in it).
+    """
+    before: list[tuple[Path, set[str] | None]] = []
+    for p in paths:
+        p = Path(p).absolute()
+        top = p
+        while not top.parent.exists() and top.parent != top:
+            top = top.parent
+        before.append((top, set(os.listdir(top)) if top.is_dir() else None) if top.exists() else (top, None))
+    existed = {top: top.exists() for top, _ in before}
+    try:
+        yield
+    except BaseException:
+        for top, entries in before:
+            if not existed[top]:
+                _remove(top)
+            elif entries is not None and top.is_dir():
+                for name in set(os.listdir(top)) - entries:
+                    _remove(top / name)
+        raise
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
 
 
 def restore(src: Path, store: Any, *, progress: Callable[[int], Any] | None = None) -> Summary:

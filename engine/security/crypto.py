@@ -25,6 +25,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 from cryptography.exceptions import InvalidTag
@@ -38,6 +39,10 @@ NONCE_BYTES = 12
 
 class IntegrityError(Exception):
     """Ciphertext, wrapped key or binding is wrong: tampering, a swapped blob or the wrong key."""
+
+
+class KeyFileError(IntegrityError, RuntimeError):
+    """The key file cannot be read as one: every command that opens it says this one line (exit 4)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +59,39 @@ def _b64(b: bytes) -> str:
 
 def _unb64(s: str) -> bytes:
     return base64.b64decode(s.encode("ascii"))
+
+
+def _parse_key_file(path: Path, raw: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The key file's JSON and its KEKs, or one ``KeyFileError`` naming what is wrong.
+
+    The one reading of the file's shape, so ``run``, ``backup --verify --kek-file``, ``restore``
+    and ``keys`` all refuse a malformed file with the same sentence instead of a ``KeyError``.
+    """
+    def bad(why: str) -> KeyFileError:
+        return KeyFileError(f"{path}: not a medrelay key file ({why})")
+
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise bad("not JSON") from None
+    if not isinstance(data, dict):
+        raise bad("not a JSON object")
+    if not isinstance(data.get("keks"), dict) or not data["keks"]:
+        raise bad("no keks")
+    active = data.get("active")
+    if not isinstance(active, str) or not active:
+        raise bad("no active key")
+    try:
+        keks = {str(k): _unb64(v) for k, v in data["keks"].items()}
+        if not isinstance(data.get("secrets", {}), dict):
+            raise TypeError
+        for v in data.get("secrets", {}).values():
+            _unb64(v)
+    except (TypeError, ValueError, AttributeError):
+        raise bad("a key is not base64") from None
+    if active not in keks:
+        raise bad(f"active key {active!r} missing")
+    return data, keks
 
 
 class KeyRing:
@@ -87,10 +125,7 @@ class KeyRing:
             log.warning("keys.file_permissions", path=str(self.path), mode=oct(mode), want="0o600")
         with open(self.path, "rb") as f:
             st = os.fstat(f.fileno())
-            data = json.loads(f.read())
-        keks = {k: _unb64(v) for k, v in data["keks"].items()}
-        if data["active"] not in keks:
-            raise IntegrityError(f"key file {self.path}: active key {data['active']!r} missing")
+            data, keks = _parse_key_file(self.path, f.read())
         for kid, kek in self._keks.items():  # retired elsewhere: keep for what is in flight here
             if kid not in keks:
                 self._retired[kid] = kek
