@@ -398,11 +398,11 @@ def render() -> str:
         "decoded, nested too deep, header too long, cut short) is answered with the same status on every "
         "intake path, C-GET prefetch sub-operations included, and audited as a failed receive (PS3.15 A.5 "
         "DICOM Instances Transferred, outcome failure: the command's SOP Class/Instance UID and AE titles, "
-        "the reason; no PHI). Not yet audited (answered and, on the Upper Layer, logged): the C-STORE-RQ "
-        "command checks made before the data set arrives (invalid Affected SOP Class/Instance UID, an "
-        "Affected SOP Class UID other than the presentation context's) and a STOW-RS part or file refused "
-        "before it reaches the Storage SCP (no Content-Type, unreadable file meta, another study than the "
-        "request URL's).",
+        "the reason; no PHI). So are the C-STORE-RQ command checks made before the data set arrives "
+        "(invalid Affected SOP Class/Instance UID, an Affected SOP Class UID other than the presentation "
+        "context's: 0xA900, the UIDs as given, at most 64 printable characters), on both association paths. "
+        "Not yet audited: a STOW-RS part or file refused before it reaches the Storage SCP (no Content-Type, "
+        "unreadable file meta, another study than the request URL's).",
         "- An archive written by an earlier medrelay, which merged every instance without Patient ID into one "
         "patient, is split at the first start of this version: each study gets its own patient, with the "
         "patient attributes read again from its stored instance.",

@@ -660,7 +660,7 @@ class DicomListener:
         assert self._store is not None
         return ul.Hooks(store=self._store.handle, accepted=self.accepted, rejected=self.rejected,
                         ended=self.ended, stream=functools.partial(dicom_store_stream.begin, self._store),
-                        stream_min=STREAM_MIN)
+                        stream_min=STREAM_MIN, refused=self._store.refuse)
 
     # -- Listener protocol ------------------------------------------------
     async def start(self) -> None:

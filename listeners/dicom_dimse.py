@@ -8,11 +8,10 @@ command handling; tests decode what we write with pydicom.
 
 from __future__ import annotations
 
-import re
 import struct
 from dataclasses import dataclass
-from typing import Any
 
+from engine.store.dicom.intake_check import valid_uid
 from listeners.dicom_status import STORE
 
 C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP, C_CANCEL_RQ = 0x0001, 0x8001, 0x0030, 0x8030, 0x0FFF
@@ -22,14 +21,6 @@ AFFECTED_SOP_CLASS, AFFECTED_SOP_INSTANCE = 0x00000002, 0x00001000
 MAX_COMMAND = 64 * 1024  # a C-STORE-RQ command set is ~200 bytes; a longer one is not a command
 # A-ABORT reasons (PS3.8 9.3.8, service-provider source) for what a command can get wrong
 UNEXPECTED_PDU, INVALID_PARAMETER = 0x02, 0x06
-
-UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
-
-
-def valid_uid(value: Any) -> bool:
-    """PS3.5 9.1: digits and dots, at most 64 characters (leading zeros tolerated, as peers send them)."""
-    return isinstance(value, str) and 0 < len(value) <= 64 and UID_RE.fullmatch(value) is not None
-
 
 def decode_command(data: bytes) -> dict[int, bytes]:
     """Element tag (as 0xGGGGEEEE) to raw value; raises ValueError on a malformed set."""

@@ -49,7 +49,7 @@ from listeners.dicom_dimse import (
     store_response,
     us,
 )
-from listeners.dicom_ul import Hooks, StoreInProgress, abort_pdu, pdu_limit, recv_exact
+from listeners.dicom_ul import Hooks, StoreInProgress, abort_pdu, pdu_limit, recv_exact, refuse_command
 
 log = structlog.get_logger()
 
@@ -265,7 +265,9 @@ class StoreCommandGuard:
         if refusal.abort:
             self._abort(refusal.abort, refusal.detail)
             return "aborted"
-        self.skipping = (cx_id, store_response(cmd, refusal.status, refusal.detail))
+        calling, peer = _peer(self.assoc)
+        answer = refuse_command(self.hooks, cmd, refusal, str(cx.transfer_syntax[0]), calling, f"{calling}@{peer}")
+        self.skipping = (cx_id, store_response(cmd, *answer))
         return "refused"
 
     def _reply(self, cx_id: int, rsp: bytes) -> None:

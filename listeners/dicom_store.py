@@ -24,6 +24,7 @@ from engine.intake import Duplicate, Outcome, Refused
 from engine.store import message_terms
 from engine.store.dicom import index as idx
 from engine.store.dicom import intake_check
+from engine.store.dicom.intake_check import check_attrs  # the prefetch's check too (routes/dicom_prefetch.py)
 from listeners.dicom_dimse import ui_value, valid_uid
 from listeners.dicom_status import STORE
 
@@ -129,16 +130,6 @@ def request_of(event: Any) -> StoreRequest:
                         transfer_syntax=str(event.context.transfer_syntax),
                         calling_aet=str(event.assoc.requestor.ae_title).strip(), peer=peer_of(event),
                         part10=blob, meta_end=144 + int.from_bytes(blob[140:144], "little"))
-
-
-def check_attrs(attrs: dict[str, Any], sop_class: str, sop_uid: str) -> intake_check.Refusal | None:
-    """The checks of an instance's index attributes against its command: a refusal, or None."""
-    im, st, se = attrs["IMAGE"], attrs["STUDY"], attrs["SERIES"]
-    if im.get("SOPInstanceUID") != sop_uid or im.get("SOPClassUID") != sop_class:
-        return intake_check.refusal(STORE["mismatch"].code, "SOP Class/Instance UID differ from the command")
-    if not valid_uid(st.get("StudyInstanceUID")) or not valid_uid(se.get("SeriesInstanceUID")):
-        return intake_check.refusal(STORE["mismatch"].code, intake_check.MISSING_UIDS)
-    return None
 
 
 def search_identifiers(attrs: dict[str, Any]) -> dict[str, set[str]]:

@@ -47,6 +47,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
+from engine.store.dicom import intake_check
 from listeners.dicom_dimse import (
     C_CANCEL_RQ,
     C_ECHO_RQ,
@@ -275,6 +276,22 @@ class Hooks:
     # or None to keep the instance in memory.
     stream: Callable[[str, str, str, str, str], Any] | None = None
     stream_min: int = 0
+    # A C-STORE-RQ refused on its command (``check_store_rq``): logged and audited as every other
+    # refusal (``StoreSCP.refuse``: intake_check.refuse); (status, Error Comment) to answer.
+    refused: Callable[[StoreRequest, intake_check.Refusal], tuple[int, str]] | None = None
+
+
+def refuse_command(hooks: Hooks | None, cmd: dict[int, bytes], refusal: StoreRefusal, transfer_syntax: str,
+                   calling_aet: str, peer: str) -> tuple[int, str]:
+    """The answer to a C-STORE-RQ ``check_store_rq`` refused, on either association path: its
+    status and Error Comment unchanged, audited as a failed receive (nothing reached the Storage
+    SCP, so nothing else audits it); the UIDs as given, ``intake_check.uid_as_given``."""
+    if hooks is None or hooks.refused is None:
+        return refusal.status, refusal.detail
+    seen = StoreRequest(sop_class=intake_check.uid_as_given(ui(cmd, 0x00000002)),
+                        sop_uid=intake_check.uid_as_given(ui(cmd, 0x00001000)), transfer_syntax=transfer_syntax,
+                        calling_aet=calling_aet, peer=peer, part10=b"", meta_end=0)
+    return hooks.refused(seen, intake_check.refusal(refusal.status, refusal.detail))
 
 
 class StoreInProgress:
@@ -509,7 +526,8 @@ class StorageAssociation:
             incoming, self._incoming = self._incoming, None
             rsp = store_response(cmd, *incoming.finish())
         elif field == C_STORE_RQ and refusal is not None:
-            rsp = store_response(cmd, refusal.status, refusal.detail)
+            rsp = store_response(cmd, *refuse_command(self.hooks, cmd, refusal, str(cx.transfer_syntax[0]),
+                                                      self.calling_aet, f"{self.calling_aet}@{self.peer}"))
         else:
             raise ProtocolError(UNEXPECTED_PDU, f"command 0x{field or 0:04x} on a storage association")
         self.sock.sendall(pdata_pdus(cx_id, rsp, self.peer_max))

@@ -268,7 +268,8 @@ class DicomPrefetch:
 
     def _filer(self, src: PrefetchSource) -> Any:
         """C-GET: each instance into intake on ``channel``, indexed like a C-STORE to its listener, and
-        refused like one (``intake_check``: a data set cut short 0xC000, no Study/Series UID 0xA900,
+        refused like one (``intake_check``: a data set cut short 0xC000, no Study/Series UID or SOP UIDs
+        other than the sub-operation's command 0xA900,
         logged and audited as a failed receive; the remote counts it as a failed sub-operation)."""
         intake, store = self.ctx.intake, self.ctx.store
         hkey = self.ctx.keyring.hmac_key(idx.HMAC_KEY_NAME)
@@ -278,13 +279,18 @@ class DicomPrefetch:
         def file(part10: bytes) -> int:
             if intake is None:
                 return 0xA700
+            # the sub-operation's command: its Affected UIDs are the meta's (as the audit row names them)
+            sop_class, sop_uid, ts = intake_check.meta_uids(part10)
+            seen = {"channel": channel, "sop_class": intake_check.uid_as_given(sop_class),
+                    "sop_uid": intake_check.uid_as_given(sop_uid), "transfer_syntax": ts,
+                    "calling_aet": src.ae_title, "called_aet": calling, "peer": f"{src.host}:{src.port}"}
             try:
                 rec = receive.prepare(part10)
             except Exception as e:  # refused as the listener refuses it: same status, log line and audit row
-                sop_class, sop_uid, ts = intake_check.meta_uids(part10)
-                return intake_check.refuse_error(self.ctx.audit, e, channel=channel, sop_class=sop_class,
-                                                 sop_uid=sop_uid, transfer_syntax=ts, calling_aet=src.ae_title,
-                                                 called_aet=calling, peer=f"{src.host}:{src.port}")[0]
+                return intake_check.refuse_error(self.ctx.audit, e, **seen)[0]
+            refused = intake_check.check_attrs(rec.attrs, sop_class, sop_uid)  # the listener's check: 0xA900
+            if refused is not None:
+                return intake_check.refuse(self.ctx.audit, refused, **seen)[0]
             env = Envelope(channel=channel, kind="dicom", payload=part10,
                            headers={**rec.headers(), "CallingAETitle": src.ae_title, "CalledAETitle": calling},
                            peer=f"{src.host}:{src.port}")

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import io
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,6 +37,7 @@ from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import (
     CTImageStorage,
+    MRImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
 )
@@ -92,8 +95,10 @@ class Archive:
     encoded data set of those in ``cut`` shortened by 100 bytes at the DIMSE level (every length
     in it unchanged), and records the C-STORE status our side answered for each."""
 
-    def __init__(self, instances: list[Dataset], cut: set[str], study_uid: str) -> None:
+    def __init__(self, instances: list[Dataset], cut: set[str], study_uid: str,
+                 renamed: dict[str, str] | None = None) -> None:
         self.instances, self.cut, self.study_uid = instances, cut, study_uid
+        self.renamed = renamed or {}  # data set SOP Instance UID -> the sub-operation command's
         self.statuses: dict[str, list[int]] = {}
         self.lock = threading.Lock()
         ae = AE(ae_title="PACS2")
@@ -121,6 +126,8 @@ class Archive:
             def cut_send(primitive, context_id):
                 if isinstance(primitive, C_STORE) and str(primitive.AffectedSOPInstanceUID) in self.cut:
                     primitive.DataSet = io.BytesIO(primitive.DataSet.getvalue()[:-100])
+                if isinstance(primitive, C_STORE) and str(primitive.AffectedSOPInstanceUID) in self.renamed:
+                    primitive.AffectedSOPInstanceUID = self.renamed[str(primitive.AffectedSOPInstanceUID)]
                 return send_msg(primitive, context_id)
 
             def recorded(dataset, *args, **kwargs):
@@ -146,6 +153,18 @@ def _ct(study: str, series: str) -> Dataset:
     return ds
 
 
+def prefetch_from(engine_factory, archive: Archive) -> tuple[Any, dict]:
+    """An order prefetching from ``archive`` by C-GET: the engine and the finished delivery."""
+    try:
+        eng = engine_factory(LOCAL.format(local=free_port(), remote=archive.port, retrieve="get", extra=""))
+        with RawClient(*eng.address("orders")) as c:
+            assert msa(c.request(order("C1")))[1] == "AA"
+        (row,) = finished(eng, "prefetch", 1)
+    finally:
+        archive.stop()
+    return eng, row
+
+
 def test_c_get_prefetch_refuses_a_cut_short_instance_with_0xc000_and_audits(engine_factory):
     """The cut instance: 0xC000 to the remote (before: 0xA900), a failed receive audited with its
     UIDs, never indexed; one without a Series UID: 0xA900, audited (before: not); the whole one is
@@ -154,21 +173,15 @@ def test_c_get_prefetch_refuses_a_cut_short_instance_with_0xc000_and_audits(engi
     whole, cut, no_series = _ct(study, series), _ct(study, series), _ct(study, series)
     del no_series.SeriesInstanceUID
     archive = Archive([whole, cut, no_series], {str(cut.SOPInstanceUID)}, study)
-    try:
-        eng = engine_factory(LOCAL.format(local=free_port(), remote=archive.port, retrieve="get", extra=""))
-        with RawClient(*eng.address("orders")) as c:
-            assert msa(c.request(order("C1")))[1] == "AA"
-        (row,) = finished(eng, "prefetch", 1)
-    finally:
-        archive.stop()
+    archived, row = prefetch_from(engine_factory, archive)
     assert row["state"] == "dead", row
     assert "2 failed" in (row["last_error"] or ""), row["last_error"]
     got = archive.statuses
     assert got[str(cut.SOPInstanceUID)] == [0xC000, 0xC000], got  # one per attempt
     assert got[str(no_series.SOPInstanceUID)] == [0xA900, 0xA900], got
     assert got[str(whole.SOPInstanceUID)] == [0x0000, 0x0000], got  # the second a recognised re-send
-    assert indexed(eng, str(whole.SOPInstanceUID)) and not indexed(eng, str(cut.SOPInstanceUID))
-    rows = eng.wait_for(lambda: (lambda r: r if len(r) >= 4 else None)(failed_receives(eng)))
+    assert indexed(archived, str(whole.SOPInstanceUID)) and not indexed(archived, str(cut.SOPInstanceUID))
+    rows = archived.wait_for(lambda: (lambda r: r if len(r) >= 4 else None)(failed_receives(archived)))
     by_uid: dict[str, list[str]] = {}
     for r in rows:
         headers = _entity(r)["headers"]
@@ -176,6 +189,26 @@ def test_c_get_prefetch_refuses_a_cut_short_instance_with_0xc000_and_audits(engi
         assert headers["SOPClassUID"] == CTImageStorage
         by_uid.setdefault(headers["SOPInstanceUID"], []).append(r["detail"])
     assert by_uid == {str(cut.SOPInstanceUID): [CUT_SHORT] * 2, str(no_series.SOPInstanceUID): [NO_SERIES] * 2}
+
+
+def test_c_get_prefetch_refuses_a_data_set_other_than_its_command_with_0xa900(engine_factory):
+    """A C-STORE sub-operation whose command names another SOP Instance UID than its data set:
+    0xA900 as the listener answers it (``intake_check.check_attrs``; before: 0x0000, filed), audited
+    with the command's UID, never indexed under either."""
+    study, series = generate_uid(), generate_uid()
+    whole, other = _ct(study, series), _ct(study, series)
+    command_uid = generate_uid()
+    archive = Archive([whole, other], set(), study, renamed={str(other.SOPInstanceUID): command_uid})
+    archived, row = prefetch_from(engine_factory, archive)
+    assert row["state"] == "dead", row
+    got = archive.statuses
+    assert got[str(other.SOPInstanceUID)] == [0xA900, 0xA900], got
+    assert got[str(whole.SOPInstanceUID)] == [0x0000, 0x0000], got
+    assert not indexed(archived, str(other.SOPInstanceUID)) and not indexed(archived, command_uid)
+    rows = archived.wait_for(lambda: (lambda r: r if len(r) >= 2 else None)(failed_receives(archived)))
+    assert [r["detail"] for r in rows] == ["refused: SOP Class/Instance UID differ from the command"] * 2
+    assert [_entity(r)["headers"]["SOPInstanceUID"] for r in rows] == [command_uid] * 2
+    assert all(r["actor"] == "PACS2" and r["channel"] == "dcm" for r in rows)
 
 
 # -- 2. the listener's other refusals ----------------------------------------------------------
@@ -256,6 +289,68 @@ def test_streamed_instance_without_series_uid_is_audited(web, tmp_path):
     assert blob_files(web) == []
     rows = web.wait_for(lambda: failed_receives(web))
     assert [r["detail"] for r in rows] == [NO_SERIES]
+
+
+def c_store_command(port: int, ds: Dataset, change: Callable[[C_STORE], None], *, qr: bool) -> int:
+    """pynetdicom proposing CT Image Storage only (our Upper Layer) or with Study Root FIND too
+    (pynetdicom's association): its C-STORE-RQ primitive changed by ``change`` before it is encoded."""
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, [str(ds.file_meta.TransferSyntaxUID)])
+    if qr:
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MEDRELAY")
+    assert assoc.is_established
+    send_msg = assoc.dimse.send_msg
+
+    def changed(primitive, context_id):
+        if isinstance(primitive, C_STORE):
+            change(primitive)
+        return send_msg(primitive, context_id)
+
+    assoc.dimse.send_msg = changed
+    try:
+        return int(assoc.send_c_store(ds).Status)
+    finally:
+        assoc.release()
+
+
+BAD_UID = "1.2.840.10008.bad"  # letters: not a UID (PS3.5 9.1); pynetdicom sends it unenforced
+
+
+def _invalid_instance(p: C_STORE) -> None:
+    p.AffectedSOPInstanceUID = BAD_UID
+
+
+def _other_class(p: C_STORE) -> None:
+    p.AffectedSOPClassUID = MRImageStorage
+
+
+COMMAND_REFUSALS = {
+    "invalid_instance_uid": (_invalid_instance, "refused: invalid Affected SOP Class/Instance UID"),
+    "other_class": (_other_class, "refused: Affected SOP Class UID differs from the presentation context"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COMMAND_REFUSALS))
+def test_command_refusals_are_audited(web, case):
+    """A C-STORE-RQ refused on its command (``check_store_rq``), on our Upper Layer and on
+    pynetdicom's association: 0xA900 as before, nothing stored, and one failed receive each with
+    the command's UIDs as given (before: answered, never audited)."""
+    change, detail = COMMAND_REFUSALS[case]
+    ds = _new_uids(dcmread(data_file("CT_small.dcm")))
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    port = web.address("dcm")[1]
+    assert c_store_command(port, ds, change, qr=False) == 0xA900
+    assert c_store_command(port, ds, change, qr=True) == 0xA900
+    rows = web.wait_for(lambda: (lambda r: r if len(r) >= 2 else None)(failed_receives(web)))
+    assert len(rows) == 2 and [r["detail"] for r in rows] == [detail] * 2
+    headers = [_entity(r)["headers"] for r in rows]
+    want_uid = BAD_UID if case == "invalid_instance_uid" else str(ds.SOPInstanceUID)
+    want_class = MRImageStorage if case == "other_class" else CTImageStorage
+    assert [(h["SOPInstanceUID"], h["SOPClassUID"]) for h in headers] == [(want_uid, want_class)] * 2
+    assert [(r["actor"], r["channel"]) for r in rows] == [("TESTSCU", "dcm")] * 2
+    assert all(h["CallingAETitle"] == "TESTSCU" for h in headers)
+    assert messages(web) == 0
 
 
 # -- 3. Explicit VR Big Endian -----------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import io
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,21 @@ CANNOT_UNDERSTAND = 0xC000  # Error: Cannot understand (PS3.4 B.2.3)
 MALFORMED = "data set cut short or its lengths do not nest"
 UNDECODABLE = "data set cannot be decoded"
 MISSING_UIDS = "Study/Series Instance UID missing or invalid"
+DIFFERS_FROM_COMMAND = "SOP Class/Instance UID differ from the command"
+
+UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def valid_uid(value: Any) -> bool:
+    """PS3.5 9.1: digits and dots, at most 64 characters (leading zeros tolerated, as peers send them).
+    Here, not in listeners/: the C-GET prefetch (routes/) checks received data sets with it too."""
+    return isinstance(value, str) and 0 < len(value) <= 64 and UID_RE.fullmatch(value) is not None
+
+
+def uid_as_given(value: str) -> str:
+    """A UID from a peer as an audit row and a log line name it: at most 64 characters, anything
+    but printable ASCII as "?" (a refused command's UID may be neither)."""
+    return "".join(c if " " <= c <= "~" else "?" for c in value[:64])
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,17 @@ def refusal(status: int, reason: str, comment: str | None = None, event: str = "
 
 
 CUT_SHORT = refusal(CANNOT_UNDERSTAND, MALFORMED, MALFORMED + "; not stored", "dicom.store_malformed")
+
+
+def check_attrs(attrs: dict[str, Any], sop_class: str, sop_uid: str) -> Refusal | None:
+    """The checks of an instance's index attributes against its C-STORE command (the listener's
+    and the C-GET prefetch's sub-operations): a refusal, or None."""
+    im, st, se = attrs["IMAGE"], attrs["STUDY"], attrs["SERIES"]
+    if im.get("SOPInstanceUID") != sop_uid or im.get("SOPClassUID") != sop_class:
+        return refusal(MISMATCH, DIFFERS_FROM_COMMAND)
+    if not valid_uid(st.get("StudyInstanceUID")) or not valid_uid(se.get("SeriesInstanceUID")):
+        return refusal(MISMATCH, MISSING_UIDS)
+    return None
 
 
 def walk_deflated(data_set: bytes | memoryview) -> None:
