@@ -109,7 +109,7 @@ def test_an_older_install_is_tightened_at_start_once(medrelay_proc):
 
 def test_a_backup_is_as_private_as_the_store(medrelay_proc, tmp_path):
     """`medrelay backup` copies the database and blob files: made 0600 in 0700 folders (were 0644
-    and 0755); the backup folder itself is the operator's."""
+    and 0755); the backup folder it makes is 0700 too (dd25e09, as docs/deployment.md says)."""
     port = free_port()
     proc = medrelay_proc(YAML.format(port=port))
     start(proc, port)
@@ -125,6 +125,6 @@ def test_a_backup_is_as_private_as_the_store(medrelay_proc, tmp_path):
     folders = [dest / "blobs", *(d for d in (dest / "blobs").iterdir())]
     files = [f for d in folders[1:] for f in d.iterdir()]
     assert files and {mode(d) for d in folders} == {0o700} and {mode(f) for f in files} == {0o600}
-    assert mode(dest) == 0o755
+    assert mode(dest) == 0o700
     assert proc.cli("backup", "--verify", str(dest)).returncode == 0
     assert proc.terminate() == 0
