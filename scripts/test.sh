@@ -16,6 +16,8 @@ command -v pg_ctlcluster >/dev/null || need_apt+=(postgresql)
 [ -x /usr/sbin/slapd ] || need_apt+=(slapd ldap-utils)  # the console's LDAP tests start their own slapd
 [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)  # the file source's SFTP tests start their own sshd
 command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)  # PROXY protocol tests put HAProxy in front
+{ [ -x /usr/sbin/nginx ] && [ -f /usr/lib/nginx/modules/ngx_stream_module.so ]; } \
+  || need_apt+=(nginx libnginx-mod-stream)  # and nginx's stream proxy (with systemd, Debian also starts its port-80 site)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]} (apt-get)"
   $SUDO apt-get update -qq || true
