@@ -1,8 +1,9 @@
-"""The users and API tokens tables (see engine/auth/users.py for what each column holds)."""
+"""The users, API tokens and console (sessions, failed logins) tables (see engine/auth/users.py and
+engine/console/auth.py for what each column holds)."""
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Float, Integer, String, Table
+from sqlalchemy import Column, Float, Index, Integer, String, Table
 
 from engine.store.schema import metadata
 
@@ -35,4 +36,20 @@ console_sessions = Table(
     Column("last_seen", Float, nullable=False),
     Column("expires_at", Float, nullable=False),  # absolute end (session_max_hours after login)
     Column("peer", String(256), nullable=False, default=""),
+)
+
+# Failed console logins (engine/console/auth.py, LoginLimiter): one row per failure, shared by every
+# engine on the database. No user name or address in clear: each is a keyed HMAC (blind term of the
+# key file's message-index secret, scope "console.login"). ``user_key`` is NULL for a failure that
+# counts against its address only (refused for its user name, or the user logged in since). Rows go
+# once their window has passed (and the oldest beyond ``console.login.max_tracked``).
+console_login_failures = Table(
+    "console_login_failures", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("user_key", String(32), nullable=True),
+    Column("addr_key", String(32), nullable=False),
+    Index("ix_console_login_failures_user", "user_key", "at"),
+    Index("ix_console_login_failures_addr", "addr_key", "at"),
+    Index("ix_console_login_failures_at", "at"),
 )

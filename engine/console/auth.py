@@ -15,12 +15,12 @@ Every request is authenticated, one of two ways:
 
 Failed logins are audited (``console.login`` failure, the user name tried and the client
 address) and limited per user name and per client address (``LoginLimiter``: a sliding
-window of failure times in a bounded LRU map, so made-up names cannot grow memory). While
-limited, a login is refused with 429 before its password is checked, so the limit also
-bounds the argon2 work an attacker can cause. A login refused for its user name counts as a
-failure of its address, and a success clears only its own user name's count, so the
-per-address limit holds for its whole window whatever names are tried. The counts live in
-the process: a restart forgets them, and engines behind one balancer count apart.
+window of failure times). While limited, a login is refused with 429 before its password is
+checked, so the limit also bounds the argon2 work an attacker can cause. A login refused for
+its user name counts as a failure of its address, and a success clears only its own user
+name's count, so the per-address limit holds for its whole window whatever names are tried.
+The counts live in the store (``console_login_failures``, names and addresses as keyed
+HMACs): every engine on one database shares them, and a restart keeps them.
 """
 
 from __future__ import annotations
@@ -28,21 +28,26 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import threading
 import time
-from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+import structlog
+from sqlalchemy import delete, insert, literal_column, select, union_all, update
 
-from engine.auth.tables import console_sessions, users
+from engine.auth.tables import console_login_failures, console_sessions, users
 from engine.auth.users import User, get_user, user_for_token, verify_password
 from engine.console.config import ConsoleConfig, LoginLimits
+from engine.security import blind_index
+from engine.store import message_terms
+
+log = structlog.get_logger()
 
 SESSION_COOKIE = "medrelay_session"
 LOGIN_CSRF_COOKIE = "medrelay_login_csrf"
 TOUCH_EVERY = 60.0  # seconds between last_seen updates of one session
+PRUNE_EVERY = 60.0  # seconds between one process's deletes of expired failed-login rows
+LOGIN_SCOPE = "console.login"  # blind-term scope of the failed-login keys
 
 
 @dataclass(frozen=True)
@@ -141,35 +146,61 @@ def _user_key(user: str) -> str:
 
 
 class LoginLimiter:
-    """Sliding-window counts of failed logins per user name and per client address."""
+    """Sliding-window counts of failed logins per user name and per client address, in the store.
 
-    def __init__(self, limits: LoginLimits) -> None:
+    One row per failed login in ``console_login_failures``, so every engine on one database counts
+    the same failures (N engines behind a balancer do not give N times the tries) and a restart
+    forgets none. The user name and the address are kept as keyed HMACs (``_term``), never in
+    clear. A login attempt reads once (``_recent``: the last ``per_user`` failures of its name and
+    the last ``per_address`` of its address inside the window); a failure writes one row. Rows
+    whose window has passed are deleted, and the oldest beyond ``max_tracked``, at most once per
+    ``PRUNE_EVERY`` seconds per process, after a failure (only failures add rows).
+    """
+
+    def __init__(self, limits: LoginLimits, store: Any) -> None:
         self.limits = limits
-        self._lock = threading.Lock()
-        self._users: OrderedDict[str, deque[float]] = OrderedDict()
-        self._addrs: OrderedDict[str, deque[float]] = OrderedDict()
+        self.store = store
+        self._secret: bytes | None = None
+        self._pruned_at = -PRUNE_EVERY  # monotonic time of this process's last prune
 
-    def _recent(self, table: OrderedDict[str, deque[float]], key: str, now: float) -> deque[float] | None:
-        q = table.get(key)
-        if q is None:
-            return None
-        while q and q[0] <= now - self.limits.window:
-            q.popleft()
-        if not q:
-            del table[key]
-            return None
-        return q
+    def _term(self, kind: str, text: str) -> str:
+        if self._secret is None:
+            # the key file's message-index secret, which every engine of a deployment already shares
+            # (keys init); the scope keeps these terms unrelated to the message index's own
+            self._secret = self.store.keyring.hmac_key(message_terms.HMAC_KEY_NAME)
+        return blind_index.term(self._secret, LOGIN_SCOPE, kind, text)
+
+    def _keys(self, user: str, addr: str) -> tuple[str, str]:
+        return self._term("user", _user_key(user)), self._term("addr", addr)
+
+    def _recent(self, user_key: str, addr_key: str, now: float) -> tuple[list[float], list[float]]:
+        """The times of the user name's last ``per_user`` and the address's last ``per_address``
+        failures inside the window: one statement."""
+        t, since = console_login_failures, now - self.limits.window
+        by_user = (select(t.c.at).where(t.c.user_key == user_key, t.c.at > since)
+                   .order_by(t.c.at.desc()).limit(self.limits.per_user).subquery())
+        by_addr = (select(t.c.at).where(t.c.addr_key == addr_key, t.c.at > since)
+                   .order_by(t.c.at.desc()).limit(self.limits.per_address).subquery())
+        q = union_all(select(literal_column("'u'").label("k"), by_user.c.at),
+                      select(literal_column("'a'").label("k"), by_addr.c.at))
+        with self.store.engine.connect() as conn:
+            rows = conn.execute(q).all()
+        return [r.at for r in rows if r.k == "u"], [r.at for r in rows if r.k == "a"]
+
+    def _wait(self, times: list[float], cap: int, now: float) -> float | None:
+        """Locked while ``cap`` failures are inside the window: until the oldest of the last ``cap`` leaves it."""
+        return min(times) + self.limits.window - now if len(times) >= cap else None
 
     def retry_after(self, user: str, addr: str, now: float | None = None) -> float | None:
         """Seconds until a login for ``user`` from ``addr`` may be tried again, or None."""
         now = time.time() if now is None else now
-        with self._lock:
-            waits = [w for w in (self._wait(self._users, _user_key(user), self.limits.per_user, now),
-                                 self._wait(self._addrs, addr, self.limits.per_address, now)) if w is not None]
-            return max(waits) if waits else None
+        users_at, addrs_at = self._recent(*self._keys(user, addr), now)
+        waits = [w for w in (self._wait(users_at, self.limits.per_user, now),
+                             self._wait(addrs_at, self.limits.per_address, now)) if w is not None]
+        return max(waits) if waits else None
 
     def admit(self, user: str, addr: str, now: float | None = None) -> float | None:
-        """Before a password is checked: None to go on, else the seconds to wait (429).
+        """Before a password is checked: None to go on, else the seconds to wait (429). Blocking.
 
         An attempt refused because its *user name* is limited is still a failed login of its
         *address*: it counts there. Before, 25 tries at one name from one address left the
@@ -179,42 +210,50 @@ class LoginLimiter:
         failures and is not stretched by a client that keeps trying.
         """
         now = time.time() if now is None else now
-        with self._lock:
-            user_wait = self._wait(self._users, _user_key(user), self.limits.per_user, now)
-            addr_wait = self._wait(self._addrs, addr, self.limits.per_address, now)
-            if user_wait is not None and addr_wait is None:
-                self._add(self._addrs, addr, self.limits.per_address, now)
-                addr_wait = self._wait(self._addrs, addr, self.limits.per_address, now)
+        user_key, addr_key = self._keys(user, addr)
+        users_at, addrs_at = self._recent(user_key, addr_key, now)
+        user_wait = self._wait(users_at, self.limits.per_user, now)
+        addr_wait = self._wait(addrs_at, self.limits.per_address, now)
+        if user_wait is not None and addr_wait is None:
+            self._record(None, addr_key, now)
+            addr_wait = self._wait(sorted([now, *addrs_at], reverse=True)[:self.limits.per_address],
+                                   self.limits.per_address, now)
         waits = [w for w in (user_wait, addr_wait) if w is not None]
         return max(waits) if waits else None
 
-    def _wait(self, table: OrderedDict[str, deque[float]], key: str, cap: int, now: float) -> float | None:
-        q = self._recent(table, key, now)
-        return q[0] + self.limits.window - now if q is not None and len(q) >= cap else None
+    def _record(self, user_key: str | None, addr_key: str, now: float) -> None:
+        with self.store.engine.begin() as conn:
+            conn.execute(insert(console_login_failures).values(at=now, user_key=user_key, addr_key=addr_key))
+        if time.monotonic() - self._pruned_at >= PRUNE_EVERY:
+            self._pruned_at = time.monotonic()
+            self._prune(now)
 
-    def _add(self, table: OrderedDict[str, deque[float]], key: str, cap: int, now: float) -> None:
-        q = table.get(key)
-        if q is None:
-            q = table[key] = deque(maxlen=cap)
-        table.move_to_end(key)
-        q.append(now)
-        while len(table) > self.limits.max_tracked:
-            table.popitem(last=False)
+    def _prune(self, now: float) -> None:
+        """Rows whose window has passed, then the oldest beyond ``max_tracked``. Its own transaction
+        after the failure's commit: a prune that fails (another engine pruning the same rows) is
+        logged and tried again later, and the failure stays counted."""
+        t = console_login_failures
+        newest_kept = (select(t.c.at).order_by(t.c.at.desc()).offset(self.limits.max_tracked).limit(1)
+                       .scalar_subquery())
+        try:
+            with self.store.engine.begin() as conn:
+                conn.execute(delete(t).where(t.c.at <= now - self.limits.window))
+                conn.execute(delete(t).where(t.c.at <= newest_kept))
+        except Exception as e:
+            log.warning("console.login_prune_failed", error=type(e).__name__)
 
     def failed(self, user: str, addr: str, now: float | None = None) -> None:
+        """One failed login of ``user`` from ``addr`` (blocking: one insert)."""
         now = time.time() if now is None else now
-        with self._lock:
-            self._add(self._users, _user_key(user), self.limits.per_user, now)
-            self._add(self._addrs, addr, self.limits.per_address, now)
+        self._record(*self._keys(user, addr), now)
 
     def succeeded(self, user: str) -> None:
         """Clears the count of this user name only: the address's failures stand for their window
         (one account the client knows the password of must not buy it fresh guesses at others)."""
-        with self._lock:
-            self._users.pop(_user_key(user), None)
-
-    def tracked(self) -> int:
-        return len(self._users) + len(self._addrs)
+        user_key = self._term("user", _user_key(user))
+        with self.store.engine.begin() as conn:
+            conn.execute(update(console_login_failures).where(console_login_failures.c.user_key == user_key)
+                         .values(user_key=None))
 
 
 def check_password(store: Any, ldap: Any, name: str, password: str) -> User | None:

@@ -14,13 +14,17 @@ class _Strict(BaseModel):
 
 
 class LoginLimits(_Strict):
-    """Failed logins allowed before further attempts are refused (429) for a while."""
+    """Failed logins allowed before further attempts are refused (429) for a while.
+
+    Counted in the store, so every engine on one database shares the counts and a restart keeps them.
+    """
 
     per_user: int = Field(5, ge=1, description="failed logins of one user name within `window` seconds")
     per_address: int = Field(20, ge=1, description="failed logins from one client address within `window`")
     window: float = Field(900.0, gt=0, description="seconds a failed login counts against its user and address")
-    max_tracked: int = Field(10000, ge=100, description="user names and addresses remembered at most (oldest "
-                             "forgotten first), so a flood of made-up names cannot grow memory")
+    max_tracked: int = Field(10000, ge=100, description="failed logins kept in the store at most (oldest "
+                             "forgotten first; each goes anyway once its window has passed), so a flood of "
+                             "made-up names cannot grow the table")
 
 
 class SearchLimits(_Strict):

@@ -129,7 +129,7 @@ def routes(ca: Any) -> list[Route]:
             return RedirectResponse("/login?" + urlencode({"next": nxt, "failed": "expired"}), status_code=303)
         addr = request.client.host if request.client else ""
         peer = f"{addr}:{request.client.port}" if request.client else ""
-        wait = c.limiter.admit(name, addr)
+        wait = await asyncio.to_thread(c.limiter.admit, name, addr)  # the store's failed-login counts
         if wait is not None:
             await asyncio.to_thread(c.audit.record, "console.login", outcome="failure", actor=name[:128], peer=peer,
                                     detail="refused: too many failed logins (rate limited)")
@@ -139,11 +139,11 @@ def routes(ca: Any) -> list[Route]:
             return resp
         user = await asyncio.to_thread(check_password, c.runtime.store, c.ldap, name, password)
         if user is None:
-            c.limiter.failed(name, addr)
+            await asyncio.to_thread(c.limiter.failed, name, addr)
             await asyncio.to_thread(c.audit.record, "console.login", outcome="failure", actor=name[:128], peer=peer,
                                     detail="wrong user name or password")
             return RedirectResponse("/login?" + urlencode({"next": nxt, "failed": "1"}), status_code=303)
-        c.limiter.succeeded(name)
+        await asyncio.to_thread(c.limiter.succeeded, name)
         token = await asyncio.to_thread(c.sessions.create, user, peer)
         await asyncio.to_thread(c.audit.record, "console.login", actor=user.name, peer=peer,
                                 detail=f"session started ({user.source} user, role {user.role})")

@@ -48,7 +48,7 @@ class Console:
         self.runtime = runtime
         self.audit: Audit = runtime.audit
         self.sessions = Sessions(runtime.store, config)
-        self.limiter = LoginLimiter(config.login)
+        self.limiter = LoginLimiter(config.login, runtime.store)
         self.sampler = Sampler()
         self.started_at = time.time()
         self.ldap: Any = None

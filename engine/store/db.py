@@ -35,7 +35,7 @@ from engine.store.prepared import Prepared
 
 log = structlog.get_logger()
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 INLINE_MAX = 256 * 1024  # payloads above this go to files beside the database
 # Payloads from this size on are sealed in authenticated 1 MiB chunks (engine/security/stream.py):
 # no 2 GiB cap of one AES-GCM call, and readable chunk by chunk. Smaller ones stay one-shot (the
@@ -409,4 +409,13 @@ def _step3_lease_owner(conn: Connection) -> None:
         conn.execute(text("ALTER TABLE deliveries ADD COLUMN lease_owner VARCHAR(80)"))
 
 
-_STEPS: dict[int, Any] = {2: _step2_coalesce_key, 3: _step3_lease_owner}
+def _step4_login_failures(conn: Connection) -> None:
+    """v4: console_login_failures, the failed-login counts every engine on the database shares
+    (a new table: create_all made it already; an engine of v3 or older beside it goes on counting
+    in its own memory)."""
+    from engine.auth.tables import console_login_failures
+
+    console_login_failures.create(conn, checkfirst=True)
+
+
+_STEPS: dict[int, Any] = {2: _step2_coalesce_key, 3: _step3_lease_owner, 4: _step4_login_failures}
