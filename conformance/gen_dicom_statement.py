@@ -151,7 +151,8 @@ def _dicomweb_section() -> list[str]:
         f"{dicomweb_wado.MAX_FRAMES_PER_REQUEST} frames per request. An instance of "
         f"{dicomweb_wado.STREAM_FROM // (1024 * 1024)} MiB or more that goes in its stored syntax (WADO-RS "
         "instance, series, study; WADO-URI) is sent part by part as its chunks are read and decrypted, "
-        "never whole in memory; one that is converted is converted in memory. Bulk data has byte ranges "
+        "never whole in memory; so is one converted to Explicit or Implicit VR Little Endian, decoded frame "
+        "by frame as it is read (section 3.8); other conversions are done in memory. Bulk data has byte ranges "
         "(PS3.18 8.3.5.2): one `Range` byte range is answered 206 with the single part "
         "application/octet-stream whenever Accept allows it (no Accept included), an unsatisfiable one "
         "416, an invalid one or several ranges are ignored (the whole value); the other resources ignore "
@@ -556,8 +557,15 @@ def render() -> str:
         "and more, stored in authenticated chunks) that go out in their stored syntax (C-GET, C-MOVE, Storage "
         "SCU routes) are sent from their chunks as they are decrypted, never whole in memory; when its "
         "patient was updated since it was stored (Patient Information Reconciliation), only the elements "
-        "before Pixel Data are rewritten. One that is converted is decoded and converted in memory: a "
-        "conversion needs the whole data set.",
+        "before Pixel Data are rewritten. A large one converted to Explicit or Implicit VR Little Endian "
+        "(C-GET, C-MOVE, Storage SCU routes, WADO-RS and WADO-URI) is converted frame by frame as its chunks "
+        "are read: the header is re-encoded, Pixel Data is written with its final length (frames x rows x "
+        "columns x samples x bytes per sample) and each frame of encapsulated Pixel Data is decoded alone, "
+        "its frames found by the Basic Offset Table, else the Extended Offset Table, else one fragment per "
+        "frame when there are as many fragments as frames. Other conversions of a large instance (to a "
+        "compressed syntax, from big endian or deflated, fragments that are not frames, 1-bit pixel data) are "
+        f"done whole in memory, up to {codec.MAX_WHOLE_BYTES // (1024 * 1024)} MiB of data set; a larger one "
+        "is not converted (a failed sub-operation, a failed delivery, 406 or a part left out).",
         "",
         "On ingest, a route's `dicom_transcode` transform (`transfer_syntax`, `lossy_ratio`, `on_failure`, "
         "`max_instance_bytes`) "
@@ -569,7 +577,9 @@ def render() -> str:
         "a lossy result is a new instance (new SOP Instance UID, Lossy Image Compression set) next to "
         "the original. An instance that cannot be converted is dead-lettered with the reason "
         "(`on_failure: error`) or passed on as received and audited (`on_failure: keep`); so is one larger "
-        "than `max_instance_bytes` (512 MiB by default: conversion holds the data set in memory).",
+        "than `max_instance_bytes` (512 MiB by default: this transform holds the data set in memory, as "
+        "received; a Storage SCU route's own `transfer_syntax` converts a large instance to an uncompressed "
+        "syntax frame by frame instead).",
         "",
         *_conversion_table(),
         "",

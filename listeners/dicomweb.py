@@ -39,6 +39,7 @@ from starlette.routing import Route
 
 from engine.components import ComponentConfig, field_of
 from engine.context import ComponentContext
+from engine.dimse.stream_send import give_back_memory
 from engine.http.limits import HttpBodyLimitsConfig
 from engine.http.protocol import text_error_body
 from engine.registry import component
@@ -396,7 +397,7 @@ class DicomWebApi:
         ctype = media.multipart_type(boundary, "application/dicom")
         if "instance" in request.path_params:  # one instance: converted before answering, so a failure is a status
             got = await self._fetch(request, accepted)
-            if got.chunks is not None:  # large, as stored: part by part from the blob
+            if got.chunks is not None:  # large, as stored or converted frame by frame: part by part from the blob
                 return StreamingResponse(self._stream_one(request, actor, got, boundary), media_type=ctype)
             assert got.whole is not None
             try:  # as stored: nothing to do, no hop to a worker thread
@@ -433,7 +434,7 @@ class DicomWebApi:
         """One instance as a single-part application/dicom body (Accept preferred it to multipart)."""
         got = await self._fetch(request, accepted)
         if got.chunks is not None:  # large, as stored: chunk by chunk from the blob
-            ctype = f"application/dicom; transfer-syntax={got.ref.transfer_syntax}"
+            ctype = f"application/dicom; transfer-syntax={got.transfer_syntax}"
             return StreamingResponse(self._stream_uri(request, actor, got.chunks, "instance"), media_type=ctype)
         assert got.whole is not None
         try:
@@ -461,13 +462,14 @@ class DicomWebApi:
         (uvicorn waits for the socket to drain, so a slow client holds about a chunk, not the instance)."""
         while (chunk := await self._run(next, chunks, None)) is not None:
             yield chunk
+        await self._run(give_back_memory)  # a large instance's freed pages (frames decoded) back to the system
 
     async def _stream_one(self, request: Request, actor: str, got: wado.Fetched,
                           boundary: str) -> AsyncIterator[bytes]:
         assert got.chunks is not None
         done = False
         try:
-            yield media.part_head(boundary, f"application/dicom; transfer-syntax={got.ref.transfer_syntax}")
+            yield media.part_head(boundary, f"application/dicom; transfer-syntax={got.transfer_syntax}")
             async for chunk in self._chunks(got.chunks):
                 yield chunk
             yield b"\r\n" + media.closing(boundary)
@@ -489,7 +491,7 @@ class DicomWebApi:
                     continue
                 if got.chunks is not None:
                     tally["started"] += 1
-                    yield media.part_head(boundary, f"application/dicom; transfer-syntax={ref.transfer_syntax}")
+                    yield media.part_head(boundary, f"application/dicom; transfer-syntax={got.transfer_syntax}")
                     async for chunk in self._chunks(got.chunks):
                         yield chunk
                     yield b"\r\n"

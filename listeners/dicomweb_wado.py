@@ -6,7 +6,9 @@ it: from ``STREAM_FROM`` bytes, when it goes out as stored, chunk by chunk from
 ``Store.blob_chunks`` (the response is written part by part, memory about one chunk),
 else whole (``read_part10`` for the rest: metadata, rendered). An instance goes out in
 its stored syntax when the client accepts it (``transfer-syntax=*`` or that UID): the
-stored bytes, not re-encoded. Otherwise it is converted by ``transforms.dicom_codec``; one that cannot be
+stored bytes, not re-encoded. Otherwise it is converted by ``transforms.dicom_codec``: a large one
+(``STREAM_MIN``) to an uncompressed syntax frame by frame as it is read, streamed like a stored one
+(``transforms.dicom_transcode_stream``), the rest whole in memory; one that cannot be
 converted is left out of a study/series response and counted as a failure in the log
 and the audit row, or answered 406 when it was asked for alone.
 """
@@ -14,6 +16,7 @@ and the audit row, or answered 406 when it was asked for alone.
 from __future__ import annotations
 
 import io
+import itertools
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,11 +27,14 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from engine.dimse import stream_send
+from engine.store.db import STREAM_MIN
 from engine.store.dicom import index as idx
 from listeners.dicom_store import file_meta
 from listeners.dicomweb_json import MAX_DEPTH, dataset_json
 from listeners.dicomweb_media import ANY, EXPLICIT_LE, FRAME_MEDIA, NotAcceptable
 from transforms import dicom_codec as codec
+from transforms import dicom_transcode_stream as transcode_stream
 
 if TYPE_CHECKING:
     from engine.context import ComponentContext
@@ -63,12 +69,28 @@ def read_part10(ctx: ComponentContext, ref: idx.InstanceRef) -> Stored:
 
 @dataclass(frozen=True)
 class Fetched:
-    """An instance on its way out: in one piece (``whole``), or as stored chunk by chunk
-    (``chunks``: decrypted and authenticated as they are read, memory about one chunk)."""
+    """An instance on its way out: in one piece (``whole``), or chunk by chunk (``chunks``:
+    decrypted and authenticated as they are read, memory about one chunk) as stored or, when
+    ``converted_to`` is set, converted to that uncompressed syntax frame by frame."""
 
     ref: idx.InstanceRef
     whole: Stored | None
     chunks: Iterator[bytes] | None
+    converted_to: str | None = None
+
+    @property
+    def transfer_syntax(self) -> str:
+        """The syntax of what goes out (the stored one unless converted)."""
+        return self.converted_to or self.ref.transfer_syntax
+
+
+class _TooLarge(Stored):
+    """A large instance that cannot be converted frame by frame and is past the whole-conversion
+    cap: converting it raises TranscodeError as an unencodable one does (406 / a failed part)."""
+
+    def data_set(self) -> bytes:
+        raise codec.TranscodeError(f"instance larger than {codec.MAX_WHOLE_BYTES} bytes cannot be converted "
+                                   "in memory (no frame-by-frame conversion for it)")
 
 
 def fetch(ctx: ComponentContext, sop_uid: str, accepted: Sequence[str], *, study_uid: str | None = None,
@@ -81,10 +103,38 @@ def fetch(ctx: ComponentContext, sop_uid: str, accepted: Sequence[str], *, study
         found = idx.locate(conn, sop_uid, study_uid, series_uid)
         if found is None:
             return None
+        if found.size >= STREAM_MIN and not found.revised and not as_stored(found.ref, accepted):
+            converted = _converted(ctx, found, accepted)
+            if converted is not None:
+                return converted
         chunks = idx.instance_chunks(conn, ctx.store, found)
         if as_stored(found.ref, accepted) and found.size >= STREAM_FROM and not found.revised:
             return Fetched(found.ref, None, chunks)
         return Fetched(found.ref, Stored(found.ref, b"".join(chunks)), None)
+
+
+def _converted(ctx: ComponentContext, found: idx.Located, accepted: Sequence[str]) -> Fetched | None:
+    """A large instance converted to an uncompressed syntax frame by frame as it is read
+    (transforms/dicom_transcode_stream.py); one it cannot plan is read whole, or refused when it
+    is past ``MAX_WHOLE_BYTES``; None: read whole as before (another target, or nothing fits)."""
+    stored = found.ref.transfer_syntax
+    target = codec.choose(stored, accepted)
+    if target not in codec.UNCOMPRESSED:
+        return None
+
+    def open_dataset() -> Iterator[bytes]:
+        with ctx.store.engine.connect() as c:
+            return stream_send.split_part10(idx.instance_chunks(c, ctx.store, found))[1]
+
+    try:
+        plan = transcode_stream.plan(open_dataset, stored, target)
+    except codec.TranscodeError:
+        return None  # the whole path says why (406, or a part left out)
+    if plan is None:
+        return Fetched(found.ref, _TooLarge(found.ref, b""), None) if found.size > codec.MAX_WHOLE_BYTES else None
+    log.info("dicom.transcoded", stored=stored, sent=target, streamed=True, frames=plan.frames)
+    head = file_meta(found.ref.sop_class_uid, found.ref.sop_uid, target)
+    return Fetched(found.ref, None, itertools.chain((head,), plan.open()), target)
 
 
 def accepted_syntaxes(wanted: Sequence[tuple[str, str | None]]) -> list[str]:

@@ -12,7 +12,9 @@ sub-operation and the C-STORE route as a permanent failure.
 
 A large stored instance (a chunk-sealed blob) is a StreamedInstance: its data set is sent
 from the blob's chunks as they are decrypted (engine/dimse/stream_send.py), never whole in
-memory; only a conversion joins it.
+memory; converted to an uncompressed syntax it is decoded frame by frame as it is sent
+(transforms/dicom_transcode_stream.py), and only another conversion joins it (at most
+``dicom_codec.MAX_WHOLE_BYTES``).
 
 This uses pynetdicom 3.0 internals (the same sequence ``send_c_store`` runs); the
 tests in tests/test_dicom_*.py pin the behaviour, so an upgrade that breaks it fails
@@ -38,6 +40,7 @@ from pynetdicom.dimse_primitives import C_STORE
 
 from engine.dimse import stream_send
 from transforms import dicom_codec as codec
+from transforms import dicom_transcode_stream as transcode_stream
 
 log = structlog.get_logger()
 
@@ -147,11 +150,15 @@ def send_raw(assoc: Association, inst: RawInstance, *, msg_id: int = 1, priority
         context = assoc._get_valid_context(inst.SOPClassUID, inst.raw_transfer_syntax, "scu",
                                            allow_conversion=False)
     except ValueError:
-        if not inst.raw_transfer_syntax.is_compressed and any(ts in codec.NATIVE for ts in accepted):
+        if isinstance(inst, StreamedInstance) and codec.choose(str(inst.raw_transfer_syntax), accepted) in \
+                codec.UNCOMPRESSED:
+            inst = transcoded(inst, accepted)  # a large one: frame by frame where it can be (TranscodeError)
+        elif not inst.raw_transfer_syntax.is_compressed and any(ts in codec.NATIVE for ts in accepted):
             ds = _decoded(inst)  # an uncompressed syntax the peer did not take: let pynetdicom convert
             return _original(assoc)(ds, msg_id=msg_id, priority=priority, originator_aet=originator_aet,
                                     originator_id=originator_id)
-        inst = transcoded(inst, accepted)  # TranscodeError: a failed sub-operation / delivery, never sent
+        else:
+            inst = transcoded(inst, accepted)  # TranscodeError: a failed sub-operation / delivery, never sent
         context = assoc._get_valid_context(inst.SOPClassUID, inst.raw_transfer_syntax, "scu",
                                            allow_conversion=False)
     req = C_STORE()
@@ -183,6 +190,8 @@ def send_raw(assoc: Association, inst: RawInstance, *, msg_id: int = 1, priority
         rsp = None
     finally:
         assoc._reactor_checkpoint.set()
+        if streamed:
+            stream_send.give_back_memory()
     if rsp is None:
         assoc._handle_no_response()
         return Dataset()
@@ -242,7 +251,13 @@ def transcoded(inst: RawInstance, accepted: list[str], *, lossy: codec.Lossy | N
     stored = str(inst.raw_transfer_syntax)
     try:
         target = codec.send_plan(stored, accepted, lossy=lossy)
-        raw = codec.convert(inst.raw, stored, target, lossy=lossy)
+        if isinstance(inst, StreamedInstance):  # large: to an uncompressed syntax frame by frame
+            plan = transcode_stream.plan(inst.open_dataset, stored, target)
+            if plan is not None:
+                log.info("dicom.transcoded", stored=stored, sent=target, streamed=True, frames=plan.frames)
+                return StreamedInstance(str(inst.SOPClassUID), str(inst.SOPInstanceUID), target, plan.open)
+        raw = codec.convert(transcode_stream.joined(inst.open_dataset) if isinstance(inst, StreamedInstance)
+                            else inst.raw, stored, target, lossy=lossy)
     except codec.TranscodeError as e:
         log.warning("dicom.transcode_failed", stored=stored, accepted=sorted(set(accepted))[:8],
                     reason=str(e)[:200], outcome="not sent")

@@ -52,6 +52,11 @@ LOSSY_METHOD: dict[str, str] = {
 # Candidate syntaxes we may encode to, lossless ones in order of preference.
 LOSSLESS_TARGETS: tuple[str, ...] = (_uid.JPEG2000Lossless, _uid.RLELossless, _uid.JPEGLSLossless)
 LOSSY_TARGETS: tuple[str, ...] = (_uid.JPEG2000, _uid.JPEGLSNearLossless)
+# Largest data set converted whole in memory (decoded and encoded it takes several times its
+# size). A large instance converts to an uncompressed syntax frame by frame instead
+# (transforms/dicom_transcode_stream.py); this bounds the rest: compressing one, and one whose
+# frames cannot be told apart without decoding it.
+MAX_WHOLE_BYTES = 512 * 1024 * 1024
 
 
 class TranscodeError(ValueError):
@@ -135,7 +140,8 @@ def _read(raw: bytes, ts: UID) -> Dataset:
     return ds
 
 
-def _encode(ds: Dataset, ts: UID) -> bytes:
+def encode(ds: Dataset, ts: UID) -> bytes:
+    """``ds``'s elements encoded in ``ts`` (no file meta)."""
     fp = io.BytesIO()
     from pydicom.filebase import DicomFileLike
 
@@ -146,7 +152,7 @@ def _encode(ds: Dataset, ts: UID) -> bytes:
     return fp.getvalue()
 
 
-def _mark_lossy(ds: Dataset, method: str, ratio: float | None) -> None:
+def mark_lossy(ds: Dataset, method: str, ratio: float | None) -> None:
     """PS3.3 C.7.6.1.1.5: LossyImageCompression "01" and, when this step was lossy, its ratio
     and method appended to those of earlier steps."""
     ds.LossyImageCompression = "01"
@@ -184,8 +190,11 @@ def convert(raw: bytes, stored: str, target: str, *, lossy: Lossy | None = None)
             if not can_decode(src):
                 raise TranscodeError(f"no decoder for {src.name}")
             ds.decompress(generate_instance_uid=False)  # the same image: the same instance
+            for kw in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):  # of encapsulated frames only
+                if kw in ds:
+                    del ds[kw]
             if src in LOSSY_METHOD or str(ds.get("LossyImageCompression", "")).strip() == "01":
-                _mark_lossy(ds, LOSSY_METHOD.get(src, ""), None)
+                mark_lossy(ds, LOSSY_METHOD.get(src, ""), None)
         elif has_pixels and not src.is_little_endian:
             ds.PixelData = ds.pixel_array.astype(ds.pixel_array.dtype.newbyteorder("<")).tobytes()
         if has_pixels and dst.is_compressed:
@@ -197,10 +206,10 @@ def convert(raw: bytes, stored: str, target: str, *, lossy: Lossy | None = None)
             ds.compress(dst, generate_instance_uid=dst in LOSSY_METHOD, **kwargs)  # type: ignore[arg-type]
             if dst in LOSSY_METHOD:
                 assert lossy is not None
-                _mark_lossy(ds, LOSSY_METHOD[dst], lossy.ratio)
+                mark_lossy(ds, LOSSY_METHOD[dst], lossy.ratio)
         # no pixel data: a compressed syntax is explicit VR little endian for everything else
         ds.file_meta.TransferSyntaxUID = dst
-        return _encode(ds, dst)
+        return encode(ds, dst)
     except TranscodeError:
         raise
     except Exception as e:  # the codec refused this image (bits, photometric interpretation...)

@@ -16,6 +16,11 @@ relabel its explicit VR encoding). An instance the codecs refuse raises ``Transc
 (the route dead-letters it with the reason: ``on_failure: error``) or, with ``on_failure:
 keep``, goes on as received, logged ``dicom.transcode_failed`` and audited
 ``dicom.transcode`` failure (the count of kept ones is the count of those rows).
+
+A transform gets the whole payload (the pipeline decrypts it for the route's transforms), so
+this conversion is done in memory and bounded by ``max_instance_bytes``. Retrieval (C-GET,
+C-MOVE, WADO) and a DICOM destination's ``transfer_syntax`` convert a large instance to an
+uncompressed syntax frame by frame instead (transforms/dicom_transcode_stream.py).
 """
 
 from __future__ import annotations
@@ -57,9 +62,11 @@ class DicomTranscodeConfig(ComponentConfig):
         "target transfer syntax UID: e.g. 1.2.840.10008.1.2.4.90 (JPEG 2000 lossless) to archive compressed, "
         "1.2.840.10008.1.2.1 (Explicit VR Little Endian) to decompress for an old peer; one medrelay can "
         "encode (see the conformance statement's conversion table)"), examples=["1.2.840.10008.1.2.4.90"])
-    max_instance_bytes: int = Field(512 * 1024 * 1024, ge=1, description=(
-        "largest instance converted (its Part 10 bytes); the codecs need it whole in memory, decoded "
-        "and encoded, several times its size: a larger one is a failure handled by on_failure"))
+    max_instance_bytes: int = Field(codec.MAX_WHOLE_BYTES, ge=1, description=(
+        "largest instance converted (its Part 10 bytes); this transform gets it whole and the codecs hold "
+        "it decoded and encoded, several times its size: a larger one is a failure handled by on_failure. "
+        "To send large instances uncompressed, a DICOM destination's own transfer_syntax converts them "
+        "frame by frame instead, without this bound"))
     on_failure: Literal["error", "keep"] = Field("error", description=(
         "an instance that cannot be converted: error = the delivery is dead-lettered with the reason; "
         "keep = it goes on as received (logged dicom.transcode_failed, audited dicom.transcode failure)"))

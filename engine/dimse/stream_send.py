@@ -25,6 +25,7 @@ The caller holds the association's reactor paused, as pynetdicom's own ``send_c_
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import socket
 import ssl
@@ -48,6 +49,16 @@ PDV_OVERHEAD = 6  # item length (4), presentation context id (1), message contro
 WRITE_BATCH = 1 << 20  # data set bytes per socket write (several PDUs) on a plain TCP socket
 # P-DATA-TF: type, reserved, PDU length; PDV item length, presentation context id, message control header
 _PDU_HEAD = struct.Struct(">BBIIBB")
+
+
+def give_back_memory() -> None:
+    """Return freed heap pages to the system after a large instance went out (a frame-by-frame
+    conversion frees many MiB of frames; glibc keeps them in the heap otherwise). Best effort; a
+    no-op without glibc (the receive side's listeners/dicom_store_stream.py does the same)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class StreamAborted(Exception):
