@@ -392,8 +392,9 @@ def render() -> str:
         "element, an item or a fragment declares more bytes than it holds gets 0xC000 with the Error "
         "Comment \"data set cut short or its lengths do not nest; not stored\" on every intake path "
         "(C-STORE small and streamed, STOW-RS, file source, `medrelay import`, C-GET prefetch), is audited "
-        "as a failed receive, and leaves no blob. (In a Big Endian data set the walk does not follow a UN "
-        "of undefined length, whose value is Implicit VR Little Endian; pydicom's reader judges it.)",
+        "as a failed receive, and leaves no blob. In a Big Endian data set a UN of undefined length is "
+        "walked and read as the sequence in Implicit VR Little Endian it is (PS3.5 6.2.2, as DCMTK reads "
+        "it), items and delimiters included; one whose items are big-endian is left to pydicom's reader.",
         "- Every refusal of a data set by the Storage SCP before the index (0xA900: no or an invalid "
         "Study/Series Instance UID, a SOP Class/Instance UID other than the command's; 0xC000: cannot be "
         "decoded, nested too deep, header too long, cut short) is answered with the same status on every "
@@ -402,8 +403,11 @@ def render() -> str:
         "the reason; no PHI). So are the C-STORE-RQ command checks made before the data set arrives "
         "(invalid Affected SOP Class/Instance UID, an Affected SOP Class UID other than the presentation "
         "context's: 0xA900, the UIDs as given, at most 64 printable characters), on both association paths. "
-        "Not yet audited: a STOW-RS part or file refused before it reaches the Storage SCP (no Content-Type, "
-        "unreadable file meta, another study than the request URL's).",
+        "So are STOW-RS parts and file-source files refused before they reach the Storage SCP (no "
+        "Content-Type, not DICOM Part 10, unreadable file meta, invalid UIDs in it, another study than the "
+        "request URL's, a metadata instance that cannot be built; a DICOM file a channel does not take), "
+        "with the UIDs the file meta names where it can be read, and a STOW-RS body refused whole (too "
+        "large, malformed, no parts): one failed receive without UIDs.",
         "- An archive written by an earlier medrelay, which merged every instance without Patient ID into one "
         "patient, is split at the first start of this version: each study gets its own patient, with the "
         "patient attributes read again from its stored instance.",

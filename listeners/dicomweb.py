@@ -763,6 +763,7 @@ class DicomWebApi:
         if length and not (length.isascii() and length.isdigit()):
             raise DicomWebError(400, "Content-Length is not a number")
         if length and int(length) > total:
+            stow.refuse_body(self.scp, peer, 413, f"body larger than {total} bytes")  # audited, as each below
             raise DicomWebError(413, f"body larger than {total} bytes")
         want = min(int(length), limit) if length else limit
         await self.budget.reserve(want, self.config.body_timeout / 2)
@@ -770,8 +771,10 @@ class DicomWebApi:
         try:
             parts = await stow.read_parts(request.stream(), boundary, limit, streaming, declared)
         except stow.StowError as e:
+            stow.refuse_body(self.scp, peer, e.status, e.text)
             raise DicomWebError(e.status, e.text) from None
         if not parts:
+            stow.refuse_body(self.scp, peer, 400, "the body has no parts")
             raise DicomWebError(400, "the body has no parts")
 
         def run(part: stow.Part) -> Awaitable[stow.Result]:

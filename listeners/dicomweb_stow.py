@@ -24,6 +24,13 @@ Such a part is committed when it ends, before the response; a body that breaks l
 (as an association aborted after an instance), and a re-send is answered as a duplicate. The
 parser runs on a worker thread, fed about 1 MiB at a time, so a slow disk holds up this body
 and never the event loop. The whole body is bounded by ``max_stream_bytes``.
+
+Every refusal is audited as the Storage SCP audits its own (a failed ``message.receive`` through
+``intake_check.refuse``, the same fields): a part refused here before it reaches the SCP (no
+Content-Type, not DICOM, unreadable file meta, invalid UIDs in it, another study than the URL's,
+a metadata instance that cannot be built) by ``refused`` when it is answered (``store_one``), and a
+body refused whole (too large, malformed multipart, no parts) by ``refuse_body``, one row without
+UIDs. Before, only the SCP's own refusals were audited.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from python_multipart.multipart import MultipartParser
 from engine.store.blob_writer import can_stream
 from engine.store.db import STREAM_MIN
 from engine.store.dicom import index as idx
+from engine.store.dicom import intake_check
 from listeners import dicom_store_stream
 from listeners import dicomweb_stow_json as stow_json
 from listeners.dicom_dimse import valid_uid
@@ -56,6 +64,9 @@ MAX_PARTS = 10000
 STORE_CONCURRENCY = 8  # parts in the intake at once: they share its group commits
 PARSE_BATCH = 1 << 20  # body bytes handed to the parser thread at once
 DICOM_TYPE = "application/dicom"
+OTHER_STUDY = "StudyInstanceUID differs from the study of the request URL"
+NOT_PART10 = "part is not a readable DICOM Part-10 file"
+BAD_META = "file meta lacks a valid SOP Class/Instance UID or transfer syntax"
 
 
 class StowError(Exception):
@@ -91,7 +102,7 @@ class StowDataSet(IncomingDataSet):
         attrs: dict[str, Any] = checked[1]  # type: ignore[assignment]
         self.uids = (str(attrs["STUDY"].get("StudyInstanceUID", "")), str(attrs["SERIES"].get("SeriesInstanceUID", "")))
         if self.study is not None and self.uids[0] != self.study:
-            return STORE["mismatch"].code, "StudyInstanceUID differs from the study of the request URL"
+            return self.scp.refuse(self, intake_check.refusal(STORE["mismatch"].code, OTHER_STUDY))
         return checked
 
     def result(self) -> Result:
@@ -107,6 +118,39 @@ class Result:
     status: int  # 0 = stored (or already stored)
     reason: str | None = None
     series_uid: str = ""
+    early: bool = False  # refused before the Storage SCP: audited by ``refused`` when answered
+    transfer_syntax: str = ""  # as the file meta gives it, for that audit row
+
+
+def early(sop_class: str, sop_uid: str, status: int, reason: str, transfer_syntax: str = "",
+          study_uid: str = "") -> Result:
+    """A part refused before the Storage SCP (its UIDs as given, for the audit row)."""
+    return Result(intake_check.uid_as_given(sop_class), intake_check.uid_as_given(sop_uid), study_uid, status,
+                  reason, early=True, transfer_syntax=intake_check.uid_as_given(transfer_syntax))
+
+
+def refused(scp: StoreSCP, peer: str, r: Result) -> Result:
+    """Log and audit a part refused before the Storage SCP exactly as the SCP refuses one (calling
+    AE empty and ``actor@host:port`` as the peer, as STOW-RS parts reach the SCP); the result."""
+    if r.early:
+        seen = StoreRequest(sop_class=r.sop_class, sop_uid=r.sop_uid, transfer_syntax=r.transfer_syntax,
+                            calling_aet="", peer=peer, part10=b"", meta_end=0)
+        scp.refuse(seen, intake_check.refusal(r.status, _printable(r.reason or "refused")))
+    return r
+
+
+def refuse_body(scp: StoreSCP, peer: str, http_status: int, text: str) -> None:
+    """A body refused whole: one failed receive without UIDs (0xA700 for one too large, as out of
+    resources, 0xC000 otherwise, in the log line; the HTTP status in the reason)."""
+    status = STORE["out_of_resources"].code if http_status == 413 else STORE["cannot_understand"].code
+    seen = StoreRequest(sop_class="", sop_uid="", transfer_syntax="", calling_aet="", peer=peer, part10=b"", meta_end=0)
+    scp.refuse(seen, intake_check.refusal(status, _printable(f"STOW-RS body refused (HTTP {http_status}): {text}")))
+
+
+def _printable(text: str) -> str:
+    """A reason as an audit row and a log line hold it: printable ASCII, at most 200 characters (a
+    part's Content-Type or a metadata tag is the peer's text)."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:200])
 
 
 def boundary_of(content_type: str) -> tuple[str, str]:
@@ -244,7 +288,7 @@ async def read_parts(chunks: Any, boundary: str, limit: int, streaming: Streamin
     if declared == stow_json.JSON_TYPE:  # PS3.18 10.5.1.2.2: instances rebuilt from JSON + bulk data parts
         if not stow_json.has_metadata(parts):
             raise StowError(400, "a type=\"application/dicom+json\" body has no application/dicom+json part")
-        fail = functools.partial(Result, study_uid="", status=STORE["cannot_understand"].code)
+        fail = functools.partial(early, status=STORE["cannot_understand"].code)
         off = streaming.offload if streaming is not None else asyncio.to_thread  # pydicom work: not on the loop
         return await off(stow_json.assemble, parts, lambda c, u, why: fail(c, u, reason=why))
     return parts
@@ -268,13 +312,11 @@ def _start_streaming(p: Part, s: Streaming) -> int:
         meta, end = _meta_end(p.data)
     except Exception:
         req = request_of(p, s.peer)  # the reason, as a small part gets it
-        p.result = req if isinstance(req, Result) else Result(
-            "", "", "", STORE["cannot_understand"].code, "part is not a readable DICOM Part-10 file")
+        p.result = req if isinstance(req, Result) else early("", "", STORE["cannot_understand"].code, NOT_PART10)
     else:
         sop_class, sop_uid, ts = data_set_uids(meta, memoryview(p.data)[end:])
         if not (valid_uid(sop_class) and valid_uid(sop_uid) and valid_uid(ts)):
-            p.result = Result(sop_class[:64], sop_uid[:64], "", STORE["mismatch"].code,
-                              "file meta lacks a valid SOP Class/Instance UID or transfer syntax")
+            p.result = early(sop_class, sop_uid, STORE["mismatch"].code, BAD_META, ts)
         else:
             sink = dicom_store_stream.begin(s.scp, sop_class, sop_uid, ts, "", s.peer,
                                             factory=functools.partial(StowDataSet, study=s.study))
@@ -307,18 +349,17 @@ def request_of(part: Part, peer: str) -> StoreRequest | Result:
     it), or the failure to report for it."""
     ctype = part_type(part)
     if not ctype:
-        return Result("", "", "", STORE["cannot_understand"].code, "part without a Content-Type")
+        return early("", "", STORE["cannot_understand"].code, "part without a Content-Type")
     if ctype != DICOM_TYPE:
-        return Result("", "", "", STORE["cannot_understand"].code,
-                      f"part of type {ctype[:40]} in a type=\"application/dicom\" body is not DICOM")
+        return early("", "", STORE["cannot_understand"].code,
+                     f"part of type {ctype[:40]} in a type=\"application/dicom\" body is not DICOM")
     try:
         meta, end = _meta_end(part.data)
     except Exception:
-        return Result("", "", "", STORE["cannot_understand"].code, "part is not a readable DICOM Part-10 file")
+        return early("", "", STORE["cannot_understand"].code, NOT_PART10)
     sop_class, sop_uid, ts = data_set_uids(meta, memoryview(part.data)[end:])
     if not (valid_uid(sop_class) and valid_uid(sop_uid) and valid_uid(ts)):
-        return Result(sop_class[:64], sop_uid[:64], "", STORE["mismatch"].code,
-                      "file meta lacks a valid SOP Class/Instance UID or transfer syntax")
+        return early(sop_class, sop_uid, STORE["mismatch"].code, BAD_META, ts)
     head = file_meta(sop_class, sop_uid, ts)
     body = memoryview(part.data)[end:]
     return StoreRequest(sop_class=sop_class, sop_uid=sop_uid, transfer_syntax=ts, calling_aet="", peer=peer,
@@ -338,17 +379,18 @@ def _uids_of(req: StoreRequest) -> tuple[str, str]:
 
 
 def store_one(scp: StoreSCP, part: Part, peer: str, study: str | None) -> Result:
-    """Store one part (blocking: run it on a worker thread); a streamed one was stored already."""
+    """Store one part (blocking: run it on a worker thread); a streamed one was stored already.
+    A part refused before the Storage SCP is audited here, as the SCP audits its own refusals."""
     if part.result is not None:
-        return part.result
+        return refused(scp, peer, part.result)
     req = request_of(part, peer)
     part.data = bytearray()  # the request holds its own copy now
     if isinstance(req, Result):
-        return req
+        return refused(scp, peer, req)
     study_uid, series_uid = _uids_of(req)
     if study is not None and study_uid != study:
-        return Result(req.sop_class, req.sop_uid, study_uid, STORE["mismatch"].code,
-                      "StudyInstanceUID differs from the study of the request URL")
+        return refused(scp, peer, early(req.sop_class, req.sop_uid, STORE["mismatch"].code, OTHER_STUDY,
+                                        req.transfer_syntax, study_uid))
     status, comment = scp.handle(req)
     return Result(req.sop_class, req.sop_uid, study_uid, status, comment, series_uid)
 

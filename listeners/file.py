@@ -405,16 +405,27 @@ class FileListener:
     async def _commit(self, claim: _Claim) -> _Verdict:
         path = posixpath.join(self.inflight, claim.id)
         limit = self.config.max_file_bytes
+        # a DICOM instance refused before the Storage SCP is audited as the SCP audits its refusals: a
+        # DICOM file this channel does not take, and, on a channel that takes DICOM only, any file
+        dicom_only = self.config.accept == ["dicom"]
         if claim.size > limit:
+            if dicom_only:
+                await self._refuse_dicom(b"", f"larger than max_file_bytes ({limit}): not read")
             return _Verdict("error", [f"larger than max_file_bytes ({limit}): not read"])
         try:
             data = await self.folder.read(path, limit)
         except TooLarge:
+            if dicom_only:
+                await self._refuse_dicom(b"", f"larger than max_file_bytes ({limit}): not read")
             return _Verdict("error", [f"larger than max_file_bytes ({limit}): not read"])
         kind = detect(data)
         if kind is None:
+            if dicom_only:
+                await self._refuse_dicom(data, "not a DICOM Part-10 file (no DICM prefix at offset 128)")
             return _Verdict("error", [f"not HL7 v2, DICOM Part 10 or FHIR JSON: {describe(data)}"])
         if kind not in self.config.accept:
+            if kind == "dicom":
+                await self._refuse_dicom(data, "DICOM is not taken by this channel")
             return _Verdict("error", [f"a {kind} file; this channel takes {', '.join(self.config.accept)}"])
         peer = self.folder.peer
         if kind == "dicom":
@@ -442,6 +453,9 @@ class FileListener:
                 lines.append(f"message {i}" + (f" (MSH-10 {a.control_id[:40]})" if a.control_id else "")
                              + f": {a.reason}")
         return _Verdict("done" if not lines else "error", lines)
+
+    async def _refuse_dicom(self, data: bytes, reason: str) -> None:
+        await asyncio.to_thread(self.dicom.refuse, data, self.folder.peer, reason)
 
     async def _finish(self, claim: _Claim, verdict: _Verdict) -> None:
         src = posixpath.join(self.inflight, claim.id)

@@ -189,12 +189,26 @@ class DicomIngest:
             req = self.request(data, peer)
         except Exception as e:
             log.info("file.dicom_meta_unreadable", channel=self.ctx.channel, error=type(e).__name__)
-            return DicomAnswer(False, STORE["cannot_understand"].code, "file meta information unreadable")
+            return self.refuse(data, peer, "file meta information unreadable")
         if not req.transfer_syntax:
-            return DicomAnswer(False, STORE["cannot_understand"].code, "no Transfer Syntax UID in the file meta")
+            return self.refuse(data, peer, "no Transfer Syntax UID in the file meta")
         status, comment = self.scp.handle(req)
         ok = status == STORE["success"].code or 0xB000 <= status <= 0xBFFF
         return DicomAnswer(ok, status, comment, retryable=status == STORE["out_of_resources"].code)
+
+    def refuse(self, data: bytes, peer: str, reason: str) -> DicomAnswer:
+        """A file refused before the Storage SCP (0xC000), logged and audited as the SCP refuses one (a
+        failed ``message.receive`` through ``intake_check.refuse``, the same fields: the UIDs its file
+        meta names where it can be read, "" otherwise). The audit row is queued, not waited on."""
+        from engine.store.dicom import intake_check
+        from listeners.dicom_status import STORE
+        from listeners.dicom_store import StoreRequest
+
+        sop_class, sop_uid, ts = (intake_check.uid_as_given(v) for v in intake_check.meta_uids(data))
+        seen = StoreRequest(sop_class=sop_class, sop_uid=sop_uid, transfer_syntax=ts, calling_aet=self.calling_aet,
+                            peer=peer, part10=b"", meta_end=0)
+        code, comment = self.scp.refuse(seen, intake_check.refusal(STORE["cannot_understand"].code, reason))
+        return DicomAnswer(False, code, comment)
 
 
 # -- FHIR --------------------------------------------------------------------------

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import io
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -390,17 +391,22 @@ def test_big_endian_cut_short_is_refused_and_whole_is_stored(web, tmp_path):
     assert messages(web) == 1
 
 
-def test_walk_takes_every_bundled_big_endian_file_and_refuses_each_cut():
-    """Every Explicit VR Big Endian file pydicom ships: walked whole and in pieces of 1, 7 and
-    4096 bytes without a refusal, and never left unjudged; each cut by 10 bytes refused."""
-    walked = 0
+def bundled_big_endian():
+    """(path, data set) of every Explicit VR Big Endian file pydicom ships."""
     for f in sorted(p for root in _ROOTS for p in root.rglob("*.dcm")):
         try:
             ts, body = idx.split_part10(Path(f).read_bytes())
         except Exception:
             continue
-        if UID(ts) != ExplicitVRBigEndian:
-            continue
+        if UID(ts) == ExplicitVRBigEndian:
+            yield f, body
+
+
+def test_walk_takes_every_bundled_big_endian_file_and_refuses_each_cut():
+    """Every Explicit VR Big Endian file pydicom ships: walked whole and in pieces of 1, 7 and
+    4096 bytes without a refusal, and never left unjudged; each cut by 10 bytes refused."""
+    walked = 0
+    for f, body in bundled_big_endian():
         walked += 1
         for size in (len(body), 1, 7, 4096):
             w = walk.walker(False, False, little=False)
@@ -411,3 +417,224 @@ def test_walk_takes_every_bundled_big_endian_file_and_refuses_each_cut():
         with pytest.raises(walk.Malformed):
             walk.check(body[:-10], implicit=False, little=False)
     assert walked >= 10
+
+
+# -- 4. STOW-RS and the file source: refusals before the Storage SCP (leftovers 3) ---------------
+
+def _stow_raw(e, parts: list[tuple[str | None, bytes]], *, study: str | None = None,
+              close: bool = True) -> tuple[int, list[int]]:
+    """httpx: one multipart/related body of ``parts`` ((Content-Type or None, bytes)); (HTTP status,
+    the Failure Reasons)."""
+    import httpx
+
+    from tests.test_dicom_cut_short import TOKEN
+
+    host, port = e.address("web")
+    b = "leftoversboundary"
+    body = b"".join(f"--{b}\r\n".encode() + (f"Content-Type: {t}\r\n" if t else "").encode() + b"\r\n" + d + b"\r\n"
+                    for t, d in parts)
+    body += f"--{b}--\r\n".encode() if close else b""
+    url = f"http://{host}:{port}/dicom-web/studies" + (f"/{study}" if study else "")
+    r = httpx.post(url, content=body, timeout=120, headers={
+        "Authorization": f"Bearer {TOKEN}", "Accept": "application/dicom+json",
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={b}'})
+    failed = r.json().get("00081198", {}).get("Value", []) if r.content and r.status_code != 400 else []
+    return r.status_code, [int(i["00081197"]["Value"][0]) for i in failed]
+
+
+def _bad_meta_uids(tmp: Path) -> Path:
+    """A CT whose file meta and data set both name a SOP Instance UID that is not one (letters)."""
+    ds = _new_uids(dcmread(data_file("CT_small.dcm")))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = BAD_UID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = tmp / "bad-uid.dcm"
+    ds.save_as(path, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    return path
+
+
+def test_stow_rs_parts_refused_before_the_storage_scp_are_audited(web, tmp_path):
+    """Parts refused by the STOW-RS handler itself (no Content-Type, another type, not Part 10, file
+    meta without valid UIDs, another study than the URL's): the statuses as before, nothing stored,
+    and one failed receive each with the UIDs as given (before: none of them was audited)."""
+    other_study = _file(_new_uids(dcmread(data_file("CT_small.dcm"))), tmp_path / "other-study.dcm")
+    bad_uid = _bad_meta_uids(tmp_path)
+    ct_bytes = other_study.read_bytes()
+    url_study = generate_uid()
+    got = _stow_raw(web, [(None, ct_bytes), ("text/plain", b"hello"), ("application/dicom", b"\0" * 200),
+                          ("application/dicom", bad_uid.read_bytes()), ("application/dicom", ct_bytes)],
+                    study=url_study)
+    assert got == (409, [0xC000, 0xC000, 0xC000, 0xA900, 0xA900]), got
+    assert messages(web) == 0
+    rows = web.wait_for(lambda: (lambda r: r if len(r) >= 5 else None)(failed_receives(web)))
+    by_detail = {r["detail"]: _entity(r)["headers"] for r in rows}
+    assert len(rows) == 5 and all(r["channel"] == "web" for r in rows), rows
+    assert set(by_detail) == {
+        "refused: part without a Content-Type",
+        'refused: part of type text/plain in a type="application/dicom" body is not DICOM',
+        "refused: part is not a readable DICOM Part-10 file",
+        "refused: file meta lacks a valid SOP Class/Instance UID or transfer syntax",
+        "refused: StudyInstanceUID differs from the study of the request URL"}, sorted(by_detail)
+    assert by_detail["refused: file meta lacks a valid SOP Class/Instance UID or transfer syntax"][
+        "SOPInstanceUID"] == BAD_UID
+    h = by_detail["refused: StudyInstanceUID differs from the study of the request URL"]
+    meta = dcmread(other_study, stop_before_pixels=True)
+    assert (h["SOPClassUID"], h["SOPInstanceUID"], h["TransferSyntaxUID"]) == (
+        CTImageStorage, str(meta.SOPInstanceUID), ExplicitVRLittleEndian)
+    assert h["CallingAETitle"] == "" and h["CalledAETitle"] == "MEDRELAY"
+
+
+def test_stow_rs_body_refused_whole_is_audited(web, tmp_path):
+    """A body without its close delimiter (its parts are never stored): 400 as before, and one
+    failed receive for the body, without UIDs (before: none)."""
+    whole = _file(_new_uids(dcmread(data_file("CT_small.dcm"))), tmp_path / "whole.dcm")
+    assert _stow_raw(web, [("application/dicom", whole.read_bytes())], close=False)[0] == 400
+    rows = web.wait_for(lambda: failed_receives(web))
+    assert [r["detail"] for r in rows] == [
+        "refused: STOW-RS body refused (HTTP 400): multipart body ends inside a part (no close delimiter)"]
+    assert _entity(rows[0])["headers"]["SOPInstanceUID"] == ""
+    assert messages(web) == 0
+
+
+def test_streamed_stow_rs_part_of_another_study_is_audited(web, tmp_path):
+    """> 16 MiB (written to its blob as it arrives), posted under another study's URL: 0xA900, its
+    file removed, audited (before: answered, never audited)."""
+    from tests.test_dicom_cut_short import big_ct
+
+    big = big_ct(tmp_path)
+    assert _stow_raw(web, [("application/dicom", big.read_bytes())], study=generate_uid()) == (409, [0xA900])
+    assert blob_files(web) == []
+    rows = web.wait_for(lambda: failed_receives(web))
+    assert [r["detail"] for r in rows] == ["refused: StudyInstanceUID differs from the study of the request URL"]
+    assert _entity(rows[0])["headers"]["SOPInstanceUID"] == str(dcmread(big, stop_before_pixels=True).SOPInstanceUID)
+
+
+def test_file_source_files_refused_before_the_storage_scp_are_audited(web, tmp_path):
+    """A file with the DICM prefix whose file meta cannot be read, and one whose meta has no
+    Transfer Syntax UID, dropped into the file source's folder: both moved to error/ as before,
+    each audited as a failed receive (before: neither was)."""
+    garbage = b"\0" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x02\x00\xff\xff"  # a group length of 2 bytes
+    ds = _new_uids(dcmread(data_file("CT_small.dcm")))
+    no_ts = tmp_path / "no-ts.dcm"
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(no_ts, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    raw = no_ts.read_bytes()
+    at = raw.index(b"\x02\x00\x10\x00UI")  # (0002,0010) Transfer Syntax UID: renamed to a private-looking tag
+    no_ts.write_bytes(raw[:at] + b"\x02\x00\x11\x00UI" + raw[at + 6:])
+    (web.drop / "garbage.dcm").write_bytes(garbage)
+    os.replace(no_ts, web.drop / "no-ts.dcm")
+    from tests.conftest import wait_until
+
+    wait_until(lambda: all((web.drop / "error" / n).exists() for n in ("garbage.dcm", "no-ts.dcm")), timeout=60)
+    rows = web.wait_for(lambda: (lambda r: r if len(r) >= 2 else None)(failed_receives(web)))
+    assert sorted(r["detail"] for r in rows) == ["refused: file meta information unreadable",
+                                                 "refused: no Transfer Syntax UID in the file meta"], rows
+    assert all(r["channel"] == "drop" for r in rows)
+    no_ts_row = next(r for r in rows if "Transfer Syntax" in r["detail"])
+    assert _entity(no_ts_row)["headers"]["SOPInstanceUID"] == str(ds.SOPInstanceUID)
+    assert messages(web) == 0
+
+
+# -- 5. Big Endian: a UN of undefined length is walked (leftovers 3) ----------------------------
+
+def _be_with_un(tmp: Path, *, delimiter_le: bool = True) -> Path:
+    """The BE MR with a private UN of undefined length (0009,1001) after its creator: two items
+    (undefined and defined length) in Implicit VR Little Endian, as PS3.5 6.2.2 has it, and its
+    Sequence Delimitation Item little-endian too (``delimiter_le`` False: big-endian)."""
+    import struct
+
+    ds = _new_uids(dcmread(data_file("MR_small_bigendian.dcm")))
+    ds.add_new(0x00090010, "LO", "MEDRELAY")
+    path = tmp / f"be-un-{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    data = path.read_bytes()
+    creator = b"\x00\x09\x00\x10LO\x00\x08MEDRELAY"
+    at = data.index(creator) + len(creator)
+
+    def el(tag: int, value: bytes) -> bytes:
+        return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+    item = el(0x00080100, b"CODE01") + el(0x00080102, b"DCM ")
+    un = (b"\x00\x09\x10\x01UN\x00\x00\xff\xff\xff\xff" + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + item
+          + struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE000, len(item)) + item
+          + struct.pack("<HHI" if delimiter_le else ">HHI", 0xFFFE, 0xE0DD, 0))
+    path.write_bytes(data[:at] + un + data[at:])
+    return path
+
+
+def _uid_of(path: Path) -> str:
+    return path.name.removeprefix("be-un-").removesuffix(".dcm")
+
+
+def _cut_inside_the_un(path: Path) -> Path:
+    """4 bytes taken out of the last item's Code Value: every length in it unchanged, so the item
+    runs 4 bytes into the delimiter, which is then read as an element: cut short."""
+    data = path.read_bytes()
+    at = data.index(b"CODE01", data.index(b"CODE01") + 1)
+    out = path.with_name("cut-" + path.name)
+    out.write_bytes(data[:at] + data[at + 4:])
+    return out
+
+
+def test_big_endian_un_sequence_cut_short_is_refused_and_whole_is_stored(web, tmp_path):
+    """A UN of undefined length in a Big Endian data set (Implicit VR Little Endian inside, PS3.5
+    6.2.2): cut short inside it, refused 0xC000 as cut short by pynetdicom's C-STORE (both
+    association paths) and STOW-RS (before: the walk stopped judging there and pydicom, which cannot
+    read such a UN, refused it as undecodable); whole, stored by DCMTK storescu -xb and by pynetdicom
+    sending its own bytes (before: refused 0xC000, undecodable)."""
+    whole = _be_with_un(tmp_path)
+    bad = _cut_inside_the_un(whole)
+    port = web.address("dcm")[1]
+    assert c_store(port, bad) == 0xC000
+    assert c_store(port, bad, qr=True) == 0xC000
+    assert stow(web, bad) == (409, [0xC000])
+    rows = web.wait_for(lambda: (lambda r: r if len(r) >= 3 else None)(failed_receives(web)))
+    assert [r["detail"] for r in rows] == [CUT_SHORT] * 3
+    assert messages(web) == 0
+    assert c_store(port, whole) == 0x0000
+    uid = _uid_of(whole)  # pydicom cannot read the file (it reads the UN's items big-endian)
+    with web.store.engine.connect() as c:
+        ts = c.execute(select(idx.instances.c.transfer_syntax).where(idx.instances.c.sop_uid == uid)).scalar_one()
+    assert ts == ExplicitVRBigEndian
+    other = _be_with_un(tmp_path)  # a second instance, through DCMTK
+    r = storescu(port, [other], extra=("-xb",))
+    assert store_statuses(r.stdout) == ["Success"], r.stdout + r.stderr
+    assert indexed(web, _uid_of(other))
+    assert messages(web) == 2
+
+
+def test_walk_and_scan_follow_a_big_endian_un_sequence():
+    """The walk (fed whole and in 1/5-byte pieces) and the header scan read a Big Endian data set's
+    UN of undefined length as Implicit VR Little Endian: whole, no refusal and judged; cut inside,
+    Malformed; its delimiter big-endian (pydicom's reading, not the standard's), left unjudged; and
+    the scan gives the index pydicom's attributes for every bundled Big Endian file."""
+    import tempfile
+
+    from engine.store.dicom.scan import scan
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        whole = _be_with_un(tmp)
+        _, body = idx.split_part10(whole.read_bytes())
+        _, cut = idx.split_part10(_cut_inside_the_un(whole).read_bytes())
+        _, be_delim = idx.split_part10(_be_with_un(tmp, delimiter_le=False).read_bytes())
+    for size in (len(body), 1, 5):
+        w = walk.StructureWalk(implicit=False, little=False)
+        for i in range(0, len(body), size):
+            w.feed(memoryview(body)[i:i + size])
+        w.close()
+        assert not w.unsure, size  # before: unsure at the UN
+    with pytest.raises(walk.Malformed):
+        walk.check(cut, implicit=False, little=False)
+    w = walk.StructureWalk(implicit=False, little=False)
+    w.feed(be_delim)
+    w.close()
+    assert w.unsure
+    attrs = idx.extract(idx.read_checked(body, ExplicitVRBigEndian))  # before: pydicom's OSError
+    assert attrs["PATIENT"]["PatientName"] == "CompressedSamples^MR1"
+    compared = 0
+    for f, data in bundled_big_endian():
+        scanned = scan(data, idx._SCAN_TAGS, implicit=False, little=False)  # never declines a bundled file
+        assert idx.extract(scanned) == idx.extract(idx.read_index_data_set(data, ExplicitVRBigEndian,
+                                                                           scan_ok=False)), f
+        compared += 1
+    assert compared >= 10

@@ -20,8 +20,10 @@ The backup is made as private as the store (every file 0600, every folder 0700, 
 ``manifest.json`` included): the snapshot holds the identifier index and metadata, and the
 manifest says which key ids a thief would need. ``verify`` opens the SQLite snapshot read-only
 and immutable, so a check never writes ``-wal``/``-shm`` into the medium it checks (and works
-on read-only media). A ``restore`` that fails removes what it had created (``undo_created``),
-so "nothing restored" is what the target looks like.
+on read-only media). A ``restore`` that fails leaves the target as it found it, so a retry finds
+it empty: the blob files go first and are removed again on a failure, the database last, whole
+(SQLite's file copied into place; PostgreSQL's dump restored as one transaction), and the CLI
+removes the files and folders it had created (``undo_created``).
 
 The key file is not in the backup, on purpose: the data is encrypted under it, so a backup
 that carried its own key would be as sensitive as the plaintext. Keep the key file backed up
@@ -298,25 +300,87 @@ def restore(src: Path, store: Any, *, progress: Callable[[int], Any] | None = No
         target = Path(str(url.database))
         if target.exists() and target.stat().st_size > 0:
             raise BackupError(f"{target} exists: restore goes into an empty location")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        store.dispose()
-        shutil.copyfile(src / m["database"]["file"], target)
     else:
         with store.engine.connect() as conn:
             n = conn.execute(text("SELECT count(*) FROM information_schema.tables "
                                   "WHERE table_schema = current_schema()")).scalar_one()
         if n:
             raise BackupError("the target PostgreSQL database has tables: restore goes into an empty one")
-        store.dispose()
-        r = subprocess.run(["pg_restore", "--no-owner", "--exit-on-error", f"--dbname={_pg_cli_url(make_url(url))}",
-                            str(src / m["database"]["file"])], env=_pg_env(url), capture_output=True, text=True)
-        if r.returncode != 0:
-            raise BackupError(f"pg_restore failed: {r.stderr.strip()[:300]}")
+    # The blob files first, the database last and whole: a failure at any point leaves the target
+    # as it was (the files written are removed; PostgreSQL loads in one transaction), so a retry
+    # finds it empty. Before, pg_restore ran statement by statement: a dump that failed half way
+    # left the tables it had made, and every retry was refused as "the database has tables".
+    written: list[str] = []
+    try:
+        total = _write_blobs(src, m, store, written, progress)
+    except BaseException as e:
+        removed = _unwrite(store, written)
+        if isinstance(e, (OSError, BackupError)):
+            raise BackupError(f"writing the blob files failed ({_why(e)}), nothing restored: the database was "
+                              f"not touched, {removed}") from None
+        raise
+    try:
+        _load_database(src, m, store)
+    except BaseException as e:
+        removed = _unwrite(store, written)
+        if isinstance(e, BackupError):
+            raise BackupError(f"{e}, nothing restored: {removed}") from None
+        if isinstance(e, OSError):
+            raise BackupError(f"copying the database failed ({_why(e)}), nothing restored: {removed}") from None
+        raise
+    return Summary(len(m["blobs"]), total, src)
+
+
+def _why(e: BaseException) -> str:
+    return (e.strerror or type(e).__name__) if isinstance(e, OSError) else str(e)
+
+
+def _write_blobs(src: Path, m: dict[str, Any], store: Any, written: list[str],
+                 progress: Callable[[int], Any] | None) -> int:
+    """Every blob file of the backup into the store's empty blob location, each checked against
+    the hash ``verify`` checked (the medium may change under a long restore); the bytes written."""
     total = 0
-    for blob_id in m["blobs"]:
+    for blob_id, digest in m["blobs"].items():
         data = (src / "blobs" / blob_id[:2] / blob_id).read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise BackupError(f"blob {blob_id} no longer matches its recorded SHA-256")
+        written.append(blob_id)  # before the write: a failed write may leave a part of it
         store.files.write([(blob_id, data)])  # a folder (0600, fsynced) or an object store, as intake writes
         total += len(data)
         if progress is not None:
             progress(1)
-    return Summary(len(m["blobs"]), total, src)
+    return total
+
+
+def _unwrite(store: Any, written: list[str]) -> str:
+    """Remove the blob files a failed restore wrote; what the error says about them."""
+    left = []
+    for blob_id in written:
+        try:
+            store.files.delete(blob_id)
+        except Exception:
+            left.append(blob_id)
+    if left:
+        return (f"{len(written) - len(left)} blob files written were removed, {len(left)} could not be "
+                f"(remove them from {store.files.describe} before a retry: {', '.join(left[:3])})")
+    return f"the {len(written)} blob files written were removed" if written else "no blob file was written"
+
+
+def _load_database(src: Path, m: dict[str, Any], store: Any) -> None:
+    """The database snapshot into the empty target: SQLite's file copied into place (removed again
+    by the CLI's ``undo_created`` when this fails), PostgreSQL's dump restored as one transaction
+    (``--single-transaction``: a failure rolls back every table and row it had made)."""
+    url = store.url
+    dump = src / m["database"]["file"]
+    store.dispose()
+    if store.is_sqlite:
+        target = Path(str(url.database))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(dump, target)
+        return
+    r = subprocess.run(["pg_restore", "--no-owner", "--single-transaction", "--exit-on-error",
+                        f"--dbname={_pg_cli_url(make_url(url))}", str(dump)],
+                       env=_pg_env(url), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise BackupError("pg_restore failed, so its one transaction was rolled back and the target database "
+                          f"is as it was ({r.stderr.strip()[:300]})")

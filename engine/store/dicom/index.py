@@ -207,15 +207,15 @@ def read_index_data_set(data_set: bytes | memoryview, transfer_syntax: str, *, s
 
     Skips re-reading the file meta the listener has just written; a deflated (or
     unknown) transfer syntax goes through ``dcmread`` as a Part-10 stream instead.
-    Little Endian data sets are walked by ``dicom_scan`` (pydicom's reader when it
+    Little and Big Endian data sets are walked by ``dicom_scan`` (pydicom's reader when it
     declines, or with ``scan_ok=False``).
     """
     ts = UID(transfer_syntax)
     if not ts.is_transfer_syntax or ts.is_deflated:
         raise ValueError(f"no fast path for transfer syntax {transfer_syntax}")
-    if ts.is_little_endian and scan_ok:
+    if scan_ok:
         try:
-            return scan(data_set, _SCAN_TAGS, implicit=ts.is_implicit_VR)
+            return scan(data_set, _SCAN_TAGS, implicit=ts.is_implicit_VR, little=ts.is_little_endian)
         except (ScanError, struct.error):
             pass  # unusual encoding: pydicom's reader decides
     return read_dataset(io.BytesIO(data_set), ts.is_implicit_VR, ts.is_little_endian,
@@ -230,23 +230,23 @@ def read_checked(data_set: bytes | memoryview, transfer_syntax: str) -> Dataset:
 
     The header scan already checked every element before the pixel data (each value within the
     data set, sequences walked), so the walk starts where the scan stopped: the extra cost on a
-    CT is the few elements from Pixel Data on. Big Endian (retired; the scan does not read it) is
-    walked whole, then read by pydicom.
+    CT is the few elements from Pixel Data on. Explicit VR Big Endian likewise (the scan and the
+    walk read it; a UN sequence in it is Implicit VR Little Endian, PS3.5 6.2.2, which pydicom's
+    reader cannot follow there).
     """
     ts = UID(transfer_syntax)
     if ts.is_deflated:
         raise ValueError("a deflated data set is read with read_index_dataset and walked inflated")
-    if ts.is_little_endian:
+    if ts.is_transfer_syntax:
+        little = ts.is_little_endian
         try:
-            ds, end = scan_to_pixels(data_set, _SCAN_TAGS, implicit=ts.is_implicit_VR)
+            ds, end = scan_to_pixels(data_set, _SCAN_TAGS, implicit=ts.is_implicit_VR, little=little)
         except (ScanError, struct.error):
             pass  # unusual encoding: pydicom's reader, and the walk of the whole data set
         else:
-            walk.check(memoryview(data_set)[end:], implicit=ts.is_implicit_VR)
+            walk.check(memoryview(data_set)[end:], implicit=ts.is_implicit_VR, little=little)
             return ds
-        walk.check(data_set, implicit=ts.is_implicit_VR)
-    elif ts.is_transfer_syntax:
-        walk.check(data_set, implicit=ts.is_implicit_VR, little=False)
+        walk.check(data_set, implicit=ts.is_implicit_VR, little=little)
     return read_index_data_set(data_set, transfer_syntax, scan_ok=False)
 
 

@@ -1,11 +1,11 @@
-"""A top-level element scan of Little Endian data sets (PS3.5 7.1), up to Pixel Data.
+"""A top-level element scan of Little Endian and Explicit VR Big Endian data sets (PS3.5 7.1), up to Pixel Data.
 
 Why not pydicom's ``read_dataset``: the index needs ~45 attributes of an instance
 on every C-STORE, and pydicom's reader costs ~4 us per element walked (a CT has
 ~100 before its pixels), which was a fifth of the listener's own CPU. This scan
 only walks element headers and keeps the raw values of the wanted tags, as
 ``RawDataElement`` in a pydicom ``Dataset``, so conversion (fast or through pydicom)
-is unchanged. Anything it does not expect (big endian, a VR it does not know, a
+is unchanged. Anything it does not expect (a VR it does not know, a
 length past the end, a wanted tag with undefined length) raises ``ScanError`` and
 the caller reads with pydicom instead; ``test_scan_matches_pydicom`` holds both
 equal over every bundled test file.
@@ -15,6 +15,12 @@ sequence's items (defined or undefined length) with a stack, never recursion: a 
 set 5 000 sequences deep is refused with ``NestingTooDeep`` (the listener answers a failure
 status) rather than stored for every reader after it (pydicom, de-identification,
 conversions) to recurse into. Encapsulated fragments are skipped, not walked.
+
+Big Endian (``little=False``): tags and lengths big-endian, but a UN of undefined length is a
+sequence in Implicit VR *Little* Endian whatever the syntax (PS3.5 6.2.2; DCMTK reads it so), so
+an implicit frame is always read little-endian, as engine/store/dicom/walk.py does. pydicom 3.0
+cannot read that encoding in a Big Endian data set (it reads the UN's items big-endian); the scan
+is what lets the index read such an instance.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ SHORT_VRS = frozenset(b"AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST TM UI
 _HEAD = struct.Struct("<HHI")
 _EXPLICIT = struct.Struct("<HH2sH")
 _U32 = struct.Struct("<I")
+_HEAD_BE = struct.Struct(">HHI")
+_EXPLICIT_BE = struct.Struct(">HH2sH")
+_U32_BE = struct.Struct(">I")
 
 
 class ScanError(ValueError):
@@ -53,12 +62,14 @@ class NestingTooDeep(ValueError):
 _SQ_TAGS = frozenset(tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ")
 
 
-def scan(data: bytes | memoryview, wanted: Collection[int], *, implicit: bool) -> Dataset:
-    """Raw values of the wanted top-level tags, stopping at Pixel Data."""
-    return scan_to_pixels(data, wanted, implicit=implicit)[0]
+def scan(data: bytes | memoryview, wanted: Collection[int], *, implicit: bool, little: bool = True) -> Dataset:
+    """Raw values of the wanted top-level tags, stopping at Pixel Data (``little`` False: Explicit
+    VR Big Endian)."""
+    return scan_to_pixels(data, wanted, implicit=implicit, little=little)[0]
 
 
-def scan_to_pixels(data: bytes | memoryview, wanted: Collection[int], *, implicit: bool) -> tuple[Dataset, int]:
+def scan_to_pixels(data: bytes | memoryview, wanted: Collection[int], *, implicit: bool,
+                   little: bool = True) -> tuple[Dataset, int]:
     """``scan``, and the offset where it stopped (the Pixel Data element, or the end): every
     element before it was checked to lie within the data set, sequences walked, so the
     structural walk (engine/store/dicom/walk.py) starts there instead of walking them again."""
@@ -66,48 +77,50 @@ def scan_to_pixels(data: bytes | memoryview, wanted: Collection[int], *, implici
     found: dict[BaseTag, RawDataElement] = {}
     pos, end = 0, len(buf)
     while pos + 8 <= end:
-        tag, vr, length, start = _header(buf, pos, implicit)
+        tag, vr, length, start = _header(buf, pos, implicit, little)
         if tag >= PIXEL_DATA:
             break
         if length == UNDEFINED:
             if tag in wanted:
                 raise ScanError(f"wanted tag {tag:08x} has an undefined length")
-            pos = sequence_end(buf, start, None, implicit or vr == "UN")
+            pos = sequence_end(buf, start, None, implicit or vr == "UN", little=little)
             continue
         stop = start + length
         if stop > end:
             raise ScanError(f"element {tag:08x} runs past the end")
         if tag in wanted:
             key = BaseTag(tag)
-            found[key] = RawDataElement(key, vr, length, bytes(buf[start:stop]), start, implicit, True)
+            found[key] = RawDataElement(key, vr, length, bytes(buf[start:stop]), start, implicit, little)
         elif length and (vr == "SQ" or (vr is None and tag in _SQ_TAGS)):
-            sequence_end(buf, start, stop, implicit)  # its items are walked for their depth
+            sequence_end(buf, start, stop, implicit, little=little)  # its items are walked for their depth
         pos = stop
     if pos < end and pos + 8 > end:
         raise ScanError("trailing bytes after the last element")
     return Dataset(found), min(pos, end)
 
 
-def _header(buf: bytes | memoryview, pos: int, implicit: bool) -> tuple[int, str | None, int, int]:
-    """(tag, VR or None, value length, value offset) of the element at ``pos``."""
+def _header(buf: bytes | memoryview, pos: int, implicit: bool, little: bool = True) -> tuple[int, str | None, int, int]:
+    """(tag, VR or None, value length, value offset) of the element at ``pos``; implicit VR is
+    always Little Endian (a Big Endian data set's UN sequences included)."""
     if implicit:
         group, elem, length = _HEAD.unpack_from(buf, pos)
         return (group << 16) | elem, None, length, pos + 8
-    group, elem, vr, short = _EXPLICIT.unpack_from(buf, pos)
+    explicit, u32 = (_EXPLICIT, _U32) if little else (_EXPLICIT_BE, _U32_BE)
+    group, elem, vr, short = explicit.unpack_from(buf, pos)
     tag = (group << 16) | elem
     if group == 0xFFFE:  # item and delimiters carry no VR
-        return tag, None, _U32.unpack_from(buf, pos + 4)[0], pos + 8
+        return tag, None, u32.unpack_from(buf, pos + 4)[0], pos + 8
     if vr in SHORT_VRS:
         return tag, vr.decode(), short, pos + 8
     if vr in LONG_VRS:
         if pos + 12 > len(buf):
             raise ScanError("truncated element header")
-        return tag, vr.decode(), _U32.unpack_from(buf, pos + 8)[0], pos + 12
+        return tag, vr.decode(), u32.unpack_from(buf, pos + 8)[0], pos + 12
     raise ScanError(f"unknown VR {vr!r} at {pos}")
 
 
 def sequence_end(buf: bytes | memoryview, pos: int, stop: int | None, implicit: bool,
-                 limit: int = MAX_SEQUENCE_DEPTH) -> int:
+                 limit: int = MAX_SEQUENCE_DEPTH, *, little: bool = True) -> int:
     """Offset after a sequence's value that starts at ``pos`` (its first item); ``stop`` is where a
     defined length says it ends, None for an undefined length (up to its delimiter).
 
@@ -130,7 +143,7 @@ def sequence_end(buf: bytes | memoryview, pos: int, stop: int | None, implicit: 
         if pos + 8 > end:
             raise ScanError("sequence without its end")
         if kind != "item":
-            group, elem, length = _HEAD.unpack_from(buf, pos)
+            group, elem, length = (_HEAD if fimplicit or little else _HEAD_BE).unpack_from(buf, pos)
             tag = (group << 16) | elem
             if tag == SEQUENCE_END:
                 if fstop is not None:
@@ -148,7 +161,7 @@ def sequence_end(buf: bytes | memoryview, pos: int, stop: int | None, implicit: 
                 continue
             stack.append(["item", None if length == UNDEFINED else pos + length, fimplicit, depth])
             continue
-        tag, vr, length, start = _header(buf, pos, fimplicit)
+        tag, vr, length, start = _header(buf, pos, fimplicit, little)
         if tag == ITEM_END:
             if fstop is not None:
                 raise ScanError(f"item delimiter inside a defined length at {pos}")

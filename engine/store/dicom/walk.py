@@ -12,21 +12,30 @@ chunks of a streamed 1 GiB instance as they are written to the blob: no second r
 values by arithmetic, never copying them: only an element header that straddles two pieces is
 copied (at most 12 bytes). Sequences and items of defined or undefined length, encapsulated
 pixel data fragments, explicit and implicit VR Little Endian (and an explicit VR data set's UN
-sequences in implicit VR) and Explicit VR Big Endian are followed with a stack bounded at
-``scan.MAX_SEQUENCE_DEPTH``.
+sequences in implicit VR) and Explicit VR Big Endian (its UN sequences too) are followed with a
+stack bounded at ``scan.MAX_SEQUENCE_DEPTH``.
 
 What it refuses (``Malformed``): a value, item, fragment or sequence that runs past the end of
 the data set or past the defined length that holds it, an undefined-length sequence/item/pixel
 data without its delimiter, a delimiter where none belongs, an element header cut off at the end.
 What it does not judge: an explicit VR it does not know (pydicom's reader guesses there; the walk
-stops checking and lets the existing readers decide), and in a Big Endian data set a UN of
-undefined length (PS3.5 6.2.2: its value is Implicit VR *Little* Endian whatever the transfer
-syntax; rare enough that the walk stops judging there rather than switch byte order mid-stream).
+stops checking and lets the existing readers decide), and, in Big Endian, a UN sequence whose items
+are in big-endian order (see below).
 
 Big Endian (Explicit VR Big Endian, retired but still accepted from old modalities): every tag
 (items and delimiters included: PS3.5 7.5 encodes them in the transfer syntax's byte order) and
 length is read big-endian; the file meta before the data set stays little-endian and is not the
 walk's business. Without this a Big Endian data set cut short was stored with success.
+
+A UN of undefined length is a sequence whose value "shall remain in Implicit VR form" and "shall
+not be byte-swapped" (PS3.5 6.2.2: UN comes from data first encoded in Implicit VR Little Endian;
+note 2 there: Little Endian Implicit VR "irrespective of the current Transfer Syntax"). So an
+implicit VR frame is read little-endian in a Big Endian data set too: its items, their elements
+and its closing Sequence Delimitation Item, as DCMTK reads it (CP-246: "reading a sequence with
+transfer syntax LittleEndianImplicit"; a big-endian delimiter there is its parse error) and as the
+Little Endian path already walked it. pydicom 3.0 reads such a UN in the data set's byte order and
+cannot read the standard's encoding; where a UN's first item or its delimiter is big-endian (what
+pydicom would read), the walk stops judging rather than refuse what pydicom takes.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ _U32 = struct.Struct("<I")
 _HEAD_BE = struct.Struct(">HHI")
 _EXPLICIT_BE = struct.Struct(">HH2sH")
 _U32_BE = struct.Struct(">I")
+_TAG_BE = struct.Struct(">HH")
 _OB_OW = (b"OB", b"OW")
 _UN, _SQ = b"UN", b"SQ"
 
@@ -132,8 +142,11 @@ class StructureWalk:
         limit = self.max_depth
         kind, fstop, fimplicit, depth = self.frame
         little = self.little
+        # an implicit VR frame is Little Endian whatever the syntax: the data set of an Implicit VR
+        # Little Endian syntax, or a UN of undefined length (PS3.5 6.2.2, in Big Endian too)
+        head_le = _HEAD.unpack_from
         if little:
-            head, explicit, u32 = _HEAD.unpack_from, _EXPLICIT.unpack_from, _U32.unpack_from
+            head, explicit, u32 = head_le, _EXPLICIT.unpack_from, _U32.unpack_from
         else:
             head, explicit, u32 = _HEAD_BE.unpack_from, _EXPLICIT_BE.unpack_from, _U32_BE.unpack_from
         while True:
@@ -145,7 +158,7 @@ class StructureWalk:
                 break
             i = pos - base
             if kind:  # the items of a sequence, or pixel data fragments
-                group, elem, length = head(buf, i)
+                group, elem, length = (head_le if fimplicit else head)(buf, i)
                 tag = (group << 16) | elem
                 if tag == SEQUENCE_END:
                     if fstop != _OPEN:
@@ -154,6 +167,9 @@ class StructureWalk:
                     kind, fstop, fimplicit, depth = stack.pop()
                     continue
                 if tag != ITEM:
+                    if fimplicit and not little and _be_tag(buf, i) in (ITEM, SEQUENCE_END):
+                        self.unsure = True  # a UN's items in the data set's byte order: not the standard's
+                        break  # encoding (nor DCMTK's reading), but pydicom's: its reader decides
                     raise Malformed(f"expected an item at {pos}, found {tag:08x}")
                 pos += 8
                 if kind == _FRAGMENTS:
@@ -169,7 +185,7 @@ class StructureWalk:
                 continue
             # an element (or an item delimiter) in a data set or an item
             if fimplicit:
-                group, elem, length = head(buf, i)
+                group, elem, length = head_le(buf, i)
                 vr = None
                 start = pos + 8
             else:
@@ -196,10 +212,7 @@ class StructureWalk:
                 stack.append((kind, fstop, fimplicit, depth))
                 if vr in _OB_OW or (group << 16) | elem == PIXEL_DATA:
                     kind, fstop = _FRAGMENTS, _OPEN
-                else:  # SQ, or UN holding a sequence in implicit VR
-                    if vr == _UN and not little:  # Implicit VR Little Endian inside Big Endian: not followed
-                        self.unsure = True
-                        break
+                else:  # SQ, or UN holding a sequence in Implicit VR Little Endian
                     if depth + 1 > limit:
                         raise NestingTooDeep(f"DICOM sequences nested more than {limit} levels deep")
                     kind, fstop, fimplicit, depth = _ITEMS, _OPEN, fimplicit or vr == _UN, depth + 1
@@ -215,6 +228,11 @@ class StructureWalk:
             pos = start + length
         self.pos = pos
         self.frame = (kind, fstop, fimplicit, depth)
+
+
+def _be_tag(buf: bytes | memoryview | bytearray, i: int) -> int:
+    group, elem = _TAG_BE.unpack_from(buf, i)
+    return (group << 16) | elem
 
 
 def check(data_set: bytes | memoryview | bytearray, *, implicit: bool, little: bool = True) -> None:
