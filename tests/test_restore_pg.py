@@ -89,3 +89,84 @@ channels:
     assert r.returncode == 0, r.stderr  # before: refused, "the target PostgreSQL database has tables"
     assert _tables(url) > 0
     assert len(_blob_files(target / "data" / "blobs")) == 1
+
+
+def _in_schema(url: str, name: str) -> str:
+    return url + ("&" if "?" in url else "?") + f"options=-csearch_path%3D{name}"
+
+
+def _schemas(url: str, *names: str, create: bool = True) -> None:
+    eng = create_engine(url)
+    with eng.begin() as c:
+        for n in names:
+            c.execute(text(f'DROP SCHEMA IF EXISTS "{n}" CASCADE'))
+            if create:
+                c.execute(text(f'CREATE SCHEMA "{n}"'))
+    eng.dispose()
+
+
+def test_a_store_in_its_own_schema_is_backed_up_alone_and_restored_only_under_that_name(tmp_path):
+    """Probe session 7 finding 4: with the store behind a search_path, pg_dump took the whole
+    database (another application's tables in public, other stores' schemas) and the restore then
+    failed on "schema ... already exists". Now the backup holds the store's schema only and names
+    it, a restore into another schema name is refused before anything is written, and one into an
+    empty schema of that name (which exists already, as a DBA makes it) works."""
+    import subprocess
+
+    url = fresh_pg_url()
+    eng = create_engine(url)
+    with eng.begin() as c:  # another application's table beside the store
+        c.execute(text("CREATE TABLE other_app (secret text)"))
+        c.execute(text("INSERT INTO other_app VALUES ('not the store''s')"))
+    eng.dispose()
+    _schemas(url, "tenant_a", "tenant_b")
+    try:
+        keys = tmp_path / "keys.json"
+        url_a = _in_schema(url, "tenant_a")
+        src = Store(url_a, tmp_path / "blobs", KeyRing(keys), inline_max=1 << 10)
+        src.migrate()
+        with src.engine.begin() as c:
+            src.put_blob(c, os.urandom(4000), "m0")
+            src.put_blob(c, b"small", "m1")
+        dest = tmp_path / "bk"
+        assert backup(src, dest).blobs == 1
+        src.dispose()
+        manifest = json.loads((dest / "manifest.json").read_text())
+        assert manifest["schema"] == "tenant_a"
+        toc = subprocess.run(["pg_restore", "--list", str(dest / "medrelay.pgdump")], capture_output=True,
+                             text=True, check=True).stdout
+        assert "other_app" not in toc and " public " not in toc, toc  # before: every schema of the database
+        assert " TABLE tenant_a blobs " in toc
+
+        def restore_into(schema_name: str, folder: str):
+            target = tmp_path / folder
+            (target / "data").mkdir(parents=True)
+            shutil.copy(keys, target / "data" / "keys.json")
+            cfg = target / "channels.yaml"
+            cfg.write_text(f"""
+store: {{url: "{_in_schema(url, schema_name)}", blobs: data/blobs}}
+keys: {{kek_file: data/keys.json}}
+channels:
+  in:
+    source: {{type: test_null}}
+    routes: []
+""")
+            return run_cli("restore", "-c", str(cfg), str(dest), cwd=target), target
+
+        r, target = restore_into("tenant_b", "tb")
+        assert r.returncode == 4 and "'tenant_a'" in r.stderr and "nothing restored" in r.stderr, r.stderr
+        assert _tables(_in_schema(url, "tenant_b")) == 0
+        assert _blob_files(target / "data" / "blobs") == []
+
+        _schemas(url, "tenant_a")  # the store lost; its schema made again, empty, by the DBA
+        r, target = restore_into("tenant_a", "ta")
+        assert r.returncode == 0, r.stderr  # before: "schema tenant_a already exists", rolled back
+        got = Store(_in_schema(url, "tenant_a"), target / "data" / "blobs", KeyRing(target / "data" / "keys.json"))
+        try:
+            with got.engine.connect() as c:
+                assert c.execute(text("SELECT count(*) FROM blobs")).scalar_one() == 2
+        finally:
+            got.dispose()
+        assert len(_blob_files(target / "data" / "blobs")) == 1
+    finally:
+        _schemas(url, "tenant_a", "tenant_b", create=False)

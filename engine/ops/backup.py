@@ -41,6 +41,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -76,6 +77,35 @@ def _sha256(path: Path) -> str:
 def _pg_cli_url(url: Any) -> str:
     """A libpq URL for pg_dump/pg_restore (no SQLAlchemy driver suffix)."""
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _literal_pattern(name: str) -> str:
+    """A schema name as a pg_dump ``--schema`` pattern that matches only itself (quoted: no
+    wildcards, case kept)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _restore_list(dump: Path, store: Any, schema_name: str | None) -> Path | None:
+    """pg_restore's table of contents without the schema's own CREATE and COMMENT when the target
+    schema exists already (``public``, or one the DBA made for the store): pg_dump --schema writes
+    them, and in one transaction with --exit-on-error "schema already exists" would fail it all.
+    None (restore everything) for backups made without --schema, or when the schema is missing."""
+    if schema_name is None:
+        return None
+    with store.engine.connect() as conn:
+        exists = conn.execute(text("SELECT count(*) FROM pg_namespace WHERE nspname = :n"),
+                              {"n": schema_name}).scalar_one()
+    if not exists:
+        return None
+    r = subprocess.run(["pg_restore", "--list", str(dump)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise BackupError(f"pg_restore cannot read {dump.name}: {r.stderr.strip()[:200]}")
+    own = (f" SCHEMA - {schema_name} ", f" COMMENT - SCHEMA {schema_name} ")
+    kept = [line for line in r.stdout.splitlines() if not any(o in line + " " for o in own)]
+    fd, path = tempfile.mkstemp(prefix="medrelay-restore-", suffix=".list")
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(kept) + "\n")
+    return Path(path)
 
 
 def _pg_env(url: Any) -> dict[str, str]:
@@ -136,15 +166,20 @@ def backup(store: Any, dest: Path, *, progress: Callable[[int], Any] | None = No
             conn = conn.execution_options(isolation_level="REPEATABLE READ")
             with conn.begin():
                 snapshot = conn.execute(text("SELECT pg_export_snapshot()")).scalar_one()
+                store_schema = conn.execute(text("SELECT current_schema()")).scalar_one()
                 ids = list(_file_blob_ids(conn))
                 keks = sorted(set(conn.execute(select(schema.blobs.c.kek_id).distinct()).scalars()))
+                # the store's schema only: a database may hold other schemas (another store behind
+                # a search_path, another application's tables) that are not this backup's to carry
                 r = subprocess.run(["pg_dump", "--format=custom", f"--snapshot={snapshot}", "--no-owner",
+                                    f"--schema={_literal_pattern(store_schema)}",
                                     f"--file={db_file}", _pg_cli_url(url)],
                                    env=_pg_env(url), capture_output=True, text=True)
                 if r.returncode != 0:
                     raise BackupError(f"pg_dump failed: {r.stderr.strip()[:300]}")
         os.chmod(db_file, PRIVATE_FILE)
         manifest["backend"] = "postgresql"
+        manifest["schema"] = store_schema
     manifest["database"] = {"file": db_file.name, "sha256": _sha256(db_file)}
     manifest["kek_ids"] = keks
     blobs: dict[str, str] = {}
@@ -302,8 +337,14 @@ def restore(src: Path, store: Any, *, progress: Callable[[int], Any] | None = No
             raise BackupError(f"{target} exists: restore goes into an empty location")
     else:
         with store.engine.connect() as conn:
+            target_schema = conn.execute(text("SELECT current_schema()")).scalar_one()
             n = conn.execute(text("SELECT count(*) FROM information_schema.tables "
                                   "WHERE table_schema = current_schema()")).scalar_one()
+        wanted = m.get("schema")  # None: a backup made before backups named their schema
+        if wanted is not None and target_schema is not None and wanted != target_schema:
+            raise BackupError(f"the backup holds the store schema {wanted!r} and the target store's schema is "
+                              f"{target_schema!r}: PostgreSQL cannot restore a schema under another name, so "
+                              f"restore into a store whose search_path names {wanted!r}; nothing restored")
         if n:
             raise BackupError("the target PostgreSQL database has tables: restore goes into an empty one")
     # The blob files first, the database last and whole: a failure at any point leaves the target
@@ -378,9 +419,13 @@ def _load_database(src: Path, m: dict[str, Any], store: Any) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(dump, target)
         return
+    listing = _restore_list(dump, store, m.get("schema"))
     r = subprocess.run(["pg_restore", "--no-owner", "--single-transaction", "--exit-on-error",
+                        *([f"--use-list={listing}"] if listing is not None else []),
                         f"--dbname={_pg_cli_url(make_url(url))}", str(dump)],
                        env=_pg_env(url), capture_output=True, text=True)
+    if listing is not None:
+        listing.unlink(missing_ok=True)
     if r.returncode != 0:
         raise BackupError("pg_restore failed, so its one transaction was rolled back and the target database "
                           f"is as it was ({r.stderr.strip()[:300]})")
