@@ -36,6 +36,22 @@ def _tables(url: str) -> int:
         eng.dispose()
 
 
+def _restore_target(target, url: str, keys):
+    """An empty restore target: a channels.yaml on ``url`` and a copy of the key file."""
+    (target / "data").mkdir(parents=True)
+    shutil.copy(keys, target / "data" / "keys.json")
+    cfg = target / "channels.yaml"
+    cfg.write_text(f"""
+store: {{url: "{url}", blobs: data/blobs}}
+keys: {{kek_file: data/keys.json}}
+channels:
+  in:
+    source: {{type: test_null}}
+    routes: []
+""")
+    return cfg
+
+
 def _blob_files(folder) -> list[str]:
     return sorted(f for _, _, fs in os.walk(folder) for f in fs) if folder.exists() else []
 
@@ -66,17 +82,7 @@ def test_a_restore_whose_dump_breaks_half_way_leaves_the_database_empty_and_a_re
 
     _reset_pg(url)  # the same database, emptied: the restore target
     target = tmp_path / "target"
-    (target / "data").mkdir(parents=True)
-    shutil.copy(keys, target / "data" / "keys.json")
-    cfg = target / "channels.yaml"
-    cfg.write_text(f"""
-store: {{url: "{url}", blobs: data/blobs}}
-keys: {{kek_file: data/keys.json}}
-channels:
-  in:
-    source: {{type: test_null}}
-    routes: []
-""")
+    cfg = _restore_target(target, url, keys)
     r = run_cli("restore", "-c", str(cfg), str(dest), cwd=target)
     assert r.returncode == 4, r.stdout + r.stderr
     assert "pg_restore failed" in r.stderr and "rolled back" in r.stderr and "nothing restored" in r.stderr, r.stderr
@@ -140,17 +146,7 @@ def test_a_store_in_its_own_schema_is_backed_up_alone_and_restored_only_under_th
 
         def restore_into(schema_name: str, folder: str):
             target = tmp_path / folder
-            (target / "data").mkdir(parents=True)
-            shutil.copy(keys, target / "data" / "keys.json")
-            cfg = target / "channels.yaml"
-            cfg.write_text(f"""
-store: {{url: "{_in_schema(url, schema_name)}", blobs: data/blobs}}
-keys: {{kek_file: data/keys.json}}
-channels:
-  in:
-    source: {{type: test_null}}
-    routes: []
-""")
+            cfg = _restore_target(target, _in_schema(url, schema_name), keys)
             return run_cli("restore", "-c", str(cfg), str(dest), cwd=target), target
 
         r, target = restore_into("tenant_b", "tb")
