@@ -95,7 +95,8 @@ DICOMWEB_SERVICES = [
      'multipart/related; type="application/dicom" (transfer-syntax=UID or *)'),
     ("WADO-RS", "GET", ".../metadata (study, series, instance)", "application/dicom+json"),
     ("WADO-RS", "GET", ".../instances/{instance}/bulkdata/{tag}",
-     'multipart/related; type="application/octet-stream", or application/octet-stream with Range'),
+     'multipart/related; type="application/octet-stream", or application/octet-stream with Range; '
+     "encapsulated Pixel Data: decoded (octet-stream) or as /frames' stored type, one part per frame"),
     ("WADO-RS", "GET", ".../instances/{instance}/frames/{list}",
      'multipart/related; type="application/octet-stream" (decoded) or the stored type '
      "(image/jpeg, image/jls, image/jp2, image/jphc, image/dicom-rle)"),
@@ -126,7 +127,9 @@ def _dicomweb_section() -> list[str]:
         "times, UID lists (comma-separated), case-insensitive person names when `case_insensitive_pn`; "
         "attributes by keyword or 8-digit tag; `includefield` (a list or `all`), `limit`, `offset`; "
         "`fuzzymatching=true` is answered with literal matching and a Warning header. Results are the "
-        "default attributes of PS3.18 Tables 10.6.3-3/4/5 (those the index holds) with RetrieveURL; more "
+        "default attributes of PS3.18 Tables 10.6.3-3/4/5 (those the index holds) with RetrieveURL, and of "
+        "the levels above when the path does not fix them (10.6.3.3.2/3: `/series` adds the study ones, "
+        "`/instances` the study and series ones, `/studies/{study}/instances` the series ones); more "
         "than `max_results` are announced with a Warning header. Sequence attributes cannot be matched. "
         "DA, TM, DT, IS and DS values are checked (PS3.5 syntax, real calendar dates and clock times, a "
         "range's start not after its end, PS3.4 C.2.2.2.5): an invalid one is 400 naming the attribute, "
@@ -143,7 +146,12 @@ def _dicomweb_section() -> list[str]:
         "Metadata gives "
         f"every binary value longer than {BULK_THRESHOLD} bytes (also inside sequence items, "
         f"`/bulkdata/{{tag}}/{{item}}/{{tag}}`, {MAX_DEPTH} levels deep), and Pixel Data always, as a "
-        "BulkDataURI. Rendered images: one frame (a study/series: its middle instance), Modality LUT, then "
+        "BulkDataURI. Bulk data of an encapsulated Pixel Data (PS3.18 8.7.3.3.2, Table 8.7.3-5) goes the "
+        "/frames way: application/octet-stream (the default, or `transfer-syntax=1.2.840.10008.1.2.1`) is "
+        "the decoded native pixel data in one part (byte ranges are of it); the stored compressed media type "
+        "(image/jp2, image/jpeg, image/jls, image/dicom-rle...) or `type=\"*/*\"; transfer-syntax=*` gives "
+        "one part per frame with its transfer-syntax, never the item-tag encoding; anything else is 406. "
+        "Rendered images: one frame (a study/series: its middle instance), Modality LUT, then "
         "the `window` parameter (center,width[,linear|linear-exact|sigmoid]) or the data set's first "
         "window or the frame's range, MONOCHROME1 inverted; `viewport=vw,vh[,sx,sy,sw,sh]` scales the "
         "source region (negative sw/sh flip it) to fit (at most "

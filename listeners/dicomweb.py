@@ -563,25 +563,24 @@ class DicomWebApi:
         except ValueError as e:
             raise DicomWebError(404, str(e)) from None
         inst = await self._one(request)
+        ranges = media.parse_accept(request.headers.get("accept"))
         try:
-            value, _vr = await self._run(wado.bulk_value, inst, path)
+            got = await self._run(wado.bulk, inst, path, ranges)  # encapsulated Pixel Data: as /frames
         except KeyError:
             raise DicomWebError(404, "the instance has no such bulk data") from None
+        except TranscodeError as e:
+            self._transcode_failed(inst.ref, str(e))
+            raise DicomWebError(406, "the pixel data cannot be decoded for the media type asked") from None
         self._audit("dicomweb.retrieve", request, actor,
                     {"level": "IMAGE", "what": "bulkdata", "instances": 1})
-        ranges = media.parse_accept(request.headers.get("accept"))
-        if "range" in request.headers and _allows(ranges, wado.OCTET):  # byte ranges: of the single part
-            return self._single_octets(request, value)
-        try:
-            wanted = media.wanted_parts(ranges, wado.OCTET)
-        except media.NotAcceptable:
-            media.single(ranges, (wado.OCTET,))
-            return self._single_octets(request, value)
-        if not any(p in (wado.OCTET, "*/*", "application/*") for p, _ts in wanted):
-            raise media.NotAcceptable("bulk data is given as application/octet-stream")
+        one = got.media_type == wado.OCTET and len(got.parts) == 1
+        if one and (got.single or "range" in request.headers and _allows(ranges, wado.OCTET)):
+            return self._single_octets(request, got.parts[0])  # byte ranges: of the single part
         boundary = media.new_boundary()
-        body = media.part_head(boundary, wado.OCTET) + value + b"\r\n" + media.closing(boundary)
-        return Response(body, media_type=media.multipart_type(boundary, wado.OCTET))
+        head = media.part_head(boundary, got.media_type if got.transfer_syntax is None
+                               else f"{got.media_type}; transfer-syntax={got.transfer_syntax}")
+        body = b"".join(head + p + b"\r\n" for p in got.parts) + media.closing(boundary)
+        return Response(body, media_type=media.multipart_type(boundary, got.media_type))
 
     def _single_octets(self, request: Request, value: bytes) -> Response:
         """application/octet-stream, with a byte range when asked (PS3.18 8.3.5.2, RFC 9110 14)."""

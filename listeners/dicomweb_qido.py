@@ -27,7 +27,8 @@ from engine.store.dicom import index as idx
 from listeners.dicom_dimse import valid_uid
 from listeners.dicomweb_json import dataset_json, ur
 
-# PS3.18 Tables 10.6.3-3 (study), -4 (series), -5 (instance): returned unless includefield says more.
+# PS3.18 Tables 10.6.3-3 (study), -4 (series), -5 (instance): returned unless includefield says more;
+# a search not scoped by a study (or series) returns the defaults of the levels above too (``scope``).
 STUDY_DEFAULTS = ("StudyDate", "StudyTime", "AccessionNumber", "InstanceAvailability", "ModalitiesInStudy",
                   "ReferringPhysicianName", "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
                   "StudyInstanceUID", "StudyID", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances")
@@ -203,6 +204,17 @@ def _level_keywords(level: str) -> list[str]:
 _DEFAULT_TAGS = {level: tuple(int(tag_for_keyword(kw)) for kw in kws) for level, kws in DEFAULTS.items()}
 
 
+def scope(level: str, path_uids: dict[str, str]) -> tuple[str, ...]:
+    """The levels whose default attributes a search at ``level`` returns (PS3.18 10.6.3.3.2/3): All
+    Series adds the study ones (Table 10.6.3-3), All Instances the study and series ones, a Study's
+    Instances the series ones; a search inside a study (or series) leaves out what its path fixes."""
+    if level == "SERIES" and "StudyInstanceUID" not in path_uids:
+        return ("STUDY", "SERIES")
+    if level == "IMAGE" and "SeriesInstanceUID" not in path_uids:
+        return ("SERIES", "IMAGE") if "StudyInstanceUID" in path_uids else ("STUDY", "SERIES", "IMAGE")
+    return (level,)
+
+
 def parse(params: Sequence[tuple[str, str]], level: str, path_uids: dict[str, str]) -> Query:
     """Query parameters (and the UIDs of the path) -> the C-FIND identifier at ``level``."""
     q = Query(level=level, identifier=Dataset())
@@ -235,7 +247,8 @@ def parse(params: Sequence[tuple[str, str]], level: str, path_uids: dict[str, st
             matching[tag] = value
     for kw, uid in path_uids.items():
         matching[int(tag_for_keyword(kw))] = uid
-    ds = Dataset(dict(_template(level)))  # its own dict; the shared elements are replaced, never changed
+    # its own dict; the shared elements are replaced, never changed
+    ds = Dataset(dict(_template(level, scope(level, path_uids))))
     for tag, value in matching.items():
         _add(ds, tag, value)
     for tag in dict.fromkeys(include):
@@ -246,13 +259,14 @@ def parse(params: Sequence[tuple[str, str]], level: str, path_uids: dict[str, st
 
 
 @functools.cache
-def _template(level: str) -> dict[Any, Any]:
+def _template(level: str, levels: tuple[str, ...]) -> dict[Any, Any]:
     """The elements every query at ``level`` starts from (QueryRetrieveLevel and the default
-    return keys, empty), built once: 15 pydicom DataElements cost ~0.3 ms a request."""
+    return keys of ``levels``, empty), built once: 15 pydicom DataElements cost ~0.3 ms a request."""
     ds = Dataset()
     ds.QueryRetrieveLevel = level
-    for tag in _DEFAULT_TAGS[level]:
-        _add(ds, tag, None)
+    for tag in dict.fromkeys(t for lv in levels for t in _DEFAULT_TAGS[lv]):
+        if tag not in ds:
+            _add(ds, tag, None)
     return {tag: ds[tag] for tag in ds.keys()}
 
 

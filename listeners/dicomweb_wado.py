@@ -32,7 +32,8 @@ from engine.store.db import STREAM_MIN
 from engine.store.dicom import index as idx
 from listeners.dicom_store import file_meta
 from listeners.dicomweb_json import MAX_DEPTH, dataset_json
-from listeners.dicomweb_media import ANY, EXPLICIT_LE, FRAME_MEDIA, NotAcceptable
+from listeners.dicomweb_media import ANY, EXPLICIT_LE, FRAME_MEDIA, MediaRange, NotAcceptable, wanted_parts
+from listeners.dicomweb_media import single as single_type
 from transforms import dicom_codec as codec
 from transforms import dicom_transcode_stream as transcode_stream
 
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 OCTET = "application/octet-stream"
 MAX_FRAMES_PER_REQUEST = 4096
+PIXEL_DATA = 0x7FE00010
 STREAM_FROM = 4 * 1024 * 1024  # stored instances from this size go out chunk by chunk
 _BYTE_RANGE = re.compile(r"^([0-9]{0,18})-([0-9]{0,18})$")  # first-pos "-" last-pos, or "-" suffix-length
 
@@ -214,6 +216,46 @@ def bulk_value(inst: Stored, path: int | Sequence[int]) -> tuple[bytes, str]:
     raise KeyError(steps[0])
 
 
+@dataclass(frozen=True)
+class Bulk:
+    """Bulk data on its way out: ``parts`` of ``media_type`` (with ``transfer_syntax`` for Pixel
+    Data, None for other values), ``single`` when Accept asked for no multipart response."""
+
+    parts: list[bytes]
+    media_type: str
+    transfer_syntax: str | None
+    single: bool
+
+
+def bulk(inst: Stored, path: Sequence[int], ranges: Sequence[MediaRange]) -> Bulk:
+    """The bulk data at ``path`` in the form Accept asks for (PS3.18 8.7.3.3.2, Table 8.7.3-5).
+
+    Pixel Data of an encapsulated instance goes through ``frames`` (the /frames resource's one
+    mechanism): application/octet-stream is the decoded native pixel data in Explicit VR Little
+    Endian, one part of all frames; a compressed media type (image/jp2, image/jpeg...) or
+    ``type="*/*"; transfer-syntax=*`` gives the frames as stored, one part per frame with its
+    ``transfer-syntax``; never the item-tag encoding. Any other value goes as stored, as
+    application/octet-stream. Raises KeyError, NotAcceptable, TranscodeError.
+    """
+    try:
+        wanted, single = wanted_parts(ranges, OCTET), False
+    except NotAcceptable:
+        single_type(ranges, (OCTET,))  # a single part: application/octet-stream, else 406
+        wanted, single = [(OCTET, None)], True
+    if list(path) == [PIXEL_DATA] and UID(inst.transfer_syntax).is_compressed:
+        count = _frame_count(dcmread(io.BytesIO(inst.part10), stop_before_pixels=True))
+        got, media_type, ts = frames(inst, range(1, count + 1), wanted)
+        if media_type == OCTET:
+            got = [b"".join(got)]  # the native value is one part (the frames back to back)
+        elif single:
+            raise NotAcceptable("compressed pixel data is given as multipart/related, one part per frame")
+        return Bulk(got, media_type, ts, single)
+    value, _vr = bulk_value(inst, path)
+    if not any(p in (OCTET, "*/*", "*", "application/*") for p, _ts in wanted):
+        raise NotAcceptable("bulk data is given as application/octet-stream")
+    return Bulk([value], OCTET, None, single)
+
+
 def _frame_count(ds: Dataset) -> int:
     try:
         return max(1, int(ds.get("NumberOfFrames", 1) or 1))
@@ -283,7 +325,15 @@ def _decoded_frames(inst: Stored, ds: Dataset, numbers: Sequence[int], count: in
     from pydicom.pixels import pixel_array
 
     out = []
+    native = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * int(ds.BitsAllocated) // 8
+    if native * len(numbers) > codec.MAX_WHOLE_BYTES:
+        raise codec.TranscodeError(f"more than {codec.MAX_WHOLE_BYTES} bytes of decoded frames in one response")
     try:
+        if count > 1 and list(numbers) == list(range(1, count + 1)):  # all of them: one decode, not one each
+            arr = pixel_array(io.BytesIO(inst.part10))
+            whole = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+            size = len(whole) // count
+            return [whole[n * size:(n + 1) * size] for n in range(count)]
         for n in numbers:
             arr = pixel_array(io.BytesIO(inst.part10), index=n - 1 if count > 1 else None)
             out.append(arr.astype(arr.dtype.newbyteorder("<")).tobytes())
