@@ -562,8 +562,14 @@ class DicomWebApi:
             path = wado.parse_bulk_path(request.path_params["tag"])
         except ValueError as e:
             raise DicomWebError(404, str(e)) from None
-        inst = await self._one(request)
         ranges = media.parse_accept(request.headers.get("accept"))
+        if path == [wado.PIXEL_DATA] and "range" not in request.headers:
+            pp = request.path_params
+            streamed = await self._run(wado.streamed_pixels, self.ctx, self._uid(pp["instance"]), ranges,
+                                       study_uid=self._uid(pp["study"]), series_uid=self._uid(pp["series"]))
+            if streamed is not None:  # large and encapsulated, asked for decoded: frame by frame
+                return await self._stream_bulk(request, actor, streamed)
+        inst = await self._one(request)
         try:
             got = await self._run(wado.bulk, inst, path, ranges)  # encapsulated Pixel Data: as /frames
         except KeyError:
@@ -581,6 +587,36 @@ class DicomWebApi:
                                else f"{got.media_type}; transfer-syntax={got.transfer_syntax}")
         body = b"".join(head + p + b"\r\n" for p in got.parts) + media.closing(boundary)
         return Response(body, media_type=media.multipart_type(boundary, got.media_type))
+
+    async def _stream_bulk(self, request: Request, actor: str, got: wado.StreamedBulk) -> Response:
+        """Decoded Pixel Data sent as it is decoded; the first frame before the status line, so a
+        frame that cannot be decoded is 406, a later one cuts the connection (audited as failed)."""
+        try:
+            first = await self._run(next, got.chunks, b"")
+        except TranscodeError as e:
+            self._transcode_failed(got.ref, str(e))
+            raise DicomWebError(406, "the pixel data cannot be decoded for the media type asked") from None
+        boundary = media.new_boundary()
+
+        async def body() -> AsyncIterator[bytes]:
+            done = False
+            try:
+                if not got.single:
+                    yield media.part_head(boundary, f"{wado.OCTET}; transfer-syntax={wado.EXPLICIT_LE}")
+                yield first
+                async for chunk in self._chunks(got.chunks):
+                    yield chunk
+                if not got.single:
+                    yield b"\r\n" + media.closing(boundary)
+                done = True
+            finally:
+                self._audit("dicomweb.retrieve", request, actor,
+                            {"level": "IMAGE", "what": "bulkdata", "instances": int(done), "failed": int(not done)},
+                            "success" if done else "failure")
+
+        if got.single:
+            return StreamingResponse(body(), media_type=wado.OCTET, headers={"Content-Length": str(got.length)})
+        return StreamingResponse(body(), media_type=media.multipart_type(boundary, wado.OCTET))
 
     def _single_octets(self, request: Request, value: bytes) -> Response:
         """application/octet-stream, with a byte range when asked (PS3.18 8.3.5.2, RFC 9110 14)."""

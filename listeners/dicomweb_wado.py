@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import itertools
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -124,12 +124,8 @@ def _converted(ctx: ComponentContext, found: idx.Located, accepted: Sequence[str
     if target not in codec.UNCOMPRESSED:
         return None
 
-    def open_dataset() -> Iterator[bytes]:
-        with ctx.store.engine.connect() as c:
-            return stream_send.split_part10(idx.instance_chunks(c, ctx.store, found))[1]
-
     try:
-        plan = transcode_stream.plan(open_dataset, stored, target)
+        plan = transcode_stream.plan(_data_set_opener(ctx, found), stored, target)
     except codec.TranscodeError:
         return None  # the whole path says why (406, or a part left out)
     if plan is None:
@@ -137,6 +133,16 @@ def _converted(ctx: ComponentContext, found: idx.Located, accepted: Sequence[str
     log.info("dicom.transcoded", stored=stored, sent=target, streamed=True, frames=plan.frames)
     head = file_meta(found.ref.sop_class_uid, found.ref.sop_uid, target)
     return Fetched(found.ref, None, itertools.chain((head,), plan.open()), target)
+
+
+def _data_set_opener(ctx: ComponentContext, found: idx.Located) -> Callable[[], Iterator[bytes]]:
+    """Opens the stored instance's data set chunks afresh (a conversion plan reads it more than once)."""
+
+    def open_dataset() -> Iterator[bytes]:
+        with ctx.store.engine.connect() as c:
+            return stream_send.split_part10(idx.instance_chunks(c, ctx.store, found))[1]
+
+    return open_dataset
 
 
 def accepted_syntaxes(wanted: Sequence[tuple[str, str | None]]) -> list[str]:
@@ -237,11 +243,7 @@ def bulk(inst: Stored, path: Sequence[int], ranges: Sequence[MediaRange]) -> Bul
     ``transfer-syntax``; never the item-tag encoding. Any other value goes as stored, as
     application/octet-stream. Raises KeyError, NotAcceptable, TranscodeError.
     """
-    try:
-        wanted, single = wanted_parts(ranges, OCTET), False
-    except NotAcceptable:
-        single_type(ranges, (OCTET,))  # a single part: application/octet-stream, else 406
-        wanted, single = [(OCTET, None)], True
+    wanted, single = bulk_wanted(ranges)
     if list(path) == [PIXEL_DATA] and UID(inst.transfer_syntax).is_compressed:
         count = _frame_count(dcmread(io.BytesIO(inst.part10), stop_before_pixels=True))
         got, media_type, ts = frames(inst, range(1, count + 1), wanted)
@@ -254,6 +256,51 @@ def bulk(inst: Stored, path: Sequence[int], ranges: Sequence[MediaRange]) -> Bul
     if not any(p in (OCTET, "*/*", "*", "application/*") for p, _ts in wanted):
         raise NotAcceptable("bulk data is given as application/octet-stream")
     return Bulk([value], OCTET, None, single)
+
+
+def bulk_wanted(ranges: Sequence[MediaRange]) -> tuple[list[tuple[str, str | None]], bool]:
+    """The parts bulk data may go in, and whether Accept asked for a single part (octet-stream)."""
+    try:
+        return wanted_parts(ranges, OCTET), False
+    except NotAcceptable:
+        single_type(ranges, (OCTET,))  # a single part: application/octet-stream, else 406
+        return [(OCTET, None)], True
+
+
+@dataclass(frozen=True)
+class StreamedBulk:
+    """A large encapsulated instance's Pixel Data decoded frame by frame as it is read."""
+
+    ref: idx.InstanceRef
+    chunks: Iterator[bytes]
+    length: int
+    single: bool
+
+
+def streamed_pixels(ctx: ComponentContext, sop_uid: str, ranges: Sequence[MediaRange], *, study_uid: str,
+                    series_uid: str) -> StreamedBulk | None:
+    """Pixel Data bulk data of a large (``STREAM_MIN``) encapsulated instance asked for as
+    application/octet-stream: its native value decoded frame by frame as the blob is read
+    (``transforms.dicom_transcode_stream``, the conversion WADO-RS instances use), memory about a
+    frame. None: not that case, or no frame-by-frame plan for it (``bulk`` reads it whole)."""
+    wanted, single = bulk_wanted(ranges)
+    with ctx.store.engine.connect() as conn:
+        found = idx.locate(conn, sop_uid, study_uid, series_uid)
+    if found is None or found.size < STREAM_MIN or found.revised:
+        return None
+    stored = UID(found.ref.transfer_syntax)
+    if not stored.is_compressed or frame_form(stored, wanted)[0] != "decoded":
+        return None
+
+    try:
+        plan = transcode_stream.plan(_data_set_opener(ctx, found), stored, EXPLICIT_LE)
+    except codec.TranscodeError:
+        return None  # the whole path says why (406)
+    if plan is None:
+        return None
+    log.info("dicom.transcoded", stored=str(stored), sent=EXPLICIT_LE, streamed=True, frames=plan.frames,
+             what="bulkdata")
+    return StreamedBulk(found.ref, plan.pixel_value(), plan.length, single)
 
 
 def _frame_count(ds: Dataset) -> int:
@@ -302,22 +349,32 @@ def frames(inst: Stored, numbers: Sequence[int], wanted: Sequence[tuple[str, str
     count = _frame_count(ds)
     if any(n > count for n in numbers):
         raise KeyError("frame")
+    form, media_type, out_ts = frame_form(ts, wanted)
+    if form == "native":
+        return _native_frames(ds, numbers), media_type, out_ts
+    if form == "stored":
+        from pydicom.encaps import generate_frames
+
+        all_frames = list(generate_frames(ds.PixelData, number_of_frames=count))
+        return [all_frames[n - 1] for n in numbers], media_type, out_ts
+    return _decoded_frames(inst, ds, numbers, count), media_type, out_ts
+
+
+def frame_form(ts: UID, wanted: Sequence[tuple[str, str | None]]) -> tuple[str, str, str]:
+    """How frames of a ``ts`` instance go for ``wanted``: ("native", octet-stream, ts) sliced from
+    uncompressed little endian pixel data, ("stored", its media type, ts) compressed as stored, or
+    ("decoded", octet-stream, Explicit VR Little Endian). Raises NotAcceptable."""
     stored_media = FRAME_MEDIA.get(ts, OCTET) if ts.is_compressed else OCTET
     for part, want_ts in wanted:
         as_stored = want_ts in (ANY, str(ts)) and part in (stored_media, "*/*", "*")
         if as_stored and not ts.is_compressed and not ts.is_little_endian:
             as_stored = False
         if as_stored or (part == stored_media and want_ts is None and ts.is_compressed):
-            if not ts.is_compressed:
-                return _native_frames(ds, numbers), OCTET, str(ts)
-            from pydicom.encaps import generate_frames
-
-            all_frames = list(generate_frames(ds.PixelData, number_of_frames=count))
-            return [all_frames[n - 1] for n in numbers], stored_media, str(ts)
+            return ("stored", stored_media, str(ts)) if ts.is_compressed else ("native", OCTET, str(ts))
         if part in (OCTET, "*/*", "*", "application/*") and want_ts in (None, EXPLICIT_LE, ANY):
             if not ts.is_compressed and ts.is_little_endian:
-                return _native_frames(ds, numbers), OCTET, EXPLICIT_LE
-            return _decoded_frames(inst, ds, numbers, count), OCTET, EXPLICIT_LE
+                return "native", OCTET, EXPLICIT_LE
+            return "decoded", OCTET, EXPLICIT_LE
     raise NotAcceptable("the frames cannot be given in any media type of Accept")
 
 

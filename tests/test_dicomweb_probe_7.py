@@ -45,8 +45,10 @@ OCTET_LE = 'multipart/related; type="application/octet-stream"; transfer-syntax=
 def web(tmp_path_factory):
     d = tmp_path_factory.mktemp("probe7")
     files, data = [], {}
-    for n, name in enumerate((J2K, JPEG_MF, J2K)):
+    for n, name in enumerate((J2K, JPEG_MF, J2K, J2K)):
         ds = dcmread(data_file(name))
+        if n == 3:  # past STREAM_MIN (16 MiB) by a private value before Pixel Data: decoded as it is read
+            ds.private_block(0x0009, "MEDRELAY PROBE7", create=True).add_new(0x10, "OB", bytes(17 << 20))
         ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.PatientName, ds.PatientID = f"PROBE7^N{n}", f"P7-{n}"
@@ -60,7 +62,7 @@ def web(tmp_path_factory):
     host, port = e.address("web")
     e.url = f"http://{host}:{port}/dicom-web"
     e.client = DICOMwebClient(url=e.url, headers=AUTH)
-    e.j2k, e.jpeg, e.other = data[f"{J2K}#0"], data[f"{JPEG_MF}#1"], data[f"{J2K}#2"]
+    e.j2k, e.jpeg, e.other, e.big = data[f"{J2K}#0"], data[f"{JPEG_MF}#1"], data[f"{J2K}#2"], data[f"{J2K}#3"]
     yield e
     e.stop()
 
@@ -172,6 +174,21 @@ def test_single_part_and_byte_range_of_encapsulated_pixel_data_are_of_the_decode
     assert r.content == want[100:200]
 
 
+def test_large_encapsulated_pixel_data_is_decoded_frame_by_frame_as_it_is_read(web):
+    """A 17 MiB JPEG 2000 instance (STREAM_MIN): the decoded value streamed (chunked, not read
+    whole), single-part with its length; before: the item-tag stream."""
+    url = _inst(web, web.big) + "/bulkdata/7FE00010"
+    want = _native(web.big)
+    r = _get(url, OCTET_LE)
+    assert r.status_code == 200, r.text[:300]
+    assert r.headers.get("transfer-encoding") == "chunked"  # a StreamingResponse: part by part
+    assert _parts(r) == [("application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1", want)]
+    r = _get(url, "application/octet-stream")
+    assert r.status_code == 200 and r.headers["content-length"] == str(len(want)) and r.content == want
+    r = _get(url, 'multipart/related; type="image/jp2"')  # as stored: read whole, one part per frame
+    assert [b for _, b in _parts(r)] == list(generate_frames(web.big.PixelData, number_of_frames=10))
+
+
 # -- finding 2: QIDO-RS default attributes of the levels above ----------------------------------
 
 STUDY_KEYS = {"0020000D", "00080020", "00100010", "00100020", "00080050"}  # Study UID, Date, Name, ID, Accession
@@ -220,9 +237,10 @@ def test_a_studys_instances_return_the_series_level_attributes_only(web):
 
 def test_includefield_and_paging_still_work_on_all_instances(web):
     rows = _search(web, "/instances", PatientName="PROBE7*", includefield="00080008,PatientSex")
-    assert len(rows) == 3
+    assert len(rows) == 4
     assert all({"00080008", "00100040"} <= set(r) and STUDY_KEYS <= set(r) for r in rows)
     pages = [_search(web, "/instances", PatientName="PROBE7*", limit="2", offset=str(o)) for o in (0, 2)]
-    assert [len(p) for p in pages] == [2, 1]
+    assert [len(p) for p in pages] == [2, 2]
     uids = {r["00080018"]["Value"][0] for p in pages for r in p}
-    assert uids == {web.j2k.SOPInstanceUID, web.jpeg.SOPInstanceUID, web.other.SOPInstanceUID}
+    assert uids == {web.j2k.SOPInstanceUID, web.jpeg.SOPInstanceUID, web.other.SOPInstanceUID,
+                    web.big.SOPInstanceUID}

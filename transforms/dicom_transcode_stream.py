@@ -166,6 +166,20 @@ class Plan:
         finally:
             reader.close()
 
+    def pixel_value(self) -> Iterator[bytes]:
+        """Only the converted Pixel Data value, ``length`` bytes (the frames back to back): no
+        header, padding or trailing elements (WADO-RS bulk data); afresh each call, as ``open``."""
+        chunks = self.open()
+        try:
+            next(chunks)  # the elements before Pixel Data and its element header
+            left = self.length
+            while left > 0:
+                piece = next(chunks)[:left]
+                left -= len(piece)
+                yield piece
+        finally:
+            chunks.close()  # the reader is closed; the trailing elements are never read
+
     def _decoded(self, reader: _Reader) -> Iterator[bytes]:
         start = reader.offset
         frames = self._frame_fragments(reader, start)
