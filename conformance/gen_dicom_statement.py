@@ -55,6 +55,16 @@ def _ts_table(uids: tuple[str, ...]) -> list[str]:
     return rows
 
 
+SUBOP_FINAL = (
+    "The final response follows PS3.4 C.4.2.3.1 / C.4.3.3.1: Success when every sub-operation "
+    "succeeded; Warning 0xB000 when some failed or had a warning and others did not; Failure 0xC000 when "
+    "every one was attempted and failed, whatever the cause (no storage context, a conversion that "
+    "cannot be done, a stored instance that does not open, the peer refusing the C-STORE). Failed ones "
+    "are counted in Number of Failed Sub-operations and listed in the Failed SOP Instance UID List "
+    "(0008,0058), the response's identifier; 0xA702 is not sent. Each is logged (and audited) as failed, "
+    "never as sent.")
+
+
 def _status_table(service: str) -> list[str]:
     rows = ["| Code | Category | Meaning | Reference | Sent when |", "|---|---|---|---|---|"]
     for s in TABLES[service].values():
@@ -458,6 +468,8 @@ def render() -> str:
         "converted (section 3.8). An instance that cannot be converted is a failed sub-operation "
         "(never counted as completed).",
         "",
+        SUBOP_FINAL,
+        "",
         *_status_table("C-MOVE"),
         "",
         "### 3.5 Query/Retrieve SCP: C-GET",
@@ -471,6 +483,11 @@ def render() -> str:
         "lossless where installed); so a requestor preferring the stored syntax gets the instance as "
         "stored, and one that proposes each syntax in a context of its own gets the stored one whenever it "
         "proposed it.",
+        "",
+        SUBOP_FINAL + " DCMTK getscu (3.6.7, `DcmSCU`) does not read the data set of a C-GET response, so "
+        "after a final 0xB000 or 0xC000 it finds the Failed SOP Instance UID List unread when it releases "
+        "(`DUL P-Data PDU arrived`) and aborts; nothing else is sent after the final response, and "
+        "movescu and pynetdicom read the list and release normally.",
         "",
         *_status_table("C-GET"),
         "",

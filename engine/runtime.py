@@ -204,7 +204,7 @@ class Runtime:
             self.keeper.want("alerts")  # the store-wide checks: one engine; each watches its own listeners
             self.alerts = AlertMonitor(s.alerts, self.store, routes=lambda: list(self.routes),
                                        down_channels=self._down_channels, attempts=self._attempt_counts,
-                                       shared=self._held("alerts"))
+                                       engine_id=self.keeper.holder, shared=self._held("alerts"))
             self.alerts.start()
         limits = {name: ch.retention for name, ch in s.channels.items() if ch.retention is not None}
         if limits:

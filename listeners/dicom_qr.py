@@ -196,6 +196,7 @@ class QueryRetrieve:
 
             kwargs["tls_args"] = (client_context(peer.tls), peer.tls.server_name or peer.host)
         yield peer.host, peer.port, kwargs
+        final_status(event, MOVE)
         try:
             if failed_status:
                 tally.refused = True
@@ -224,6 +225,7 @@ class QueryRetrieve:
         assoc = make_raw_aware(event.assoc)
         tally = Tally(len(refs))
         restore = count_stores(assoc, tally)
+        final_status(event, GET)
         try:
             yield len(refs)
             yield from self._suboperations(event, refs, GET)
@@ -305,6 +307,35 @@ def count_stores(assoc: Any, tally: Tally) -> Callable[[], None]:
         assoc.send_c_store = previous
 
     return restore
+
+
+def final_status(event: Any, table: Mapping[str, Any]) -> None:
+    """Give the final C-GET / C-MOVE response of ``event`` the status PS3.4 C.4.2.3.1 / C.4.3.3.1
+    asks for when every sub-operation was attempted and failed: a Failure, ``table["all_failed"]``
+    (0xC000, with an Error Comment), where pynetdicom sends 0xA702 "Refused: Out of Resources -
+    Unable to perform sub-operations", which says the SCP could not start them. Whatever made them
+    fail (no context the requestor accepted for the class or syntax, a conversion that cannot be
+    done, a stored blob that does not open, the peer refusing the C-STORE), they are attempted
+    sub-operations, in Number of Failed Sub-operations and the Failed SOP Instance UID List.
+    Some failed and some not stays pynetdicom's 0xB000. pynetdicom sends the final response after
+    the handler's generator has ended, so this wraps the association's ``send_msg`` until that
+    response (this request's Message ID, not Pending) has gone, and then puts it back."""
+    dimse = event.assoc.dimse
+    previous = dimse.send_msg
+    msg_id = event.request.MessageID
+
+    def send_msg(primitive: Any, context_id: int) -> Any:
+        if getattr(primitive, "MessageIDBeingRespondedTo", None) == msg_id and isinstance(
+                getattr(primitive, "Status", None), int) and primitive.Status not in (0xFF00, 0xFF01):
+            dimse.send_msg = previous  # the final response: later messages go out unchanged
+            failed = primitive.NumberOfFailedSuboperations or 0
+            if primitive.Status == 0xA702 and failed and not (primitive.NumberOfCompletedSuboperations
+                                                               or primitive.NumberOfWarningSuboperations):
+                primitive.Status = table["all_failed"].code
+                primitive.ErrorComment = f"all {failed} sub-operations failed"[:64]
+        return previous(primitive, context_id)
+
+    dimse.send_msg = send_msg
 
 
 def _printable(value: str) -> str:

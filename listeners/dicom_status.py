@@ -61,14 +61,20 @@ MOVE = {
     "cancel": _s(0xFE00, "Cancel", "Sub-operations terminated due to Cancel Indication",
                  "PS3.4 C.4.2.1.5", "C-CANCEL received"),
     "warning": _s(0xB000, "Warning", "Sub-operations Complete - One or more Failures",
-                  "PS3.4 C.4.2.1.5", "some sub-operations failed"),
+                  "PS3.4 C.4.2.1.5", "some sub-operations failed (for any of the reasons of 0xC000 below) "
+                  "and others were stored: counted and listed as for 0xC000"),
     "out_of_resources_count": _s(0xA701, "Failure", "Refused: Out of Resources - Unable to calculate "
                                  "number of matches", "PS3.4 C.4.2.1.5", "the index could not be read"),
-    "out_of_resources_subops": _s(0xA702, "Failure", "Refused: Out of Resources - Unable to perform "
-                                  "sub-operations", "PS3.4 C.4.2.1.5",
-                                  "all sub-operations failed or the destination could not be reached"),
+    "all_failed": _s(0xC000, "Failure", "Unable to process", "PS3.4 C.4.2.3.1, C.4.3.3.1",
+                     "every sub-operation was attempted and failed (Failure when all are unsuccessful): "
+                     "no storage context the requestor accepted for the class or a syntax the instance can "
+                     "be converted to, a conversion that cannot be done, a stored instance that does not "
+                     "open, or the peer refusing or aborting the C-STORE; counted in Number of Failed "
+                     "Sub-operations, listed in Failed SOP Instance UID List, Error Comment \"all N "
+                     "sub-operations failed\""),
     "unknown_destination": _s(0xA801, "Failure", "Refused: Move Destination unknown", "PS3.4 C.4.2.1.5",
-                              "Move Destination not in `move_destinations`"),
+                              "Move Destination not in `move_destinations`, or the association to it could not "
+                              "be established (nothing attempted)"),
     "mismatch": _s(0xA900, "Failure", "Identifier does not match SOP Class", "PS3.4 C.4.2.1.5",
                    "Query/Retrieve Level missing or not valid for the information model"),
     "unable": _s(0xC000, "Failure", "Unable to process", "PS3.4 C.4.2.1.5", "unexpected error"),

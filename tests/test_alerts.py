@@ -83,6 +83,31 @@ def test_dead_letter_fires_repeats_and_resolves(engine_factory, monkeypatch):
     assert len(rx.of("dead_letters", "resolved")) == 1
 
 
+def test_two_engines_on_one_host_are_told_apart(engine_factory, monkeypatch):
+    """Probe session 7 finding 5: with two engines on one host every payload said only the host
+    name. "engine" still is the host name; "engine_id" is the id each engine holds its leases under
+    (host:pid:random), different for the two."""
+    import socket
+
+    monkeypatch.setenv("HOOK_TOKEN", "t")
+    rx = Receiver()
+    try:
+        engines = []
+        for i in range(2):
+            engine_fakes.SCRIPT[f"alerts{i}"] = ["perm"]
+            engines.append(engine_factory(YAML.format(url=rx.url).replace("name: alerts", f"name: alerts{i}"),
+                                          subdir=f"e{i}"))
+            submit(engines[-1], b"one")
+        engines[0].wait_for(lambda: len(rx.of("dead_letters", "firing")) >= 2, timeout=30)
+        fired = rx.of("dead_letters", "firing")
+        assert {g["engine"] for g in fired} == {socket.gethostname()}  # unchanged meaning
+        holders = {e.runtime.keeper.holder for e in engines}
+        assert len(holders) == 2 and {g["engine_id"] for g in fired} == holders
+        assert all(h.startswith(socket.gethostname()[:48] + ":") for h in holders)
+    finally:
+        rx.server.shutdown()
+
+
 def test_webhook_down_then_back_loses_no_alert(engine_factory, monkeypatch):
     monkeypatch.setenv("HOOK_TOKEN", "t")
     rx = Receiver()
@@ -198,13 +223,13 @@ def test_lease_handover_neither_repeats_a_firing_alert_nor_loses_a_resolve(tmp_p
                 asyncio.run(m.step())
 
         turn(0)
-        assert [g["engine"] for g in rx.of("dead_letters", "firing")] == ["engine-0"]
+        assert [g["engine_id"] for g in rx.of("dead_letters", "firing")] == ["engine-0"]
         turn(1)  # still firing: engine-1 knows engine-0 sent it
         assert len(rx.of("dead_letters", "firing")) == 1 and rx.of("dead_letters", "resolved") == []
         _set_state(stores[0], "done")  # replayed and delivered while the lease moves on
         turn(2)
         resolved = rx.of("dead_letters", "resolved")
-        assert [g["engine"] for g in resolved] == ["engine-2"] and len(rx.of("dead_letters", "firing")) == 1
+        assert [g["engine_id"] for g in resolved] == ["engine-2"] and len(rx.of("dead_letters", "firing")) == 1
         turn(0)  # nothing left to say
         assert len(rx.got) == 2
     finally:
@@ -226,7 +251,7 @@ def test_one_engine_restarted_remembers_what_it_sent(sqlite_store):
         assert len(rx.of("dead_letters", "firing")) == 1
         _set_state(sqlite_store, "done")
         asyncio.run(_monitor(sqlite_store, rx, lambda: True, "restarted-again").step())
-        assert [g["engine"] for g in rx.of("dead_letters", "resolved")] == ["restarted-again"]
+        assert [g["engine_id"] for g in rx.of("dead_letters", "resolved")] == ["restarted-again"]
     finally:
         rx.server.shutdown()
 

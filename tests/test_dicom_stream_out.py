@@ -236,7 +236,7 @@ def test_stream_out_byte_identical_and_aborted_peer_is_a_retried_failure(engine_
         before = list(peer.received)
         out = movescu(port, study, "PEER", ok=False)
         assert peer.received == before
-        assert "Final Move Response (Refused: OutOfResourcesSubOperations)" in out, out[-2000:]  # 0xA702
+        assert "Final Move Response (Failed: UnableToProcess)" in out, out[-2000:]  # 0xC000: all failed
     finally:
         peer.stop()
         scp.stop()

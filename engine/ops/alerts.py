@@ -23,8 +23,9 @@ Payloads carry channel and route names, counts and thresholds, never message con
 A webhook that is down loses nothing: what could not be sent is tried again at the next
 evaluation. With several engines on one store, the queue checks (depth, age, dead letters)
 are made by one engine at a time, the holder of the ``alerts`` lease (``shared``); each
-engine still watches its own listeners and its own error rate, and says which it is
-(``engine``).
+engine still watches its own listeners and its own error rate, and says which it is:
+``engine`` is its host name, ``engine_id`` the id it holds its leases under (host:pid:random),
+which tells two engines on one host apart.
 
 The store-wide alerts' state (what is firing, when it was last sent, a resolve not yet
 delivered) is kept in the store (``engine.store.leases.lease_state`` under the ``alerts``
@@ -137,7 +138,11 @@ class AlertMonitor:
         self.routes = routes
         self.down_channels = down_channels
         self.attempts = attempts  # (failed, delivered) counters per route, cumulative
-        self.engine_id = engine_id or socket.gethostname()
+        # "engine" stays the host name (what it was); "engine_id" tells two engines on one host (or
+        # containers sharing a hostname) apart: the id this process holds its leases under
+        # (``leases.holder_id()``, host:pid:random, as ``medrelay`` logs it in lease.acquired)
+        self.host = socket.gethostname()
+        self.engine_id = engine_id or leases.holder_id()
         self.firing: dict[tuple[str, str, str], _Firing] = {}
         self._unsent_resolved: dict[tuple[str, str, str], dict[str, Any]] = {}
         self._last_attempts: dict[tuple[str, str], tuple[int, int]] = {}
@@ -198,7 +203,8 @@ class AlertMonitor:
     def _payload(self, status: str, key: tuple[str, str, str], f: _Firing, now: float) -> dict[str, Any]:
         kind, channel, route = key
         return {"status": status, "alert": kind, "channel": channel, "route": route or None,
-                "value": f.value, "threshold": f.threshold, "since": f.since, "at": now, "engine": self.engine_id}
+                "value": f.value, "threshold": f.threshold, "since": f.since, "at": now, "engine": self.host,
+                "engine_id": self.engine_id}
 
     async def step(self, now: float | None = None) -> None:
         """One evaluation: new alerts fire, old ones repeat or resolve."""
