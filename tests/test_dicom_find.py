@@ -261,3 +261,19 @@ def test_retired_ultrasound_image_storage_is_stored_and_found(tmp_path):
         assert [(r.SOPInstanceUID, r.SOPClassUID) for r in res] == [(ds.SOPInstanceUID, ds.SOPClassUID)]
     finally:
         e.stop()
+
+
+def test_image_level_returns_rows_columns_and_number_of_frames(archive):
+    """Rows, Columns and NumberOfFrames are instance keys (and QIDO-RS instance defaults, PS3.18
+    Table 10.6.3-5); before, the index kept them nowhere and every answer had them empty."""
+    _, ds, _ = archive
+    for name in ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "693_UNCI.dcm"):
+        src = ds[name]
+        res = q(archive, "IMAGE", {"StudyInstanceUID": src.StudyInstanceUID, "SeriesInstanceUID": src.SeriesInstanceUID,
+                                   "SOPInstanceUID": src.SOPInstanceUID, "Rows": "", "Columns": "",
+                                   "NumberOfFrames": ""})
+        assert len(res) == 1, name
+        assert (res[0].Rows, res[0].Columns) == (src.Rows, src.Columns), name
+        frames = src.get("NumberOfFrames")
+        got = int(res[0].NumberOfFrames) if res[0].NumberOfFrames else None
+        assert got == (int(frames) if frames else None), name

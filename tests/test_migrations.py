@@ -56,3 +56,18 @@ def test_an_engine_older_than_the_schema_refuses_to_start(store):
         c.execute(insert(schema.schema_version).values(version=SCHEMA_VERSION + 1, applied_at=0.0))
     with pytest.raises(SchemaTooNew, match=f"version {SCHEMA_VERSION + 1}, newer than"):
         store.migrate()
+
+
+def test_a_version_4_store_gets_the_instance_dimensions_in_one_additive_step(store):
+    """v5 adds dicom_instances.image_rows / image_columns / number_of_frames to a store of v4
+    (its rows keep NULL there: C-FIND and QIDO-RS then leave the three out, as before)."""
+    from sqlalchemy import delete, inspect, text
+
+    with store.engine.begin() as conn:
+        for col in ("image_rows", "image_columns", "number_of_frames"):
+            conn.execute(text(f"ALTER TABLE dicom_instances DROP COLUMN {col}"))
+        conn.execute(delete(schema.schema_version).where(schema.schema_version.c.version >= 5))
+    assert store.migrate() == SCHEMA_VERSION
+    with store.engine.connect() as conn:
+        cols = {c["name"] for c in inspect(conn).get_columns("dicom_instances")}
+    assert {"image_rows", "image_columns", "number_of_frames"} <= cols

@@ -35,7 +35,7 @@ from engine.store.prepared import Prepared
 
 log = structlog.get_logger()
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 INLINE_MAX = 256 * 1024  # payloads above this go to files beside the database
 # Payloads from this size on are sealed in authenticated 1 MiB chunks (engine/security/stream.py):
 # no 2 GiB cap of one AES-GCM call, and readable chunk by chunk. Smaller ones stay one-shot (the
@@ -418,4 +418,16 @@ def _step4_login_failures(conn: Connection) -> None:
     console_login_failures.create(conn, checkfirst=True)
 
 
-_STEPS: dict[int, Any] = {2: _step2_coalesce_key, 3: _step3_lease_owner, 4: _step4_login_failures}
+def _step5_instance_dimensions(conn: Connection) -> None:
+    """v5: dicom_instances.image_rows / image_columns / number_of_frames (Rows, Columns and
+    NumberOfFrames in C-FIND and QIDO-RS answers; instances indexed before stay without them)."""
+    from sqlalchemy import inspect, text
+
+    cols = {c["name"] for c in inspect(conn).get_columns("dicom_instances")}
+    for name in ("image_rows", "image_columns", "number_of_frames"):
+        if name not in cols:
+            conn.execute(text(f"ALTER TABLE dicom_instances ADD COLUMN {name} INTEGER"))
+
+
+_STEPS: dict[int, Any] = {2: _step2_coalesce_key, 3: _step3_lease_owner, 4: _step4_login_failures,
+                          5: _step5_instance_dimensions}

@@ -94,8 +94,9 @@ DERIVED = {
 CLEAR_COLUMNS = (("StudyInstanceUID", "study_uid"), ("StudyDate", "study_date"), ("StudyTime", "study_time"),
                  ("SeriesInstanceUID", "series_uid"), ("Modality", "modality"),
                  ("SeriesNumber", "series_number"), ("SOPInstanceUID", "sop_uid"),
-                 ("SOPClassUID", "sop_class_uid"), ("InstanceNumber", "instance_number"))
-CLEAR_BY_DEPTH = (0, 3, 6, 9)
+                 ("SOPClassUID", "sop_class_uid"), ("InstanceNumber", "instance_number"),
+                 ("Rows", "image_rows"), ("Columns", "image_columns"), ("NumberOfFrames", "number_of_frames"))
+CLEAR_BY_DEPTH = (0, 3, 6, 12)
 CLEAR_KEYWORDS = frozenset(kw for kw, _ in CLEAR_COLUMNS)
 INDEX_TAGS = sorted({kw for attrs in LEVEL_ATTRS.values() for kw in attrs})
 
@@ -297,8 +298,9 @@ _LOOKUP = select(  # the pks of the four levels in one round trip (None where mi
     select(instances.c.series_pk).where(instances.c.sop_uid == bindparam("sop")).scalar_subquery(),
 )
 _UPDATE_INSTANCE = update(instances).where(instances.c.pk == bindparam("old_pk"))
-_INSTANCE_COLUMNS = ("series_pk", "sop_uid", "sop_class_uid", "instance_number", "transfer_syntax", "message_id",
-                     "blob_id", "digest", "size", "channel", "archived", "received_at")
+_INSTANCE_COLUMNS = ("series_pk", "sop_uid", "sop_class_uid", "instance_number", "image_rows", "image_columns",
+                     "number_of_frames", "transfer_syntax", "message_id", "blob_id", "digest", "size", "channel",
+                     "archived", "received_at")
 _INSERT_INSTANCE = Prepared(insert(instances), _INSTANCE_COLUMNS)
 _FIND = Prepared(_LOOKUP)
 _INSERT_INTO_KNOWN_SERIES = Prepared(insert(instances).from_select(
@@ -369,7 +371,9 @@ def _instance_row(im: Mapping[str, Any], *, series_pk: int | None, transfer_synt
                   now: float) -> dict[str, Any]:
     return {
         "series_pk": series_pk, "sop_uid": im["SOPInstanceUID"], "sop_class_uid": im["SOPClassUID"],
-        "instance_number": _int(im.get("InstanceNumber")), "transfer_syntax": transfer_syntax,
+        "instance_number": _int(im.get("InstanceNumber")), "image_rows": _int(im.get("Rows")),
+        "image_columns": _int(im.get("Columns")), "number_of_frames": _int(im.get("NumberOfFrames")),
+        "transfer_syntax": transfer_syntax,
         "message_id": message_id, "blob_id": blob_id, "digest": digest, "size": size,
         "channel": channel, "archived": int(archived), "received_at": now,
     }
@@ -501,6 +505,7 @@ class Candidates:
             cols += [series.c.series_uid, series.c.modality, series.c.series_number]
         if self.depth >= 3:
             cols += [instances.c.sop_uid, instances.c.sop_class_uid, instances.c.instance_number,
+                     instances.c.image_rows, instances.c.image_columns, instances.c.number_of_frames,
                      instances.c.transfer_syntax]
         q = select(*cols).select_from(self._from())
         if self.narrow:

@@ -80,6 +80,11 @@ instances = Table(
     Column("sop_uid", String(64), nullable=False, unique=True),
     Column("sop_class_uid", String(64), nullable=False),
     Column("instance_number", Integer, nullable=True),
+    # Rows, Columns, NumberOfFrames: instance-level QIDO-RS defaults (PS3.18 Table 10.6.3-5) and
+    # C-FIND keys, kept in clear (image dimensions, not PHI); NULL in rows indexed before v5
+    Column("image_rows", Integer, nullable=True),
+    Column("image_columns", Integer, nullable=True),
+    Column("number_of_frames", Integer, nullable=True),
     Column("transfer_syntax", String(64), nullable=False),
     Column("message_id", String(32), nullable=False, index=True),
     Column("blob_id", String(64), nullable=True),  # set when filed by the store handler
