@@ -67,6 +67,8 @@ def ack_code(*, enhanced: bool, ok: bool, error: HL7Error | None = None) -> str:
     if ok:
         return "CA" if enhanced else "AA"
     code = error.code if error is not None else 207
+    if error is not None and error.reject:  # not one message at all: nothing of it was taken
+        return "CE" if enhanced else "AR"
     if enhanced:
         return "CR" if code in (200, 201, 202, 203) else "CE"
     return "AR" if code in REJECT_CODES else "AE"

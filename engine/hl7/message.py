@@ -80,12 +80,15 @@ class HL7Error(Exception):
     """
 
     def __init__(self, code: int, text: str, *, location: str | None = None,
-                 header: Header | None = None) -> None:
+                 header: Header | None = None, reject: bool = False) -> None:
         super().__init__(f"{code} {TABLE_0357.get(code, 'Error')}: {text}")
         self.code = code
         self.text = text
         self.location = location
         self.header = header
+        # A reject (AR) whatever the code: the payload is not one message at all (e.g. two
+        # messages in one MLLP frame), so it was not taken in any part (engine.hl7.ack.ack_code).
+        self.reject = reject
 
     @property
     def code_text(self) -> str:
@@ -249,6 +252,17 @@ def strip_preamble(payload: bytes) -> bytes:
         return payload
     start = message_start(payload)
     return payload[start:] if start else payload
+
+
+def message_count(payload: bytes, field_separator: str = "|") -> int:
+    """How many MSH segments ``payload`` holds: 1 for one message (0 when it has none at its start).
+
+    A segment starts after CR (or LF, which some senders end lines with), so ``MSH|`` inside a
+    field value does not count. Two memchr-speed scans, no parse: cheap enough for every frame.
+    """
+    fs = field_separator.encode("latin-1")
+    first = 1 if strip_preamble(payload)[:4] == b"MSH" + fs else 0
+    return first + payload.count(b"\rMSH" + fs) + payload.count(b"\nMSH" + fs)
 
 
 def wide_encoding(payload: bytes) -> str | None:
