@@ -107,7 +107,9 @@ def history_bundle(base: str, path: str, entries: list[HistoryEntry], total: int
 
 def response_bundle(btype: str, base: str, results: list[EntryResult], *, representation: bool
                     ) -> dict[str, Any]:
-    """transaction-response / batch-response; resources only with Prefer: return=representation."""
+    """transaction-response / batch-response. A GET entry answers with its resource (R4
+    http.html#transaction-response: "for a GET, the resource"); a write's resource only with
+    Prefer: return=representation, which governs what writes return."""
     entries = []
     for r in results:
         resp: dict[str, Any] = {"status": r.status_line}
@@ -121,7 +123,14 @@ def response_bundle(btype: str, base: str, results: list[EntryResult], *, repres
                 resp["location"] = f"{r.location}"
         if r.outcome is not None:
             resp["outcome"] = r.outcome
-        if representation and r.resource is not None:
+        if r.read and r.resource is not None:
+            meta = r.resource.get("meta") or {}
+            entry["fullUrl"] = f"{base}/{r.resource.get('resourceType')}/{r.resource.get('id')}"
+            if meta.get("versionId"):
+                resp["etag"] = etag(meta["versionId"])
+            if meta.get("lastUpdated"):
+                resp["lastModified"] = meta["lastUpdated"]
+        if (representation or r.read) and r.resource is not None:
             entry["resource"] = r.resource
         entries.append(entry)
     return {"resourceType": "Bundle", "type": f"{btype}-response", "entry": entries}

@@ -47,13 +47,22 @@ _WRITE_RULES = (
     "write), #id, urn:uuid:/urn:oid: (a fullUrl of the same Bundle) or an absolute http(s) URL to Type/id "
     "without . or .. segments; anything else is 400. Referential integrity is checked on every write: a "
     "relative reference to a stored type must name a resource (or version) that exists, or that the same "
-    "transaction writes, else 400 not-found; references to other types and absolute URLs are not checked.")
+    "transaction writes, else 400 not-found; references to other types and absolute URLs are not checked. "
+    "An update (PUT Type/id) must carry that id in the body: none, or another one, is 400. Narrative "
+    "(every text.div, contained resources too) must be an XHTML div in the XHTML namespace with only the "
+    "elements and attributes of txt-1 (no script, forms, frames, objects, event handler attributes, "
+    "javascript:/vbscript: or non-image data: URLs, style that loads or runs something) and some content "
+    "(txt-2); no DOCTYPE, entity declarations or processing instructions; else 400 invariant naming the path.")
 _BUNDLE_RULES = (
     "Transaction (all or nothing) and batch (each entry on its own); entries processed DELETE, POST, PUT, GET "
     "(R4 3.1.0.11.2). Two entries with the same fullUrl are 400 naming both (bdl-7; stricter than bdl-7's "
     "versionId exception, since a reference to that fullUrl would be ambiguous), as are two writes of one "
     "resource or two conditional writes with one condition. References between entries (urn:uuid: fullUrls) "
-    "are resolved; one to an entry that is not in the Bundle is 400.")
+    "are resolved; one to an entry that is not in the Bundle is 400. A resource may be the target of one "
+    "entry only (a PUT and a DELETE of one id is 400 duplicate, R4 http.html#trules). GET entries read "
+    "(Type/id, Type/id/_history/vid) and answer with the resource whatever Prefer: return says (it governs "
+    "writes); searches (Type?query) are not supported inside a Bundle: such an entry is 400 not-supported "
+    "(in a batch, that entry alone). A DELETE of an id that never existed is 204, as one of a deleted resource.")
 _WRITE_INTERACTIONS = ["read", "vread", "update", "delete", "history-instance", "history-type", "create",
                        "search-type"]
 

@@ -271,7 +271,7 @@ def test_document_reference_with_large_inline_data_is_stored_as_a_binary(tmp_pat
     nothing (same Binary id, no new version)."""
     s = FhirServer(tmp_path / "inline", max_body_bytes=16 * MIB).start()
     pdf = pdf_bytes(5 * MIB, b"inline")
-    doc = {"resourceType": "DocumentReference", "status": "current",
+    doc = {"resourceType": "DocumentReference", "id": "doc-inline-1", "status": "current",  # an update names its id
            "content": [{"attachment": {"contentType": "application/pdf", "title": "scan",
                                        "data": base64.b64encode(pdf).decode()}},
                        {"attachment": {"contentType": "text/plain", "data": base64.b64encode(b"small").decode()}}]}

@@ -57,6 +57,7 @@ class EntryResult:
     written: Written | None = None
     resource: dict[str, Any] | None = None
     outcome: dict[str, Any] | None = None
+    read: bool = False  # a GET entry: its resource is the answer, whatever Prefer: return says
 
     @property
     def status_line(self) -> str:
@@ -163,8 +164,11 @@ def check_op(op: Op) -> None:
             raise FhirError(400, "invalid", "POST goes to the type (Type), not an instance or a query")
         if op.method == "PUT" and op.id is None and op.query is None:
             raise FhirError(405, "not-supported", "PUT needs Type/id or Type?query")
-        if op.method == "PUT" and op.id is not None and op.resource.get("id") not in (None, op.id):
-            raise FhirError(400, "invalid", "the resource id does not match the id in the URL")
+        if op.method == "PUT" and op.id is not None and op.resource.get("id") != op.id:
+            # R4 http.html#update: no id, or one that disagrees with the URL, SHALL be 400
+            text = ("the resource has no id; an update must carry the id of the URL" if "id" not in op.resource
+                    else "the resource id does not match the id in the URL")
+            raise FhirError(400, "invalid", text, issues=[_issue("invalid", f"{op.type}.id: {text}", f"{op.type}.id")])
     elif op.method == "DELETE" and op.id is None and op.query is None:
         raise FhirError(405, "not-supported", "DELETE needs Type/id or Type?query")
     elif op.method == "GET" and (op.id is None or op.query is not None):
@@ -230,7 +234,7 @@ def _plan(fs: FhirStore, conn: Connection, op: Op, lock: bool = False) -> _Plan:
     else:
         plan.id = op.id
         if op.method == "DELETE" and fs.current(conn, op.type, op.id or "") is None:
-            raise FhirError(404, "not-found", f"{op.type}/{op.id} is not known")
+            plan.skip = True  # R4 http.html#delete: a resource that never existed is deleted already (204)
     if op.if_match is not None and op.method in ("PUT", "DELETE"):  # checked again by the write itself
         row = fs.current(conn, op.type, plan.id) if plan.id is not None else None
         check_if_match(op.if_match, row, f"{op.type}/{plan.id}" if plan.id else f"the {op.type} the query names")
@@ -317,14 +321,14 @@ def _execute(fs: FhirStore, conn: Connection, plan: _Plan, message_id: str | Non
         return EntryResult(200, plan.matched, plan.matched.resource)
     if op.method == "DELETE":
         if plan.skip or plan.id is None:
-            return EntryResult(204)
+            return EntryResult(204)  # nothing matched, or a DELETE of an id never known
         return EntryResult(204, fs.delete(conn, op.type, plan.id, if_match=op.if_match, message_id=message_id))
     if op.method == "GET":
         if op.version is not None:
             body, _ = fs.vread(conn, op.type, op.id or "", op.version)
         else:
             _, body = fs.read(conn, op.type, op.id or "")
-        return EntryResult(200, resource=body)
+        return EntryResult(200, resource=body, read=True)
     body = plan.resource if plan.resource is not None else op.resource
     assert body is not None
     w = fs.write(conn, op.type, plan.id, body, if_match=op.if_match, message_id=message_id,
@@ -354,11 +358,11 @@ def prepare(fs: FhirStore, conn: Connection, ops: list[Op], lock: bool = False) 
             if key in conditions:
                 raise FhirError(400, "duplicate", f"two {op.method} entries for {op.type} share one condition")
             conditions.add(key)
+        if op.id is not None and op.query is None:  # R4 http.html#trules: one entry per resource, checked
+            _once(targets, op.type, op.id)       # before the DELETE's target is looked up (a PUT may create it)
         plan = plans[i] = _plan(fs, conn, op, lock)
-        if plan.id is not None and plan.matched is None:
-            if (op.type, plan.id) in targets:
-                raise FhirError(400, "duplicate", f"{op.type}/{plan.id} is changed twice in one transaction")
-            targets.add((op.type, plan.id))
+        if plan.id is not None and plan.matched is None and plan.id != op.id:
+            _once(targets, op.type, plan.id)
         if op.full_url and plan.id is not None:
             mapping[op.full_url] = f"{op.type}/{plan.id}"
     written = frozenset((p.op.type, p.id) for p in plans.values() if p.id and p.op.method in ("POST", "PUT"))
@@ -368,6 +372,13 @@ def prepare(fs: FhirStore, conn: Connection, ops: list[Op], lock: bool = False) 
         if plan.op.resource is not None and plan.matched is None:
             plan.resource = _resolved(plan.op, resolve, mapping)
     return order, plans
+
+
+def _once(targets: set[tuple[str, str]], rtype: str, rid: str) -> None:
+    if (rtype, rid) in targets:
+        raise FhirError(400, "duplicate", f"{rtype}/{rid} is the target of more than one entry of the transaction "
+                                          "(R4 http.html#trules: a resource may appear only once)")
+    targets.add((rtype, rid))
 
 
 def _resolved(op: Op, resolve: Any, mapping: dict[str, str] | None) -> Any:
