@@ -31,6 +31,7 @@ from engine.mapping.conditions import When
 from engine.mapping.tables import TableSpec
 from engine.ops.alerts import AlertsConfig
 from engine.ops.retention import ChannelRetention, RetentionConfig
+from engine.store.handlers import STORE_HANDLERS
 
 # $$, ${VAR}, ${VAR:-default}, ${file:PATH}, ${generated:PATH}
 _VAR = re.compile(r"\$\$|\$\{(?:(file|generated):([^}]+)|([^}:]+)(?::-([^}]*))?)\}")
@@ -615,6 +616,7 @@ def _topology(model: Any, fname: str, lines: dict[tuple[Any, ...], int]) -> list
                                    f"route name {route.name!r} used twice in this channel", "topology"))
             seen.add(route.name)
             kind = source_kind(ch.source)
+            store_as: str | None = None  # a transform's store_as header picks the store's handler
             out.extend(_routing_key_problems(kind, route, ("channels", cname, "routes", i), fname, lines))
             for j, t in enumerate(route.transforms):
                 comp = registry.get("transform", t.type)
@@ -624,6 +626,9 @@ def _topology(model: Any, fname: str, lines: dict[tuple[Any, ...], int]) -> list
                                        f"transform {t.type!r} takes {'/'.join(comp.kinds)} messages but "
                                        f"this step gets {kind}", "topology"))
                 kind = getattr(t, "output_kind", None) or _output_kind(t.type, kind)
+                store_as = _STORE_AS.get(t.type, store_as)
+            out.extend(_store_kind_problems(route.to, kind, store_as, ("channels", cname, "routes", i, "to"),
+                                            fname, lines))
     out.extend(_reference_problems(model, fname, lines))
     out.extend(_port_problems(model, fname, lines))
     return out
@@ -737,6 +742,25 @@ def _routing_key_problems(kind: str | None, route: Any, rp: tuple[Any, ...], fna
 _SOURCE_KIND = {"mllp": "hl7v2", "dicom": "dicom", "fhir": "fhir"}
 _OUTPUT_KIND = {"dicom_to_hl7": "hl7v2", "dicom_to_fhir": "fhir", "hl7_to_fhir": "fhir",
                 "hl7_to_worklist": "dicom"}
+
+
+# Transforms whose output carries a store_as header: the store files it with that handler.
+_STORE_AS = {"hl7_to_worklist": "worklist", "patient_update": "patient_update", "iocm_rejection": "iocm"}
+
+
+def _store_kind_problems(to: Any, kind: str | None, store_as: str | None, tp: tuple[Any, ...], fname: str,
+                         lines: dict[tuple[Any, ...], int]) -> list[Problem]:
+    """`to: {type: store}` given a kind no store handler files (a raw HL7 v2 message): at run time
+    each one would be acknowledged and then dead-lettered, so it is a topology error here."""
+    if getattr(to, "type", None) != "store" or getattr(to, "as_", None) or store_as or not kind:
+        return []
+    if kind in STORE_HANDLERS:
+        return []
+    files = ", ".join(k for k in ("dicom", "fhir") if k in STORE_HANDLERS) or "none"
+    hint = " (e.g. hl7_to_fhir, hl7_to_worklist)" if kind == "hl7v2" else ""
+    return [Problem(fname, _line_for(tp, lines), dotted(tp),
+                    f"the store has no handler for {kind} messages (it files {files} messages): add a "
+                    f"transform that produces one{hint} before it, or as:", "topology")]
 
 
 def source_kind(source: Any) -> str | None:

@@ -432,7 +432,9 @@ def replay(config: str, message_ids: tuple[str, ...], channel: str | None, route
     (`medrelay run`) sends them. Without MESSAGE_IDS or a filter, every delivery in
     --state (dead letters) of every channel is replayed, after a confirmation that
     shows how many per route (--yes to skip it; required when not on a terminal).
-    Exit 0 when all were delivered (with --wait), 1 otherwise or when not confirmed.
+    Exit 0 when all were delivered (with --wait), 1 otherwise or when not confirmed, 4 when
+    no engine runs on the store (none at the start, or it stopped while waiting): the
+    requeued deliveries stay queued and the next `medrelay run` sends them.
     A MESSAGE_ID that is not stored exits 1 (`no message ID`), a --channel or --route
     that neither the config nor the store knows exits 2, before anything is requeued;
     names that exist but select no delivery in --state print `nothing to replay` and
@@ -482,20 +484,68 @@ def replay(config: str, message_ids: tuple[str, ...], channel: str | None, route
         click.echo(f"nothing to replay: no {'/'.join(states)} delivery matches")
         return
     click.echo(f"requeued {len(ids)} deliveries")
+    if _engine_running(store) is False:
+        # Nothing would send them: say so now rather than wait out --timeout (exit 4 with --wait).
+        click.echo(f"replay: no engine is running on this store: the {len(ids)} "
+                   "deliveries stay queued and are sent when `medrelay run` starts", err=True)
+        if wait:
+            sys.exit(4)
+        return
     if not wait:
         return
     deadline = time.monotonic() + timeout
-    with tqdm(total=len(ids), unit="msg", desc="replay", file=sys.stderr) as bar:
+    tty = sys.stderr.isatty()
+    # Not a terminal (a log, CI): a progress line every 10 s at most, not a redraw every poll.
+    with tqdm(total=len(ids), unit="msg", desc="replay", file=sys.stderr, mininterval=0.1 if tty else 10.0,
+              maxinterval=10.0 if tty else 60.0) as bar:
+        gone_since: float | None = None
+        last_look = time.monotonic()
         while time.monotonic() < deadline:
             counts = queue.states_of(store, ids)
             finished = len(ids) - counts.get("pending", 0)
             bar.update(finished - bar.n)
             if finished >= len(ids):
                 break
+            now = time.monotonic()
+            if now - last_look >= 2.0:  # the engine stopped while we wait: nothing will send the rest
+                last_look = now
+                gone_since = gone_since or now if _engine_running(store) is False else None
+                if gone_since is not None and now - gone_since >= 4.0:
+                    bar.close()
+                    click.echo(f"replay: the engine stopped: {counts.get('pending', 0)} deliveries stay "
+                               "queued and are sent when `medrelay run` starts", err=True)
+                    sys.exit(4)
             time.sleep(0.2)
     counts = queue.states_of(store, ids)
     click.echo("result: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
     sys.exit(0 if counts.get("done", 0) + counts.get("filtered", 0) == len(ids) else 1)
+
+
+def _engine_running(store: Any) -> bool | None:
+    """Whether an engine process runs on ``store``; None when that cannot be told.
+
+    SQLite: an engine holds an exclusive flock on ``<db>.lock`` for its whole life
+    (engine.runtime._single_owner_lock), so a lock we can take for an instant means none runs.
+    PostgreSQL: an engine's presence lease or any lease it holds (engine/store/leases.py) says
+    it runs; an engine without ordered routes or singletons holds none, so no lease is unknown.
+    """
+    import fcntl
+
+    from engine.store.leases import holders, live_engines
+
+    if store.is_sqlite:
+        db = store.url.database or ""
+        if not db or db == ":memory:":
+            return None
+        with open(db + ".lock", "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+    with store.engine.connect() as conn:
+        return True if live_engines(conn) > 0 or holders(conn) else None
 
 
 def _replay_unknown(store: Any, settings: Settings, message_ids: tuple[str, ...], channel: str | None,
