@@ -37,6 +37,7 @@ from engine.hl7.batch import BatchFile, build_batch_ack, is_batch, read_batch
 from engine.hl7.message import (
     APPLICATION_INTERNAL_ERROR,
     REQUIRED_FIELD_MISSING,
+    SEGMENT_SEQUENCE_ERROR,
     TABLE_VALUE_NOT_FOUND,
     UNSUPPORTED_PROCESSING_ID,
     UNSUPPORTED_VERSION_ID,
@@ -44,6 +45,7 @@ from engine.hl7.message import (
     HL7Error,
     check_charsets,
     is_hl7_version,
+    message_count,
     read_header,
     split_file,
 )
@@ -205,6 +207,14 @@ class Hl7Receiver:
     def _check(self, header: Header, payload: bytes) -> None:
         """Receiver checks of HL7 v2.5 2.9.2.1 that need no parse: charset, version, processing
         id, acknowledgment types. Cheap on purpose: every message on the hot path goes through."""
+        count = message_count(payload, header.delimiters.field)
+        if count > 1:
+            # One payload, one message (MLLP carries one per block, HL7 v2.5 Appendix C); several
+            # travel only as a batch (2.10.3, BHS ... BTS). The first MSH's ACK would acknowledge
+            # bytes that are not that message, so it is refused whole: nothing is stored.
+            raise HL7Error(SEGMENT_SEQUENCE_ERROR, f"this frame holds {count} messages (MSH segments); a frame "
+                           "holds one message: send each in its own frame, or several as a batch (BHS ... BTS)",
+                           location="MSH^2", header=header, reject=True)
         check_charsets(header)  # every repetition of MSH-18 names a charset (table 0211)
         header.decode(payload)  # the whole message must be valid in its MSH-18 charset
         version = header.version

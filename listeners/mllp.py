@@ -49,10 +49,8 @@ from engine.hl7.ack import build_ack, should_send
 from engine.hl7.batch import build_batch_ack, is_batch, read_batch
 from engine.hl7.message import (
     APPLICATION_INTERNAL_ERROR,
-    SEGMENT_SEQUENCE_ERROR,
     Header,
     HL7Error,
-    message_count,
     read_header,
 )
 from engine.hl7.mllp import Frame, FrameParser, Oversized, Restarted, Unframed, frame
@@ -443,18 +441,7 @@ class MLLPListener:
         """Steps 1-2: the receiver's checks (listeners/hl7_receive.py, shared by every HL7 source),
         then validation when configured; a refusal is an ``Hl7Answer``."""
         checked = self.hl7.check(payload, peer)
-        if isinstance(checked, Hl7Answer):
-            return checked
-        count = message_count(checked.payload, checked.header.delimiters.field)
-        if count > 1:
-            # MLLP (HL7 v2.5 Appendix C, Release 1 and 2) carries one message per block; several
-            # travel only as a batch (2.10.3, BHS ... BTS). The first MSH's ACK would acknowledge
-            # bytes that are not that message, so the frame is refused whole: nothing is stored.
-            return self.hl7.refuse(checked.header, HL7Error(
-                SEGMENT_SEQUENCE_ERROR, f"this frame holds {count} messages (MSH segments); an MLLP frame "
-                "holds one message: send each in its own frame, or several as a batch (BHS ... BTS)",
-                location="MSH^2", header=checked.header, reject=True), peer=peer)
-        if self._validator is None:
+        if isinstance(checked, Hl7Answer) or self._validator is None:
             return checked
         try:
             check_limits(checked.header, checked.payload, self._limits)
