@@ -161,8 +161,9 @@ def _dicomweb_section() -> list[str]:
         "the decoded native pixel data in one part (byte ranges are of it); the stored compressed media type "
         "(image/jp2, image/jpeg, image/jls, image/dicom-rle...) or `type=\"*/*\"; transfer-syntax=*` gives "
         "one part per frame with its transfer-syntax, never the item-tag encoding; anything else is 406. "
-        "The decoded value of a large instance (16 MiB or more, asked without Range) is decoded frame by "
-        "frame as it is read and sent as it is decoded, never whole in memory; other decoded values are "
+        "The decoded value of a large instance (16 MiB or more) is decoded frame by frame as it is read "
+        "and sent as it is decoded, never whole in memory; a byte range of it decodes only the frames it "
+        "covers; other decoded values are "
         f"capped at {codec.MAX_WHOLE_BYTES // (1024 * 1024)} MiB (406). "
         "Rendered images: one frame (a study/series: its middle instance), Modality LUT, then "
         "the `window` parameter (center,width[,linear|linear-exact|sigmoid]) or the data set's first "
@@ -172,8 +173,8 @@ def _dicomweb_section() -> list[str]:
         f"{dicomweb_wado.MAX_FRAMES_PER_REQUEST} frames per request. An instance of "
         f"{dicomweb_wado.STREAM_FROM // (1024 * 1024)} MiB or more that goes in its stored syntax (WADO-RS "
         "instance, series, study; WADO-URI) is sent part by part as its chunks are read and decrypted, "
-        "never whole in memory; so is one converted to Explicit or Implicit VR Little Endian, decoded frame "
-        "by frame as it is read (section 3.8); other conversions are done in memory. Bulk data has byte ranges "
+        "never whole in memory; so is one converted to another syntax, decoded (and encoded) frame by frame "
+        "as it is read (section 3.8); other conversions are done in memory. Bulk data has byte ranges "
         "(PS3.18 8.3.5.2): one `Range` byte range is answered 206 with the single part "
         "application/octet-stream whenever Accept allows it (no Accept included), an unsatisfiable one "
         "416, an invalid one or several ranges are ignored (the whole value); the other resources ignore "
@@ -444,7 +445,10 @@ def render() -> str:
         "query level are used for matching as well (Study Root carries patient attributes at STUDY level). "
         "Responses contain the requested keys only, plus Query/Retrieve Level, Retrieve AE Title and "
         "Instance Availability (ONLINE) when requested, and Specific Character Set ISO_IR 192 (UTF-8) when "
-        "a value is not ASCII. Sequence keys are returned empty.",
+        "a value is not ASCII. Sequence keys are returned empty. A multi-valued attribute (Image Type, "
+        "Modalities in Study) matches when any of its values matches; a key of several values (backslash) "
+        "matches when any of them does. IS and DS keys match numerically (`+7` and `007` match `7`; PS3.4 "
+        "C.2.2.2.1.1 leaves this to the implementation).",
         "",
         "Keys the index holds:",
         "",
@@ -455,8 +459,8 @@ def render() -> str:
         "value, a list of values, or a wildcard that begins with literal characters (`DOE*`, `DOE^J*`, "
         "`12?4*`) narrows the candidates in SQL, and only those are decrypted for the final PS3.4 matching. "
         "A wildcard that begins with `*` or `?` (`*DOE`) decrypts every row of the query level. UIDs, "
-        "Study Date (single value and range) and Modality narrow in SQL too; other keys are matched on the "
-        "candidates.",
+        "Study Date and Content Date (single value and range) and Modality narrow in SQL too; other keys are "
+        "matched on the candidates.",
         "",
         *_status_table("C-FIND"),
         "",
@@ -589,15 +593,21 @@ def render() -> str:
         "and more, stored in authenticated chunks) that go out in their stored syntax (C-GET, C-MOVE, Storage "
         "SCU routes) are sent from their chunks as they are decrypted, never whole in memory; when its "
         "patient was updated since it was stored (Patient Information Reconciliation), only the elements "
-        "before Pixel Data are rewritten. A large one converted to Explicit or Implicit VR Little Endian "
-        "(C-GET, C-MOVE, Storage SCU routes, WADO-RS and WADO-URI) is converted frame by frame as its chunks "
-        "are read: the header is re-encoded, Pixel Data is written with its final length (frames x rows x "
-        "columns x samples x bytes per sample) and each frame of encapsulated Pixel Data is decoded alone, "
-        "its frames found by the Basic Offset Table, else the Extended Offset Table, else one fragment per "
-        "frame when there are as many fragments as frames. Other conversions of a large instance (to a "
-        "compressed syntax, from big endian or deflated, fragments that are not frames, 1-bit pixel data) are "
-        f"done whole in memory, up to {codec.MAX_WHOLE_BYTES // (1024 * 1024)} MiB of data set; a larger one "
-        "is not converted (a failed sub-operation, a failed delivery, 406 or a part left out).",
+        "before Pixel Data are rewritten. A large one converted to another syntax (C-GET, C-MOVE, Storage SCU "
+        "routes, WADO-RS and WADO-URI) is converted frame by frame as its chunks are read: the header is "
+        "re-encoded; each frame of encapsulated Pixel Data is decoded alone, each native frame read at its "
+        "offset (rows x columns x samples x bits allocated / 8); to Explicit or Implicit VR Little Endian "
+        "Pixel Data is written with its final length (frames x rows x columns x samples x bytes per sample), "
+        "to RLE Lossless, JPEG 2000 or JPEG-LS each frame is encoded alone with the same encoder options as "
+        "a whole conversion and Pixel Data is written with undefined length, an empty Basic Offset Table "
+        "and one fragment per frame (PS3.5 A.4). Encapsulated frames are found by the Basic Offset Table, "
+        "else the Extended Offset Table, else one fragment per frame when there are as many fragments as "
+        "frames, else (JPEG, JPEG-LS, JPEG 2000) by the EOI/EOC marker ending each frame's last fragment "
+        "when every frame starts with its SOI/SOC marker and their count is Number of Frames. Other "
+        "conversions of a large instance (from big endian or deflated, fragments that are not frames, "
+        f"1-bit pixel data) are done whole in memory, up to {codec.MAX_WHOLE_BYTES // (1024 * 1024)} MiB of "
+        "data set; a larger one is not converted (a failed sub-operation, a failed delivery, 406 or a part "
+        "left out).",
         "",
         "On ingest, a route's `dicom_transcode` transform (`transfer_syntax`, `lossy_ratio`, `on_failure`, "
         "`max_instance_bytes`) "
@@ -656,7 +666,9 @@ def render() -> str:
         "(`dicom_terms`; what they reveal to someone holding the database alone is in docs/architecture.md), "
         "every returnable attribute of a patient, study and series is sealed JSON in the encrypted blob store "
         "and decrypted only for the candidate rows of a query. Clear columns hold UIDs, Modality, Study "
-        "Date/Time, Series/Instance Number and the SOP Class, which narrow queries in SQL.",
+        "Date/Time, Series/Instance Number, the SOP Class and the instance's Rows, Columns, Number of Frames, "
+        "Content Date/Time, Image Type and Acquisition Number (none of them PHI); UIDs, dates and Modality "
+        "narrow queries in SQL.",
         "- Audit: association rejections (with the reason), every stored instance, queries and retrieves "
         "(C-MOVE / C-GET with the instances matched, sent and failed, counted from the sub-operations' "
         "responses), performed procedure steps (Procedure Record), storage commitment requests and results, "

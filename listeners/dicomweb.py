@@ -563,11 +563,16 @@ class DicomWebApi:
         except ValueError as e:
             raise DicomWebError(404, str(e)) from None
         ranges = media.parse_accept(request.headers.get("accept"))
-        if path == [wado.PIXEL_DATA] and "range" not in request.headers:
+        if path == [wado.PIXEL_DATA]:
             pp = request.path_params
-            streamed = await self._run(wado.streamed_pixels, self.ctx, self._uid(pp["instance"]), ranges,
-                                       study_uid=self._uid(pp["study"]), series_uid=self._uid(pp["series"]))
-            if streamed is not None:  # large and encapsulated, asked for decoded: frame by frame
+            rng = request.headers.get("range") if _allows(ranges, wado.OCTET) else None  # as the whole path
+            try:
+                streamed = await self._run(wado.streamed_pixels, self.ctx, self._uid(pp["instance"]), ranges,
+                                           study_uid=self._uid(pp["study"]), series_uid=self._uid(pp["series"]),
+                                           range_header=rng)
+            except wado.RangeNotSatisfiable as e:
+                return Response(status_code=416, headers={"Content-Range": f"bytes */{e.size}"})
+            if streamed is not None:  # large and encapsulated, asked for decoded (a byte range of it): frame by frame
                 return await self._stream_bulk(request, actor, streamed)
         inst = await self._one(request)
         try:
@@ -614,6 +619,11 @@ class DicomWebApi:
                             {"level": "IMAGE", "what": "bulkdata", "instances": int(done), "failed": int(not done)},
                             "success" if done else "failure")
 
+        if got.span is not None:
+            start, end = got.span
+            return StreamingResponse(body(), status_code=206, media_type=wado.OCTET, headers={
+                "Content-Length": str(end + 1 - start), "Content-Range": f"bytes {start}-{end}/{got.length}",
+                "Accept-Ranges": "bytes"})
         if got.single:
             return StreamingResponse(body(), media_type=wado.OCTET, headers={"Content-Length": str(got.length)})
         return StreamingResponse(body(), media_type=media.multipart_type(boundary, wado.OCTET))

@@ -7,8 +7,8 @@ it: from ``STREAM_FROM`` bytes, when it goes out as stored, chunk by chunk from
 else whole (``read_part10`` for the rest: metadata, rendered). An instance goes out in
 its stored syntax when the client accepts it (``transfer-syntax=*`` or that UID): the
 stored bytes, not re-encoded. Otherwise it is converted by ``transforms.dicom_codec``: a large one
-(``STREAM_MIN``) to an uncompressed syntax frame by frame as it is read, streamed like a stored one
-(``transforms.dicom_transcode_stream``), the rest whole in memory; one that cannot be
+(``STREAM_MIN``) frame by frame as it is read (decoded and/or encoded one frame at a time), streamed
+like a stored one (``transforms.dicom_transcode_stream``), the rest whole in memory; one that cannot be
 converted is left out of a study/series response and counted as a failure in the log
 and the audit row, or answered 406 when it was asked for alone.
 """
@@ -73,7 +73,7 @@ def read_part10(ctx: ComponentContext, ref: idx.InstanceRef) -> Stored:
 class Fetched:
     """An instance on its way out: in one piece (``whole``), or chunk by chunk (``chunks``:
     decrypted and authenticated as they are read, memory about one chunk) as stored or, when
-    ``converted_to`` is set, converted to that uncompressed syntax frame by frame."""
+    ``converted_to`` is set, converted to that syntax frame by frame."""
 
     ref: idx.InstanceRef
     whole: Stored | None
@@ -116,12 +116,12 @@ def fetch(ctx: ComponentContext, sop_uid: str, accepted: Sequence[str], *, study
 
 
 def _converted(ctx: ComponentContext, found: idx.Located, accepted: Sequence[str]) -> Fetched | None:
-    """A large instance converted to an uncompressed syntax frame by frame as it is read
+    """A large instance converted frame by frame as it is read
     (transforms/dicom_transcode_stream.py); one it cannot plan is read whole, or refused when it
     is past ``MAX_WHOLE_BYTES``; None: read whole as before (another target, or nothing fits)."""
     stored = found.ref.transfer_syntax
     target = codec.choose(stored, accepted)
-    if target not in codec.UNCOMPRESSED:
+    if target is None:
         return None
 
     try:
@@ -131,7 +131,7 @@ def _converted(ctx: ComponentContext, found: idx.Located, accepted: Sequence[str
     if plan is None:
         return Fetched(found.ref, _TooLarge(found.ref, b""), None) if found.size > codec.MAX_WHOLE_BYTES else None
     log.info("dicom.transcoded", stored=stored, sent=target, streamed=True, frames=plan.frames)
-    head = file_meta(found.ref.sop_class_uid, found.ref.sop_uid, target)
+    head = file_meta(found.ref.sop_class_uid, plan.sop_instance_uid or found.ref.sop_uid, target)
     return Fetched(found.ref, None, itertools.chain((head,), plan.open()), target)
 
 
@@ -269,20 +269,33 @@ def bulk_wanted(ranges: Sequence[MediaRange]) -> tuple[list[tuple[str, str | Non
 
 @dataclass(frozen=True)
 class StreamedBulk:
-    """A large encapsulated instance's Pixel Data decoded frame by frame as it is read."""
+    """A large encapsulated instance's Pixel Data decoded frame by frame as it is read: the whole
+    native value (``length`` bytes), or only the byte range ``span`` (first, last) of it."""
 
     ref: idx.InstanceRef
     chunks: Iterator[bytes]
     length: int
     single: bool
+    span: tuple[int, int] | None = None
+
+
+class RangeNotSatisfiable(ValueError):
+    """A valid byte range past the end of a value of ``size`` bytes (416)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__("range not satisfiable")
+        self.size = size
 
 
 def streamed_pixels(ctx: ComponentContext, sop_uid: str, ranges: Sequence[MediaRange], *, study_uid: str,
-                    series_uid: str) -> StreamedBulk | None:
+                    series_uid: str, range_header: str | None = None) -> StreamedBulk | None:
     """Pixel Data bulk data of a large (``STREAM_MIN``) encapsulated instance asked for as
     application/octet-stream: its native value decoded frame by frame as the blob is read
     (``transforms.dicom_transcode_stream``, the conversion WADO-RS instances use), memory about a
-    frame. None: not that case, or no frame-by-frame plan for it (``bulk`` reads it whole)."""
+    frame. ``range_header`` (a Range the single part may answer): only that byte range of the
+    value, as one application/octet-stream part; frames before it are read past undecoded, and
+    reading stops after its last frame; RangeNotSatisfiable for one past the end. None: not that
+    case, or no frame-by-frame plan for it (``bulk`` reads it whole)."""
     wanted, single = bulk_wanted(ranges)
     with ctx.store.engine.connect() as conn:
         found = idx.locate(conn, sop_uid, study_uid, series_uid)
@@ -298,9 +311,15 @@ def streamed_pixels(ctx: ComponentContext, sop_uid: str, ranges: Sequence[MediaR
         return None  # the whole path says why (406)
     if plan is None:
         return None
+    try:
+        span = byte_range(range_header, plan.length)
+    except ValueError:
+        raise RangeNotSatisfiable(plan.length) from None
     log.info("dicom.transcoded", stored=str(stored), sent=EXPLICIT_LE, streamed=True, frames=plan.frames,
-             what="bulkdata")
-    return StreamedBulk(found.ref, plan.pixel_value(), plan.length, single)
+             what="bulkdata", range=span)
+    if span is None:
+        return StreamedBulk(found.ref, plan.pixel_value(), plan.length, single)
+    return StreamedBulk(found.ref, plan.pixel_value(*span), plan.length, True, span)
 
 
 def _frame_count(ds: Dataset) -> int:

@@ -12,9 +12,9 @@ sub-operation and the C-STORE route as a permanent failure.
 
 A large stored instance (a chunk-sealed blob) is a StreamedInstance: its data set is sent
 from the blob's chunks as they are decrypted (engine/dimse/stream_send.py), never whole in
-memory; converted to an uncompressed syntax it is decoded frame by frame as it is sent
-(transforms/dicom_transcode_stream.py), and only another conversion joins it (at most
-``dicom_codec.MAX_WHOLE_BYTES``).
+memory; converted it is decoded and/or encoded frame by frame as it is sent
+(transforms/dicom_transcode_stream.py), and only a conversion that cannot be planned so joins
+it (at most ``dicom_codec.MAX_WHOLE_BYTES``).
 
 This uses pynetdicom 3.0 internals (the same sequence ``send_c_store`` runs); the
 tests in tests/test_dicom_*.py pin the behaviour, so an upgrade that breaks it fails
@@ -251,11 +251,12 @@ def transcoded(inst: RawInstance, accepted: list[str], *, lossy: codec.Lossy | N
     stored = str(inst.raw_transfer_syntax)
     try:
         target = codec.send_plan(stored, accepted, lossy=lossy)
-        if isinstance(inst, StreamedInstance):  # large: to an uncompressed syntax frame by frame
-            plan = transcode_stream.plan(inst.open_dataset, stored, target)
+        if isinstance(inst, StreamedInstance):  # large: frame by frame (decoded and/or encoded one at a time)
+            plan = transcode_stream.plan(inst.open_dataset, stored, target, lossy=lossy)
             if plan is not None:
                 log.info("dicom.transcoded", stored=stored, sent=target, streamed=True, frames=plan.frames)
-                return StreamedInstance(str(inst.SOPClassUID), str(inst.SOPInstanceUID), target, plan.open)
+                return StreamedInstance(str(inst.SOPClassUID), plan.sop_instance_uid or str(inst.SOPInstanceUID),
+                                        target, plan.open)
         raw = codec.convert(transcode_stream.joined(inst.open_dataset) if isinstance(inst, StreamedInstance)
                             else inst.raw, stored, target, lossy=lossy)
     except codec.TranscodeError as e:

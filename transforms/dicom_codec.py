@@ -53,9 +53,9 @@ LOSSY_METHOD: dict[str, str] = {
 LOSSLESS_TARGETS: tuple[str, ...] = (_uid.JPEG2000Lossless, _uid.RLELossless, _uid.JPEGLSLossless)
 LOSSY_TARGETS: tuple[str, ...] = (_uid.JPEG2000, _uid.JPEGLSNearLossless)
 # Largest data set converted whole in memory (decoded and encoded it takes several times its
-# size). A large instance converts to an uncompressed syntax frame by frame instead
-# (transforms/dicom_transcode_stream.py); this bounds the rest: compressing one, and one whose
-# frames cannot be told apart without decoding it.
+# size). A large instance converts frame by frame instead (transforms/dicom_transcode_stream.py);
+# this bounds the rest: big endian or deflated, 1-bit pixel data, and fragments whose frames cannot
+# be told apart without decoding them.
 MAX_WHOLE_BYTES = 512 * 1024 * 1024
 
 
@@ -167,6 +167,39 @@ def mark_lossy(ds: Dataset, method: str, ratio: float | None) -> None:
     ds.LossyImageCompressionMethod = [*methods, method]
 
 
+def decompressed_header(ds: Dataset, src: UID) -> None:
+    """What decompressing ``src`` pixel data changes besides Pixel Data (and what pydicom's
+    ``decompress`` sets): no Extended Offset Table, which only encapsulated frames have; an image
+    that was ever lossy keeps LossyImageCompression "01"."""
+    for kw in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):
+        if kw in ds:
+            del ds[kw]
+    if src in LOSSY_METHOD or str(ds.get("LossyImageCompression", "")).strip() == "01":
+        mark_lossy(ds, LOSSY_METHOD.get(src, ""), None)
+
+
+def compress_options(dst: UID, lossy: Lossy | None) -> dict[str, list[float]]:
+    """The encoder options a compression to ``dst`` uses (pydicom ``compress`` / ``encode`` keywords)."""
+    if dst in (_uid.JPEG2000, _uid.HTJ2K) and lossy is not None:
+        return {"j2k_cr": [lossy.ratio]}
+    return {}
+
+
+def compressed_header(ds: Dataset, dst: UID, lossy: Lossy | None) -> None:
+    """What compressing to ``dst`` changes besides Pixel Data and the transfer syntax: lossless
+    is the same image, so the same SOP Instance UID; lossy is a new image (PS3.3 C.7.6.1.1.5): a
+    new SOP Instance UID and LossyImageCompression, its Ratio and Method."""
+    if dst not in LOSSY_METHOD:
+        return
+    assert lossy is not None
+    from pydicom.uid import generate_uid
+
+    ds.SOPInstanceUID = generate_uid()
+    if getattr(ds, "file_meta", None) is not None:
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    mark_lossy(ds, LOSSY_METHOD[dst], lossy.ratio)
+
+
 def convert(raw: bytes, stored: str, target: str, *, lossy: Lossy | None = None) -> bytes:
     """The encoded data set ``raw`` (in ``stored``) re-encoded in ``target``.
 
@@ -190,23 +223,12 @@ def convert(raw: bytes, stored: str, target: str, *, lossy: Lossy | None = None)
             if not can_decode(src):
                 raise TranscodeError(f"no decoder for {src.name}")
             ds.decompress(generate_instance_uid=False)  # the same image: the same instance
-            for kw in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):  # of encapsulated frames only
-                if kw in ds:
-                    del ds[kw]
-            if src in LOSSY_METHOD or str(ds.get("LossyImageCompression", "")).strip() == "01":
-                mark_lossy(ds, LOSSY_METHOD.get(src, ""), None)
+            decompressed_header(ds, src)
         elif has_pixels and not src.is_little_endian:
             ds.PixelData = ds.pixel_array.astype(ds.pixel_array.dtype.newbyteorder("<")).tobytes()
         if has_pixels and dst.is_compressed:
-            kwargs: dict[str, float] = {}
-            if dst in LOSSY_METHOD:
-                assert lossy is not None
-                kwargs = {"j2k_cr": [lossy.ratio]} if dst in (_uid.JPEG2000, _uid.HTJ2K) else {}
-            # lossless: the same image, so the same SOP Instance UID; lossy: a new image and a new UID
-            ds.compress(dst, generate_instance_uid=dst in LOSSY_METHOD, **kwargs)  # type: ignore[arg-type]
-            if dst in LOSSY_METHOD:
-                assert lossy is not None
-                mark_lossy(ds, LOSSY_METHOD[dst], lossy.ratio)
+            ds.compress(dst, generate_instance_uid=False, **compress_options(dst, lossy))  # type: ignore[arg-type]
+            compressed_header(ds, dst, lossy)
         # no pixel data: a compressed syntax is explicit VR little endian for everything else
         ds.file_meta.TransferSyntaxUID = dst
         return encode(ds, dst)

@@ -19,8 +19,8 @@ keep``, goes on as received, logged ``dicom.transcode_failed`` and audited
 
 A transform gets the whole payload (the pipeline decrypts it for the route's transforms), so
 this conversion is done in memory and bounded by ``max_instance_bytes``. Retrieval (C-GET,
-C-MOVE, WADO) and a DICOM destination's ``transfer_syntax`` convert a large instance to an
-uncompressed syntax frame by frame instead (transforms/dicom_transcode_stream.py).
+C-MOVE, WADO) and a DICOM destination's ``transfer_syntax`` convert a large instance frame by
+frame instead, to an uncompressed or a compressed syntax (transforms/dicom_transcode_stream.py).
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ class DicomTranscodeConfig(ComponentConfig):
     max_instance_bytes: int = Field(codec.MAX_WHOLE_BYTES, ge=1, description=(
         "largest instance converted (its Part 10 bytes); this transform gets it whole and the codecs hold "
         "it decoded and encoded, several times its size: a larger one is a failure handled by on_failure. "
-        "To send large instances uncompressed, a DICOM destination's own transfer_syntax converts them "
-        "frame by frame instead, without this bound"))
+        "To send large instances in another syntax (uncompressed, or JPEG 2000 / RLE / JPEG-LS), a DICOM "
+        "destination's own transfer_syntax converts them frame by frame instead, without this bound"))
     on_failure: Literal["error", "keep"] = Field("error", description=(
         "an instance that cannot be converted: error = the delivery is dead-lettered with the reason; "
         "keep = it goes on as received (logged dicom.transcode_failed, audited dicom.transcode failure)"))
