@@ -147,6 +147,7 @@ def narrow(cands: idx.Candidates, keys: Iterable[Key], hkey: bytes) -> None:
     depth = cands.depth
     uid_cols = {"StudyInstanceUID": (1, t["STUDY"].c.study_uid), "SeriesInstanceUID": (2, t["SERIES"].c.series_uid),
                 "SOPInstanceUID": (3, t["IMAGE"].c.sop_uid), "SOPClassUID": (3, t["IMAGE"].c.sop_class_uid)}
+    date_cols = {"StudyDate": (1, t["STUDY"].c.study_date), "ContentDate": (3, t["IMAGE"].c.content_date)}
     for key in keys:
         if key.universal or key.vr == "SQ":
             continue
@@ -158,9 +159,9 @@ def narrow(cands: idx.Candidates, keys: Iterable[Key], hkey: bytes) -> None:
         kw = key.keyword
         if kw in uid_cols and uid_cols[kw][0] <= depth and not wild:
             cands.add(uid_cols[kw][1].in_(values))
-        elif kw == "StudyDate" and depth >= 1 and len(values) == 1 and not wild:
+        elif kw in date_cols and date_cols[kw][0] <= depth and len(values) == 1 and not wild:
             lo, dash, hi = values[0].partition("-")
-            col = t["STUDY"].c.study_date
+            col = date_cols[kw][1]
             if not dash:
                 cands.add(col == values[0])
             else:

@@ -71,3 +71,51 @@ def test_a_version_4_store_gets_the_instance_dimensions_in_one_additive_step(sto
     with store.engine.connect() as conn:
         cols = {c["name"] for c in inspect(conn).get_columns("dicom_instances")}
     assert {"image_rows", "image_columns", "number_of_frames"} <= cols
+
+
+V6_COLUMNS = ("content_date", "content_time", "image_type", "acquisition_number")
+
+
+def test_a_version_5_store_gets_the_instance_content_columns_in_one_additive_step(store):
+    """v6 adds dicom_instances.content_date / content_time / image_type / acquisition_number to a
+    store of v5, whose rows keep NULL there (C-FIND and QIDO-RS leave the four empty for them);
+    the statement an engine of v5 inserts instances with still works on the v6 table (rolling upgrade)."""
+    from sqlalchemy import delete, inspect, text
+
+    with store.engine.begin() as conn:
+        for col in V6_COLUMNS:
+            conn.execute(text(f"ALTER TABLE dicom_instances DROP COLUMN {col}"))
+        conn.execute(delete(schema.schema_version).where(schema.schema_version.c.version >= 6))
+        conn.execute(text("INSERT INTO dicom_patients (pid_hmac, name_hmac, attrs_blob, created_at) "
+                          "VALUES ('p', 'n', 'b', 0)"))
+        conn.execute(text("INSERT INTO dicom_studies (patient_pk, study_uid, study_date, study_time, "
+                          "accession_hmac, attrs_blob, created_at) "
+                          "SELECT pk, '1.2.3', '', '', 'a', 'b', 0 FROM dicom_patients"))
+        conn.execute(text("INSERT INTO dicom_series (study_pk, series_uid, modality, attrs_blob, created_at) "
+                          "SELECT pk, '1.2.3.4', 'CT', 'b', 0 FROM dicom_studies"))
+    v5_insert = text(  # the columns an engine of v5 writes (engine/store/dicom/index.py at v5)
+        "INSERT INTO dicom_instances (series_pk, sop_uid, sop_class_uid, instance_number, image_rows, "
+        "image_columns, number_of_frames, transfer_syntax, message_id, blob_id, digest, size, channel, "
+        "archived, received_at) SELECT pk, :sop, '1.2.840.10008.5.1.4.1.1.2', 1, 512, 512, NULL, "
+        "'1.2.840.10008.1.2.1', 'm', NULL, 'd', 1, '', 0, 0 FROM dicom_series")
+    with store.engine.begin() as conn:
+        conn.execute(v5_insert, {"sop": "1.2.3.4.5"})
+    assert store.migrate() == SCHEMA_VERSION == 6
+    with store.engine.begin() as conn:
+        cols = {c["name"] for c in inspect(conn).get_columns("dicom_instances")}
+        assert set(V6_COLUMNS) <= cols
+        assert max(conn.execute(select(schema.schema_version.c.version)).scalars()) == 6
+        conn.execute(v5_insert, {"sop": "1.2.3.4.6"})  # an engine of v5 still running beside it
+        rows = conn.execute(text("SELECT content_date, content_time, image_type, acquisition_number "
+                                 "FROM dicom_instances")).all()
+    assert [tuple(r) for r in rows] == [(None, None, None, None)] * 2
+    assert store.migrate() == 6  # a second start finds nothing to do
+
+
+def test_an_engine_of_version_5_refuses_a_store_of_version_6(store, monkeypatch):
+    """The store migrated to 6, opened by code that knows 5 (the previous release): SchemaTooNew."""
+    import engine.store.db as db
+
+    monkeypatch.setattr(db, "SCHEMA_VERSION", 5)
+    with pytest.raises(SchemaTooNew, match=r"version 6, newer than this medrelay understands \(5\)"):
+        store.migrate()

@@ -35,7 +35,7 @@ from engine.store.prepared import Prepared
 
 log = structlog.get_logger()
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 INLINE_MAX = 256 * 1024  # payloads above this go to files beside the database
 # Payloads from this size on are sealed in authenticated 1 MiB chunks (engine/security/stream.py):
 # no 2 GiB cap of one AES-GCM call, and readable chunk by chunk. Smaller ones stay one-shot (the
@@ -429,5 +429,18 @@ def _step5_instance_dimensions(conn: Connection) -> None:
             conn.execute(text(f"ALTER TABLE dicom_instances ADD COLUMN {name} INTEGER"))
 
 
+def _step6_instance_content(conn: Connection) -> None:
+    """v6: dicom_instances.content_date / content_time / image_type / acquisition_number (ContentDate,
+    ContentTime, ImageType and AcquisitionNumber in C-FIND and QIDO-RS answers and matching;
+    instances indexed before stay without them)."""
+    from sqlalchemy import inspect, text
+
+    cols = {c["name"] for c in inspect(conn).get_columns("dicom_instances")}
+    for name, sql_type in (("content_date", "VARCHAR(8)"), ("content_time", "VARCHAR(16)"),
+                           ("image_type", "TEXT"), ("acquisition_number", "INTEGER")):
+        if name not in cols:
+            conn.execute(text(f"ALTER TABLE dicom_instances ADD COLUMN {name} {sql_type}"))
+
+
 _STEPS: dict[int, Any] = {2: _step2_coalesce_key, 3: _step3_lease_owner, 4: _step4_login_failures,
-                          5: _step5_instance_dimensions}
+                          5: _step5_instance_dimensions, 6: _step6_instance_content}

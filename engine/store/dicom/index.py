@@ -5,7 +5,9 @@ PHI never sits in clear in these tables (issue 5 greps the data folder for the t
 patient's name and id). Each level keeps:
 
 - clear columns only for non-PHI keys that narrow a query in SQL (UIDs, Modality,
-  StudyDate/Time, SeriesNumber, InstanceNumber, SOP Class, transfer syntax);
+  StudyDate/Time, SeriesNumber, InstanceNumber, SOP Class, transfer syntax), and the
+  instance level's own non-PHI attributes (Rows, Columns, NumberOfFrames, ContentDate/Time,
+  ImageType, AcquisitionNumber: that level has no sealed blob);
 - keyed HMACs (key ``dicom-index`` of the key ring): the patient's identity key
   (``pid_hmac``: PatientID + IssuerOfPatientID, or one patient per study when the
   instance has no PatientID; see ``terms``) and blind search terms of PatientName,
@@ -95,8 +97,11 @@ CLEAR_COLUMNS = (("StudyInstanceUID", "study_uid"), ("StudyDate", "study_date"),
                  ("SeriesInstanceUID", "series_uid"), ("Modality", "modality"),
                  ("SeriesNumber", "series_number"), ("SOPInstanceUID", "sop_uid"),
                  ("SOPClassUID", "sop_class_uid"), ("InstanceNumber", "instance_number"),
-                 ("Rows", "image_rows"), ("Columns", "image_columns"), ("NumberOfFrames", "number_of_frames"))
-CLEAR_BY_DEPTH = (0, 3, 6, 12)
+                 ("Rows", "image_rows"), ("Columns", "image_columns"), ("NumberOfFrames", "number_of_frames"),
+                 ("ContentDate", "content_date"), ("ContentTime", "content_time"), ("ImageType", "image_type"),
+                 ("AcquisitionNumber", "acquisition_number"))
+CLEAR_BY_DEPTH = (0, 3, 6, 16)
+MULTI_VALUED_COLUMNS = frozenset(("image_type",))  # kept backslash-joined, as encoded; read back as a list
 CLEAR_KEYWORDS = frozenset(kw for kw, _ in CLEAR_COLUMNS)
 INDEX_TAGS = sorted({kw for attrs in LEVEL_ATTRS.values() for kw in attrs})
 
@@ -258,6 +263,21 @@ def _int(v: Any) -> int | None:
         return None
 
 
+def _int32(v: Any) -> int | None:
+    """``_int`` within the INTEGER column's range (PostgreSQL's is 32 bits): None outside it."""
+    n = _int(v)
+    return n if n is not None and -2**31 <= n < 2**31 else None
+
+
+def _text(v: Any, size: int | None = None) -> str | None:
+    """A clear text column's value: several values joined by backslashes (as encoded), cut to the
+    column's size; None when there is none."""
+    if v is None:
+        return None
+    s = "\\".join(str(x) for x in v) if isinstance(v, (list, tuple)) else str(v)
+    return s[:size] if s else None
+
+
 # -- writing ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class InstanceRef:
@@ -299,7 +319,8 @@ _LOOKUP = select(  # the pks of the four levels in one round trip (None where mi
 )
 _UPDATE_INSTANCE = update(instances).where(instances.c.pk == bindparam("old_pk"))
 _INSTANCE_COLUMNS = ("series_pk", "sop_uid", "sop_class_uid", "instance_number", "image_rows", "image_columns",
-                     "number_of_frames", "transfer_syntax", "message_id", "blob_id", "digest", "size", "channel",
+                     "number_of_frames", "content_date", "content_time", "image_type", "acquisition_number",
+                     "transfer_syntax", "message_id", "blob_id", "digest", "size", "channel",
                      "archived", "received_at")
 _INSERT_INSTANCE = Prepared(insert(instances), _INSTANCE_COLUMNS)
 _FIND = Prepared(_LOOKUP)
@@ -373,6 +394,8 @@ def _instance_row(im: Mapping[str, Any], *, series_pk: int | None, transfer_synt
         "series_pk": series_pk, "sop_uid": im["SOPInstanceUID"], "sop_class_uid": im["SOPClassUID"],
         "instance_number": _int(im.get("InstanceNumber")), "image_rows": _int(im.get("Rows")),
         "image_columns": _int(im.get("Columns")), "number_of_frames": _int(im.get("NumberOfFrames")),
+        "content_date": _text(im.get("ContentDate"), 8), "content_time": _text(im.get("ContentTime"), 16),
+        "image_type": _text(im.get("ImageType")), "acquisition_number": _int32(im.get("AcquisitionNumber")),
         "transfer_syntax": transfer_syntax,
         "message_id": message_id, "blob_id": blob_id, "digest": digest, "size": size,
         "channel": channel, "archived": int(archived), "received_at": now,
@@ -506,7 +529,8 @@ class Candidates:
         if self.depth >= 3:
             cols += [instances.c.sop_uid, instances.c.sop_class_uid, instances.c.instance_number,
                      instances.c.image_rows, instances.c.image_columns, instances.c.number_of_frames,
-                     instances.c.transfer_syntax]
+                     instances.c.content_date, instances.c.content_time, instances.c.image_type,
+                     instances.c.acquisition_number, instances.c.transfer_syntax]
         q = select(*cols).select_from(self._from())
         if self.narrow:
             q = q.where(and_(*self.narrow))
@@ -520,7 +544,7 @@ class Candidates:
                     attrs.update(self._attrs(r[f"blob{i}"]))
             for kw, col in CLEAR_COLUMNS[: CLEAR_BY_DEPTH[self.depth]]:
                 if r[col] not in (None, ""):
-                    attrs.setdefault(kw, r[col])
+                    attrs.setdefault(kw, r[col].split("\\") if col in MULTI_VALUED_COLUMNS else r[col])
             yield int(r[f"pk{self.depth}"]), attrs
 
     def derived(self, pk: int, keyword: str) -> Any:

@@ -85,6 +85,13 @@ instances = Table(
     Column("image_rows", Integer, nullable=True),
     Column("image_columns", Integer, nullable=True),
     Column("number_of_frames", Integer, nullable=True),
+    # ContentDate, ContentTime (dates of service, clear like study_date/study_time), ImageType (its
+    # values joined by backslashes, as encoded) and AcquisitionNumber: instance keys of C-FIND and
+    # QIDO-RS, kept in clear (not PHI); NULL in rows indexed before v6
+    Column("content_date", String(8), nullable=True),
+    Column("content_time", String(16), nullable=True),
+    Column("image_type", Text, nullable=True),
+    Column("acquisition_number", Integer, nullable=True),
     Column("transfer_syntax", String(64), nullable=False),
     Column("message_id", String(32), nullable=False, index=True),
     Column("blob_id", String(64), nullable=True),  # set when filed by the store handler
