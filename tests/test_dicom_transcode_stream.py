@@ -538,13 +538,19 @@ def _frames_equal(path: Path, frames: int, want: list[bytes], photometric: str) 
 @pytest.mark.slow
 def test_large_native_instance_routed_as_rle_frame_by_frame_under_300_mb(medrelay_proc, tmp_path):
     """A native instance (MEDRELAY_TEST_TRANSCODE_MB, default 400 MiB) stored by storescu, sent by a
-    route with ``transfer_syntax: RLE Lossless`` to a storescp (+xr): encoded frame by frame, the
-    engine's VmHWM under 300 MB; DCMTK's dcmdrle decodes the received file to the original frames."""
-    dport, route_port = free_port(), free_port()
+    route with ``transfer_syntax: RLE Lossless`` to a storescp (+xr) and retrieved by WADO-RS with
+    ``transfer-syntax=RLE Lossless``: encoded frame by frame, the engine's VmHWM under 300 MB;
+    DCMTK's dcmdrle decodes what the route and WADO-RS gave to the original frames."""
+    dport, route_port, wport = free_port(), free_port(), free_port()
     rle = "1.2.840.10008.1.2.5"
     yaml = _yaml(dport, free_port(), route_port).replace(
         "called_ae_title: STORESCP}", f"called_ae_title: STORESCP, transfer_syntax: {rle}}}")
-    proc = medrelay_proc(yaml)
+    yaml += f"""  web:
+    source: {{type: dicomweb, host: 127.0.0.1, port: {wport}, base_path: /dicom-web,
+             auth: {{bearer_tokens: ["${{DW_TOKEN}}"]}}}}
+    routes: []
+"""
+    proc = medrelay_proc(yaml, env={"DW_TOKEN": TOKEN})
     native_mb = int(os.environ.get("MEDRELAY_TEST_TRANSCODE_MB", "400"))
     frames = native_mb * 1024 * 1024 // (ROWS * COLS * 2)
     src = tmp_path / "native.dcm"
@@ -569,10 +575,39 @@ def test_large_native_instance_routed_as_rle_frame_by_frame_under_300_mb(medrela
         t0 = time.monotonic()
         wait_delivered(proc, 900)
         took = time.monotonic() - t0
+        proc.wait_port(wport, 60)
+        body = tmp_path / "body"
+        url = (f"http://127.0.0.1:{wport}/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+               f"/instances/{ds.SOPInstanceUID}")
+        accept = f'multipart/related; type="application/dicom"; transfer-syntax={rle}'
+        with httpx.stream("GET", url, headers={"Authorization": f"Bearer {TOKEN}", "Accept": accept},
+                          timeout=300) as r, open(body, "wb") as f:
+            assert r.status_code == 200, r.read()[:300]
+            for piece in r.iter_bytes(1 << 20):
+                f.write(piece)
+            boundary = r.headers["content-type"].split("boundary=")[1].split(";")[0].strip().strip('"')
         peak = _status(pid, "VmHWM")
     finally:
         proc.terminate(60)
         scp.stop()
+    with open(body, "rb") as f, open(tmp_path / "wado.dcm", "wb") as out:  # the part: a Part-10 file
+        head = f.read(4096)
+        part_end = head.index(b"\r\n\r\n") + 4
+        assert f"transfer-syntax={rle}".encode() in head[:part_end]
+        left = body.stat().st_size - len(f"\r\n--{boundary}--\r\n") - part_end
+        f.seek(part_end)
+        while left:
+            piece = f.read(min(left, 1 << 20))
+            left -= len(piece)
+            out.write(piece)
+    body.unlink()
+    assert dcmread(tmp_path / "wado.dcm", stop_before_pixels=True).file_meta.TransferSyntaxUID == rle
+    assert run("dcmdrle", str(tmp_path / "wado.dcm"), str(tmp_path / "wado-plain.dcm"), timeout=600).returncode == 0
+    (tmp_path / "wado.dcm").unlink()
+    distinct = distinct_frames()
+    _frames_equal(tmp_path / "wado-plain.dcm", frames, [distinct[pattern(i)].tobytes() for i in range(DISTINCT)],
+                  "MONOCHROME2")
+    (tmp_path / "wado-plain.dcm").unlink()
     (routed_file,) = list(routed.iterdir())
     head = dcmread(routed_file, stop_before_pixels=True)
     assert head.file_meta.TransferSyntaxUID == rle and head.SOPInstanceUID == ds.SOPInstanceUID
@@ -580,9 +615,8 @@ def test_large_native_instance_routed_as_rle_frame_by_frame_under_300_mb(medrela
     r = run("dcmdrle", str(routed_file), str(plain), timeout=600)
     assert r.returncode == 0, r.stdout
     routed_file.unlink()
-    distinct = distinct_frames()
     _frames_equal(plain, frames, [distinct[pattern(i)].tobytes() for i in range(DISTINCT)], "MONOCHROME2")
-    print(f"route to RLE: {frames} frames, {frames * ROWS * COLS * 2 >> 20} MiB native in {took:.1f}s; "
+    print(f"route and WADO-RS to RLE: {frames} frames, {frames * ROWS * COLS * 2 >> 20} MiB native in {took:.1f}s; "
           f"engine peak RSS {peak >> 20} MiB")
     assert peak < LIMIT, f"peak RSS {peak >> 20} MiB"
 
