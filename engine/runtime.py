@@ -27,7 +27,7 @@ from engine.ops.singleton import Keeper, Settler, Singleton
 from engine.pipeline import Route, RouteWorker
 from engine.security.crypto import KeyRing
 from engine.store import dedupe
-from engine.store.db import Store
+from engine.store.db import Store, owner_lock_file
 
 log = structlog.get_logger()
 
@@ -82,7 +82,7 @@ def _single_owner_lock(store: Store) -> Any:
     db = store.url.database or ""
     if not db or db == ":memory:":
         return None
-    f = open(db + ".lock", "a")  # held for the runtime's life
+    f = owner_lock_file(db)  # held for the runtime's life
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -24,7 +24,6 @@ timeout) calls ``abort``: the half-written file is removed, nothing is committed
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import zlib
 from collections.abc import Callable
@@ -34,6 +33,7 @@ import structlog
 from pydicom.datadict import tag_for_keyword
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from engine.dimse.stream_send import give_back_memory
 from engine.envelope import new_id
 from engine.intake import Ahead
 from engine.store.blob_writer import BlobStream, can_stream
@@ -132,7 +132,7 @@ class IncomingDataSet:
             self.blob.abort()
             log.info("dicom.stream_aborted", channel=self.scp.ctx.channel, message_id=self.message_id,
                      received=self.size)
-            _give_back_memory()
+            give_back_memory()
 
     def store(self) -> tuple[int, str | None]:
         """The last fragment is in: check, finish the blob, commit; the C-STORE status. Never
@@ -148,7 +148,7 @@ class IncomingDataSet:
                 self.closed = True
                 self.blob.abort()
             self.head = bytearray()
-            _give_back_memory()
+            give_back_memory()
 
     def _store(self) -> tuple[int, str | None]:
         if self.failed:
@@ -223,13 +223,3 @@ def begin(scp: StoreSCP, sop_class: str, sop_uid: str, transfer_syntax: str, cal
     except OSError as e:
         log.warning("dicom.stream_unavailable", channel=ctx.channel, error=type(e).__name__)
         return None
-
-
-def _give_back_memory() -> None:
-    """Return freed heap pages to the system after a large instance (glibc raises its mmap
-    threshold after large frees, so the PDU buffers of the next instance would otherwise come
-    from a heap that never shrinks). Best effort; a no-op without glibc."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

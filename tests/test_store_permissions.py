@@ -50,7 +50,8 @@ def send(port: int, control_id: str, size: int = 0) -> None:
 
 def store_paths(data: Path) -> dict[str, Path]:
     db = data / "medrelay.db"
-    return {"db": db, "wal": Path(f"{db}-wal"), "shm": Path(f"{db}-shm"), "lock": Path(f"{db}.migrate.lock")}
+    return {"db": db, "wal": Path(f"{db}-wal"), "shm": Path(f"{db}-shm"), "lock": Path(f"{db}.migrate.lock"),
+            "owner lock": Path(f"{db}.lock")}
 
 
 def test_a_new_store_is_private(medrelay_proc):

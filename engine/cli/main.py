@@ -531,13 +531,14 @@ def _engine_running(store: Any) -> bool | None:
     """
     import fcntl
 
+    from engine.store.db import owner_lock_file
     from engine.store.leases import holders, live_engines
 
     if store.is_sqlite:
         db = store.url.database or ""
         if not db or db == ":memory:":
             return None
-        with open(db + ".lock", "a") as f:
+        with owner_lock_file(db) as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -52,9 +52,12 @@ _PDU_HEAD = struct.Struct(">BBIIBB")
 
 
 def give_back_memory() -> None:
-    """Return freed heap pages to the system after a large instance went out (a frame-by-frame
-    conversion frees many MiB of frames; glibc keeps them in the heap otherwise). Best effort; a
-    no-op without glibc (the receive side's listeners/dicom_store_stream.py does the same)."""
+    """Return freed heap pages to the system after a large instance went in or out.
+
+    glibc raises its mmap threshold after large frees, so the PDU buffers and decoded frames of
+    the next instance would otherwise come from a heap that never shrinks. Both directions call
+    this one function (the receive side, listeners/dicom_store_stream.py, too). Best effort; a
+    no-op without glibc."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):

@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import structlog
 from sqlalchemy import Connection, Engine, create_engine, event, insert, select, text, update
@@ -97,8 +97,14 @@ def _private_sqlite_file(db: Path) -> None:
     db.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileExistsError):
         os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE))  # an empty file is an empty database
-    for p in (db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}.migrate.lock")):
+    for p in (db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}.migrate.lock"), Path(f"{db}.lock")):
         keep_private(p, PRIVATE_FILE)
+
+
+def owner_lock_file(db: str) -> IO[bytes]:
+    """``<db>.lock``, opened for the engine's single-owner flock (engine.runtime) and for the CLI's
+    probe of it (``replay``), created as private as the database whichever of them comes first."""
+    return os.fdopen(os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT, PRIVATE_FILE), "r+b")
 
 
 class Store:
