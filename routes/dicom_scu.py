@@ -264,7 +264,10 @@ def transcoded(inst: RawInstance, accepted: list[str], *, lossy: codec.Lossy | N
                     reason=str(e)[:200], outcome="not sent")
         raise
     log.debug("dicom.transcoded", stored=stored, sent=target)
-    return RawInstance(str(inst.SOPClassUID), str(inst.SOPInstanceUID), target, raw)
+    uid = str(inst.SOPInstanceUID)
+    if target in codec.LOSSY_METHOD:  # a lossy copy is a new instance: the command names its new UID
+        uid = str(codec.sop_head(raw, UID(target)).SOPInstanceUID)
+    return RawInstance(str(inst.SOPClassUID), uid, target, raw)
 
 
 def _response(assoc: Association) -> Any:

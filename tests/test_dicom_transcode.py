@@ -139,3 +139,35 @@ def test_route_sends_the_configured_transfer_syntax(engine_factory, tmp_path):
             assert np.array_equal(ds.pixel_array, original.pixel_array)
     finally:
         scp.stop()
+
+
+def test_route_lossy_syntax_sends_the_new_instance_under_its_own_uid(engine_factory, tmp_path):
+    """A lossy copy is a new instance (PS3.3 C.7.6.1.1.5): the C-STORE command's Affected SOP
+    Instance UID must be the data set's new UID. Before, a small instance (the whole-in-memory
+    conversion) went out with the original UID in the command and the new one in the data set,
+    so storescp named and filed it under a UID the data set does not carry."""
+    scp = StoreSCP(tmp_path / "scp", extra=("+xa",))
+    try:
+        routes = ("\n      - {name: pacs, to: {type: dicom, host: 127.0.0.1, port: " + str(scp.port) +
+                  ", called_ae_title: STORESCP, transfer_syntax: 1.2.840.10008.1.2.4.91, lossy_ratio: 10}}")
+        e = engine_factory(dicom_yaml(routes=routes))
+        port = e.address("dcm")[1]
+        (path, original), = fresh_copies(tmp_path / "in", ["MR_small_RLE.dcm"]).values()
+        assert storescu_any(port, [path]) == ["Success"]
+
+        def received() -> bool:
+            try:
+                return len(scp.files()) == 1 and bool(dcmread(scp.files()[0], stop_before_pixels=True))
+            except Exception:
+                return False
+
+        e.wait_for(received, timeout=60)
+        got = scp.files()[0]
+        ds = dcmread(got)
+        assert str(ds.file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.4.91"
+        assert ds.LossyImageCompression == "01"
+        assert ds.SOPInstanceUID != original.SOPInstanceUID  # a new image
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID  # storescp took it from the command
+        assert got.name.endswith(str(ds.SOPInstanceUID)), got.name
+    finally:
+        scp.stop()

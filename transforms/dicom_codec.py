@@ -140,6 +140,13 @@ def _read(raw: bytes, ts: UID) -> Dataset:
     return ds
 
 
+def sop_head(data_set: bytes, ts: UID) -> Dataset:
+    """The data set's elements up to the SOP Instance UID (no pixel data read): what a caller
+    reads back after ``convert``, since a lossy target gives the instance a new UID."""
+    return read_dataset(io.BytesIO(data_set), ts.is_implicit_VR, ts.is_little_endian,
+                        stop_when=lambda tag, _vr, _len: tag > 0x00080018)
+
+
 def encode(ds: Dataset, ts: UID) -> bytes:
     """``ds``'s elements encoded in ``ts`` (no file meta)."""
     fp = io.BytesIO()

@@ -28,7 +28,7 @@ from __future__ import annotations
 import io
 import zlib
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 import structlog
 from pydantic import Field, ValidationInfo, field_validator
@@ -46,7 +46,6 @@ from transforms import dicom_codec as codec
 
 log = structlog.get_logger()
 
-_SOP_INSTANCE_UID = 0x00080018
 _PIXEL_DATA = 0x7FE00010
 
 
@@ -90,12 +89,6 @@ def split(payload: bytes) -> tuple[str, bytes]:
     end = 144 + int.from_bytes(payload[140:144], "little")
     meta = read_dataset(io.BytesIO(payload[132:end]), False, True)
     return str(meta.TransferSyntaxUID), payload[end:]
-
-
-def _head(data_set: bytes, ts: UID) -> Any:
-    """The data set's elements up to the SOP Instance UID (no pixel data read)."""
-    return read_dataset(io.BytesIO(data_set), ts.is_implicit_VR, ts.is_little_endian,
-                        stop_when=lambda tag, _vr, _len: tag > _SOP_INSTANCE_UID)
 
 
 def has_pixel_data(data_set: bytes, ts: UID) -> bool:
@@ -147,7 +140,7 @@ def transcode(payload: bytes, target: str, lossy: codec.Lossy | None) -> tuple[b
         raise codec.TranscodeError(f"not a readable DICOM instance ({type(e).__name__})") from None
     out = codec.convert(data_set, stored, target, lossy=lossy)
     try:
-        head = _head(out, UID(target))
+        head = codec.sop_head(out, UID(target))
         sop_class, sop_uid = str(head.SOPClassUID), str(head.SOPInstanceUID)
     except Exception as e:
         raise codec.TranscodeError(f"converted data set has no SOP Class/Instance UID ({type(e).__name__})") \
