@@ -10,6 +10,29 @@ from pathlib import Path
 from typing import Any
 
 from dicom_peers import storescu
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import generate_uid
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def ct_header(ts: str, frames: int | None, rows: int, cols: int, patient_id: str,
+              name: str = "Multi^Frame") -> Dataset:
+    """The elements (and file meta) of a 16-bit MONOCHROME2 CT without its Pixel Data, which the
+    large-instance tests append in pieces (never whole in memory); ``frames`` None: no
+    NumberOfFrames (a single-frame CT)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = CT
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.update({"PatientID": patient_id, "PatientName": name, "Modality": "CT", "Rows": rows,
+               "Columns": cols, "BitsAllocated": 16, "BitsStored": 16, "HighBit": 15, "PixelRepresentation": 0,
+               "SamplesPerPixel": 1, "PhotometricInterpretation": "MONOCHROME2"})
+    if frames is not None:
+        ds.NumberOfFrames = frames
+    return ds
 
 
 def store_with_a_first_process(proc, port: int, src: Path) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from big_dicom import store_with_a_first_process
+from big_dicom import ct_header, store_with_a_first_process
 from dicom_peers import StoreSCP, data_file, free_port, run, storescu
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -40,7 +40,6 @@ from test_dicom_stream_out import _storescp_on, _yaml, deliveries
 from engine.security.crypto import KeyRing
 from engine.store.db import Store
 
-CT = "1.2.840.10008.5.1.4.1.1.2"
 TOKEN = "transcode-stream-token-0123456789"
 LIMIT = 300 * 1024 * 1024
 ROWS = COLS = 512
@@ -67,20 +66,6 @@ def _rle(arr: np.ndarray) -> bytes:
 
 def _item(data: bytes) -> bytes:
     return struct.pack("<HHI", 0xFFFE, 0xE000, len(data)) + data
-
-
-def ct_header(ts: str, frames: int, rows: int, cols: int, patient_id: str) -> Dataset:
-    """The elements (and file meta) of a multi-frame 16-bit MONOCHROME2 CT, without Pixel Data."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ts
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = CT
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.update({"PatientID": patient_id, "PatientName": "Multi^Frame", "Modality": "CT", "Rows": rows,
-               "Columns": cols, "BitsAllocated": 16, "BitsStored": 16, "HighBit": 15, "PixelRepresentation": 0,
-               "SamplesPerPixel": 1, "PhotometricInterpretation": "MONOCHROME2", "NumberOfFrames": frames})
-    return ds
 
 
 def make_rle(path: Path, frames: int, *, table: str = "bot", split: bool = False, trailer: bool = False,

@@ -22,14 +22,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from big_dicom import store_with_a_first_process
+from big_dicom import ct_header, store_with_a_first_process
 from dicom_peers import free_port
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 
 pytestmark = pytest.mark.dcmtk
 
-CT = "1.2.840.10008.5.1.4.1.1.2"
 TOKEN = "dicomweb-large-token-0123456789"
 LIMIT = 300 * 1024 * 1024
 
@@ -38,15 +37,7 @@ def make_big(path: Path, megabytes: int) -> Dataset:
     """A CT instance of about ``megabytes`` MB of random 16-bit pixels, written to ``path``: the
     header by pydicom, the Pixel Data element appended in pieces (never whole in memory)."""
     side = int((megabytes * 1024 * 1024 / 2) ** 0.5) // 2 * 2
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = CT
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.update({"PatientID": "BIGWEB1", "PatientName": "Large^Web", "Modality": "CT", "Rows": side,
-               "Columns": side, "BitsAllocated": 16, "BitsStored": 16, "HighBit": 15, "PixelRepresentation": 0,
-               "SamplesPerPixel": 1, "PhotometricInterpretation": "MONOCHROME2"})
+    ds = ct_header(ExplicitVRLittleEndian, None, side, side, "BIGWEB1", name="Large^Web")
     ds.save_as(path, enforce_file_format=True)
     size = side * side * 2
     with open(path, "ab") as f:  # (7FE0,0010) OW, explicit VR little endian
