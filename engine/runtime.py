@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import socket
 from typing import Any
 
@@ -67,11 +68,14 @@ def listen_error(what: str, host: str, port: int, error: BaseException) -> Start
     return StartError(f"{what}: cannot listen on {host}:{port}: {reason}")
 
 
-def open_store(settings: Settings) -> Store:
+def open_store(settings: Settings, *, migrate: bool = True, newer_ok: bool = False) -> Store:
+    """The store of ``settings``, migrated unless ``migrate`` is False (an offline command decides
+    first, engine.cli.main._open_store); ``newer_ok`` as ``Store.migrate``."""
     keyring = KeyRing(settings.resolve(settings.keys.kek_file))
     store = Store(settings.store_url(), settings.blob_files(), keyring,
                   inline_max=settings.store.inline_max_bytes)
-    store.migrate()
+    if migrate:
+        store.migrate(newer_ok=newer_ok)
     return store
 
 
@@ -92,8 +96,9 @@ def _single_owner_lock(store: Store) -> Any:
 
 
 class Runtime:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, reloading: bool = False) -> None:
         self.settings = settings
+        self.reloading = reloading  # a SIGHUP restart of a running engine: a newer schema does not stop it
         self.store: Store | None = None
         self.intake: Intake | None = None
         self.metrics: Metrics | None = None
@@ -134,7 +139,7 @@ class Runtime:
     async def start(self) -> None:
         s = self.settings
         registry.load_builtins()
-        self.store = await asyncio.to_thread(open_store, s)
+        self.store = await asyncio.to_thread(functools.partial(open_store, s, newer_ok=self.reloading))
         if self.store.is_sqlite:
             self._lock = _single_owner_lock(self.store)
             released = await asyncio.to_thread(queue.release_leases, self.store)

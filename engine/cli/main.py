@@ -84,10 +84,21 @@ def _open_store(config: str, settings: Settings | None = None) -> Any:
     """The store of CONFIG for an offline command; a clear message and exit 4 when it cannot open."""
     from engine.runtime import open_store
     from engine.security.crypto import KeyFileError
+    from engine.store.db import SCHEMA_VERSION
 
     settings = settings or _load(config, need_env=False)
     try:
-        return open_store(settings)
+        store = open_store(settings, migrate=False)
+        have = store.version()
+        if 0 < have < SCHEMA_VERSION and _engine_running(store):
+            # an older engine runs on it: migrating under it would leave it unable to restart or
+            # reload, so the upgrade is the engine's (docs/deployment.md "Upgrades")
+            click.echo(f"{config}: the store's schema is version {have} and an engine runs on it; this medrelay "
+                       f"needs version {SCHEMA_VERSION}. Restart the engine with this medrelay first (it upgrades "
+                       "the store), then run this command again", err=True)
+            sys.exit(4)
+        store.migrate()
+        return store
     except KeyFileError:
         raise  # the one key-file sentence, from _Main
     except Exception as e:
@@ -158,11 +169,12 @@ def _log_generated(settings: Settings) -> None:
                                            note="a new random token, mode 0600; clients read it from this file")
 
 
-async def _start(settings: Settings) -> Any:
-    """A started Runtime; one that fails half-way is stopped again (workers, store, lock) first."""
+async def _start(settings: Settings, *, reloading: bool = False) -> Any:
+    """A started Runtime; one that fails half-way is stopped again (workers, store, lock) first.
+    ``reloading``: a SIGHUP restart, which goes on beside a schema a newer engine migrated."""
     from engine.runtime import Runtime
 
-    runtime = Runtime(settings)
+    runtime = Runtime(settings, reloading=reloading)
     try:
         await runtime.start()
     except Exception:
@@ -201,11 +213,11 @@ async def _serve(path: str, settings: Settings) -> None:
             _log_generated(new)
             await runtime.stop()
             try:
-                runtime = await _start(new)
+                runtime = await _start(new, reloading=True)
             except (StartError, OSError, RuntimeError) as e:  # e.g. a new port already taken
                 log.error("config.reload_failed", error=str(e) if isinstance(e, StartError) else _reason(e),
                           note="the previous config runs again")
-                runtime = await _start(settings)
+                runtime = await _start(settings, reloading=True)
                 continue
             settings = new
             runtime.audit.record("config.change", actor="medrelay", detail=new.config_hash)

@@ -146,7 +146,17 @@ class Store:
         self.metadata = schema.metadata
 
     # -- schema --------------------------------------------------------
-    def migrate(self) -> int:
+    def version(self) -> int:
+        """The schema version the database records; 0 for one medrelay never migrated (an
+        offline command reads it before deciding whether it may migrate, engine.cli.main)."""
+        from sqlalchemy import inspect
+
+        with self.engine.connect() as conn:
+            if not inspect(conn).has_table(schema.schema_version.name):
+                return 0
+            return max(conn.execute(select(schema.schema_version.c.version)).scalars().all(), default=0)
+
+    def migrate(self, *, newer_ok: bool = False) -> int:
         """Create missing tables and apply the numbered steps not yet recorded, once.
 
         Versioned steps go in ``_STEPS``; create_all covers new tables. Alembic was weighed
@@ -155,7 +165,9 @@ class Store:
         older database: the whole migration runs under a transaction-scoped advisory lock, so
         one migrates and the others wait and then find nothing to do. Steps are additive, so
         an older engine keeps running beside a newer one during a rolling upgrade; an engine
-        older than the schema it finds refuses to start (``SchemaTooNew``).
+        older than the schema it finds refuses to start (``SchemaTooNew``). ``newer_ok``: a
+        running engine reloading its config after a newer one migrated (the same process, with
+        the tables it started with; additive steps leave them as they were) goes on.
         """
         with self._sqlite_migration_lock(), self.engine.begin() as conn:
             if not self.is_sqlite:
@@ -163,6 +175,11 @@ class Store:
             schema.metadata.create_all(conn)
             current = conn.execute(select(schema.schema_version.c.version)).scalars().all()
             have = max(current, default=0)
+            if have > SCHEMA_VERSION and newer_ok:
+                log.warning("store.schema_newer", schema=have, understood=SCHEMA_VERSION,
+                            note="a newer medrelay upgraded the store; this engine goes on, a restart needs "
+                                 "the newer one")
+                return have
             if have > SCHEMA_VERSION:
                 raise SchemaTooNew(f"the database schema is version {have}, newer than this medrelay "
                                    f"understands ({SCHEMA_VERSION}): run the newer medrelay, or upgrade this one")
