@@ -42,6 +42,14 @@ def set_newest(proc, version: int) -> None:
             c.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, 0)", (version,))
 
 
+def started(medrelay_proc):
+    port = free_port()
+    proc = medrelay_proc(YAML.format(port=port))
+    proc.start()
+    proc.wait_port(port)
+    return proc, port
+
+
 def send(port: int, control_id: str) -> None:
     with RawClient("127.0.0.1", port) as c:
         ack = c.request(adt(control_id))
@@ -49,10 +57,7 @@ def send(port: int, control_id: str) -> None:
 
 
 def test_an_offline_command_does_not_upgrade_a_store_an_older_engine_runs_on(medrelay_proc):
-    port = free_port()
-    proc = medrelay_proc(YAML.format(port=port))
-    proc.start()
-    proc.wait_port(port)
+    proc, port = started(medrelay_proc)
     send(port, "UP1")
     set_newest(proc, SCHEMA_VERSION - 1)  # as the previous release left it
     r = proc.cli("messages", "list", "-c", "channels.yaml")
@@ -70,10 +75,7 @@ def test_an_offline_command_does_not_upgrade_a_store_an_older_engine_runs_on(med
 
 
 def test_a_running_engine_reloads_beside_a_schema_a_newer_medrelay_migrated(medrelay_proc):
-    port = free_port()
-    proc = medrelay_proc(YAML.format(port=port))
-    proc.start()
-    proc.wait_port(port)
+    proc, port = started(medrelay_proc)
     send(port, "HUP1")
     set_newest(proc, SCHEMA_VERSION + 1)  # a newer engine (rolling upgrade) migrated the store
     lines = len(proc.log_path.read_text().splitlines())
