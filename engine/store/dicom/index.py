@@ -264,7 +264,9 @@ def _int(v: Any) -> int | None:
 
 
 def _int32(v: Any) -> int | None:
-    """``_int`` within the INTEGER column's range (PostgreSQL's is 32 bits): None outside it."""
+    """``_int`` within the INTEGER columns' range (PostgreSQL's is 32 bits, as IS's, PS3.5 6.2):
+    None outside it, so a peer's out-of-range number is not indexed rather than failing the
+    instance's whole insert (its value stays in the stored instance)."""
     n = _int(v)
     return n if n is not None and -2**31 <= n < 2**31 else None
 
@@ -392,8 +394,8 @@ def _instance_row(im: Mapping[str, Any], *, series_pk: int | None, transfer_synt
                   now: float) -> dict[str, Any]:
     return {
         "series_pk": series_pk, "sop_uid": im["SOPInstanceUID"], "sop_class_uid": im["SOPClassUID"],
-        "instance_number": _int(im.get("InstanceNumber")), "image_rows": _int(im.get("Rows")),
-        "image_columns": _int(im.get("Columns")), "number_of_frames": _int(im.get("NumberOfFrames")),
+        "instance_number": _int32(im.get("InstanceNumber")), "image_rows": _int32(im.get("Rows")),
+        "image_columns": _int32(im.get("Columns")), "number_of_frames": _int32(im.get("NumberOfFrames")),
         "content_date": _text(im.get("ContentDate"), 8), "content_time": _text(im.get("ContentTime"), 16),
         "image_type": _text(im.get("ImageType")), "acquisition_number": _int32(im.get("AcquisitionNumber")),
         "transfer_syntax": transfer_syntax,
@@ -462,7 +464,7 @@ def index_instance(conn: Connection, store: Any, hkey: bytes, attrs: Mapping[str
         terms.insert_terms(conn, new_terms + terms.term_rows(hkey, "STUDY", study_pk, st))  # one statement
     series_pk = _get_or_create(conn, series, pks.series_pk, lambda: {
         "study_pk": study_pk, "series_uid": series_uid, "modality": str(se.get("Modality", ""))[:16],
-        "series_number": _int(se.get("SeriesNumber")),
+        "series_number": _int32(se.get("SeriesNumber")),
         "attrs_blob": _seal(store, conn, "SERIES", series_uid, se), "created_at": now})
     row = _instance_row(im, series_pk=series_pk, transfer_syntax=transfer_syntax, message_id=message_id,
                         blob_id=blob_id, digest=digest, size=size, channel=channel, archived=archived, now=now)
