@@ -167,8 +167,8 @@ def narrow(cands: idx.Candidates, keys: Iterable[Key], hkey: bytes) -> None:
             else:
                 if lo.strip():
                     cands.add(col >= lo.strip())
-                if hi.strip():
-                    cands.add(col <= hi.strip())
+                if hi.strip():  # as _in_range: a bound shorter than the value compares its prefix
+                    cands.add(col <= hi.strip() + "~")  # (a short "2024" takes all of 2024; "~" > digits)
         elif kw == "Modality" and depth >= 2 and not wild:
             cands.add(t["SERIES"].c.modality.in_(values))
         elif kw in terms.SCOPES and idx.LEVELS.index(terms.SCOPES[kw][0]) <= depth:

@@ -139,6 +139,15 @@ def test_content_date_and_time_single_values_and_ranges(archive):
     assert both == ["deflated", "large"]
 
 
+def test_a_short_range_bound_narrows_as_it_matches(archive):
+    """A bound shorter than YYYYMMDD compares the value's prefix in the matcher; the SQL narrowing
+    before it used the bound as it came ("2024" sorts before "20240105"), so it found nothing."""
+    assert find(archive, {"ContentDate": "20240101-2024"})[0] == ["deflated", "large", "scan"]
+    assert find(archive, {"ContentDate": "-2024"})[0] == ["deflated", "large", "scan", "stow"]
+    assert find(archive, {"ContentDate": "-202401"})[0] == ["deflated", "large", "scan", "stow"]
+    assert find(archive, {"ContentDate": "-2023"})[0] == ["stow"]
+
+
 def test_image_type_and_acquisition_number_single_values(archive):
     assert find(archive, {"ImageType": "LOCALIZER"})[0] == ["large"]  # any of its values (PS3.4 C.2.2.2.1)
     assert find(archive, {"ImageType": "DERIVED"})[0] == ["deflated", "stow"]
