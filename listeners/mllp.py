@@ -340,6 +340,7 @@ class MLLPListener:
         frame_deadline = 0.0
         started = 0
         held = 0  # this connection's share of self._buffered
+        restarts = dropped = 0  # restarts of the current frame, not logged yet
         try:
             while True:
                 if parser.buffered > SMALL_FRAME and self._buffered.over():
@@ -363,6 +364,8 @@ class MLLPListener:
                 events = parser.feed(data)
                 held = self._buffered.move(held, parser.buffered)
                 for ev in events:
+                    if isinstance(ev, Frame | Oversized):
+                        restarts, dropped = self._restarted(peer, restarts, dropped)
                     if isinstance(ev, Frame):
                         count += 1
                         ended = True
@@ -371,13 +374,15 @@ class MLLPListener:
                         ended = True
                         answer = self._oversized(ev, peer)
                     elif isinstance(ev, Restarted):
-                        log.warning("mllp.frame_restarted", channel=self.channel, peer=peer,
-                                    dropped_bytes=ev.dropped)
+                        # logged once per frame (when it ends, or the connection does), with the count
+                        restarts += ev.restarts
+                        dropped += ev.dropped
                         continue
                     else:  # Unframed: not MLLP, no ACK can be framed sensibly
                         assert isinstance(ev, Unframed)
+                        restarts, dropped = self._restarted(peer, restarts, dropped)
                         log.warning("mllp.unframed_data", channel=self.channel, peer=peer,
-                                    bytes=ev.sample_size)
+                                    bytes=ev.sample_size, **({"restarts": ev.restarts} if ev.restarts else {}))
                         reason = "unframed_data"
                         close = True
                         break
@@ -408,6 +413,7 @@ class MLLPListener:
             log.exception("mllp.connection_error", channel=self.channel, peer=peer)
             reason = "internal_error"
         finally:
+            self._restarted(peer, restarts, dropped)
             self._conns.discard(task)
             self._clients.give_back(client)
             self._buffered.move(held, 0)
@@ -425,6 +431,14 @@ class MLLPListener:
             with contextlib.suppress(AttributeError):
                 if not writer.transport.is_closing() or writer.transport.get_write_buffer_size():
                     writer.transport.abort()
+
+    def _restarted(self, peer: str, restarts: int, dropped: int) -> tuple[int, int]:
+        """One ``mllp.frame_restarted`` line for the restarts of a frame (the parser already makes a
+        run of start blocks one start, and stops a connection past its ``max_restarts``)."""
+        if restarts:
+            log.warning("mllp.frame_restarted", channel=self.channel, peer=peer, restarts=restarts,
+                        dropped_bytes=dropped)
+        return 0, 0
 
     # -- one message ---------------------------------------------------------------
     async def _handle(self, payload: bytes, peer: str) -> bytes | None:
